@@ -1,0 +1,42 @@
+# `make run` and `make test` work on a fresh machine with python3 (>= 3.11).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SOURCES := $(shell find shtalk twisted -name '*.py' -o -name '*.txt' -o -name '*.json') setup.cfg setup.py pyproject.toml
+
+.PHONY: run test unit system lint typecheck bench clean
+
+# Installed (not editable) so `twistd` finds the plugin exactly as a user's install would.
+$(BIN)/.installed: $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q '.[test,dev]'
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/twistd -n shtalk $(ARGS)
+
+unit: $(BIN)/.installed
+	$(BIN)/trial shtalk
+
+system: $(BIN)/.installed
+	$(BIN)/trial tests
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
+
+test: $(BIN)/.installed
+	$(BIN)/trial shtalk
+	$(BIN)/trial tests
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench.crypto
+	$(BIN)/python -m bench.fanout
+
+clean:
+	rm -rf $(VENV) build *.egg-info _trial_temp* .mypy_cache .ruff_cache

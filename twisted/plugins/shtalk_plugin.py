@@ -1,0 +1,10 @@
+"""twistd drop-in for the shtalk server; kept tiny so plugin scans stay cheap."""
+
+from twisted.application.service import ServiceMaker
+
+shtalk = ServiceMaker(
+    "shtalk",
+    "shtalk.server.tap",
+    "shtalk: end-to-end encrypted terminal chat server (TLS, JSON lines)",
+    "shtalk",
+)
