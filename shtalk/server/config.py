@@ -1,0 +1,304 @@
+"""Server configuration: one frozen dataclass per INI section.
+
+Why this shape: an operator's typo (``bcrypt_cots = 14``) must not silently leave the
+default in force, so every section rejects keys it does not know, and the file rejects
+sections nobody registered.  Each value is parsed to the type of its field and checked
+against the bounds in the field's metadata, so the rest of the server only ever sees
+valid, typed values.  Errors are one line naming the file, section and key, because
+``twistd`` prints them to an operator, not to a developer.
+
+Adding a section (``[smtp]``, ``[captcha]`` ...) is one class::
+
+    @register_section("smtp")
+    @dataclass(frozen=True)
+    class SmtpSection(Section):
+        host: str = setting("", "SMTP relay host; empty writes mail to the outbox")
+
+and code reads it with ``config.section(SmtpSection)``.  Document the keys in
+``conf/shtalk.ini`` as well (a test checks that file against the registry).
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+
+class StartupError(Exception):
+    """A problem that stops the server from starting; ``str()`` is one line for the operator.
+
+    ``shtalk.server.tap`` prints any ``StartupError`` (raised by config, data
+    directory, TLS or ``make_chat_service``) as one line on stderr and exits 1.
+    """
+
+
+class ConfigError(StartupError):
+    """The configuration file or a command-line option is missing, unreadable or invalid."""
+
+
+def setting(default: Any, help: str, *, min: int | None = None, max: int | None = None) -> Any:
+    """A dataclass field with its documentation and (for integers) inclusive bounds."""
+    return field(default=default, metadata={"help": help, "min": min, "max": max})
+
+
+class Section:
+    """Base of all section dataclasses: validates bounds after construction.
+
+    ``dataclasses.replace`` goes through ``__post_init__`` too, so overrides from the
+    command line are checked exactly like values from the file.
+    """
+
+    NAME: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            lo, hi = f.metadata.get("min"), f.metadata.get("max")
+            if isinstance(value, int) and not isinstance(value, bool):
+                if lo is not None and value < lo:
+                    raise _FieldError(f.name, f"{value} is below the minimum {lo}")
+                if hi is not None and value > hi:
+                    raise _FieldError(f.name, f"{value} is above the maximum {hi}")
+
+
+class _FieldError(ValueError):
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(problem)
+        self.key = key
+        self.problem = problem
+
+
+SECTIONS: dict[str, type[Section]] = {}
+"""Registry: INI section name -> its dataclass.  Filled by `register_section`."""
+
+S = TypeVar("S", bound=Section)
+
+
+def register_section(name: str) -> Callable[[type[S]], type[S]]:
+    """Class decorator adding a section class to `SECTIONS` under ``name``."""
+
+    def register(cls: type[S]) -> type[S]:
+        if name in SECTIONS:
+            raise ValueError(f"config section [{name}] registered twice")
+        cls.NAME = name
+        SECTIONS[name] = cls
+        return cls
+
+    return register
+
+
+@register_section("server")
+@dataclass(frozen=True)
+class ServerSection(Section):
+    """Where and how the server listens, and the per-connection limits."""
+
+    interface: str = setting("127.0.0.1", "address to listen on; 0.0.0.0 or :: for all")
+    port: int = setting(6697, "TLS port to listen on (0 picks a free one)", min=0, max=65535)
+    listen: str = setting(
+        "", "Twisted server endpoint string overriding interface/port, e.g. tcp:6697 behind a "
+        "TLS-terminating proxy; empty uses shtalk's own TLS on interface:port"
+    )
+    data_dir: str = setting("", "data directory; empty means $XDG_DATA_HOME/shtalk")
+    cert: str = setting(
+        "", "TLS certificate chain (PEM); empty uses the data dir's self-signed one"
+    )
+    key: str = setting("", "TLS private key (PEM) for cert; set both or neither")
+    max_connections_per_address: int = setting(
+        20, "simultaneous connections allowed from one IP address", min=1
+    )
+    pre_auth_timeout: int = setting(30, "seconds a connection may stay unauthenticated", min=1)
+    idle_timeout: int = setting(600, "seconds of silence before a connection is closed", min=1)
+    max_line_length: int = setting(
+        1048576, "longest protocol line in bytes; longer lines close the connection", min=1024
+    )
+
+
+@register_section("accounts")
+@dataclass(frozen=True)
+class AccountsSection(Section):
+    """Password hashing and policy (SECURITY-CHECKLIST PW-1, PW-2)."""
+
+    bcrypt_cost: int = setting(12, "bcrypt work factor (log2 rounds)", min=10, max=16)
+    min_password_length: int = setting(12, "shortest password accepted, in characters",
+                                       min=8, max=64)
+
+
+@register_section("tokens")
+@dataclass(frozen=True)
+class TokensSection(Section):
+    """Session tokens: short-lived access JWTs, rotating refresh tokens."""
+
+    issuer: str = setting("shtalk", "JWT 'iss' claim set and required")
+    access_ttl: int = setting(900, "access token lifetime in seconds", min=60, max=86400)
+    refresh_ttl: int = setting(2592000, "refresh token lifetime in seconds", min=3600)
+
+
+@register_section("storage")
+@dataclass(frozen=True)
+class StorageSection(Section):
+    """Queued ciphertext envelopes."""
+
+    retention: int = setting(2592000, "seconds an undelivered envelope is kept", min=60)
+    max_envelope_bytes: int = setting(65536, "largest envelope accepted, in bytes", min=1024)
+
+
+def _parse_value(kind: Any, raw: str) -> object:
+    if kind is bool:
+        low = raw.strip().lower()
+        if low in configparser.ConfigParser.BOOLEAN_STATES:
+            return configparser.ConfigParser.BOOLEAN_STATES[low]
+        raise ValueError(f"{raw!r} is not a boolean (use true or false)")
+    if kind is int:
+        try:
+            return int(raw.strip().replace("_", ""), 10)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a whole number") from None
+    if kind is float:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a number") from None
+    if kind is str:
+        return raw.strip()
+    raise TypeError(f"unsupported config field type {kind!r}")
+
+
+def _build_section(cls: type[S], values: Mapping[str, str], where: str) -> S:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, object] = {}
+    for key, raw in values.items():
+        if key not in known:
+            raise ConfigError(
+                f"{where}: unknown key {key!r} in [{cls.NAME}] "
+                f"(known: {', '.join(sorted(known))})"
+            )
+        try:
+            kwargs[key] = _parse_value(hints[key], raw)
+        except ValueError as e:
+            raise ConfigError(f"{where}: [{cls.NAME}] {key}: {e}") from None
+    try:
+        return cls(**kwargs)
+    except _FieldError as e:
+        raise ConfigError(f"{where}: [{cls.NAME}] {e.key}: {e.problem}") from None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The whole, validated configuration: one instance of every registered section."""
+
+    sections: Mapping[str, Section] = field(default_factory=dict)
+    source: str = "<defaults>"
+
+    def __post_init__(self) -> None:
+        filled = dict(self.sections)
+        for name, cls in SECTIONS.items():
+            filled.setdefault(name, cls())
+        object.__setattr__(self, "sections", filled)
+
+    def section(self, cls: type[S]) -> S:
+        """The instance of section class ``cls`` (typed, for sections added later)."""
+        value = self.sections[cls.NAME]
+        assert isinstance(value, cls)
+        return value
+
+    @property
+    def server(self) -> ServerSection:
+        return self.section(ServerSection)
+
+    @property
+    def accounts(self) -> AccountsSection:
+        return self.section(AccountsSection)
+
+    @property
+    def tokens(self) -> TokensSection:
+        return self.section(TokensSection)
+
+    @property
+    def storage(self) -> StorageSection:
+        return self.section(StorageSection)
+
+    @classmethod
+    def from_string(cls, text: str, source: str = "<string>") -> ServerConfig:
+        """Parse INI ``text``; ``source`` names it in error messages."""
+        parser = configparser.ConfigParser(
+            interpolation=None, default_section="\0no-default-section", strict=True
+        )
+        parser.optionxform = str  # type: ignore[assignment,method-assign]
+        try:
+            parser.read_string(text, source=source)
+        except configparser.Error as e:
+            raise ConfigError(f"{source}: {_one_line(e)}") from None
+        sections: dict[str, Section] = {}
+        for name in parser.sections():
+            section_cls = SECTIONS.get(name)
+            if section_cls is None:
+                raise ConfigError(
+                    f"{source}: unknown section [{name}] (known: "
+                    f"{', '.join('[' + n + ']' for n in SECTIONS)})"
+                )
+            sections[name] = _build_section(section_cls, dict(parser.items(name)), source)
+        return cls(sections=sections, source=source)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> ServerConfig:
+        """Read and parse the INI file at ``path``."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{path}: config file not found; check the --config path "
+                "(conf/shtalk.ini in the source tree is a documented example)"
+            ) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read config file: {_one_line(e)}") from None
+        return cls.from_string(text, source=str(path))
+
+    def with_overrides(self, overrides: Mapping[str, Mapping[str, object]],
+                       source: str = "command line") -> ServerConfig:
+        """A copy with typed values replaced, e.g. ``{"server": {"port": 7000}}``.
+
+        The command line wins over the file; values are checked like the file's.
+        """
+        sections = dict(self.sections)
+        for name, values in overrides.items():
+            if not values:
+                continue
+            if name not in sections:
+                raise ConfigError(f"{source}: unknown section [{name}]")
+            try:
+                sections[name] = dataclasses.replace(sections[name], **values)  # type: ignore[type-var]
+            except _FieldError as e:
+                raise ConfigError(f"{source}: [{name}] {e.key}: {e.problem}") from None
+            except TypeError as e:
+                raise ConfigError(f"{source}: [{name}]: {_one_line(e)}") from None
+        return ServerConfig(sections=sections, source=self.source)
+
+
+def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_DATA_HOME/shtalk``, falling back to ``~/.local/share/shtalk`` (XDG spec:
+    a relative or empty ``XDG_DATA_HOME`` is invalid and ignored)."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_DATA_HOME", "")
+    if not base or not os.path.isabs(base):
+        home = env.get("HOME") or os.path.expanduser("~")
+        base = os.path.join(home, ".local", "share")
+    return Path(base) / "shtalk"
+
+
+def resolve_data_dir(config: ServerConfig, environ: Mapping[str, str] | None = None) -> Path:
+    """The data directory the configuration asks for (``~`` expanded)."""
+    configured = config.server.data_dir
+    if configured:
+        return Path(os.path.expanduser(configured))
+    return default_data_dir(environ)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())

@@ -1,0 +1,274 @@
+"""``twistd shtalk``: command-line options and the service tree they describe.
+
+Why it looks like this: ``makeService`` only reads and checks (configuration, data
+directory, certificate) and wires services together; it starts nothing, so every
+listening socket, database connection and timer begins in ``startService``.  Everything
+that can be wrong with an operator's set-up is found here, before the reactor runs, and
+reported as one line on stderr naming the file and the fix (no traceback), with exit
+status 1.  Precedence: built-in defaults < ``--config`` file < command line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, cast
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, IServiceCollection, MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger
+from twisted.python import usage
+from zope.interface import implementer
+
+from shtalk.server import tls
+from shtalk.server.config import ConfigError, ServerConfig, StartupError, resolve_data_dir
+from shtalk.server.datadir import DEFAULT_TLS_NAMES, DataDir
+
+log = Logger()
+
+MakeChatService = Callable[[ServerConfig, DataDir], IServiceCollection]
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError("a port is 0..65535")
+    return port
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+class Options(usage.Options):
+    """Options of ``twistd shtalk``; unset ones fall back to the config file, then defaults."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run the shtalk chat server: newline-delimited JSON over TLS. "
+        "On first start it creates its data directory (mode 0700) with a storage key, "
+        "a token-signing key and a self-signed TLS certificate (files 0600), and prints "
+        "the certificate's SHA-256 fingerprint for clients to pin. Settings come from "
+        "built-in defaults, then --config, then these options (the command line wins)."
+    )
+
+    optParameters: list[list[Any]] = [
+        ["config", "c", None,
+         "INI configuration file (see conf/shtalk.ini for every key, documented). "
+         "Unknown sections or keys are errors."],
+        ["data-dir", "d", None,
+         "Directory for the database, keys and certificate "
+         "[default: $XDG_DATA_HOME/shtalk, i.e. ~/.local/share/shtalk]."],
+        ["interface", "i", None,
+         "Address to listen on; 0.0.0.0 or :: for every interface [default: 127.0.0.1]."],
+        ["port", "p", None, "TLS port to listen on; 0 picks a free one [default: 6697].",
+         _port],
+        ["listen", "l", None,
+         "Twisted server endpoint string to listen on instead of --interface/--port, e.g. "
+         "'tcp:6697:interface=127.0.0.1' behind a TLS-terminating proxy (no TLS here!) or "
+         "'unix:/run/shtalk.sock'. 'ssl:...' strings use Twisted's TLS settings, not "
+         "shtalk's; the default listener applies shtalk's policy (TLS >= 1.2, ECDHE+AEAD)."],
+        ["cert", None, None,
+         "TLS certificate chain file (PEM, server certificate first); needs --key "
+         "[default: self-signed ECDSA P-256 certificate made in the data directory]."],
+        ["key", None, None, "Unencrypted PEM private key for --cert."],
+        ["max-connections-per-address", None, None,
+         "Simultaneous connections allowed from one IP address; raise it to benchmark "
+         "from one host [default: 20].", _positive],
+    ]
+
+    _OVERRIDES = {
+        "data-dir": "data_dir",
+        "interface": "interface",
+        "port": "port",
+        "listen": "listen",
+        "cert": "cert",
+        "key": "key",
+        "max-connections-per-address": "max_connections_per_address",
+    }
+
+    def server_overrides(self) -> dict[str, object]:
+        """The ``[server]`` values given on the command line (typed)."""
+        return {key: self[opt] for opt, key in self._OVERRIDES.items() if self[opt] is not None}
+
+    def postOptions(self) -> None:
+        for opt in ("config", "data-dir", "cert", "key", "listen", "interface"):
+            if self[opt] is not None and not str(self[opt]).strip():
+                raise usage.UsageError(f"--{opt} needs a non-empty value")
+
+
+def load_config(options: Options) -> ServerConfig:
+    """Defaults < file < command line, with the data directory resolved to a path."""
+    config = ServerConfig.from_file(options["config"]) if options["config"] else ServerConfig()
+    config = config.with_overrides({"server": options.server_overrides()})
+    server = config.server
+    if bool(server.cert) != bool(server.key):
+        raise ConfigError(
+            f"{config.source}: [server] cert and key (or --cert and --key) go together: give "
+            "both, or neither to use the self-signed certificate in the data directory"
+        )
+    data_dir = str(resolve_data_dir(config).absolute())
+    return config.with_overrides({"server": {"data_dir": data_dir}}, source="data dir")
+
+
+@implementer(IStreamServerEndpoint)
+class AnnouncingEndpoint:
+    """Wraps an endpoint to tell the operator where it listens, once it does."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, announce: Callable[[Any], None]) -> None:
+        self._endpoint = endpoint
+        self._announce = announce
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        d = self._endpoint.listen(protocolFactory)
+
+        def announce(port: IListeningPort) -> IListeningPort:
+            self._announce(port.getHost())
+            return port
+
+        return d.addCallback(announce)
+
+
+def _host_for_humans(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104
+        host = socket.gethostname()
+    return f"[{host}]" if ":" in host else host
+
+
+def announcement(address: Any, fingerprint: str | None, listen: str) -> list[str]:
+    """The lines telling an operator where the server is and how to connect."""
+    lines = [f"shtalk listening on {address}"]
+    if fingerprint is not None:
+        lines.append(f"TLS certificate SHA-256 fingerprint: {fingerprint}")
+    if listen and not listen.startswith("ssl:"):
+        lines.append(f"note: --listen {listen} carries no TLS of its own; "
+                     "terminate TLS in front of it")
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if isinstance(host, str) and isinstance(port, int):
+        where = f"{_host_for_humans(host)}:{port}"
+        lines.append(f"connect with: shtalk-urwid {where}")
+        lines.append(f"      or try: openssl s_client -connect {where}")
+    return lines
+
+
+class ShtalkService(MultiService):
+    """Top of the tree; turns a failure to listen into one line and exit status 1.
+
+    twistd calls ``startService`` before running the reactor, and a TCP/TLS listen fails
+    synchronously (port in use, address not available), so this still happens before
+    anything else could depend on the server running.
+    """
+
+    def startService(self) -> None:
+        try:
+            super().startService()  # type: ignore[no-untyped-call]
+        except CannotListenError as e:
+            fail(f"cannot listen on {e.interface or '*'}:{e.port}: "
+                 f"{_reason(e.socketError)}; choose another with --port/--interface/--listen")
+
+
+def _reason(error: object) -> str:
+    strerror = getattr(error, "strerror", None)
+    return str(strerror) if strerror else str(error)
+
+
+def build_service(
+    options: Options,
+    reactor: Any,
+    make_chat_service: MakeChatService | None = None,
+    out: Any = None,
+) -> ShtalkService:
+    """The work of `makeService`, raising `StartupError` instead of exiting (testable)."""
+    from twisted.internet import endpoints
+
+    config = load_config(options)
+    server = config.server
+    datadir = DataDir(server.data_dir)
+    own_cert = not server.cert
+    tls_names = (*DEFAULT_TLS_NAMES, server.interface) if own_cert else None
+    datadir.ensure(tls_names=tls_names)
+    if own_cert:
+        cert_path = datadir.cert_path
+        tls_options = datadir.tls_server_options()
+    else:
+        cert_path = Path(server.cert)
+        tls_options = tls.load_server_options(
+            cert_path, Path(server.key),
+            remedy="check --cert/--key (or [server] cert/key in the config file)",
+        )
+    fingerprint = tls.cert_fingerprint(cert_path.read_bytes())
+
+    if server.listen:
+        try:
+            endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
+                reactor, server.listen
+            )
+        except Exception as e:  # the endpoint parsers raise many kinds of error
+            raise ConfigError(
+                f"--listen / [server] listen {server.listen!r}: invalid endpoint string "
+                f"({' '.join(str(e).split()) or type(e).__name__}); "
+                "see https://docs.twisted.org/en/stable/core/howto/endpoints.html"
+            ) from None
+    else:
+        endpoint = endpoints.SSL4ServerEndpoint(  # type: ignore[no-untyped-call]
+            reactor, server.port, tls_options, interface=server.interface
+        )
+
+    if make_chat_service is None:
+        # Imported late: the chat service (the lead's module) pulls in the store etc.
+        service_module = importlib.import_module("shtalk.server.service")
+        make_chat_service = cast(MakeChatService, service_module.make_chat_service)
+
+    chat = make_chat_service(config, datadir)
+    stdout = sys.__stdout__ if out is None else out
+
+    def announce(address: Any) -> None:
+        lines = announcement(address, fingerprint, server.listen)
+        for line in lines:
+            log.info("{line}", line=line)
+        if stdout is not None:
+            stdout.write("\n".join(lines) + "\n")
+            stdout.flush()
+
+    factory: IProtocolFactory = chat.factory  # type: ignore[attr-defined,union-attr]
+    listener = StreamServerEndpointService(  # type: ignore[no-untyped-call]
+        AnnouncingEndpoint(endpoint, announce), factory
+    )
+    listener._raiseSynchronously = True  # as strports.service does: fail start-up loudly
+    listener.setName("listener")  # type: ignore[no-untyped-call]
+    listener.setServiceParent(chat)  # type: ignore[no-untyped-call]
+    top = ShtalkService()  # type: ignore[no-untyped-call]
+    IService(chat).setServiceParent(top)  # type: ignore[no-untyped-call]
+    return top
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr, exit status 1: what twistd users see for a start-up problem."""
+    sys.stderr.write(f"shtalk: error: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def makeService(options: Options) -> MultiService:
+    """twistd's entry point (via ``twisted/plugins/shtalk_plugin.py``)."""
+    from twisted.internet import reactor
+
+    try:
+        return build_service(options, reactor)
+    except StartupError as e:
+        fail(str(e))
+
+
