@@ -1,1 +1,24 @@
+"""The shtalk wire protocol, sans-IO: JSON lines in, validated requests out.
 
+Nothing in this package touches a socket, a reactor or a key; the server's
+LineOnlyReceiver frames bytes and hands each line to :func:`parse_line`.
+"""
+
+from shtalk.protocol.errors import ErrorCode, ProtocolError
+from shtalk.protocol.frames import Request, encode, error, error_from, ok, parse_line, push
+from shtalk.protocol.schema import PRE_AUTH, PROTOCOL_VERSION, REQUESTS
+
+__all__ = [
+    "PRE_AUTH",
+    "PROTOCOL_VERSION",
+    "REQUESTS",
+    "ErrorCode",
+    "ProtocolError",
+    "Request",
+    "encode",
+    "error",
+    "error_from",
+    "ok",
+    "parse_line",
+    "push",
+]

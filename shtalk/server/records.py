@@ -1,0 +1,100 @@
+"""Plain records that cross the store boundary (no ORM, no live rows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    name: str  # display form, as registered
+    key: str  # case-folded canonical form, unique
+    email: str
+    pw_hash: bytes
+    status: str  # "active" | "pending" | "suspended"
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    user_id: int
+    device_id: str
+    label: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One login of one device: the refresh-token family."""
+
+    family: str
+    user_id: int
+    device_id: str
+    expires: float
+    revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    id: int
+    name: str
+    key: str
+    owner_id: int
+    invite_only: bool
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    user_id: int
+    user_name: str
+    role: str  # "owner" | "admin" | "member"
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to be stored once, whatever the number of recipients.
+
+    ``mailbox`` is ``"r:<room id>"`` for a room or ``"u:<user id>"`` for a
+    user's inbox.  A direct message to another user that must also reach the
+    sender's other devices is stored in both inboxes (two rows at most).
+    ``envelope`` is for every device of the mailbox; ``envelopes`` maps
+    ``(user id, device id)`` to a device-specific envelope.  Both opaque.
+    """
+
+    mailboxes: tuple[str, ...]
+    sender_id: int
+    sender_device: str
+    client_id: str
+    ts: int  # milliseconds since the epoch
+    expires_at: float | None  # seconds since the epoch
+    target: str  # what the recipient is shown: "user:<name>" or "room:<name>"
+    envelope: bytes | None
+    envelopes: dict[tuple[int, str], bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    seq: int
+    mailbox: str
+    sender_id: int
+    sender_device: str
+    client_id: str
+    ts: int
+    expires_at: float | None
+    target: str
+    envelope: bytes | None
+    envelopes: dict[tuple[int, str], bytes]
+
+    def envelope_for(self, user_id: int, device_id: str) -> bytes | None:
+        return self.envelopes.get((user_id, device_id), self.envelope)
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """``seqs`` has one sequence number per mailbox, in NewMessage order."""
+
+    seqs: tuple[int, ...]
+    duplicate: bool
+    messages: tuple[StoredMessage, ...] = ()
