@@ -1,0 +1,187 @@
+"""Tests for shtalk.server.datadir: first start, reuse, permissions, corrupt secrets."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import DNSName, IPAddress, SubjectAlternativeName, load_pem_x509_certificate
+from twisted.trial import unittest
+
+from shtalk.server.datadir import DataDir, DataDirError
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+class FirstStartTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dd = DataDir(Path(self.mktemp()) / "nested" / "shtalk")
+
+    def test_constructor_does_no_io(self) -> None:
+        self.assertFalse(self.dd.path.exists())
+
+    def test_paths(self) -> None:
+        self.assertEqual(self.dd.db_path, self.dd.path / "shtalk.sqlite3")
+        self.assertEqual(self.dd.outbox_dir, self.dd.path / "outbox")
+        self.assertEqual(self.dd.cert_path.parent, self.dd.path)
+        self.assertEqual(self.dd.key_path.parent, self.dd.path)
+
+    def test_creates_private_dir_and_secrets(self) -> None:
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+        self.dd.ensure()
+        self.assertEqual(mode(self.dd.path), 0o700)
+        self.assertEqual(mode(self.dd.outbox_dir), 0o700)
+        for p in (self.dd.storage_key_path, self.dd.jwt_key_path, self.dd.cert_path,
+                  self.dd.key_path):
+            self.assertEqual(mode(p), 0o600, p)
+        self.assertEqual([p.name for p in self.dd.path.iterdir() if p.name.startswith(".")], [])
+
+    def test_secrets_have_the_right_shape(self) -> None:
+        self.dd.ensure()
+        self.assertEqual(len(self.dd.storage_key()), 32)
+        key = serialization.load_pem_private_key(self.dd.jwt_private_key_pem(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        self.assertIsInstance(key.curve, ec.SECP256R1)
+        cert = load_pem_x509_certificate(self.dd.cert_path.read_bytes())
+        pub = cert.public_key()
+        assert isinstance(pub, ec.EllipticCurvePublicKey)
+        self.assertIsInstance(pub.curve, ec.SECP256R1)
+        san = cert.extensions.get_extension_for_class(SubjectAlternativeName).value
+        self.assertIn("localhost", san.get_values_for_type(DNSName))
+        self.assertIn("127.0.0.1", [str(a) for a in san.get_values_for_type(IPAddress)])
+        days = (cert.not_valid_after_utc - cert.not_valid_before_utc).days
+        self.assertGreaterEqual(days, 3650)
+
+    def test_extra_tls_names(self) -> None:
+        self.dd.ensure(tls_names=("localhost", "127.0.0.1", "192.0.2.7", "chat.example"))
+        cert = load_pem_x509_certificate(self.dd.cert_path.read_bytes())
+        san = cert.extensions.get_extension_for_class(SubjectAlternativeName).value
+        self.assertIn("chat.example", san.get_values_for_type(DNSName))
+        self.assertIn("192.0.2.7", [str(a) for a in san.get_values_for_type(IPAddress)])
+
+    def test_no_tls_files_when_operator_brings_a_cert(self) -> None:
+        self.dd.ensure(tls_names=None)
+        self.assertFalse(self.dd.cert_path.exists())
+        self.assertFalse(self.dd.key_path.exists())
+
+    def test_second_start_reuses(self) -> None:
+        self.dd.ensure()
+        before = {p.name: p.read_bytes() for p in self.dd.path.iterdir() if p.is_file()}
+        again = DataDir(self.dd.path)
+        again.ensure()
+        after = {p.name: p.read_bytes() for p in again.path.iterdir() if p.is_file()}
+        self.assertEqual(before, after)
+
+    def test_tls_options_load(self) -> None:
+        self.dd.ensure()
+        self.assertIsNotNone(self.dd.tls_server_options().getContext())
+
+
+class RefusalTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dd = DataDir(self.mktemp())
+        self.dd.ensure()
+
+    def assertOneLine(self, e: DataDirError, *parts: str) -> None:
+        msg = str(e)
+        self.assertNotIn("\n", msg)
+        for part in parts:
+            self.assertIn(part, msg)
+
+    def test_group_writable_dir(self) -> None:
+        os.chmod(self.dd.path, 0o770)
+        with self.assertRaises(DataDirError) as e:
+            self.dd.ensure()
+        self.assertOneLine(e.exception, str(self.dd.path), "chmod 700")
+
+    def test_world_readable_secret(self) -> None:
+        os.chmod(self.dd.storage_key_path, 0o644)
+        with self.assertRaises(DataDirError) as e:
+            self.dd.ensure()
+        self.assertOneLine(e.exception, str(self.dd.storage_key_path), "chmod 600")
+
+    def test_loose_cert(self) -> None:
+        os.chmod(self.dd.cert_path, 0o640)
+        with self.assertRaises(DataDirError) as e:
+            self.dd.ensure()
+        self.assertOneLine(e.exception, str(self.dd.cert_path))
+
+    def test_symlinked_secret_refused(self) -> None:
+        target = Path(self.mktemp())
+        target.write_bytes(os.urandom(32))
+        os.chmod(target, 0o600)
+        self.dd.storage_key_path.unlink()
+        self.dd.storage_key_path.symlink_to(target)
+        with self.assertRaises(DataDirError) as e:
+            self.dd.ensure()
+        self.assertOneLine(e.exception, str(self.dd.storage_key_path))
+
+    def test_corrupt_cert(self) -> None:
+        self.dd.cert_path.write_bytes(b"-----BEGIN CERTIFICATE-----\nnope\n")
+        with self.assertRaises(DataDirError) as e:
+            self.dd.tls_server_options()
+        self.assertOneLine(e.exception, str(self.dd.cert_path), "delete it")
+
+    def test_corrupt_tls_key(self) -> None:
+        self.dd.key_path.write_bytes(b"garbage")
+        with self.assertRaises(DataDirError) as e:
+            self.dd.tls_server_options()
+        self.assertOneLine(e.exception, str(self.dd.key_path), "delete it")
+
+    def test_mismatched_pair(self) -> None:
+        other = DataDir(self.mktemp())
+        other.ensure()
+        self.dd.key_path.write_bytes(other.key_path.read_bytes())
+        with self.assertRaises(DataDirError) as e:
+            self.dd.tls_server_options()
+        self.assertOneLine(e.exception, "does not belong")
+
+    def test_half_a_pair(self) -> None:
+        self.dd.key_path.unlink()
+        with self.assertRaises(DataDirError) as e:
+            self.dd.ensure()
+        self.assertOneLine(e.exception, str(self.dd.key_path), "missing")
+
+    def test_corrupt_jwt_key(self) -> None:
+        self.dd.jwt_key_path.write_bytes(b"not pem")
+        with self.assertRaises(DataDirError) as e:
+            self.dd.ensure()
+        self.assertOneLine(e.exception, str(self.dd.jwt_key_path), "delete it")
+
+    def test_wrong_curve_jwt_key(self) -> None:
+        self.dd.jwt_key_path.write_bytes(
+            ec.generate_private_key(ec.SECP384R1()).private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        with self.assertRaises(DataDirError) as e:
+            self.dd.ensure()
+        self.assertOneLine(e.exception, "P-256")
+
+    def test_truncated_storage_key(self) -> None:
+        self.dd.storage_key_path.write_bytes(b"short")
+        with self.assertRaises(DataDirError) as e:
+            self.dd.ensure()
+        self.assertOneLine(e.exception, str(self.dd.storage_key_path), "backup")
+
+    def test_not_a_directory(self) -> None:
+        path = Path(self.mktemp())
+        path.write_text("x")
+        with self.assertRaises(DataDirError) as e:
+            DataDir(path).ensure()
+        self.assertOneLine(e.exception, str(path), "--data-dir")
+
+    def test_unreadable_secret(self) -> None:
+        if os.geteuid() == 0:
+            raise unittest.SkipTest("root reads mode-000 files")
+        os.chmod(self.dd.jwt_key_path, 0o000)
+        with self.assertRaises(DataDirError) as e:
+            self.dd.ensure()
+        self.assertOneLine(e.exception, str(self.dd.jwt_key_path))
