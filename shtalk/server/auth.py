@@ -1,0 +1,144 @@
+"""twisted.cred for shtalk: checkers for passwords and access tokens, and the realm.
+
+Protocol actions call the avatar; remote events call the mind (the
+connection), as in twisted.words.  The avatar id names the principal: the
+password checker returns ``b"<user id>"`` (the device is the one the login
+request names, which the mind carries), the token checker returns
+``b"<user id>/<device>/<session family>"`` because the token binds all three.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.cred import error as cred_error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ICredentials, IUsernamePassword
+from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred, inlineCallbacks
+from zope.interface import Attribute, Interface, implementer
+
+from shtalk.protocol.names import NameError_, normalise_username
+from shtalk.server.interfaces import IStore
+from shtalk.server.passwords import PasswordHasher
+from shtalk.server.tokens import TokenError, TokenIssuer
+
+if TYPE_CHECKING:
+    from shtalk.server.chat import ChatService
+
+
+class IAccessToken(ICredentials):
+    token = Attribute("The access JWT as sent by the client.")
+
+
+class IChatUser(Interface):
+    """The avatar: one authenticated device's perspective on the chat service."""
+
+
+class IChatMind(Interface):
+    """The connection, receiving remote events."""
+
+    def send_bytes(data: bytes) -> None:
+        """Write one already-encoded line."""
+
+    def deliver(seq: int, line: bytes) -> None:
+        """A message push; the mind may hold it while it replays the backlog."""
+
+    def session_revoked() -> None:
+        """The session was logged out elsewhere: drop authentication."""
+
+
+@implementer(IUsernamePassword)
+class PasswordCredentials:
+    def __init__(self, username: str, password: str) -> None:
+        self.username = username
+        self.password = password
+
+    def checkPassword(self, password: bytes) -> bool:  # pragma: no cover - bcrypt only
+        raise NotImplementedError("shtalk checks passwords with bcrypt hashes only")
+
+
+@implementer(IAccessToken)
+class AccessTokenCredentials:
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+
+class TokenRefused(cred_error.UnauthorizedLogin):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class AccountNotActive(cred_error.UnauthorizedLogin):
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+@implementer(ICredentialsChecker)
+class BcryptChecker:
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, store: IStore, hasher: PasswordHasher) -> None:
+        self.store = store
+        self.hasher = hasher
+
+    @inlineCallbacks
+    def requestAvatarId(self, credentials: Any) -> Any:
+        try:
+            _, key = normalise_username(credentials.username)
+        except NameError_:
+            key = None
+        user = (yield self.store.user_by_key(key)) if key is not None else None
+        ok = yield self.hasher.check(credentials.password, user.pw_hash if user else None)
+        if not ok or user is None:
+            # Same reply and same work for unknown user and wrong password.
+            raise cred_error.UnauthorizedLogin("invalid username or password")
+        if user.status != "active":
+            raise AccountNotActive(user.status)
+        return str(user.id).encode("ascii")
+
+
+@implementer(ICredentialsChecker)
+class AccessTokenChecker:
+    credentialInterfaces = (IAccessToken,)
+
+    def __init__(self, store: IStore, issuer: TokenIssuer, now: Callable[[], float]) -> None:
+        self.store = store
+        self.issuer = issuer
+        self.now = now
+
+    @inlineCallbacks
+    def requestAvatarId(self, credentials: Any) -> Any:
+        try:
+            claims = self.issuer.verify_access(credentials.token, self.now())
+        except TokenError as e:
+            raise TokenRefused(e.code, e.message) from None
+        session = yield self.store.session(claims.family)
+        if session is None or session.revoked or session.user_id != claims.user_id:
+            raise TokenRefused("token_revoked", "this session was logged out; log in again")
+        user = yield self.store.user_by_id(claims.user_id)
+        if user is None or user.status != "active":
+            raise TokenRefused("token_revoked", "this account is not active")
+        return f"{claims.user_id}/{claims.device_id}/{claims.family}".encode()
+
+
+@implementer(IRealm)
+class ChatRealm:
+    """Hands out a ChatUser bound to the connecting device (the mind says which)."""
+
+    def __init__(self, service: ChatService) -> None:
+        self.service = service
+
+    def requestAvatar(
+        self, avatarId: bytes | tuple[()], mind: object, *interfaces: Any
+    ) -> Deferred[tuple[Any, object, Callable[[], None]]]:
+        if IChatUser not in interfaces:
+            raise NotImplementedError("shtalk only hands out IChatUser avatars")
+        assert isinstance(avatarId, bytes)
+        uid, _, rest = avatarId.decode("ascii").partition("/")
+        device, _, family = rest.partition("/")
+        return self.service.avatar_for(int(uid), device or None, family or None, mind)

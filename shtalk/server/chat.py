@@ -1,0 +1,203 @@
+"""The chat service: accounts, rooms and routing, as seen by one device (ChatUser).
+
+Handlers validate the request's meaning (names, membership, roles) and turn
+store refusals into protocol errors; the wire shape was checked already by
+shtalk.protocol.  Every write is committed before the client hears ``ok``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from shtalk.protocol.errors import ErrorCode, ProtocolError
+from shtalk.protocol.frames import push
+from shtalk.server.auth import IChatUser
+from shtalk.server.avatar import ChatUser
+from shtalk.server.interfaces import Conflict, IStore
+from shtalk.server.naming import check_email, room_key, user_key
+from shtalk.server.passwords import PasswordHasher, check_password_policy
+from shtalk.server.records import Device, Room, User
+from shtalk.server.router import IDeliveryBus, LocalBus, Router
+from shtalk.server.tokens import TokenIssuer, new_family, new_refresh_token, refresh_hash
+
+log = Logger()
+
+
+class ChatService(Service):
+    """Owns the router and the caches; hands out one ChatUser per authenticated device."""
+
+    name = "chat"
+
+    def __init__(
+        self,
+        store: IStore,
+        hasher: PasswordHasher,
+        issuer: TokenIssuer,
+        clock: IReactorTime,
+        min_password_length: int = 12,
+        retention: float = 30 * 24 * 3600,
+        purge_interval: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.hasher = hasher
+        self.issuer = issuer
+        self.clock = clock
+        self.min_password_length = min_password_length
+        self.retention = retention
+        self.purge_interval = purge_interval
+        self.names: dict[int, str] = {}
+        self.router = Router(self.user_name)
+        self.bus: IDeliveryBus = LocalBus(self.router)
+        self.user_devices: dict[int, dict[str, Device]] = {}
+        self.user_rooms: dict[int, set[int]] = {}
+        self._purge: Any = None
+        # Seam for email verification (account-security issue): new accounts
+        # start in this status.  "active" until verification lands.
+        self.new_account_status = "active"
+
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    def user_name(self, user_id: int) -> str:
+        return self.names.get(user_id, f"#{user_id}")
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._schedule_purge()
+
+    def stopService(self) -> None:
+        if self._purge is not None and self._purge.active():
+            self._purge.cancel()
+        super().stopService()  # type: ignore[no-untyped-call]
+
+    def _schedule_purge(self) -> None:
+        def purge() -> None:
+            d = self.store.purge_expired(self.now())
+            d.addErrback(lambda f: log.failure("purging expired messages failed", f))
+            d.addBoth(lambda _: self._schedule_purge())
+
+        self._purge = self.clock.callLater(self.purge_interval, purge)
+
+    # accounts -------------------------------------------------------------
+    @inlineCallbacks
+    def register(self, username: str, password: str, email: str) -> Any:
+        display, key = user_key(username)
+        check_password_policy(password, display, self.min_password_length)
+        check_email(email)
+        pw_hash = yield self.hasher.hash(password)
+        try:
+            user = yield self.store.create_user(
+                display, key, email, pw_hash, self.new_account_status
+            )
+        except Conflict:
+            raise ProtocolError(
+                ErrorCode.USERNAME_TAKEN, "that username is taken; pick another"
+            ) from None
+        log.info("account registered", user_id=user.id)
+        return {"user": user.name, "status": user.status}
+
+    @inlineCallbacks
+    def start_session(self, user_id: int, device_id: str) -> Any:
+        """After a password login: open a refresh-token family for the device."""
+        family = new_family()
+        refresh = new_refresh_token()
+        now = self.now()
+        yield self.store.create_session(
+            family, user_id, device_id, refresh_hash(refresh), now + self.issuer.refresh_ttl
+        )
+        access = self.issuer.issue_access(user_id, device_id, family, now)
+        return family, access, refresh
+
+    @inlineCallbacks
+    def refresh(self, token: str) -> Any:
+        """Rotate: the old token dies; reuse of a dead one kills the whole family."""
+        new = new_refresh_token()
+        now = self.now()
+        session = yield self.store.rotate_refresh(
+            refresh_hash(token), refresh_hash(new), now + self.issuer.refresh_ttl, now
+        )
+        access = self.issuer.issue_access(session.user_id, session.device_id, session.family, now)
+        return session, access, new
+
+    @inlineCallbacks
+    def avatar_for(self, user_id: int, device_id: str | None, family: str | None, mind: Any) -> Any:
+        """The realm's work.  No device in the avatar id means a password login,
+        which may introduce the device named by the mind."""
+        user: User | None = yield self.store.user_by_id(user_id)
+        if user is None:
+            raise ProtocolError(ErrorCode.INVALID_CREDENTIALS, "no such account")
+        self.names[user.id] = user.name
+        if device_id is None:
+            device_id = mind.device_id
+            yield self.store.upsert_device(user.id, device_id, mind.device_label)
+        devices = yield self.store.devices(user.id)
+        self.user_devices[user.id] = {d.device_id: d for d in devices}
+        if device_id not in self.user_devices[user.id]:
+            raise ProtocolError(
+                ErrorCode.NO_SUCH_DEVICE, "this device was removed; log in again with a password"
+            )
+        rooms = yield self.store.rooms_of(user.id)
+        self.user_rooms[user.id] = {r.id for r in rooms}
+        for room in rooms:
+            yield self.load_room(room)
+        avatar = ChatUser(self, user, device_id, family, mind)
+        first = self.router.attach(user.id, device_id, mind)
+        if first:
+            yield self.announce_presence(user.id, "online")
+
+        def logout() -> None:
+            if self.router.detach(user.id, avatar.device_id, mind):
+                self.announce_presence(user.id, "offline")
+
+        return IChatUser, avatar, logout
+
+    @inlineCallbacks
+    def load_room(self, room: Room) -> Any:
+        if room.id not in self.router.room_members:
+            members = yield self.store.members(room.id)
+            self.router.room_members[room.id] = {m.user_id: m.role for m in members}
+            for m in members:
+                self.names[m.user_id] = m.user_name
+        self.router.room_names[room.id] = room.name
+        return self.router.room_members[room.id]
+
+    @inlineCallbacks
+    def announce_presence(self, user_id: int, status: str) -> Any:
+        interested: set[int] = set()
+        for rid in self.user_rooms.get(user_id, ()):
+            interested.update(self.router.room_members.get(rid, {}))
+        partners = yield self.store.dm_partners(user_id)
+        interested.update(partners)
+        interested.discard(user_id)
+        line = push("presence", user=self.user_name(user_id), status=status)
+        self.router.send_to_users((u for u in interested if self.router.is_online(u)), line)
+        if status == "offline":
+            self.user_rooms.pop(user_id, None)
+            self.user_devices.pop(user_id, None)
+
+    @inlineCallbacks
+    def room(self, raw: str) -> Any:
+        _, key = room_key(raw)
+        room: Room | None = yield self.store.room_by_key(key)
+        if room is None:
+            raise ProtocolError(ErrorCode.NO_SUCH_ROOM, "no such room; /rooms lists them")
+        members = yield self.load_room(room)
+        return room, members
+
+    @inlineCallbacks
+    def user(self, raw: str) -> Any:
+        _, key = user_key(raw)
+        user: User | None = yield self.store.user_by_key(key)
+        if user is None or user.status != "active":
+            raise ProtocolError(ErrorCode.NO_SUCH_USER, "no such user")
+        self.names[user.id] = user.name
+        return user
+
+    def member_event(self, room: Room, user_name: str, event: str, **extra: Any) -> None:
+        line = push("member", room=room.name, user=user_name, event=event, **extra)
+        self.router.send_to_users(self.router.room_members.get(room.id, {}), line)

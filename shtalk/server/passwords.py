@@ -1,0 +1,116 @@
+"""Password policy and bcrypt hashing, always off the reactor thread.
+
+bcrypt runs in a pool of its own sized to leave a core for the reactor: a
+login storm then queues behind the pool instead of starving message delivery
+(the reactor thread competes with at most ``threads`` hashing threads).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from functools import lru_cache
+from importlib import resources
+
+import bcrypt
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from shtalk.protocol.errors import ErrorCode, ProtocolError
+
+BCRYPT_MAX_BYTES = 72
+
+
+@lru_cache(maxsize=1)
+def common_passwords() -> frozenset[str]:
+    text = resources.files("shtalk").joinpath("data/common-passwords.txt").read_text("utf-8")
+    return frozenset(
+        line.strip() for line in text.splitlines() if line and not line.startswith("#")
+    )
+
+
+_TRAILER = re.compile(r"[\d\W_]+\Z")
+
+
+def check_password_policy(password: str, username: str, min_length: int) -> None:
+    """Length and common-password checks (ASVS 6.2); no composition rules.
+
+    Raises ProtocolError with a message that says how to pick a better one.
+    Never includes the password in the message.
+    """
+    encoded = password.encode("utf-8")
+    if len(encoded) > BCRYPT_MAX_BYTES:
+        raise ProtocolError(
+            ErrorCode.PASSWORD_TOO_LONG,
+            f"passwords are limited to {BCRYPT_MAX_BYTES} bytes of UTF-8 "
+            "(bcrypt's limit; a longer one would be silently truncated elsewhere)",
+        )
+    if len(password) < min_length:
+        raise ProtocolError(
+            ErrorCode.WEAK_PASSWORD,
+            f"use at least {min_length} characters; a few unrelated words make a good one",
+        )
+    folded = password.casefold()
+    common = common_passwords()
+    stripped = _TRAILER.sub("", folded)
+    if (
+        folded in common
+        or (len(stripped) >= 4 and stripped in common)
+        or len(set(folded)) <= 3
+        or username.casefold() in folded
+    ):
+        raise ProtocolError(
+            ErrorCode.WEAK_PASSWORD,
+            "that password is too common or too easy to guess; pick another",
+        )
+
+
+class PasswordHasher:
+    """bcrypt in a dedicated thread pool; construction starts nothing."""
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads | IReactorThreads,
+        cost: int = 12,
+        threads: int | None = None,
+    ) -> None:
+        self.cost = cost
+        self._reactor = reactor
+        n = threads if threads is not None else max(1, (os.cpu_count() or 2) - 1)
+        self.pool = ThreadPool(minthreads=0, maxthreads=n, name="shtalk-bcrypt")
+        self._dummy: bytes | None = None
+
+    def start(self) -> None:
+        self.pool.start()
+
+    def stop(self) -> None:
+        self.pool.stop()
+
+    def _run(self, f: object, *args: object) -> Deferred[object]:
+        return deferToThreadPool(self._reactor, self.pool, f, *args)  # type: ignore[arg-type]
+
+    def hash(self, password: str) -> Deferred[bytes]:
+        pw = password.encode("utf-8")
+        return self._run(bcrypt.hashpw, pw, bcrypt.gensalt(self.cost))  # type: ignore[return-value]
+
+    def _check(self, password: bytes, hashed: bytes | None) -> bool:
+        if hashed is None:
+            # Unknown user: the same work against a dummy hash (ENUM-1).
+            if self._dummy is None:
+                self._dummy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(self.cost))
+            hashed = self._dummy
+            bcrypt.checkpw(password[:BCRYPT_MAX_BYTES], hashed)
+            return False
+        if len(password) > BCRYPT_MAX_BYTES:
+            # bcrypt >= 5 raises here; over-long input is an ordinary failure.
+            # Still do the work so the reply time does not tell.
+            bcrypt.checkpw(password[:BCRYPT_MAX_BYTES], hashed)
+            return False
+        return bcrypt.checkpw(password, hashed)
+
+    def check(self, password: str, hashed: bytes | None) -> Deferred[bool]:
+        """Fire True only for a match; unknown users (``hashed=None``) cost the same."""
+        return self._run(self._check, password.encode("utf-8"), hashed)  # type: ignore[return-value]

@@ -1,0 +1,462 @@
+"""The server side of a connection: framing, limits, state, dispatch.
+
+The LineOnlyReceiver only frames and enforces limits; parsing and validation
+are shtalk.protocol's (sans-IO), the work is the avatar's.  Connection states
+are explicit: NEW (hello required) -> READY (may authenticate) -> AUTHENTICATING
+-> AUTHENTICATED.  Timers run on an injected clock so unit tests drive them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import Callable
+from typing import Any
+
+from twisted.cred import error as cred_error
+from twisted.cred.credentials import ICredentials
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from shtalk import __version__
+from shtalk.protocol import frames
+from shtalk.protocol.errors import ErrorCode, ProtocolError
+from shtalk.protocol.frames import Request
+from shtalk.protocol.names import clean_label
+from shtalk.protocol.schema import MAX_ENVELOPE_BYTES, PRE_AUTH, PROTOCOL_VERSION
+from shtalk.server.auth import (
+    AccessTokenCredentials,
+    AccountNotActive,
+    IChatMind,
+    IChatUser,
+    PasswordCredentials,
+    TokenRefused,
+)
+from shtalk.server.avatar import ChatUser
+from shtalk.server.chat import ChatService
+from shtalk.server.interfaces import TokenReuse, TokenUnknown
+from shtalk.server.naming import user_key
+
+log = Logger()
+
+
+class State(enum.Enum):
+    NEW = "new"
+    READY = "ready"
+    AUTHENTICATING = "authenticating"
+    AUTHENTICATED = "authenticated"
+
+
+@implementer(IChatMind)
+class ShtalkServerProtocol(LineOnlyReceiver):
+    delimiter = b"\n"
+    factory: ShtalkServerFactory
+
+    def __init__(self) -> None:
+        self.state = State.NEW
+        self.avatar: ChatUser | None = None
+        self.device_id = ""
+        self.device_label = ""
+        self.family = ""
+        self._logout: Callable[[], None] | None = None
+        self._deadline: IDelayedCall | None = None
+        self._idle: IDelayedCall | None = None
+        self._peer = ""
+        self._counted = False
+        # Live pushes are held while the backlog is replayed, so a device sees
+        # every message exactly once and in order.
+        self._holding: list[tuple[int, bytes]] | None = None
+        self._backlog_max = 0
+
+    # connection lifecycle ----------------------------------------------------
+    def connectionMade(self) -> None:
+        f = self.factory
+        self.MAX_LENGTH = f.max_line_length
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self._peer = getattr(peer, "host", str(peer))
+        if not f.admit(self._peer):
+            self._send_error(
+                None,
+                ErrorCode.TOO_MANY_CONNECTIONS,
+                "too many connections from your address; close some and retry",
+            )
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._counted = True
+        nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if nodelay is not None:
+            # Not every transport is TCP (tests, UNIX sockets).
+            with contextlib.suppress(Exception):
+                nodelay(True)
+        # The pre-authentication deadline is fixed: partial data never extends it.
+        self._deadline = f.clock.callLater(f.pre_auth_timeout, self._timed_out, "log in")
+        self._reset_idle()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        for call in (self._deadline, self._idle):
+            if call is not None and call.active():
+                call.cancel()
+        self._deadline = self._idle = None
+        if self._counted:
+            self.factory.release(self._peer)
+            self._counted = False
+        self._drop_avatar()
+
+    def _drop_avatar(self) -> None:
+        logout, self._logout = self._logout, None
+        self.avatar = None
+        if logout is not None:
+            logout()
+
+    def _timed_out(self, what: str) -> None:
+        self._send_error(
+            None, ErrorCode.TIMEOUT, f"connection closed: no {what} in time; reconnect to go on"
+        )
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _reset_idle(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.factory.idle_timeout)
+        else:
+            self._idle = self.factory.clock.callLater(
+                self.factory.idle_timeout, self._timed_out, "request"
+            )
+
+    # framing -------------------------------------------------------------------
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._send_error(
+            None,
+            ErrorCode.LINE_TOO_LONG,
+            f"lines are limited to {self.MAX_LENGTH} bytes; connection closed",
+        )
+        # abortConnection: do not keep reading (or buffering) an abusive peer.
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def lineReceived(self, line: bytes) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line.strip():
+            return
+        try:
+            request = frames.parse_line(line)
+        except ProtocolError as e:
+            self.send_bytes(frames.error_from(e))
+            return
+        self._reset_idle()
+        self.factory.requests += 1
+        try:
+            self._check_state(request)
+            handler = getattr(self, "on_" + request.type)
+            d = maybeDeferred(handler, request)
+        except ProtocolError as e:
+            e.request_id = request.id
+            self.send_bytes(frames.error_from(e))
+            return
+        d.addCallbacks(self._reply, self._failed, callbackArgs=(request,), errbackArgs=(request,))
+
+    def _check_state(self, request: Request) -> None:
+        rtype = request.type
+        if rtype == "ping":
+            return
+        if self.state is State.NEW and rtype != "hello":
+            raise ProtocolError(ErrorCode.HELLO_REQUIRED, 'send {"type": "hello", "version": 1}')
+        if rtype not in PRE_AUTH and self.state is not State.AUTHENTICATED:
+            raise ProtocolError(ErrorCode.NOT_AUTHENTICATED, "log in first (login or resume)")
+        if rtype in ("login", "resume", "refresh", "register") and self.state in (
+            State.AUTHENTICATING,
+            State.AUTHENTICATED,
+        ):
+            raise ProtocolError(
+                ErrorCode.ALREADY_AUTHENTICATED, "this connection is logged in; logout first"
+            )
+
+    def _reply(self, fields: dict[str, Any] | None, request: Request) -> None:
+        if self.transport is None:
+            return
+        self.send_bytes(frames.ok(request.id, **(fields or {})))
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        e = failure.value
+        if isinstance(e, ProtocolError):
+            self.send_bytes(frames.error(request.id, e.code, e.message, **e.extra))
+            return
+        # Never send a traceback to the peer; log it for the operator.
+        log.failure("request {rtype} failed", failure, rtype=request.type)
+        self.send_bytes(
+            frames.error(request.id, ErrorCode.INTERNAL_ERROR, "the server failed; try again later")
+        )
+
+    def _send_error(self, rid: Any, code: ErrorCode, message: str) -> None:
+        self.send_bytes(frames.error(rid, code, message))
+
+    # IChatMind -----------------------------------------------------------------
+    def send_bytes(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def deliver(self, seq: int, line: bytes) -> None:
+        if self._holding is not None:
+            self._holding.append((seq, line))
+        else:
+            self.send_bytes(line)
+
+    def session_revoked(self) -> None:
+        self._drop_avatar()
+        self.state = State.READY
+
+    # handlers: session ---------------------------------------------------------------
+    def on_hello(self, request: Request) -> dict[str, Any]:
+        version = request.args["version"]
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"this server speaks protocol version {PROTOCOL_VERSION}",
+                supported=[PROTOCOL_VERSION],
+            )
+        if self.state is State.NEW:
+            self.state = State.READY
+        return {
+            "version": PROTOCOL_VERSION,
+            "server": f"shtalk/{__version__}",
+            "max_line_length": self.factory.max_line_length,
+            "max_envelope_bytes": MAX_ENVELOPE_BYTES,
+        }
+
+    def on_ping(self, request: Request) -> dict[str, Any]:
+        return {}
+
+    def on_register(self, request: Request) -> Deferred[Any]:
+        a = request.args
+        return self.factory.chat.register(a["username"], a["password"], a["email"])
+
+    def _login_failed(self, failure: Failure) -> Failure:
+        self.state = State.READY
+        self.device_id = self.device_label = ""
+        return failure
+
+    @inlineCallbacks
+    def _portal_login(self, creds: ICredentials) -> Any:
+        """portal.login, with cred's refusals turned into protocol errors."""
+        try:
+            _, avatar, logout = yield self.factory.portal.login(creds, self, IChatUser)
+        except AccountNotActive as e:
+            raise ProtocolError(
+                ErrorCode.INVALID_CREDENTIALS,
+                f"this account is {e.status}; finish its set-up or ask the operator",
+            ) from None
+        except TokenRefused as e:
+            raise ProtocolError(ErrorCode(e.code), e.message) from None
+        except cred_error.UnauthorizedLogin:
+            raise ProtocolError(
+                ErrorCode.INVALID_CREDENTIALS, "invalid username or password"
+            ) from None
+        if self.transport is None or not self.connected:
+            logout()
+            raise ProtocolError(ErrorCode.TIMEOUT, "connection closed during login")
+        self.avatar, self._logout = avatar, logout
+        self.device_id = avatar.device_id
+        # Hold live pushes until the backlog has been replayed.
+        self._holding = []
+        self.state = State.AUTHENTICATED
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        return avatar
+
+    def _bind_family(self, family: str) -> None:
+        assert self.avatar is not None
+        self.avatar.family = family
+        self.family = family
+        self.factory.sessions.setdefault(family, set()).add(self)
+
+    @inlineCallbacks
+    def on_login(self, request: Request) -> Any:
+        a = request.args
+        self.state = State.AUTHENTICATING
+        self.device_id = a["device"]["id"]
+        self.device_label = clean_label(a["device"].get("label") or "")
+        d = self._portal_login(PasswordCredentials(a["username"], a["password"]))
+        avatar: ChatUser = yield d.addErrback(self._login_failed)
+        family, access, refresh = yield self.factory.chat.start_session(
+            avatar.user.id, avatar.device_id
+        )
+        self._bind_family(family)
+        self._after_reply(self._replay_backlog)
+        return {
+            "user": avatar.user.name,
+            "device": avatar.device_id,
+            "access_token": access,
+            "refresh_token": refresh,
+            "expires_in": self.factory.chat.issuer.access_ttl,
+        }
+
+    @inlineCallbacks
+    def on_resume(self, request: Request) -> Any:
+        self.state = State.AUTHENTICATING
+        d = self._portal_login(AccessTokenCredentials(request.args["access_token"]))
+        avatar: ChatUser = yield d.addErrback(self._login_failed)
+        assert avatar.family is not None
+        self._bind_family(avatar.family)
+        self._after_reply(self._replay_backlog)
+        return {"user": avatar.user.name, "device": avatar.device_id}
+
+    @inlineCallbacks
+    def on_refresh(self, request: Request) -> Any:
+        self.state = State.AUTHENTICATING
+        try:
+            _, access, refresh = yield self.factory.chat.refresh(request.args["refresh_token"])
+        except TokenReuse:
+            self.state = State.READY
+            log.warn("refresh token reuse: session family revoked")
+            raise ProtocolError(
+                ErrorCode.TOKEN_REVOKED,
+                "that refresh token was already used; every session of this login "
+                "was revoked. Log in with your password",
+            ) from None
+        except TokenUnknown:
+            self.state = State.READY
+            raise ProtocolError(
+                ErrorCode.INVALID_TOKEN, "unknown or expired refresh token; log in again"
+            ) from None
+        d = self._portal_login(AccessTokenCredentials(access))
+        avatar: ChatUser = yield d.addErrback(self._login_failed)
+        assert avatar.family is not None
+        self._bind_family(avatar.family)
+        self._after_reply(self._replay_backlog)
+        return {
+            "user": avatar.user.name,
+            "device": avatar.device_id,
+            "access_token": access,
+            "refresh_token": refresh,
+            "expires_in": self.factory.chat.issuer.access_ttl,
+        }
+
+    def _after_reply(self, f: Callable[[], Any]) -> None:
+        self.factory.clock.callLater(0, f)
+
+    @inlineCallbacks
+    def _replay_backlog(self) -> Any:
+        avatar = self.avatar
+        if avatar is None:
+            return
+        try:
+            messages = yield avatar.pending()
+        except Exception:
+            log.failure("loading the backlog failed")
+            messages = []
+        router = self.factory.chat.router
+        sent: set[int] = set()
+        for m in messages:
+            env = m.envelope_for(avatar.user.id, avatar.device_id)
+            if env is None:
+                continue
+            self.send_bytes(router.encode_message(m, env))
+            sent.add(m.seq)
+        held, self._holding = self._holding or [], None
+        for seq, line in held:
+            if seq not in sent:
+                self.send_bytes(line)
+        self.send_bytes(frames.push("backlog_done", count=len(sent)))
+
+    @inlineCallbacks
+    def on_logout(self, request: Request) -> Any:
+        assert self.avatar is not None
+        family = self.family
+        yield self.avatar.logout(family)
+        # Every connection of this session family is logged out at once.
+        for proto in list(self.factory.sessions.pop(family, ())):
+            proto.session_revoked()
+        return {}
+
+    # handlers: chat -------------------------------------------------------------------
+    def _me(self) -> ChatUser:
+        assert self.avatar is not None
+        return self.avatar
+
+    def on_devices(self, request: Request) -> Deferred[Any]:
+        user = request.args.get("user")
+        if user is not None:
+            user_key(user)
+        return self._me().devices(user)
+
+    def on_room_create(self, request: Request) -> Deferred[Any]:
+        a = request.args
+        return self._me().create_room(a["room"], bool(a.get("invite_only", False)))
+
+    def on_room_join(self, request: Request) -> Deferred[Any]:
+        return self._me().join(request.args["room"])
+
+    def on_room_leave(self, request: Request) -> Deferred[Any]:
+        return self._me().leave(request.args["room"])
+
+    def on_room_invite(self, request: Request) -> Deferred[Any]:
+        return self._me().invite(request.args["room"], request.args["user"])
+
+    def on_room_kick(self, request: Request) -> Deferred[Any]:
+        return self._me().kick(request.args["room"], request.args["user"])
+
+    def on_room_role(self, request: Request) -> Deferred[Any]:
+        a = request.args
+        return self._me().set_role(a["room"], a["user"], a["role"])
+
+    def on_room_list(self, request: Request) -> Deferred[Any]:
+        return self._me().list_rooms()
+
+    def on_room_members(self, request: Request) -> Deferred[Any]:
+        return self._me().members(request.args["room"])
+
+    def on_send(self, request: Request) -> Deferred[Any]:
+        a = request.args
+        return self._me().send(
+            a["to"], a.get("envelope"), a.get("envelopes"), a["client_id"], a.get("expires_in")
+        )
+
+    def on_ack(self, request: Request) -> Deferred[Any]:
+        d: Deferred[Any] = self._me().ack(request.args["seqs"])
+        return d
+
+
+class ShtalkServerFactory(Factory):
+    protocol = ShtalkServerProtocol  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        chat: ChatService,
+        portal: Portal,
+        clock: IReactorTime,
+        max_line_length: int = 1 << 20,
+        pre_auth_timeout: float = 30.0,
+        idle_timeout: float = 600.0,
+        max_connections_per_address: int = 20,
+    ) -> None:
+        self.chat = chat
+        self.portal = portal
+        self.clock = clock
+        self.max_line_length = max_line_length
+        self.pre_auth_timeout = pre_auth_timeout
+        self.idle_timeout = idle_timeout
+        self.max_per_address = max_connections_per_address
+        self.per_address: dict[str, int] = {}
+        self.sessions: dict[str, set[ShtalkServerProtocol]] = {}
+        self.requests = 0
+
+    def admit(self, host: str) -> bool:
+        """Per-address cap of our own (LimitConnectionsByPeer is broken on Twisted 26)."""
+        n = self.per_address.get(host, 0)
+        if n >= self.max_per_address:
+            return False
+        self.per_address[host] = n + 1
+        return True
+
+    def release(self, host: str) -> None:
+        n = self.per_address.get(host, 0) - 1
+        if n > 0:
+            self.per_address[host] = n
+        else:
+            self.per_address.pop(host, None)

@@ -1,0 +1,121 @@
+"""Wiring: config and data directory in, the chat service tree out.
+
+Nothing here does I/O beyond reading what the data directory already made
+sure of; the store opens, and the bcrypt pool starts, in startService.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from shtalk.server.auth import AccessTokenChecker, BcryptChecker, ChatRealm
+from shtalk.server.chat import ChatService
+from shtalk.server.config import ServerConfig, StartupError
+from shtalk.server.datadir import DataDir
+from shtalk.server.interfaces import CorruptStore, IStore
+from shtalk.server.passwords import PasswordHasher
+from shtalk.server.protocol import ShtalkServerFactory
+from shtalk.server.store import SQLiteStore, check_database_file
+from shtalk.server.tokens import TokenIssuer
+
+log = Logger()
+
+
+class StoreService(Service):
+    """Opens the store when the service tree starts and closes it last."""
+
+    name = "store"
+
+    def __init__(self, store: IStore, hasher: PasswordHasher) -> None:
+        self.store = store
+        self.hasher = hasher
+
+    def startService(self) -> None:
+        super().startService()
+        self.hasher.start()
+        d = self.store.open()
+        d.addErrback(self._failed)
+
+    def _failed(self, failure: Any) -> None:
+        from twisted.internet import reactor
+
+        log.failure("the database could not be opened", failure)
+        reactor.stop()  # type: ignore[attr-defined]
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self.hasher.stop()
+        return self.store.close()
+
+
+class ChatServerService(MultiService):
+    """The whole server minus its listener; ``factory`` is what the listener serves."""
+
+    factory: ShtalkServerFactory
+    chat: ChatService
+    store: IStore
+
+
+def make_chat_service(
+    config: ServerConfig, datadir: DataDir, clock: IReactorTime | None = None
+) -> ChatServerService:
+    if clock is None:
+        from twisted.internet import reactor
+
+        clock = reactor  # type: ignore[assignment]
+    assert clock is not None
+    db_path = str(datadir.db_path)
+    try:
+        check_database_file(db_path)
+    except CorruptStore as e:
+        raise StartupError(str(e)) from None
+    server, accounts, tokens, storage = (
+        config.server,
+        config.accounts,
+        config.tokens,
+        config.storage,
+    )
+    store = SQLiteStore(
+        db_path, datadir.storage_key(), clock=clock, retention=float(storage.retention)
+    )
+    hasher = PasswordHasher(clock, cost=accounts.bcrypt_cost)  # type: ignore[arg-type]
+    issuer = TokenIssuer(
+        datadir.jwt_private_key_pem(),
+        issuer=tokens.issuer,
+        access_ttl=tokens.access_ttl,
+        refresh_ttl=tokens.refresh_ttl,
+    )
+    chat = ChatService(
+        store,
+        hasher,
+        issuer,
+        clock,
+        min_password_length=accounts.min_password_length,
+        retention=float(storage.retention),
+    )
+    portal = Portal(
+        ChatRealm(chat),
+        [BcryptChecker(store, hasher), AccessTokenChecker(store, issuer, clock.seconds)],
+    )
+    factory = ShtalkServerFactory(
+        chat,
+        portal,
+        clock,
+        max_line_length=server.max_line_length,
+        pre_auth_timeout=float(server.pre_auth_timeout),
+        idle_timeout=float(server.idle_timeout),
+        max_connections_per_address=server.max_connections_per_address,
+    )
+    top = ChatServerService()
+    StoreService(store, hasher).setServiceParent(top)
+    chat.setServiceParent(top)
+    top.factory = factory
+    top.chat = chat
+    top.store = store
+    return top

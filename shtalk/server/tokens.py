@@ -1,0 +1,137 @@
+"""Session tokens: a short-lived ES256 access JWT and a rotating refresh token.
+
+RFC 8725: the algorithm is pinned (ES256 only, never ``none`` and never an
+HMAC family next to it), ``typ`` is checked (``at+jwt``, RFC 9068) so other
+JWTs signed with the same key cannot be replayed as access tokens, and
+``exp``/``iat``/``aud``/``iss``/``sub``/``jti`` are required.  Revocation is
+server-side: every access token names its session family, which ``logout``
+or refresh-token reuse revokes at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+ALGORITHM = "ES256"
+TOKEN_TYPE = "at+jwt"  # noqa: S105 - a JWT typ, not a secret
+AUDIENCE = "shtalk-access"
+_REQUIRED = ["exp", "iat", "aud", "iss", "sub", "jti"]
+
+
+class TokenError(Exception):
+    """``code`` is the protocol error code: invalid_token or token_expired."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class AccessClaims:
+    user_id: int
+    device_id: str
+    family: str
+    expires: int
+
+
+def refresh_hash(token: str) -> bytes:
+    """Refresh tokens carry 256 random bits, so a fast hash is enough at rest."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def new_refresh_token() -> str:
+    return "rt_" + secrets.token_urlsafe(32)
+
+
+def new_family() -> str:
+    return uuid.uuid4().hex
+
+
+class TokenIssuer:
+    def __init__(
+        self,
+        private_key_pem: bytes,
+        issuer: str = "shtalk",
+        access_ttl: int = 900,
+        refresh_ttl: int = 30 * 24 * 3600,
+    ) -> None:
+        key = serialization.load_pem_private_key(private_key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            raise ValueError("the JWT signing key must be an ECDSA P-256 private key")
+        self._private = key
+        self._public = key.public_key()
+        der = self._public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.kid = hashlib.sha256(der).hexdigest()[:16]
+        self.issuer = issuer
+        self.access_ttl = access_ttl
+        self.refresh_ttl = refresh_ttl
+
+    def issue_access(self, user_id: int, device_id: str, family: str, now: float) -> str:
+        iat = int(now)
+        claims = {
+            "iss": self.issuer,
+            "aud": AUDIENCE,
+            "sub": str(user_id),
+            "dev": device_id,
+            "sid": family,
+            "iat": iat,
+            "exp": iat + self.access_ttl,
+            "jti": secrets.token_urlsafe(12),
+        }
+        return jwt.encode(
+            claims, self._private, algorithm=ALGORITHM, headers={"typ": TOKEN_TYPE, "kid": self.kid}
+        )
+
+    def verify_access(self, token: str, now: float) -> AccessClaims:
+        """Raise TokenError for anything but a well-formed, live token of ours."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise TokenError("invalid_token", "the access token is malformed") from None
+        if header.get("alg") != ALGORITHM or header.get("typ") != TOKEN_TYPE:
+            raise TokenError("invalid_token", "the access token is not one of ours")
+        if header.get("kid") != self.kid:
+            raise TokenError("invalid_token", "the access token was signed with an unknown key")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._public,
+                algorithms=[ALGORITHM],
+                audience=AUDIENCE,
+                issuer=self.issuer,
+                options={"require": _REQUIRED, "verify_exp": False},
+                leeway=0,
+            )
+        except jwt.PyJWTError:
+            raise TokenError("invalid_token", "the access token did not verify") from None
+        # Expiry against our injected clock, so tests can drive time.
+        exp, iat = claims["exp"], claims["iat"]
+        if not isinstance(exp, int) or not isinstance(iat, int) or iat > now + 60:
+            raise TokenError("invalid_token", "the access token has bad times")
+        if exp <= now:
+            raise TokenError("token_expired", "the access token expired; use the refresh token")
+        try:
+            uid = int(claims["sub"])
+            dev = claims["dev"]
+            sid = claims["sid"]
+        except (KeyError, ValueError, TypeError):
+            raise TokenError("invalid_token", "the access token lacks its session") from None
+        if not isinstance(dev, str) or not isinstance(sid, str):
+            raise TokenError("invalid_token", "the access token lacks its session")
+        return AccessClaims(uid, dev, sid, exp)
+
+    def public_key_pem(self) -> bytes:
+        return self._public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
