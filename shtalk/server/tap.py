@@ -150,15 +150,18 @@ def _host_for_humans(host: str) -> str:
 
 def announcement(address: Any, fingerprint: str | None, listen: str) -> list[str]:
     """The lines telling an operator where the server is and how to connect."""
-    lines = [f"shtalk listening on {address}"]
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    inet = isinstance(host, str) and isinstance(port, int)
+    bound = f"[{host}]:{port}" if inet and ":" in str(host) else f"{host}:{port}"
+    kind = "TLS" if not listen else f"endpoint {listen}"
+    lines = [f"shtalk listening on {bound if inet else address} ({kind})"]
     if fingerprint is not None:
         lines.append(f"TLS certificate SHA-256 fingerprint: {fingerprint}")
     if listen and not listen.startswith("ssl:"):
         lines.append(f"note: --listen {listen} carries no TLS of its own; "
                      "terminate TLS in front of it")
-    host, port = getattr(address, "host", None), getattr(address, "port", None)
-    if isinstance(host, str) and isinstance(port, int):
-        where = f"{_host_for_humans(host)}:{port}"
+    if inet:
+        where = f"{_host_for_humans(str(host))}:{port}"
         lines.append(f"connect with: shtalk-urwid {where}")
         lines.append(f"      or try: openssl s_client -connect {where}")
     return lines

@@ -1,3 +1,5 @@
+# mypy: disallow-untyped-calls=False
+# (trial's TestCase and Twisted's endpoints are untyped; strict otherwise.)
 """Tests for shtalk.server.config: typed sections, strict keys, clear errors, precedence."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# mypy: disallow-untyped-calls=False
+# (trial's TestCase and Twisted's endpoints are untyped; strict otherwise.)
 """Tests for shtalk.server.tls: real handshakes against the server policy and the pin.
 
 Most tests run the handshake in memory (two pyOpenSSL connections on memory BIOs, the
@@ -202,8 +204,8 @@ class PinnedClientTests(unittest.TestCase):
         server_ctx.set_min_proto_version(SSL.TLS1_1_VERSION)
         server_ctx.set_max_proto_version(SSL.TLS1_1_VERSION)
         server_ctx.set_cipher_list(b"ALL:@SECLEVEL=0")
-        from OpenSSL import crypto
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
+        from OpenSSL import crypto
 
         server_ctx.use_certificate(crypto.X509.from_cryptography(
             x509.load_pem_x509_certificate(CERT_PEM)))
@@ -271,7 +273,8 @@ class LoopbackTests(unittest.TestCase):
                 tls.client_options_pinned(fingerprint, "localhost"),
                 endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", address.port),
             )
-            return endpoints.connectProtocol(ep, client).addCallback(lambda _: client.done)
+            d: defer.Deferred[Any] = endpoints.connectProtocol(ep, client)
+            return d.addCallback(lambda _: client.done)
 
         received = yield connect(FINGERPRINT)
         self.assertEqual(received, b"ping\n")

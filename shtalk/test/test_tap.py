@@ -1,0 +1,298 @@
+# mypy: disallow-untyped-calls=False
+# (trial's TestCase and Twisted's endpoints are untyped; strict otherwise.)
+"""Tests for shtalk.server.tap: options, precedence, the service tree, start-up errors.
+
+The chat service itself is faked (`FakeChat`): these tests are about wiring, and must
+not depend on the store or the protocol.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IServiceCollection, MultiService
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.testing import MemoryReactor, RaisingMemoryReactor
+from twisted.python import usage
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from shtalk.server import tap, tls
+from shtalk.server.config import ConfigError, ServerConfig, StartupError
+from shtalk.server.datadir import DataDir, DataDirError
+
+
+class _Echo(protocol.Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+class FakeChat(MultiService):
+    """Stands in for ``shtalk.server.service.make_chat_service``'s result."""
+
+    def __init__(self, config: ServerConfig, datadir: DataDir) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.config = config
+        self.datadir = datadir
+        self.factory = protocol.Factory.forProtocol(_Echo)
+
+
+class Harness:
+    def __init__(self, test: unittest.TestCase) -> None:
+        self.test = test
+        self.data_dir = Path(test.mktemp())
+        self.made: list[FakeChat] = []
+        self.out = io.StringIO()
+
+    def make_chat(self, config: ServerConfig, datadir: DataDir) -> IServiceCollection:
+        chat = FakeChat(config, datadir)
+        self.made.append(chat)
+        return chat
+
+    def options(self, *argv: str) -> tap.Options:
+        o = tap.Options()
+        o.parseOptions(["--data-dir", str(self.data_dir), *argv])
+        return o
+
+    def build(self, *argv: str, reactor: Any = None) -> tap.ShtalkService:
+        reactor = MemoryReactor() if reactor is None else reactor
+        self.reactor = reactor
+        return tap.build_service(self.options(*argv), reactor, self.make_chat, out=self.out)
+
+
+class OptionsTests(unittest.TestCase):
+    def test_unset_options_are_none(self) -> None:
+        o = tap.Options()
+        o.parseOptions([])
+        self.assertEqual(o.server_overrides(), {})
+
+    def test_typed(self) -> None:
+        o = tap.Options()
+        o.parseOptions(["--port", "7000", "--max-connections-per-address", "500",
+                        "--interface", "::", "--listen", "tcp:0", "--cert", "c", "--key", "k"])
+        self.assertEqual(o.server_overrides(), {
+            "port": 7000, "max_connections_per_address": 500, "interface": "::",
+            "listen": "tcp:0", "cert": "c", "key": "k",
+        })
+
+    def test_bad_values(self) -> None:
+        for argv in (["--port", "x"], ["--port", "70000"], ["--max-connections-per-address", "0"],
+                     ["--config", ""], ["--bogus"]):
+            with self.assertRaises(usage.UsageError, msg=argv):
+                tap.Options().parseOptions(argv)
+
+    def test_help_explains_every_option(self) -> None:
+        text = str(tap.Options())
+        for name in ("--port", "--interface", "--data-dir", "--cert", "--key", "--config",
+                     "--listen", "--max-connections-per-address"):
+            self.assertIn(name, text)
+        for opt in tap.Options.optParameters:
+            self.assertGreater(len(opt[3]), 20, opt[0])
+        self.assertIn("6697", text)
+        self.assertIn("127.0.0.1", text)
+        self.assertIn("20", text)
+        self.assertIn("XDG_DATA_HOME", text)
+
+
+class PrecedenceTests(unittest.TestCase):
+    def test_file_then_command_line(self) -> None:
+        ini = Path(self.mktemp())
+        ini.write_text("[server]\nport = 7000\ninterface = ::1\n[accounts]\nbcrypt_cost = 13\n")
+        o = tap.Options()
+        o.parseOptions(["--config", str(ini), "--port", "7100", "--data-dir", "/x/y"])
+        c = tap.load_config(o)
+        self.assertEqual(c.server.port, 7100)
+        self.assertEqual(c.server.interface, "::1")
+        self.assertEqual(c.accounts.bcrypt_cost, 13)
+        self.assertEqual(c.server.data_dir, "/x/y")
+
+    def test_data_dir_resolved(self) -> None:
+        o = tap.Options()
+        o.parseOptions([])
+        self.assertTrue(Path(tap.load_config(o).server.data_dir).is_absolute())
+
+    def test_cert_without_key(self) -> None:
+        o = tap.Options()
+        o.parseOptions(["--cert", "/some/cert.pem"])
+        with self.assertRaises(ConfigError) as e:
+            tap.load_config(o)
+        self.assertIn("key", str(e.exception))
+
+
+class BuildServiceTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.h = Harness(self)
+
+    def test_tree_built_but_not_started(self) -> None:
+        top = self.h.build()
+        self.assertIsInstance(top, MultiService)
+        self.assertFalse(top.running)
+        self.assertEqual(self.h.reactor.sslServers, [])  # nothing listens yet
+        [chat] = self.h.made
+        self.assertIn(chat, list(top))
+        self.assertIsNotNone(chat.getServiceNamed("listener"))  # type: ignore[no-untyped-call]
+        self.assertEqual(chat.datadir.path, self.h.data_dir.absolute())
+        self.assertEqual(chat.config.server.data_dir, str(self.h.data_dir.absolute()))
+        self.assertTrue(chat.datadir.cert_path.exists())
+        self.assertEqual(self.h.out.getvalue(), "")
+
+    def test_default_listener_uses_our_tls(self) -> None:
+        top = self.h.build("--port", "7001", "--interface", "127.0.0.2")
+        top.startService()  # type: ignore[no-untyped-call]
+        self.addCleanup(top.stopService)
+        [(port, factory, ctx, _, interface)] = self.h.reactor.sslServers
+        self.assertEqual((port, interface), (7001, "127.0.0.2"))
+        self.assertIs(factory, self.h.made[0].factory)
+        self.assertIn("ECDHE-ECDSA-AES128-GCM-SHA256", ctx._cipherString)
+        self.assertNotIn(":AES128-GCM-SHA256", ctx._cipherString)
+
+    def test_announces_address_fingerprint_and_how_to_connect(self) -> None:
+        top = self.h.build("--port", "7002")
+        top.startService()  # type: ignore[no-untyped-call]
+        self.addCleanup(top.stopService)
+        out = self.h.out.getvalue()
+        fp = tls.cert_fingerprint(DataDir(self.h.data_dir).cert_path.read_bytes())
+        self.assertIn(f"TLS certificate SHA-256 fingerprint: {fp}", out)
+        self.assertRegex(out, r"shtalk-urwid \S+:7002")
+        self.assertRegex(out, r"openssl s_client -connect \S+:7002")
+
+    def test_san_includes_interface(self) -> None:
+        self.h.build("--interface", "192.0.2.9")
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(DataDir(self.h.data_dir).cert_path.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertIn("192.0.2.9", [str(a) for a in san.get_values_for_type(x509.IPAddress)])
+
+    def test_listen_string(self) -> None:
+        top = self.h.build("--listen", "tcp:7003:interface=127.0.0.1")
+        top.startService()  # type: ignore[no-untyped-call]
+        self.addCleanup(top.stopService)
+        self.assertEqual(self.h.reactor.sslServers, [])
+        [(port, _, _, interface)] = self.h.reactor.tcpServers
+        self.assertEqual((port, interface), (7003, "127.0.0.1"))
+        self.assertIn("no TLS", self.h.out.getvalue())
+
+    def test_bad_listen_string(self) -> None:
+        with self.assertRaises(ConfigError) as e:
+            self.h.build("--listen", "nonsense:1")
+        self.assertIn("nonsense:1", str(e.exception))
+
+    def test_own_certificate(self) -> None:
+        key_pem, cert_pem = tls.make_self_signed(["chat.example"])
+        cert, key = Path(self.mktemp()), Path(self.mktemp())
+        cert.write_bytes(cert_pem)
+        key.write_bytes(key_pem)
+        top = self.h.build("--cert", str(cert), "--key", str(key))
+        self.assertFalse(DataDir(self.h.data_dir).cert_path.exists())
+        top.startService()  # type: ignore[no-untyped-call]
+        self.addCleanup(top.stopService)
+        self.assertIn(tls.cert_fingerprint(cert_pem), self.h.out.getvalue())
+
+    def test_corrupt_own_certificate(self) -> None:
+        key_pem, _ = tls.make_self_signed(["x"])
+        cert, key = Path(self.mktemp()), Path(self.mktemp())
+        cert.write_text("garbage")
+        key.write_bytes(key_pem)
+        with self.assertRaises(StartupError) as e:
+            self.h.build("--cert", str(cert), "--key", str(key))
+        self.assertIn(str(cert), str(e.exception))
+        self.assertIn("--cert", str(e.exception))
+
+    def test_corrupt_datadir_certificate(self) -> None:
+        self.h.build()
+        DataDir(self.h.data_dir).cert_path.write_text("garbage")
+        with self.assertRaises(DataDirError) as e:
+            self.h.build()
+        self.assertIn("tls-cert.pem", str(e.exception))
+        self.assertIn("delete it", str(e.exception))
+
+    def test_second_start_same_fingerprint(self) -> None:
+        for _ in range(2):
+            top = self.h.build()
+            top.startService()  # type: ignore[no-untyped-call]
+            top.stopService()  # type: ignore[no-untyped-call]
+        fps = re.findall(r"fingerprint: (\S+)", self.h.out.getvalue())
+        self.assertEqual(len(fps), 2)
+        self.assertEqual(fps[0], fps[1])
+
+    def test_cannot_listen_is_one_line(self) -> None:
+        reactor = RaisingMemoryReactor(
+            listenException=CannotListenError("127.0.0.1", 6697, OSError(98, "Address in use"))
+        )
+        top = self.h.build(reactor=reactor)
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as e:
+            top.startService()  # type: ignore[no-untyped-call]
+        self.assertEqual(e.exception.code, 1)
+        self.assertEqual(stderr.getvalue().count("\n"), 1)
+        self.assertIn("6697", stderr.getvalue())
+        self.assertIn("Address in use", stderr.getvalue())
+
+
+class MakeServiceTests(unittest.TestCase):
+    def test_startup_error_is_one_line_and_exit_1(self) -> None:
+        ini = Path(self.mktemp())
+        ini.write_text("[server]\nport = many\n")
+        o = tap.Options()
+        o.parseOptions(["--config", str(ini), "--data-dir", self.mktemp()])
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as e:
+            tap.makeService(o)
+        self.assertEqual(e.exception.code, 1)
+        self.assertEqual(stderr.getvalue(),
+                         f"shtalk: error: {ini}: [server] port: 'many' is not a whole number\n")
+
+
+@implementer(IHandshakeListener)
+class _Client(protocol.Protocol):
+    def __init__(self) -> None:
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+        self.received = b""
+
+    def handshakeCompleted(self) -> None:
+        self.transport.write(b"hello\n")  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.received:
+            self.done.callback(self.received)
+        else:
+            self.done.errback(reason)
+
+
+class RealReactorTests(unittest.TestCase):
+    """The built tree on the real reactor: listen on a free port, connect with the pin."""
+
+    @defer.inlineCallbacks
+    def test_pinned_client_connects(self) -> Any:
+        from twisted.internet import reactor
+
+        h = Harness(self)
+        top = h.build("--port", "0", reactor=reactor)
+        top.startService()  # type: ignore[no-untyped-call]
+        self.addCleanup(top.stopService)
+        out = h.out.getvalue()
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+) \(TLS\)", out)
+        assert match is not None, out
+        port = int(match.group(1))
+        fingerprint = re.search(r"fingerprint: (\S+)", out).group(1)  # type: ignore[union-attr]
+        client = _Client()
+        ep = endpoints.wrapClientTLS(
+            tls.client_options_pinned(fingerprint, "localhost"),
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port),
+        )
+        yield endpoints.connectProtocol(ep, client)
+        received = yield client.done
+        self.assertEqual(received, b"hello\n")
