@@ -1,5 +1,7 @@
 # `make run` and `make test` work on a fresh machine with python3 (>= 3.11).
 PYTHON ?= python3
+# Tests import the checkout (the installed copy only serves twistd and the scripts).
+export PYTHONPATH := $(CURDIR)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 SOURCES := $(shell find shtalk twisted -name '*.py' -o -name '*.txt' -o -name '*.json') setup.cfg setup.py pyproject.toml

@@ -16,7 +16,10 @@ from typing import Any
 from shtalk.protocol.errors import ErrorCode, ProtocolError
 
 PROTOCOL_VERSION = 1
-MAX_ENVELOPE_BYTES = 65536
+# The wire format's hard ceiling; the server's configured limit
+# ([storage] max_envelope_bytes, 64 KiB by default) is checked on send.
+MAX_ENVELOPE_BYTES = 1 << 20
+DEFAULT_ENVELOPE_BYTES = 65536
 MAX_DEVICE_ENVELOPES = 64
 MAX_ACK_BATCH = 1024
 MAX_ID_LENGTH = 64
@@ -99,6 +102,13 @@ class B64(Field):
             raw = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise self.bad(where, "standard base64") from None
+        if len(raw) > self.max_bytes:
+            raise ProtocolError(
+                ErrorCode.ENVELOPE_TOO_LARGE
+                if self.code is ErrorCode.ENVELOPE_TOO_LARGE
+                else ErrorCode.BAD_FIELD,
+                f"field '{where}' is larger than {self.max_bytes} bytes",
+            )
         if len(raw) < self.min_bytes:
             raise self.bad(where, f"at least {self.min_bytes} bytes")
         return raw

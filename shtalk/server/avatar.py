@@ -194,6 +194,13 @@ class ChatUser:
         if envelope is None and not envelopes:
             raise ProtocolError(ErrorCode.MISSING_FIELD, "give 'envelope' or 'envelopes'")
         service = self.service
+        limit = service.max_envelope_bytes
+        if (envelope is not None and len(envelope) > limit) or any(
+            len(e) > limit for e in (envelopes or {}).values()
+        ):
+            raise ProtocolError(
+                ErrorCode.ENVELOPE_TOO_LARGE, f"envelopes are limited to {limit} bytes here"
+            )
         if "room" in to:
             room, members = yield service.room(to["room"])
             self._require_member(members)

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from shtalk.protocol.errors import ErrorCode, ProtocolError
 from shtalk.protocol.frames import push
+from shtalk.protocol.schema import DEFAULT_ENVELOPE_BYTES
 from shtalk.server.auth import IChatUser
 from shtalk.server.avatar import ChatUser
 from shtalk.server.interfaces import Conflict, IStore
@@ -42,7 +43,9 @@ class ChatService(Service):
         min_password_length: int = 12,
         retention: float = 30 * 24 * 3600,
         purge_interval: float = 60.0,
+        max_envelope_bytes: int = DEFAULT_ENVELOPE_BYTES,
     ) -> None:
+        self.max_envelope_bytes = max_envelope_bytes
         self.store = store
         self.hasher = hasher
         self.issuer = issuer

@@ -29,7 +29,7 @@ from shtalk.protocol import frames
 from shtalk.protocol.errors import ErrorCode, ProtocolError
 from shtalk.protocol.frames import Request
 from shtalk.protocol.names import clean_label
-from shtalk.protocol.schema import MAX_ENVELOPE_BYTES, PRE_AUTH, PROTOCOL_VERSION
+from shtalk.protocol.schema import PRE_AUTH, PROTOCOL_VERSION
 from shtalk.server.auth import (
     AccessTokenCredentials,
     AccountNotActive,
@@ -225,7 +225,7 @@ class ShtalkServerProtocol(LineOnlyReceiver):
             "version": PROTOCOL_VERSION,
             "server": f"shtalk/{__version__}",
             "max_line_length": self.factory.max_line_length,
-            "max_envelope_bytes": MAX_ENVELOPE_BYTES,
+            "max_envelope_bytes": self.factory.chat.max_envelope_bytes,
         }
 
     def on_ping(self, request: Request) -> dict[str, Any]:

@@ -98,6 +98,7 @@ def make_chat_service(
         clock,
         min_password_length=accounts.min_password_length,
         retention=float(storage.retention),
+        max_envelope_bytes=storage.max_envelope_bytes,
     )
     portal = Portal(
         ChatRealm(chat),
