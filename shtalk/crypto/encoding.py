@@ -1,0 +1,167 @@
+"""A small, strict binary codec shared by every wire format and state blob.
+
+All multi-byte integers are big-endian.  Variable-length byte strings carry a
+length prefix (``u16`` for short items, ``u32`` for long ones), text is UTF-8
+inside a ``u16``-prefixed string.  There are no optional encodings and no
+padding, so one value has exactly one encoding: that is what makes the
+signatures over these bytes canonical.
+
+:class:`Reader` never lets a :class:`struct.error`, :class:`IndexError` or
+:class:`UnicodeDecodeError` escape: running past the end, an over-long length
+or trailing bytes raise :class:`~shtalk.crypto.errors.DecodeError`.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .errors import DecodeError, UnsupportedVersion
+
+__all__ = ["MAX_BLOB", "Reader", "Writer"]
+
+#: Upper bound on any single length-prefixed item (1 MiB): far above anything
+#: legitimate, low enough that a hostile length cannot make us allocate much.
+MAX_BLOB = 1 << 20
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+class Writer:
+    """Append-only encoder; :meth:`getvalue` returns the bytes."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def u8(self, value: int) -> Writer:
+        self._parts.append(bytes((value,)))
+        return self
+
+    def u16(self, value: int) -> Writer:
+        self._parts.append(_U16.pack(value))
+        return self
+
+    def u32(self, value: int) -> Writer:
+        self._parts.append(_U32.pack(value))
+        return self
+
+    def u64(self, value: int) -> Writer:
+        self._parts.append(_U64.pack(value))
+        return self
+
+    def fixed(self, data: bytes, size: int) -> Writer:
+        """Exactly ``size`` bytes, no prefix."""
+        if len(data) != size:
+            raise ValueError("fixed field has the wrong size")  # programming error
+        self._parts.append(data)
+        return self
+
+    def raw(self, data: bytes) -> Writer:
+        """Bytes with no prefix (only for trailing fields whose size is implied)."""
+        self._parts.append(data)
+        return self
+
+    def short(self, data: bytes) -> Writer:
+        """``u16`` length then bytes."""
+        self._parts.append(_U16.pack(len(data)))
+        self._parts.append(data)
+        return self
+
+    def blob(self, data: bytes) -> Writer:
+        """``u32`` length then bytes."""
+        if len(data) > MAX_BLOB:
+            raise ValueError("blob too large")  # programming error
+        self._parts.append(_U32.pack(len(data)))
+        self._parts.append(data)
+        return self
+
+    def text(self, value: str) -> Writer:
+        """``u16`` length then UTF-8."""
+        return self.short(value.encode("utf-8"))
+
+    def getvalue(self) -> bytes:
+        return b"".join(self._parts)
+
+
+class Reader:
+    """Strict decoder over a bytes object; call :meth:`done` at the end."""
+
+    __slots__ = ("_data", "_pos", "_what")
+
+    def __init__(self, data: bytes, what: str = "message") -> None:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise DecodeError(f"{what}: expected bytes")
+        self._data = bytes(data)
+        self._pos = 0
+        self._what = what
+
+    def _take(self, size: int) -> bytes:
+        end = self._pos + size
+        if size < 0 or end > len(self._data):
+            raise DecodeError(f"{self._what}: truncated")
+        chunk = self._data[self._pos : end]
+        self._pos = end
+        return chunk
+
+    def u8(self) -> int:
+        return self._take(1)[0]
+
+    def u16(self) -> int:
+        return int(_U16.unpack(self._take(2))[0])
+
+    def u32(self) -> int:
+        return int(_U32.unpack(self._take(4))[0])
+
+    def u64(self) -> int:
+        return int(_U64.unpack(self._take(8))[0])
+
+    def fixed(self, size: int) -> bytes:
+        return self._take(size)
+
+    def short(self, max_size: int = 0xFFFF) -> bytes:
+        size = self.u16()
+        if size > max_size:
+            raise DecodeError(f"{self._what}: field too long")
+        return self._take(size)
+
+    def blob(self, max_size: int = MAX_BLOB) -> bytes:
+        size = self.u32()
+        if size > max_size:
+            raise DecodeError(f"{self._what}: field too long")
+        return self._take(size)
+
+    def text(self, max_size: int = 1024) -> str:
+        data = self.short(max_size)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DecodeError(f"{self._what}: text is not UTF-8") from None
+
+    def version(self, *supported: int) -> int:
+        """Read a version byte and refuse any not in ``supported``."""
+        value = self.u8()
+        if value not in supported:
+            raise UnsupportedVersion(f"{self._what}: unsupported version {value}")
+        return value
+
+    def flag(self) -> bool:
+        value = self.u8()
+        if value > 1:
+            raise DecodeError(f"{self._what}: bad flag byte")
+        return value == 1
+
+    def rest(self) -> bytes:
+        chunk = self._data[self._pos :]
+        self._pos = len(self._data)
+        return chunk
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self._pos
+
+    def done(self) -> None:
+        if self._pos != len(self._data):
+            raise DecodeError(f"{self._what}: trailing bytes")
