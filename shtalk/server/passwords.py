@@ -33,6 +33,7 @@ def common_passwords() -> frozenset[str]:
 
 
 _TRAILER = re.compile(r"[\d\W_]+\Z")
+_REPEATED = re.compile(r"(.+?)\1+")
 
 
 def check_password_policy(password: str, username: str, min_length: int) -> None:
@@ -60,6 +61,7 @@ def check_password_policy(password: str, username: str, min_length: int) -> None
         folded in common
         or (len(stripped) >= 4 and stripped in common)
         or len(set(folded)) <= 3
+        or _REPEATED.fullmatch(folded) is not None
         or username.casefold() in folded
     ):
         raise ProtocolError(
