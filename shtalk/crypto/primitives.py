@@ -21,6 +21,8 @@ Choices (see docs/SECURITY.md, "End-to-end encryption"):
 
 from __future__ import annotations
 
+import os
+
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _hmac
@@ -60,6 +62,7 @@ __all__ = [
     "kem_public_from_bytes",
     "kem_seed",
     "load_signing_public",
+    "random_bytes",
     "sign",
     "signing_generate",
     "signing_private_bytes",
@@ -105,6 +108,11 @@ _ZERO_SALT = bytes(32)
 
 
 # --------------------------------------------------------------------- KDFs
+
+
+def random_bytes(size: int) -> bytes:
+    """Fresh secret bytes from the OS CSPRNG."""
+    return os.urandom(size)
 
 
 def hkdf(ikm: bytes, salt: bytes | None, info: bytes, length: int) -> bytes:

@@ -1,0 +1,256 @@
+"""Sender Keys for rooms: encrypt once, every member decrypts.
+
+Per member, per room, per *epoch*, a sender key is a chain key (HMAC-SHA256
+ratchet as in the Double Ratchet's symmetric chains) and a P-256 signing key.
+The member hands the chain key and the public signing key to every other
+member in a :class:`SenderKeyDistribution`, sent over the pairwise sessions
+(so it is end-to-end encrypted and signed by the member's identity key).
+
+Room message (all integers big-endian)::
+
+    header     = u8 version (1) | u32 epoch | u32 index
+    ciphertext = AES-256-GCM(key, nonce, plaintext, ad) || signature (64 bytes)
+    ad         = "shtalk/v1 room\\0" | u16 room | u16 sender user | u16 sender device | header
+    signature  = ECDSA P-256 (sender key's signing key) over ad || AES-GCM output
+    message key mk = HMAC(ck, 0x01), next ck = HMAC(ck, 0x02)
+    key || nonce   = HKDF-SHA256(IKM = mk, salt = 32 zero bytes, "shtalk/v1 room message", 44)
+
+A receiver verifies the signature first, then ratchets forward at most
+``MAX_JUMP`` steps (keeping up to ``MAX_SKIPPED`` skipped keys per sender chain,
+oldest evicted first) and refuses a repeated ``(sender, epoch, index)``.
+Decryption is transactional like the Double Ratchet's.
+
+Membership change: every remaining member calls :meth:`RoomSession.rotate` (new
+epoch, new chain key and signing key) and sends the distribution only to the
+members at that moment.  A removed member never receives the new chain keys; a
+late joiner only receives keys of the new epoch, whose chains start after every
+earlier message.  Sender Keys have no post-compromise security within an epoch:
+rotating is the recovery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from . import primitives as P
+from .encoding import Reader, Writer
+from .errors import DecodeError, ReplayError, StateError, TooFarAhead
+
+__all__ = ["MAX_JUMP", "MAX_SKIPPED", "RoomSession", "SenderKeyDistribution"]
+
+VERSION = 1
+MAX_JUMP = 2000
+MAX_SKIPPED = 2000
+KEEP_EPOCHS = 2  #: epochs kept per sender (the current one and the previous)
+_LABEL = b"shtalk/v1 room\x00"
+_DIST_LABEL_VERSION = 1
+_INFO = b"shtalk/v1 room message"
+_ONE, _TWO = b"\x01", b"\x02"
+
+
+def _step(ck: bytes) -> tuple[bytes, bytes]:
+    return P.hmac_sha256(ck, _TWO), P.hmac_sha256(ck, _ONE)
+
+
+def _keys(mk: bytes) -> tuple[bytes, bytes]:
+    out = P.hkdf(mk, None, _INFO, 44)
+    return out[:32], out[32:]
+
+
+@dataclass(frozen=True)
+class SenderKeyDistribution:
+    """A member's sender key for one room and epoch, starting at ``index``."""
+
+    room: str
+    epoch: int
+    index: int
+    chain_key: bytes
+    signing_public: bytes
+
+    def to_bytes(self) -> bytes:
+        w = Writer().u8(_DIST_LABEL_VERSION).text(self.room).u32(self.epoch).u32(self.index)
+        w.fixed(self.chain_key, 32).fixed(self.signing_public, P.SIGNING_PUB_LEN)
+        return w.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SenderKeyDistribution:
+        r = Reader(data, "sender key distribution")
+        r.version(_DIST_LABEL_VERSION)
+        dist = cls(r.text(256), r.u32(), r.u32(), r.fixed(32), r.fixed(P.SIGNING_PUB_LEN))
+        r.done()
+        P.load_signing_public(dist.signing_public)
+        return dist
+
+
+class _Chain:
+    """A receiving chain: one sender, one epoch."""
+
+    __slots__ = ("chain_key", "index", "signing_public", "skipped", "verifier")
+
+    def __init__(self, chain_key: bytes, index: int, signing_public: bytes) -> None:
+        self.chain_key = chain_key
+        self.index = index
+        self.signing_public = signing_public
+        self.verifier = P.load_signing_public(signing_public)
+        self.skipped: dict[int, bytes] = {}
+
+
+def _ad(room: str, user: str, device: str, header: bytes) -> bytes:
+    return _LABEL + Writer().text(room).text(user).text(device).raw(header).getvalue()
+
+
+class RoomSession:
+    """This device's Sender Keys state for one room: its own key and everyone else's."""
+
+    __slots__ = ("chains", "ck", "device", "epoch", "index", "room", "signing_key", "user")
+
+    def __init__(self, room: str, user: str, device: str) -> None:
+        self.room, self.user, self.device = room, user, device
+        self.epoch: int | None = None
+        self.ck = b""
+        self.index = 0
+        self.signing_key: ec.EllipticCurvePrivateKey | None = None
+        #: (user, device) -> {epoch -> chain}
+        self.chains: dict[tuple[str, str], dict[int, _Chain]] = {}
+
+    # ------------------------------------------------------------ sending
+
+    def rotate(self, epoch: int | None = None) -> SenderKeyDistribution:
+        """Start a new epoch with a fresh sender key; send the result to every member."""
+        if epoch is None:
+            epoch = 0 if self.epoch is None else self.epoch + 1
+        if self.epoch is not None and epoch <= self.epoch:
+            raise StateError("epochs only move forward")
+        if epoch > 0xFFFFFFFF:
+            raise StateError("epoch out of range")
+        self.epoch, self.ck, self.index = epoch, P.random_bytes(32), 0
+        self.signing_key = P.signing_generate()
+        return self.distribution()
+
+    def distribution(self) -> SenderKeyDistribution:
+        """The current sender key from the current index (earlier messages stay sealed)."""
+        if self.epoch is None or self.signing_key is None:
+            raise StateError("no sender key yet: call rotate()")
+        return SenderKeyDistribution(
+            self.room, self.epoch, self.index, self.ck, P.signing_public_bytes(self.signing_key)
+        )
+
+    def encrypt(self, plaintext: bytes) -> tuple[bytes, bytes]:
+        """Return ``(header, ciphertext)`` for a room envelope."""
+        if self.epoch is None or self.signing_key is None:
+            raise StateError("no sender key yet: call rotate()")
+        if self.index >= 0xFFFFFFFF:
+            raise StateError("sender chain exhausted: rotate()")
+        header = Writer().u8(VERSION).u32(self.epoch).u32(self.index).getvalue()
+        self.ck, mk = _step(self.ck)
+        self.index += 1
+        key, nonce = _keys(mk)
+        ad = _ad(self.room, self.user, self.device, header)
+        body = P.aead_encrypt(key, nonce, plaintext, ad)
+        return header, body + P.sign(self.signing_key, ad + body)
+
+    # ---------------------------------------------------------- receiving
+
+    def add_distribution(self, sender_user: str, sender_device: str, data: bytes) -> None:
+        """Install a member's sender key (``data`` came over their pairwise session)."""
+        dist = SenderKeyDistribution.from_bytes(data)
+        if dist.room != self.room:
+            raise StateError("sender key is for another room")
+        epochs = self.chains.setdefault((sender_user, sender_device), {})
+        have = epochs.get(dist.epoch)
+        if have is not None:
+            if have.signing_public == dist.signing_public and dist.index >= have.index:
+                return  # a resend: keep our (further) state, never go back
+            raise StateError("conflicting sender key for this epoch")
+        if epochs and dist.epoch < max(epochs) - (KEEP_EPOCHS - 1):
+            raise StateError("sender key for an outdated epoch")
+        epochs[dist.epoch] = _Chain(dist.chain_key, dist.index, dist.signing_public)
+        for old in sorted(epochs)[:-KEEP_EPOCHS]:
+            del epochs[old]
+
+    def remove_member(self, user: str, device: str | None = None) -> None:
+        """Forget a removed member's sender keys (then :meth:`rotate` our own)."""
+        for key in [k for k in self.chains if k[0] == user and device in (None, k[1])]:
+            del self.chains[key]
+
+    def decrypt(
+        self, sender_user: str, sender_device: str, header: bytes, ciphertext: bytes
+    ) -> bytes:
+        """Verify, then decrypt; the state is unchanged on any failure."""
+        r = Reader(header, "room message header")
+        r.version(VERSION)
+        epoch, index = r.u32(), r.u32()
+        r.done()
+        chain = self.chains.get((sender_user, sender_device), {}).get(epoch)
+        if chain is None:
+            raise StateError("no sender key for this sender and epoch")
+        if len(ciphertext) < P.TAG_LEN + P.SIG_LEN:
+            raise DecodeError("room message too short")
+        body, signature = ciphertext[: -P.SIG_LEN], ciphertext[-P.SIG_LEN :]
+        ad = _ad(self.room, sender_user, sender_device, header)
+        P.verify(chain.verifier, signature, ad + body)
+        if index < chain.index:
+            mk = chain.skipped.get(index)
+            if mk is None:
+                raise ReplayError("room message already decrypted (or before our key)")
+            key, nonce = _keys(mk)
+            plaintext = P.aead_decrypt(key, nonce, body, ad)
+            del chain.skipped[index]
+            return plaintext
+        if index - chain.index > MAX_JUMP:
+            raise TooFarAhead("room message index too far ahead")
+        ck, skipped = chain.chain_key, []
+        for i in range(chain.index, index):
+            ck, mk = _step(ck)
+            skipped.append((i, mk))
+        ck, mk = _step(ck)
+        key, nonce = _keys(mk)
+        plaintext = P.aead_decrypt(key, nonce, body, ad)
+        # commit
+        chain.chain_key, chain.index = ck, index + 1
+        chain.skipped.update(skipped)
+        while len(chain.skipped) > MAX_SKIPPED:
+            del chain.skipped[next(iter(chain.skipped))]
+        return plaintext
+
+    # --------------------------------------------------------- persistence
+
+    def to_bytes(self) -> bytes:
+        w = Writer().u8(VERSION).text(self.room).text(self.user).text(self.device)
+        w.u8(self.epoch is not None)
+        if self.epoch is not None and self.signing_key is not None:
+            w.u32(self.epoch).u32(self.index).fixed(self.ck, 32)
+            w.fixed(P.signing_private_bytes(self.signing_key), 32)
+        w.u32(len(self.chains))
+        for (user, device), epochs in self.chains.items():
+            w.text(user).text(device).u8(len(epochs))
+            for epoch, chain in epochs.items():
+                w.u32(epoch).u32(chain.index).fixed(chain.chain_key, 32)
+                w.fixed(chain.signing_public, P.SIGNING_PUB_LEN).u16(len(chain.skipped))
+                for i, mk in chain.skipped.items():
+                    w.u32(i).fixed(mk, 32)
+        return w.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RoomSession:
+        r = Reader(data, "room session")
+        r.version(VERSION)
+        state = cls(r.text(256), r.text(256), r.text(256))
+        if r.flag():
+            state.epoch, state.index, state.ck = r.u32(), r.u32(), r.fixed(32)
+            state.signing_key = P.signing_private_from_bytes(r.fixed(32))
+        count = r.u32()
+        if count > r.remaining:
+            raise DecodeError("room session: bad member count")
+        for _ in range(count):
+            epochs = state.chains[(r.text(256), r.text(256))] = {}
+            for _ in range(r.u8()):
+                epoch, index, ck = r.u32(), r.u32(), r.fixed(32)
+                chain = epochs[epoch] = _Chain(ck, index, r.fixed(P.SIGNING_PUB_LEN))
+                for _ in range(r.u16()):
+                    i = r.u32()
+                    chain.skipped[i] = r.fixed(32)
+        r.done()
+        return state
