@@ -1,0 +1,951 @@
+"""The durable store: SQLite through ``twisted.enterprise.adbapi``.
+
+Why it looks like this:
+
+* No SQL on the reactor thread.  Two adbapi pools share the file: ONE writer
+  connection (a single writer never fights SQLite's lock) and a few readers
+  (WAL lets them read while the writer writes).
+* Group commit.  Every write is an "op" (a function of the connection) put on
+  a queue.  While a write transaction is in flight, new ops wait; when it
+  commits, everything queued goes into the next single transaction, each op
+  inside its own SAVEPOINT so one refusal (Conflict, ...) does not undo its
+  neighbours.  Each op's Deferred fires on the reactor thread once the
+  transaction holding it has committed.  No timer: the batch is whatever
+  arrived during the previous fsync.
+* One row per sent message per mailbox; per-device cursors say what each
+  device has acknowledged, and also which devices read which mailbox.  A
+  message is deleted as soon as every device it is for has acknowledged it.
+* Envelopes are AES-256-GCM encrypted at rest (random nonce per row, the row's
+  identity as associated data), so neither the database nor its WAL ever
+  holds them in clear; ``secure_delete`` zeroes what is deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from shtalk.server import schema
+from shtalk.server.interfaces import (
+    Conflict,
+    CorruptStore,
+    IStore,
+    StoreError,
+    TokenReuse,
+    TokenUnknown,
+)
+from shtalk.server.records import (
+    AppendResult,
+    Device,
+    Member,
+    NewMessage,
+    Room,
+    Session,
+    StoredMessage,
+    User,
+)
+from shtalk.server.schema import check_database_file
+
+__all__ = ["EnvelopeDecryptError", "SQLiteStore", "check_database_file"]
+
+T = TypeVar("T")
+P = ParamSpec("P")
+Conn = sqlite3.Connection
+Op = Callable[[Conn], object]
+
+#: Reader connections (pending() and lookups run concurrently with the writer).
+READERS = 3
+#: Bound on host parameters per statement (SQLite's limit is far higher).
+_CHUNK = 500
+
+
+class EnvelopeDecryptError(CorruptStore):
+    """A stored envelope failed authentication: wrong storage key or a tampered row."""
+
+
+class StoreClosed(StoreError):
+    """The store is not open (never opened, or closing)."""
+
+
+class _KeepWrites(Exception):
+    """Raised by an op to fail its Deferred with ``error`` yet keep its writes.
+
+    Token reuse must revoke the family AND report TokenReuse; a plain raise
+    would roll the revocation back with the op's savepoint.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+# --- envelopes at rest -------------------------------------------------------
+
+_U32 = struct.Struct(">I")
+_ENTRY = struct.Struct(">qHI")  # user id, device id length, envelope length
+_IDS = struct.Struct(">qq")  # sender id, ts
+_FORMAT = 1
+_AD_PREFIX = b"shtalk-envelope-v1\x00"
+
+
+def encode_envelopes(envelope: bytes | None, envelopes: dict[tuple[int, str], bytes]) -> bytes:
+    """Compact binary form of the common envelope and the per-device map."""
+    parts = [bytes((_FORMAT, 0 if envelope is None else 1))]
+    if envelope is not None:
+        parts += (_U32.pack(len(envelope)), envelope)
+    parts.append(_U32.pack(len(envelopes)))
+    for (user_id, device_id), env in envelopes.items():
+        dev = device_id.encode()
+        parts += (_ENTRY.pack(user_id, len(dev), len(env)), dev, env)
+    return b"".join(parts)
+
+
+def decode_envelopes(blob: bytes) -> tuple[bytes | None, dict[tuple[int, str], bytes]]:
+    """Inverse of encode_envelopes; ValueError on anything malformed."""
+    try:
+        if len(blob) < 6 or blob[0] != _FORMAT:
+            raise ValueError("unknown envelope format")
+        pos = 2
+        envelope = None
+        if blob[1]:
+            (n,) = _U32.unpack_from(blob, pos)
+            pos += _U32.size
+            envelope = blob[pos : pos + n]
+            pos += n
+        (count,) = _U32.unpack_from(blob, pos)
+        pos += _U32.size
+        envelopes: dict[tuple[int, str], bytes] = {}
+        for _ in range(count):
+            user_id, dlen, elen = _ENTRY.unpack_from(blob, pos)
+            pos += _ENTRY.size
+            device_id = blob[pos : pos + dlen].decode()
+            pos += dlen
+            envelopes[(user_id, device_id)] = blob[pos : pos + elen]
+            pos += elen
+    except (struct.error, UnicodeDecodeError) as e:
+        raise ValueError("truncated envelope record") from e
+    if pos != len(blob):
+        raise ValueError("truncated envelope record")
+    return envelope, envelopes
+
+
+def associated_data(
+    mailbox: str, sender_id: int, sender_device: str, client_id: str, ts: int, target: str
+) -> bytes:
+    """Bind a ciphertext to its row: moving it to another row fails to decrypt."""
+    fields = (mailbox, sender_device, client_id, target)
+    return (
+        _AD_PREFIX
+        + _IDS.pack(sender_id, ts)
+        + b"".join(_U32.pack(len(b)) + b for b in (f.encode() for f in fields))
+    )
+
+
+# --- connections and the write batch (run in pool threads) -------------------
+
+
+def _setup_writer(conn: Conn) -> None:
+    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA secure_delete = ON")
+
+
+def _setup_reader(conn: Conn) -> None:
+    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute("PRAGMA query_only = ON")
+
+
+def _fatal(e: Exception) -> bool:
+    """I/O-level errors (disk full, corruption) fail the whole batch, not one op."""
+    return isinstance(e, sqlite3.DatabaseError) and not isinstance(
+        e, sqlite3.IntegrityError | sqlite3.ProgrammingError
+    )
+
+
+def _run_batch(conn: Conn, ops: list[Op]) -> list[tuple[bool, object]]:
+    """One transaction for all queued ops; each in a savepoint so it can fail alone."""
+    outcomes: list[tuple[bool, object]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for op in ops:
+            conn.execute("SAVEPOINT op")
+            try:
+                result = op(conn)
+            except _KeepWrites as e:
+                conn.execute("RELEASE op")
+                outcomes.append((False, e.error))
+            except Exception as e:
+                if _fatal(e):
+                    raise
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                outcomes.append((False, e))
+            else:
+                conn.execute("RELEASE op")
+                outcomes.append((True, result))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return outcomes
+
+
+def _checkpoint(conn: Conn) -> None:
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def _top_seq(conn: Conn) -> int:
+    """New cursors start here: after every message stored so far."""
+    return int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages").fetchone()[0])
+
+
+_SWEEP_SQL = """
+DELETE FROM messages WHERE seq IN (
+  SELECT m.seq FROM messages m
+  WHERE m.mailbox = ? AND m.seq > ? AND m.seq <= ?
+    AND NOT EXISTS (
+      SELECT 1 FROM cursors c
+      WHERE c.mailbox = m.mailbox AND c.acked_seq < m.seq
+        AND NOT (c.user_id = m.sender_id AND c.device_id = m.sender_device)
+        AND (m.for_all = 1 OR EXISTS (
+          SELECT 1 FROM message_devices d
+          WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id))))
+"""
+
+
+def _sweep(conn: Conn, mailbox: str, lo: int, hi: int) -> int:
+    """Delete messages of ``mailbox`` in (lo, hi] that no device still waits for.
+
+    Only that range can have become deletable (it is what the cursor moved
+    over), so an ack costs O(acked range), never a table scan.  The sending
+    device and devices without an envelope do not hold a message back.
+    """
+    return int(conn.execute(_SWEEP_SQL, (mailbox, lo, hi)).rowcount)
+
+
+_PENDING_SQL = """
+SELECT m.seq, m.mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
+       m.expires_at, m.target, m.nonce, m.body
+FROM cursors c JOIN messages m ON m.mailbox = c.mailbox AND m.seq > c.acked_seq
+WHERE c.user_id = ? AND c.device_id = ?
+  AND NOT (m.sender_id = c.user_id AND m.sender_device = c.device_id)
+  AND (m.expires_at IS NULL OR m.expires_at > ?)
+  AND m.ts >= ?
+  AND (m.for_all = 1 OR EXISTS (
+    SELECT 1 FROM message_devices d
+    WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id))
+ORDER BY m.seq
+"""
+
+_USER = "SELECT id, name, key, email, pw_hash, status, created FROM users"
+
+
+def _user(row: Any) -> User:
+    return User(int(row[0]), row[1], row[2], row[3], bytes(row[4]), row[5], float(row[6]))
+
+
+def _room(row: Any) -> Room:
+    return Room(int(row[0]), row[1], row[2], int(row[3]), bool(row[4]), float(row[5]))
+
+
+def _add_cursors(conn: Conn, user_id: int, mailbox: str) -> None:
+    """Give each of the user's devices a cursor past everything stored so far."""
+    conn.execute(
+        "INSERT INTO cursors (user_id, device_id, mailbox, acked_seq)"
+        " SELECT user_id, device_id, ?, ? FROM devices WHERE user_id = ?"
+        " ON CONFLICT (user_id, device_id, mailbox) DO NOTHING",
+        (mailbox, _top_seq(conn), user_id),
+    )
+
+
+@implementer(IStore)
+class SQLiteStore:
+    """IStore on one SQLite file.  The constructor does no I/O; open() does."""
+
+    def __init__(
+        self,
+        path: str,
+        storage_key: bytes,
+        clock: IReactorTime | None = None,
+        reactor: Any = None,
+        retention: float = 30 * 24 * 3600,
+    ) -> None:
+        if len(storage_key) != 32:
+            raise ValueError("storage_key must be 32 bytes (AES-256)")
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.path = path
+        self.retention = float(retention)
+        self._reactor: Any = reactor
+        self._clock: IReactorTime = clock if clock is not None else reactor
+        self._aead = AESGCM(storage_key)
+        self._wpool: Any = None
+        self._rpool: Any = None
+        self._queue: list[tuple[Op, Deferred[Any]]] = []
+        self._writing = False
+        self._closed = False
+        self._idle: list[Deferred[None]] = []
+        #: Group-commit figures, for tests and benchmarks.
+        self.write_transactions = 0
+        self.write_ops = 0
+        self.max_batch = 0
+
+    # --- life cycle ---
+
+    def open(self) -> Deferred[None]:
+        if self._wpool is not None:
+            return fail(StoreError("the store is already open"))
+        common: dict[str, Any] = {
+            "isolation_level": None,  # we issue BEGIN/COMMIT ourselves
+            "check_same_thread": False,  # adbapi closes connections from the reactor thread
+            "cached_statements": 256,
+            "cp_reactor": self._reactor,
+            "cp_noisy": False,
+        }
+        self._wpool = adbapi.ConnectionPool(  # type: ignore[no-untyped-call]
+            "sqlite3", self.path, cp_min=1, cp_max=1, cp_openfun=_setup_writer, **common
+        )
+        self._rpool = adbapi.ConnectionPool(  # type: ignore[no-untyped-call]
+            "sqlite3", self.path, cp_min=1, cp_max=READERS, cp_openfun=_setup_reader, **common
+        )
+        self._wpool.start()
+        self._rpool.start()
+        d = deferToThreadPool(self._reactor, self._wpool.threadpool, self._prepare_file)
+        d.addCallback(lambda _: self._wpool.runWithConnection(schema.migrate, self.path))
+
+        def opened(_: object) -> None:
+            self._closed = False
+
+        def failed(f: Failure) -> Failure:
+            self._close_pools()
+            if isinstance(f.value, sqlite3.DatabaseError):
+                raise CorruptStore(
+                    f"{self.path}: cannot be opened ({f.value}); restore it from a backup"
+                    " or move it away to start afresh"
+                ) from f.value
+            return f
+
+        d.addCallbacks(opened, failed)
+        return d
+
+    def _prepare_file(self) -> None:
+        """Refuse a bad file; create a missing one 0600 before SQLite can (0644)."""
+        check_database_file(self.path)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    mode = os.stat(self.path + suffix).st_mode
+                except FileNotFoundError:
+                    continue
+                if mode & 0o077:
+                    os.chmod(self.path + suffix, 0o600)
+        else:
+            os.close(fd)
+
+    def close(self) -> Deferred[None]:
+        """Refuse new work, let queued writes commit, checkpoint, close."""
+        if self._wpool is None:
+            return succeed(None)
+        self._closed = True
+        d = self._when_idle()
+
+        def checkpoint(_: object) -> Deferred[None]:
+            self._rpool.close()
+            self._rpool = None
+            return cast(Deferred[None], self._wpool.runWithConnection(_checkpoint))
+
+        def done(result: object) -> object:
+            self._close_pools()
+            return result
+
+        d.addCallback(checkpoint)
+        d.addBoth(done)
+        return d.addCallback(lambda _: None)
+
+    def _close_pools(self) -> None:
+        for pool in (self._rpool, self._wpool):
+            if pool is not None:
+                pool.close()
+        self._rpool = self._wpool = None
+
+    def _when_idle(self) -> Deferred[None]:
+        if not self._writing and not self._queue:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
+
+    # --- the two lanes ---
+
+    def _read(
+        self, fn: Callable[Concatenate[Conn, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> Deferred[T]:
+        if self._rpool is None or self._closed:
+            return fail(StoreClosed(f"{self.path}: the store is not open"))
+        return cast(Deferred[T], self._rpool.runWithConnection(fn, *args, **kwargs))
+
+    def _write(
+        self, fn: Callable[Concatenate[Conn, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> Deferred[T]:
+        """Queue an op for the next group commit."""
+        if self._wpool is None or self._closed:
+            return fail(StoreClosed(f"{self.path}: the store is not open"))
+        d: Deferred[T] = Deferred()
+        self._queue.append((lambda conn: fn(conn, *args, **kwargs), d))
+        if not self._writing:
+            self._flush()
+        return d
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        self._writing = True
+        d = self._wpool.runWithConnection(_run_batch, [op for op, _ in batch])
+        d.addBoth(self._committed, batch)
+
+    def _committed(
+        self, outcome: list[tuple[bool, object]] | Failure, batch: list[tuple[Op, Deferred[Any]]]
+    ) -> None:
+        self._writing = False
+        if isinstance(outcome, Failure):
+            answers: list[tuple[bool, object]] = [(False, outcome)] * len(batch)
+        else:
+            answers = outcome
+            self.write_transactions += 1
+            self.write_ops += len(batch)
+            self.max_batch = max(self.max_batch, len(batch))
+        # Start the next transaction before running callbacks: the writer
+        # thread works while the reactor thread answers the senders.
+        if self._queue:
+            self._flush()
+        for (_, d), (ok, value) in zip(batch, answers, strict=True):
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(cast(Exception | Failure, value))
+        if not self._writing and not self._queue:
+            idle, self._idle = self._idle, []
+            for w in idle:
+                w.callback(None)
+
+    def _now(self) -> float:
+        return float(self._clock.seconds())
+
+    # --- accounts ---
+
+    def create_user(
+        self, name: str, key: str, email: str, pw_hash: bytes, status: str
+    ) -> Deferred[User]:
+        return self._write(_create_user, name, key, email, pw_hash, status, self._now())
+
+    def user_by_key(self, key: str) -> Deferred[User | None]:
+        return self._read(_one_user, _USER + " WHERE key = ?", key)
+
+    def user_by_id(self, user_id: int) -> Deferred[User | None]:
+        return self._read(_one_user, _USER + " WHERE id = ?", user_id)
+
+    def users_by_ids(self, user_ids: Iterable[int]) -> Deferred[dict[int, User]]:
+        return self._read(_users_by_ids, sorted(set(user_ids)))
+
+    # --- devices ---
+
+    def upsert_device(self, user_id: int, device_id: str, label: str) -> Deferred[Device]:
+        return self._write(_upsert_device, user_id, device_id, label, self._now())
+
+    def devices(self, user_id: int) -> Deferred[list[Device]]:
+        return self._read(_devices, user_id)
+
+    # --- sessions ---
+
+    def create_session(
+        self, family: str, user_id: int, device_id: str, refresh_hash: bytes, expires: float
+    ) -> Deferred[None]:
+        return self._write(_create_session, family, user_id, device_id, refresh_hash, expires)
+
+    def rotate_refresh(
+        self, old_hash: bytes, new_hash: bytes, new_expires: float, now: float
+    ) -> Deferred[Session]:
+        # Serialised by the single writer, and guarded by "AND used = 0":
+        # of two concurrent rotations exactly one wins, the other is reuse.
+        return self._write(_rotate_refresh, old_hash, new_hash, new_expires, now)
+
+    def session(self, family: str) -> Deferred[Session | None]:
+        return self._read(_session, family)
+
+    def revoke_session(self, family: str) -> Deferred[None]:
+        return self._write(_execute, "UPDATE sessions SET revoked = 1 WHERE family = ?", family)
+
+    def revoke_user_sessions(self, user_id: int) -> Deferred[None]:
+        return self._write(_execute, "UPDATE sessions SET revoked = 1 WHERE user_id = ?", user_id)
+
+    # --- rooms ---
+
+    def create_room(self, name: str, key: str, owner_id: int, invite_only: bool) -> Deferred[Room]:
+        return self._write(_create_room, name, key, owner_id, invite_only, self._now())
+
+    def room_by_key(self, key: str) -> Deferred[Room | None]:
+        return self._read(_room_by_key, key)
+
+    def rooms_visible_to(self, user_id: int) -> Deferred[list[tuple[Room, int, bool]]]:
+        return self._read(_rooms_visible_to, user_id)
+
+    def rooms_of(self, user_id: int) -> Deferred[list[Room]]:
+        return self._read(_rooms_of, user_id)
+
+    def members(self, room_id: int) -> Deferred[list[Member]]:
+        return self._read(_members, room_id)
+
+    def add_member(self, room_id: int, user_id: int, role: str) -> Deferred[None]:
+        return self._write(_add_member, room_id, user_id, role, self._now())
+
+    def remove_member(self, room_id: int, user_id: int) -> Deferred[None]:
+        return self._write(_remove_member, room_id, user_id)
+
+    def set_role(self, room_id: int, user_id: int, role: str) -> Deferred[None]:
+        return self._write(
+            _execute,
+            "UPDATE members SET role = ? WHERE room_id = ? AND user_id = ?",
+            role,
+            room_id,
+            user_id,
+        )
+
+    def add_invite(self, room_id: int, user_id: int, by_id: int) -> Deferred[None]:
+        return self._write(
+            _execute,
+            "INSERT INTO invites (room_id, user_id, by_id, created) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (room_id, user_id) DO NOTHING",
+            room_id,
+            user_id,
+            by_id,
+            self._now(),
+        )
+
+    def has_invite(self, room_id: int, user_id: int) -> Deferred[bool]:
+        return self._read(
+            _exists, "SELECT 1 FROM invites WHERE room_id = ? AND user_id = ?", room_id, user_id
+        )
+
+    def dm_partners(self, user_id: int) -> Deferred[list[int]]:
+        return self._read(_dm_partners, user_id)
+
+    # --- messages ---
+
+    def append(self, message: NewMessage) -> Deferred[AppendResult]:
+        """Store durably; fires after the group commit holding it.
+
+        A duplicate's result carries the original seqs and no ``messages``
+        (they were delivered the first time).
+        """
+        return self._write(self._append, message, self._now())
+
+    def pending(self, user_id: int, device_id: str) -> Deferred[list[StoredMessage]]:
+        now = self._now()
+        return self._read(self._pending, user_id, device_id, now, self._cutoff_ms(now))
+
+    def ack(self, user_id: int, device_id: str, seqs: Sequence[int]) -> Deferred[None]:
+        wanted = sorted({int(s) for s in seqs})
+        if not wanted:
+            return succeed(None)
+        return self._write(_ack, user_id, device_id, wanted)
+
+    def purge_expired(self, now: float) -> Deferred[int]:
+        return self._write(_purge, now, self._cutoff_ms(now), now - self.retention)
+
+    def stats(self) -> Deferred[dict[str, int]]:
+        """Row counts per table (not part of IStore: for tests and benchmarks)."""
+        return self._read(_stats)
+
+    def _cutoff_ms(self, now: float) -> int:
+        return int((now - self.retention) * 1000)
+
+    # --- ops that need the cipher (run in pool threads) ---
+
+    def _append(self, conn: Conn, m: NewMessage, now: float) -> AppendResult:
+        row = conn.execute(
+            "SELECT seqs FROM client_ids"
+            " WHERE sender_id = ? AND sender_device = ? AND client_id = ?",
+            (m.sender_id, m.sender_device, m.client_id),
+        ).fetchone()
+        if row is not None:
+            return AppendResult(tuple(int(s) for s in row[0].split(",") if s), duplicate=True)
+        plain = encode_envelopes(m.envelope, m.envelopes)
+        for_all = m.envelope is not None
+        seqs: list[int] = []
+        stored: list[StoredMessage] = []
+        for mailbox in m.mailboxes:
+            nonce = os.urandom(12)
+            ad = associated_data(mailbox, m.sender_id, m.sender_device, m.client_id, m.ts, m.target)
+            body = self._aead.encrypt(nonce, plain, ad)
+            cur = conn.execute(
+                "INSERT INTO messages (mailbox, sender_id, sender_device, client_id, ts,"
+                " expires_at, target, for_all, nonce, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
+                    m.expires_at, m.target, int(for_all), nonce, body,
+                ),
+            )  # fmt: skip
+            seq = int(cast(int, cur.lastrowid))
+            if not for_all and m.envelopes:
+                conn.executemany(
+                    "INSERT INTO message_devices (seq, user_id, device_id) VALUES (?, ?, ?)",
+                    [(seq, uid, dev) for uid, dev in m.envelopes],
+                )
+            # A row no other device reads (e.g. the sender's own inbox when it
+            # has one device) is not kept; its seq is still reported.
+            _sweep(conn, mailbox, seq - 1, seq)
+            seqs.append(seq)
+            stored.append(
+                StoredMessage(
+                    seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
+                    m.expires_at, m.target, m.envelope, dict(m.envelopes),
+                )
+            )  # fmt: skip
+        conn.execute(
+            "INSERT INTO client_ids (sender_id, sender_device, client_id, seqs, created)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (m.sender_id, m.sender_device, m.client_id, ",".join(map(str, seqs)), now),
+        )
+        if m.target.startswith("user:"):
+            partners = {
+                int(mb[2:]) for mb in m.mailboxes if mb.startswith("u:") and mb[2:].isdigit()
+            } - {m.sender_id}
+            conn.executemany(
+                "INSERT INTO dm_partners (user_id, partner_id) VALUES (?, ?)"
+                " ON CONFLICT (user_id, partner_id) DO NOTHING",
+                [pair for p in partners for pair in ((m.sender_id, p), (p, m.sender_id))],
+            )
+        return AppendResult(tuple(seqs), duplicate=False, messages=tuple(stored))
+
+    def _pending(
+        self, conn: Conn, user_id: int, device_id: str, now: float, cutoff_ms: int
+    ) -> list[StoredMessage]:
+        rows = conn.execute(_PENDING_SQL, (user_id, device_id, now, cutoff_ms)).fetchall()
+        return [self._decrypt(row) for row in rows]
+
+    def _decrypt(self, row: Any) -> StoredMessage:
+        seq, mailbox, sender_id, sender_device, client_id, ts, expires_at, target = row[:8]
+        ad = associated_data(mailbox, sender_id, sender_device, client_id, ts, target)
+        try:
+            plain = self._aead.decrypt(bytes(row[8]), bytes(row[9]), ad)
+            envelope, envelopes = decode_envelopes(plain)
+        except (InvalidTag, ValueError):
+            raise EnvelopeDecryptError(
+                f"{self.path}: stored message {seq} does not decrypt"
+                " (wrong storage key, or the row was altered)"
+            ) from None
+        return StoredMessage(
+            int(seq), mailbox, int(sender_id), sender_device, client_id, int(ts),
+            expires_at, target, envelope, envelopes,
+        )  # fmt: skip
+
+
+# --- ops (run in pool threads; the writer's inside a savepoint) --------------
+
+
+def _execute(conn: Conn, sql: str, *params: object) -> None:
+    conn.execute(sql, params)
+
+
+def _exists(conn: Conn, sql: str, *params: object) -> bool:
+    return conn.execute(sql, params).fetchone() is not None
+
+
+def _create_user(
+    conn: Conn, name: str, key: str, email: str, pw_hash: bytes, status: str, now: float
+) -> User:
+    try:
+        cur = conn.execute(
+            "INSERT INTO users (name, key, email, pw_hash, status, created)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (name, key, email, pw_hash, status, now),
+        )
+    except sqlite3.IntegrityError as e:
+        raise Conflict(f"user name {key!r} is taken") from e
+    return User(int(cast(int, cur.lastrowid)), name, key, email, pw_hash, status, now)
+
+
+def _one_user(conn: Conn, sql: str, param: object) -> User | None:
+    row = conn.execute(sql, (param,)).fetchone()
+    return None if row is None else _user(row)
+
+
+def _users_by_ids(conn: Conn, ids: list[int]) -> dict[int, User]:
+    out: dict[int, User] = {}
+    for chunk in _chunks(ids):
+        sql = _USER + f" WHERE id IN ({_marks(len(chunk))})"
+        for row in conn.execute(sql, tuple(chunk)):
+            out[int(row[0])] = _user(row)
+    return out
+
+
+def _upsert_device(conn: Conn, user_id: int, device_id: str, label: str, now: float) -> Device:
+    row = conn.execute(
+        "SELECT label, created FROM devices WHERE user_id = ? AND device_id = ?",
+        (user_id, device_id),
+    ).fetchone()
+    if row is not None:
+        if row[0] != label:
+            conn.execute(
+                "UPDATE devices SET label = ? WHERE user_id = ? AND device_id = ?",
+                (label, user_id, device_id),
+            )
+        return Device(user_id, device_id, label, float(row[1]))
+    conn.execute(
+        "INSERT INTO devices (user_id, device_id, label, created) VALUES (?, ?, ?, ?)",
+        (user_id, device_id, label, now),
+    )
+    top = _top_seq(conn)
+    conn.execute(
+        "INSERT INTO cursors (user_id, device_id, mailbox, acked_seq) VALUES (?, ?, ?, ?)",
+        (user_id, device_id, f"u:{user_id}", top),
+    )
+    conn.execute(
+        "INSERT INTO cursors (user_id, device_id, mailbox, acked_seq)"
+        " SELECT ?, ?, 'r:' || room_id, ? FROM members WHERE user_id = ?",
+        (user_id, device_id, top, user_id),
+    )
+    return Device(user_id, device_id, label, now)
+
+
+def _devices(conn: Conn, user_id: int) -> list[Device]:
+    rows = conn.execute(
+        "SELECT user_id, device_id, label, created FROM devices WHERE user_id = ?"
+        " ORDER BY created, device_id",
+        (user_id,),
+    )
+    return [Device(int(r[0]), r[1], r[2], float(r[3])) for r in rows]
+
+
+def _create_session(
+    conn: Conn, family: str, user_id: int, device_id: str, refresh_hash: bytes, expires: float
+) -> None:
+    try:
+        conn.execute(
+            "INSERT INTO sessions (family, user_id, device_id, expires, revoked)"
+            " VALUES (?, ?, ?, ?, 0)",
+            (family, user_id, device_id, expires),
+        )
+        conn.execute(
+            "INSERT INTO refresh_tokens (hash, family, expires, used) VALUES (?, ?, ?, 0)",
+            (refresh_hash, family, expires),
+        )
+    except sqlite3.IntegrityError as e:
+        raise Conflict("session family or refresh token already exists") from e
+
+
+def _rotate_refresh(
+    conn: Conn, old_hash: bytes, new_hash: bytes, new_expires: float, now: float
+) -> Session:
+    row = conn.execute(
+        "SELECT t.family, t.expires, t.used, s.user_id, s.device_id, s.expires, s.revoked"
+        " FROM refresh_tokens t JOIN sessions s ON s.family = t.family WHERE t.hash = ?",
+        (old_hash,),
+    ).fetchone()
+    if row is None or row[6]:
+        raise TokenUnknown("unknown or revoked refresh token")
+    family = row[0]
+    # A used token is reuse even if the replayed copy is by now expired.  The
+    # guarded UPDATE makes "exactly one rotation wins" hold without relying
+    # on the single writer (a PostgreSQL backend would need it).
+    won = not row[2] and (
+        conn.execute(
+            "UPDATE refresh_tokens SET used = 1 WHERE hash = ? AND used = 0", (old_hash,)
+        ).rowcount
+        == 1
+    )
+    if not won:
+        conn.execute("UPDATE sessions SET revoked = 1 WHERE family = ?", (family,))
+        raise _KeepWrites(TokenReuse("refresh token reused: the session is revoked"))
+    if row[1] <= now or row[5] <= now:
+        raise TokenUnknown("expired refresh token")  # the savepoint undoes "used = 1"
+    try:
+        conn.execute(
+            "INSERT INTO refresh_tokens (hash, family, expires, used) VALUES (?, ?, ?, 0)",
+            (new_hash, family, new_expires),
+        )
+    except sqlite3.IntegrityError as e:
+        raise Conflict("new refresh token already exists") from e
+    conn.execute("UPDATE sessions SET expires = ? WHERE family = ?", (new_expires, family))
+    return Session(family, int(row[3]), row[4], new_expires, False)
+
+
+def _session(conn: Conn, family: str) -> Session | None:
+    row = conn.execute(
+        "SELECT family, user_id, device_id, expires, revoked FROM sessions WHERE family = ?",
+        (family,),
+    ).fetchone()
+    return None if row is None else Session(row[0], int(row[1]), row[2], row[3], bool(row[4]))
+
+
+def _create_room(
+    conn: Conn, name: str, key: str, owner_id: int, invite_only: bool, now: float
+) -> Room:
+    try:
+        cur = conn.execute(
+            "INSERT INTO rooms (name, key, owner_id, invite_only, created) VALUES (?, ?, ?, ?, ?)",
+            (name, key, owner_id, int(invite_only), now),
+        )
+    except sqlite3.IntegrityError as e:
+        if conn.execute("SELECT 1 FROM rooms WHERE key = ?", (key,)).fetchone():
+            raise Conflict(f"room name {key!r} is taken") from e
+        raise
+    room_id = int(cast(int, cur.lastrowid))
+    conn.execute(
+        "INSERT INTO members (room_id, user_id, role, joined) VALUES (?, ?, 'owner', ?)",
+        (room_id, owner_id, now),
+    )
+    _add_cursors(conn, owner_id, f"r:{room_id}")
+    return Room(room_id, name, key, owner_id, invite_only, now)
+
+
+def _room_by_key(conn: Conn, key: str) -> Room | None:
+    row = conn.execute(
+        "SELECT r.id, r.name, r.key, r.owner_id, r.invite_only, r.created"
+        " FROM rooms r WHERE r.key = ?",
+        (key,),
+    ).fetchone()
+    return None if row is None else _room(row)
+
+
+def _rooms_visible_to(conn: Conn, user_id: int) -> list[tuple[Room, int, bool]]:
+    rows = conn.execute(
+        "SELECT r.id, r.name, r.key, r.owner_id, r.invite_only, r.created,"
+        " (SELECT COUNT(*) FROM members n WHERE n.room_id = r.id),"
+        " EXISTS (SELECT 1 FROM members j WHERE j.room_id = r.id AND j.user_id = ?)"
+        " FROM rooms r"
+        " WHERE r.invite_only = 0"
+        " OR EXISTS (SELECT 1 FROM members j WHERE j.room_id = r.id AND j.user_id = ?)"
+        " OR EXISTS (SELECT 1 FROM invites i WHERE i.room_id = r.id AND i.user_id = ?)"
+        " ORDER BY r.key",
+        (user_id, user_id, user_id),
+    )
+    return [(_room(r), int(r[6]), bool(r[7])) for r in rows]
+
+
+def _rooms_of(conn: Conn, user_id: int) -> list[Room]:
+    rows = conn.execute(
+        "SELECT r.id, r.name, r.key, r.owner_id, r.invite_only, r.created"
+        " FROM rooms r JOIN members m ON m.room_id = r.id"
+        " WHERE m.user_id = ? ORDER BY r.key",
+        (user_id,),
+    )
+    return [_room(r) for r in rows]
+
+
+def _members(conn: Conn, room_id: int) -> list[Member]:
+    rows = conn.execute(
+        "SELECT m.user_id, u.name, m.role FROM members m JOIN users u ON u.id = m.user_id"
+        " WHERE m.room_id = ? ORDER BY u.key",
+        (room_id,),
+    )
+    return [Member(int(r[0]), r[1], r[2]) for r in rows]
+
+
+def _add_member(conn: Conn, room_id: int, user_id: int, role: str, now: float) -> None:
+    conn.execute(
+        "INSERT INTO members (room_id, user_id, role, joined) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (room_id, user_id) DO NOTHING",
+        (room_id, user_id, role, now),
+    )
+    _add_cursors(conn, user_id, f"r:{room_id}")  # late joiners get no history
+
+
+def _remove_member(conn: Conn, room_id: int, user_id: int) -> None:
+    mailbox = f"r:{room_id}"
+    conn.execute("DELETE FROM members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
+    conn.execute("DELETE FROM invites WHERE room_id = ? AND user_id = ?", (room_id, user_id))
+    lowest = conn.execute(
+        "SELECT MIN(acked_seq) FROM cursors WHERE user_id = ? AND mailbox = ?",
+        (user_id, mailbox),
+    ).fetchone()[0]
+    conn.execute("DELETE FROM cursors WHERE user_id = ? AND mailbox = ?", (user_id, mailbox))
+    if lowest is not None:
+        # Messages only they were still holding back can go now.
+        _sweep(conn, mailbox, int(lowest), _top_seq(conn))
+
+
+def _dm_partners(conn: Conn, user_id: int) -> list[int]:
+    rows = conn.execute(
+        "SELECT partner_id FROM dm_partners WHERE user_id = ? ORDER BY partner_id", (user_id,)
+    )
+    return [int(r[0]) for r in rows]
+
+
+def _ack(conn: Conn, user_id: int, device_id: str, seqs: list[int]) -> None:
+    highest: dict[str, int] = {}
+    for chunk in _chunks(seqs):
+        sql = (
+            "SELECT m.mailbox, MAX(m.seq) FROM messages m JOIN cursors c"  # noqa: S608 (only ?s)
+            " ON c.mailbox = m.mailbox AND c.user_id = ? AND c.device_id = ?"
+            f" WHERE m.seq IN ({_marks(len(chunk))}) GROUP BY m.mailbox"
+        )
+        rows = conn.execute(sql, (user_id, device_id, *chunk))
+        for mailbox, seq in rows:
+            highest[mailbox] = max(highest.get(mailbox, 0), int(seq))
+    for mailbox, seq in highest.items():
+        old = int(
+            conn.execute(
+                "SELECT acked_seq FROM cursors WHERE user_id = ? AND device_id = ? AND mailbox = ?",
+                (user_id, device_id, mailbox),
+            ).fetchone()[0]
+        )
+        if seq > old:
+            conn.execute(
+                "UPDATE cursors SET acked_seq = ?"
+                " WHERE user_id = ? AND device_id = ? AND mailbox = ?",
+                (seq, user_id, device_id, mailbox),
+            )
+            _sweep(conn, mailbox, old, seq)
+
+
+def _purge(conn: Conn, now: float, cutoff_ms: int, forget_before: float) -> int:
+    expired = conn.execute(
+        "DELETE FROM messages WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)
+    ).rowcount
+    too_old = conn.execute("DELETE FROM messages WHERE ts < ?", (cutoff_ms,)).rowcount
+    conn.execute("DELETE FROM client_ids WHERE created < ?", (forget_before,))
+    # An expired family can no longer rotate; its hashes need not be kept.
+    conn.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
+    return int(expired) + int(too_old)
+
+
+_TABLES = (
+    "users", "devices", "sessions", "refresh_tokens", "rooms", "members", "invites",
+    "dm_partners", "messages", "message_devices", "cursors", "client_ids",
+)  # fmt: skip
+
+
+def _stats(conn: Conn) -> dict[str, int]:
+    # Table names come from the constant above, never from input.
+    return {
+        t: int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])  # noqa: S608
+        for t in _TABLES
+    }
