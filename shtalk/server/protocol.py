@@ -16,7 +16,7 @@ from typing import Any
 from twisted.cred import error as cred_error
 from twisted.cred.credentials import ICredentials
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -45,6 +45,20 @@ from shtalk.server.naming import user_key
 
 log = Logger()
 
+PIPELINED = frozenset({"send", "ack", "ping"})
+
+
+def _after(d: Deferred[None]) -> Deferred[None]:
+    """A Deferred that fires when ``d`` does, without taking its result."""
+    out: Deferred[None] = Deferred()
+
+    def fire(result: object) -> object:
+        out.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return out
+
 
 class State(enum.Enum):
     NEW = "new"
@@ -72,7 +86,8 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         # Live pushes are held while the backlog is replayed, so a device sees
         # every message exactly once and in order.
         self._holding: list[tuple[int, bytes]] | None = None
-        self._backlog_max = 0
+        self._serial: Deferred[None] | None = None
+        self._inflight: set[Deferred[None]] = set()
 
     # connection lifecycle ----------------------------------------------------
     def connectionMade(self) -> None:
@@ -150,6 +165,46 @@ class ShtalkServerProtocol(LineOnlyReceiver):
             return
         self._reset_idle()
         self.factory.requests += 1
+        # Requests run in order, except that consecutive sends/acks/pings overlap
+        # (they are ordered by the store); so "register" then "login" pasted
+        # together behave as typed, and the message path stays pipelined.
+        if request.type in PIPELINED:
+            serial = self._serial
+            gate = _after(serial) if serial is not None and not serial.called else None
+        else:
+            gate = self._all_done()
+        if gate is None:
+            done = self._run(request)
+        else:
+            done = gate.addCallback(lambda _: self._run(request))
+        if request.type in PIPELINED:
+            self._track(done)
+        else:
+            self._serial = done
+            self._inflight.clear()
+            done.addCallback(self._serial_finished, done)
+
+    def _all_done(self) -> Deferred[None] | None:
+        pending = [d for d in self._inflight if not d.called]
+        if self._serial is not None and not self._serial.called:
+            pending.append(self._serial)
+        if not pending:
+            return None
+        return gatherResults([_after(d) for d in pending]).addCallback(lambda _: None)
+
+    def _track(self, done: Deferred[None]) -> None:
+        self._inflight.add(done)
+        done.addCallback(self._untrack, done)
+
+    def _untrack(self, _: object, done: Deferred[None]) -> None:
+        self._inflight.discard(done)
+
+    def _serial_finished(self, _: object, done: Deferred[None]) -> None:
+        if self._serial is done:
+            self._serial = None
+
+    def _run(self, request: Request) -> Deferred[None]:
+        """Run one request; the returned Deferred always succeeds (errors were replied)."""
         try:
             self._check_state(request)
             handler = getattr(self, "on_" + request.type)
@@ -157,8 +212,9 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         except ProtocolError as e:
             e.request_id = request.id
             self.send_bytes(frames.error_from(e))
-            return
+            return succeed(None)
         d.addCallbacks(self._reply, self._failed, callbackArgs=(request,), errbackArgs=(request,))
+        return d
 
     def _check_state(self, request: Request) -> None:
         rtype = request.type
