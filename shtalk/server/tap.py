@@ -170,17 +170,32 @@ def announcement(address: Any, fingerprint: str | None, listen: str) -> list[str
 class ShtalkService(MultiService):
     """Top of the tree; turns a failure to listen into one line and exit status 1.
 
-    twistd calls ``startService`` before running the reactor, and a TCP/TLS listen fails
-    synchronously (port in use, address not available), so this still happens before
-    anything else could depend on the server running.
+    twistd binds in ``privilegedStartService`` (and a plain ``startService`` binds if
+    that was skipped), both before the reactor runs, and a TCP/TLS listen fails
+    synchronously (port in use, address not available), so the start stops there.
+    twistd has already redirected ``sys.stderr`` into the log by then, so the line goes
+    to the log and to the real stderr (``stderr``, overridable for tests).
     """
+
+    stderr: Any = None
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
+        except CannotListenError as e:
+            self._cannot_listen(e)
 
     def startService(self) -> None:
         try:
             super().startService()  # type: ignore[no-untyped-call]
         except CannotListenError as e:
-            fail(f"cannot listen on {e.interface or '*'}:{e.port}: "
-                 f"{_reason(e.socketError)}; choose another with --port/--interface/--listen")
+            self._cannot_listen(e)
+
+    def _cannot_listen(self, e: CannotListenError) -> NoReturn:
+        message = (f"cannot listen on {e.interface or '*'}:{e.port}: {_reason(e.socketError)}; "
+                   "choose another with --port/--interface/--listen")
+        log.critical("{message}", message=message)
+        fail(message, self.stderr if self.stderr is not None else sys.__stderr__)
 
 
 def _reason(error: object) -> str:
@@ -258,10 +273,12 @@ def build_service(
     return top
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, stream: Any = None) -> NoReturn:
     """One line on stderr, exit status 1: what twistd users see for a start-up problem."""
-    sys.stderr.write(f"shtalk: error: {' '.join(message.split())}\n")
-    sys.stderr.flush()
+    stream = sys.stderr if stream is None else stream
+    if stream is not None:
+        stream.write(f"shtalk: error: {' '.join(message.split())}\n")
+        stream.flush()
     raise SystemExit(1)
 
 

@@ -226,15 +226,16 @@ class BuildServiceTests(unittest.TestCase):
         reactor = RaisingMemoryReactor(
             listenException=CannotListenError("127.0.0.1", 6697, OSError(98, "Address in use"))
         )
-        top = self.h.build(reactor=reactor)
-        stderr = io.StringIO()
-        self.patch(sys, "stderr", stderr)
-        with self.assertRaises(SystemExit) as e:
-            top.startService()  # type: ignore[no-untyped-call]
-        self.assertEqual(e.exception.code, 1)
-        self.assertEqual(stderr.getvalue().count("\n"), 1)
-        self.assertIn("6697", stderr.getvalue())
-        self.assertIn("Address in use", stderr.getvalue())
+        for start in ("privilegedStartService", "startService"):
+            top = self.h.build(reactor=reactor)
+            top.stderr = stderr = io.StringIO()
+            with self.assertRaises(SystemExit) as e:
+                getattr(top, start)()
+            self.assertEqual(e.exception.code, 1)
+            self.assertEqual(stderr.getvalue().count("\n"), 1)
+            self.assertIn("6697", stderr.getvalue())
+            self.assertIn("Address in use", stderr.getvalue())
+        self.flushLoggedErrors(CannotListenError)
 
 
 class MakeServiceTests(unittest.TestCase):
