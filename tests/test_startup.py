@@ -197,3 +197,19 @@ class StartTests(unittest.TestCase):
         self.assertEqual(len(lines), 1, result.stderr)
         self.assertIn(f"cannot listen on 127.0.0.1:{port}", lines[0])
         self.assertNotIn("Traceback", result.stdout)
+
+    def test_corrupt_database(self) -> None:
+        self.data.mkdir(mode=0o700)
+        db = self.data / "shtalk.sqlite3"
+        db.write_bytes(b"this is not a database" * 100)
+        db.chmod(0o600)
+        result = subprocess.run(
+            [*TWISTD, "-n", "--pidfile=", "shtalk", "--data-dir", str(self.data),
+             "--port", "0"],
+            cwd=self.cwd, env=env(), capture_output=True, text=True, timeout=60, check=False,
+        )
+        self.assertEqual(result.returncode, 1, result)
+        lines = result.stderr.splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertIn(str(db), lines[0])
+        self.assertNotIn("Traceback", result.stdout)
