@@ -62,7 +62,7 @@ def check_password_policy(password: str, username: str, min_length: int) -> None
         or (len(stripped) >= 4 and stripped in common)
         or len(set(folded)) <= 3
         or _REPEATED.fullmatch(folded) is not None
-        or username.casefold() in folded
+        or len(folded.replace(username.casefold(), "")) < min_length // 2
     ):
         raise ProtocolError(
             ErrorCode.WEAK_PASSWORD,

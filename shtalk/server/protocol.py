@@ -87,6 +87,7 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         # every message exactly once and in order.
         self._holding: list[tuple[int, bytes]] | None = None
         self._serial: Deferred[None] | None = None
+        self._post_reply: Callable[[], Any] | None = None
         self._inflight: set[Deferred[None]] = set()
 
     # connection lifecycle ----------------------------------------------------
@@ -236,6 +237,9 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         if self.transport is None:
             return
         self.send_bytes(frames.ok(request.id, **(fields or {})))
+        post, self._post_reply = self._post_reply, None
+        if post is not None:
+            post()
 
     def _failed(self, failure: Failure, request: Request) -> None:
         e = failure.value
@@ -394,7 +398,8 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         }
 
     def _after_reply(self, f: Callable[[], Any]) -> None:
-        self.factory.clock.callLater(0, f)
+        """Run ``f`` right after the reply line of the current request is written."""
+        self._post_reply = f
 
     @inlineCallbacks
     def _replay_backlog(self) -> Any:

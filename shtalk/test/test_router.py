@@ -1,0 +1,88 @@
+"""The router with fake minds: who gets which bytes, encoded how often."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from shtalk.server.records import StoredMessage
+from shtalk.server.router import LocalBus, Router
+
+
+class FakeMind:
+    def __init__(self) -> None:
+        self.lines: list[tuple[int, bytes]] = []
+
+    def deliver(self, seq: int, line: bytes) -> None:
+        self.lines.append((seq, line))
+
+    def send_bytes(self, data: bytes) -> None:
+        self.lines.append((0, data))
+
+
+def message(
+    seq: int,
+    mailbox: str,
+    sender: tuple[int, str] = (1, "a1"),
+    envelope: bytes | None = b"common",
+    envelopes: dict[tuple[int, str], bytes] | None = None,
+) -> StoredMessage:
+    return StoredMessage(
+        seq=seq,
+        mailbox=mailbox,
+        sender_id=sender[0],
+        sender_device=sender[1],
+        client_id=f"c{seq}",
+        ts=1000,
+        expires_at=None,
+        target="room:general" if mailbox.startswith("r:") else "user:bob",
+        envelope=envelope,
+        envelopes=envelopes or {},
+    )
+
+
+class RouterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.router = Router({1: "alice", 2: "bob", 3: "carol"}.__getitem__)
+        self.bus = LocalBus(self.router)
+        self.minds: dict[tuple[int, str], FakeMind] = {}
+        for uid, dev in ((1, "a1"), (1, "a2"), (2, "b1"), (3, "c1")):
+            mind = FakeMind()
+            self.minds[(uid, dev)] = mind
+            self.router.attach(uid, dev, mind)  # type: ignore[arg-type]
+        self.router.room_members[10] = {1: "owner", 2: "member"}
+
+    def got(self, uid: int, dev: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for _, line in self.minds[(uid, dev)].lines]
+
+    def test_room_fanout_skips_sender_device_and_non_members(self) -> None:
+        self.bus.publish(message(5, "r:10"))
+        self.assertEqual(self.got(1, "a1"), [])
+        self.assertEqual([m["seq"] for m in self.got(1, "a2")], [5])
+        self.assertEqual([m["seq"] for m in self.got(2, "b1")], [5])
+        self.assertEqual(self.got(3, "c1"), [])
+        push = self.got(2, "b1")[0]
+        self.assertEqual(push["from"], {"user": "alice", "device": "a1"})
+        self.assertEqual(push["to"], {"room": "general"})
+
+    def test_one_encoding_shared_by_every_recipient(self) -> None:
+        self.bus.publish(message(6, "r:10"))
+        a = self.minds[(1, "a2")].lines[0][1]
+        b = self.minds[(2, "b1")].lines[0][1]
+        self.assertIs(a, b)
+
+    def test_device_specific_envelopes(self) -> None:
+        self.bus.publish(message(7, "u:2", envelope=None, envelopes={(2, "b1"): b"only-b1"}))
+        self.assertEqual(len(self.got(2, "b1")), 1)
+        self.bus.publish(message(8, "u:1", envelope=None, envelopes={(2, "b1"): b"x"}))
+        # Alice's other device has no envelope of its own and there is no common one.
+        self.assertEqual(self.got(1, "a2"), [])
+
+    def test_presence_bookkeeping(self) -> None:
+        mind = self.minds[(1, "a1")]
+        self.assertFalse(self.router.detach(1, "a1", mind))  # type: ignore[arg-type]
+        self.assertTrue(self.router.detach(1, "a2", self.minds[(1, "a2")]))  # type: ignore[arg-type]
+        self.assertFalse(self.router.is_online(1))
+        self.assertTrue(self.router.attach(1, "a1", mind))  # type: ignore[arg-type]

@@ -1,0 +1,284 @@
+"""The server's line protocol over StringTransport; timers on a test clock.
+
+The store and bcrypt are real (SQLite file, thread pool), so these tests
+await Deferreds; protocol timers run on a Clock the tests advance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from shtalk.testing import GOOD_PASSWORD, Peer, ServerParts, build_server
+
+
+def spin(seconds: float = 0.0) -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
+    return d
+
+
+class ServerProtocolTests(TestCase):
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]
+        async def go() -> None:
+            self.parts: ServerParts = await build_server(
+                self.mktemp(), max_per_address=3, pre_auth=10, idle=60
+            )
+
+        return Deferred.fromCoroutine(go())
+
+    def tearDown(self) -> Deferred[None]:  # type: ignore[override]
+        return Deferred.fromCoroutine(self.parts.close())
+
+    async def reply(self, peer: Peer, rid: int, timeout: float = 5.0) -> dict[str, Any]:
+        """Wait (spinning the real reactor for the store) for the reply to ``rid``."""
+        waited = 0.0
+        while waited < timeout:
+            line = peer.find_reply(rid)
+            if line is not None:
+                return line
+            await spin(0.01)
+            waited += 0.01
+        self.fail(f"no reply to {rid}")
+
+    def peer(self, host: str | None = None) -> Peer:
+        """A new connection; by default from an address of its own (the cap is 3)."""
+        self._hosts = getattr(self, "_hosts", 0) + 1
+        return Peer(self.parts.factory, host or f"192.0.2.{self._hosts}")
+
+    async def hello(self, peer: Peer) -> None:
+        r = await self.reply(peer, peer.request("hello", version=1))
+        self.assertTrue(r["ok"], r)
+
+    async def account(self, name: str, device: str = "d1") -> Peer:
+        peer = self.peer()
+        await self.hello(peer)
+        r = await self.reply(
+            peer,
+            peer.request(
+                "register", username=name, password=GOOD_PASSWORD, email=f"{name}@example.org"
+            ),
+        )
+        if not r["ok"]:
+            self.assertEqual(r["error"]["code"], "username_taken")
+        r = await self.reply(
+            peer,
+            peer.request("login", username=name, password=GOOD_PASSWORD, device={"id": device}),
+        )
+        self.assertTrue(r["ok"], r)
+        return peer
+
+    # framing and state ---------------------------------------------------------
+    async def test_hello_required_then_versions(self) -> None:
+        p = self.peer()
+        r = await self.reply(p, p.request("room_list"))
+        self.assertEqual(r["error"]["code"], "hello_required")
+        r = await self.reply(p, p.request("hello", version=2))
+        self.assertEqual(r["error"]["code"], "unsupported_version")
+        self.assertEqual(r["error"]["supported"], [1])
+        await self.hello(p)
+        r = await self.reply(p, p.request("room_list"))
+        self.assertEqual(r["error"]["code"], "not_authenticated")
+
+    async def test_bad_lines_keep_the_connection(self) -> None:
+        p = self.peer()
+        await self.hello(p)
+        for raw, code in (
+            (b"{oops\n", "bad_json"),
+            (b"[]\n", "not_an_object"),
+            (b'{"id":5,"type":"teleport"}\n', "unknown_type"),
+            (b'{"id":6,"type":"register"}\n', "missing_field"),
+            (b'{"id":7,"type":"hello","version":"x"}\n', "bad_field"),
+        ):
+            p.send(raw)
+            lines = p.lines()
+            self.assertEqual([ln["error"]["code"] for ln in lines], [code])
+        r = await self.reply(p, p.request("ping"))
+        self.assertTrue(r["ok"])
+        self.assertFalse(p.closed)
+
+    async def test_line_too_long_aborts(self) -> None:
+        p = self.peer()
+        self.parts.factory.max_line_length = 1024
+        p.proto.MAX_LENGTH = 1024
+        p.send(b"x" * 2000)
+        self.assertEqual(p.lines()[-1]["error"]["code"], "line_too_long")
+        self.assertTrue(p.transport.disconnecting)
+
+    async def test_pre_auth_deadline_is_not_extended_by_partial_data(self) -> None:
+        p = self.peer()
+        clock = self.parts.clock
+        for _ in range(9):
+            clock.advance(1)
+            p.send(b'{"id":1,')  # dribbling a line never completes it
+        self.assertFalse(p.transport.disconnecting)
+        clock.advance(1.5)
+        self.assertEqual(p.lines()[-1]["error"]["code"], "timeout")
+        self.assertTrue(p.transport.disconnecting)
+
+    async def test_idle_timeout_reset_only_by_valid_lines(self) -> None:
+        p = await self.account("idler")
+        clock = self.parts.clock
+        clock.advance(50)
+        await self.reply(p, p.request("ping"))
+        clock.advance(50)  # 100 s since login, 50 since the ping
+        self.assertFalse(p.transport.disconnecting)
+        p.send(b"junk\n")  # invalid lines do not count as activity
+        clock.advance(11)
+        self.assertTrue(p.transport.disconnecting)
+
+    async def test_connection_cap_per_address(self) -> None:
+        peers = [self.peer("198.51.100.7") for _ in range(3)]
+        extra = self.peer("198.51.100.7")
+        self.assertEqual(extra.lines()[-1]["error"]["code"], "too_many_connections")
+        self.assertTrue(extra.transport.disconnecting)
+        other = self.peer("198.51.100.8")
+        self.assertFalse(other.transport.disconnecting)
+        peers[0].proto.connectionLost(None)
+        again = self.peer("198.51.100.7")
+        self.assertFalse(again.transport.disconnecting)
+
+    # accounts ----------------------------------------------------------------------
+    async def test_register_rules(self) -> None:
+        p = self.peer()
+        await self.hello(p)
+        cases = [
+            ({"username": "x", "password": GOOD_PASSWORD}, "bad_username"),
+            ({"username": "carla", "password": "short"}, "weak_password"),
+            ({"username": "carla", "password": "password123456"}, "weak_password"),
+            ({"username": "carla", "password": "y" * 40 + "\u00e9" * 20}, "password_too_long"),
+            ({"username": "carla", "password": GOOD_PASSWORD, "email": "nope"}, "bad_email"),
+        ]
+        for fields, code in cases:
+            fields.setdefault("email", "c@example.org")
+            r = await self.reply(p, p.request("register", **fields))
+            self.assertEqual(r["error"]["code"], code, fields)
+        r = await self.reply(
+            p, p.request("register", username="Carla", password=GOOD_PASSWORD, email="c@e.org")
+        )
+        self.assertTrue(r["ok"], r)
+        r = await self.reply(
+            p, p.request("register", username="CARLA", password=GOOD_PASSWORD, email="c@e.org")
+        )
+        self.assertEqual(r["error"]["code"], "username_taken")
+
+    async def test_login_failures_look_the_same(self) -> None:
+        await self.account("dora")
+        p = self.peer()
+        await self.hello(p)
+        replies = []
+        for user, pw in (("dora", "wrong-password-1"), ("nobody-here", GOOD_PASSWORD)):
+            r = await self.reply(
+                p, p.request("login", username=user, password=pw, device={"id": "x"})
+            )
+            replies.append(r["error"])
+        self.assertEqual(replies[0], replies[1])
+        self.assertEqual(replies[0]["code"], "invalid_credentials")
+        r = await self.reply(
+            p,
+            p.request("login", username="dora", password="z" * 73, device={"id": "x"}),
+        )
+        self.assertEqual(r["error"]["code"], "invalid_credentials")
+
+    async def test_resume_refresh_logout(self) -> None:
+        p = self.peer()
+        await self.hello(p)
+        await self.reply(
+            p, p.request("register", username="erin", password=GOOD_PASSWORD, email="e@e.org")
+        )
+        login = await self.reply(
+            p, p.request("login", username="erin", password=GOOD_PASSWORD, device={"id": "t"})
+        )
+        self.assertTrue(login["ok"], login)
+        q = self.peer()
+        await self.hello(q)
+        r = await self.reply(q, q.request("resume", access_token=login["access_token"]))
+        self.assertEqual((r["ok"], r["user"], r["device"]), (True, "erin", "t"))
+        # Refresh rotates; the old refresh token is then dead and its reuse kills the family.
+        s = self.peer()
+        await self.hello(s)
+        r1 = await self.reply(s, s.request("refresh", refresh_token=login["refresh_token"]))
+        self.assertTrue(r1["ok"], r1)
+        t = self.peer()
+        await self.hello(t)
+        r2 = await self.reply(t, t.request("refresh", refresh_token=login["refresh_token"]))
+        self.assertEqual(r2["error"]["code"], "token_revoked")
+        u = self.peer()
+        await self.hello(u)
+        r3 = await self.reply(u, u.request("refresh", refresh_token=r1["refresh_token"]))
+        self.assertFalse(r3["ok"], r3)
+        # Logout revokes the access token at once.
+        v = self.peer()
+        await self.hello(v)
+        fresh = await self.reply(
+            v, v.request("login", username="erin", password=GOOD_PASSWORD, device={"id": "t"})
+        )
+        await self.reply(v, v.request("logout"))
+        w = self.peer()
+        await self.hello(w)
+        r = await self.reply(w, w.request("resume", access_token=fresh["access_token"]))
+        self.assertEqual(r["error"]["code"], "token_revoked")
+
+    # routing ---------------------------------------------------------------------------
+    async def test_room_message_reaches_members_once(self) -> None:
+        alice = await self.account("alice")
+        bob = await self.account("bob")
+        carol = await self.account("carol")
+        await self.reply(alice, alice.request("room_create", room="#general"))
+        await self.reply(bob, bob.request("room_join", room="general"))
+        r = await self.reply(
+            alice,
+            alice.request("send", to={"room": "general"}, envelope="aGk=", client_id="m1"),
+        )
+        self.assertTrue(r["ok"], r)
+        r2 = await self.reply(
+            alice,
+            alice.request("send", to={"room": "general"}, envelope="aGk=", client_id="m1"),
+        )
+        self.assertEqual((r2["seq"], r2["duplicate"]), (r["seq"], True))
+        await spin(0.05)
+        got = bob.pushes("message")
+        self.assertEqual([(m["seq"], m["envelope"]) for m in got], [(r["seq"], "aGk=")])
+        self.assertEqual(carol.pushes("message"), [])
+        r = await self.reply(
+            carol, carol.request("send", to={"room": "general"}, envelope="aGk=", client_id="c")
+        )
+        self.assertEqual(r["error"]["code"], "not_a_member")
+
+    async def test_offline_queue_and_ack(self) -> None:
+        alice = await self.account("amy")
+        r = await self.reply(
+            alice, alice.request("send", to={"user": "ben"}, envelope="aGk=", client_id="x")
+        )
+        self.assertEqual(r["error"]["code"], "no_such_user")
+        ben = await self.account("ben")
+        ben.proto.connectionLost(None)
+        seqs = []
+        for i in range(3):
+            r = await self.reply(
+                alice,
+                alice.request("send", to={"user": "ben"}, envelope="aGk=", client_id=f"q{i}"),
+            )
+            seqs.append(r["seq"])
+        ben2 = self.peer()
+        await self.hello(ben2)
+        await self.reply(
+            ben2,
+            ben2.request("login", username="ben", password=GOOD_PASSWORD, device={"id": "d1"}),
+        )
+        await spin(0.1)
+        self.assertEqual([m["seq"] for m in ben2.pushes("message")], seqs)
+        self.assertEqual(ben2.received[-1], {"type": "backlog_done", "count": 3})
+        await self.reply(ben2, ben2.request("ack", seqs=seqs[:2]))
+        ben2.proto.connectionLost(None)
+        ben3 = self.peer()
+        await self.hello(ben3)
+        await self.reply(
+            ben3,
+            ben3.request("login", username="ben", password=GOOD_PASSWORD, device={"id": "d1"}),
+        )
+        await spin(0.1)
+        self.assertEqual([m["seq"] for m in ben3.pushes("message")], seqs[2:])

@@ -1,0 +1,131 @@
+"""Fakes and builders that several test modules share (kept out of shtalk/test)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from twisted.cred.portal import Portal
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from shtalk.server.auth import AccessTokenChecker, BcryptChecker, ChatRealm
+from shtalk.server.chat import ChatService
+from shtalk.server.passwords import PasswordHasher
+from shtalk.server.protocol import ShtalkServerFactory, ShtalkServerProtocol
+from shtalk.server.store import SQLiteStore
+from shtalk.server.tokens import TokenIssuer
+
+GOOD_PASSWORD = "tangerine-quokka-43"  # noqa: S105 - a test fixture
+
+
+class WallClock(Clock):
+    """A test clock whose time starts at the real time, so JWT ``iat`` is sane."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import time
+
+        self.rightNow = time.time()
+
+
+@dataclass
+class ServerParts:
+    store: SQLiteStore
+    hasher: PasswordHasher
+    chat: ChatService
+    factory: ShtalkServerFactory
+    clock: WallClock
+
+    async def close(self) -> None:
+        self.chat.stopService()
+        self.hasher.stop()
+        await self.store.close()
+
+
+async def build_server(
+    directory: str, *, max_per_address: int = 20, pre_auth: float = 30.0, idle: float = 600.0
+) -> ServerParts:
+    """The real service objects over a real SQLite file, with protocol timers
+    on a test clock (bcrypt and SQLite still run in real threads)."""
+    os.makedirs(directory, exist_ok=True)
+    clock = WallClock()
+    store = SQLiteStore(os.path.join(directory, "db.sqlite3"), os.urandom(32), reactor=reactor)
+    await store.open()
+    hasher = PasswordHasher(reactor, cost=4, threads=1)  # type: ignore[arg-type]
+    hasher.start()
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    issuer = TokenIssuer(pem)
+    chat = ChatService(store, hasher, issuer, clock)
+    portal = Portal(
+        ChatRealm(chat),
+        [BcryptChecker(store, hasher), AccessTokenChecker(store, issuer, clock.seconds)],
+    )
+    factory = ShtalkServerFactory(
+        chat,
+        portal,
+        clock,
+        pre_auth_timeout=pre_auth,
+        idle_timeout=idle,
+        max_connections_per_address=max_per_address,
+    )
+    return ServerParts(store, hasher, chat, factory, clock)
+
+
+class Peer:
+    """One client connection over a StringTransport; lines in, parsed JSON out."""
+
+    def __init__(self, factory: ShtalkServerFactory, host: str = "192.0.2.1") -> None:
+        self.transport: StringTransport = StringTransport(
+            peerAddress=IPv4Address("TCP", host, 40000)
+        )
+        proto = factory.buildProtocol(self.transport.getPeer())
+        assert isinstance(proto, ShtalkServerProtocol)
+        self.proto: ShtalkServerProtocol = proto
+        self.proto.makeConnection(self.transport)
+        self._seen: int = 0
+        self.received: list[dict[str, Any]] = []
+        self._next_id: int = 0
+
+    def send(self, obj: dict[str, Any] | bytes) -> None:
+        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode() + b"\n"
+        self.proto.dataReceived(data)
+
+    def request(self, rtype: str, **fields: Any) -> int:
+        self._next_id += 1
+        self.send({"id": self._next_id, "type": rtype, **fields})
+        return self._next_id
+
+    def lines(self) -> list[dict[str, Any]]:
+        """Every line written since the last call (also kept in ``received``)."""
+        data = self.transport.value()
+        new, self._seen = data[self._seen :], len(data)
+        parsed = [json.loads(raw) for raw in new.splitlines() if raw]
+        self.received.extend(parsed)
+        return parsed
+
+    def pushes(self, ptype: str) -> list[dict[str, Any]]:
+        """Every push of that type received so far."""
+        self.lines()
+        return [ln for ln in self.received if ln.get("type") == ptype and "id" not in ln]
+
+    def find_reply(self, rid: int) -> dict[str, Any] | None:
+        self.lines()
+        for ln in self.received:
+            if "id" in ln and ln["id"] == rid:
+                return ln
+        return None
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting) or bool(
+            getattr(self.transport, "disconnected", False)
+        )
