@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 import selectors
+import shutil
 import signal
 import socket
 import ssl
@@ -173,6 +174,14 @@ class StartTests(unittest.TestCase):
         version, digest = self.handshake(port)
         self.assertEqual(version, "TLSv1.3")
         self.assertEqual(digest.hex().upper(), fp.replace(":", ""))
+        openssl = shutil.which("openssl")
+        if openssl is not None:  # the printed form is exactly openssl's
+            shown = subprocess.run(
+                [openssl, "x509", "-noout", "-fingerprint", "-sha256",
+                 "-in", str(self.data / "tls-cert.pem")],
+                capture_output=True, text=True, timeout=30, check=True,
+            ).stdout
+            self.assertEqual(shown.strip().split("=", 1)[1], fp)
         stderr = self._stop(proc)
         self.assertNotIn("Traceback", stderr)
         # twistd re-raises the signal that stopped it, so SIGTERM is the clean exit.
