@@ -164,6 +164,15 @@ def inspect_database(conn: sqlite3.Connection, path: str) -> int:
                 f"{path}: an SQLite database of another program, not a shtalk store; "
                 "point shtalk at another data directory"
             )
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e):
+            raise CorruptStore(
+                f"{path}: the database is locked by another process; stop it and retry"
+            ) from e
+        raise CorruptStore(
+            f"{path}: unreadable database ({_one_line(str(e))}); "
+            "restore it from a backup or move it away to start afresh"
+        ) from e
     except sqlite3.DatabaseError as e:
         raise CorruptStore(
             f"{path}: unreadable database ({_one_line(str(e))}); "

@@ -309,8 +309,9 @@ class SQLiteStore:
         self._rpool: Any = None
         self._queue: list[tuple[Op, Deferred[Any]]] = []
         self._writing = False
-        self._closed = False
+        self._accepting = False  # True between a successful open() and close()
         self._idle: list[Deferred[None]] = []
+        self._closing: list[Deferred[None]] | None = None
         #: Group-commit figures, for tests and benchmarks.
         self.write_transactions = 0
         self.write_ops = 0
@@ -340,11 +341,14 @@ class SQLiteStore:
         d.addCallback(lambda _: self._wpool.runWithConnection(schema.migrate, self.path))
 
         def opened(_: object) -> None:
-            self._closed = False
+            self._accepting = True
 
         def failed(f: Failure) -> Failure:
             self._close_pools()
-            if isinstance(f.value, sqlite3.DatabaseError):
+            # OperationalError is "locked", "disk full", ...: not the file's fault.
+            if isinstance(f.value, sqlite3.DatabaseError) and not isinstance(
+                f.value, sqlite3.OperationalError
+            ):
                 raise CorruptStore(
                     f"{self.path}: cannot be opened ({f.value}); restore it from a backup"
                     " or move it away to start afresh"
@@ -374,7 +378,12 @@ class SQLiteStore:
         """Refuse new work, let queued writes commit, checkpoint, close."""
         if self._wpool is None:
             return succeed(None)
-        self._closed = True
+        if self._closing is not None:  # a second close() waits for the first
+            waiter: Deferred[None] = Deferred()
+            self._closing.append(waiter)
+            return waiter
+        self._closing = []
+        self._accepting = False
         d = self._when_idle()
 
         def checkpoint(_: object) -> Deferred[None]:
@@ -384,6 +393,9 @@ class SQLiteStore:
 
         def done(result: object) -> object:
             self._close_pools()
+            waiters, self._closing = self._closing or [], None
+            for w in waiters:
+                w.callback(None)
             return result
 
         d.addCallback(checkpoint)
@@ -408,7 +420,7 @@ class SQLiteStore:
     def _read(
         self, fn: Callable[Concatenate[Conn, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> Deferred[T]:
-        if self._rpool is None or self._closed:
+        if not self._accepting:
             return fail(StoreClosed(f"{self.path}: the store is not open"))
         return cast(Deferred[T], self._rpool.runWithConnection(fn, *args, **kwargs))
 
@@ -416,7 +428,7 @@ class SQLiteStore:
         self, fn: Callable[Concatenate[Conn, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> Deferred[T]:
         """Queue an op for the next group commit."""
-        if self._wpool is None or self._closed:
+        if not self._accepting:
             return fail(StoreClosed(f"{self.path}: the store is not open"))
         d: Deferred[T] = Deferred()
         self._queue.append((lambda conn: fn(conn, *args, **kwargs), d))
@@ -758,7 +770,14 @@ def _create_session(
             (refresh_hash, family, expires),
         )
     except sqlite3.IntegrityError as e:
-        raise Conflict("session family or refresh token already exists") from e
+        taken = conn.execute(
+            "SELECT 1 FROM sessions WHERE family = ?"
+            " UNION ALL SELECT 1 FROM refresh_tokens WHERE hash = ?",
+            (family, refresh_hash),
+        ).fetchone()
+        if taken:
+            raise Conflict("session family or refresh token already exists") from e
+        raise  # unknown user
 
 
 def _rotate_refresh(

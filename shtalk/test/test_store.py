@@ -26,6 +26,7 @@ from shtalk.server.records import AppendResult, NewMessage, User
 from shtalk.server.store import (
     EnvelopeDecryptError,
     SQLiteStore,
+    StoreClosed,
     check_database_file,
     decode_envelopes,
     encode_envelopes,
@@ -722,3 +723,19 @@ class EncryptionAtRestTests(StoreTestBase):
         conn.close()
         store = await self.open_store()
         await self.failure_of(store.pending(bob.id, "b1"), EnvelopeDecryptError)
+
+
+class LifeCycleTests(StoreTestBase):
+    @async_test
+    async def test_refused_before_open_and_after_close(self) -> None:
+        store = SQLiteStore(self.path, KEY, clock=self.clock)
+        await self.failure_of(store.user_by_key("x"), StoreClosed)
+        await self.failure_of(store.create_user("x", "x", "", b"", "active"), StoreClosed)
+        opening = store.open()
+        await self.failure_of(store.create_user("x", "x", "", b"", "active"), StoreClosed)
+        await opening
+        await store.create_user("x", "x", "", b"", "active")
+        first, second = store.close(), store.close()
+        await gatherResults([first, second])
+        await self.failure_of(store.user_by_key("x"), StoreClosed)
+        await store.close()
