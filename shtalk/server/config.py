@@ -27,6 +27,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
 
@@ -200,7 +201,7 @@ class ServerConfig:
         filled = dict(self.sections)
         for name, cls in SECTIONS.items():
             filled.setdefault(name, cls())
-        object.__setattr__(self, "sections", filled)
+        object.__setattr__(self, "sections", MappingProxyType(filled))
 
     def section(self, cls: type[S]) -> S:
         """The instance of section class ``cls`` (typed, for sections added later)."""
