@@ -58,6 +58,7 @@ __all__ = [
 VERSION = 1
 KEM_LAST_RESORT = 1
 KEM_ONE_TIME = 2
+_MAX_KEY = 4096  # bytes in any one public key or signature field
 _MAX_LIST = 1000  # one-time pre-keys per bundle
 _MAX_SEEN = 1000  # remembered initial messages (replay of no-one-time-pre-key sessions)
 
@@ -102,13 +103,13 @@ class IdentityKey:
 
     def to_bytes(self) -> bytes:
         w = Writer().u8(VERSION)
-        w.fixed(self.signing_public, P.SIGNING_PUB_LEN).fixed(self.dh_public, P.X25519_LEN)
-        return w.fixed(self.dh_signature, P.SIG_LEN).getvalue()
+        w.short(self.signing_public).short(self.dh_public)
+        return w.short(self.dh_signature).getvalue()
 
     @classmethod
     def read(cls, r: Reader) -> IdentityKey:
         r.version(VERSION)
-        key = cls(r.fixed(P.SIGNING_PUB_LEN), r.fixed(P.X25519_LEN), r.fixed(P.SIG_LEN))
+        key = cls(r.short(_MAX_KEY), r.short(_MAX_KEY), r.short(_MAX_KEY))
         key.check()
         return key
 
@@ -131,14 +132,14 @@ class SignedPreKey:
         return _LABEL_SPK + self.key_id.to_bytes(4, "big") + self.public
 
     def to_bytes(self) -> bytes:
-        w = Writer().u8(VERSION).u32(self.key_id).fixed(self.public, P.X25519_LEN)
-        return w.fixed(self.signature, P.SIG_LEN).getvalue()
+        w = Writer().u8(VERSION).u32(self.key_id).short(self.public)
+        return w.short(self.signature).getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes, identity: IdentityKey) -> SignedPreKey:
         r = Reader(data, "signed pre-key")
         r.version(VERSION)
-        spk = cls(r.u32(), r.fixed(P.X25519_LEN), r.fixed(P.SIG_LEN))
+        spk = cls(r.u32(), r.short(_MAX_KEY), r.short(_MAX_KEY))
         r.done()
         P.check_x25519_public(spk.public)
         identity.verify(spk.signature, spk.signed_data())
@@ -151,13 +152,13 @@ class OneTimePreKey:
     public: bytes
 
     def to_bytes(self) -> bytes:
-        return Writer().u8(VERSION).u32(self.key_id).fixed(self.public, P.X25519_LEN).getvalue()
+        return Writer().u8(VERSION).u32(self.key_id).short(self.public).getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> OneTimePreKey:
         r = Reader(data, "one-time pre-key")
         r.version(VERSION)
-        opk = cls(r.u32(), r.fixed(P.X25519_LEN))
+        opk = cls(r.u32(), r.short(_MAX_KEY))
         r.done()
         P.check_x25519_public(opk.public)
         return opk
@@ -177,7 +178,7 @@ class KemPreKey:
 
     def to_bytes(self) -> bytes:
         w = Writer().u8(VERSION).u8(self.kind).u32(self.key_id)
-        w.fixed(self.public, P.KEM_PUB_LEN).fixed(self.signature, P.SIG_LEN)
+        w.short(self.public).short(self.signature)
         return w.getvalue()
 
     @classmethod
@@ -187,7 +188,7 @@ class KemPreKey:
         kind = r.u8()
         if kind not in (KEM_LAST_RESORT, KEM_ONE_TIME):
             raise UnsupportedVersion("ML-KEM pre-key: unknown kind")
-        kpk = cls(kind, r.u32(), r.fixed(P.KEM_PUB_LEN), r.fixed(P.SIG_LEN))
+        kpk = cls(kind, r.u32(), r.short(_MAX_KEY), r.short(_MAX_KEY))
         r.done()
         P.kem_public_from_bytes(kpk.public)
         identity.verify(kpk.signature, kpk.signed_data())
