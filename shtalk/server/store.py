@@ -31,7 +31,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
@@ -67,6 +67,8 @@ Op = Callable[[Conn], object]
 
 #: Reader connections (pending() and lookups run concurrently with the writer).
 READERS = 3
+#: Rows deleted per purge step (one op in a group commit).
+PURGE_STEP = 2000
 #: Bound on host parameters per statement (SQLite's limit is far higher).
 _CHUNK = 500
 
@@ -589,7 +591,19 @@ class SQLiteStore:
         return self._write(_ack, user_id, device_id, wanted)
 
     def purge_expired(self, now: float) -> Deferred[int]:
-        return self._write(_purge, now, self._cutoff_ms(now), now - self.retention)
+        """Delete in bounded steps, each its own op, so appends and acks queued
+        meanwhile are committed between steps instead of waiting for the whole purge."""
+        return ensureDeferred(self._purge_all(now))
+
+    async def _purge_all(self, now: float) -> int:
+        total = 0
+        while True:
+            deleted, more = await self._write(
+                _purge_step, now, self._cutoff_ms(now), now - self.retention, PURGE_STEP
+            )
+            total += deleted
+            if not more:
+                return total
 
     def stats(self) -> Deferred[dict[str, int]]:
         """Row counts per table (not part of IStore: for tests and benchmarks)."""
@@ -945,15 +959,32 @@ def _ack(conn: Conn, user_id: int, device_id: str, seqs: list[int]) -> None:
             _sweep(conn, mailbox, old, seq)
 
 
-def _purge(conn: Conn, now: float, cutoff_ms: int, forget_before: float) -> int:
+def _purge_step(
+    conn: Conn, now: float, cutoff_ms: int, forget_before: float, limit: int
+) -> tuple[int, bool]:
+    """Delete up to ``limit`` rows of each kind; return (messages deleted, more left?)."""
     expired = conn.execute(
-        "DELETE FROM messages WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)
+        "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages"
+        " WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)",
+        (now, limit),
     ).rowcount
-    too_old = conn.execute("DELETE FROM messages WHERE ts < ?", (cutoff_ms,)).rowcount
-    conn.execute("DELETE FROM client_ids WHERE created < ?", (forget_before,))
+    too_old = conn.execute(
+        "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE ts < ? LIMIT ?)",
+        (cutoff_ms, limit),
+    ).rowcount
+    forgotten = conn.execute(
+        "DELETE FROM client_ids WHERE rowid IN"
+        " (SELECT rowid FROM client_ids WHERE created < ? LIMIT ?)",
+        (forget_before, limit),
+    ).rowcount
     # An expired family can no longer rotate; its hashes need not be kept.
-    conn.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
-    return int(expired) + int(too_old)
+    ended = conn.execute(
+        "DELETE FROM sessions WHERE family IN"
+        " (SELECT family FROM sessions WHERE expires <= ? LIMIT ?)",
+        (now, limit),
+    ).rowcount
+    more = max(expired, too_old, forgotten, ended) >= limit
+    return int(expired) + int(too_old), more
 
 
 _TABLES = (

@@ -15,6 +15,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from shtalk.server import schema
+from shtalk.server import store as store_module
 from shtalk.server.interfaces import (
     Conflict,
     CorruptStore,
@@ -625,6 +626,17 @@ class MessageTests(StoreTestBase):
         self.assertEqual(await store.purge_expired(NOW + 2 * DAY), 1)  # "old" is past 30 days
         self.assertEqual(await store.purge_expired(NOW + 2 * DAY), 0)
         self.assertEqual((await store.stats())["messages"], 1)
+
+    @async_test
+    async def test_purge_in_steps(self) -> None:
+        self.patch(store_module, "PURGE_STEP", 3)
+        store, alice, _, rid = await self.setup_room()
+        for i in range(10):
+            await store.append(msg((f"r:{rid}",), alice, "a1", f"c{i}", expires_at=NOW + 1))
+        before = store.write_transactions
+        self.assertEqual(await store.purge_expired(NOW + 2), 10)
+        self.assertGreaterEqual(store.write_transactions - before, 4)
+        self.assertEqual((await store.stats())["messages"], 0)
 
     @async_test
     async def test_group_commit_batches(self) -> None:
