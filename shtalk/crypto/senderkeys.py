@@ -161,8 +161,8 @@ class RoomSession:
         epochs = self.chains.setdefault((sender_user, sender_device), {})
         have = epochs.get(dist.epoch)
         if have is not None:
-            if have.signing_public == dist.signing_public and dist.index >= have.index:
-                return  # a resend: keep our (further) state, never go back
+            if have.signing_public == dist.signing_public:
+                return  # a resend: keep our state, never rewind the chain
             raise StateError("conflicting sender key for this epoch")
         if epochs and dist.epoch < max(epochs) - (KEEP_EPOCHS - 1):
             raise StateError("sender key for an outdated epoch")

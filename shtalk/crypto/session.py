@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from . import pqxdh
 from .encoding import Reader, Writer
 from .envelope import Envelope, MessageType, Recipient
-from .errors import DecodeError, StateError
+from .errors import CryptoError, StateError
 from .identity import DeviceIdentity, IdentityKey, PreKeyBundle
 from .ratchet import ENC_HEADER_LEN, RatchetState
 
@@ -65,18 +65,19 @@ def parse_prekey_header(header: bytes) -> tuple[pqxdh.InitialMessage, bytes]:
 class Session:
     """One pairwise session with one remote device."""
 
-    __slots__ = ("base_key", "initial", "ratchet", "remote_identity")
+    __slots__ = ("initial", "initial_digest", "ratchet", "remote_identity")
 
     def __init__(
         self,
         ratchet: RatchetState,
         remote_identity: IdentityKey,
-        base_key: bytes,
+        initial_digest: bytes,
         initial: pqxdh.InitialMessage | None = None,
     ) -> None:
         self.ratchet = ratchet
         self.remote_identity = remote_identity
-        self.base_key = base_key  #: the PQXDH ephemeral key that started this session
+        #: SHA-256 of the PQXDH initial message that started this session
+        self.initial_digest = initial_digest
         self.initial = initial  #: set on the initiator until a reply decrypts
 
     @classmethod
@@ -95,17 +96,15 @@ class Session:
             keys.root_key, keys.ad, bundle.signed_prekey.public, keys.hka, keys.nhkb,
             ratchet_key=ratchet_key,
         )
-        return cls(ratchet, bundle.identity, initial.ephemeral, initial)
+        return cls(ratchet, bundle.identity, initial.digest(), initial)
 
     def matches(self, header: bytes) -> bool:
         """True if a pre-key message ``header`` belongs to this session."""
         try:
             initial, _ = parse_prekey_header(header)
-        except DecodeError:
+        except CryptoError:
             return False
-        return hmac.compare_digest(initial.ephemeral, self.base_key) and (
-            initial.identity == self.remote_identity
-        )
+        return hmac.compare_digest(initial.digest(), self.initial_digest)
 
     def encrypt(self, plaintext: bytes) -> tuple[MessageType, bytes, bytes]:
         """Return ``(type, header, ciphertext)`` for an envelope."""
@@ -119,7 +118,7 @@ class Session:
         """Decrypt a message of this session; the state is unchanged on failure."""
         if type is MessageType.PREKEY:
             initial, header = parse_prekey_header(header)
-            if not hmac.compare_digest(initial.ephemeral, self.base_key):
+            if not hmac.compare_digest(initial.digest(), self.initial_digest):
                 raise StateError("pre-key message of another session: use accept()")
         elif type is not MessageType.MESSAGE:
             raise StateError("not a pairwise message")
@@ -128,7 +127,8 @@ class Session:
         return plaintext
 
     def to_bytes(self) -> bytes:
-        w = Writer().u8(VERSION).short(self.remote_identity.to_bytes()).fixed(self.base_key, 32)
+        w = Writer().u8(VERSION).short(self.remote_identity.to_bytes())
+        w.fixed(self.initial_digest, 32)
         w.u8(self.initial is not None)
         if self.initial is not None:
             w.short(self.initial.to_bytes())
@@ -139,11 +139,11 @@ class Session:
         r = Reader(data, "session")
         r.version(VERSION)
         remote = IdentityKey.from_bytes(r.short(256))
-        base_key = r.fixed(32)
+        digest = r.fixed(32)
         initial = pqxdh.InitialMessage.from_bytes(r.short(4096)) if r.flag() else None
         ratchet = RatchetState.read(r)
         r.done()
-        return cls(ratchet, remote, base_key, initial)
+        return cls(ratchet, remote, digest, initial)
 
 
 def accept(identity: DeviceIdentity, header: bytes, ciphertext: bytes) -> tuple[Session, bytes]:
@@ -157,7 +157,7 @@ def accept(identity: DeviceIdentity, header: bytes, ciphertext: bytes) -> tuple[
     ratchet = RatchetState.init_responder(keys.root_key, keys.ad, spk, keys.hka, keys.nhkb)
     plaintext = ratchet.decrypt(ratchet_header, ciphertext)
     pqxdh.consume(identity, initial)
-    return Session(ratchet, initial.identity, initial.ephemeral), plaintext
+    return Session(ratchet, initial.identity, initial.digest()), plaintext
 
 
 def prekey_identity(envelope: Envelope) -> IdentityKey:
