@@ -24,6 +24,9 @@ MAX_DEVICE_ENVELOPES = 64
 MAX_ACK_BATCH = 1024
 MAX_ID_LENGTH = 64
 MAX_EXPIRY_SECONDS = 30 * 24 * 3600
+MAX_BUNDLE_BYTES = 16384
+MAX_ONE_TIME_KEY_BYTES = 4096
+MAX_ONE_TIME_KEYS_PER_PUBLISH = 100
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,7 @@ def check_fields(
 # error can name the rule.
 USER = Str(1, 64)
 ROOM = Str(1, 65)
+DEVICE_ID = Str(1, 64, r"[A-Za-z0-9_\-]+", "letters, digits, '_' and '-'")
 DEVICE = Obj(
     {
         "id": Str(1, 64, r"[A-Za-z0-9_\-]+", "letters, digits, '_' and '-'"),
@@ -237,6 +241,24 @@ REQUESTS: dict[str, Mapping[str, Field]] = {
         "expires_in": opt(Int(1, MAX_EXPIRY_SECONDS)),
     },
     "ack": {"seqs": ListOf(Int(1, 2**63 - 1), max_items=MAX_ACK_BATCH, min_items=1)},
+    "device_remove": {"device": DEVICE_ID},
+    "keys_publish": {
+        "bundle": opt(B64(max_bytes=MAX_BUNDLE_BYTES)),
+        "one_time": opt(
+            ListOf(
+                Obj(
+                    {
+                        "kind": Str(2, 2, r"ec|pq", "'ec' or 'pq'"),
+                        "id": Int(0, 2**32 - 1),
+                        "key": B64(max_bytes=MAX_ONE_TIME_KEY_BYTES),
+                    }
+                ),
+                max_items=MAX_ONE_TIME_KEYS_PER_PUBLISH,
+            )
+        ),
+    },
+    "keys_count": {},
+    "keys_fetch": {"user": USER, "device": opt(DEVICE_ID)},
 }
 
 # Requests allowed before authentication; everything else needs a session.

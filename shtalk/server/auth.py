@@ -45,8 +45,8 @@ class IChatMind(Interface):
     def deliver(seq: int, line: bytes) -> None:
         """A message push; the mind may hold it while it replays the backlog."""
 
-    def session_revoked() -> None:
-        """The session was logged out elsewhere: drop authentication."""
+    def session_revoked(reason: str) -> None:
+        """The session ended elsewhere (logout, device removed): drop authentication."""
 
 
 @implementer(IUsernamePassword)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -13,13 +14,17 @@ from shtalk.protocol.frames import push
 from shtalk.server.auth import IChatUser
 from shtalk.server.interfaces import Conflict
 from shtalk.server.naming import room_key, user_key
-from shtalk.server.records import NewMessage, Room, User
+from shtalk.server.records import NewMessage, OneTimeKey, Room, User
 from shtalk.server.router import mailbox_of
 
 if TYPE_CHECKING:
     from shtalk.server.chat import ChatService
 
 MODERATORS = ("owner", "admin")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 @implementer(IChatUser)
@@ -266,6 +271,50 @@ class ChatUser:
                 )
             out[(uid, device_id)] = env
         return out
+
+    # devices and keys ------------------------------------------------------------
+    @inlineCallbacks
+    def remove_device(self, device_id: str) -> Any:
+        removed = yield self.store.remove_device(self.user.id, device_id)
+        if not removed:
+            raise ProtocolError(ErrorCode.NO_SUCH_DEVICE, "you have no device with that id")
+        self.service.user_devices.get(self.user.id, {}).pop(device_id, None)
+        for dev, mind in list(self.service.router.minds_of(self.user.id)):
+            if dev == device_id:
+                mind.session_revoked("this device was removed from the account")
+        self.service.announce_keys(self.user.id, device_id, "removed")
+        return {"device": device_id}
+
+    @inlineCallbacks
+    def publish_keys(self, bundle: bytes | None, one_time: Sequence[Mapping[str, Any]]) -> Any:
+        keys = [OneTimeKey(k["kind"], k["id"], k["key"]) for k in one_time]
+        counts = yield self.store.publish_keys(self.user.id, self.device_id, bundle, keys)
+        if bundle is not None:
+            self.service.announce_keys(self.user.id, self.device_id, "keys")
+        return {"counts": counts}
+
+    @inlineCallbacks
+    def key_counts(self) -> Any:
+        counts = yield self.store.key_counts(self.user.id, self.device_id)
+        return {"counts": counts}
+
+    @inlineCallbacks
+    def fetch_keys(self, raw_user: str, device_id: str | None) -> Any:
+        user: User = yield self.service.user(raw_user)
+        claimed = yield self.store.claim_keys(user.id, device_id)
+        if device_id is not None and not claimed:
+            raise ProtocolError(ErrorCode.NO_SUCH_DEVICE, f"{user.name} has no such device")
+        return {
+            "user": user.name,
+            "devices": [
+                {
+                    "device": c.device_id,
+                    "bundle": b64(c.bundle),
+                    "one_time": {k.kind: {"id": k.key_id, "key": b64(k.key)} for k in c.one_time},
+                }
+                for c in claimed
+            ],
+        }
 
     def ack(self, seqs: Sequence[int]) -> Any:
         return self.store.ack(self.user.id, self.device_id, seqs).addCallback(lambda _: {})

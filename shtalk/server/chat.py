@@ -171,14 +171,10 @@ class ChatService(Service):
 
     @inlineCallbacks
     def announce_presence(self, user_id: int, status: str) -> Any:
-        interested: set[int] = set()
-        for rid in self.user_rooms.get(user_id, ()):
-            interested.update(self.router.room_members.get(rid, {}))
-        partners = yield self.store.dm_partners(user_id)
-        interested.update(partners)
+        interested = yield self.interested_in(user_id)
         interested.discard(user_id)
         line = push("presence", user=self.user_name(user_id), status=status)
-        self.router.send_to_users((u for u in interested if self.router.is_online(u)), line)
+        self.router.send_to_users(interested, line)
         if status == "offline":
             self.user_rooms.pop(user_id, None)
             self.user_devices.pop(user_id, None)
@@ -200,6 +196,24 @@ class ChatService(Service):
             raise ProtocolError(ErrorCode.NO_SUCH_USER, "no such user")
         self.names[user.id] = user.name
         return user
+
+    @inlineCallbacks
+    def interested_in(self, user_id: int) -> Any:
+        """Users who share a room or a conversation with ``user_id`` and are online."""
+        interested: set[int] = set()
+        for rid in self.user_rooms.get(user_id, ()):
+            interested.update(self.router.room_members.get(rid, {}))
+        partners = yield self.store.dm_partners(user_id)
+        interested.update(partners)
+        return {u for u in interested if self.router.is_online(u)}
+
+    @inlineCallbacks
+    def announce_keys(self, user_id: int, device_id: str, event: str) -> Any:
+        """New or removed device keys are never silent: contacts are told to refetch."""
+        users = yield self.interested_in(user_id)
+        users.add(user_id)
+        line = push("device", user=self.user_name(user_id), device=device_id, event=event)
+        self.router.send_to_users(users, line)
 
     def member_event(self, room: Room, user_name: str, event: str, **extra: Any) -> None:
         line = push("member", room=room.name, user=user_name, event=event, **extra)

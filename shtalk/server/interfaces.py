@@ -12,9 +12,11 @@ from zope.interface import Attribute, Interface
 
 from shtalk.server.records import (
     AppendResult,
+    ClaimedBundle,
     Device,
     Member,
     NewMessage,
+    OneTimeKey,
     Room,
     Session,
     StoredMessage,
@@ -68,6 +70,21 @@ class IStore(Interface):
         """Create (cursors start after every message already stored) or relabel."""
 
     def devices(user_id: int) -> Deferred[list[Device]]: ...
+
+    def remove_device(user_id: int, device_id: str) -> Deferred[bool]:
+        """Delete the device, its cursors, keys and sessions; False if unknown."""
+
+    # prekey directory (opaque bundles; one-time keys handed out once)
+    def publish_keys(
+        user_id: int, device_id: str, bundle: bytes | None, one_time: Sequence[OneTimeKey]
+    ) -> Deferred[dict[str, int]]:
+        """Replace the bundle (if given), add one-time keys; return remaining counts by kind."""
+
+    def key_counts(user_id: int, device_id: str) -> Deferred[dict[str, int]]: ...
+
+    def claim_keys(user_id: int, device_id: str | None) -> Deferred[list[ClaimedBundle]]:
+        """Bundles of the user's devices (or one device), each with at most one one-time
+        key of each kind, deleted in the same transaction: never handed out twice."""
 
     # sessions: refresh-token families
     def create_session(

@@ -127,6 +127,11 @@ class ShtalkServerProtocol(LineOnlyReceiver):
     def _drop_avatar(self) -> None:
         logout, self._logout = self._logout, None
         self.avatar = None
+        peers = self.factory.sessions.get(self.family)
+        if peers is not None:
+            peers.discard(self)
+            if not peers:
+                del self.factory.sessions[self.family]
         if logout is not None:
             logout()
 
@@ -266,7 +271,10 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         else:
             self.send_bytes(line)
 
-    def session_revoked(self) -> None:
+    def session_revoked(self, reason: str = "logged out") -> None:
+        """The session ended elsewhere (logout, device removed): tell, then forget it."""
+        if self.avatar is not None:
+            self.send_bytes(frames.push("logged_out", reason=reason))
         self._drop_avatar()
         self.state = State.READY
 
@@ -432,7 +440,10 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         yield self.avatar.logout(family)
         # Every connection of this session family is logged out at once.
         for proto in list(self.factory.sessions.pop(family, ())):
-            proto.session_revoked()
+            if proto is not self:
+                proto.session_revoked("this session was logged out on another connection")
+        self._drop_avatar()
+        self.state = State.READY
         return {}
 
     # handlers: chat -------------------------------------------------------------------
@@ -477,6 +488,24 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         return self._me().send(
             a["to"], a.get("envelope"), a.get("envelopes"), a["client_id"], a.get("expires_in")
         )
+
+    def on_device_remove(self, request: Request) -> Deferred[Any]:
+        d: Deferred[Any] = self._me().remove_device(request.args["device"])
+        return d
+
+    def on_keys_publish(self, request: Request) -> Deferred[Any]:
+        a = request.args
+        d: Deferred[Any] = self._me().publish_keys(a.get("bundle"), a.get("one_time") or [])
+        return d
+
+    def on_keys_count(self, request: Request) -> Deferred[Any]:
+        d: Deferred[Any] = self._me().key_counts()
+        return d
+
+    def on_keys_fetch(self, request: Request) -> Deferred[Any]:
+        a = request.args
+        d: Deferred[Any] = self._me().fetch_keys(a["user"], a.get("device"))
+        return d
 
     def on_ack(self, request: Request) -> Deferred[Any]:
         d: Deferred[Any] = self._me().ack(request.args["seqs"])

@@ -98,3 +98,19 @@ class AppendResult:
     seqs: tuple[int, ...]
     duplicate: bool
     messages: tuple[StoredMessage, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OneTimeKey:
+    kind: str  # "ec" (X25519 one-time prekey) or "pq" (ML-KEM one-time prekey)
+    key_id: int
+    key: bytes  # opaque to the server; signed inside by the device's identity key
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedBundle:
+    """A device's published bundle plus the one-time keys claimed for one fetcher."""
+
+    device_id: str
+    bundle: bytes
+    one_time: tuple[OneTimeKey, ...]

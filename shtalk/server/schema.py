@@ -128,6 +128,30 @@ MIGRATIONS: list[Migration] = [
             PRIMARY KEY (sender_id, sender_device, client_id))""",
         "CREATE INDEX client_ids_created ON client_ids(created)",
     ),
+    # 2: the prekey directory.  Bundles and one-time keys are opaque to the
+    # server (signed by the device's identity key, checked by clients).
+    (
+        """CREATE TABLE device_bundles (
+            user_id INTEGER NOT NULL,
+            device_id TEXT NOT NULL,
+            bundle BLOB NOT NULL,
+            updated REAL NOT NULL,
+            PRIMARY KEY (user_id, device_id),
+            FOREIGN KEY (user_id, device_id)
+                REFERENCES devices(user_id, device_id) ON DELETE CASCADE)""",
+        """CREATE TABLE one_time_keys (
+            user_id INTEGER NOT NULL,
+            device_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            key_id INTEGER NOT NULL,
+            key BLOB NOT NULL,
+            -- Set (and the key blanked) when handed out; the row stays so the
+            -- same id can never be published and handed out again.
+            claimed REAL,
+            PRIMARY KEY (user_id, device_id, kind, key_id),
+            FOREIGN KEY (user_id, device_id)
+                REFERENCES devices(user_id, device_id) ON DELETE CASCADE)""",
+    ),
 ]
 
 

@@ -37,7 +37,7 @@ class StoreService(Service):
         self.hasher = hasher
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.hasher.start()
         d = self.store.open()
         d.addErrback(self._failed)
@@ -49,7 +49,7 @@ class StoreService(Service):
         reactor.stop()  # type: ignore[attr-defined]
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         self.hasher.stop()
         return self.store.close()
 
@@ -113,9 +113,9 @@ def make_chat_service(
         idle_timeout=float(server.idle_timeout),
         max_connections_per_address=server.max_connections_per_address,
     )
-    top = ChatServerService()
-    StoreService(store, hasher).setServiceParent(top)
-    chat.setServiceParent(top)
+    top = ChatServerService()  # type: ignore[no-untyped-call]
+    StoreService(store, hasher).setServiceParent(top)  # type: ignore[no-untyped-call]
+    chat.setServiceParent(top)  # type: ignore[no-untyped-call]
     top.factory = factory
     top.chat = chat
     top.store = store

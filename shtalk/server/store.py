@@ -37,7 +37,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from shtalk.server import schema
+from shtalk.server import prekeys, schema
 from shtalk.server.interfaces import (
     Conflict,
     CorruptStore,
@@ -48,9 +48,11 @@ from shtalk.server.interfaces import (
 )
 from shtalk.server.records import (
     AppendResult,
+    ClaimedBundle,
     Device,
     Member,
     NewMessage,
+    OneTimeKey,
     Room,
     Session,
     StoredMessage,
@@ -497,6 +499,28 @@ class SQLiteStore:
         return self._read(_devices, user_id)
 
     # --- sessions ---
+
+    def remove_device(self, user_id: int, device_id: str) -> Deferred[bool]:
+        return self._write(prekeys.remove_device, user_id, device_id)
+
+    # --- prekey directory (SQL in prekeys.py) ---
+
+    def publish_keys(
+        self,
+        user_id: int,
+        device_id: str,
+        bundle: bytes | None,
+        one_time: Sequence[OneTimeKey],
+    ) -> Deferred[dict[str, int]]:
+        return self._write(
+            prekeys.publish, user_id, device_id, bundle, list(one_time), self._now()
+        )
+
+    def key_counts(self, user_id: int, device_id: str) -> Deferred[dict[str, int]]:
+        return self._read(prekeys.counts, user_id, device_id)
+
+    def claim_keys(self, user_id: int, device_id: str | None) -> Deferred[list[ClaimedBundle]]:
+        return self._write(prekeys.claim, user_id, device_id, self._now())
 
     def create_session(
         self, family: str, user_id: int, device_id: str, refresh_hash: bytes, expires: float

@@ -6,6 +6,7 @@ await Deferreds; protocol timers run on a Clock the tests advance.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from twisted.internet import reactor
@@ -282,3 +283,62 @@ class ServerProtocolTests(TestCase):
         )
         await spin(0.1)
         self.assertEqual([m["seq"] for m in ben3.pushes("message")], seqs[2:])
+
+
+class PrekeyDirectoryTests(ServerProtocolTests):
+    """Opaque bundles; each one-time key handed out exactly once, even when raced."""
+
+    async def publish(self, peer: Peer, n: int) -> dict[str, Any]:
+        keys = [
+            {"kind": kind, "id": i, "key": base64.b64encode(f"{kind}{i}".encode()).decode()}
+            for i in range(n)
+            for kind in ("ec", "pq")
+        ]
+        return await self.reply(
+            peer, peer.request("keys_publish", bundle="YnVuZGxl", one_time=keys)
+        )
+
+    async def test_publish_fetch_exactly_once(self) -> None:
+        bob = await self.account("bobk")
+        r = await self.publish(bob, 3)
+        self.assertEqual(r["counts"], {"ec": 3, "pq": 3})
+        alice = await self.account("alicek")
+        carol = await self.account("carolk")
+        # Two fetches in flight at once from two connections.
+        ra = alice.request("keys_fetch", user="bobk")
+        rc = carol.request("keys_fetch", user="bobk")
+        a, c = await self.reply(alice, ra), await self.reply(carol, rc)
+        got = [a["devices"][0]["one_time"]["ec"]["id"], c["devices"][0]["one_time"]["ec"]["id"]]
+        self.assertEqual(sorted(got), [0, 1])
+        self.assertEqual(a["devices"][0]["bundle"], "YnVuZGxl")
+        r = await self.reply(bob, bob.request("keys_count"))
+        self.assertEqual(r["counts"], {"ec": 1, "pq": 1})
+        await self.reply(alice, alice.request("keys_fetch", user="bobk"))
+        last = await self.reply(alice, alice.request("keys_fetch", user="bobk"))
+        # Exhausted: the bundle (with its last-resort keys) still comes, no one-time keys.
+        self.assertEqual(last["devices"][0]["one_time"], {})
+        # A re-published id that was handed out is not stored again.
+        await self.publish(bob, 1)
+        r = await self.reply(bob, bob.request("keys_count"))
+        self.assertEqual(r["counts"], {"ec": 0, "pq": 0})
+
+    async def test_new_keys_are_announced_and_devices_removable(self) -> None:
+        alice = await self.account("alicen")
+        bob = await self.account("bobn")
+        await self.reply(alice, alice.request("room_create", room="keys"))
+        await self.reply(bob, bob.request("room_join", room="keys"))
+        await self.publish(bob, 1)
+        await spin(0.05)
+        self.assertIn(
+            {"type": "device", "user": "bobn", "device": "d1", "event": "keys"},
+            alice.pushes("device"),
+        )
+        r = await self.reply(bob, bob.request("device_remove", device="nope"))
+        self.assertEqual(r["error"]["code"], "no_such_device")
+        r = await self.reply(bob, bob.request("device_remove", device="d1"))
+        self.assertTrue(r["ok"], r)
+        self.assertEqual(bob.pushes("logged_out")[0]["type"], "logged_out")
+        r = await self.reply(bob, bob.request("room_list"))
+        self.assertEqual(r["error"]["code"], "not_authenticated")
+        r = await self.reply(alice, alice.request("keys_fetch", user="bobn"))
+        self.assertEqual(r["devices"], [])
