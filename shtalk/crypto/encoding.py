@@ -92,43 +92,67 @@ class Reader:
     __slots__ = ("_data", "_pos", "_what")
 
     def __init__(self, data: bytes, what: str = "message") -> None:
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise DecodeError(f"{what}: expected bytes")
-        self._data = bytes(data)
+        if type(data) is not bytes:
+            if not isinstance(data, bytearray | memoryview):
+                raise DecodeError(f"{what}: expected bytes")
+            data = bytes(data)
+        self._data = data
         self._pos = 0
         self._what = what
 
+    def _truncated(self) -> DecodeError:
+        return DecodeError(f"{self._what}: truncated")
+
     def _take(self, size: int) -> bytes:
-        end = self._pos + size
+        pos = self._pos
+        end = pos + size
         if size < 0 or end > len(self._data):
-            raise DecodeError(f"{self._what}: truncated")
-        chunk = self._data[self._pos : end]
+            raise self._truncated()
         self._pos = end
-        return chunk
+        return self._data[pos:end]
+
+    def _int(self, size: int) -> int:
+        pos = self._pos
+        end = pos + size
+        if end > len(self._data):
+            raise self._truncated()
+        self._pos = end
+        return int.from_bytes(self._data[pos:end], "big")
 
     def u8(self) -> int:
-        return self._take(1)[0]
+        pos = self._pos
+        if pos >= len(self._data):
+            raise self._truncated()
+        self._pos = pos + 1
+        return self._data[pos]
 
     def u16(self) -> int:
-        return int(_U16.unpack(self._take(2))[0])
+        return self._int(2)
 
     def u32(self) -> int:
-        return int(_U32.unpack(self._take(4))[0])
+        return self._int(4)
 
     def u64(self) -> int:
-        return int(_U64.unpack(self._take(8))[0])
+        return self._int(8)
 
     def fixed(self, size: int) -> bytes:
         return self._take(size)
 
     def short(self, max_size: int = 0xFFFF) -> bytes:
-        size = self.u16()
+        data, pos = self._data, self._pos
+        if pos + 2 > len(data):
+            raise self._truncated()
+        size = (data[pos] << 8) | data[pos + 1]
+        end = pos + 2 + size
         if size > max_size:
             raise DecodeError(f"{self._what}: field too long")
-        return self._take(size)
+        if end > len(data):
+            raise self._truncated()
+        self._pos = end
+        return data[pos + 2 : end]
 
     def blob(self, max_size: int = MAX_BLOB) -> bytes:
-        size = self.u32()
+        size = self._int(4)
         if size > max_size:
             raise DecodeError(f"{self._what}: field too long")
         return self._take(size)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from . import primitives as P
-from .encoding import Reader, Writer
+from .encoding import Reader
 from .errors import DecodeError, UnsupportedVersion
 from .identity import DeviceIdentity, IdentityKey
 
@@ -128,11 +128,23 @@ class Envelope:
             raise ValueError("envelope header or ciphertext too large")
         if not 0 <= self.timestamp < 2**64:
             raise ValueError("timestamp out of range")
-        w = Writer().u8(self.version).u8(self.type)
-        w.text(self.sender_user).text(self.sender_device)
-        w.u8(_KINDS[self.recipient.kind]).text(self.recipient.name).text(self.recipient.device)
-        w.short(self.header).blob(self.ciphertext).u64(self.timestamp)
-        return w.getvalue()
+        texts = [
+            t.encode("utf-8")
+            for t in (self.sender_user, self.sender_device, self.recipient.name,
+                      self.recipient.device)
+        ]
+        if any(len(t) > MAX_NAME for t in texts):
+            raise ValueError("name too long")
+        su, sd, rn, rd = texts
+        return b"".join((
+            bytes((self.version, self.type)),
+            len(su).to_bytes(2, "big"), su, len(sd).to_bytes(2, "big"), sd,
+            bytes((_KINDS[self.recipient.kind],)),
+            len(rn).to_bytes(2, "big"), rn, len(rd).to_bytes(2, "big"), rd,
+            len(self.header).to_bytes(2, "big"), self.header,
+            len(self.ciphertext).to_bytes(4, "big"), self.ciphertext,
+            self.timestamp.to_bytes(8, "big"),
+        ))
 
     def signed_bytes(self) -> bytes:
         return _LABEL + self.body()

@@ -252,6 +252,33 @@ class PreKeyBundle:
             raise DecodeError("pre-key bundle: one-time ML-KEM pre-key has the wrong kind")
         return cls(identity, spk, last, opks, kpks)
 
+    @classmethod
+    def from_parts(
+        cls, bundle: bytes, one_time: bytes | None = None, kem_one_time: bytes | None = None
+    ) -> PreKeyBundle:
+        """Assemble what the directory's ``keys_fetch`` returns: the base bundle plus at
+        most one :class:`OneTimePreKey` and one one-time :class:`KemPreKey` (their
+        ``to_bytes()``).  Everything is verified; raises a :class:`BadBundle` subclass."""
+        base = cls.from_bytes(bundle)
+        try:
+            opks = (OneTimePreKey.from_bytes(one_time),) if one_time else ()
+            kpks = (KemPreKey.from_bytes(kem_one_time, base.identity),) if kem_one_time else ()
+            if any(k.kind != KEM_ONE_TIME for k in kpks):
+                raise DecodeError("one-time ML-KEM pre-key has the wrong kind")
+        except BadSignature as exc:
+            raise BadBundleSignature(str(exc)) from None
+        except BadKey as exc:
+            raise BadBundleKey(str(exc)) from None
+        except UnsupportedVersion as exc:
+            raise BadBundleVersion(str(exc)) from None
+        except DecodeError as exc:
+            raise MalformedBundle(str(exc)) from None
+        return cls(base.identity, base.signed_prekey, base.kem_last_resort, opks, kpks)
+
+    def base(self) -> PreKeyBundle:
+        """The bundle without one-time pre-keys (the directory's ``bundle`` field)."""
+        return self.select(None, None)
+
     def select(
         self, one_time_id: int | None = None, kem_one_time_id: int | None = None
     ) -> PreKeyBundle:

@@ -111,6 +111,23 @@ class BundleValidation(SynchronousTestCase):
         self.assertRaises(MalformedBundle, PreKeyBundle.from_bytes, data + b"\x00")
         self.assertRaises(MalformedBundle, PreKeyBundle.from_bytes, "text")  # type: ignore[arg-type]
 
+    def test_from_parts(self) -> None:
+        full = self.bundle
+        opk, kpk = full.one_time_prekeys[0], full.kem_one_time_prekeys[0]
+        got = PreKeyBundle.from_parts(full.base().to_bytes(), opk.to_bytes(), kpk.to_bytes())
+        self.assertEqual(got, full.select(opk.key_id, kpk.key_id))
+        self.assertEqual(PreKeyBundle.from_parts(full.base().to_bytes()), full.base())
+        bad = dataclasses.replace(kpk, key_id=kpk.key_id + 1000)
+        self.assertRaises(
+            BadBundleSignature, PreKeyBundle.from_parts, full.base().to_bytes(), None,
+            bad.to_bytes(),
+        )
+        last = full.kem_last_resort.to_bytes()
+        self.assertRaises(MalformedBundle, PreKeyBundle.from_parts, full.base().to_bytes(),
+                          None, last)
+        low = OneTimePreKey(5, bytes(32)).to_bytes()
+        self.assertRaises(BadBundleKey, PreKeyBundle.from_parts, full.base().to_bytes(), low)
+
     @settings(max_examples=60, deadline=None)
     @given(st.data())
     def test_mutations_only_raise_bad_bundle(self, data: st.DataObject) -> None:
