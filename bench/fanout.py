@@ -1,0 +1,584 @@
+"""Server fan-out benchmark: shtalk against a minimal Twisted broadcast server, same run.
+
+    .venv/bin/python -m bench.fanout [--quick] [--n 10,50,200] [--duration S] [--json out.json]
+
+What it does (everything on 127.0.0.1, bounded in time, stops by itself):
+
+1. Starts the real server (``twistd -n shtalk``) in a subprocess with a fresh data directory
+   and a config raising ``max_connections_per_address``, and the ceiling server
+   (`bench.ceiling`) with the same certificate and TLS policy.
+2. Registers ``max(N)`` accounts and logs each in once (``bcrypt_cost = 10`` on this server,
+   to keep the set-up short; no measured path hashes a password), so the measured
+   connections authenticate with ``resume``.
+3. For each N: N connections in one room, each a closed-loop sender; against the ceiling,
+   then against shtalk.  Then the paced open loop: ``--rate`` sends per second into a
+   ``--paced-n``-member room, against both.
+4. Login storm, on a second shtalk server with the default ``bcrypt_cost = 12``: a paced
+   chat (``--storm-rate`` sends/s into a ``--storm-n``-member room), measured without a
+   storm and then while ``--storm-logins`` accounts (registered beforehand) log in at once.
+5. Prints a table, writes the section "Server fan-out (bench/fanout)" of
+   ``docs/PERFORMANCE.md`` (unless ``--no-docs``) and, with ``--json``, every figure.
+
+The load generator (`bench.loadclient`) runs in ONE separate process: all connections on
+one Twisted reactor.  The machine has 2 cores: one for the server's reactor thread (its
+SQLite and bcrypt threads share the rest), one for the load generator.  Both processes'
+CPU use is measured and reported, so a saturated load generator is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "PERFORMANCE.md"
+SECTION = "## Server fan-out (bench/fanout)"
+DOC_INTRO = (
+    "# Performance\n\n"
+    "Figures here are measured by the benchmarks in `bench/`, each run as one command on one\n"
+    "machine, with every process (servers and load generators) on that machine talking over\n"
+    "127.0.0.1. Each section names the machine, the command that reproduces it and the date;\n"
+    "figures from different machines or runs are not comparable. Targets that are missed are\n"
+    "reported as missed, with where the time goes.\n"
+)
+
+TARGET_RATIO = 0.70
+TARGET_P99_MS = 5.0
+TARGET_STORM = 2.0
+
+
+class BenchError(Exception):
+    pass
+
+
+# servers -------------------------------------------------------------------------------
+
+
+class Server:
+    """A server subprocess; `port` is read from what it prints when listening."""
+
+    def __init__(self, name: str, argv: list[str], pattern: str, log: Path) -> None:
+        self.name = name
+        self.log = log
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self._log_file = log.open("wb")
+        self.proc = subprocess.Popen(
+            argv, cwd=str(log.parent), env=env, stdout=subprocess.PIPE,
+            stderr=self._log_file, start_new_session=True,
+        )
+        self.port = self._wait_port(pattern)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _wait_port(self, pattern: str) -> int:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 60
+        regex = re.compile(pattern)
+        lines = []
+        while time.monotonic() < deadline:
+            raw = self.proc.stdout.readline()
+            if not raw:
+                break
+            line = raw.decode("utf-8", "replace")
+            lines.append(line)
+            m = regex.search(line)
+            if m:
+                # Keep draining stdout so the server never blocks on a full pipe.
+                import threading
+
+                threading.Thread(target=self._drain, daemon=True).start()
+                return int(m.group(1))
+        self.stop()
+        raise BenchError(
+            f"{self.name} did not start: {''.join(lines)[-500:]} "
+            f"{self.log.read_text(errors='replace')[-2000:]}"
+        )
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for _ in iter(self.proc.stdout.readline, b""):
+            pass
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log_file.close()
+
+
+def start_shtalk(work: Path, name: str, bcrypt_cost: int) -> Server:
+    data = work / f"{name}-data"
+    cfg = work / f"{name}.ini"
+    cfg.write_text(
+        "[server]\n"
+        "max_connections_per_address = 1000\n"
+        "idle_timeout = 3600\n"
+        "pre_auth_timeout = 600\n"
+        "[accounts]\n"
+        f"bcrypt_cost = {bcrypt_cost}\n"
+        "[tokens]\n"
+        "access_ttl = 7200\n"
+    )
+    argv = [
+        sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+        "-n", "--pidfile=", "--logfile", str(work / f"{name}-twistd.log"),
+        "shtalk", "--port", "0", "--data-dir", str(data), "--config", str(cfg),
+    ]
+    return Server(name, argv, r"shtalk listening on [^:]+:(\d+)", work / f"{name}.stderr")
+
+
+def start_ceiling(work: Path, data_dir: Path) -> Server:
+    argv = [sys.executable, "-m", "bench.ceiling", "--data-dir", str(data_dir), "--port", "0"]
+    return Server("ceiling", argv, r"ceiling listening on [^:]+:(\d+)", work / "ceiling.stderr")
+
+
+def fingerprint(data_dir: Path) -> str:
+    sys.path.insert(0, str(REPO))
+    from shtalk.server.datadir import DataDir
+    from shtalk.server.tls import cert_fingerprint
+
+    return cert_fingerprint(DataDir(str(data_dir)).cert_path.read_bytes())
+
+
+# load generator ------------------------------------------------------------------------
+
+
+def load(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one scenario in a fresh load-generator process; its result."""
+    spec = dict(spec, time_limit=timeout)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.loadclient"], input=json.dumps(spec).encode(),
+            capture_output=True, env=env, cwd=str(REPO), timeout=timeout + 30,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"load generator ({spec['scenario']}) overran its time limit") from e
+    for line in proc.stdout.decode().splitlines():
+        if line.startswith("RESULT "):
+            outcome = json.loads(line[7:])
+            if "result" in outcome:
+                return outcome["result"]  # type: ignore[no-any-return]
+            raise BenchError(
+                f"load generator ({spec['scenario']}) failed: {outcome.get('error')}\n"
+                + proc.stderr.decode(errors="replace")[-3000:]
+            )
+    raise BenchError(
+        f"load generator ({spec['scenario']}) exited {proc.returncode}:\n"
+        + proc.stderr.decode(errors="replace")[-3000:]
+    )
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"[fanout {time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
+
+
+# the benchmark ---------------------------------------------------------------------------
+
+
+@contextmanager
+def profiled(args: argparse.Namespace, server: Server | None, name: str) -> Iterator[None]:
+    """With --profile DIR: py-spy samples the server (all threads) while the load runs."""
+    if args.profile is None or server is None:
+        yield
+        return
+    pyspy = Path(sys.executable).parent / "py-spy"
+    if not pyspy.exists():
+        raise BenchError("--profile needs py-spy in the venv (pip install py-spy)")
+    args.profile.mkdir(parents=True, exist_ok=True)
+    out = args.profile / f"{name}.txt"
+    proc = subprocess.Popen(
+        [str(pyspy), "record", "--nonblocking", "--threads", "--gil", "--format", "raw",
+         "--rate", "200",
+         "-o", str(out), "-p", str(server.pid)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def servers_stopped(servers: list[Server]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def run_fanout(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
+    shtalk = start_shtalk(work, "fanout", bcrypt_cost=10)
+    servers = [shtalk]
+    with servers_stopped(servers):
+        data_dir = work / "fanout-data"
+        ceiling = start_ceiling(work, data_dir)
+        servers.append(ceiling)
+        fp = fingerprint(data_dir)
+        log(f"shtalk pid {shtalk.pid} port {shtalk.port}; ceiling pid {ceiling.pid} "
+            f"port {ceiling.port}")
+        users = [f"bench{i:03d}" for i in range(max([*args.n, args.paced_n]))]
+        log(f"set-up: registering and logging in {len(users)} accounts (bcrypt cost 10)")
+        setup = load({"scenario": "setup", "mode": "shtalk", "port": shtalk.port,
+                      "fingerprint": fp, "users": users}, timeout=600)
+        tokens = [setup["tokens"][u] for u in users]
+        log(f"set-up took {setup['seconds']} s")
+        common = {"fingerprint": fp, "warmup": args.warmup, "duration": args.duration,
+                  "window": args.window}
+        limit = args.warmup + args.duration + 120
+
+        def both(key: str, n: int, rate: float) -> None:
+            for mode, server in (("ceiling", ceiling), ("shtalk", shtalk)):
+                spec = {**common, "scenario": "fanout", "mode": mode, "port": server.port,
+                        "server_pid": server.pid, "n": n, "rate": rate,
+                        "room": f"{key}-{n}", "tokens": tokens[:n]}
+                what = f"{key} n={n}" + (f" rate={rate:g}/s" if rate else "")
+                log(f"{what} against {mode} ...")
+                with profiled(args, server if mode == "shtalk" else None, f"{key}-{n}"):
+                    r = load(spec, timeout=limit)
+                results.setdefault(key, {}).setdefault(str(n), {})[mode] = r
+                lat = r["latency"]
+                log(f"  {r['delivered_per_s']:.0f} delivered/s, {r['sends_acked_per_s']:.0f} "
+                    f"sends/s, p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, server cpu "
+                    f"{r['server_cpu']:.2f} (reactor {r['server_reactor_cpu']:.2f}), loadgen cpu "
+                    f"{r['loadgen_cpu']:.2f}, acks/s {r['acks_per_s']:.0f}, "
+                    f"errors {r['errors']} {r['first_error']}")
+
+        for n in args.n:
+            both("closed", n, 0)
+        both("paced", args.paced_n, args.rate)
+
+
+def run_storm(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
+    shtalk = start_shtalk(work, "storm", bcrypt_cost=12)
+    with servers_stopped([shtalk]):
+        fp = fingerprint(work / "storm-data")
+        chat = [f"chat{i:03d}" for i in range(args.storm_n)]
+        stormers = [f"storm{i:03d}" for i in range(args.storm_logins)]
+        log(f"storm set-up: {len(chat)} chat accounts (logged in) and {len(stormers)} storm "
+            "accounts (registered only), bcrypt cost 12")
+        base = {"mode": "shtalk", "port": shtalk.port, "fingerprint": fp}
+        setup = load({**base, "scenario": "setup", "users": chat}, timeout=600)
+        tokens = [setup["tokens"][u] for u in chat]
+        load({**base, "scenario": "setup", "users": stormers, "login": False}, timeout=600)
+        log(f"storm: {args.storm_rate:g} sends/s into a {args.storm_n}-member room, "
+            f"{args.duration} s without, then {len(stormers)} logins at once ...")
+        r = load({**base, "scenario": "storm", "server_pid": shtalk.pid, "n": args.storm_n,
+                  "rate": args.storm_rate, "room": "storm", "tokens": tokens,
+                  "storm_users": stormers, "warmup": args.warmup,
+                  "duration": args.duration}, timeout=args.warmup + args.duration + 300)
+        results["storm"] = r
+        b, s = r["baseline"]["latency"], r["storm"]["latency"]
+        log(f"  without: p50 {b['p50_ms']} p99 {b['p99_ms']} ms; during: p50 {s['p50_ms']} "
+            f"p99 {s['p99_ms']} ms; logins last done after {r['storm']['login_last_s']} s; "
+            f"errors {r['errors']} {r['first_error']}")
+
+
+# reporting ------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import twisted
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "kernel": platform.release(),
+    }
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.0%}" if b else "-"
+
+
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str, str]:
+    """(terminal table, markdown section)."""
+    m = results["machine"]
+    rows = []
+    header = ("| scenario | server | N | sends/s | delivered/s | vs ceiling | p50 ms | p99 ms "
+              "| p99.9 ms | acks/s | server CPU (reactor) | loadgen CPU |")
+    sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    for key in ("closed", "paced"):
+        for n, pair in results.get(key, {}).items():
+            ceiling = pair["ceiling"]
+            for mode in ("ceiling", "shtalk"):
+                r = pair[mode]
+                lat = r["latency"]
+                scen = "closed loop" if key == "closed" else f"paced {args.rate:g}/s"
+                ratio = "100%" if mode == "ceiling" else _ratio(
+                    r["delivered_per_s"], ceiling["delivered_per_s"])
+                rows.append(
+                    f"| {scen} | {mode} | {n} | {r['sends_acked_per_s']:,.0f} "
+                    f"| {r['delivered_per_s']:,.0f} | {ratio} | {_ms(lat['p50_ms'])} "
+                    f"| {_ms(lat['p99_ms'])} | {_ms(lat['p999_ms'])} | {r['acks_per_s']:,.0f} "
+                    f"| {r['server_cpu']:.0%} ({r['server_reactor_cpu']:.0%}) "
+                    f"| {r['loadgen_cpu']:.0%} |"
+                )
+    table = "\n".join([header, sep, *rows])
+
+    verdicts = []
+    closed = results.get("closed", {})
+    if str(args.target_n) in closed:
+        pair = closed[str(args.target_n)]
+        ratio = pair["shtalk"]["delivered_per_s"] / max(pair["ceiling"]["delivered_per_s"], 1)
+        verdicts.append(
+            f"- Throughput at N = {args.target_n}: shtalk delivers {ratio:.0%} of the ceiling's "
+            f"messages per second (target >= {TARGET_RATIO:.0%}): "
+            f"{_verdict(ratio >= TARGET_RATIO)}."
+        )
+    paced = results.get("paced", {}).get(str(args.paced_n))
+    if paced:
+        p99 = paced["shtalk"]["latency"]["p99_ms"]
+        achieved = paced["shtalk"]["sends_acked_per_s"]
+        met = p99 is not None and p99 <= TARGET_P99_MS and achieved >= 0.95 * args.rate
+        verdicts.append(
+            f"- p99 latency at {args.rate:g} sends/s into a {args.paced_n}-member room: "
+            f"{_ms(p99)} ms (target <= {TARGET_P99_MS:g} ms; achieved {achieved:,.0f} sends/s "
+            f"acknowledged): {_verdict(met)}."
+        )
+    storm_md = ""
+    storm = results.get("storm")
+    if storm:
+        b, s = storm["baseline"], storm["storm"]
+        bp, sp = b["latency"]["p99_ms"], s["latency"]["p99_ms"]
+        factor = (sp / bp) if bp and sp else float("inf")
+        verdicts.append(
+            f"- Login storm: chat p99 {_ms(sp)} ms during {storm['storm']['logins']} logins "
+            f"vs {_ms(bp)} ms without: x{factor:.2f} (target <= x{TARGET_STORM:g}): "
+            f"{_verdict(factor <= TARGET_STORM)}."
+        )
+        storm_md = "\n".join([
+            "| chat phase | sends/s | delivered/s | p50 ms | p99 ms | p99.9 ms | max ms "
+            "| server CPU |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            *(
+                f"| {name} | {r['sends_acked_per_s']:,.0f} | {r['delivered_per_s']:,.0f} "
+                f"| {_ms(r['latency']['p50_ms'])} | {_ms(r['latency']['p99_ms'])} "
+                f"| {_ms(r['latency']['p999_ms'])} | {_ms(r['latency']['max_ms'])} "
+                f"| {r['server_cpu']:.0%} |"
+                for name, r in (("without storm", b), ("during the storm", s))
+            ),
+            "",
+            f"The {storm['storm']['logins']} logins (TLS connect + hello + login, bcrypt cost "
+            f"12) were answered between {storm['storm']['login_first_s']} s and "
+            f"{storm['storm']['login_last_s']} s after they started (median "
+            f"{storm['storm']['login_median_s']} s).",
+        ])
+
+    problems = []
+    for key in ("closed", "paced"):
+        for n, pair in results.get(key, {}).items():
+            for mode, r in pair.items():
+                if r["errors"]:
+                    problems.append(f"{key} N={n} {mode}: {r['errors']} errors, first: "
+                                    f"`{r['first_error']}`")
+                if mode == "shtalk" and r["total_delivered"] != r["expected_deliveries"]:
+                    problems.append(
+                        f"{key} N={n} shtalk: {r['total_delivered']} deliveries for "
+                        f"{r['total_sends_acked']} acknowledged sends (expected "
+                        f"{r['expected_deliveries']})")
+    if storm and storm["errors"]:
+        problems.append(f"storm: {storm['errors']} errors, first: `{storm['first_error']}`")
+
+    cmd = ".venv/bin/python -m bench.fanout" + (" --quick" if args.quick else "")
+    if args.n != DEFAULT_N:
+        cmd += " --n " + ",".join(map(str, args.n))
+    if args.duration != (QUICK_DURATION if args.quick else DEFAULT_DURATION):
+        cmd += f" --duration {args.duration:g}"
+    md = [
+        SECTION,
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {m['nproc']} cores, {m['cpu']}, "
+        f"Linux {m['kernel']}, Python {m['python']}, Twisted {m['twisted']}. Rerun with:",
+        "",
+        "```",
+        cmd,
+        "```",
+        "",
+        "### Set-up",
+        "",
+        "- Servers: the real `twistd -n shtalk` (fresh data directory on the local ext4 disk, "
+        "SQLite `synchronous=FULL`, so every acknowledged send is fsynced) and "
+        "`bench/ceiling.py`, a `LineOnlyReceiver` that writes each `send` line unchanged to "
+        "every other connection and acknowledges the sender with a constant line: no JSON, no "
+        "storage, no authentication. Both serve TLS from the same certificate (shtalk's "
+        "self-signed ECDSA P-256) with shtalk's TLS policy, both set `TCP_NODELAY`. They run "
+        "one at a time, the other idle.",
+        "- Load: one separate process (`bench/loadclient.py`), every connection on one "
+        "Twisted reactor, TLS with the server certificate pinned by fingerprint "
+        "(`shtalk.server.tls.client_options_pinned`). With 2 cores, the server's reactor "
+        "gets about one core and the load generator the other; the CPU columns show each "
+        "process's use during the window as a share of one core (a server above 100% is its "
+        "SQLite/bcrypt threads working beside the reactor).",
+        "- Messages: `send` to the room with an opaque `envelope` (base64 of 200 random "
+        "bytes), the send time in `client_id`; every recipient acknowledges, in `ack` "
+        "batches of 50 seqs or every 10 ms. The ceiling gets the same lines (its `ack` "
+        "replies are a constant line).",
+        f"- Closed loop: every one of the N members is a sender with {args.window} send "
+        f"outstanding, the next sent as its acknowledgement arrives. Paced: an open loop, "
+        f"{args.rate:g} sends/s in total round-robin over the {args.paced_n} members from a "
+        "1 ms timer, whether or not earlier sends were acknowledged.",
+        f"- Latency: send -> receipt at each recipient (monotonic clock, one machine), every "
+        f"delivery in a {args.duration:g} s window after a {args.warmup:g} s warm-up, "
+        "10 us histogram buckets. Delivered/s counts message pushes received by all "
+        "members in the window.",
+        "- The fan-out server uses `bcrypt_cost = 10` only to shorten account set-up "
+        "(measured connections authenticate with `resume`); the storm server uses the "
+        "default cost 12.",
+        "",
+        "### Fan-out",
+        "",
+        table,
+        "",
+    ]
+    if storm_md:
+        md += [
+            f"### Login storm ({args.storm_rate:g} sends/s into a {args.storm_n}-member room, "
+            f"{args.storm_logins} logins at once)",
+            "",
+            storm_md,
+            "",
+        ]
+    md += ["### Targets", "", *verdicts, ""]
+    if problems:
+        md += ["### Problems seen in this run", "", *[f"- {p}" for p in problems], ""]
+    notes = results.get("notes")
+    if notes:
+        md += ["### Where the time goes", "", notes.strip(), ""]
+    term = "\n".join([table, "", storm_md, "", *verdicts, *problems])
+    return term, "\n".join(md)
+
+
+def write_section(section: str) -> None:
+    """Replace (or add) only this benchmark's section of docs/PERFORMANCE.md."""
+    text = DOC.read_text() if DOC.exists() else DOC_INTRO
+    lines = text.split("\n")
+    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))
+        tail = "\n".join(lines[end:])
+        new = "\n".join(lines[:start]) + section.rstrip("\n") + "\n" + (
+            "\n" + tail if tail else "")
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(new)
+
+
+DEFAULT_N = [10, 50, 200]
+DEFAULT_DURATION = 10.0
+QUICK_DURATION = 3.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.fanout", description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help=f"short run: N = 10,50, {QUICK_DURATION:g} s windows")
+    parser.add_argument("--n", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="room sizes for the closed loop [10,50,200; quick: 10,50]")
+    parser.add_argument("--duration", type=float, default=None,
+                        help=f"measured seconds per scenario [{DEFAULT_DURATION:g}; "
+                        f"quick: {QUICK_DURATION:g}]")
+    parser.add_argument("--warmup", type=float, default=None, help="seconds before measuring")
+    parser.add_argument("--window", type=int, default=1, help="closed-loop sends in flight "
+                        "per sender [1]")
+    parser.add_argument("--rate", type=float, default=2000.0, help="paced sends/s [2000]")
+    parser.add_argument("--paced-n", type=int, default=50, help="paced room size [50]")
+    parser.add_argument("--storm-rate", type=float, default=200.0, help="storm chat sends/s")
+    parser.add_argument("--storm-n", type=int, default=10, help="storm chat room size")
+    parser.add_argument("--storm-logins", type=int, default=50, help="logins in the storm")
+    parser.add_argument("--skip-storm", action="store_true", help="no login storm")
+    parser.add_argument("--skip-fanout", action="store_true", help="login storm only")
+    parser.add_argument("--notes", type=Path, default=None,
+                        help="markdown file with the profile analysis to include")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="directory: sample the shtalk server with py-spy (collapsed "
+                        "stacks per scenario); perturbs the figures, so not for reporting")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.add_argument("--no-docs", action="store_true", help="do not write PERFORMANCE.md")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    if args.n is None:
+        args.n = [10, 50] if args.quick else DEFAULT_N
+    if args.duration is None:
+        args.duration = QUICK_DURATION if args.quick else DEFAULT_DURATION
+    if args.warmup is None:
+        args.warmup = 1.0 if args.quick else 2.0
+    args.target_n = 50
+
+    work = Path(tempfile.mkdtemp(prefix="shtalk-fanout-", dir="/tmp"))
+    results: dict[str, Any] = {"machine": machine(), "args": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    log(f"work directory {work}")
+    try:
+        if not args.skip_fanout:
+            run_fanout(args, work, results)
+        if not args.skip_storm:
+            run_storm(args, work, results)
+    except BenchError as e:
+        log(f"FAILED: {e}")
+        log(f"server logs kept in {work}")
+        return 1
+    if args.notes is not None:
+        results["notes"] = args.notes.read_text()
+    term, md = build_report(args, results)
+    print(term)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if not args.no_docs:
+        write_section(md)
+        log(f"wrote {DOC.relative_to(REPO)} ({SECTION[3:]})")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
