@@ -116,11 +116,11 @@ class Session:
 
     def decrypt(self, type: MessageType, header: bytes, ciphertext: bytes) -> bytes:
         """Decrypt a message of this session; the state is unchanged on failure."""
-        if type is MessageType.PREKEY:
+        if type == MessageType.PREKEY:
             initial, header = parse_prekey_header(header)
             if not hmac.compare_digest(initial.digest(), self.initial_digest):
                 raise StateError("pre-key message of another session: use accept()")
-        elif type is not MessageType.MESSAGE:
+        elif type != MessageType.MESSAGE:
             raise StateError("not a pairwise message")
         plaintext = self.ratchet.decrypt(header, ciphertext)
         self.initial = None  # the peer has answered (or resent): stop sending pre-key data
