@@ -29,6 +29,13 @@ TLS that pins the server's self-signed certificate (``shtalk.server.tls``):
 Replies whose id could not be read (``"id": null``: framing errors, ``timeout``,
 ``too_many_connections``) go to their own queue: ``next_orphan()``.
 
+`ServerTestCase` is the trial glue: one server per test class (started by the first
+test's ``setUp``), ``self.connect()`` / ``self.session()`` with automatic cleanup.
+
+Run the system tests with the checkout importable: ``make system``, or
+``PYTHONPATH=. .venv/bin/trial tests`` (``SHTALK_KEEP=1`` keeps the temporary data
+directories and ``server.log`` for a post-mortem).
+
 `register_and_login` does the usual hello/register/login and returns the client plus
 the login reply and the backlog it was sent.  `fresh_name` makes unique usernames and
 room names so one server can serve many tests.

@@ -173,6 +173,35 @@ class RoomTests(ServerTestCase):
         yield carol.client.fail("room_join", "invite_required", room=room)
 
     @inlineCallbacks
+    def test_roles_and_owner_succession(self) -> Any:
+        """Owner makes bob admin; admins kick members but not admins; when the owner
+        leaves, the first admin becomes owner."""
+        alice = yield self.session()
+        bob = yield self.session()
+        carol = yield self.session()
+        dave = yield self.session()
+        room = fresh_name("r")
+        yield alice.client.ok("room_create", room=room)
+        for s in (bob, carol, dave):
+            yield s.client.ok("room_join", room=room)
+        r = yield alice.client.ok("room_role", room=room, user=bob.user, role="admin")
+        self.assertEqual((r["room"], r["user"], r["role"]), (room, bob.user, "admin"))
+        push = yield next_member_push(carol)
+        while push["event"] == "joined":
+            push = yield next_member_push(carol)
+        self.assertEqual(push, {"type": "member", "room": room, "user": bob.user,
+                                "event": "role", "role": "admin"})
+        yield bob.client.ok("room_kick", room=room, user=dave.user)
+        yield alice.client.ok("room_role", room=room, user=carol.user, role="admin")
+        yield bob.client.fail("room_kick", "forbidden", room=room, user=carol.user)
+        yield bob.client.fail("room_kick", "forbidden", room=room, user=alice.user)
+        yield alice.client.ok("room_role", room=room, user=carol.user, role="member")
+        yield alice.client.ok("room_leave", room=room)
+        members = yield carol.client.ok("room_members", room=room)
+        roles = {m["user"]: m["role"] for m in members["members"]}
+        self.assertEqual(roles, {bob.user: "owner", carol.user: "member"})
+
+    @inlineCallbacks
     def test_room_fan_out_exactly_once(self) -> Any:
         """Every other member device gets the message once, with the same envelope."""
         alice = yield self.session()
