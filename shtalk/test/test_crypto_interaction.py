@@ -132,12 +132,12 @@ def _run(test: SynchronousTestCase, ops: list[tuple[Any, ...]], strict: bool, wo
 
 
 class InteractionFuzzer(SynchronousTestCase):
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=200, deadline=None)
     @given(st.lists(OPS, min_size=10, max_size=60))
     def test_exactly_once_within_limits(self, ops: list[tuple[Any, ...]]) -> None:
         _run(self, ops, strict=True, world=World())
 
-    @settings(max_examples=40, deadline=None)
+    @settings(max_examples=150, deadline=None)
     @given(st.lists(OPS, min_size=10, max_size=60))
     def test_tight_limits_never_wrong(self, ops: list[tuple[Any, ...]]) -> None:
         _run(self, ops, strict=False, world=World(max_skip=3, max_skipped=4))
