@@ -6,7 +6,7 @@ import base64
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from zope.interface import implementer
 
 from shtalk.protocol.errors import ErrorCode, ProtocolError
@@ -37,6 +37,7 @@ class ChatUser:
         self.device_id = device_id
         self.family = family  # None until a password login opens one
         self.mind = mind
+        self._send_gate: Deferred[None] | None = None
 
     @property
     def store(self) -> Any:
@@ -53,6 +54,7 @@ class ChatUser:
                 ErrorCode.ROOM_EXISTS, "a room with that name exists; join it or pick another"
             ) from None
         self.service.router.room_members[room.id] = {self.user.id: "owner"}
+        self.service.rooms_by_key[room.key] = room
         self.service.router.room_names[room.id] = room.name
         self.service.user_rooms.setdefault(self.user.id, set()).add(room.id)
         return {"room": room.name, "invite_only": room.invite_only, "role": "owner"}
@@ -196,6 +198,37 @@ class ChatUser:
         client_id: str,
         expires_in: int | None,
     ) -> Any:
+        # Sends of one device are stored in the order they arrived: each waits
+        # until the previous one has been queued for commit (not committed, so
+        # group commit still batches them).  Lookups usually hit the caches,
+        # so this rarely waits at all.
+        previous, gate = self._send_gate, Deferred[None]()
+        self._send_gate = gate
+        try:
+            if previous is not None and not previous.called:
+                yield previous
+            appended = yield self._prepare_send(to, envelope, envelopes, client_id, expires_in)
+        finally:
+            gate.callback(None)
+            if self._send_gate is gate:
+                self._send_gate = None
+        message, d = appended
+        result = yield d
+        if not result.duplicate:
+            for stored in result.messages:
+                self.service.bus.publish(stored)
+        return {"seq": result.seqs[0], "ts": message.ts, "duplicate": result.duplicate}
+
+    @inlineCallbacks
+    def _prepare_send(
+        self,
+        to: Mapping[str, str],
+        envelope: bytes | None,
+        envelopes: Mapping[str, bytes] | None,
+        client_id: str,
+        expires_in: int | None,
+    ) -> Any:
+        """Check and resolve a send; return the message and the store's Deferred."""
         if envelope is None and not envelopes:
             raise ProtocolError(ErrorCode.MISSING_FIELD, "give 'envelope' or 'envelopes'")
         service = self.service
@@ -242,11 +275,7 @@ class ChatUser:
             envelope=envelope,
             envelopes=per_device,
         )
-        result = yield service.store.append(message)
-        if not result.duplicate:
-            for stored in result.messages:
-                service.bus.publish(stored)
-        return {"seq": result.seqs[0], "ts": message.ts, "duplicate": result.duplicate}
+        return message, service.store.append(message)
 
     @inlineCallbacks
     def _resolve_devices(self, envelopes: Mapping[str, bytes], allowed: set[int]) -> Any:

@@ -58,6 +58,8 @@ class ChatService(Service):
         self.bus: IDeliveryBus = LocalBus(self.router)
         self.user_devices: dict[int, dict[str, Device]] = {}
         self.user_rooms: dict[int, set[int]] = {}
+        self.rooms_by_key: dict[str, Room] = {}
+        self.users_by_key: dict[str, User] = {}  # active accounts only
         self._purge: Any = None
         # Seam for email verification (account-security issue): new accounts
         # start in this status.  "active" until verification lands.
@@ -181,21 +183,33 @@ class ChatService(Service):
 
     @inlineCallbacks
     def room(self, raw: str) -> Any:
+        # Rooms never change name or kind, so a cache hit costs no thread hop
+        # (which also keeps a device's sends in order without waiting).
         _, key = room_key(raw)
-        room: Room | None = yield self.store.room_by_key(key)
+        room: Room | None = self.rooms_by_key.get(key)
         if room is None:
-            raise ProtocolError(ErrorCode.NO_SUCH_ROOM, "no such room; /rooms lists them")
+            room = yield self.store.room_by_key(key)
+            if room is None:
+                raise ProtocolError(ErrorCode.NO_SUCH_ROOM, "no such room; /rooms lists them")
+            self.rooms_by_key[key] = room
         members = yield self.load_room(room)
         return room, members
 
     @inlineCallbacks
     def user(self, raw: str) -> Any:
         _, key = user_key(raw)
-        user: User | None = yield self.store.user_by_key(key)
-        if user is None or user.status != "active":
-            raise ProtocolError(ErrorCode.NO_SUCH_USER, "no such user")
+        user: User | None = self.users_by_key.get(key)
+        if user is None:
+            user = yield self.store.user_by_key(key)
+            if user is None or user.status != "active":
+                raise ProtocolError(ErrorCode.NO_SUCH_USER, "no such user")
+            self.users_by_key[key] = user
         self.names[user.id] = user.name
         return user
+
+    def forget_user(self, key: str) -> None:
+        """Drop a cached account after its status changed (suspension, deletion)."""
+        self.users_by_key.pop(key, None)
 
     @inlineCallbacks
     def interested_in(self, user_id: int) -> Any:

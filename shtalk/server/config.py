@@ -102,8 +102,9 @@ class ServerSection(Section):
     interface: str = setting("127.0.0.1", "address to listen on; 0.0.0.0 or :: for all")
     port: int = setting(6697, "TLS port to listen on (0 picks a free one)", min=0, max=65535)
     listen: str = setting(
-        "", "Twisted server endpoint string overriding interface/port, e.g. tcp:6697 behind a "
-        "TLS-terminating proxy; empty uses shtalk's own TLS on interface:port"
+        "",
+        "Twisted server endpoint string overriding interface/port, e.g. tcp:6697 behind a "
+        "TLS-terminating proxy; empty uses shtalk's own TLS on interface:port",
     )
     data_dir: str = setting("", "data directory; empty means $XDG_DATA_HOME/shtalk")
     cert: str = setting(
@@ -126,8 +127,9 @@ class AccountsSection(Section):
     """Password hashing and policy (SECURITY-CHECKLIST PW-1, PW-2)."""
 
     bcrypt_cost: int = setting(12, "bcrypt work factor (log2 rounds)", min=10, max=16)
-    min_password_length: int = setting(12, "shortest password accepted, in characters",
-                                       min=8, max=64)
+    min_password_length: int = setting(
+        12, "shortest password accepted, in characters", min=8, max=64
+    )
 
 
 @register_section("tokens")
@@ -177,8 +179,7 @@ def _build_section(cls: type[S], values: Mapping[str, str], where: str) -> S:
     for key, raw in values.items():
         if key not in known:
             raise ConfigError(
-                f"{where}: unknown key {key!r} in [{cls.NAME}] "
-                f"(known: {', '.join(sorted(known))})"
+                f"{where}: unknown key {key!r} in [{cls.NAME}] (known: {', '.join(sorted(known))})"
             )
         try:
             kwargs[key] = _parse_value(hints[key], raw)
@@ -261,8 +262,9 @@ class ServerConfig:
             raise ConfigError(f"{path}: cannot read config file: {_one_line(e)}") from None
         return cls.from_string(text, source=str(path))
 
-    def with_overrides(self, overrides: Mapping[str, Mapping[str, object]],
-                       source: str = "command line") -> ServerConfig:
+    def with_overrides(
+        self, overrides: Mapping[str, Mapping[str, object]], source: str = "command line"
+    ) -> ServerConfig:
         """A copy with typed values replaced, e.g. ``{"server": {"port": 7000}}``.
 
         The command line wins over the file; values are checked like the file's.

@@ -92,7 +92,8 @@ class DataDir:
             key_exists = self.key_path.exists() or self.key_path.is_symlink()
             if cert_exists != key_exists:
                 present, missing = (
-                    (self.cert_path, self.key_path) if cert_exists
+                    (self.cert_path, self.key_path)
+                    if cert_exists
                     else (self.key_path, self.cert_path)
                 )
                 raise DataDirError(
@@ -129,18 +130,18 @@ class DataDir:
                 f"{self.jwt_key_path}: not a PEM private key (corrupt); {REGENERATE} "
                 "(a new key logs everyone out)"
             ) from None
-        if not (isinstance(key, ec.EllipticCurvePrivateKey)
-                and isinstance(key.curve, ec.SECP256R1)):
-            raise DataDirError(
-                f"{self.jwt_key_path}: not an ECDSA P-256 key; {REGENERATE}"
-            )
+        if not (
+            isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)
+        ):
+            raise DataDirError(f"{self.jwt_key_path}: not an ECDSA P-256 key; {REGENERATE}")
         return data
 
     def tls_server_options(self) -> CertificateOptions:
         """Server TLS options from the data dir's own certificate and key."""
         try:
-            return tls.load_server_options(self.cert_path, self.key_path,
-                                           remedy=f"{REGENERATE} (together with its partner)")
+            return tls.load_server_options(
+                self.cert_path, self.key_path, remedy=f"{REGENERATE} (together with its partner)"
+            )
         except tls.TLSFileError as e:
             raise DataDirError(str(e)) from None
 
@@ -188,7 +189,7 @@ class DataDir:
                 data = make()
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -209,8 +210,7 @@ class DataDir:
             raise DataDirError(f"{path}: missing; {REGENERATE}") from None
         except OSError as e:
             raise DataDirError(
-                f"{path}: cannot read ({e.strerror}); it must be a regular file owned by "
-                "this user"
+                f"{path}: cannot read ({e.strerror}); it must be a regular file owned by this user"
             ) from None
         try:
             st = os.fstat(fd)

@@ -35,6 +35,14 @@ class Conflict(StoreError):
 class TokenReuse(StoreError):
     """A rotated refresh token came back: its family is now revoked."""
 
+    def __init__(self, message: str, family: str = "") -> None:
+        super().__init__(message)
+        self.family = family
+
+
+class TokenRevoked(StoreError):
+    """The refresh token's session was logged out or revoked after a reuse."""
+
 
 class TokenUnknown(StoreError):
     """No such refresh token, or it expired, or its family is revoked."""
@@ -97,7 +105,8 @@ class IStore(Interface):
         """Swap a live refresh token for a new one.
 
         Errback TokenReuse (and revoke the family) if ``old_hash`` was
-        already rotated; TokenUnknown if unknown, expired or revoked.
+        already rotated; TokenRevoked if its family is revoked; TokenUnknown
+        if unknown or expired.
         """
 
     def session(family: str) -> Deferred[Session | None]: ...

@@ -40,7 +40,7 @@ from shtalk.server.auth import (
 )
 from shtalk.server.avatar import ChatUser
 from shtalk.server.chat import ChatService
-from shtalk.server.interfaces import TokenReuse, TokenUnknown
+from shtalk.server.interfaces import TokenReuse, TokenRevoked, TokenUnknown
 from shtalk.server.naming import user_key
 
 log = Logger()
@@ -151,13 +151,24 @@ class ShtalkServerProtocol(LineOnlyReceiver):
 
     # framing -------------------------------------------------------------------
     def lineLengthExceeded(self, line: bytes) -> None:
+        transport: Any = self.transport
+        if transport is None or getattr(transport, "disconnecting", False):
+            return
         self._send_error(
             None,
             ErrorCode.LINE_TOO_LONG,
             f"lines are limited to {self.MAX_LENGTH} bytes; connection closed",
         )
-        # abortConnection: do not keep reading (or buffering) an abusive peer.
-        self.transport.abortConnection()  # type: ignore[union-attr]
+        # Stop reading (and buffering) the abusive peer, but let TLS flush the error
+        # line: abortConnection at once would discard it (seen over real TLS).  Abort
+        # only if the peer does not complete the close in time.
+        transport.pauseProducing()
+        transport.loseConnection()
+        for call in (self._deadline, self._idle):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle = None
+        self._deadline = self.factory.clock.callLater(2.0, transport.abortConnection)
 
     def lineReceived(self, line: bytes) -> None:
         if line.endswith(b"\r"):
@@ -379,13 +390,21 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         self.state = State.AUTHENTICATING
         try:
             _, access, refresh = yield self.factory.chat.refresh(request.args["refresh_token"])
-        except TokenReuse:
+        except TokenReuse as e:
             self.state = State.READY
             log.warn("refresh token reuse: session family revoked")
+            # Whoever holds the family's live connections may be the thief: drop them.
+            for proto in list(self.factory.sessions.pop(e.family, ())):
+                proto.session_revoked("this session was revoked: its refresh token was reused")
             raise ProtocolError(
                 ErrorCode.TOKEN_REVOKED,
                 "that refresh token was already used; every session of this login "
                 "was revoked. Log in with your password",
+            ) from None
+        except TokenRevoked:
+            self.state = State.READY
+            raise ProtocolError(
+                ErrorCode.TOKEN_REVOKED, "this session was logged out; log in with your password"
             ) from None
         except TokenUnknown:
             self.state = State.READY

@@ -44,6 +44,7 @@ from shtalk.server.interfaces import (
     IStore,
     StoreError,
     TokenReuse,
+    TokenRevoked,
     TokenUnknown,
 )
 from shtalk.server.records import (
@@ -512,9 +513,7 @@ class SQLiteStore:
         bundle: bytes | None,
         one_time: Sequence[OneTimeKey],
     ) -> Deferred[dict[str, int]]:
-        return self._write(
-            prekeys.publish, user_id, device_id, bundle, list(one_time), self._now()
-        )
+        return self._write(prekeys.publish, user_id, device_id, bundle, list(one_time), self._now())
 
     def key_counts(self, user_id: int, device_id: str) -> Deferred[dict[str, int]]:
         return self._read(prekeys.counts, user_id, device_id)
@@ -826,9 +825,11 @@ def _rotate_refresh(
         " FROM refresh_tokens t JOIN sessions s ON s.family = t.family WHERE t.hash = ?",
         (old_hash,),
     ).fetchone()
-    if row is None or row[6]:
-        raise TokenUnknown("unknown or revoked refresh token")
+    if row is None:
+        raise TokenUnknown("unknown refresh token")
     family = row[0]
+    if row[6]:
+        raise TokenRevoked("the refresh token's session is revoked")
     # A used token is reuse even if the replayed copy is by now expired.  The
     # guarded UPDATE makes "exactly one rotation wins" hold without relying
     # on the single writer (a PostgreSQL backend would need it).
@@ -840,7 +841,7 @@ def _rotate_refresh(
     )
     if not won:
         conn.execute("UPDATE sessions SET revoked = 1 WHERE family = ?", (family,))
-        raise _KeepWrites(TokenReuse("refresh token reused: the session is revoked"))
+        raise _KeepWrites(TokenReuse("refresh token reused: the session is revoked", family))
     if row[1] <= now or row[5] <= now:
         raise TokenUnknown("expired refresh token")  # the savepoint undoes "used = 1"
     try:

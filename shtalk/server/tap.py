@@ -66,28 +66,52 @@ class Options(usage.Options):
     )
 
     optParameters: list[list[Any]] = [
-        ["config", "c", None,
-         "INI configuration file (see conf/shtalk.ini for every key, documented). "
-         "Unknown sections or keys are errors."],
-        ["data-dir", "d", None,
-         "Directory for the database, keys and certificate "
-         "[default: $XDG_DATA_HOME/shtalk, i.e. ~/.local/share/shtalk]."],
-        ["interface", "i", None,
-         "Address to listen on; 0.0.0.0 or :: for every interface [default: 127.0.0.1]."],
-        ["port", "p", None, "TLS port to listen on; 0 picks a free one [default: 6697].",
-         _port],
-        ["listen", "l", None,
-         "Twisted server endpoint string to listen on instead of --interface/--port, e.g. "
-         "'tcp:6697:interface=127.0.0.1' behind a TLS-terminating proxy (no TLS here!) or "
-         "'unix:/run/shtalk.sock'. 'ssl:...' strings use Twisted's TLS settings, not "
-         "shtalk's; the default listener applies shtalk's policy (TLS >= 1.2, ECDHE+AEAD)."],
-        ["cert", None, None,
-         "TLS certificate chain file (PEM, server certificate first); needs --key "
-         "[default: self-signed ECDSA P-256 certificate made in the data directory]."],
+        [
+            "config",
+            "c",
+            None,
+            "INI configuration file (see conf/shtalk.ini for every key, documented). "
+            "Unknown sections or keys are errors.",
+        ],
+        [
+            "data-dir",
+            "d",
+            None,
+            "Directory for the database, keys and certificate "
+            "[default: $XDG_DATA_HOME/shtalk, i.e. ~/.local/share/shtalk].",
+        ],
+        [
+            "interface",
+            "i",
+            None,
+            "Address to listen on; 0.0.0.0 or :: for every interface [default: 127.0.0.1].",
+        ],
+        ["port", "p", None, "TLS port to listen on; 0 picks a free one [default: 6697].", _port],
+        [
+            "listen",
+            "l",
+            None,
+            "Twisted server endpoint string to listen on instead of --interface/--port, e.g. "
+            "'tcp:6697:interface=127.0.0.1' behind a TLS-terminating proxy (no TLS here!) or "
+            "'unix:/run/shtalk.sock'. 'ssl:...' strings use Twisted's TLS settings, not "
+            "shtalk's; the default listener applies shtalk's policy (TLS >= 1.2, ECDHE+AEAD).",
+        ],
+        [
+            "cert",
+            None,
+            None,
+            "TLS certificate chain file (PEM, server certificate first); needs --key "
+            "[default: self-signed ECDSA P-256 certificate made in the data directory].",
+        ],
         ["key", None, None, "Unencrypted PEM private key for --cert."],
-        ["max-connections-per-address", None, None,
-         "Simultaneous connections allowed from one IP address; raise it to benchmark "
-         "from one host [default: 20].", _positive],
+        [
+            "max-connections-per-address",
+            None,
+            None,
+            "Simultaneous connections allowed from one IP address; raise it to benchmark "
+            "from one host [default: 20].",
+            _positive,
+        ],
     ]
 
     _OVERRIDES = {
@@ -158,8 +182,9 @@ def announcement(address: Any, fingerprint: str | None, listen: str) -> list[str
     if fingerprint is not None:
         lines.append(f"TLS certificate SHA-256 fingerprint: {fingerprint}")
     if listen and not listen.startswith("ssl:"):
-        lines.append(f"note: --listen {listen} carries no TLS of its own; "
-                     "terminate TLS in front of it")
+        lines.append(
+            f"note: --listen {listen} carries no TLS of its own; terminate TLS in front of it"
+        )
     if inet:
         where = f"{_host_for_humans(str(host))}:{port}"
         lines.append(f"connect with: shtalk-urwid {where}")
@@ -192,8 +217,10 @@ class ShtalkService(MultiService):
             self._cannot_listen(e)
 
     def _cannot_listen(self, e: CannotListenError) -> NoReturn:
-        message = (f"cannot listen on {e.interface or '*'}:{e.port}: {_reason(e.socketError)}; "
-                   "choose another with --port/--interface/--listen")
+        message = (
+            f"cannot listen on {e.interface or '*'}:{e.port}: {_reason(e.socketError)}; "
+            "choose another with --port/--interface/--listen"
+        )
         log.critical("{message}", message=message)
         fail(message, self.stderr if self.stderr is not None else sys.__stderr__)
 
@@ -224,7 +251,8 @@ def build_service(
     else:
         cert_path = Path(server.cert)
         tls_options = tls.load_server_options(
-            cert_path, Path(server.key),
+            cert_path,
+            Path(server.key),
             remedy="check --cert/--key (or [server] cert/key in the config file)",
         )
     fingerprint = tls.cert_fingerprint(cert_path.read_bytes())
@@ -290,5 +318,3 @@ def makeService(options: Options) -> MultiService:
         return build_service(options, reactor)
     except StartupError as e:
         fail(str(e))
-
-

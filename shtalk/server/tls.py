@@ -67,9 +67,7 @@ def _restrict_groups(ctx: SSL.Context) -> None:
 
 
 def _policy_options(**kwargs: Any) -> CertificateOptions:
-    options = CertificateOptions(
-        raiseMinimumTo=MINIMUM_TLS, acceptableCiphers=_ciphers(), **kwargs
-    )
+    options = CertificateOptions(raiseMinimumTo=MINIMUM_TLS, acceptableCiphers=_ciphers(), **kwargs)
     # getContext() caches the context, so every connection uses the restricted one.
     _restrict_groups(options.getContext())
     return options
@@ -89,8 +87,10 @@ def server_options(cert_pem: bytes, key_pem: bytes) -> CertificateOptions:
     pub = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    leaf_pub = chain[0].public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    leaf_pub = (
+        chain[0]
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     if pub != leaf_pub:
         raise ValueError("the private key does not belong to the certificate")
@@ -152,7 +152,7 @@ def normalize_fingerprint(fingerprint: bytes | str) -> bytes:
     text = fingerprint.decode("ascii") if isinstance(fingerprint, bytes) else fingerprint
     text = text.strip()
     if text.lower().startswith("sha256:"):
-        text = text[len("sha256:"):]
+        text = text[len("sha256:") :]
     hexdigits = "".join(c for c in text if c not in ": ")
     raw = bytes.fromhex(hexdigits)
     if len(raw) != 32:
@@ -178,10 +178,12 @@ def make_self_signed(names: Iterable[str]) -> tuple[bytes, bytes]:
             sans.append(x509.DNSName(name))
     common_name = next(iter(seen), "localhost") if seen else "localhost"
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([
-        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "shtalk self-signed"),
-    ])
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "shtalk self-signed"),
+        ]
+    )
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
@@ -194,14 +196,21 @@ def make_self_signed(names: Iterable[str]) -> tuple[bytes, bytes]:
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
-                       critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -231,8 +240,9 @@ class PinnedClientOptions:
         ctx.set_verify(SSL.VERIFY_PEER, self._verify)
         self._ctx = ctx
 
-    def _verify(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
-                ok: int) -> bool:
+    def _verify(
+        self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+    ) -> bool:
         if depth != 0:
             return True  # the chain does not matter; only the leaf is pinned
         der = cert.to_cryptography().fingerprint(hashes.SHA256())

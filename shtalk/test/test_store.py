@@ -21,6 +21,7 @@ from shtalk.server.interfaces import (
     CorruptStore,
     IStore,
     TokenReuse,
+    TokenRevoked,
     TokenUnknown,
 )
 from shtalk.server.records import AppendResult, NewMessage, User
@@ -327,7 +328,7 @@ class AccountTests(StoreTestBase):
         session = await store.session("fam")
         assert session is not None
         self.assertTrue(session.revoked)
-        await self.failure_of(store.rotate_refresh(b"t3", b"t4", NOW + 2 * DAY, NOW), TokenUnknown)
+        await self.failure_of(store.rotate_refresh(b"t3", b"t4", NOW + 2 * DAY, NOW), TokenRevoked)
         await self.failure_of(
             store.rotate_refresh(b"nope", b"t5", NOW + 2 * DAY, NOW), TokenUnknown
         )
@@ -346,7 +347,7 @@ class AccountTests(StoreTestBase):
         self.assertFalse(s.revoked)
         await store.create_session("f2", alice.id, "a2", b"u1", NOW + DAY)
         await store.revoke_session("f2")
-        await self.failure_of(store.rotate_refresh(b"u1", b"u2", NOW + DAY, NOW), TokenUnknown)
+        await self.failure_of(store.rotate_refresh(b"u1", b"u2", NOW + DAY, NOW), TokenRevoked)
         await store.create_session("f3", alice.id, "a1", b"v1", NOW + DAY)
         await store.revoke_user_sessions(alice.id)
         s3 = await store.session("f3")

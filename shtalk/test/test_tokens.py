@@ -155,7 +155,7 @@ class HasherTests(TestCase):
     """bcrypt in its own pool; cost 4 keeps the test fast (the server refuses < 10)."""
 
     def setUp(self) -> None:
-        self.hasher = PasswordHasher(reactor, cost=4, threads=1)
+        self.hasher = PasswordHasher(reactor, cost=4, threads=1)  # type: ignore[arg-type]
         self.hasher.start()
         self.addCleanup(self.hasher.stop)
 

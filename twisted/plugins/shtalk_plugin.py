@@ -2,7 +2,7 @@
 
 from twisted.application.service import ServiceMaker
 
-shtalk = ServiceMaker(
+shtalk = ServiceMaker(  # type: ignore[no-untyped-call]
     "shtalk",
     "shtalk.server.tap",
     "shtalk: end-to-end encrypted terminal chat server (TLS, JSON lines)",
