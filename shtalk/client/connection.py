@@ -1,0 +1,451 @@
+"""One TLS connection to a shtalk server: JSON lines, requests over Deferreds, pushes.
+
+Why this layer is separate from the session: it knows nothing about accounts, tokens or
+reconnecting, so it can be tested byte for byte over a ``StringTransport`` and reused by
+tools that only need one connection.  Trust is decided by the caller, who passes either
+the pinned fingerprint (`connect`) or asks for CA verification (`connect_system`).
+
+Replies are matched to requests by the ``id`` this module generates; ``ok: false`` becomes
+`ServerError` carrying the protocol's error code.  Lines without an ``id`` are pushes and
+go to ``push_handler`` in arrival order.  Nothing here logs request fields or reply
+bodies: they carry passwords and tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+from collections.abc import Callable
+from typing import Any, cast
+
+from cryptography.hazmat.primitives import hashes
+from OpenSSL import SSL, crypto
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+)
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, optionsForClientTLS
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from shtalk.server import tls
+
+log = Logger()
+
+_NO_REASON = cast(Failure, None)  # Twisted's connectionLost signature has a default
+
+MAX_LINE = 1024 * 1024 + 64 * 1024
+"""Longest line accepted from the server: its 1 MiB line limit plus slack for framing."""
+
+
+class ServerError(Exception):
+    """The server refused a request (``ok: false``); act on ``code``, show ``message``."""
+
+    def __init__(self, code: str, message: str, reply: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.reply: dict[str, Any] = reply if reply is not None else {}
+
+
+class RequestTimeout(ServerError):
+    """No reply arrived in time (code ``timeout``); the request may or may not have run."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("timeout", message)
+
+
+class ConnectionLost(ServerError):
+    """The connection ended before the reply (code ``connection_lost``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("connection_lost", message)
+
+
+class UntrustedServer(Exception):
+    """First contact, and the person declined the server's fingerprint."""
+
+    def __init__(self, fingerprint: str) -> None:
+        super().__init__(f"the server's certificate {fingerprint} was not trusted")
+        self.fingerprint = fingerprint
+
+
+class CertificateChanged(Exception):
+    """The server presented another certificate than the pinned one: refuse to talk.
+
+    The message says how to re-trust on purpose, since the usual cause is a reinstalled
+    server but the dangerous one is interception.
+    """
+
+    def __init__(self, host: str, port: int, expected: str, got: str,
+                 known_hosts_path: str | None = None) -> None:
+        where = f" in {known_hosts_path}" if known_hosts_path else " in the known-hosts file"
+        super().__init__(
+            f"the TLS certificate of {host}:{port} has CHANGED (pinned {expected}, server "
+            f"presented {got}); refusing to connect. Someone may be intercepting the "
+            f"connection. If the server's certificate was replaced on purpose, re-trust it "
+            f"with `shtalk-urwid --forget-server {host}:{port}` or delete the {host}:{port} "
+            f"line{where}, then connect again."
+        )
+        self.host = host
+        self.port = port
+        self.expected = expected
+        self.got = got
+        self.known_hosts_path = known_hosts_path
+
+
+class CertificateInvalid(Exception):
+    """With system trust: the certificate does not chain to a trusted CA or does not
+    name the host."""
+
+    def __init__(self, host: str, port: int, detail: str) -> None:
+        super().__init__(f"the TLS certificate of {host}:{port} failed verification: {detail}")
+        self.host = host
+        self.port = port
+
+
+def _fingerprint_of(cert: crypto.X509) -> str:
+    return tls._colon_hex(cert.to_cryptography().fingerprint(hashes.SHA256()))
+
+
+class _RecordingPinnedOptions(tls.PinnedClientOptions):
+    """`tls.client_options_pinned` that also remembers the leaf it saw, so a refused
+    handshake can be reported as `CertificateChanged` with both fingerprints."""
+
+    seen: str | None = None
+
+    def _verify(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
+                ok: int) -> bool:
+        if depth == 0:
+            self.seen = _fingerprint_of(cert)
+        return super()._verify(conn, cert, errno, depth, ok)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _AnyCertificate:
+    """Accepts any certificate and records the leaf's fingerprint: only to show it to a
+    person who decides (`fetch_fingerprint`), never to talk over."""
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+        self.seen: str | None = None
+        options = CertificateOptions(raiseMinimumTo=tls.MINIMUM_TLS,
+                                     acceptableCiphers=tls._ciphers())
+        self._ctx = options.getContext()
+        self._ctx.set_verify(SSL.VERIFY_PEER, self._verify)
+
+    def _verify(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
+                ok: int) -> bool:
+        if depth == 0:
+            self.seen = _fingerprint_of(cert)
+        return True
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._ctx, None)
+        connection.set_app_data(tlsProtocol)
+        if self.hostname and not tls._is_ip(self.hostname):
+            connection.set_tlsext_host_name(self.hostname.encode("idna"))
+        return connection
+
+
+def _set_nodelay(transport: Any) -> None:
+    # The TLS wrapper forwards attribute lookups to the TCP transport underneath.
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        with contextlib.suppress(OSError):
+            setter(True)
+
+
+@implementer(IHandshakeListener)
+class ClientConnection(LineOnlyReceiver):
+    """One connection: `request` returns a Deferred of the reply; pushes go to
+    ``push_handler``; `when_closed` fires when the link is gone."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[str, Deferred[dict[str, Any]], IDelayedCall]] = {}
+        self._closed_waiters: list[Deferred[None]] = []
+        self._abort_call: IDelayedCall | None = None
+        self.push_handler: Callable[[dict[str, Any]], None] | None = None
+        self.orphan_handler: Callable[[dict[str, Any]], None] | None = None
+        self.max_line_length: int | None = None  # the server's, from the hello reply
+        self.last_error: dict[str, Any] | None = None  # last id-less error from the server
+        self.connected_ok = False
+        self.closed = False
+        self.close_reason: Failure | None = None
+        self.handshake: Deferred[None] = Deferred()
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected_ok = True
+        _set_nodelay(self.transport)
+
+    def handshakeCompleted(self) -> None:
+        if not self.handshake.called:
+            self.handshake.callback(None)
+
+    def connectionLost(self, reason: Failure = _NO_REASON) -> None:
+        self.closed = True
+        self.close_reason = reason
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        pending, self._pending = self._pending, {}
+        for rtype, d, timer in pending.values():
+            if timer.active():
+                timer.cancel()
+            d.errback(ConnectionLost(f"the connection closed before the reply to {rtype!r}"))
+        if not self.handshake.called:
+            self.handshake.errback(reason)
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for w in waiters:
+            w.callback(None)
+
+    def when_closed(self) -> Deferred[None]:
+        """Fires (with None) once the connection is gone; at once if it already is."""
+        d: Deferred[None] = Deferred()
+        if self.closed:
+            d.callback(None)
+        else:
+            self._closed_waiters.append(d)
+        return d
+
+    def close(self, grace: float = 2.0) -> None:
+        """Close cleanly; abort if the peer has not let go within ``grace`` seconds."""
+        if self.closed or self.transport is None:
+            return
+        transport = cast(Any, self.transport)
+        transport.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.clock.callLater(grace, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        if not self.closed and self.transport is not None:
+            cast(Any, self.transport).abortConnection()
+
+    # -- requests ---------------------------------------------------------------------
+
+    def request(self, rtype: str, *, timeout: float = 30.0,
+                **fields: Any) -> Deferred[dict[str, Any]]:
+        """Send ``{"id", "type": rtype, **fields}``; fires with the ``ok: true`` reply.
+
+        Fails with `ServerError` (``ok: false``), `RequestTimeout` after ``timeout``
+        seconds, or `ConnectionLost`.  Cancelling forgets the request (a late reply is
+        dropped).
+        """
+        if self.closed or self.transport is None:
+            return fail(ConnectionLost(f"not connected; {rtype!r} was not sent"))
+        rid = next(self._ids)
+        line = json.dumps({"id": rid, "type": rtype, **fields}, separators=(",", ":"),
+                          ensure_ascii=False).encode("utf-8")
+        if self.max_line_length is not None and len(line) > self.max_line_length:
+            return fail(ServerError(
+                "line_too_long",
+                f"the {rtype!r} request has {len(line)} bytes; the server takes at most "
+                f"{self.max_line_length}"))
+
+        def cancel(d: Deferred[dict[str, Any]]) -> None:
+            entry = self._pending.pop(rid, None)
+            if entry is not None and entry[2].active():
+                entry[2].cancel()
+
+        d: Deferred[dict[str, Any]] = Deferred(cancel)
+        timer = self.clock.callLater(timeout, self._expire, rid, timeout)
+        self._pending[rid] = (rtype, d, timer)
+        self.sendLine(line)  # type: ignore[no-untyped-call]
+        return d
+
+    def _expire(self, rid: int, timeout: float) -> None:
+        entry = self._pending.pop(rid, None)
+        if entry is not None:
+            entry[1].errback(RequestTimeout(f"no reply to {entry[0]!r} within {timeout:g} s"))
+
+    # -- receiving --------------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            log.warn("ignoring a line from the server that is not JSON ({n} bytes)",
+                     n=len(line))
+            return
+        if not isinstance(obj, dict):
+            log.warn("ignoring a JSON line from the server that is not an object")
+            return
+        if "id" not in obj:
+            if self.push_handler is not None:
+                self.push_handler(obj)
+            return
+        rid = obj["id"]
+        if rid is None:
+            self._orphan(obj)
+            return
+        entry = self._pending.pop(rid, None) if isinstance(rid, int) else None
+        if entry is None:
+            return  # a reply to a cancelled or timed-out request
+        _rtype, d, timer = entry
+        if timer.active():
+            timer.cancel()
+        if obj.get("ok") is True:
+            d.callback(obj)
+            return
+        error = obj.get("error")
+        code, message = "internal_error", "malformed error reply"
+        if isinstance(error, dict):
+            code = str(error.get("code", code))
+            message = str(error.get("message", ""))
+        d.errback(ServerError(code, message, obj))
+
+    def _orphan(self, obj: dict[str, Any]) -> None:
+        """An error the server could not tie to a request (framing, timeout, limits)."""
+        self.last_error = obj.get("error") if isinstance(obj.get("error"), dict) else None
+        code = (self.last_error or {}).get("code", "?")
+        log.info("the server reported {code} without a request id", code=code)
+        if self.orphan_handler is not None:
+            self.orphan_handler(obj)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        log.warn("the server sent a line over {n} bytes; dropping the connection",
+                 n=self.MAX_LENGTH)
+        cast(Any, self.transport).abortConnection()
+
+
+# -- connecting ----------------------------------------------------------------------
+
+
+def _handshake_timeout(reactor: Any, conn: ClientConnection, timeout: float) -> None:
+    def expire() -> None:
+        if not conn.handshake.called and conn.transport is not None:
+            cast(Any, conn.transport).abortConnection()
+
+    call = reactor.callLater(timeout, expire)
+    conn.handshake.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+
+
+def _open(reactor: Any, host: str, port: int, creator: IOpenSSLClientConnectionCreator,
+          timeout: float, on_handshake_failure: Callable[[Failure], Failure | Exception],
+          ) -> Deferred[ClientConnection]:
+    """TCP (``HostnameEndpoint``: names, IPv4 and IPv6) + TLS, firing after the handshake."""
+    endpoint = wrapClientTLS(creator, HostnameEndpoint(reactor, host, port,
+                                                       timeout=max(1, int(timeout))))
+    conn = ClientConnection(reactor)
+    connected: Deferred[Any] = connectProtocol(endpoint, conn)  # type: ignore[no-untyped-call]
+
+    def translate(f: Failure) -> Failure:
+        result = on_handshake_failure(f)
+        return result if isinstance(result, Failure) else Failure(result)  # type: ignore[no-untyped-call]
+
+    def tcp_up(_: object) -> Deferred[None]:
+        _handshake_timeout(reactor, conn, timeout)
+        conn.handshake.addErrback(translate)
+        return conn.handshake
+
+    connected.addCallback(tcp_up)
+    return connected.addCallback(lambda _: conn)
+
+
+def _describe(f: Failure) -> str:
+    value = f.value
+    if isinstance(value, SSL.Error):
+        return "TLS handshake failed"
+    return str(value) or type(value).__name__
+
+
+def connect(reactor: Any, host: str, port: int, fingerprint: str,
+            timeout: float = 10.0) -> Deferred[ClientConnection]:
+    """A connection accepting only the certificate with SHA-256 ``fingerprint``.
+
+    Uses `shtalk.server.tls.client_options_pinned` (TLS >= 1.2, Mozilla intermediate
+    suites, SNI = ``host``).  Fires once the handshake completed; a different certificate
+    fails with `CertificateChanged`, anything else with the underlying error.
+    """
+    try:
+        creator = _RecordingPinnedOptions(fingerprint, host)
+    except ValueError as e:
+        return fail(e)
+    expected = tls._colon_hex(creator.pin)
+
+    def refused(f: Failure) -> Failure | Exception:
+        if creator.seen is not None and creator.seen != expected:
+            return CertificateChanged(host, port, expected, creator.seen)
+        return f
+
+    return _open(reactor, host, port, creator, timeout, refused)
+
+
+def connect_system(reactor: Any, host: str, port: int, timeout: float = 10.0,
+                   trust_root: IOpenSSLTrustRoot | None = None,
+                   ) -> Deferred[ClientConnection]:
+    """A connection verified the usual web way: a CA in ``trust_root`` (default: the
+    platform's) and the host name checked by ``service_identity``.  Failure to verify is
+    `CertificateInvalid`."""
+    creator = optionsForClientTLS(
+        host, trustRoot=trust_root,
+        extraCertificateOptions={
+            "raiseMinimumTo": tls.MINIMUM_TLS,
+            "acceptableCiphers": AcceptableCiphers.fromOpenSSLCipherString(  # type: ignore[no-untyped-call]
+                tls.MOZILLA_INTERMEDIATE_TLS12),
+        },
+    )
+
+    def refused(f: Failure) -> Failure | Exception:
+        if isinstance(f.value, SSL.Error) or type(f.value).__name__ == "VerificationError":
+            return CertificateInvalid(host, port, _describe(f))
+        return f
+
+    return _open(reactor, host, port, creator, timeout, refused)
+
+
+@implementer(IHandshakeListener)
+class _FingerprintProbe(Protocol):
+    def __init__(self, creator: _AnyCertificate) -> None:
+        self.creator = creator
+        self.result: Deferred[str] = Deferred()
+
+    def handshakeCompleted(self) -> None:
+        if not self.result.called and self.creator.seen is not None:
+            self.result.callback(self.creator.seen)
+        cast(Any, self.transport).loseConnection()
+
+    def connectionLost(self, reason: Failure = _NO_REASON) -> None:
+        if not self.result.called:
+            self.result.errback(reason)
+
+
+def fetch_fingerprint(reactor: Any, host: str, port: int,
+                      timeout: float = 10.0) -> Deferred[str]:
+    """The SHA-256 fingerprint (``AB:CD:...``) the server presents.
+
+    A handshake WITHOUT verification and without sending anything: only to show the
+    fingerprint to a person before pinning it (first contact); the conversation itself
+    then runs over `connect` pinned to what they accepted, so a swap in between fails.
+    """
+    creator = _AnyCertificate(host)
+    probe = _FingerprintProbe(creator)
+    endpoint = wrapClientTLS(creator, HostnameEndpoint(reactor, host, port,
+                                                       timeout=max(1, int(timeout))))
+    connected: Deferred[Any] = connectProtocol(endpoint, probe)  # type: ignore[no-untyped-call]
+
+    def tcp_up(_: object) -> Deferred[str]:
+        def expire() -> None:
+            if not probe.result.called and probe.transport is not None:
+                cast(Any, probe.transport).abortConnection()
+
+        call = reactor.callLater(timeout, expire)
+        return probe.result.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+
+    return connected.addCallback(tcp_up)
