@@ -64,6 +64,59 @@ class BenchError(Exception):
     pass
 
 
+# an experiment: time the store's group commits inside the server -----------------------
+
+
+def install_store_probe(out_path: str) -> None:
+    """Run inside the shtalk server (``--store-probe``): time every write transaction.
+
+    Wraps ``shtalk.server.store._run_batch`` (looked up at call time by the store) and
+    writes, at exit, the batch sizes, the wall time of each transaction in the writer
+    thread and the CPU time that thread spent in it; wall minus CPU is time the writer
+    waited (for the GIL, or for the disk in COMMIT).
+    """
+    import atexit
+
+    from shtalk.server import store
+
+    original = store._run_batch
+    samples: list[tuple[int, float, float, float]] = []
+
+    def timed(conn: Any, ops: Any) -> Any:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            return original(conn, ops)
+        finally:
+            samples.append((len(ops), t0, time.perf_counter() - t0, time.thread_time() - c0))
+
+    store._run_batch = timed
+
+    def dump() -> None:
+        Path(out_path).write_text(json.dumps(samples))
+
+    atexit.register(dump)
+    from twisted.internet import reactor
+
+    reactor.addSystemEventTrigger("after", "shutdown", dump)  # type: ignore[attr-defined]
+
+
+def summarize_probe(path: Path) -> dict[str, Any]:
+    samples = json.loads(path.read_text())
+    if not samples:
+        return {}
+    walls = sorted(s[2] for s in samples)
+    span = samples[-1][1] + samples[-1][2] - samples[0][1]
+    return {
+        "transactions": len(samples),
+        "ops": sum(s[0] for s in samples),
+        "ops_per_tx_mean": round(sum(s[0] for s in samples) / len(samples), 1),
+        "tx_wall_ms_p50": round(walls[len(walls) // 2] * 1000, 2),
+        "tx_wall_ms_p99": round(walls[int(len(walls) * 0.99)] * 1000, 2),
+        "writer_busy_share": round(sum(walls) / span, 3) if span else None,
+        "writer_cpu_share_of_wall": round(sum(s[3] for s in samples) / sum(walls), 3),
+    }
+
+
 # servers -------------------------------------------------------------------------------
 
 
@@ -125,7 +178,10 @@ class Server:
         self._log_file.close()
 
 
-def start_shtalk(work: Path, name: str, bcrypt_cost: int) -> Server:
+def start_shtalk(
+    work: Path, name: str, bcrypt_cost: int, switch_interval: float | None = None,
+    probe: Path | None = None,
+) -> Server:
     data = work / f"{name}-data"
     cfg = work / f"{name}.ini"
     cfg.write_text(
@@ -138,8 +194,13 @@ def start_shtalk(work: Path, name: str, bcrypt_cost: int) -> Server:
         "[tokens]\n"
         "access_ttl = 7200\n"
     )
+    boot = "from twisted.scripts.twistd import run; run()"
+    if switch_interval is not None:  # an experiment, off by default
+        boot = f"import sys; sys.setswitchinterval({switch_interval!r}); " + boot
+    if probe is not None:  # an experiment, off by default
+        boot = f"import bench.fanout as b; b.install_store_probe({str(probe)!r}); " + boot
     argv = [
-        sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+        sys.executable, "-c", boot,
         "-n", "--pidfile=", "--logfile", str(work / f"{name}-twistd.log"),
         "shtalk", "--port", "0", "--data-dir", str(data), "--config", str(cfg),
     ]
@@ -234,7 +295,9 @@ def servers_stopped(servers: list[Server]) -> Iterator[None]:
 
 
 def run_fanout(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
-    shtalk = start_shtalk(work, "fanout", bcrypt_cost=10)
+    probe = work / "store-probe.json" if args.store_probe else None
+    shtalk = start_shtalk(work, "fanout", bcrypt_cost=10, switch_interval=args.switch_interval,
+                          probe=probe)
     servers = [shtalk]
     with servers_stopped(servers):
         data_dir = work / "fanout-data"
@@ -243,40 +306,51 @@ def run_fanout(args: argparse.Namespace, work: Path, results: dict[str, Any]) ->
         fp = fingerprint(data_dir)
         log(f"shtalk pid {shtalk.pid} port {shtalk.port}; ceiling pid {ceiling.pid} "
             f"port {ceiling.port}")
-        users = [f"bench{i:03d}" for i in range(max([*args.n, args.paced_n]))]
+        sizes = ([] if args.skip_closed else args.n) + ([] if args.skip_paced else [args.paced_n])
+        users = [f"bench{i:03d}" for i in range(max(sizes))]
         log(f"set-up: registering and logging in {len(users)} accounts (bcrypt cost 10)")
         setup = load({"scenario": "setup", "mode": "shtalk", "port": shtalk.port,
                       "fingerprint": fp, "users": users}, timeout=600)
         tokens = [setup["tokens"][u] for u in users]
         log(f"set-up took {setup['seconds']} s")
         common = {"fingerprint": fp, "warmup": args.warmup, "duration": args.duration,
-                  "window": args.window}
+                  "window": args.window, "ack_interval": args.ack_interval,
+                  "ack_batch": args.ack_batch}
         limit = args.warmup + args.duration + 120
 
         def both(key: str, n: int, rate: float) -> None:
             for mode, server in (("ceiling", ceiling), ("shtalk", shtalk)):
                 spec = {**common, "scenario": "fanout", "mode": mode, "port": server.port,
                         "server_pid": server.pid, "n": n, "rate": rate,
-                        "room": f"{key}-{n}", "tokens": tokens[:n]}
+                        "room": f"{key}-{n}-{rate:g}", "tokens": tokens[:n]}
                 what = f"{key} n={n}" + (f" rate={rate:g}/s" if rate else "")
                 log(f"{what} against {mode} ...")
-                with profiled(args, server if mode == "shtalk" else None, f"{key}-{n}"):
+                slot = str(n) if key == "closed" else f"{n}@{rate:g}"
+                with profiled(args, server if mode == "shtalk" else None, f"{key}-{slot}"):
                     r = load(spec, timeout=limit)
-                results.setdefault(key, {}).setdefault(str(n), {})[mode] = r
+                r.update(n=n, rate=rate)
+                results.setdefault(key, {}).setdefault(slot, {})[mode] = r
                 lat = r["latency"]
                 log(f"  {r['delivered_per_s']:.0f} delivered/s, {r['sends_acked_per_s']:.0f} "
                     f"sends/s, p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, server cpu "
                     f"{r['server_cpu']:.2f} (reactor {r['server_reactor_cpu']:.2f}), loadgen cpu "
-                    f"{r['loadgen_cpu']:.2f}, acks/s {r['acks_per_s']:.0f}, "
+                    f"{r['loadgen_cpu']:.2f}, machine {r['machine_busy_cores']:.2f} cores "
+                    f"(steal {r['machine_steal_cores']:.2f}), acks/s {r['acks_per_s']:.0f}, "
                     f"errors {r['errors']} {r['first_error']}")
 
-        for n in args.n:
-            both("closed", n, 0)
-        both("paced", args.paced_n, args.rate)
+        if not args.skip_closed:
+            for n in args.n:
+                both("closed", n, 0)
+        if not args.skip_paced:
+            for rate in args.rate:
+                both("paced", args.paced_n, rate)
+    if probe is not None and probe.exists():  # written when the server exits
+        results["store_probe"] = summarize_probe(probe)
+        log(f"store probe (whole run): {results['store_probe']}")
 
 
 def run_storm(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
-    shtalk = start_shtalk(work, "storm", bcrypt_cost=12)
+    shtalk = start_shtalk(work, "storm", bcrypt_cost=12, switch_interval=args.switch_interval)
     with servers_stopped([shtalk]):
         fp = fingerprint(work / "storm-data")
         chat = [f"chat{i:03d}" for i in range(args.storm_n)]
@@ -320,7 +394,17 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "twisted": twisted.__version__,
         "kernel": platform.release(),
+        "revision": _revision(),
     }
+
+
+def _revision() -> str:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=str(REPO),
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
 
 
 def _ms(v: float | None) -> str:
@@ -340,15 +424,16 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
     m = results["machine"]
     rows = []
     header = ("| scenario | server | N | sends/s | delivered/s | vs ceiling | p50 ms | p99 ms "
-              "| p99.9 ms | acks/s | server CPU (reactor) | loadgen CPU |")
-    sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+              "| p99.9 ms | acks/s | server CPU (reactor) | loadgen CPU | machine busy |")
+    sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for key in ("closed", "paced"):
-        for n, pair in results.get(key, {}).items():
+        for pair in results.get(key, {}).values():
             ceiling = pair["ceiling"]
             for mode in ("ceiling", "shtalk"):
                 r = pair[mode]
                 lat = r["latency"]
-                scen = "closed loop" if key == "closed" else f"paced {args.rate:g}/s"
+                n = r["n"]
+                scen = "closed loop" if key == "closed" else f"paced {r['rate']:g}/s"
                 ratio = "100%" if mode == "ceiling" else _ratio(
                     r["delivered_per_s"], ceiling["delivered_per_s"])
                 rows.append(
@@ -356,7 +441,7 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
                     f"| {r['delivered_per_s']:,.0f} | {ratio} | {_ms(lat['p50_ms'])} "
                     f"| {_ms(lat['p99_ms'])} | {_ms(lat['p999_ms'])} | {r['acks_per_s']:,.0f} "
                     f"| {r['server_cpu']:.0%} ({r['server_reactor_cpu']:.0%}) "
-                    f"| {r['loadgen_cpu']:.0%} |"
+                    f"| {r['loadgen_cpu']:.0%} | {r['machine_busy_cores']:.2f} cores |"
                 )
     table = "\n".join([header, sep, *rows])
 
@@ -370,15 +455,18 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
             f"messages per second (target >= {TARGET_RATIO:.0%}): "
             f"{_verdict(ratio >= TARGET_RATIO)}."
         )
-    paced = results.get("paced", {}).get(str(args.paced_n))
+    target_rate = args.rate[0]
+    paced = results.get("paced", {}).get(f"{args.paced_n}@{target_rate:g}")
     if paced:
         p99 = paced["shtalk"]["latency"]["p99_ms"]
         achieved = paced["shtalk"]["sends_acked_per_s"]
-        met = p99 is not None and p99 <= TARGET_P99_MS and achieved >= 0.95 * args.rate
+        met = p99 is not None and p99 <= TARGET_P99_MS and achieved >= 0.95 * target_rate
+        cp99 = paced["ceiling"]["latency"]["p99_ms"]
         verdicts.append(
-            f"- p99 latency at {args.rate:g} sends/s into a {args.paced_n}-member room: "
+            f"- p99 latency at {target_rate:g} sends/s into a {args.paced_n}-member room: "
             f"{_ms(p99)} ms (target <= {TARGET_P99_MS:g} ms; achieved {achieved:,.0f} sends/s "
-            f"acknowledged): {_verdict(met)}."
+            f"acknowledged; the ceiling's p99 in the same scenario: {_ms(cp99)} ms): "
+            f"{_verdict(met)}."
         )
     storm_md = ""
     storm = results.get("storm")
@@ -424,6 +512,7 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
     if storm and storm["errors"]:
         problems.append(f"storm: {storm['errors']} errors, first: `{storm['first_error']}`")
 
+    rates = " and ".join(f"{r:g}" for r in args.rate)
     cmd = ".venv/bin/python -m bench.fanout" + (" --quick" if args.quick else "")
     if args.n != DEFAULT_N:
         cmd += " --n " + ",".join(map(str, args.n))
@@ -433,7 +522,8 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
         SECTION,
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {m['nproc']} cores, {m['cpu']}, "
-        f"Linux {m['kernel']}, Python {m['python']}, Twisted {m['twisted']}. Rerun with:",
+        f"Linux {m['kernel']}, Python {m['python']}, Twisted {m['twisted']}, shtalk at "
+        f"`{m['revision']}` (`-dirty`: with uncommitted changes in the tree). Rerun with:",
         "",
         "```",
         cmd,
@@ -450,17 +540,18 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
         "one at a time, the other idle.",
         "- Load: one separate process (`bench/loadclient.py`), every connection on one "
         "Twisted reactor, TLS with the server certificate pinned by fingerprint "
-        "(`shtalk.server.tls.client_options_pinned`). With 2 cores, the server's reactor "
-        "gets about one core and the load generator the other; the CPU columns show each "
-        "process's use during the window as a share of one core (a server above 100% is its "
-        "SQLite/bcrypt threads working beside the reactor).",
+        "(`shtalk.server.tls.client_options_pinned`). The server and the load generator "
+        "share the 2 cores. CPU columns, over the measured window: the server process as a "
+        "share of one core, with its reactor (main) thread alone in brackets (the rest is its "
+        "SQLite writer/reader and bcrypt threads), the load generator, and the whole "
+        "machine in cores busy (2.00 = saturated; kernel networking included).",
         "- Messages: `send` to the room with an opaque `envelope` (base64 of 200 random "
         "bytes), the send time in `client_id`; every recipient acknowledges, in `ack` "
         "batches of 50 seqs or every 10 ms. The ceiling gets the same lines (its `ack` "
         "replies are a constant line).",
         f"- Closed loop: every one of the N members is a sender with {args.window} send "
         f"outstanding, the next sent as its acknowledgement arrives. Paced: an open loop, "
-        f"{args.rate:g} sends/s in total round-robin over the {args.paced_n} members from a "
+        f"{rates} sends/s in total round-robin over the {args.paced_n} members from a "
         "1 ms timer, whether or not earlier sends were acknowledged.",
         f"- Latency: send -> receipt at each recipient (monotonic clock, one machine), every "
         f"delivery in a {args.duration:g} s window after a {args.warmup:g} s warm-up, "
@@ -529,12 +620,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=None, help="seconds before measuring")
     parser.add_argument("--window", type=int, default=1, help="closed-loop sends in flight "
                         "per sender [1]")
-    parser.add_argument("--rate", type=float, default=2000.0, help="paced sends/s [2000]")
+    parser.add_argument("--ack-interval", type=float, default=0.010,
+                        help="seconds between ack flushes per connection [0.010]")
+    parser.add_argument("--ack-batch", type=int, default=50,
+                        help="seqs that trigger an ack at once [50]")
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="experiment: sys.setswitchinterval() in the shtalk server")
+    parser.add_argument("--store-probe", action="store_true",
+                        help="experiment: time the store's write transactions in the server")
+    parser.add_argument("--rate", type=lambda s: [float(x) for x in s.split(",")],
+                        default=[2000.0, 500.0],
+                        help="paced sends/s, the first is the target's [2000,500]")
     parser.add_argument("--paced-n", type=int, default=50, help="paced room size [50]")
     parser.add_argument("--storm-rate", type=float, default=200.0, help="storm chat sends/s")
     parser.add_argument("--storm-n", type=int, default=10, help="storm chat room size")
     parser.add_argument("--storm-logins", type=int, default=50, help="logins in the storm")
     parser.add_argument("--skip-storm", action="store_true", help="no login storm")
+    parser.add_argument("--skip-closed", action="store_true", help="no closed-loop runs")
+    parser.add_argument("--skip-paced", action="store_true", help="no paced runs")
     parser.add_argument("--skip-fanout", action="store_true", help="login storm only")
     parser.add_argument("--notes", type=Path, default=None,
                         help="markdown file with the profile analysis to include")

@@ -141,6 +141,8 @@ class Run:
 class LoadClient(Protocol):
     """One connection: control requests over JSON, the hot path over byte slicing."""
 
+    ack_batch = ACK_BATCH
+
     def __init__(self, run: Run, index: int, room: str) -> None:
         self.run = run
         self.index = index
@@ -210,7 +212,7 @@ class LoadClient(Protocol):
                     self.acks.append(b"%d" % self._fake_seq)
                 else:
                     self.acks.append(line[MSG_SEQ_AT : line.find(b",", MSG_SEQ_AT)])
-                if len(self.acks) >= ACK_BATCH:
+                if len(self.acks) >= self.ack_batch:
                     self.flush_acks()
             elif run.ceiling and line == CEILING_OK:
                 self._reply(self._fifo.popleft(), line)
@@ -294,6 +296,17 @@ def cpu_seconds_of(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu() -> tuple[float, float, float]:
+    """Seconds of (busy, steal, all) CPU time of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    steal = ticks[7] if len(ticks) > 7 else 0
+    total = sum(ticks[:8])
+    return (total - idle - steal) / hz, steal / hz, total / hz
+
+
 def own_cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
@@ -304,11 +317,11 @@ class CpuWindow:
         self.server_pid = server_pid
         self.start = self._sample()
 
-    def _sample(self) -> tuple[float, float, float, float]:
+    def _sample(self) -> tuple[float, ...]:
         pid = self.server_pid
         # The main thread's id is the process id: that is the reactor thread.
         return (time.monotonic(), own_cpu_seconds(), cpu_seconds_of(pid),
-                cpu_seconds_of(pid, pid))
+                cpu_seconds_of(pid, pid), *machine_cpu())
 
     def stop(self) -> dict[str, float]:
         end = self._sample()
@@ -318,6 +331,9 @@ class CpuWindow:
             "loadgen_cpu": round((end[1] - self.start[1]) / elapsed, 3),
             "server_cpu": round((end[2] - self.start[2]) / elapsed, 3),
             "server_reactor_cpu": round((end[3] - self.start[3]) / elapsed, 3),
+            # Whole machine, in cores (2.0 = both busy), and time stolen by the hypervisor.
+            "machine_busy_cores": round((end[4] - self.start[4]) / elapsed, 3),
+            "machine_steal_cores": round((end[5] - self.start[5]) / elapsed, 3),
         }
 
 
@@ -345,6 +361,7 @@ def connect(spec: dict[str, Any], run: Run, index: int, room: str = "") -> Any:
         reactor, "127.0.0.1", spec["port"], options, timeout=30
     )
     client = LoadClient(run, index, room)
+    client.ack_batch = int(spec.get("ack_batch", ACK_BATCH))
     yield endpoints.connectProtocol(endpoint, client)
     return client
 
@@ -444,7 +461,7 @@ def drive(
 
     acker = task.LoopingCall(flush_all)
     acker.clock = reactor  # type: ignore[assignment]
-    acker.start(ACK_INTERVAL, now=False)
+    acker.start(float(spec.get("ack_interval", ACK_INTERVAL)), now=False)
     pacer: task.LoopingCall | None = None
     pace: dict[str, Any] = {"issued": 0, "max_lag_ms": 0.0, "late_ticks": 0, "ticks": 0}
     if run.closed_loop:
