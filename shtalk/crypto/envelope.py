@@ -27,6 +27,7 @@ SHA-256 over the body, never the signature bytes.
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -79,6 +80,45 @@ class Recipient:
 
 _KINDS = {"user": 1, "room": 2}
 _KIND_NAMES = {v: k for k, v in _KINDS.items()}
+_TYPE_OF = {int(t): t for t in MessageType}
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_MAX_ENVELOPE = MAX_HEADER + MAX_CIPHERTEXT + 4 * MAX_NAME + 64
+_new = object.__new__
+
+
+def _recipient(kind: str, name: str, device: str) -> Recipient:
+    """``Recipient(kind, name, device)`` without the frozen dataclass's ``__init__``."""
+    recipient = _new(Recipient)
+    recipient.__dict__.update(kind=kind, name=name, device=device)
+    return recipient
+
+
+def _encode_body(
+    version: int, type: int, sender_user: str, sender_device: str, recipient: Recipient,
+    header: bytes, ciphertext: bytes, timestamp: int,
+) -> bytes:
+    kind = _KINDS.get(recipient.kind)
+    if kind is None:
+        raise ValueError("recipient kind must be 'user' or 'room'")
+    if len(header) > MAX_HEADER or len(ciphertext) > MAX_CIPHERTEXT:
+        raise ValueError("envelope header or ciphertext too large")
+    if not 0 <= timestamp < 2**64:
+        raise ValueError("timestamp out of range")
+    su = sender_user.encode("utf-8")
+    sd = sender_device.encode("utf-8")
+    rn = recipient.name.encode("utf-8")
+    rd = recipient.device.encode("utf-8")
+    if len(su) > MAX_NAME or len(sd) > MAX_NAME or len(rn) > MAX_NAME or len(rd) > MAX_NAME:
+        raise ValueError("name too long")
+    pack16 = _U16.pack
+    return b"".join((
+        bytes((version, type)), pack16(len(su)), su, pack16(len(sd)), sd,
+        bytes((kind,)), pack16(len(rn)), rn, pack16(len(rd)), rd,
+        pack16(len(header)), header, _U32.pack(len(ciphertext)), ciphertext,
+        _U64.pack(timestamp),
+    ))
 
 
 @dataclass(frozen=True)
@@ -108,43 +148,41 @@ class Envelope:
         timestamp: int,
     ) -> Envelope:
         """Build and sign an envelope with ``signer``'s identity signing key."""
-        unsigned = cls(
-            ENVELOPE_VERSION, MessageType(type), sender_user, sender_device, recipient,
-            header, ciphertext, timestamp, b"",
+        type = _TYPE_OF.get(type) if type.__class__ is not MessageType else type  # type: ignore[assignment]
+        if type is None:
+            raise ValueError("unknown message type")
+        body = _encode_body(
+            ENVELOPE_VERSION, type, sender_user, sender_device, recipient, header, ciphertext,
+            timestamp,
         )
-        body = unsigned.body()
-        return cls(
-            ENVELOPE_VERSION, MessageType(type), sender_user, sender_device, recipient,
+        return cls._make(
+            ENVELOPE_VERSION, type, sender_user, sender_device, recipient,
             header, ciphertext, timestamp, signer.sign(_LABEL + body), body,
         )
+
+    @classmethod
+    def _make(
+        cls, version: int, type: MessageType, sender_user: str, sender_device: str,
+        recipient: Recipient, header: bytes, ciphertext: bytes, timestamp: int,
+        signature: bytes, body: bytes,
+    ) -> Envelope:
+        """The constructor without the frozen dataclass's per-field ``__setattr__``."""
+        env = _new(cls)
+        env.__dict__.update(
+            version=version, type=type, sender_user=sender_user, sender_device=sender_device,
+            recipient=recipient, header=header, ciphertext=ciphertext, timestamp=timestamp,
+            signature=signature, _body=body,
+        )
+        return env
 
     def body(self) -> bytes:
         """The encoded fields without the signature."""
         if self._body:
             return self._body
-        if self.recipient.kind not in _KINDS:
-            raise ValueError("recipient kind must be 'user' or 'room'")
-        if len(self.header) > MAX_HEADER or len(self.ciphertext) > MAX_CIPHERTEXT:
-            raise ValueError("envelope header or ciphertext too large")
-        if not 0 <= self.timestamp < 2**64:
-            raise ValueError("timestamp out of range")
-        texts = [
-            t.encode("utf-8")
-            for t in (self.sender_user, self.sender_device, self.recipient.name,
-                      self.recipient.device)
-        ]
-        if any(len(t) > MAX_NAME for t in texts):
-            raise ValueError("name too long")
-        su, sd, rn, rd = texts
-        return b"".join((
-            bytes((self.version, self.type)),
-            len(su).to_bytes(2, "big"), su, len(sd).to_bytes(2, "big"), sd,
-            bytes((_KINDS[self.recipient.kind],)),
-            len(rn).to_bytes(2, "big"), rn, len(rd).to_bytes(2, "big"), rd,
-            len(self.header).to_bytes(2, "big"), self.header,
-            len(self.ciphertext).to_bytes(4, "big"), self.ciphertext,
-            self.timestamp.to_bytes(8, "big"),
-        ))
+        return _encode_body(
+            self.version, self.type, self.sender_user, self.sender_device, self.recipient,
+            self.header, self.ciphertext, self.timestamp,
+        )
 
     def signed_bytes(self) -> bytes:
         return _LABEL + self.body()
@@ -160,9 +198,74 @@ class Envelope:
     @classmethod
     def from_bytes(cls, data: bytes) -> Envelope:
         """Parse (does not verify: call :meth:`verify`)."""
+        if type(data) is bytes and 2 + P.SIG_LEN <= len(data) <= _MAX_ENVELOPE:
+            env = cls._parse_fast(data)
+            if env is not None:
+                return env
+        return cls._parse(data)  # refuses with the precise error (or parses a bytes subclass)
+
+    @classmethod
+    def _parse_fast(cls, data: bytes) -> Envelope | None:
+        """The common case: a well-formed envelope, or ``None`` for anything else.
+
+        Accepts exactly what :meth:`_parse` accepts (the tests compare the two): every
+        field must end inside the body, which the final position check guarantees since
+        positions only grow, and every length limit is the same.
+        """
+        end = len(data) - P.SIG_LEN
+        mtype = _TYPE_OF.get(data[1])
+        if data[0] != ENVELOPE_VERSION or mtype is None:
+            return None
+        unpack16 = _U16.unpack_from
+        try:
+            (n,) = unpack16(data, 2)
+            pos = 4 + n
+            su = data[4:pos]
+            (m,) = unpack16(data, pos)
+            pos += 2
+            sd = data[pos : pos + m]
+            pos += m
+            if n > MAX_NAME or m > MAX_NAME:
+                return None
+            kind = _KIND_NAMES.get(data[pos])
+            (n,) = unpack16(data, pos + 1)
+            pos += 3
+            rn = data[pos : pos + n]
+            pos += n
+            (m,) = unpack16(data, pos)
+            pos += 2
+            rd = data[pos : pos + m]
+            pos += m
+            if kind is None or n > MAX_NAME or m > MAX_NAME:
+                return None
+            (n,) = unpack16(data, pos)
+            pos += 2
+            header = data[pos : pos + n]
+            pos += n
+            if n > MAX_HEADER:
+                return None
+            (n,) = _U32.unpack_from(data, pos)
+            pos += 4
+            ciphertext = data[pos : pos + n]
+            pos += n
+            if n > MAX_CIPHERTEXT or pos + 8 != end:
+                return None
+            (timestamp,) = _U64.unpack_from(data, pos)
+            recipient = _recipient(kind, rn.decode("utf-8"), rd.decode("utf-8"))
+            sender_user, sender_device = su.decode("utf-8"), sd.decode("utf-8")
+        except (struct.error, IndexError, UnicodeDecodeError):
+            return None
+        return cls._make(
+            ENVELOPE_VERSION, mtype, sender_user, sender_device, recipient, header, ciphertext,
+            timestamp, data[end:], data[:end],
+        )
+
+    @classmethod
+    def _parse(cls, data: bytes) -> Envelope:
+        """The reference parser (:class:`Reader`), with its specific errors."""
         if not isinstance(data, bytes) or len(data) < P.SIG_LEN + 2:
             raise DecodeError("envelope: truncated")
-        if len(data) > MAX_HEADER + MAX_CIPHERTEXT + 4 * MAX_NAME + 64:
+        if len(data) > _MAX_ENVELOPE:
             raise DecodeError("envelope: too large")
         body, signature = data[: -P.SIG_LEN], data[-P.SIG_LEN :]
         r = Reader(body, "envelope")
@@ -186,4 +289,4 @@ class Envelope:
 
     def verify(self, sender: IdentityKey) -> None:
         """Raise :class:`~shtalk.crypto.errors.BadSignature` unless ``sender`` signed it."""
-        sender.verify(self.signature, self.signed_bytes())
+        sender.verify(self.signature, _LABEL + self.body())

@@ -21,6 +21,7 @@ Choices (see docs/SECURITY.md, "End-to-end encryption"):
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -29,7 +30,6 @@ from cryptography.hazmat.primitives import hmac as _hmac
 from cryptography.hazmat.primitives.asymmetric import ec, mlkem, x25519
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
-    encode_dss_signature,
 )
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -54,6 +54,7 @@ __all__ = [
     "dh",
     "hkdf",
     "hmac_sha256",
+    "hmac_sha256_pair",
     "kem_decapsulate",
     "kem_encapsulate",
     "kem_generate",
@@ -117,6 +118,8 @@ def random_bytes(size: int) -> bytes:
 
 def hkdf(ikm: bytes, salt: bytes | None, info: bytes, length: int) -> bytes:
     """HKDF-SHA256 (RFC 5869); ``salt=None`` means 32 zero bytes."""
+    if salt is None and 0 < length <= 64:
+        return _hkdf_short(ikm, info, length)
     return HKDF(_SHA256, length, _ZERO_SALT if salt is None else salt, info).derive(ikm)
 
 
@@ -124,6 +127,60 @@ def hmac_sha256(key: bytes, data: bytes) -> bytes:
     mac = _hmac.HMAC(key, _SHA256)
     mac.update(data)
     return mac.finalize()
+
+
+# HMAC-SHA256 (RFC 2104) over hashlib with the padded-key states computed once per
+# key: the hot paths (the chain steps and the per-message HKDF) need two MACs under
+# one key, which this does with two compressions fewer and no per-call set-up of
+# an OpenSSL MAC context.  Checked against ``cryptography`` in the tests.
+_SHA256_NEW = hashlib.sha256
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+_BLOCK = 64
+
+
+def _pads(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
+    if len(key) > _BLOCK:
+        key = _SHA256_NEW(key).digest()
+    key += bytes(_BLOCK - len(key))
+    return _SHA256_NEW(key.translate(_IPAD)), _SHA256_NEW(key.translate(_OPAD))
+
+
+_ZERO_SALT_PADS = _pads(_ZERO_SALT)  # public constants: HKDF's default salt
+
+
+def hmac_sha256_pair(key: bytes, data1: bytes, data2: bytes) -> tuple[bytes, bytes]:
+    """``(HMAC-SHA256(key, data1), HMAC-SHA256(key, data2))``."""
+    inner, outer = _pads(key)
+    i = inner.copy()
+    i.update(data1)
+    o = outer.copy()
+    o.update(i.digest())
+    inner.update(data2)
+    outer.update(inner.digest())
+    return o.digest(), outer.digest()
+
+
+def _hkdf_short(ikm: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-SHA256 with the default salt and at most two output blocks."""
+    inner, outer = _ZERO_SALT_PADS
+    i = inner.copy()
+    i.update(ikm)
+    o = outer.copy()
+    o.update(i.digest())
+    inner, outer = _pads(o.digest())  # the PRK's pads; both die with this call
+    if length <= 32:
+        inner.update(info + b"\x01")
+        outer.update(inner.digest())
+        return outer.digest()[:length]
+    i = inner.copy()
+    i.update(info + b"\x01")
+    o = outer.copy()
+    o.update(i.digest())
+    t1 = o.digest()
+    inner.update(t1 + info + b"\x02")
+    outer.update(inner.digest())
+    return t1 + outer.digest()[: length - 32]
 
 
 # --------------------------------------------------------------------- AEAD
@@ -149,6 +206,15 @@ class Aead:
             return self._gcm.decrypt(nonce, ciphertext, ad)
         except InvalidTag:
             raise DecryptError("authentication failed") from None
+
+    def open(self, nonce: bytes, ciphertext: bytes, ad: bytes) -> bytes | None:
+        """:meth:`decrypt` that returns ``None`` when the tag does not verify."""
+        if len(nonce) != NONCE_LEN or len(ciphertext) < TAG_LEN:
+            return None
+        try:
+            return self._gcm.decrypt(nonce, ciphertext, ad)
+        except InvalidTag:
+            return None
 
 
 def aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes, ad: bytes) -> bytes:
@@ -259,16 +325,36 @@ def sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
 
 def verify(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> None:
     """Raise :class:`BadSignature` unless ``signature`` is canonical and valid."""
-    if not isinstance(signature, bytes) or len(signature) != SIG_LEN:
-        raise BadSignature("signature must be 64 bytes")
-    r = int.from_bytes(signature[:32], "big")
-    s = int.from_bytes(signature[32:], "big")
-    if not (0 < r < _P256_N and 0 < s <= _HALF_N):
+    if type(signature) is not bytes or len(signature) != SIG_LEN:
+        if not isinstance(signature, bytes) or len(signature) != SIG_LEN:
+            raise BadSignature("signature must be 64 bytes")
+        signature = bytes(signature)
+    r, s = signature[:32], signature[32:]
+    # Equal-length big-endian strings compare like the numbers they encode.
+    if not (_ZERO_32 < r < _P256_N_BYTES and _ZERO_32 < s <= _HALF_N_BYTES):
         raise BadSignature("signature is out of range or not low-S")
     try:
-        key.verify(encode_dss_signature(r, s), data, _ECDSA_VERIFY)
+        key.verify(_der_signature(r, s), data, _ECDSA_VERIFY)
     except InvalidSignature:
         raise BadSignature("signature does not verify") from None
+
+
+_ZERO_32 = bytes(32)
+_P256_N_BYTES = _P256_N.to_bytes(32, "big")
+_HALF_N_BYTES = _HALF_N.to_bytes(32, "big")
+
+
+def _der_integer(value: bytes) -> bytes:
+    value = value.lstrip(b"\x00")  # non-empty: the caller refused zero
+    if value[0] & 0x80:
+        value = b"\x00" + value
+    return b"\x02" + bytes((len(value),)) + value
+
+
+def _der_signature(r: bytes, s: bytes) -> bytes:
+    """DER ``SEQUENCE { INTEGER r, INTEGER s }`` of two non-zero 32-byte integers."""
+    body = _der_integer(r) + _der_integer(s)
+    return b"\x30" + bytes((len(body),)) + body
 
 
 # --------------------------------------------------------------- ML-KEM-768

@@ -27,6 +27,7 @@ This module does no PQXDH: :mod:`shtalk.crypto.session` creates the state with
 from __future__ import annotations
 
 import hmac
+import struct
 
 from cryptography.hazmat.primitives.asymmetric import x25519
 
@@ -64,7 +65,7 @@ def kdf_rk(rk: bytes, dh_out: bytes) -> tuple[bytes, bytes, bytes]:
 
 def kdf_ck(ck: bytes) -> tuple[bytes, bytes]:
     """``(next chain key, message key)``."""
-    return P.hmac_sha256(ck, _TWO), P.hmac_sha256(ck, _ONE)
+    return P.hmac_sha256_pair(ck, _TWO, _ONE)
 
 
 def message_keys(mk: bytes) -> tuple[bytes, bytes, bytes]:
@@ -73,8 +74,11 @@ def message_keys(mk: bytes) -> tuple[bytes, bytes, bytes]:
     return out[:32], out[32:44], out[44:]
 
 
+_COUNTERS = struct.Struct(">II")
+
+
 def _header(dh_pub: bytes, pn: int, n: int) -> bytes:
-    return dh_pub + pn.to_bytes(4, "big") + n.to_bytes(4, "big")
+    return dh_pub + _COUNTERS.pack(pn, n)
 
 
 class RatchetState:
@@ -151,11 +155,11 @@ class RatchetState:
         return aead
 
     def _open_header(self, hk: bytes, header: bytes) -> tuple[bytes, int, int] | None:
-        try:
-            plain = self._aead(hk).decrypt(header[:12], header[12:], b"")
-        except DecryptError:
+        plain = self._aead(hk).open(header[:12], header[12:], b"")
+        if plain is None:
             return None
-        return plain[:32], int.from_bytes(plain[32:36], "big"), int.from_bytes(plain[36:], "big")
+        pn, n = _COUNTERS.unpack_from(plain, 32)
+        return plain[:32], pn, n
 
     def _open(self, mk: bytes, header: bytes, ciphertext: bytes) -> bytes:
         key, nonce, hnonce = message_keys(mk)
@@ -194,16 +198,15 @@ class RatchetState:
 
     def encrypt(self, plaintext: bytes) -> tuple[bytes, bytes]:
         """Return ``(encrypted header, ciphertext)``."""
-        if self.cks is None or self.hks is None:
+        cks, hks, ns = self.cks, self.hks, self.ns
+        if cks is None or hks is None:
             raise StateError("no sending chain yet: the responder must receive first")
-        if self.ns >= 0xFFFFFFFF:
+        if ns >= 0xFFFFFFFF:
             raise StateError("sending chain exhausted")
-        self.cks, mk = kdf_ck(self.cks)
+        cks, mk = kdf_ck(cks)
         key, nonce, hnonce = message_keys(mk)
-        header = hnonce + self._aead(self.hks).encrypt(
-            hnonce, _header(self.dhs_pub, self.pn, self.ns), b""
-        )
-        self.ns += 1
+        header = hnonce + self._aead(hks).encrypt(hnonce, _header(self.dhs_pub, self.pn, ns), b"")
+        self.cks, self.ns = cks, ns + 1
         return header, P.aead_encrypt(key, nonce, plaintext, self.ad + header)
 
     # ------------------------------------------------------------- decrypt
@@ -245,24 +248,30 @@ class RatchetState:
         self, hdr: tuple[bytes, int, int], header: bytes, ciphertext: bytes
     ) -> bytes:
         dh_pub, _pn, n = hdr
-        assert self.hkr is not None
+        hkr, nr, ckr = self.hkr, self.nr, self.ckr
+        assert hkr is not None
         if not hmac.compare_digest(dh_pub, self.dhr or b""):
             raise DecryptError("header names a different ratchet key")
-        if n < self.nr:
-            chain = self.skipped.get(self.hkr)
+        if n == nr and ckr is not None:  # the next message in order: nothing to skip
+            ck, mk = kdf_ck(ckr)
+            plaintext = self._open(mk, header, ciphertext)
+            self.ckr, self.nr = ck, n + 1  # commit
+            return plaintext
+        if n < nr:
+            chain = self.skipped.get(hkr)
             if chain is not None and n in chain:
-                return self._with_skipped(self.hkr, n, header, ciphertext)
+                return self._with_skipped(hkr, n, header, ciphertext)
             raise ReplayError("message key already used or discarded")
-        if n - self.nr > self.max_skip:
+        if n - nr > self.max_skip:
             raise TooFarAhead("message counter too far ahead")
-        if self.ckr is None:
+        if ckr is None:
             raise DecryptError("no receiving chain")
-        ck, keys = self._skip(self.ckr, self.nr, n)
+        ck, keys = self._skip(ckr, nr, n)
         ck, mk = kdf_ck(ck)
         plaintext = self._open(mk, header, ciphertext)
         # commit
         self.ckr, self.nr = ck, n + 1
-        self._store(self.hkr, keys)
+        self._store(hkr, keys)
         return plaintext
 
     def _in_new_chain(self, hdr: tuple[bytes, int, int], header: bytes, ciphertext: bytes) -> bytes:

@@ -51,7 +51,7 @@ _ONE, _TWO = b"\x01", b"\x02"
 
 
 def _step(ck: bytes) -> tuple[bytes, bytes]:
-    return P.hmac_sha256(ck, _TWO), P.hmac_sha256(ck, _ONE)
+    return P.hmac_sha256_pair(ck, _TWO, _ONE)
 
 
 def _keys(mk: bytes) -> tuple[bytes, bytes]:
