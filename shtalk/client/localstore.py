@@ -26,28 +26,29 @@ Why it looks like this (docs/CLIENT.md specifies the API, docs/SECURITY.md
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import sqlite3
-import struct
-import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
 from shtalk.client import localschema
-from shtalk.client.localschema import LocalStoreError
+from shtalk.client.localschema import (
+    DEFAULT_KDF,
+    STATES,
+    CorruptEntry,
+    HistoryMessage,
+    KdfParams,
+    LocalStoreError,
+    Put,
+    StoreClosed,
+    WrongPassphrase,
+)
 
 __all__ = [
     "DEFAULT_KDF",
@@ -63,359 +64,6 @@ __all__ = [
 
 T = TypeVar("T")
 Conn = sqlite3.Connection
-Put = tuple[str, str, bytes | None]
-
-#: Delivery states of a history message.
-STATES = frozenset({"sending", "sent", "failed", "received"})
-
-
-class WrongPassphrase(LocalStoreError):
-    """The passphrase does not unwrap the data key (the GCM tag did not verify)."""
-
-
-class CorruptEntry(LocalStoreError):
-    """A sealed value failed authentication: moved to another row, edited, or damaged."""
-
-
-class StoreClosed(LocalStoreError):
-    """The store was closed; open it again."""
-
-
-@dataclass(frozen=True)
-class KdfParams:
-    """Argon2id parameters, stored in the file so ``open`` needs none.
-
-    Defaults: 64 MiB, 3 passes, 4 lanes, about 0.3 s on the reference machine
-    (docs/SECURITY.md).  Above OWASP's minimum (19 MiB, t=2, p=1) and RFC 9106's
-    second recommended option (64 MiB, t=3, p=4): an unlock happens once per
-    start, so a third of a second is affordable while each offline guess costs
-    64 MiB of memory bandwidth.
-    """
-
-    memory_kib: int = 64 * 1024
-    iterations: int = 3
-    lanes: int = 4
-
-    def check(self) -> None:
-        """Refuse nonsense and (from a tampered file) denial-of-service sized values."""
-        if not 1 <= self.lanes <= 64:
-            raise LocalStoreError(f"argon2id lanes {self.lanes} out of range 1..64")
-        if not 8 * self.lanes <= self.memory_kib <= 4 * 1024 * 1024:
-            raise LocalStoreError(f"argon2id memory {self.memory_kib} KiB out of range")
-        if not 1 <= self.iterations <= 64:
-            raise LocalStoreError(f"argon2id iterations {self.iterations} out of range 1..64")
-
-    def encode(self) -> bytes:
-        return f"argon2id;m={self.memory_kib};t={self.iterations};p={self.lanes}".encode()
-
-    @classmethod
-    def decode(cls, blob: bytes) -> KdfParams:
-        try:
-            name, *fields = blob.decode("ascii").split(";")
-            values = dict(f.split("=", 1) for f in fields)
-            if name != "argon2id" or set(values) != {"m", "t", "p"}:
-                raise ValueError(name)
-            params = cls(int(values["m"]), int(values["t"]), int(values["p"]))
-        except ValueError as e:
-            raise LocalStoreError(f"unknown key derivation {blob!r}") from e
-        params.check()
-        return params
-
-
-DEFAULT_KDF = KdfParams()
-
-
-@dataclass(frozen=True)
-class HistoryMessage:
-    id: str  # client-wide unique: "<sender>/<device>/<client_id>"
-    conversation: str  # "user:<name>" or "room:<name>"
-    sender: str  # user name ("" = me)
-    sender_device: str
-    ts: int  # milliseconds
-    body: str
-    expires_at: float | None
-    state: str  # "sending" | "sent" | "failed" | "received"
-
-
-# --- keys and sealing --------------------------------------------------------
-
-_U32 = struct.Struct(">I")
-_TS = struct.Struct(">q")
-_EXP = struct.Struct(">?d")
-_SEALED_V1 = b"\x01"
-_NONCE = 12
-_SALT = 16
-_WRAP_AD = b"shtalk-localstore-v1\x00data-key\x00"
-
-
-def _lp(*parts: bytes) -> bytes:
-    """Length-prefixed concatenation: no two different tuples give the same bytes."""
-    return b"".join(_U32.pack(len(p)) + p for p in parts)
-
-
-def _unlp(blob: bytes, count: int) -> list[bytes]:
-    out: list[bytes] = []
-    pos = 0
-    for _ in range(count):
-        if pos + 4 > len(blob):
-            raise ValueError("truncated")
-        (n,) = _U32.unpack_from(blob, pos)
-        pos += 4
-        if pos + n > len(blob):
-            raise ValueError("truncated")
-        out.append(blob[pos : pos + n])
-        pos += n
-    if pos != len(blob):
-        raise ValueError("trailing bytes")
-    return out
-
-
-def _passphrase_bytes(passphrase: str) -> bytes:
-    """NFKC (NIST SP 800-63B 5.1.1.2): the same passphrase typed on another keyboard works."""
-    return unicodedata.normalize("NFKC", passphrase).encode("utf-8")
-
-
-def derive_kek(passphrase: str, salt: bytes, params: KdfParams) -> bytes:
-    """Argon2id of the passphrase: the key-encryption key.  Slow on purpose: call in a thread."""
-    kdf = Argon2id(
-        salt=salt,
-        length=32,
-        iterations=params.iterations,
-        lanes=params.lanes,
-        memory_cost=params.memory_kib,
-    )
-    return kdf.derive(_passphrase_bytes(passphrase))
-
-
-def _wrap_ad(params: KdfParams, salt: bytes) -> bytes:
-    # The parameters and salt are authenticated too: editing them is "wrong passphrase".
-    return _WRAP_AD + _lp(params.encode(), salt)
-
-
-def wrap_key(kek: bytes, data_key: bytes, params: KdfParams, salt: bytes) -> bytes:
-    nonce = os.urandom(_NONCE)
-    return nonce + AESGCM(kek).encrypt(nonce, data_key, _wrap_ad(params, salt))
-
-
-def unwrap_key(kek: bytes, wrapped: bytes, params: KdfParams, salt: bytes) -> bytes:
-    try:
-        key = AESGCM(kek).decrypt(wrapped[:_NONCE], wrapped[_NONCE:], _wrap_ad(params, salt))
-    except InvalidTag:
-        raise WrongPassphrase("wrong passphrase for this store") from None
-    if len(key) != 32:
-        raise LocalStoreError("the wrapped data key has a wrong length")
-    return key
-
-
-class _Keys:
-    """Subkeys of the data key: one seals (AES-256-GCM), one hashes names (HMAC-SHA256)."""
-
-    def __init__(self, data_key: bytes) -> None:
-        def sub(label: bytes) -> bytes:
-            hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label)
-            return hkdf.derive(data_key)
-
-        self._aead = AESGCM(sub(b"shtalk-localstore-v1 seal"))
-        self._index = sub(b"shtalk-localstore-v1 index")
-
-    def name_hash(self, domain: bytes, *parts: str) -> bytes:
-        """Keyed hash of a name: equal names match, but the file does not reveal them."""
-        msg = _lp(domain, *(p.encode("utf-8") for p in parts))
-        return hmac.new(self._index, msg, hashlib.sha256).digest()
-
-    def seal(self, plain: bytes, ad: bytes) -> bytes:
-        nonce = os.urandom(_NONCE)
-        return _SEALED_V1 + nonce + self._aead.encrypt(nonce, plain, ad)
-
-    def unseal(self, blob: bytes, ad: bytes, what: str) -> bytes:
-        if blob[:1] != _SEALED_V1 or len(blob) < 1 + _NONCE + 16:
-            raise CorruptEntry(f"{what}: not a sealed value")
-        try:
-            return self._aead.decrypt(blob[1 : 1 + _NONCE], blob[1 + _NONCE :], ad)
-        except InvalidTag:
-            raise CorruptEntry(
-                f"{what}: fails authentication (moved to another row, edited, or damaged)"
-            ) from None
-
-
-def _kv_ad(kind: str, hkey: bytes) -> bytes:
-    return _lp(b"shtalk-localstore-v1", b"kv", b"value", kind.encode(), hkey)
-
-
-def _body_ad(hid: bytes, hconv: bytes, ts: int, expires_at: float | None) -> bytes:
-    exp = _EXP.pack(expires_at is not None, 0.0 if expires_at is None else expires_at)
-    return _lp(b"shtalk-localstore-v1", b"history", b"body", hid, hconv, _TS.pack(ts), exp)
-
-
-def _state_ad(hid: bytes) -> bytes:
-    return _lp(b"shtalk-localstore-v1", b"history", b"state", hid)
-
-
-# --- operations (run in the database thread) ---------------------------------
-
-
-def _transaction(conn: Conn, work: Callable[[], T]) -> T:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = work()
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return result
-
-
-def _put(conn: Conn, keys: _Keys, kind: str, key: str, value: bytes | None) -> None:
-    hkey = keys.name_hash(b"kv", kind, key)
-    if value is None:
-        conn.execute("DELETE FROM kv WHERE kind = ? AND hkey = ?", (kind, hkey))
-        return
-    sealed = keys.seal(_lp(key.encode("utf-8"), value), _kv_ad(kind, hkey))
-    conn.execute(
-        "INSERT OR REPLACE INTO kv (kind, hkey, value) VALUES (?, ?, ?)", (kind, hkey, sealed)
-    )
-
-
-def _kv_value(keys: _Keys, kind: str, hkey: bytes, sealed: bytes) -> tuple[str, bytes]:
-    plain = keys.unseal(sealed, _kv_ad(kind, hkey), f"{kind} entry")
-    try:
-        raw_key, value = _unlp(plain, 2)
-        key = raw_key.decode("utf-8")
-    except ValueError as e:
-        raise CorruptEntry(f"{kind} entry: malformed ({e})") from e
-    if not hmac.compare_digest(keys.name_hash(b"kv", kind, key), hkey):
-        raise CorruptEntry(f"{kind} entry: stored under another key")
-    return key, value
-
-
-def _insert_message(conn: Conn, keys: _Keys, m: HistoryMessage) -> None:
-    """INSERT OR IGNORE: a redelivered message (same id) keeps the first copy."""
-    hid = keys.name_hash(b"history-id", m.id)
-    hconv = keys.name_hash(b"conversation", m.conversation)
-    fields = (m.id, m.conversation, m.sender, m.sender_device, m.body)
-    body = keys.seal(
-        _lp(*(f.encode("utf-8") for f in fields)), _body_ad(hid, hconv, m.ts, m.expires_at)
-    )
-    state = keys.seal(m.state.encode(), _state_ad(hid))
-    conn.execute(
-        "INSERT OR IGNORE INTO history (hid, hconv, ts, expires_at, body, state)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        (hid, hconv, m.ts, m.expires_at, body, state),
-    )
-
-
-def _set_state(conn: Conn, keys: _Keys, message_id: str, state: str) -> None:
-    """Unknown ids are ignored: the message may have expired and been purged already."""
-    hid = keys.name_hash(b"history-id", message_id)
-    sealed = keys.seal(state.encode(), _state_ad(hid))
-    conn.execute("UPDATE history SET state = ? WHERE hid = ?", (sealed, hid))
-
-
-def _commit(
-    conn: Conn,
-    keys: _Keys,
-    puts: Sequence[Put],
-    messages: Sequence[HistoryMessage],
-    states: Sequence[tuple[str, str]],
-) -> None:
-    def work() -> None:
-        for kind, key, value in puts:
-            _put(conn, keys, kind, key, value)
-        for m in messages:
-            _insert_message(conn, keys, m)
-        for message_id, state in states:
-            _set_state(conn, keys, message_id, state)
-
-    _transaction(conn, work)
-
-
-_COLUMNS = "hid, hconv, ts, expires_at, body, state"
-_Row = tuple[bytes, bytes, int, float | None, bytes, bytes]
-
-
-def _message(keys: _Keys, row: _Row) -> HistoryMessage:
-    hid, hconv, ts, expires_at, body, state = row
-    plain = keys.unseal(body, _body_ad(hid, hconv, ts, expires_at), "history message")
-    raw_state = keys.unseal(state, _state_ad(hid), "history message state")
-    try:
-        mid, conv, sender, device, text = (b.decode("utf-8") for b in _unlp(plain, 5))
-        st = raw_state.decode("ascii")
-    except ValueError as e:
-        raise CorruptEntry(f"history message: malformed ({e})") from e
-    if not hmac.compare_digest(keys.name_hash(b"history-id", mid), hid):
-        raise CorruptEntry("history message: stored under another id")
-    return HistoryMessage(mid, conv, sender, device, ts, text, expires_at, st)
-
-
-def _history(
-    conn: Conn, keys: _Keys, conversation: str, limit: int, before_ts: int | None
-) -> list[HistoryMessage]:
-    hconv = keys.name_hash(b"conversation", conversation)
-    bound = (1 << 63) - 1 if before_ts is None else before_ts
-    rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM history WHERE hconv = ? AND ts < ?"  # noqa: S608 (constant)
-        " ORDER BY ts DESC, seq DESC LIMIT ?",
-        (hconv, bound, limit),
-    ).fetchall()
-    return [_message(keys, cast(_Row, r)) for r in reversed(rows)]
-
-
-def _search(
-    conn: Conn, keys: _Keys, text: str, conversation: str | None, limit: int
-) -> list[HistoryMessage]:
-    """Newest matches first while scanning, returned newest-last like history()."""
-    needle = text.casefold()
-    if conversation is None:
-        cursor = conn.execute(
-            f"SELECT {_COLUMNS} FROM history ORDER BY ts DESC, seq DESC"  # noqa: S608
-        )
-    else:
-        hconv = keys.name_hash(b"conversation", conversation)
-        cursor = conn.execute(
-            f"SELECT {_COLUMNS} FROM history WHERE hconv = ?"  # noqa: S608
-            " ORDER BY ts DESC, seq DESC",
-            (hconv,),
-        )
-    found: list[HistoryMessage] = []
-    for row in cursor:
-        if len(found) >= limit:
-            break
-        m = _message(keys, cast(_Row, row))
-        if needle in m.body.casefold():
-            found.append(m)
-    cursor.close()
-    found.reverse()
-    return found
-
-
-def _purge(conn: Conn, now: float) -> int:
-    def work() -> int:
-        cur = conn.execute(
-            "DELETE FROM history WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)
-        )
-        return cur.rowcount
-
-    count = _transaction(conn, work)
-    if count:
-        # secure_delete zeroed the rows in the database pages; the WAL still
-        # holds their old page images until a checkpoint truncates it.
-        localschema.checkpoint(conn)
-    return count
-
-
-def _conversations(conn: Conn, keys: _Keys) -> list[tuple[str, int, int]]:
-    groups = conn.execute(
-        "SELECT hconv, count(*), max(ts) FROM history GROUP BY hconv ORDER BY max(ts) DESC"
-    ).fetchall()
-    out: list[tuple[str, int, int]] = []
-    for hconv, count, last in groups:
-        row = conn.execute(
-            f"SELECT {_COLUMNS} FROM history WHERE hconv = ? LIMIT 1",  # noqa: S608
-            (hconv,),
-        ).fetchone()
-        out.append((_message(keys, cast(_Row, row)).conversation, int(count), int(last)))
-    return out
-
 
 # --- validation (on the caller's thread, before anything is written) ----------
 
@@ -469,6 +117,12 @@ def _default_reactor(reactor: Any) -> Any:
     return reactor
 
 
+def _derive(reactor: Any, passphrase: str, salt: bytes, params: KdfParams) -> Deferred[bytes]:
+    """Argon2id in the reactor's thread pool (about 0.3 s at the defaults: never inline)."""
+    tp = reactor.getThreadPool()
+    return deferToThreadPool(reactor, tp, localschema.derive_kek, passphrase, salt, params)
+
+
 def _with_conn(pool: adbapi.ConnectionPool, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
     """``pool.runWithConnection`` with a type (adbapi is not annotated)."""
     return cast(Deferred[Any], pool.runWithConnection(f, *args))  # type: ignore[no-untyped-call]
@@ -507,7 +161,7 @@ class LocalStore:
         self.path = path
         self._pool: adbapi.ConnectionPool | None = pool
         self._data_key = data_key
-        self._keys = _Keys(data_key)
+        self._keys = localschema.Keys(data_key)
         #: The file's current Argon2id parameters (kept by change_passphrase by default).
         self.kdf = params
         self._salt = salt
@@ -526,18 +180,18 @@ class LocalStore:
             _check_str(passphrase, "passphrase", empty=False)
         except (LocalStoreError, TypeError, ValueError) as e:
             return fail(e)
-        data_key, salt = os.urandom(32), os.urandom(_SALT)
+        data_key, salt = os.urandom(32), os.urandom(localschema.SALT_BYTES)
         state: dict[str, adbapi.ConnectionPool] = {}
 
         async def run() -> LocalStore:
             tp = reactor.getThreadPool()
             await deferToThreadPool(reactor, tp, localschema.create_files, path)
             try:
-                kek = await deferToThreadPool(reactor, tp, derive_kek, passphrase, salt, kdf)
+                kek = await _derive(reactor, passphrase, salt, kdf)
                 header = {
                     "kdf": kdf.encode(),
                     "salt": salt,
-                    "wrapped_key": wrap_key(kek, data_key, kdf, salt),
+                    "wrapped_key": localschema.wrap_key(kek, data_key, kdf, salt),
                 }
                 state["pool"] = pool = _pool(reactor, path)
                 await _with_conn(pool, localschema.create_schema, header)
@@ -565,9 +219,9 @@ class LocalStore:
             pool = _pool(reactor, path)
             try:
                 header = await _with_conn(pool, localschema.read_header, path)
-                params, salt, wrapped = _parse_header(header, path)
-                kek = await deferToThreadPool(reactor, tp, derive_kek, passphrase, salt, params)
-                data_key = unwrap_key(kek, wrapped, params, salt)
+                params, salt, wrapped = localschema.parse_header(header, path)
+                kek = await _derive(reactor, passphrase, salt, params)
+                data_key = localschema.unwrap_key(kek, wrapped, params, salt)
             except BaseException:
                 pool.close()  # type: ignore[no-untyped-call]
                 raise
@@ -597,21 +251,20 @@ class LocalStore:
         old_params, old_salt = self.kdf, self._salt
 
         async def run() -> None:
-            tp = reactor.getThreadPool()
             pool = self._require_pool()
             header = await _with_conn(pool, localschema.read_header, self.path)
-            _, _, wrapped = _parse_header(header, self.path)
-            old_kek = await deferToThreadPool(reactor, tp, derive_kek, old, old_salt, old_params)
+            _, _, wrapped = localschema.parse_header(header, self.path)
+            old_kek = await _derive(reactor, old, old_salt, old_params)
             if not hmac.compare_digest(
-                unwrap_key(old_kek, wrapped, old_params, old_salt), self._data_key
+                localschema.unwrap_key(old_kek, wrapped, old_params, old_salt), self._data_key
             ):
                 raise LocalStoreError("the file's data key changed under us")
-            salt = os.urandom(_SALT)
-            kek = await deferToThreadPool(reactor, tp, derive_kek, new, salt, params)
+            salt = os.urandom(localschema.SALT_BYTES)
+            kek = await _derive(reactor, new, salt, params)
             new_header = {
                 "kdf": params.encode(),
                 "salt": salt,
-                "wrapped_key": wrap_key(kek, self._data_key, params, salt),
+                "wrapped_key": localschema.wrap_key(kek, self._data_key, params, salt),
             }
             await _with_conn(self._require_pool(), localschema.write_header, new_header)
             self.kdf, self._salt = params, salt
@@ -672,7 +325,7 @@ class LocalStore:
             row = conn.execute(
                 "SELECT value FROM kv WHERE kind = ? AND hkey = ?", (kind, hkey)
             ).fetchone()
-            return None if row is None else _kv_value(keys, kind, hkey, bytes(row[0]))[1]
+            return None if row is None else localschema.kv_value(keys, kind, hkey, bytes(row[0]))[1]
 
         return self._run(op)
 
@@ -686,7 +339,7 @@ class LocalStore:
 
         def op(conn: Conn) -> list[tuple[str, bytes]]:
             rows = conn.execute("SELECT hkey, value FROM kv WHERE kind = ?", (kind,)).fetchall()
-            return sorted(_kv_value(keys, kind, bytes(h), bytes(v)) for h, v in rows)
+            return sorted(localschema.kv_value(keys, kind, bytes(h), bytes(v)) for h, v in rows)
 
         return self._run(op)
 
@@ -711,7 +364,7 @@ class LocalStore:
                 _check_state(state)
         except (TypeError, ValueError) as e:
             return fail(e)
-        return self._run(_commit, self._keys, puts, messages, states)
+        return self._run(localschema.commit, self._keys, puts, messages, states)
 
     # --- history ---
 
@@ -727,7 +380,7 @@ class LocalStore:
             _check_limit(limit)
         except (TypeError, ValueError) as e:
             return fail(e)
-        return self._run(_history, self._keys, conversation, limit, before_ts)
+        return self._run(localschema.history, self._keys, conversation, limit, before_ts)
 
     def search(
         self, text: str, conversation: str | None = None, limit: int = 100
@@ -744,28 +397,17 @@ class LocalStore:
             _check_limit(limit)
         except (TypeError, ValueError) as e:
             return fail(e)
-        return self._run(_search, self._keys, text, conversation, limit)
+        return self._run(localschema.search, self._keys, text, conversation, limit)
 
     def purge_expired(self, now: float) -> Deferred[int]:
         """Delete (secure_delete, then WAL truncated) messages whose expires_at <= now."""
-        return self._run(_purge, float(now))
+        return self._run(localschema.purge, float(now))
 
     def conversations(self) -> Deferred[list[tuple[str, int, int]]]:
         """(conversation, message count, last ts) for each conversation, most recent first."""
-        return self._run(_conversations, self._keys)
+        return self._run(localschema.conversations, self._keys)
 
 
 def _check_limit(limit: object) -> None:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise ValueError("limit must be a non-negative int")
-
-
-def _parse_header(header: dict[str, bytes], path: str) -> tuple[KdfParams, bytes, bytes]:
-    try:
-        params = KdfParams.decode(header["kdf"])
-        salt, wrapped = header["salt"], header["wrapped_key"]
-    except KeyError as e:
-        raise LocalStoreError(f"{path}: the key header is incomplete ({e})") from None
-    if len(salt) < _SALT or len(wrapped) != _NONCE + 32 + 16:
-        raise LocalStoreError(f"{path}: the key header is malformed")
-    return params, salt, wrapped

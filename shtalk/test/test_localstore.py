@@ -12,7 +12,6 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 
 from shtalk.client import localschema
-from shtalk.client import localstore as ls
 from shtalk.client.localstore import (
     DEFAULT_KDF,
     CorruptEntry,
@@ -201,7 +200,7 @@ class LifeCycleTests(Base):
         def boom(*args: object) -> bytes:
             raise RuntimeError("injected")
 
-        self.patch(ls, "derive_kek", boom)
+        self.patch(localschema, "derive_kek", boom)
         with self.assertRaises(RuntimeError):
             await LocalStore.create(self.path, PASS, kdf=CHEAP)
         for suffix in localschema.SUFFIXES:
@@ -233,11 +232,11 @@ class LifeCycleTests(Base):
 
     async def test_work_stays_off_the_reactor_thread(self) -> None:
         threads: list[bool] = []
-        real_derive, real_setup = ls.derive_kek, localschema.setup_connection
+        real_derive, real_setup = localschema.derive_kek, localschema.setup_connection
 
         def derive(*args: Any) -> bytes:
             threads.append(threading.current_thread() is threading.main_thread())
-            return real_derive(*args)
+            return bytes(real_derive(*args))
 
         def setup(conn: sqlite3.Connection) -> None:
             conn.set_trace_callback(
@@ -245,7 +244,7 @@ class LifeCycleTests(Base):
             )
             real_setup(conn)
 
-        self.patch(ls, "derive_kek", derive)
+        self.patch(localschema, "derive_kek", derive)
         self.patch(localschema, "setup_connection", setup)
         store = await self.create()
         await store.commit(puts=[("meta", "a", b"b")], messages=[msg(1)])
@@ -349,7 +348,7 @@ class CommitTests(Base):
     async def test_failure_mid_commit_persists_nothing(self) -> None:
         store = await self.create()
         await store.commit(puts=[("session", "bob", b"old state")], messages=[msg(1)])
-        real = ls._insert_message
+        real = localschema.insert_message
         calls: list[str] = []
 
         def insert(conn: sqlite3.Connection, keys: Any, m: HistoryMessage) -> None:
@@ -358,7 +357,7 @@ class CommitTests(Base):
                 raise RuntimeError("crash in the middle of the commit")
             real(conn, keys, m)
 
-        self.patch(ls, "_insert_message", insert)
+        self.patch(localschema, "insert_message", insert)
         with self.assertRaises(RuntimeError):
             await store.commit(
                 puts=[("session", "bob", b"new state"), ("skipped", "bob/7", b"mk")],
@@ -377,13 +376,13 @@ class CommitTests(Base):
 
     async def test_sql_error_mid_commit_persists_nothing(self) -> None:
         store = await self.create()
-        real = ls._set_state
+        real = localschema.set_state
 
         def bad_state(conn: sqlite3.Connection, keys: Any, mid: str, state: str) -> None:
             conn.execute("INSERT INTO history (hid) VALUES (NULL)")  # NOT NULL violation
             real(conn, keys, mid, state)
 
-        self.patch(ls, "_set_state", bad_state)
+        self.patch(localschema, "set_state", bad_state)
         with self.assertRaises(sqlite3.IntegrityError):
             await store.commit(
                 puts=[("session", "bob", b"s")], messages=[msg(1)], states=[("bob/dev1/1", "sent")]
