@@ -22,7 +22,7 @@ from typing import Any, cast
 from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL, crypto
 from twisted.internet._sslverify import IOpenSSLTrustRoot
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -186,7 +186,8 @@ class ClientConnection(LineOnlyReceiver):
         self.connected_ok = False
         self.closed = False
         self.close_reason: Failure | None = None
-        self.handshake: Deferred[None] = Deferred()
+        self.handshake_done = False
+        self._handshake_waiters: list[Deferred[None]] = []
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -195,8 +196,22 @@ class ClientConnection(LineOnlyReceiver):
         _set_nodelay(self.transport)
 
     def handshakeCompleted(self) -> None:
-        if not self.handshake.called:
-            self.handshake.callback(None)
+        if not self.handshake_done:
+            self.handshake_done = True
+            waiters, self._handshake_waiters = self._handshake_waiters, []
+            for w in waiters:
+                w.callback(None)
+
+    def when_handshaken(self) -> Deferred[None]:
+        """Fires once the TLS handshake (and so the certificate check) succeeded; fails
+        with the reason if the connection ended first."""
+        if self.handshake_done:
+            return succeed(None)
+        if self.closed:
+            return fail(self.close_reason or ConnectionLost("closed before the handshake"))
+        d: Deferred[None] = Deferred()
+        self._handshake_waiters.append(d)
+        return d
 
     def connectionLost(self, reason: Failure = _NO_REASON) -> None:
         self.closed = True
@@ -208,8 +223,9 @@ class ClientConnection(LineOnlyReceiver):
             if timer.active():
                 timer.cancel()
             d.errback(ConnectionLost(f"the connection closed before the reply to {rtype!r}"))
-        if not self.handshake.called:
-            self.handshake.errback(reason)
+        waiters, self._handshake_waiters = self._handshake_waiters, []
+        for w in waiters:
+            w.errback(reason)
         waiters, self._closed_waiters = self._closed_waiters, []
         for w in waiters:
             w.callback(None)
@@ -327,13 +343,25 @@ class ClientConnection(LineOnlyReceiver):
 # -- connecting ----------------------------------------------------------------------
 
 
-def _handshake_timeout(reactor: Any, conn: ClientConnection, timeout: float) -> None:
+def _cancel_on_result(d: Deferred[Any], call: IDelayedCall) -> None:
+    def cancel(result: object) -> object:
+        if call.active():
+            call.cancel()
+        return result
+
+    d.addBoth(cancel)
+
+
+def _handshake(reactor: Any, conn: ClientConnection, timeout: float) -> Deferred[None]:
+    """The handshake, aborted if it takes longer than ``timeout``."""
+
     def expire() -> None:
-        if not conn.handshake.called and conn.transport is not None:
+        if not conn.handshake_done and conn.transport is not None:
             cast(Any, conn.transport).abortConnection()
 
-    call = reactor.callLater(timeout, expire)
-    conn.handshake.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+    d = conn.when_handshaken()
+    _cancel_on_result(d, reactor.callLater(timeout, expire))
+    return d
 
 
 def _open(reactor: Any, host: str, port: int, creator: IOpenSSLClientConnectionCreator,
@@ -350,9 +378,7 @@ def _open(reactor: Any, host: str, port: int, creator: IOpenSSLClientConnectionC
         return result if isinstance(result, Failure) else Failure(result)  # type: ignore[no-untyped-call]
 
     def tcp_up(_: object) -> Deferred[None]:
-        _handshake_timeout(reactor, conn, timeout)
-        conn.handshake.addErrback(translate)
-        return conn.handshake
+        return _handshake(reactor, conn, timeout).addErrback(translate)
 
     connected.addCallback(tcp_up)
     return connected.addCallback(lambda _: conn)
@@ -445,7 +471,7 @@ def fetch_fingerprint(reactor: Any, host: str, port: int,
             if not probe.result.called and probe.transport is not None:
                 cast(Any, probe.transport).abortConnection()
 
-        call = reactor.callLater(timeout, expire)
-        return probe.result.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+        _cancel_on_result(probe.result, reactor.callLater(timeout, expire))
+        return probe.result
 
     return connected.addCallback(tcp_up)
