@@ -1,8 +1,9 @@
-"""The local store's file: creation with safe permissions, pragmas and tables.
+"""The local store's file: permissions, pragmas, tables, sealing and the SQL operations.
 
-Split out of ``localstore.py`` so that module holds the cryptography and the API,
-and this one everything SQLite-shaped.  Everything here runs in the store's
-database thread (never on the reactor thread).
+Split out of ``localstore.py`` (which keeps the public API, argument checks and
+threads).  Everything here that touches SQLite or seals/unseals runs in the
+store's database thread; ``derive_kek`` runs in the reactor's thread pool.
+Nothing here runs on the reactor thread except the cheap key (un)wrapping.
 
 Why the tables look like this (see docs/SECURITY.md, "Client local store"):
 
