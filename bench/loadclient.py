@@ -76,19 +76,24 @@ monotonic_ns = time.monotonic_ns
 
 
 class Histogram:
-    """Latency counts in 10 us buckets."""
+    """Latency counts in 10 us buckets, and the worst latency of every 100 ms (timeline)."""
 
     def __init__(self) -> None:
         self.counts = [0] * (BUCKETS + 1)
         self.n = 0
         self.max_ns = 0
+        self.t0 = monotonic_ns()
+        self.timeline: dict[int, int] = {}
 
-    def add(self, ns: int) -> None:
+    def add(self, ns: int, now: int) -> None:
         b = ns // (BUCKET_US * 1000)
         self.counts[b if b < BUCKETS else BUCKETS] += 1
         self.n += 1
         if ns > self.max_ns:
             self.max_ns = ns
+        slot = (now - self.t0) // 100_000_000
+        if ns > self.timeline.get(slot, 0):
+            self.timeline[slot] = ns
 
     def percentile(self, p: float) -> float | None:
         """The p-th percentile in milliseconds (upper edge of its bucket)."""
@@ -110,6 +115,11 @@ class Histogram:
             "p99_ms": self.percentile(99),
             "p999_ms": self.percentile(99.9),
             "max_ms": round(self.max_ns / 1e6, 3) if self.n else None,
+            # worst latency (ms) in each 100 ms of the window, in order
+            "timeline_max_ms": [
+                round(self.timeline.get(i, 0) / 1e6, 1)
+                for i in range(max(self.timeline, default=-1) + 1)
+            ],
         }
 
 
@@ -206,7 +216,7 @@ class LoadClient(Protocol):
                 run.total_delivered += 1
                 if run.recording:
                     run.delivered += 1
-                    run.hist.add(now - sent_at)
+                    run.hist.add(now - sent_at, now)
                 if run.ceiling:
                     self._fake_seq += 1
                     self.acks.append(b"%d" % self._fake_seq)
@@ -477,7 +487,8 @@ def drive(
             if not run.sending:
                 return
             now = monotonic_ns()
-            due = int((now - start) * per_ns) - pace["issued"]
+            # Send k (from 0) is due at k / rate.
+            due = int((now - start) * per_ns) + 1 - pace["issued"]
             pace["ticks"] += 1
             if due <= 0:
                 return
@@ -547,6 +558,7 @@ def scenario_fanout(spec: dict[str, Any]) -> Any:
     def phases(run: Run) -> Any:
         yield sleep(spec["warmup"])
         cpu = CpuWindow(spec["server_pid"])
+        run.hist.t0 = monotonic_ns()
         run.recording = True
         yield sleep(spec["duration"])
         run.recording = False
@@ -583,6 +595,7 @@ def scenario_storm(spec: dict[str, Any]) -> Any:
     def phases(run: Run) -> Any:
         yield sleep(spec["warmup"])
         cpu = CpuWindow(spec["server_pid"])
+        run.hist.t0 = monotonic_ns()
         run.recording = True
         yield sleep(spec["duration"])
         run.recording = False
@@ -591,6 +604,7 @@ def scenario_storm(spec: dict[str, Any]) -> Any:
         run.hist, run.delivered, run.sends_acked, run.sends_written = Histogram(), 0, 0, 0
         run.acks_written = 0
         cpu = CpuWindow(spec["server_pid"])
+        run.hist.t0 = monotonic_ns()
         run.recording = True
         logins = [login_one(i, name) for i, name in enumerate(spec["storm_users"])]
         times = yield defer.gatherResults(logins, consumeErrors=True)
