@@ -101,6 +101,9 @@ _LOW_ORDER_U = frozenset(
 )
 _P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 _HALF_N = _P256_N // 2
+_ZERO_32 = bytes(32)
+_P256_N_BYTES = _P256_N.to_bytes(32, "big")
+_HALF_N_BYTES = _HALF_N.to_bytes(32, "big")
 _CURVE = ec.SECP256R1()
 _ECDSA = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
 _ECDSA_VERIFY = ec.ECDSA(hashes.SHA256())
@@ -317,10 +320,24 @@ def load_signing_public(data: bytes) -> ec.EllipticCurvePublicKey:
 
 def sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
     """Deterministic ECDSA P-256/SHA-256 as 64 bytes ``r || s`` with low S."""
-    r, s = decode_dss_signature(key.sign(data, _ECDSA))
-    if s > _HALF_N:
-        s = _P256_N - s
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    der = key.sign(data, _ECDSA)
+    # SEQUENCE { INTEGER r, INTEGER s }, read from the bytes (checked, never trusted).
+    r_len = der[3]
+    s_len = der[5 + r_len] if len(der) > 5 + r_len else 0
+    if (
+        der[0] == 0x30 and der[1] == len(der) - 2 and der[2] == 0x02 and 0 < r_len <= 33
+        and 0 < s_len <= 33 and der[4 + r_len] == 0x02 and 6 + r_len + s_len == len(der)
+    ):
+        r = der[4 : 4 + r_len].lstrip(b"\x00").rjust(32, b"\x00")
+        s = der[6 + r_len :].lstrip(b"\x00").rjust(32, b"\x00")
+        if len(r) == 32 and len(s) == 32:
+            if s > _HALF_N_BYTES:
+                s = (_P256_N - int.from_bytes(s, "big")).to_bytes(32, "big")
+            return r + s
+    r_int, s_int = decode_dss_signature(der)
+    if s_int > _HALF_N:
+        s_int = _P256_N - s_int
+    return r_int.to_bytes(32, "big") + s_int.to_bytes(32, "big")
 
 
 def verify(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> None:
@@ -337,11 +354,6 @@ def verify(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> Non
         key.verify(_der_signature(r, s), data, _ECDSA_VERIFY)
     except InvalidSignature:
         raise BadSignature("signature does not verify") from None
-
-
-_ZERO_32 = bytes(32)
-_P256_N_BYTES = _P256_N.to_bytes(32, "big")
-_HALF_N_BYTES = _HALF_N.to_bytes(32, "big")
 
 
 def _der_integer(value: bytes) -> bytes:

@@ -147,12 +147,23 @@ class RatchetState:
     # ------------------------------------------------------------- helpers
 
     def _aead(self, key: bytes) -> P.Aead:
+        """AES-GCM under a header key, kept while the state keeps that key.
+
+        Header keys are reused for a whole chain, so the key schedule is done once.
+        The cache never outlives the key: :meth:`_forget` drops a skipped chain's
+        entry when the chain goes, and a DH step clears it all.
+        """
         aead = self._aeads.get(key)
         if aead is None:
             if len(self._aeads) > MAX_SKIPPED_CHAINS + 4:
                 self._aeads.clear()
             aead = self._aeads[key] = P.Aead(key)
         return aead
+
+    def _forget(self, hk: bytes) -> None:
+        """A skipped chain was deleted: drop its header key's cipher unless still live."""
+        if hk != self.hkr and hk != self.nhkr and hk != self.hks:
+            self._aeads.pop(hk, None)
 
     def _open_header(self, hk: bytes, header: bytes) -> tuple[bytes, int, int] | None:
         plain = self._aead(hk).open(header[:12], header[12:], b"")
@@ -179,12 +190,14 @@ class RatchetState:
         while len(self.skipped) > MAX_SKIPPED_CHAINS:
             oldest = next(iter(self.skipped))
             self.n_skipped -= len(self.skipped.pop(oldest))
+            self._forget(oldest)
         while self.n_skipped > self.max_skipped:
             oldest = next(iter(self.skipped))
             old_chain = self.skipped[oldest]
             del old_chain[next(iter(old_chain))]
             if not old_chain:
                 del self.skipped[oldest]
+                self._forget(oldest)
             self.n_skipped -= 1
 
     def _skip(self, ck: bytes, start: int, until: int) -> tuple[bytes, list[tuple[int, bytes]]]:
@@ -217,8 +230,9 @@ class RatchetState:
             raise DecryptError("encrypted header has the wrong length")
         if not isinstance(ciphertext, bytes) or len(ciphertext) < P.TAG_LEN:
             raise DecryptError("ciphertext too short")
-        if self.hkr is not None:
-            hdr = self._open_header(self.hkr, header)
+        hkr = self.hkr
+        if hkr is not None:
+            hdr = self._open_header(hkr, header)
             if hdr is not None:
                 return self._in_current_chain(hdr, header, ciphertext)
         if self.nhkr is not None:
@@ -241,6 +255,7 @@ class RatchetState:
         del chain[n]
         if not chain:
             del self.skipped[hk]
+            self._forget(hk)
         self.n_skipped -= 1
         return plaintext
 
