@@ -125,9 +125,10 @@ class ServerSession:
         self.state_message = ""
         self.server_hello: dict[str, Any] = {}
         # Test seams: how a connection is made (module functions by default).
-        self.fetch_fingerprint = _connection.fetch_fingerprint
-        self.connect_pinned = _connection.connect
-        self.connect_system = _connection.connect_system
+        self.fetch_fingerprint: Callable[..., Deferred[str]] = _connection.fetch_fingerprint
+        self.connect_pinned: Callable[..., Deferred[ClientConnection]] = _connection.connect
+        self.connect_system: Callable[..., Deferred[ClientConnection]] = (
+            _connection.connect_system)
 
         self._conn: ClientConnection | None = None  # hello done
         self._authed: ClientConnection | None = None  # ... and authenticated
