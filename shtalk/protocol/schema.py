@@ -244,6 +244,7 @@ REQUESTS: dict[str, Mapping[str, Field]] = {
     "device_remove": {"device": DEVICE_ID},
     "keys_publish": {
         "bundle": opt(B64(max_bytes=MAX_BUNDLE_BYTES)),
+        "replace": opt(Bool()),
         "one_time": opt(
             ListOf(
                 Obj(

@@ -315,9 +315,11 @@ class ChatUser:
         return {"device": device_id}
 
     @inlineCallbacks
-    def publish_keys(self, bundle: bytes | None, one_time: Sequence[Mapping[str, Any]]) -> Any:
+    def publish_keys(
+        self, bundle: bytes | None, one_time: Sequence[Mapping[str, Any]], replace: bool = False
+    ) -> Any:
         keys = [OneTimeKey(k["kind"], k["id"], k["key"]) for k in one_time]
-        counts = yield self.store.publish_keys(self.user.id, self.device_id, bundle, keys)
+        counts = yield self.store.publish_keys(self.user.id, self.device_id, bundle, keys, replace)
         if bundle is not None:
             self.service.announce_keys(self.user.id, self.device_id, "keys")
         return {"counts": counts}

@@ -84,9 +84,14 @@ class IStore(Interface):
 
     # prekey directory (opaque bundles; one-time keys handed out once)
     def publish_keys(
-        user_id: int, device_id: str, bundle: bytes | None, one_time: Sequence[OneTimeKey]
+        user_id: int,
+        device_id: str,
+        bundle: bytes | None,
+        one_time: Sequence[OneTimeKey],
+        replace: bool = False,
     ) -> Deferred[dict[str, int]]:
-        """Replace the bundle (if given), add one-time keys; return remaining counts by kind."""
+        """Replace the bundle (if given), add one-time keys (after dropping every earlier
+        one if ``replace``); return the remaining counts by kind."""
 
     def key_counts(user_id: int, device_id: str) -> Deferred[dict[str, int]]: ...
 

@@ -38,7 +38,14 @@ def publish(
     bundle: bytes | None,
     one_time: Sequence[OneTimeKey],
     now: float,
+    replace: bool = False,
 ) -> dict[str, int]:
+    if replace:
+        # A device that lost its keys and made new ones (same device id): the old
+        # one-time keys belong to the old identity and would fail verification.
+        conn.execute(
+            "DELETE FROM one_time_keys WHERE user_id = ? AND device_id = ?", (user_id, device_id)
+        )
     if bundle is not None:
         conn.execute(
             "INSERT INTO device_bundles (user_id, device_id, bundle, updated) VALUES (?, ?, ?, ?)"

@@ -514,7 +514,9 @@ class ShtalkServerProtocol(LineOnlyReceiver):
 
     def on_keys_publish(self, request: Request) -> Deferred[Any]:
         a = request.args
-        d: Deferred[Any] = self._me().publish_keys(a.get("bundle"), a.get("one_time") or [])
+        d: Deferred[Any] = self._me().publish_keys(
+            a.get("bundle"), a.get("one_time") or [], bool(a.get("replace", False))
+        )
         return d
 
     def on_keys_count(self, request: Request) -> Deferred[Any]:

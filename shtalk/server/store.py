@@ -512,8 +512,11 @@ class SQLiteStore:
         device_id: str,
         bundle: bytes | None,
         one_time: Sequence[OneTimeKey],
+        replace: bool = False,
     ) -> Deferred[dict[str, int]]:
-        return self._write(prekeys.publish, user_id, device_id, bundle, list(one_time), self._now())
+        return self._write(
+            prekeys.publish, user_id, device_id, bundle, list(one_time), self._now(), replace
+        )
 
     def key_counts(self, user_id: int, device_id: str) -> Deferred[dict[str, int]]:
         return self._read(prekeys.counts, user_id, device_id)

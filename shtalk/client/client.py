@@ -1,0 +1,302 @@
+"""ShtalkClient: the facade a UI or a test drives; events come out of ``on_event``.
+
+It wires a ServerSession (connection, authentication, reconnects), a LocalStore
+(the encrypted file) and the E2EE manager, and turns server pushes into events.
+Messages are acknowledged to the server only after they are stored locally.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from shtalk.client.e2ee import E2EE, ClientError
+from shtalk.client.events import (
+    BacklogDone,
+    ConnectionChanged,
+    Event,
+    Invited,
+    MemberChanged,
+    MessagesExpired,
+    Presence,
+)
+from shtalk.client.knownhosts import KnownHosts
+from shtalk.client.localstore import HistoryMessage, LocalStore
+from shtalk.client.session import Credentials, ServerSession
+
+log = Logger()
+
+ACK_DELAY = 0.02
+ACK_BATCH = 200
+HOUSEKEEPING = 5.0
+
+
+class ShtalkClient:
+    def __init__(
+        self,
+        reactor: Any,
+        store: LocalStore,
+        host: str,
+        port: int,
+        known_hosts: KnownHosts,
+        credentials: Credentials,
+        *,
+        confirm_fingerprint: Callable[[str], Deferred[bool]],
+        ask_password: Callable[[], Deferred[str]],
+        on_event: Callable[[Event], None],
+        trust: str = "pin",
+    ) -> None:
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.store = store
+        self.credentials = credentials
+        self.on_event = on_event
+        self.session = ServerSession(
+            reactor,
+            host,
+            port,
+            known_hosts,
+            confirm_fingerprint=confirm_fingerprint,
+            ask_password=ask_password,
+            credentials=credentials,
+            on_tokens=self._save_credentials,
+            on_push=self._on_push,
+            on_state=self._on_state,
+            trust=trust,
+        )
+        self.e2ee = E2EE(
+            store,
+            self.session.request,
+            self._emit,
+            credentials.username,
+            credentials.device_id,
+            clock=self.clock.seconds,
+        )
+        self.e2ee.ack = self._queue_ack
+        self._acks: list[int] = []
+        self._ack_call: Any = None
+        self._housekeeping: Any = None
+        self._ready = False
+        self._loaded = False
+
+    # ------------------------------------------------------------------ life cycle
+    @staticmethod
+    async def saved_credentials(store: LocalStore) -> Credentials | None:
+        raw = await store.get("meta", "credentials")
+        if raw is None:
+            return None
+        obj = json.loads(raw)
+        return Credentials(**obj)
+
+    def _save_credentials(self, creds: Credentials) -> Deferred[None]:
+        data = json.dumps(
+            {
+                "username": creds.username,
+                "device_id": creds.device_id,
+                "device_label": creds.device_label,
+                "access_token": creds.access_token,
+                "refresh_token": creds.refresh_token,
+            }
+        ).encode()
+        d: Deferred[None] = self.store.commit(puts=[("meta", "credentials", data)])
+        return d
+
+    async def _load(self) -> None:
+        if not self._loaded:
+            await self.e2ee.load()
+            self._loaded = True
+
+    async def register(self, password: str, email: str) -> dict[str, Any]:
+        """Create the account (then ``login``)."""
+        reply: dict[str, Any] = await self.session.register(
+            self.credentials.username, password, email
+        )
+        return reply
+
+    async def login(self, password: str) -> None:
+        """Password login as this device; publishes its keys."""
+        await self._load()
+        reply = await self.session.login(password)
+        # The server's spelling of our name is what peers see in envelopes.
+        self.e2ee.me = self.credentials.username = reply.get("user", self.credentials.username)
+        await self._after_auth()
+
+    async def start(self) -> None:
+        """Connect and authenticate with saved tokens (asking for the password last)."""
+        await self._load()
+        await self.session.start()
+        await self._after_auth()
+
+    async def _after_auth(self) -> None:
+        await self.e2ee.publish_keys()
+        await self._sync_rooms()
+        self._ready = True
+        if self._housekeeping is None:
+            self._housekeeping = self.clock.callLater(HOUSEKEEPING, self._housekeep)
+
+    async def _sync_rooms(self) -> None:
+        rooms = (await self.session.request("room_list"))["rooms"]
+        for r in rooms:
+            if not r["joined"]:
+                continue
+            name = r["room"]
+            members = (await self.session.request("room_members", room=name))["members"]
+            self.e2ee.room_members[name] = {m["user"] for m in members}
+            rs = self.e2ee.rooms.get(name)
+            if rs is None or rs.epoch is None:
+                await self.e2ee.joined_room(name, self.e2ee.room_members[name])
+
+    async def close(self) -> None:
+        for call in (self._ack_call, self._housekeeping):
+            if call is not None and call.active():
+                call.cancel()
+        self._housekeeping = None
+        await self._flush_acks()
+        await self.session.stop()
+
+    async def logout(self) -> None:
+        await self.session.logout()
+
+    # ------------------------------------------------------------------- messages
+    async def send(self, conversation: str, body: str) -> str:
+        return await self.e2ee.send_text(conversation, body)
+
+    async def set_timer(self, conversation: str, seconds: int) -> None:
+        await self.e2ee.set_timer(conversation, seconds)
+
+    async def history(
+        self, conversation: str, limit: int = 100, before_ts: int | None = None
+    ) -> list[HistoryMessage]:
+        rows: list[HistoryMessage] = await self.store.history(conversation, limit, before_ts)
+        now = self.clock.seconds()
+        return [m for m in rows if m.expires_at is None or m.expires_at > now]
+
+    async def search(self, text: str, conversation: str | None = None) -> list[HistoryMessage]:
+        rows: list[HistoryMessage] = await self.store.search(text, conversation)
+        return rows
+
+    # ---------------------------------------------------------------------- rooms
+    async def create_room(self, room: str, invite_only: bool = False) -> dict[str, Any]:
+        reply = await self.session.request("room_create", room=room, invite_only=invite_only)
+        await self.e2ee.joined_room(reply["room"], [self.credentials.username])
+        return reply
+
+    async def join_room(self, room: str) -> dict[str, Any]:
+        reply = await self.session.request("room_join", room=room)
+        await self.e2ee.joined_room(reply["room"], [m["user"] for m in reply["members"]])
+        return reply
+
+    async def leave_room(self, room: str) -> None:
+        reply = await self.session.request("room_leave", room=room)
+        await self.e2ee.left_room(reply["room"])
+
+    async def invite(self, room: str, user: str) -> None:
+        await self.session.request("room_invite", room=room, user=user)
+
+    async def kick(self, room: str, user: str) -> None:
+        await self.session.request("room_kick", room=room, user=user)
+
+    async def members(self, room: str) -> list[dict[str, Any]]:
+        reply = await self.session.request("room_members", room=room)
+        return list(reply["members"])
+
+    async def rooms(self) -> list[dict[str, Any]]:
+        return list((await self.session.request("room_list"))["rooms"])
+
+    async def devices(self, user: str | None = None) -> list[dict[str, Any]]:
+        fields = {"user": user} if user else {}
+        return list((await self.session.request("devices", **fields))["devices"])
+
+    async def remove_device(self, device: str) -> None:
+        await self.session.request("device_remove", device=device)
+
+    # ---------------------------------------------------------------------- trust
+    async def accept_identity(self, user: str) -> list[str]:
+        return await self.e2ee.accept_identity(user)
+
+    async def mark_verified(self, user: str, device: str) -> None:
+        await self.e2ee.mark_verified(user, device)
+
+    def safety_number(self, user: str, device: str) -> str:
+        return self.e2ee.safety_number(user, device)
+
+    # ---------------------------------------------------------------------- pushes
+    def _emit(self, event: Event) -> None:
+        try:
+            self.on_event(event)
+        except Exception:
+            log.failure("an event handler failed")
+
+    def _on_state(self, state: str, message: str) -> None:
+        self._emit(ConnectionChanged(state, message))
+
+    def _on_push(self, push: dict[str, Any]) -> None:
+        kind = push.get("type")
+        if kind == "message":
+            self._spawn(self.e2ee.receive(push))
+        elif kind == "backlog_done":
+            self._emit(BacklogDone(int(push.get("count", 0))))
+        elif kind == "member":
+            self._spawn(self._member(push))
+        elif kind == "presence":
+            self._emit(Presence(push["user"], push["status"]))
+        elif kind == "invited":
+            self._emit(Invited(push["room"], push.get("by", "")))
+        elif kind == "device":
+            self.e2ee.forget_devices(push["user"])
+
+    async def _member(self, push: dict[str, Any]) -> None:
+        room, user, event = push["room"], push["user"], push["event"]
+        self._emit(MemberChanged(room, user, event, push.get("by", "")))
+        if user.casefold() == self.credentials.username.casefold():
+            if event in ("left", "kicked"):
+                await self.e2ee.left_room(room)
+            return
+        await self.e2ee.membership_changed(room, user, event)
+
+    def _spawn(self, coro: Any) -> None:
+        d = Deferred.fromCoroutine(coro)
+        d.addErrback(lambda f: log.failure("handling a push failed", f))
+
+    # ------------------------------------------------------------------------ acks
+    def _queue_ack(self, seq: int) -> None:
+        self._acks.append(seq)
+        if len(self._acks) >= ACK_BATCH:
+            self._spawn(self._flush_acks())
+        elif self._ack_call is None or not self._ack_call.active():
+            self._ack_call = self.clock.callLater(
+                ACK_DELAY, lambda: self._spawn(self._flush_acks())
+            )
+
+    async def _flush_acks(self) -> None:
+        seqs, self._acks = self._acks, []
+        if seqs:
+            try:
+                await self.session.request("ack", seqs=seqs)
+            except Exception as e:
+                # Unacknowledged messages come again at the next login; the store
+                # ignores a message it already has.
+                log.info("ack failed ({e}); the server will redeliver", e=e)
+
+    async def _housekeep_async(self) -> None:
+        n = await self.store.purge_expired(self.clock.seconds())
+        if n:
+            self._emit(MessagesExpired(n))
+        await self.e2ee.expire_held()
+
+    def _housekeep(self) -> None:
+        d = Deferred.fromCoroutine(self._housekeep_async())
+        d.addErrback(lambda f: log.failure("housekeeping failed", f))
+        d.addBoth(lambda _: self._reschedule())
+
+    def _reschedule(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping = self.clock.callLater(HOUSEKEEPING, self._housekeep)
+
+
+__all__ = ["ClientError", "ShtalkClient"]

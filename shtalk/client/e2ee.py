@@ -1,0 +1,704 @@
+"""The E2EE manager: keys, pairwise sessions per device, Sender Keys per room, trust.
+
+Every state change (a session advanced by a decrypt, a one-time pre-key used,
+a sender key installed) is committed to the LocalStore in ONE transaction
+together with the message it produced, before the server is sent an ``ack``:
+a crash can neither replay a message key nor lose a message.  One lock
+serialises all state changes, so a send and a receive never interleave on a
+session; network waits for a send's ``ok`` happen outside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.logger import Logger
+
+from shtalk.client import payload as pl
+from shtalk.client.events import (
+    BadMessage,
+    Event,
+    IdentityChanged,
+    MessageReceived,
+    MessageState,
+    NewDevice,
+    TimerChanged,
+)
+from shtalk.client.localstore import HistoryMessage, LocalStore
+from shtalk.client.trust import CHANGED, VERIFIED, ContactDevice
+from shtalk.crypto import (
+    CryptoError,
+    DeviceIdentity,
+    Envelope,
+    IdentityKey,
+    MessageType,
+    PreKeyBundle,
+    Recipient,
+    RoomSession,
+    Session,
+    StateError,
+    open_envelope,
+    prekey_identity,
+    safety_number,
+    seal,
+)
+
+log = Logger()
+
+REPLENISH_BELOW = 20
+REPLENISH_TO = 60
+KEM_REPLENISH_BELOW = 5
+KEM_REPLENISH_TO = 15
+MAX_SESSIONS = 5  # sessions kept per contact device
+PENDING_ROOM_TTL = 60.0  # seconds a room message may wait for its sender key
+MAX_PENDING_ROOM = 500
+
+
+class Requester(Protocol):
+    def __call__(self, rtype: str, **fields: Any) -> Deferred[dict[str, Any]]: ...
+
+
+class ClientError(Exception):
+    """A refusal of the client itself; ``str()`` says what to do."""
+
+
+class IdentityNotAccepted(ClientError):
+    def __init__(self, user: str, devices: Iterable[str]) -> None:
+        self.user = user
+        self.devices = sorted(devices)
+        super().__init__(
+            f"{user}'s identity key changed on {', '.join(self.devices)}; compare safety "
+            f"numbers, then accept the change (/trust {user}) before sending"
+        )
+
+
+def encode_sessions(sessions: list[Session]) -> bytes:
+    """Several serialised sessions in one value: u32 length || bytes, repeated."""
+    out = bytearray()
+    for x in sessions:
+        raw = x.to_bytes()
+        out += len(raw).to_bytes(4, "big") + raw
+    return bytes(out)
+
+
+def decode_sessions(data: bytes) -> list[Session]:
+    out, i = [], 0
+    while i < len(data):
+        n = int.from_bytes(data[i : i + 4], "big")
+        out.append(Session.from_bytes(data[i + 4 : i + 4 + n]))
+        i += 4 + n
+    return out
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def new_client_id() -> str:
+    return secrets.token_urlsafe(12)
+
+
+class E2EE:
+    def __init__(
+        self,
+        store: LocalStore,
+        request: Requester,
+        emit: Callable[[Event], None],
+        username: str,
+        device_id: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.request = request
+        self.emit = emit
+        self.me = username
+        self.device = device_id
+        self.clock = clock
+        self.lock = DeferredLock()
+        self.identity: DeviceIdentity | None = None
+        # Per device, the current session first, then older ones still able to
+        # decrypt (both sides may start a session at once; Signal keeps these too).
+        self.sessions: dict[tuple[str, str], list[Session]] = {}
+        self.contacts: dict[tuple[str, str], ContactDevice] = {}
+        self.rooms: dict[str, RoomSession] = {}
+        self.timers: dict[str, int] = {}
+        self.room_members: dict[str, set[str]] = {}
+        self.devices_of: dict[str, list[str]] = {}
+        self._pending_room: list[tuple[float, dict[str, Any], Envelope]] = []
+        self.ack: Callable[[int], None] = lambda seq: None
+
+    # ------------------------------------------------------------------ state
+    async def load(self) -> None:
+        """Load (or on first run create and save) this device's keys and state."""
+        raw = await self.store.get("identity", "self")
+        if raw is None:
+            self.identity = DeviceIdentity.generate()
+            await self.store.commit(puts=[("identity", "self", self.identity.to_bytes())])
+        else:
+            self.identity = DeviceIdentity.from_bytes(raw)
+        for key, value in await self.store.items("session"):
+            user, _, dev = key.partition("/")
+            self.sessions[(user, dev)] = decode_sessions(value)
+        for _, value in await self.store.items("contact"):
+            c = ContactDevice.from_bytes(value)
+            self.contacts[(c.user, c.device)] = c
+        for key, value in await self.store.items("room"):
+            self.rooms[key] = RoomSession.from_bytes(value)
+        for key, value in await self.store.items("timer"):
+            self.timers[key] = int(value.decode())
+
+    @property
+    def ident(self) -> DeviceIdentity:
+        assert self.identity is not None, "call load() first"
+        return self.identity
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    async def publish_keys(self) -> dict[str, int]:
+        """Publish the bundle and top up one-time pre-keys (run at every login)."""
+        async with self.lock:
+            bundle = self.ident.public_bundle()
+            counts = (await self.request("keys_count"))["counts"]
+            fresh: list[dict[str, Any]] = []
+            new_ec = new_pq = []
+            if counts.get("ec", 0) < REPLENISH_BELOW:
+                new_ec = self.ident.generate_one_time_prekeys(REPLENISH_TO - counts.get("ec", 0))
+            if counts.get("pq", 0) < KEM_REPLENISH_BELOW:
+                new_pq = self.ident.generate_kem_one_time_prekeys(
+                    KEM_REPLENISH_TO - counts.get("pq", 0)
+                )
+            if new_ec or new_pq:
+                await self.store.commit(puts=[("identity", "self", self.ident.to_bytes())])
+            # The first publish of this device also uploads the keys made at creation.
+            first = await self.store.get("meta", "published") is None
+            ec = list(bundle.one_time_prekeys) if first else []
+            pq = list(bundle.kem_one_time_prekeys) if first else []
+            ec += [k for k in new_ec if k not in ec]
+            pq += [k for k in new_pq if k not in pq]
+            fresh += [{"kind": "ec", "id": k.key_id, "key": b64(k.to_bytes())} for k in ec]
+            fresh += [{"kind": "pq", "id": k.key_id, "key": b64(k.to_bytes())} for k in pq]
+            result: dict[str, int] = counts
+            for i in range(0, max(1, len(fresh)), 100):
+                reply = await self.request(
+                    "keys_publish",
+                    bundle=b64(bundle.base().to_bytes()),
+                    one_time=fresh[i : i + 100],
+                )
+                result = reply["counts"]
+            await self.store.commit(puts=[("meta", "published", b"1")])
+            return result
+
+    # --------------------------------------------------------------- contacts
+    async def device_ids(self, user: str, refresh: bool = False) -> list[str]:
+        if refresh or user not in self.devices_of:
+            reply = await self.request("devices", user=user)
+            self.devices_of[user] = [d["id"] for d in reply["devices"]]
+        return self.devices_of[user]
+
+    def forget_devices(self, user: str) -> None:
+        self.devices_of.pop(user, None)
+
+    def _pin(self, user: str, device: str, identity: IdentityKey) -> ContactDevice:
+        """Record what ``device`` presents; emit NewDevice / IdentityChanged as due."""
+        key = (user, device)
+        old = self.contacts.get(key)
+        if old is None:
+            known_user = any(u == user for u, _ in self.contacts) or user == self.me
+            rec = ContactDevice.first(user, device, identity)
+            if known_user:
+                self.emit(NewDevice(user, device))
+        else:
+            rec = old.presents(identity)
+            if rec.state == CHANGED and old.state != CHANGED:
+                self.emit(IdentityChanged(user, device))
+        self.contacts[key] = rec
+        return rec
+
+    async def _session_for(
+        self, user: str, device: str, puts: list[tuple[str, str, bytes | None]]
+    ) -> Session | None:
+        """An established session with the device, starting one from its bundle if needed."""
+        sessions = self.sessions.get((user, device))
+        if sessions:
+            return sessions[0]
+        reply = await self.request("keys_fetch", user=user, device=device)
+        if not reply["devices"]:
+            return None
+        entry = reply["devices"][0]
+        one_time = entry.get("one_time") or {}
+        try:
+            bundle = PreKeyBundle.from_parts(
+                base64.b64decode(entry["bundle"]),
+                base64.b64decode(one_time["ec"]["key"]) if "ec" in one_time else None,
+                base64.b64decode(one_time["pq"]["key"]) if "pq" in one_time else None,
+            )
+        except CryptoError as e:
+            log.warn("refused a bad bundle for {user}/{device}: {e}", user=user, device=device, e=e)
+            return None
+        rec = self._pin(user, device, bundle.identity)
+        puts.append(("contact", rec.key, rec.to_bytes()))
+        if rec.state == CHANGED:
+            raise IdentityNotAccepted(user, [device])
+        session = Session.initiate(self.ident, bundle)
+        self.sessions[(user, device)] = [session]
+        return session
+
+    # ------------------------------------------------------------------ sending
+    async def _pairwise(
+        self, user: str, data: bytes, puts: list[tuple[str, str, bytes | None]]
+    ) -> dict[str, str]:
+        """Encrypt ``data`` for every device of ``user`` and our own other devices."""
+        targets = [
+            (user, d) for d in await self.device_ids(user) if (user, d) != (self.me, self.device)
+        ]
+        if user != self.me:
+            targets += [(self.me, d) for d in await self.device_ids(self.me) if d != self.device]
+        blocked = [
+            d
+            for (u, d) in targets
+            if u == user and (c := self.contacts.get((u, d))) and c.state == CHANGED
+        ]
+        if blocked:
+            raise IdentityNotAccepted(user, blocked)
+        envelopes: dict[str, str] = {}
+        ts = self.now_ms()
+        for u, d in targets:
+            session = await self._session_for(u, d, puts)
+            if session is None:
+                continue
+            env = seal(
+                self.ident,
+                session,
+                data,
+                sender_user=self.me,
+                sender_device=self.device,
+                recipient=Recipient.user(u, d),
+                timestamp=ts,
+            )
+            envelopes[f"{u}/{d}"] = b64(env.to_bytes())
+            puts.append(("session", f"{u}/{d}", encode_sessions(self.sessions[(u, d)])))
+        return envelopes
+
+    def _expiry(self, conversation: str) -> tuple[int | None, float | None]:
+        seconds = self.timers.get(conversation, 0)
+        if not seconds:
+            return None, None
+        return seconds, self.clock() + seconds
+
+    async def send_text(self, conversation: str, body: str) -> str:
+        """Encrypt, store as "sending", send; returns the message id once queued."""
+        if len(body.encode("utf-8")) > pl.MAX_BODY:
+            raise ClientError(f"messages are limited to {pl.MAX_BODY} bytes")
+        kind, _, name = conversation.partition(":")
+        client_id = new_client_id()
+        expires_in, expires_at = self._expiry(conversation)
+        text = pl.encode(pl.Text(client_id, conversation, body, expires_at))
+        msg_id = f"{self.me}/{self.device}/{client_id}"
+        async with self.lock:
+            puts: list[tuple[str, str, bytes | None]] = []
+            fields: dict[str, Any] = {"client_id": client_id}
+            if expires_in:
+                fields["expires_in"] = expires_in
+            if kind == "room":
+                rs = await self._room_session(name)
+                header, ciphertext = rs.encrypt(text)
+                env = Envelope.seal(
+                    self.ident,
+                    type=MessageType.ROOM,
+                    sender_user=self.me,
+                    sender_device=self.device,
+                    recipient=Recipient.room(name),
+                    header=header,
+                    ciphertext=ciphertext,
+                    timestamp=self.now_ms(),
+                )
+                puts.append(("room", name, rs.to_bytes()))
+                fields.update(to={"room": name}, envelope=b64(env.to_bytes()))
+            elif kind == "user":
+                envelopes = await self._pairwise(name, text, puts)
+                if not any(k.partition("/")[0] == name for k in envelopes) and name != self.me:
+                    raise ClientError(
+                        f"{name} has no device that can receive encrypted messages yet"
+                    )
+                fields.update(to={"user": name}, envelopes=envelopes)
+            else:
+                raise ClientError("conversations are 'user:NAME' or 'room:NAME'")
+            record = HistoryMessage(
+                msg_id,
+                conversation,
+                self.me,
+                self.device,
+                self.now_ms(),
+                body,
+                expires_at,
+                "sending",
+            )
+            await self.store.commit(puts=puts, messages=[record])
+            sent = self.request("send", **fields)
+        try:
+            await sent
+        except Exception as e:
+            await self.store.commit(states=[(msg_id, "failed")])
+            self.emit(MessageState(msg_id, conversation, "failed", str(e)))
+            raise
+        await self.store.commit(states=[(msg_id, "sent")])
+        self.emit(MessageState(msg_id, conversation, "sent"))
+        return msg_id
+
+    async def set_timer(self, conversation: str, seconds: int) -> None:
+        """Disappearing messages for a conversation; announced to its other members."""
+        kind, _, name = conversation.partition(":")
+        data = pl.encode(pl.Timer(conversation, seconds))
+        async with self.lock:
+            self.timers[conversation] = seconds
+            puts: list[tuple[str, str, bytes | None]] = [
+                ("timer", conversation, str(seconds).encode())
+            ]
+            if kind == "user":
+                envelopes = await self._pairwise(name, data, puts)
+                await self.store.commit(puts=puts)
+                sent = self.request(
+                    "send", to={"user": name}, envelopes=envelopes, client_id=new_client_id()
+                )
+            else:
+                for member in sorted(self.room_members.get(name, set())):
+                    mputs: list[tuple[str, str, bytes | None]] = []
+                    envelopes = await self._pairwise(member, data, mputs)
+                    puts += mputs
+                    if envelopes:
+                        await self.store.commit(puts=mputs)
+                        self.request(
+                            "send",
+                            to={"user": member},
+                            envelopes=envelopes,
+                            client_id=new_client_id(),
+                        )
+                await self.store.commit(puts=puts)
+                sent = None
+        if sent is not None:
+            await sent
+        self.emit(TimerChanged(conversation, seconds, self.me))
+
+    # -------------------------------------------------------------------- rooms
+    async def _room_session(self, room: str) -> RoomSession:
+        rs = self.rooms.get(room)
+        if rs is None or rs.epoch is None:
+            rs = rs or RoomSession(room, self.me, self.device)
+            rs.rotate()
+            self.rooms[room] = rs
+            await self.store.commit(puts=[("room", room, rs.to_bytes())])
+            await self._distribute(room, rs)
+        return rs
+
+    async def _distribute(self, room: str, rs: RoomSession) -> None:
+        """Hand our current sender key to every member's devices over pairwise sessions."""
+        data = pl.encode(pl.SenderKey(room, rs.distribution().to_bytes()))
+        members = set(self.room_members.get(room, set())) | {self.me}
+        for member in sorted(members):
+            puts: list[tuple[str, str, bytes | None]] = []
+            try:
+                envelopes = await self._pairwise(member, data, puts)
+            except IdentityNotAccepted as e:
+                # Never hand a room key to a device whose identity changed unaccepted.
+                log.warn("not sending {room}'s key to {user}: {e}", room=room, user=member, e=e)
+                continue
+            if puts:
+                await self.store.commit(puts=puts)
+            if envelopes:
+                self.request(
+                    "send", to={"user": member}, envelopes=envelopes, client_id=new_client_id()
+                )
+
+    async def joined_room(self, room: str, members: Iterable[str]) -> None:
+        """We joined or created ``room``: start a fresh sender key and hand it out."""
+        async with self.lock:
+            self.room_members[room] = set(members) | {self.me}
+            rs = self.rooms.get(room) or RoomSession(room, self.me, self.device)
+            rs.rotate()
+            self.rooms[room] = rs
+            await self.store.commit(puts=[("room", room, rs.to_bytes())])
+            await self._distribute(room, rs)
+
+    async def left_room(self, room: str) -> None:
+        async with self.lock:
+            self.room_members.pop(room, None)
+            self.rooms.pop(room, None)
+            await self.store.commit(puts=[("room", room, None)])
+
+    async def membership_changed(self, room: str, user: str, event: str) -> None:
+        """Any change of membership starts a new epoch of our sender key (removed
+        members cannot read what follows; joiners cannot read what came before)."""
+        async with self.lock:
+            members = self.room_members.setdefault(room, {self.me})
+            if event == "joined":
+                members.add(user)
+            elif event in ("left", "kicked"):
+                members.discard(user)
+            else:
+                return
+            rs = self.rooms.get(room)
+            if rs is None:
+                return
+            if event in ("left", "kicked"):
+                rs.remove_member(user)
+            rs.rotate()
+            await self.store.commit(puts=[("room", room, rs.to_bytes())])
+            await self._distribute(room, rs)
+
+    # ---------------------------------------------------------------- receiving
+    async def receive(self, push: dict[str, Any]) -> None:
+        """Handle one ``message`` push; acks it once its effects are committed."""
+        async with self.lock:
+            await self._receive(push)
+
+    def _bad(self, push: dict[str, Any], reason: str) -> None:
+        sender = push.get("from", {})
+        self.emit(
+            BadMessage(
+                sender.get("user", "?"), sender.get("device", "?"), reason, int(push.get("seq", 0))
+            )
+        )
+        self.ack(int(push["seq"]))
+
+    async def _receive(self, push: dict[str, Any]) -> None:
+        sender = push["from"]
+        user, device = sender["user"], sender["device"]
+        try:
+            env = Envelope.from_bytes(base64.b64decode(push["envelope"]))
+        except (CryptoError, ValueError):
+            self._bad(push, "the envelope is malformed")
+            return
+        if env.sender_user.casefold() != user.casefold() or env.sender_device != device:
+            self._bad(push, "the envelope names another sender than the server says")
+            return
+        if env.type is MessageType.ROOM:
+            room = push["to"].get("room")
+            if room is None:
+                self._bad(push, "a room message outside a room")
+                return
+            await self._receive_room(push, env, room)
+        else:
+            await self._receive_pairwise(push, env)
+
+    async def _receive_pairwise(self, push: dict[str, Any], env: Envelope) -> None:
+        user, device = env.sender_user, env.sender_device
+        if user.casefold() == self.me.casefold():
+            user = self.me
+        puts: list[tuple[str, str, bytes | None]] = []
+        sessions = list(self.sessions.get((user, device), []))
+        try:
+            if env.type is MessageType.PREKEY:
+                claimed = prekey_identity(env)
+                rec = self._pin(user, device, claimed)
+                puts.append(("contact", rec.key, rec.to_bytes()))
+                current = next((x for x in sessions if x.matches(env.header)), None)
+                session, plaintext = open_envelope(self.ident, env, current)
+                puts.append(("identity", "self", self.ident.to_bytes()))
+            else:
+                if not sessions:
+                    self._bad(push, "no session with that device (its first message was lost)")
+                    return
+                session, plaintext = self._try_sessions(env, sessions)
+        except CryptoError as e:
+            self._bad(push, f"failed verification or decryption: {type(e).__name__}")
+            return
+        # The session that worked becomes the current one (both sides converge).
+        ordered = [session] + [x for x in sessions if x is not session]
+        self.sessions[(user, device)] = ordered[:MAX_SESSIONS]
+        puts.append(("session", f"{user}/{device}", encode_sessions(ordered[:MAX_SESSIONS])))
+        try:
+            body = pl.decode(plaintext)
+        except pl.PayloadError as e:
+            await self.store.commit(puts=puts)
+            self._bad(push, str(e))
+            return
+        await self._deliver(push, user, device, body, puts, room=None)
+
+    def _try_sessions(self, env: Envelope, sessions: list[Session]) -> tuple[Session, bytes]:
+        """Decrypt with the first session that can (each attempt changes nothing on failure)."""
+        error: CryptoError | None = None
+        for candidate in sessions:
+            try:
+                return open_envelope(self.ident, env, candidate)
+            except CryptoError as e:
+                error = e
+        assert error is not None
+        raise error
+
+    async def _receive_room(
+        self, push: dict[str, Any], env: Envelope, room: str, since: float | None = None
+    ) -> None:
+        user, device = env.sender_user, env.sender_device
+        if user.casefold() == self.me.casefold():
+            user = self.me
+        contact = self.contacts.get((user, device))
+        rs = self.rooms.get(room)
+        if contact is None or rs is None:
+            self._hold(push, env, since)
+            return
+        try:
+            env.verify(contact.identity_key())
+            plaintext = rs.decrypt(user, device, env.header, env.ciphertext)
+        except StateError:
+            self._hold(push, env, since)
+            return
+        except CryptoError as e:
+            self._bad(push, f"failed verification or decryption: {type(e).__name__}")
+            return
+        puts: list[tuple[str, str, bytes | None]] = [("room", room, rs.to_bytes())]
+        try:
+            body = pl.decode(plaintext)
+        except pl.PayloadError as e:
+            await self.store.commit(puts=puts)
+            self._bad(push, str(e))
+            return
+        await self._deliver(push, user, device, body, puts, room=room)
+
+    def _hold(self, push: dict[str, Any], env: Envelope, since: float | None) -> None:
+        """Wait (unacknowledged) for the sender key that decrypts this room message."""
+        self._pending_room.append((self.clock() if since is None else since, push, env))
+        while len(self._pending_room) > MAX_PENDING_ROOM:
+            _, old, _ = self._pending_room.pop(0)
+            self._bad(old, "no sender key arrived for this room message")
+
+    async def _retry_held(self) -> None:
+        held, self._pending_room = self._pending_room, []
+        now = self.clock()
+        for since, push, env in held:
+            if now - since > PENDING_ROOM_TTL:
+                self._bad(push, "no sender key arrived for this room message")
+                continue
+            await self._receive_room(push, env, push["to"]["room"], since)
+
+    async def expire_held(self) -> None:
+        async with self.lock:
+            await self._retry_held()
+
+    async def _deliver(
+        self,
+        push: dict[str, Any],
+        user: str,
+        device: str,
+        body: pl.Payload,
+        puts: list[tuple[str, str, bytes | None]],
+        room: str | None,
+    ) -> None:
+        seq = int(push["seq"])
+        if isinstance(body, pl.Text):
+            if room is not None:
+                conversation = f"room:{room}"
+            elif user == self.me:
+                conversation = body.conversation  # a copy of what we sent elsewhere
+            else:
+                conversation = f"user:{user}"
+            expires_at = body.expires_at
+            if expires_at is None and push.get("expires_at"):
+                expires_at = float(push["expires_at"])
+            msg_id = f"{user}/{device}/{body.id}"
+            record = HistoryMessage(
+                msg_id,
+                conversation,
+                user,
+                device,
+                int(push.get("ts", 0)),
+                body.body,
+                expires_at,
+                "sent" if user == self.me else "received",
+            )
+            await self.store.commit(puts=puts, messages=[record])
+            self.ack(seq)
+            contact = self.contacts.get((user, device))
+            if expires_at is None or expires_at > self.clock():
+                self.emit(
+                    MessageReceived(
+                        conversation,
+                        user,
+                        device,
+                        body.body,
+                        int(push.get("ts", 0)),
+                        msg_id,
+                        expires_at,
+                        contact is not None and contact.state == VERIFIED,
+                    )
+                )
+        elif isinstance(body, pl.SenderKey):
+            rs = self.rooms.get(body.room) or RoomSession(body.room, self.me, self.device)
+            try:
+                rs.add_distribution(user, device, body.dist)
+            except CryptoError as e:
+                await self.store.commit(puts=puts)
+                self._bad(push, f"bad sender key: {e}")
+                return
+            self.rooms[body.room] = rs
+            puts.append(("room", body.room, rs.to_bytes()))
+            await self.store.commit(puts=puts)
+            self.ack(seq)
+            await self._retry_held()
+        else:
+            if body.conversation.startswith("room:") or user == self.me:
+                conversation = body.conversation
+            else:
+                conversation = f"user:{user}"
+            self.timers[conversation] = body.seconds
+            puts.append(("timer", conversation, str(body.seconds).encode()))
+            await self.store.commit(puts=puts)
+            self.ack(seq)
+            self.emit(TimerChanged(conversation, body.seconds, user))
+
+    # -------------------------------------------------------------------- trust
+    async def accept_identity(self, user: str) -> list[str]:
+        """Acknowledge changed keys of ``user``: new sessions start with the new keys."""
+        async with self.lock:
+            changed = [c for (u, _), c in self.contacts.items() if u == user and c.state == CHANGED]
+            puts: list[tuple[str, str, bytes | None]] = []
+            for c in changed:
+                rec = c.accepted()
+                self.contacts[(c.user, c.device)] = rec
+                puts.append(("contact", rec.key, rec.to_bytes()))
+                # Sessions with the old key are dropped; one the new key started stays.
+                keep = [
+                    x
+                    for x in self.sessions.get((c.user, c.device), [])
+                    if x.remote_identity.to_bytes() == rec.identity
+                ]
+                if keep:
+                    self.sessions[(c.user, c.device)] = keep
+                    puts.append(("session", rec.key, encode_sessions(keep)))
+                elif self.sessions.pop((c.user, c.device), None) is not None:
+                    puts.append(("session", rec.key, None))
+            await self.store.commit(puts=puts)
+            self.forget_devices(user)
+            return [c.device for c in changed]
+
+    async def mark_verified(self, user: str, device: str) -> None:
+        async with self.lock:
+            c = self.contacts.get((user, device))
+            if c is None:
+                raise ClientError(f"no known device {device} of {user}")
+            if c.state == CHANGED:
+                raise ClientError(f"{user}'s key changed; accept it first, then verify")
+            rec = c.verified()
+            self.contacts[(user, device)] = rec
+            await self.store.commit(puts=[("contact", rec.key, rec.to_bytes())])
+
+    def safety_number(self, user: str, device: str) -> str:
+        c = self.contacts.get((user, device))
+        if c is None:
+            raise ClientError(f"no known device {device} of {user}; exchange a message first")
+        return safety_number(
+            f"{self.me}/{self.device}",
+            self.ident.identity_key,
+            f"{user}/{device}",
+            IdentityKey.from_bytes(c.pending or c.identity),
+        )
+
+    def contact_devices(self, user: str) -> list[ContactDevice]:
+        return sorted(
+            (c for (u, _), c in self.contacts.items() if u == user), key=lambda c: c.device
+        )

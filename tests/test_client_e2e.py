@@ -1,0 +1,212 @@
+"""Two (and more) real headless clients talking end to end through a real server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from shtalk.client.e2ee import IdentityNotAccepted
+from shtalk.client.events import IdentityChanged
+from tests.clientkit import Person, sleep
+from tests.harness import ServerProcess, fresh_name
+
+
+class E2ETestCase(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.server = ServerProcess()
+        self.server.start()
+        self.addCleanup(self.server.cleanup)
+        self.people: list[Person] = []
+
+    async def person(
+        self, name: str | None = None, device: str = "laptop", register: bool = True
+    ) -> Person:
+        p = Person(self.server.port, name or fresh_name("p"), device)
+        self.people.append(p)
+        self.addCleanup(lambda: Deferred.fromCoroutine(p.close()))
+        if register:
+            await p.register()
+        else:
+            await p.login()
+        return p
+
+
+class DirectMessageTests(E2ETestCase):
+    async def test_both_ways(self) -> None:
+        alice, bob = await self.person(), await self.person()
+        assert alice.client and bob.client
+        await alice.client.send(f"user:{bob.username}", "hello bob")
+        got = await bob.wait_messages(1)
+        self.assertEqual(
+            (got[0].body, got[0].sender, got[0].conversation),
+            ("hello bob", alice.username, f"user:{alice.username}"),
+        )
+        await bob.client.send(f"user:{alice.username}", "hello alice")
+        got = await alice.wait_messages(1)
+        self.assertEqual(got[0].body, "hello alice")
+        for i in range(5):
+            await alice.client.send(f"user:{bob.username}", f"more {i}")
+        await bob.wait_messages(6)
+        self.assertEqual([m.body for m in bob.received()][1:], [f"more {i}" for i in range(5)])
+        history = await bob.client.history(f"user:{alice.username}")
+        self.assertEqual([m.body for m in history][:2], ["hello bob", "hello alice"])
+
+    async def test_offline_delivery_and_restarts(self) -> None:
+        alice, bob = await self.person(), await self.person()
+        assert alice.client and bob.client
+        await alice.client.send(f"user:{bob.username}", "first")
+        await bob.wait_messages(1)
+        await bob.close()
+        for i in range(3):
+            await alice.client.send(f"user:{bob.username}", f"while away {i}")
+        await bob.restart()
+        got = await bob.wait_messages(4)
+        self.assertEqual([m.body for m in got], ["first"] + [f"while away {i}" for i in range(3)])
+        # Alice restarts in the middle of the conversation too.
+        await alice.restart()
+        assert alice.client and bob.client
+        await alice.client.send(f"user:{bob.username}", "after restart")
+        await bob.wait_messages(5)
+        await bob.client.send(f"user:{alice.username}", "reply after restarts")
+        got = await alice.wait_messages(1)
+        self.assertEqual(got[-1].body, "reply after restarts")
+
+    async def test_out_of_order_delivery(self) -> None:
+        alice, bob = await self.person(), await self.person()
+        assert alice.client and bob.client
+        await alice.client.send(f"user:{bob.username}", "m0")
+        await bob.wait_messages(1)
+        # Hold Bob's next pushes and hand them to his client reversed.
+        held: list[dict[str, object]] = []
+        real = bob.client.session.on_push
+        bob.client.session.on_push = lambda push: (
+            held.append(push) if push.get("type") == "message" else real(push)
+        )
+        for i in (1, 2, 3):
+            await alice.client.send(f"user:{bob.username}", f"m{i}")
+        await bob.wait_for(lambda: len(held) == 3, what="three held pushes")
+        for push in reversed(held):
+            real(push)
+        got = await bob.wait_messages(4)
+        self.assertEqual(sorted(m.body for m in got), ["m0", "m1", "m2", "m3"])
+
+    async def test_multi_device(self) -> None:
+        alice, bob = await self.person(), await self.person()
+        bob2 = await self.person(bob.username, "phone", register=False)
+        alice2 = await self.person(alice.username, "tablet", register=False)
+        assert alice.client
+        await alice.client.send(f"user:{bob.username}", "to both of bob's devices")
+        await bob.wait_messages(1)
+        await bob2.wait_messages(1)
+        # Alice's other device sees what she sent, in the conversation with Bob.
+        got = await alice2.wait_messages(1)
+        self.assertEqual(
+            (got[0].conversation, got[0].sender), (f"user:{bob.username}", alice.username)
+        )
+
+    async def test_identity_change_must_be_acknowledged(self) -> None:
+        alice, bob = await self.person(), await self.person()
+        assert alice.client
+        await alice.client.send(f"user:{bob.username}", "before")
+        await bob.wait_messages(1)
+        # Bob loses his local store and logs in again on the same device id: new keys.
+        await bob.close()
+        shutil.rmtree(bob.home)
+        os.makedirs(bob.home)
+        await bob.login()
+        assert bob.client
+        await bob.client.send(f"user:{alice.username}", "new keys, same me")
+        await alice.wait_for(
+            lambda: any(isinstance(e, IdentityChanged) for e in alice.events), what="change"
+        )
+        with self.assertRaises(IdentityNotAccepted):
+            await alice.client.send(f"user:{bob.username}", "blocked")
+        number = alice.client.safety_number(bob.username, bob.device)
+        self.assertEqual(len(number.replace(" ", "")), 60)
+        await alice.client.accept_identity(bob.username)
+        await alice.client.send(f"user:{bob.username}", "after accepting")
+        got = await bob.wait_messages(1)
+        self.assertEqual(got[-1].body, "after accepting")
+
+
+class RoomTests(E2ETestCase):
+    async def test_room_join_leave_kick(self) -> None:
+        alice, bob, carol = await self.person(), await self.person(), await self.person()
+        assert alice.client and bob.client and carol.client
+        room = fresh_name("room")
+        await alice.client.create_room(room)
+        await bob.client.join_room(room)
+        await carol.client.join_room(room)
+        await sleep(0.5)
+        await alice.client.send(f"room:{room}", "hello room")
+        await bob.wait_messages(1, f"room:{room}")
+        await carol.wait_messages(1, f"room:{room}")
+        await bob.client.send(f"room:{room}", "bob here")
+        await alice.wait_messages(1, f"room:{room}")
+        await carol.wait_messages(2, f"room:{room}")
+        # Capture what the server hands Bob from now on, to replay to Carol later.
+        captured: list[dict[str, object]] = []
+        real = bob.client.session.on_push
+
+        def tap(push: dict[str, object]) -> None:
+            if push.get("type") == "message":
+                captured.append(push)
+            real(push)
+
+        bob.client.session.on_push = tap
+        await alice.client.kick(room, carol.username)
+        await sleep(0.5)
+        await alice.client.send(f"room:{room}", "carol must not read this")
+        await bob.wait_for(
+            lambda: any(m.body == "carol must not read this" for m in bob.received()),
+            what="the post-kick message",
+        )
+        assert carol.client
+        before = len(carol.received())
+        for push in captured:
+            carol.client.e2ee._pending_room.clear()
+            await carol.client.e2ee.receive(dict(push))
+        await carol.client.e2ee.expire_held()
+        self.assertEqual(len(carol.received()), before)
+        self.assertNotIn("carol must not read this", [m.body for m in carol.received()])
+        # Leave: Bob goes; Alice's next message is not for him.
+        await bob.client.leave_room(room)
+        await sleep(0.3)
+        await alice.client.send(f"room:{room}", "after bob left")
+        await sleep(0.5)
+        self.assertNotIn("after bob left", [m.body for m in bob.received()])
+
+    async def test_late_joiner_cannot_read_earlier(self) -> None:
+        alice, bob = await self.person(), await self.person()
+        assert alice.client and bob.client
+        room = fresh_name("room")
+        await alice.client.create_room(room)
+        await alice.client.send(f"room:{room}", "before bob")
+        await bob.client.join_room(room)
+        await sleep(0.5)
+        await alice.client.send(f"room:{room}", "after bob joined")
+        got = await bob.wait_messages(1, f"room:{room}")
+        self.assertEqual([m.body for m in got], ["after bob joined"])
+
+
+class DisappearingTests(E2ETestCase):
+    async def test_timer_deletes_on_both_sides(self) -> None:
+        alice, bob = await self.person(), await self.person()
+        assert alice.client and bob.client
+        conv = f"user:{bob.username}"
+        await alice.client.set_timer(conv, 2)
+        await alice.client.send(conv, "this will vanish")
+        got = await bob.wait_messages(1)
+        self.assertIsNotNone(got[0].expires_at)
+        self.assertEqual(len(await bob.client.history(f"user:{alice.username}")), 1)
+        await sleep(2.5)
+        self.assertEqual(await alice.client.history(conv), [])
+        self.assertEqual(await bob.client.history(f"user:{alice.username}"), [])
+        assert bob.store and alice.store
+        await bob.store.purge_expired(10**10)
+        self.assertEqual(await bob.store.search("vanish"), [])
