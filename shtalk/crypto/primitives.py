@@ -28,9 +28,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _hmac
 from cryptography.hazmat.primitives.asymmetric import ec, mlkem, x25519
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    decode_dss_signature,
-)
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -106,7 +104,10 @@ _P256_N_BYTES = _P256_N.to_bytes(32, "big")
 _HALF_N_BYTES = _HALF_N.to_bytes(32, "big")
 _CURVE = ec.SECP256R1()
 _ECDSA = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
-_ECDSA_VERIFY = ec.ECDSA(hashes.SHA256())
+# The same signatures over a SHA-256 computed by hashlib (RFC 6979 nonces depend
+# only on the digest): one OpenSSL digest context fewer per call.
+_ECDSA_PREHASHED = ec.ECDSA(Prehashed(hashes.SHA256()), deterministic_signing=True)
+_ECDSA_VERIFY_PREHASHED = ec.ECDSA(Prehashed(hashes.SHA256()))
 _SHA256 = hashes.SHA256()
 _ZERO_SALT = bytes(32)
 
@@ -140,6 +141,7 @@ _SHA256_NEW = hashlib.sha256
 _IPAD = bytes(x ^ 0x36 for x in range(256))
 _OPAD = bytes(x ^ 0x5C for x in range(256))
 _BLOCK = 64
+_HALF_BLOCK = bytes(32)
 
 
 def _pads(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
@@ -154,7 +156,10 @@ _ZERO_SALT_PADS = _pads(_ZERO_SALT)  # public constants: HKDF's default salt
 
 def hmac_sha256_pair(key: bytes, data1: bytes, data2: bytes) -> tuple[bytes, bytes]:
     """``(HMAC-SHA256(key, data1), HMAC-SHA256(key, data2))``."""
-    inner, outer = _pads(key)
+    if len(key) > _BLOCK:
+        key = _SHA256_NEW(key).digest()
+    key += bytes(_BLOCK - len(key))
+    inner, outer = _SHA256_NEW(key.translate(_IPAD)), _SHA256_NEW(key.translate(_OPAD))
     i = inner.copy()
     i.update(data1)
     o = outer.copy()
@@ -171,7 +176,8 @@ def _hkdf_short(ikm: bytes, info: bytes, length: int) -> bytes:
     i.update(ikm)
     o = outer.copy()
     o.update(i.digest())
-    inner, outer = _pads(o.digest())  # the PRK's pads; both die with this call
+    prk = o.digest() + _HALF_BLOCK  # padded to the block; dies with this call
+    inner, outer = _SHA256_NEW(prk.translate(_IPAD)), _SHA256_NEW(prk.translate(_OPAD))
     if length <= 32:
         inner.update(info + b"\x01")
         outer.update(inner.digest())
@@ -320,7 +326,7 @@ def load_signing_public(data: bytes) -> ec.EllipticCurvePublicKey:
 
 def sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
     """Deterministic ECDSA P-256/SHA-256 as 64 bytes ``r || s`` with low S."""
-    der = key.sign(data, _ECDSA)
+    der = key.sign(hashlib.sha256(data).digest(), _ECDSA_PREHASHED)
     # SEQUENCE { INTEGER r, INTEGER s }, read from the bytes (checked, never trusted).
     r_len = der[3]
     s_len = der[5 + r_len] if len(der) > 5 + r_len else 0
@@ -351,7 +357,7 @@ def verify(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> Non
     if not (_ZERO_32 < r < _P256_N_BYTES and _ZERO_32 < s <= _HALF_N_BYTES):
         raise BadSignature("signature is out of range or not low-S")
     try:
-        key.verify(_der_signature(r, s), data, _ECDSA_VERIFY)
+        key.verify(_der_signature(r, s), hashlib.sha256(data).digest(), _ECDSA_VERIFY_PREHASHED)
     except InvalidSignature:
         raise BadSignature("signature does not verify") from None
 
