@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
-from shtalk.client.connection import CertificateChanged, RequestTimeout
+from shtalk.client.connection import CertificateChanged, CertificateInvalid, RequestTimeout
 from shtalk.client.knownhosts import KnownHosts
 from shtalk.client.session import Credentials, ServerSession
 from tests.harness import PASSWORD, ServerProcess, ServerTestCase, fresh_name, login_session
@@ -200,3 +200,101 @@ class RestartTests(SessionMixin, unittest.TestCase):
         self.server.start()
         reply = yield pending
         self.assertTrue(reply["ok"])
+
+
+def make_ca_and_leaf(directory: str) -> tuple[bytes, str, str]:
+    """A throw-away CA and a "localhost" certificate it signed: (CA PEM, cert, key paths)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "shtalk test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                       encipher_only=False, decipher_only=False),
+                         critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    cert_path, key_path = os.path.join(directory, "ca-leaf.pem"), os.path.join(directory,
+                                                                                "ca-leaf.key")
+    with open(cert_path, "wb") as f:
+        f.write(leaf.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    os.chmod(key_path, 0o600)
+    return ca.public_bytes(serialization.Encoding.PEM), cert_path, key_path
+
+
+class SystemTrustTests(unittest.TestCase):
+    """trust="system": a CA-signed certificate is accepted for the name it carries and
+    refused for another name or without the CA."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        from twisted.internet.ssl import Certificate
+
+        from shtalk.server.tls import make_self_signed
+
+        directory = tempfile.mkdtemp()
+        ca_pem, cert_path, key_path = make_ca_and_leaf(directory)
+        self.ca = Certificate.loadPEM(ca_pem)
+        self.server = ServerProcess({"server": {"cert": cert_path, "key": key_path}})
+        # The harness waits for the data dir's own certificate file; with an operator
+        # certificate none is made, so give it one (unused by the server).
+        self.server.data_dir.mkdir(mode=0o700, parents=True)
+        unused_key, unused_cert = make_self_signed(["unused"])
+        for name, pem in (("tls-cert.pem", unused_cert), ("tls-key.pem", unused_key)):
+            path = self.server.data_dir / name
+            path.write_bytes(pem)
+            path.chmod(0o600)
+        self.server.start()
+        self.addCleanup(self.server.cleanup)
+
+    def session(self, host: str, trust_root: Any) -> tuple[ServerSession, Recorder]:
+        rec = Recorder()
+        creds = Credentials(fresh_name(), "d1")
+        s = ServerSession(reactor, host, self.server.port, None, rec.confirm, rec.ask, creds,
+                          rec.on_tokens, rec.pushes.append, trust="system",
+                          trust_root=trust_root, backoff=(0.05, 0.5))
+        self.addCleanup(s.stop)
+        return s, rec
+
+    @inlineCallbacks
+    def test_ca_signed_certificate_accepted(self) -> Any:
+        s, rec = self.session("localhost", self.ca)
+        reply = yield s.register(s.credentials.username, PASSWORD, "x@example.org")
+        self.assertTrue(reply["ok"])
+        yield s.login(PASSWORD)
+        self.assertEqual(s.state, "authenticated")
+        self.assertEqual(rec.confirmed, [])
+
+    @inlineCallbacks
+    def test_wrong_name_or_unknown_ca_refused(self) -> Any:
+        s, _ = self.session("127.0.0.1", self.ca)  # the certificate names only localhost
+        yield self.assertFailure(s.start(), CertificateInvalid)
+        s2, _ = self.session("localhost", None)  # the platform's CAs never signed it
+        yield self.assertFailure(s2.start(), CertificateInvalid)
