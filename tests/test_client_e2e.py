@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
@@ -210,3 +211,49 @@ class DisappearingTests(E2ETestCase):
         assert bob.store and alice.store
         await bob.store.purge_expired(10**10)
         self.assertEqual(await bob.store.search("vanish"), [])
+
+
+class AtRestTests(E2ETestCase):
+    async def test_server_files_hold_no_marker_and_no_private_key(self) -> None:
+        from shtalk.crypto import primitives as P
+
+        alice, bob, carol = await self.person(), await self.person(), await self.person()
+        assert alice.client and bob.client and carol.client
+        marker = "MARKER-" + fresh_name("m")
+        room = fresh_name("room")
+        await alice.client.create_room(room)
+        await bob.client.join_room(room)
+        await carol.client.join_room(room)
+        await sleep(0.5)
+        await carol.close()  # offline: her copies stay queued on the server
+        for i in range(10):
+            await alice.client.send(f"user:{bob.username}", f"{marker} dm {i}")
+            await alice.client.send(f"room:{room}", f"{marker} room {i}")
+        await bob.wait_messages(20)
+        self.assertEqual(len(await bob.client.search(marker)), 20)
+        secrets_ = []
+        for p in (alice, bob):
+            assert p.client
+            ident = p.client.e2ee.ident
+            secrets_ += [
+                P.signing_private_bytes(ident.signing_key),
+                P.x25519_private_bytes(ident.dh_key),
+                ident.signed_prekey[1],
+                ident.kem_last_resort[1],
+            ]
+        data_dir = self.server.data_dir
+        paths = [os.path.join(data_dir, n) for n in os.listdir(data_dir)]
+        paths += [str(self.server.log_path)]
+        dumped = b"".join(Path(path).read_bytes() for path in paths if os.path.isfile(path))
+        self.assertIn(b"shtalk", dumped)  # we did read the files
+        self.assertNotIn(marker.encode(), dumped)
+        for s in secrets_:
+            self.assertNotIn(s, dumped)
+        # The clients' own files are sealed too.
+        for p in (alice, bob):
+            local = b"".join(
+                Path(p.db + suffix).read_bytes()
+                for suffix in ("", "-wal", "-shm")
+                if os.path.exists(p.db + suffix)
+            )
+            self.assertNotIn(marker.encode(), local)
