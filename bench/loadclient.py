@@ -170,6 +170,7 @@ class LoadClient(Protocol):
         self.lost_d: Deferred[None] = Deferred()
         self.backlog_d: Deferred[None] = Deferred()
         self._fake_seq = 0
+        self.live = run.ceiling  # shtalk: after backlog_done
 
     # connection ------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -213,7 +214,8 @@ class LoadClient(Protocol):
                 i = line.find(CID_KEY) + len(CID_KEY)
                 j = line.find(b'"', i)
                 sent_at = int(line[line.rfind(b".", i, j) + 1 : j])
-                run.total_delivered += 1
+                if self.live:  # not a replay of an earlier run's unacknowledged messages
+                    run.total_delivered += 1
                 if run.recording:
                     run.delivered += 1
                     run.hist.add(now - sent_at, now)
@@ -243,6 +245,7 @@ class LoadClient(Protocol):
                     else:
                         d.callback(json.loads(line))
             elif line.startswith(b'{"type":"backlog_done"') and not self.backlog_d.called:
+                self.live = True
                 self.backlog_d.callback(None)
             # presence / member / invited pushes: not part of the measurement
 
