@@ -164,7 +164,7 @@ class RestartTests(SessionMixin, unittest.TestCase):
     def test_resume_after_server_restart(self) -> Any:
         s, rec, _creds = yield self.account(self.server)
         self.server.restart(kill=True)
-        yield until(lambda: s.state != "authenticated" or len(rec.pushes) > 1)
+        yield until(lambda: s.state != "authenticated" or len(rec.pushes) > 1, timeout=30)
         reply = yield s.request("room_list", timeout=20)
         self.assertTrue(reply["ok"])
         self.assertEqual(s.state, "authenticated")
