@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 from pathlib import Path
@@ -10,7 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from shtalk.client.e2ee import IdentityNotAccepted
-from shtalk.client.events import IdentityChanged
+from shtalk.client.events import BadMessage, IdentityChanged, NewDevice
 from tests.clientkit import Person, sleep
 from tests.harness import ServerProcess, fresh_name
 
@@ -257,3 +258,65 @@ class AtRestTests(E2ETestCase):
                 if os.path.exists(p.db + suffix)
             )
             self.assertNotIn(marker.encode(), local)
+
+
+class TrustAndTamperingTests(E2ETestCase):
+    async def test_tampered_envelope_is_reported_never_shown(self) -> None:
+        alice, bob = await self.person(), await self.person()
+        assert alice.client and bob.client
+        await alice.client.send(f"user:{bob.username}", "genuine")
+        await bob.wait_messages(1)
+        held: list[dict[str, object]] = []
+        real = bob.client.session.on_push
+        bob.client.session.on_push = lambda push: (
+            held.append(push) if push.get("type") == "message" else real(push)
+        )
+        await alice.client.send(f"user:{bob.username}", "will be tampered with")
+        await bob.wait_for(lambda: held, what="the held push")
+        push = dict(held[0])
+        raw = bytearray(base64.b64decode(str(push["envelope"])))
+        raw[-10] ^= 0x01  # one bit of the signature
+        push["envelope"] = base64.b64encode(bytes(raw)).decode()
+        real(push)
+        await bob.wait_for(
+            lambda: any(isinstance(e, BadMessage) for e in bob.events), what="BadMessage"
+        )
+        self.assertEqual([m.body for m in bob.received()], ["genuine"])
+        # The untouched original still decrypts: the failure changed no state.
+        real(held[0])
+        got = await bob.wait_messages(2)
+        self.assertEqual(got[-1].body, "will be tampered with")
+
+    async def test_new_device_is_shown_and_verification_marks(self) -> None:
+        alice, bob = await self.person(), await self.person()
+        assert alice.client and bob.client
+        await alice.client.send(f"user:{bob.username}", "hi")
+        await bob.wait_messages(1)
+        bob2 = await self.person(bob.username, "phone", register=False)
+        await sleep(0.3)
+        await alice.client.send(f"user:{bob.username}", "hi again")
+        await bob2.wait_messages(1)
+        self.assertIn(NewDevice(bob.username, "phone"), alice.events)
+        number_a = alice.client.safety_number(bob.username, "laptop")
+        number_b = bob.client.safety_number(alice.username, "laptop")
+        self.assertEqual(number_a, number_b)
+        await alice.client.mark_verified(bob.username, "laptop")
+        await bob.client.send(f"user:{alice.username}", "verified now")
+        got = await alice.wait_messages(1)
+        self.assertTrue(got[-1].verified)
+
+
+class ServerQueueExpiryTests(E2ETestCase):
+    async def test_expired_messages_never_reach_an_offline_device(self) -> None:
+        alice, bob = await self.person(), await self.person()
+        assert alice.client
+        conv = f"user:{bob.username}"
+        await alice.client.send(conv, "hello")
+        await bob.wait_messages(1)
+        await bob.close()
+        await alice.client.set_timer(conv, 1)
+        await alice.client.send(conv, "gone before bob is back")
+        await sleep(2.0)
+        await bob.restart()
+        await sleep(1.0)
+        self.assertEqual([m.body for m in bob.received()], ["hello"])
