@@ -320,6 +320,19 @@ def machine_cpu() -> tuple[float, float, float]:
     return (total - idle - steal) / hz, steal / hz, total / hz
 
 
+def other_processes_cpu(exclude: set[int]) -> float:
+    """CPU seconds used so far by every process on the machine except `exclude`.
+
+    The machine may be shared (other people's tests and benchmarks): the difference over
+    the window says how much CPU went to processes that are not part of this benchmark.
+    """
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in exclude:
+            total += cpu_seconds_of(int(entry))
+    return total
+
+
 def own_cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
@@ -334,7 +347,8 @@ class CpuWindow:
         pid = self.server_pid
         # The main thread's id is the process id: that is the reactor thread.
         return (time.monotonic(), own_cpu_seconds(), cpu_seconds_of(pid),
-                cpu_seconds_of(pid, pid), *machine_cpu())
+                cpu_seconds_of(pid, pid), *machine_cpu(),
+                other_processes_cpu({pid, os.getpid(), os.getppid()}))
 
     def stop(self) -> dict[str, float]:
         end = self._sample()
@@ -347,6 +361,8 @@ class CpuWindow:
             # Whole machine, in cores (2.0 = both busy), and time stolen by the hypervisor.
             "machine_busy_cores": round((end[4] - self.start[4]) / elapsed, 3),
             "machine_steal_cores": round((end[5] - self.start[5]) / elapsed, 3),
+            # Other processes (not this server, not the load generator), in cores.
+            "other_processes_cores": round((end[7] - self.start[7]) / elapsed, 3),
         }
 
 
