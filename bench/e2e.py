@@ -1,0 +1,864 @@
+"""End-to-end encryption through the server: real ShtalkClients against plaintext clients.
+
+    PYTHONPATH=. .venv/bin/python -m bench.e2e [--quick] [--json FILE] [--write docs/PERFORMANCE.md]
+
+What it does (everything on 127.0.0.1, bounded in time, stops by itself, removes its
+server and temporary directories):
+
+1. Starts ONE real server (``twistd -n shtalk``, `bench.fanout.start_shtalk`: fresh data
+   directory, ``max_connections_per_address = 1000``, ``bcrypt_cost = 10``).
+2. Two parties, a direct message from Alice to Bob:
+   * baseline: two raw JSON clients (`bench.loadclient.LoadClient`) sending plaintext
+     200-byte envelopes to ``{"user": bob}``;
+   * E2EE: two `ShtalkClient`s (real LocalStore, Argon2id cheap for set-up only, PQXDH
+     session, Double Ratchet, ECDSA-signed envelopes, SQLite commit per message).
+   Each in two variants: *closed loop* (Alice sends the next message as soon as the
+   previous ``send`` completes: the server's ``ok`` for raw, ``ShtalkClient.send`` returning
+   for E2EE) for messages/s and latency under load, and *ping-pong* (the next message only
+   after Bob received the previous one) for the unloaded latency.
+3. A room of 50: the baseline is `bench.loadclient`'s ``fanout`` scenario (50 raw clients,
+   every one a closed-loop sender, one send outstanding each); E2EE is 50 ShtalkClients in
+   one room (Sender Keys), every one a closed-loop sender. Delivered messages/s = every
+   message received by any member, summed.
+4. Prints the table, the ratios (baseline rate / E2EE rate, E2EE latency / baseline
+   latency; target <= 2x) and the CPU split, writes ``--json`` and, with ``--write``, the
+   section "End-to-end encryption through the server (bench/e2e)" of docs/PERFORMANCE.md.
+
+Latency is send -> receipt, one machine, one monotonic clock: for E2EE from Alice calling
+``send`` (before encryption) to Bob's ``MessageReceived`` event (after decryption and the
+local commit); for the baseline from just before the raw client's ``write`` to the
+recipient's ``dataReceived``.
+
+Processes: the server (one process; reactor thread + SQLite writer + bcrypt threads) and,
+for each scenario, ONE fresh client process holding every client of that scenario on one
+Twisted reactor (the E2EE clients' SQLite stores each have their own adbapi thread). The
+machine has 2 cores shared by both processes; the CPU of each (and of the client process's
+reactor thread alone) is measured from /proc over the measured window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "PERFORMANCE.md"
+SECTION = "## End-to-end encryption through the server (bench/e2e)"
+TARGET = 2.0
+BODY_BYTES = 200
+ROOM_N = 50
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"[e2e {time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
+
+
+# =====================================================================================
+# The client process (python -m bench.e2e --worker, spec as JSON on stdin)
+# =====================================================================================
+
+
+def _thread_cpu(tid: int) -> float:
+    from bench.loadclient import cpu_seconds_of
+
+    return cpu_seconds_of(os.getpid(), tid)
+
+
+class Window:
+    """CPU of the server, of this process and of its reactor thread over a window."""
+
+    def __init__(self, server_pid: int) -> None:
+        from bench.loadclient import CpuWindow
+
+        self.cpu = CpuWindow(server_pid)
+        self.tid = threading.get_native_id()
+        self.reactor0 = _thread_cpu(self.tid)
+
+    def stop(self) -> dict[str, float]:
+        out = self.cpu.stop()
+        out["client_reactor_cpu"] = round(
+            (_thread_cpu(self.tid) - self.reactor0) / out["elapsed_s"], 3
+        )
+        out["client_cpu"] = out.pop("loadgen_cpu")
+        return out
+
+
+def _sleep(seconds: float) -> Any:
+    from bench.loadclient import sleep
+
+    return sleep(seconds)
+
+
+def _body(t0: int) -> str:
+    head = f"{t0}|"
+    return head + "x" * (BODY_BYTES - len(head))
+
+
+# -- raw plaintext two-party -----------------------------------------------------------
+
+
+async def _raw_pair(spec: dict[str, Any]) -> dict[str, Any]:
+    from twisted.internet import endpoints, reactor, task
+    from twisted.internet.defer import Deferred
+
+    from bench.loadclient import Histogram, LoadClient, Run, monotonic_ns
+    from shtalk.server.tls import client_options_pinned
+
+    class Watched(LoadClient):
+        """A LoadClient that can tell when the next message has arrived."""
+
+        waiter: Deferred[None] | None = None
+
+        def dataReceived(self, data: bytes) -> None:
+            before = self.run.total_delivered
+            super().dataReceived(data)
+            if self.run.total_delivered != before and self.waiter is not None:
+                d, self.waiter = self.waiter, None
+                d.callback(None)
+
+    async def one(run: Run, index: int, token: str, to: str) -> Watched:
+        options = client_options_pinned(spec["fingerprint"], "127.0.0.1")
+        endpoint = endpoints.SSL4ClientEndpoint(  # type: ignore[no-untyped-call]
+            reactor, "127.0.0.1", spec["port"], options, timeout=30
+        )
+        client = Watched(run, index, "unused")
+        client.to = json.dumps({"user": to}, separators=(",", ":")).encode()
+        await endpoints.connectProtocol(endpoint, client)
+        (await client.request("hello", version=1))["ok"] or _fail("hello")
+        reply = await client.request("resume", access_token=token)
+        reply["ok"] or _fail(f"resume: {reply}")
+        await client.backlog_d
+        return client
+
+    out: dict[str, Any] = {}
+    # Closed loop: Alice keeps one send outstanding; Bob acknowledges in batches.
+    run = Run(ceiling=False)
+    alice = await one(run, 0, spec["tokens"][0], spec["users"][1])
+    bob = await one(run, 1, spec["tokens"][1], spec["users"][0])
+    acker = task.LoopingCall(bob.flush_acks)
+    acker.clock = reactor  # type: ignore[assignment]
+    acker.start(0.010, now=False)
+    run.closed_loop = run.sending = True
+    alice.send_one()
+    await _sleep(spec["warmup"])
+    win = Window(spec["server_pid"])
+    run.hist.t0 = monotonic_ns()
+    run.recording = True
+    await _sleep(spec["duration"])
+    run.recording = False
+    cpu = win.stop()
+    run.sending = False
+    deadline = time.monotonic() + 5
+    while alice.inflight and time.monotonic() < deadline:
+        await _sleep(0.02)
+    await _sleep(0.1)
+    out["closed"] = {
+        **cpu,
+        "delivered": run.delivered,
+        "delivered_per_s": round(run.delivered / cpu["elapsed_s"], 1),
+        "sends_per_s": round(run.sends_acked / cpu["elapsed_s"], 1),
+        "latency": run.hist.summary(),
+        "errors": run.errors,
+        "first_error": run.first_error,
+    }
+    # Ping-pong: the next send once Bob has the previous message.
+    run.closed_loop = False
+    run.hist = Histogram()
+    run.recording = True
+    win = Window(spec["server_pid"])
+    for _ in range(spec["pingpong"]):
+        bob.waiter = Deferred()
+        alice.send_one()
+        await bob.waiter
+    run.recording = False
+    cpu = win.stop()
+    out["pingpong"] = {**cpu, "latency": run.hist.summary(), "errors": run.errors}
+    bob.flush_acks()
+    await _sleep(0.1)
+    acker.stop()
+    await alice.close()
+    await bob.close()
+    return out
+
+
+def _fail(what: str) -> Any:
+    raise RuntimeError(what)
+
+
+# -- E2EE clients ----------------------------------------------------------------------
+
+
+class Party:
+    """One ShtalkClient (like tests/clientkit.Person) with a latency hook."""
+
+    def __init__(self, spec: dict[str, Any], username: str, home: str) -> None:
+        self.spec = spec
+        self.username = username
+        self.home = home
+        self.client: Any = None
+        self.store: Any = None
+        self.on_message: Callable[[Any], None] = lambda event: None
+
+    async def register(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.defer import succeed
+
+        from shtalk.client.client import ShtalkClient
+        from shtalk.client.events import MessageReceived
+        from shtalk.client.knownhosts import KnownHosts
+        from shtalk.client.localstore import KdfParams, LocalStore
+        from shtalk.client.session import Credentials
+
+        os.makedirs(self.home, exist_ok=True)
+        kh = KnownHosts(os.path.join(self.home, "known_hosts"))
+        kh.remember("127.0.0.1", self.spec["port"], self.spec["fingerprint"])
+        # Argon2id is only paid when the store is opened, never per message: cheap here.
+        self.store = await LocalStore.create(
+            os.path.join(self.home, "local.sqlite3"), "bench passphrase", reactor,
+            kdf=KdfParams(memory_kib=8192, iterations=1, lanes=1),
+        )
+
+        def event(e: Any) -> None:
+            if isinstance(e, MessageReceived):
+                self.on_message(e)
+
+        self.client = ShtalkClient(
+            reactor, self.store, "127.0.0.1", self.spec["port"], kh,
+            Credentials(self.username, "e2e", "bench"),
+            confirm_fingerprint=lambda fp: succeed(False),
+            ask_password=lambda: succeed(PASSWORD),
+            on_event=event,
+        )
+        await self.client.register(PASSWORD, f"{self.username}@bench.invalid")
+        await self.client.login(PASSWORD)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+        if self.store is not None:
+            await self.store.close()
+
+
+PASSWORD = "bench-tangerine-quokka-43"
+
+
+async def _bounded(n: int, jobs: list[Callable[[], Any]]) -> list[Any]:
+    from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+
+    sem = DeferredSemaphore(n)
+
+    def start(job: Callable[[], Any]) -> Deferred[Any]:
+        return Deferred.fromCoroutine(job())
+
+    return await gatherResults([sem.run(start, j) for j in jobs], consumeErrors=True)
+
+
+async def _e2ee_pair(spec: dict[str, Any]) -> dict[str, Any]:
+    from twisted.internet.defer import Deferred
+
+    from bench.loadclient import Histogram, monotonic_ns
+
+    a_name, b_name = spec["users"]
+    alice = Party(spec, a_name, os.path.join(spec["home"], a_name))
+    bob = Party(spec, b_name, os.path.join(spec["home"], b_name))
+    t = time.monotonic()
+    await alice.register()
+    await bob.register()
+    setup_s = time.monotonic() - t
+    conv = f"user:{b_name}"
+    state: dict[str, Any] = {"hist": Histogram(), "recording": False, "delivered": 0,
+                             "waiter": None, "received": 0}
+
+    def got(e: Any) -> None:
+        now = monotonic_ns()
+        state["received"] += 1
+        if state["recording"]:
+            state["delivered"] += 1
+            state["hist"].add(now - int(e.body.split("|", 1)[0]), now)
+        w = state["waiter"]
+        if w is not None:
+            state["waiter"] = None
+            w.callback(None)
+
+    bob.on_message = got
+    # The first message starts the PQXDH session; not measured.
+    w0: Deferred[None] = Deferred()
+    state["waiter"] = w0
+    await alice.client.send(conv, _body(monotonic_ns()))
+    await w0
+    # Bob answers once, so Alice's next messages are ordinary ratchet messages (not
+    # pre-key messages), as in any conversation after its first exchange.
+    w1: Deferred[None] = Deferred()
+
+    def answered(e: Any) -> None:
+        if not w1.called:
+            w1.callback(None)
+
+    alice.on_message = answered
+    await bob.client.send(f"user:{a_name}", "hi")
+    await w1
+    out: dict[str, Any] = {"setup_s": round(setup_s, 2)}
+
+    # Closed loop.
+    sending = {"on": True, "sent": 0, "recorded_sends": 0}
+
+    async def sender() -> None:
+        while sending["on"]:
+            await alice.client.send(conv, _body(monotonic_ns()))
+            sending["sent"] += 1
+            if state["recording"]:
+                sending["recorded_sends"] += 1
+
+    loop = Deferred.fromCoroutine(sender())
+    await _sleep(spec["warmup"])
+    win = Window(spec["server_pid"])
+    state["hist"].t0 = monotonic_ns()
+    state["recording"] = True
+    await _sleep(spec["duration"])
+    state["recording"] = False
+    cpu = win.stop()
+    sending["on"] = False
+    await loop
+    deadline = time.monotonic() + 10
+    while state["received"] < sending["sent"] + 1 and time.monotonic() < deadline:
+        await _sleep(0.02)
+    out["closed"] = {
+        **cpu,
+        "delivered": state["delivered"],
+        "delivered_per_s": round(state["delivered"] / cpu["elapsed_s"], 1),
+        "sends_per_s": round(sending["recorded_sends"] / cpu["elapsed_s"], 1),
+        "latency": state["hist"].summary(),
+        "lost": sending["sent"] + 1 - state["received"],
+    }
+    # Ping-pong.
+    state["hist"] = Histogram()
+    state["recording"] = True
+    win = Window(spec["server_pid"])
+    for _ in range(spec["pingpong"]):
+        w: Deferred[None] = Deferred()
+        state["waiter"] = w
+        await alice.client.send(conv, _body(monotonic_ns()))
+        await w
+    state["recording"] = False
+    cpu = win.stop()
+    out["pingpong"] = {**cpu, "latency": state["hist"].summary()}
+    await alice.close()
+    await bob.close()
+    return out
+
+
+async def _e2ee_room(spec: dict[str, Any]) -> dict[str, Any]:
+    from twisted.internet.defer import Deferred, gatherResults
+
+    from bench.loadclient import Histogram, monotonic_ns
+
+    names = spec["users"]
+    room = spec["room"]
+    n = len(names)
+    parties = [Party(spec, u, os.path.join(spec["home"], u)) for u in names]
+    out: dict[str, Any] = {"n": n}
+    t = time.monotonic()
+    await _bounded(8, [p.register for p in parties])
+    out["setup_register_s"] = round(time.monotonic() - t, 2)
+    log(f"room: {n} clients registered and logged in ({out['setup_register_s']} s)")
+    # Membership straight through the server (no rotation per join: nobody has a room
+    # session yet), then one sender key per member, handed to the 49 others pairwise.
+    t = time.monotonic()
+    await parties[0].client.session.request("room_create", room=room)
+    for p in parties[1:]:
+        await p.client.session.request("room_join", room=room)
+    members = [m["user"] for m in await parties[0].client.members(room)]
+    await _sleep(0.5)
+    def joiner(p: Party) -> Callable[[], Any]:
+        return lambda: p.client.e2ee.joined_room(room, members)
+
+    await _bounded(n, [joiner(p) for p in parties])
+    # Everyone has every sender key when one message from each member reaches all others.
+    expected = n * (n - 1)
+    state: dict[str, Any] = {"hist": Histogram(), "recording": False, "delivered": 0,
+                             "received": 0}
+
+    def got(e: Any) -> None:
+        now = monotonic_ns()
+        state["received"] += 1
+        if state["recording"]:
+            state["delivered"] += 1
+            state["hist"].add(now - int(e.body.split("|", 1)[0]), now)
+
+    for p in parties:
+        p.on_message = got
+    conv = f"room:{room}"
+    await gatherResults([
+        Deferred.fromCoroutine(p.client.send(conv, _body(monotonic_ns()))) for p in parties
+    ])
+    deadline = time.monotonic() + spec["setup_limit"]
+    while state["received"] < expected and time.monotonic() < deadline:
+        await _sleep(0.1)
+    if state["received"] < expected:
+        raise RuntimeError(
+            f"room set-up: only {state['received']} of {expected} first messages arrived"
+        )
+    out["setup_room_s"] = round(time.monotonic() - t, 2)
+    log(f"room: sender keys distributed, {expected} first messages delivered "
+        f"({out['setup_room_s']} s)")
+
+    sending = {"on": True, "sent": 0, "recorded_sends": 0, "errors": 0}
+
+    async def sender(p: Party) -> None:
+        while sending["on"]:
+            try:
+                await p.client.send(conv, _body(monotonic_ns()))
+            except Exception:
+                sending["errors"] += 1
+                await _sleep(0.1)
+                continue
+            sending["sent"] += 1
+            if state["recording"]:
+                sending["recorded_sends"] += 1
+
+    received0 = state["received"]
+    loops = [Deferred.fromCoroutine(sender(p)) for p in parties]
+    await _sleep(spec["warmup"])
+    win = Window(spec["server_pid"])
+    state["hist"].t0 = monotonic_ns()
+    state["recording"] = True
+    await _sleep(spec["duration"])
+    state["recording"] = False
+    cpu = win.stop()
+    sending["on"] = False
+    await gatherResults(loops)
+    deadline = time.monotonic() + 20
+    want = sending["sent"] * (n - 1)
+    while state["received"] - received0 < want and time.monotonic() < deadline:
+        await _sleep(0.05)
+    out.update({
+        **cpu,
+        "delivered": state["delivered"],
+        "delivered_per_s": round(state["delivered"] / cpu["elapsed_s"], 1),
+        "sends_per_s": round(sending["recorded_sends"] / cpu["elapsed_s"], 1),
+        "latency": state["hist"].summary(),
+        "expected_deliveries": want,
+        "lost": want - (state["received"] - received0),
+        "send_errors": sending["errors"],
+    })
+    await _bounded(10, [p.close for p in parties])
+    return out
+
+
+SCENARIOS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "raw_pair": _raw_pair,
+    "e2ee_pair": _e2ee_pair,
+    "e2ee_room": _e2ee_room,
+}
+
+
+def client_sync_experiment(mode: str) -> None:
+    """An experiment (not the product's setting): the E2EE clients' stores commit with
+    ``PRAGMA synchronous = <mode>`` instead of FULL, i.e. without an fsync per commit, to
+    show how much of the E2EE cost is the durable local commit."""
+    from shtalk.client import localschema
+
+    original = localschema.setup_connection
+
+    def setup(conn: Any) -> None:
+        original(conn)
+        conn.execute(f"PRAGMA synchronous = {mode}")
+
+    localschema.setup_connection = setup
+
+
+def worker() -> None:
+    spec = json.loads(sys.stdin.read())
+    if spec.get("client_sync"):
+        client_sync_experiment(spec["client_sync"])
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.python.failure import Failure
+
+    r = cast(Any, reactor)
+    outcome: dict[str, Any] = {}
+
+    def done(result: Any) -> None:
+        outcome["result"] = result
+
+    def failed(failure: Failure) -> None:
+        failure.printTraceback(file=sys.stderr)
+        outcome["error"] = failure.getErrorMessage()
+
+    def start() -> None:
+        d = Deferred.fromCoroutine(SCENARIOS[spec["scenario"]](spec))
+        d.addCallbacks(done, failed)
+        d.addBoth(lambda _: r.stop())
+
+    def overrun() -> None:
+        failed(Failure(TimeoutError("time limit")))
+        r.stop()
+
+    limit = r.callLater(float(spec["time_limit"]), overrun)
+    r.callWhenRunning(start)
+    r.run()
+    if limit.active():
+        limit.cancel()
+    sys.stdout.write("RESULT " + json.dumps(outcome) + "\n")
+    sys.stdout.flush()
+    # Do not wait for adbapi threads of an aborted run.
+    os._exit(0 if "result" in outcome else 1)
+
+
+# =====================================================================================
+# The orchestrator
+# =====================================================================================
+
+
+class BenchError(Exception):
+    pass
+
+
+def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    spec = dict(spec, time_limit=timeout)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.e2e", "--worker"], input=json.dumps(spec).encode(),
+            stdout=subprocess.PIPE, stderr=None, env=env, cwd=str(REPO), timeout=timeout + 30,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"client process ({spec['scenario']}) overran its time limit") from e
+    for line in proc.stdout.decode().splitlines():
+        if line.startswith("RESULT "):
+            outcome = json.loads(line[7:])
+            if "result" in outcome:
+                return cast(dict[str, Any], outcome["result"])
+            raise BenchError(f"client process ({spec['scenario']}) failed: {outcome}")
+    raise BenchError(f"client process ({spec['scenario']}) exited {proc.returncode}")
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from bench import fanout
+
+    results: dict[str, Any] = {"machine": fanout.machine(), "date": time.strftime("%Y-%m-%d"),
+                               "quick": args.quick, "warmup_s": args.warmup,
+                               "duration_s": args.duration, "pingpong": args.pingpong,
+                               "room_n": args.room_n}
+    server = fanout.start_shtalk(work, "e2e", bcrypt_cost=10)
+    try:
+        fp = fanout.fingerprint(work / "e2e-data")
+        log(f"server pid {server.pid} port {server.port}")
+        base = {"port": server.port, "fingerprint": fp, "server_pid": server.pid,
+                "warmup": args.warmup, "duration": args.duration, "pingpong": args.pingpong}
+        raw_users = ["rawalice", "rawbob"] + [f"raw{i:03d}" for i in range(args.room_n)]
+        setup = fanout.load({"scenario": "setup", "mode": "shtalk", "port": server.port,
+                             "fingerprint": fp, "users": raw_users}, timeout=300)
+        tokens = [setup["tokens"][u] for u in raw_users]
+        log(f"raw accounts set up in {setup['seconds']} s")
+        limit = args.warmup + args.duration + 120
+
+        log("two parties, plaintext baseline ...")
+        results["pair_raw"] = run_worker(
+            {**base, "scenario": "raw_pair", "users": raw_users[:2], "tokens": tokens[:2]},
+            limit)
+        fanout.wait_idle(server)
+        _show("pair raw", results["pair_raw"])
+
+        log("two parties, E2EE ...")
+        results["pair_e2ee"] = run_worker(
+            {**base, "scenario": "e2ee_pair", "users": ["alice", "bob"],
+             "home": str(work / "pair")}, limit + 60)
+        fanout.wait_idle(server)
+        _show("pair e2ee", results["pair_e2ee"])
+
+        log(f"room of {args.room_n}, plaintext baseline ...")
+        r = fanout.load({**base, "scenario": "fanout", "mode": "shtalk", "n": args.room_n,
+                         "rate": 0, "window": 1, "room": "rawroom",
+                         "tokens": tokens[2:]}, timeout=limit)
+        r["client_cpu"] = r.pop("loadgen_cpu")
+        results["room_raw"] = r
+        r["drain_s"] = fanout.wait_idle(server)
+        log(f"  {r['delivered_per_s']:.0f} delivered/s, p50 {r['latency']['p50_ms']} "
+            f"p99 {r['latency']['p99_ms']} ms, server {r['server_cpu']:.2f}, "
+            f"clients {r['client_cpu']:.2f}")
+
+        log(f"room of {args.room_n}, E2EE (set-up: {args.room_n} registrations, "
+            f"{args.room_n * (args.room_n - 1)} pairwise sessions) ...")
+        r = run_worker({**base, "scenario": "e2ee_room", "room": "e2eroom",
+                        "users": [f"m{i:03d}" for i in range(args.room_n)],
+                        "home": str(work / "room"), "setup_limit": 120}, limit + 240)
+        r["drain_s"] = fanout.wait_idle(server)
+        results["room_e2ee"] = r
+        log(f"  {r['delivered_per_s']:.0f} delivered/s, p50 {r['latency']['p50_ms']} "
+            f"p99 {r['latency']['p99_ms']} ms, server {r['server_cpu']:.2f}, "
+            f"clients {r['client_cpu']:.2f} (reactor {r['client_reactor_cpu']:.2f}), "
+            f"lost {r['lost']}")
+        if args.experiment:
+            for key, scen, extra in (
+                ("pair_e2ee_nosync", "e2ee_pair", {"users": ["carol", "dave"],
+                                                   "home": str(work / "pair2")}),
+                ("room_e2ee_nosync", "e2ee_room", {"room": "e2eroom2", "setup_limit": 120,
+                                                   "users": [f"n{i:03d}"
+                                                             for i in range(args.room_n)],
+                                                   "home": str(work / "room2")}),
+            ):
+                log(f"experiment: {scen} with the client stores at synchronous=NORMAL ...")
+                r = run_worker({**base, "scenario": scen, "client_sync": "NORMAL", **extra},
+                               limit + 240)
+                fanout.wait_idle(server)
+                results[key] = r
+                c = r.get("closed", r)
+                log(f"  {c['delivered_per_s']:.0f} delivered/s, p50 {c['latency']['p50_ms']} "
+                    f"p99 {c['latency']['p99_ms']} ms, server {c['server_cpu']:.2f}, "
+                    f"clients {c['client_cpu']:.2f}")
+    finally:
+        server.stop()
+    return results
+
+
+def _show(what: str, r: dict[str, Any]) -> None:
+    c, p = r["closed"], r["pingpong"]
+    log(f"  {what}: closed {c['delivered_per_s']:.0f} msg/s p50 {c['latency']['p50_ms']} "
+        f"p99 {c['latency']['p99_ms']} ms (server {c['server_cpu']:.2f}, clients "
+        f"{c['client_cpu']:.2f}); ping-pong p50 {p['latency']['p50_ms']} p99 "
+        f"{p['latency']['p99_ms']} ms")
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def _ms(v: float | None) -> str:
+    if v is not None and v >= 2000:
+        return ">= 2000"  # the histogram's last bucket
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _x(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else a / b
+
+
+def _fx(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def ratios(res: dict[str, Any]) -> dict[str, float | None]:
+    pr, pe = res["pair_raw"], res["pair_e2ee"]
+    rr, re_ = res["room_raw"], res["room_e2ee"]
+    return {
+        "pair_rate": _x(pr["closed"]["delivered_per_s"], pe["closed"]["delivered_per_s"]),
+        "pair_closed_p50": _x(pe["closed"]["latency"]["p50_ms"], pr["closed"]["latency"]["p50_ms"]),
+        "pair_closed_p99": _x(pe["closed"]["latency"]["p99_ms"], pr["closed"]["latency"]["p99_ms"]),
+        "pair_pingpong_p50": _x(pe["pingpong"]["latency"]["p50_ms"],
+                                pr["pingpong"]["latency"]["p50_ms"]),
+        "pair_pingpong_p99": _x(pe["pingpong"]["latency"]["p99_ms"],
+                                pr["pingpong"]["latency"]["p99_ms"]),
+        "room_rate": _x(rr["delivered_per_s"], re_["delivered_per_s"]),
+        "room_p50": _x(re_["latency"]["p50_ms"], rr["latency"]["p50_ms"]),
+        "room_p99": _x(re_["latency"]["p99_ms"], rr["latency"]["p99_ms"]),
+    }
+
+
+def _cpu_us(r: dict[str, Any], key: str) -> float | None:
+    """CPU microseconds per delivered message of one process (from its share of a core)."""
+    rate = r.get("delivered_per_s")
+    return None if not rate else r[key] / rate * 1e6
+
+
+def build_report(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    x = ratios(res)
+    res["ratios"] = x
+    pr, pe = res["pair_raw"], res["pair_e2ee"]
+    rr, re_ = res["room_raw"], res["room_e2ee"]
+
+    def row(what: str, mode: str, r: dict[str, Any], rate: bool = True) -> str:
+        lat = r["latency"]
+        cr = r.get("client_reactor_cpu")
+        shown = f"{r['delivered_per_s']:,.0f}" if rate else "-"
+        return (
+            f"| {what} | {mode} | {shown} "
+            f"| {_ms(lat['p50_ms'])} | {_ms(lat['p99_ms'])} | {_ms(lat['max_ms'])} "
+            f"| {r['server_cpu']:.0%} | {r['client_cpu']:.0%}"
+            f"{f' ({cr:.0%})' if cr is not None else ''} | {r['machine_busy_cores']:.2f} |"
+        )
+
+    table = "\n".join([
+        "| scenario | clients | delivered msg/s | p50 ms | p99 ms | max ms | server CPU "
+        "| client process CPU (reactor thread) | machine busy, cores |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        row("DM, closed loop", "plaintext (raw JSON)", pr["closed"]),
+        row("DM, closed loop", "E2EE (ShtalkClient)", pe["closed"]),
+        row(f"DM, ping-pong ({res['pingpong']} msgs)", "plaintext (raw JSON)",
+            pr["pingpong"], rate=False),
+        row(f"DM, ping-pong ({res['pingpong']} msgs)", "E2EE (ShtalkClient)",
+            pe["pingpong"], rate=False),
+        row(f"room of {res['room_n']}, closed loop", "plaintext (raw JSON)", rr),
+        row(f"room of {res['room_n']}, closed loop", "E2EE (ShtalkClient)", re_),
+    ])
+    experiment = ""
+    if "pair_e2ee_nosync" in res:
+        en, ern = res["pair_e2ee_nosync"], res["room_e2ee_nosync"]
+        experiment = "\n".join([
+            "Experiment, same run (not the product's setting): the E2EE clients' stores at "
+            "`PRAGMA synchronous = NORMAL` (no fsync per commit; WAL still on):",
+            "",
+            "| scenario | clients | delivered msg/s | p50 ms | p99 ms | max ms | server CPU "
+            "| client process CPU (reactor thread) | machine busy, cores |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            row("DM, closed loop", "E2EE, no fsync", en["closed"]),
+            row(f"DM, ping-pong ({res['pingpong']} msgs)", "E2EE, no fsync", en["pingpong"],
+                rate=False),
+            row(f"room of {res['room_n']}, closed loop", "E2EE, no fsync", ern),
+            "",
+            f"Ratios without the fsync: DM messages/s "
+            f"{_fx(_x(pr['closed']['delivered_per_s'], en['closed']['delivered_per_s']))}, "
+            f"DM ping-pong p50 "
+            f"{_fx(_x(en['pingpong']['latency']['p50_ms'], pr['pingpong']['latency']['p50_ms']))}"
+            f", room delivered/s {_fx(_x(rr['delivered_per_s'], ern['delivered_per_s']))}.",
+            "",
+        ])
+
+    def ok(v: float | None) -> bool:
+        return v is not None and v <= TARGET
+
+    checks = [
+        ("DM messages/s (baseline / E2EE)", x["pair_rate"]),
+        ("DM closed-loop p50 (E2EE / baseline)", x["pair_closed_p50"]),
+        ("DM closed-loop p99 (E2EE / baseline)", x["pair_closed_p99"]),
+        ("DM ping-pong p50 (E2EE / baseline)", x["pair_pingpong_p50"]),
+        ("DM ping-pong p99 (E2EE / baseline)", x["pair_pingpong_p99"]),
+        (f"room of {res['room_n']} delivered/s (baseline / E2EE)", x["room_rate"]),
+        (f"room of {res['room_n']} p50 (E2EE / baseline)", x["room_p50"]),
+        (f"room of {res['room_n']} p99 (E2EE / baseline)", x["room_p99"]),
+    ]
+    ratio_table = "\n".join(
+        ["| E2EE cost | ratio | target <= 2x |", "|---|---:|---|"]
+        + [f"| {name} | {_fx(v)} | {'met' if ok(v) else '**missed**'} |" for name, v in checks]
+    )
+    cpu_rows = []
+    for what, r in (("DM closed loop, plaintext", pr["closed"]),
+                    ("DM closed loop, E2EE", pe["closed"]),
+                    (f"room of {res['room_n']}, plaintext", rr),
+                    (f"room of {res['room_n']}, E2EE", re_)):
+        s, c = _cpu_us(r, "server_cpu"), _cpu_us(r, "client_cpu")
+        cpu_rows.append(f"| {what} | {s:,.0f} | {c:,.0f} |" if s and c else f"| {what} | - | - |")
+    cpu_table = "\n".join([
+        "| CPU per delivered message | server µs | client process µs |",
+        "|---|---:|---:|",
+        *cpu_rows,
+    ])
+    missed = [name for name, v in checks if not ok(v)]
+    verdict = (
+        "**Target (E2EE at most 2x the plaintext baseline): met** on every figure."
+        if not missed else
+        f"**Target (E2EE at most 2x the plaintext baseline): missed** on {len(missed)} of "
+        f"{len(checks)} figures ({'; '.join(missed)})."
+    )
+    return "\n".join([
+        SECTION,
+        "",
+        "Measured by `PYTHONPATH=. .venv/bin/python -m bench.e2e"
+        f"{' --quick' if res['quick'] else ''}"
+        f" --write docs/PERFORMANCE.md` on {res['date']} ({m['nproc']} cores, {m['cpu']}, "
+        f"Python {m['python']}, Twisted {m['twisted']}, revision {m['revision']}); "
+        f"{res['warmup_s']} s warm-up, {res['duration_s']} s measured per closed-loop "
+        "scenario. One server process (`twistd -n shtalk`, bcrypt cost 10 for the set-up "
+        "only); each scenario's clients in ONE other process on one reactor; both "
+        "processes share the 2 cores. E2EE = `ShtalkClient` with its real `LocalStore` "
+        "(SQLite, WAL, `synchronous=FULL`, one commit per message sent and per message "
+        "received, before the ack); plaintext = `bench.loadclient` raw JSON clients with "
+        "200-byte envelopes. Latency: from the sender calling `send` (E2EE: before "
+        "encryption; raw: before the write) to the recipient's `MessageReceived` event "
+        "(E2EE: after verification, decryption and the local commit; raw: `dataReceived`).",
+        "",
+        table,
+        "",
+        ratio_table,
+        "",
+        verdict,
+        "",
+        experiment,
+        cpu_table,
+        "",
+        "Set-up (not measured): the E2EE room needed "
+        f"{re_.get('setup_register_s', '-')} s for {res['room_n']} key generations, "
+        f"registrations and logins and {re_.get('setup_room_s', '-')} s for the room "
+        f"({res['room_n'] * (res['room_n'] - 1)} PQXDH sessions, one sender key per member, "
+        "and a first message from every member to all others). Messages lost: "
+        f"DM {pe['closed'].get('lost', 0)}, room {re_.get('lost', 0)}.",
+        "",
+        "<!-- analysis -->",
+        "",
+    ])
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace (or append) only our section; keep the analysis paragraphs under it."""
+    text = path.read_text() if path.exists() else "# Performance\n"
+    start = text.find(SECTION)
+    analysis = ""
+    if start >= 0:
+        end = text.find("\n## ", start + len(SECTION))
+        end = len(text) if end < 0 else end + 1
+        old = text[start:end]
+        marker = old.find("<!-- analysis -->")
+        if marker >= 0:
+            analysis = old[marker + len("<!-- analysis -->"):].strip("\n")
+        text = text[:start] + text[end:]
+    body = section.rstrip("\n")
+    if analysis:
+        body += "\n" + analysis
+    text = text.rstrip("\n") + "\n\n" + body + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    if "--worker" in sys.argv[1:]:
+        sys.path.insert(0, str(REPO))
+        worker()
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="short windows (about 1 minute)")
+    p.add_argument("--json", type=Path, help="write every figure here")
+    p.add_argument("--write", type=Path, help="replace our section of this markdown file")
+    p.add_argument("--room-n", type=int, default=ROOM_N)
+    p.add_argument("--duration", type=float)
+    p.add_argument("--warmup", type=float)
+    p.add_argument("--pingpong", type=int)
+    p.add_argument("--no-experiment", dest="experiment", action="store_false",
+                   help="skip the synchronous=NORMAL experiment (skipped by --quick)")
+    args = p.parse_args()
+    if args.quick:
+        args.experiment = False
+    if args.duration is None:
+        args.duration = 3.0 if args.quick else 12.0
+    if args.warmup is None:
+        args.warmup = 1.0 if args.quick else 3.0
+    if args.pingpong is None:
+        args.pingpong = 50 if args.quick else 300
+    work = Path(tempfile.mkdtemp(prefix="shtalk-bench-e2e-"))
+    started = time.monotonic()
+    try:
+        results = run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["wall_s"] = round(time.monotonic() - started, 1)
+    section = build_report(results)
+    print(section)
+    log(f"done in {results['wall_s']} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    if args.write:
+        write_section(args.write, section)
+        log(f"wrote the section of {args.write}")
+
+
+if __name__ == "__main__":
+    main()
