@@ -470,6 +470,10 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _cores(v: float | None) -> str:
+    return "not measured" if v is None else f"{v:.2f} cores"
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.0%}" if b else "-"
 
@@ -502,7 +506,7 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
                     f"| {_ms(lat['p99_ms'])} | {_ms(lat['p999_ms'])} | {r['acks_per_s']:,.0f} "
                     f"| {r['server_cpu']:.0%} ({r['server_reactor_cpu']:.0%}) "
                     f"| {r['loadgen_cpu']:.0%} | {r['machine_busy_cores']:.2f} cores "
-                    f"| {r.get('other_processes_cores', 0):.2f} cores |"
+                    f"| {_cores(r.get('other_processes_cores'))} |"
                 )
     table = "\n".join([header, sep, *rows])
 
@@ -589,7 +593,9 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
         "",
         f"Measured {results.get('finished', '?')} on {m['nproc']} cores, {m['cpu']}, "
         f"Linux {m['kernel']}, Python {m['python']}, Twisted {m['twisted']}, shtalk at "
-        f"`{m['revision']}` (`-dirty`: with uncommitted changes in the tree). Rerun with:",
+        f"`{m['revision']}`"
+        + (" (with uncommitted changes in the tree)" if "dirty" in m["revision"] else "")
+        + ". Rerun with:",
         "",
         "```",
         cmd,
