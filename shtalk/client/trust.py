@@ -12,8 +12,18 @@ import base64
 import json
 import time
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from shtalk.crypto import IdentityKey
+
+
+@lru_cache(maxsize=4096)
+def _parse_identity(raw: bytes) -> IdentityKey:
+    """Parsing checks the DH key's ECDSA signature and loads the verifier: both cost as
+    much as a message's own verification, so a pinned key is parsed once, not per message
+    (IdentityKey is immutable; the bytes are the cache key)."""
+    return IdentityKey.from_bytes(raw)
+
 
 TOFU = "tofu"
 VERIFIED = "verified"
@@ -34,7 +44,7 @@ class ContactDevice:
         return f"{self.user}/{self.device}"
 
     def identity_key(self) -> IdentityKey:
-        return IdentityKey.from_bytes(self.identity)
+        return _parse_identity(self.identity)
 
     def presents(self, identity: IdentityKey) -> ContactDevice:
         """The record after seeing ``identity``: unchanged, or flagged as changed."""
