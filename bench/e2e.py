@@ -413,6 +413,61 @@ async def _e2ee_room(spec: dict[str, Any]) -> dict[str, Any]:
     log(f"room: sender keys distributed, {expected} first messages delivered "
         f"({out['setup_room_s']} s)")
 
+    # Paced: `room_rate` sends/s in total, round-robin over the members, from a 1 ms timer
+    # (like bench.loadclient's open loop), for the latency at a load both sides sustain.
+    from twisted.internet import reactor, task
+
+    paced = {"issued": 0, "errors": 0, "done": 0}
+    rate = float(spec["room_rate"])
+
+    def sent_one(_: Any) -> None:
+        paced["done"] += 1
+
+    def send_failed(_: Any) -> None:
+        paced["errors"] += 1
+
+    start_ns = monotonic_ns()
+
+    def tick() -> None:
+        due = int((monotonic_ns() - start_ns) * rate / 1e9) + 1 - paced["issued"]
+        for k in range(paced["issued"], paced["issued"] + max(0, due)):
+            d = Deferred.fromCoroutine(
+                parties[k % n].client.send(conv, _body(monotonic_ns())))
+            d.addCallbacks(sent_one, send_failed)
+        paced["issued"] += max(0, due)
+
+    pacer = task.LoopingCall(tick)
+    pacer.clock = reactor  # type: ignore[assignment]
+    received0 = state["received"]
+    pacer.start(0.001, now=True)
+    await _sleep(spec["warmup"])
+    win = Window(spec["server_pid"])
+    state["hist"].t0 = monotonic_ns()
+    state["recording"] = True
+    await _sleep(spec["duration"])
+    state["recording"] = False
+    cpu = win.stop()
+    pacer.stop()
+    deadline = time.monotonic() + 20
+    while (paced["done"] + paced["errors"] < paced["issued"]
+           or state["received"] - received0 < paced["done"] * (n - 1)):
+        if time.monotonic() > deadline:
+            break
+        await _sleep(0.05)
+    out["paced"] = {
+        **cpu,
+        "rate": rate,
+        "delivered": state["delivered"],
+        "delivered_per_s": round(state["delivered"] / cpu["elapsed_s"], 1),
+        "latency": state["hist"].summary(),
+        "lost": paced["done"] * (n - 1) - (state["received"] - received0),
+        "send_errors": paced["errors"],
+    }
+    log(f"room paced {rate:g} sends/s: p50 {out['paced']['latency']['p50_ms']} p99 "
+        f"{out['paced']['latency']['p99_ms']} ms")
+    state["hist"] = Histogram()
+    state["delivered"] = 0
+
     sending = {"on": True, "sent": 0, "recorded_sends": 0, "errors": 0}
 
     async def sender(p: Party) -> None:
@@ -433,7 +488,16 @@ async def _e2ee_room(spec: dict[str, Any]) -> dict[str, Any]:
     win = Window(spec["server_pid"])
     state["hist"].t0 = monotonic_ns()
     state["recording"] = True
+    profiler = None
+    if spec.get("profile"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     await _sleep(spec["duration"])
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(spec["profile"])
     state["recording"] = False
     cpu = win.stop()
     sending["on"] = False
@@ -578,7 +642,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         fanout.wait_idle(server)
         _show("pair e2ee", results["pair_e2ee"])
 
-        log(f"room of {args.room_n}, plaintext baseline ...")
+        log(f"room of {args.room_n}, plaintext baseline, paced {args.room_rate:g} sends/s ...")
+        r = fanout.load({**base, "scenario": "fanout", "mode": "shtalk", "n": args.room_n,
+                         "rate": args.room_rate, "window": 1, "room": "rawroom-paced",
+                         "tokens": tokens[2:]}, timeout=limit)
+        r["client_cpu"] = r.pop("loadgen_cpu")
+        results["room_raw_paced"] = r
+        fanout.wait_idle(server)
+        log(f"  p50 {r['latency']['p50_ms']} p99 {r['latency']['p99_ms']} ms")
+        log(f"room of {args.room_n}, plaintext baseline, closed loop ...")
         r = fanout.load({**base, "scenario": "fanout", "mode": "shtalk", "n": args.room_n,
                          "rate": 0, "window": 1, "room": "rawroom",
                          "tokens": tokens[2:]}, timeout=limit)
@@ -593,7 +665,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             f"{args.room_n * (args.room_n - 1)} pairwise sessions) ...")
         r = run_worker({**base, "scenario": "e2ee_room", "room": "e2eroom",
                         "users": [f"m{i:03d}" for i in range(args.room_n)],
-                        "home": str(work / "room"), "setup_limit": 120}, limit + 240)
+                        "room_rate": args.room_rate, "profile": args.profile,
+                        "home": str(work / "room"), "setup_limit": 120}, 2 * limit + 240)
         r["drain_s"] = fanout.wait_idle(server)
         results["room_e2ee"] = r
         log(f"  {r['delivered_per_s']:.0f} delivered/s, p50 {r['latency']['p50_ms']} "
@@ -607,11 +680,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 ("room_e2ee_nosync", "e2ee_room", {"room": "e2eroom2", "setup_limit": 120,
                                                    "users": [f"n{i:03d}"
                                                              for i in range(args.room_n)],
+                                                   "room_rate": args.room_rate,
                                                    "home": str(work / "room2")}),
             ):
                 log(f"experiment: {scen} with the client stores at synchronous=NORMAL ...")
                 r = run_worker({**base, "scenario": scen, "client_sync": "NORMAL", **extra},
-                               limit + 240)
+                               2 * limit + 240)
                 fanout.wait_idle(server)
                 results[key] = r
                 c = r.get("closed", r)
@@ -660,6 +734,10 @@ def ratios(res: dict[str, Any]) -> dict[str, float | None]:
         "pair_pingpong_p99": _x(pe["pingpong"]["latency"]["p99_ms"],
                                 pr["pingpong"]["latency"]["p99_ms"]),
         "room_rate": _x(rr["delivered_per_s"], re_["delivered_per_s"]),
+        "room_paced_p50": _x(re_["paced"]["latency"]["p50_ms"],
+                             res["room_raw_paced"]["latency"]["p50_ms"]),
+        "room_paced_p99": _x(re_["paced"]["latency"]["p99_ms"],
+                             res["room_raw_paced"]["latency"]["p99_ms"]),
         "room_p50": _x(re_["latency"]["p50_ms"], rr["latency"]["p50_ms"]),
         "room_p99": _x(re_["latency"]["p99_ms"], rr["latency"]["p99_ms"]),
     }
@@ -677,6 +755,7 @@ def build_report(res: dict[str, Any]) -> str:
     res["ratios"] = x
     pr, pe = res["pair_raw"], res["pair_e2ee"]
     rr, re_ = res["room_raw"], res["room_e2ee"]
+    rp = res["room_raw_paced"]
 
     def row(what: str, mode: str, r: dict[str, Any], rate: bool = True) -> str:
         lat = r["latency"]
@@ -699,6 +778,10 @@ def build_report(res: dict[str, Any]) -> str:
             pr["pingpong"], rate=False),
         row(f"DM, ping-pong ({res['pingpong']} msgs)", "E2EE (ShtalkClient)",
             pe["pingpong"], rate=False),
+        row(f"room of {res['room_n']}, paced {rp['rate']:g} sends/s", "plaintext (raw JSON)",
+            rp),
+        row(f"room of {res['room_n']}, paced {rp['rate']:g} sends/s", "E2EE (ShtalkClient)",
+            re_["paced"]),
         row(f"room of {res['room_n']}, closed loop", "plaintext (raw JSON)", rr),
         row(f"room of {res['room_n']}, closed loop", "E2EE (ShtalkClient)", re_),
     ])
@@ -715,6 +798,8 @@ def build_report(res: dict[str, Any]) -> str:
             row("DM, closed loop", "E2EE, no fsync", en["closed"]),
             row(f"DM, ping-pong ({res['pingpong']} msgs)", "E2EE, no fsync", en["pingpong"],
                 rate=False),
+            row(f"room of {res['room_n']}, paced {rp['rate']:g} sends/s", "E2EE, no fsync",
+                ern["paced"]),
             row(f"room of {res['room_n']}, closed loop", "E2EE, no fsync", ern),
             "",
             f"Ratios without the fsync: DM messages/s "
@@ -735,8 +820,11 @@ def build_report(res: dict[str, Any]) -> str:
         ("DM ping-pong p50 (E2EE / baseline)", x["pair_pingpong_p50"]),
         ("DM ping-pong p99 (E2EE / baseline)", x["pair_pingpong_p99"]),
         (f"room of {res['room_n']} delivered/s (baseline / E2EE)", x["room_rate"]),
-        (f"room of {res['room_n']} p50 (E2EE / baseline)", x["room_p50"]),
-        (f"room of {res['room_n']} p99 (E2EE / baseline)", x["room_p99"]),
+        (f"room of {res['room_n']} paced p50 (E2EE / baseline)", x["room_paced_p50"]),
+        (f"room of {res['room_n']} paced p99 (E2EE / baseline)", x["room_paced_p99"]),
+        (f"room of {res['room_n']} closed-loop p50 (E2EE / baseline; E2EE receivers "
+         "overloaded)", x["room_p50"]),
+        (f"room of {res['room_n']} closed-loop p99 (idem)", x["room_p99"]),
     ]
     ratio_table = "\n".join(
         ["| E2EE cost | ratio | target <= 2x |", "|---|---:|---|"]
@@ -832,15 +920,19 @@ def main() -> None:
     p.add_argument("--duration", type=float)
     p.add_argument("--warmup", type=float)
     p.add_argument("--pingpong", type=int)
+    p.add_argument("--room-rate", type=float, default=5.0,
+                   help="paced room: sends/s in total (latency at a sustainable load)")
+    p.add_argument("--profile", help="cProfile the E2EE room's reactor thread during the "
+                   "closed loop into this file (perturbs the figures)")
     p.add_argument("--no-experiment", dest="experiment", action="store_false",
                    help="skip the synchronous=NORMAL experiment (skipped by --quick)")
     args = p.parse_args()
     if args.quick:
         args.experiment = False
     if args.duration is None:
-        args.duration = 3.0 if args.quick else 12.0
+        args.duration = 3.0 if args.quick else 10.0
     if args.warmup is None:
-        args.warmup = 1.0 if args.quick else 3.0
+        args.warmup = 1.0 if args.quick else 2.0
     if args.pingpong is None:
         args.pingpong = 50 if args.quick else 300
     work = Path(tempfile.mkdtemp(prefix="shtalk-bench-e2e-"))
