@@ -111,17 +111,19 @@ class ShtalkClient:
             await self.e2ee.load()
             self._loaded = True
 
-    async def register(self, password: str, email: str) -> dict[str, Any]:
-        """Create the account (then ``login``)."""
+    async def register(self, password: str, email: str, **extra: Any) -> dict[str, Any]:
+        """Create the account (then ``login``); ``extra``: what the server asked for
+        (e.g. ``captcha``)."""
         reply: dict[str, Any] = await self.session.register(
-            self.credentials.username, password, email
+            self.credentials.username, password, email, **extra
         )
         return reply
 
-    async def login(self, password: str) -> None:
-        """Password login as this device; publishes its keys."""
+    async def login(self, password: str, **extra: Any) -> None:
+        """Password login as this device; publishes its keys.  ``extra``: what the server
+        asked for (e.g. ``otp``, ``captcha``)."""
         await self._load()
-        reply = await self.session.login(password)
+        reply = await self.session.login(password, **extra)
         # The server's spelling of our name is what peers see in envelopes.
         self.e2ee.me = self.credentials.username = reply.get("user", self.credentials.username)
         await self._after_auth()

@@ -161,27 +161,44 @@ class ServerSession:
         self._ensure_task()
         return d
 
-    def register(self, username: str, password: str, email: str) -> Deferred[dict[str, Any]]:
-        """Create an account (on an unauthenticated connection, opened if needed)."""
+    def register(self, username: str, password: str, email: str,
+                 **extra: Any) -> Deferred[dict[str, Any]]:
+        """Create an account (on an unauthenticated connection, opened if needed).
+
+        ``extra`` carries what the server asked for in a previous refusal (e.g.
+        ``captcha={"id": ..., "answer": ...}``)."""
         self._stopped = False
 
         async def run() -> dict[str, Any]:
             conn = await self._ensure_connected()
             return await conn.request("register", timeout=self.request_timeout,
-                                      username=username, password=password, email=email)
+                                      username=username, password=password, email=email,
+                                      **extra)
 
         return Deferred.fromCoroutine(run())
 
-    def login(self, password: str) -> Deferred[dict[str, Any]]:
+    def request_unauthenticated(self, rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
+        """A pre-authentication request (``verify_email``, ``captcha`` ...) on the
+        unauthenticated connection, opened if needed."""
+        self._stopped = False
+
+        async def run() -> dict[str, Any]:
+            conn = await self._ensure_connected()
+            return await conn.request(rtype, timeout=self.request_timeout, **fields)
+
+        return Deferred.fromCoroutine(run())
+
+    def login(self, password: str, **extra: Any) -> Deferred[dict[str, Any]]:
         """Password login as ``credentials.username``/``device_id``; then stay connected.
 
         The reply (tokens included) is returned; the tokens also go to ``on_tokens``.
+        ``extra`` carries what the server asked for (e.g. ``otp="123456"``, ``captcha``).
         """
         self._stopped = False
 
         async def run() -> dict[str, Any]:
             conn = await self._ensure_connected()
-            reply = await self._login_request(conn, password)
+            reply = await self._login_request(conn, password, **extra)
             self._running = True
             self._ensure_task()
             return reply
@@ -443,13 +460,15 @@ class ServerSession:
         raise AuthenticationFailed(
             f"login as {self.credentials.username!r} failed {self.max_password_attempts} times")
 
-    async def _login_request(self, conn: ClientConnection, password: str) -> dict[str, Any]:
+    async def _login_request(self, conn: ClientConnection, password: str,
+                             **extra: Any) -> dict[str, Any]:
         creds = self.credentials
         device = {"id": creds.device_id}
         if creds.device_label:
             device["label"] = creds.device_label
         reply = await conn.request("login", timeout=self.request_timeout,
-                                   username=creds.username, password=password, device=device)
+                                   username=creds.username, password=password, device=device,
+                                   **extra)
         await self._take_tokens(reply)
         self._authenticated(conn, reply, "logged in")
         return reply
