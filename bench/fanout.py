@@ -425,6 +425,7 @@ def run_storm(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> 
             r = load({**base, "scenario": "storm", "server_pid": shtalk.pid,
                       "n": args.storm_n, "rate": args.storm_rate, "room": "storm",
                       "tokens": tokens, "storm_users": stormers, "warmup": args.warmup,
+                      "storm_spread": args.storm_spread,
                       "duration": args.duration}, timeout=args.warmup + args.duration + 300)
         results["storm"] = r
         b, s = r["baseline"]["latency"], r["storm"]["latency"]
@@ -711,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storm-rate", type=float, default=200.0, help="storm chat sends/s")
     parser.add_argument("--storm-n", type=int, default=10, help="storm chat room size")
     parser.add_argument("--storm-logins", type=int, default=50, help="logins in the storm")
+    parser.add_argument("--storm-spread", type=float, default=0.0,
+                        help="diagnostic: spread the storm's logins over this many seconds "
+                        "instead of all at once [0]")
     parser.add_argument("--skip-storm", action="store_true", help="no login storm")
     parser.add_argument("--skip-closed", action="store_true", help="no closed-loop runs")
     parser.add_argument("--skip-paced", action="store_true", help="no paced runs")

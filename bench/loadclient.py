@@ -320,17 +320,23 @@ def machine_cpu() -> tuple[float, float, float]:
     return (total - idle - steal) / hz, steal / hz, total / hz
 
 
-def other_processes_cpu(exclude: set[int]) -> float:
-    """CPU seconds used so far by every process on the machine except `exclude`.
+def other_processes_cpu(exclude: set[int]) -> dict[int, float]:
+    """CPU seconds used so far by every process on the machine except `exclude`, by pid.
 
-    The machine may be shared (other people's tests and benchmarks): the difference over
-    the window says how much CPU went to processes that are not part of this benchmark.
+    The machine may be shared (other people's tests and benchmarks): the growth over the
+    window says how much CPU went to processes that are not part of this benchmark.
     """
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) not in exclude:
-            total += cpu_seconds_of(int(entry))
-    return total
+    return {
+        int(entry): cpu_seconds_of(int(entry))
+        for entry in os.listdir("/proc")
+        if entry.isdigit() and int(entry) not in exclude
+    }
+
+
+def _grown(start: dict[int, float], end: dict[int, float]) -> float:
+    """CPU used between two samples; processes that ended meanwhile count as 0 (unknown),
+    processes that started meanwhile count in full."""
+    return sum(t - start.get(pid, 0.0) for pid, t in end.items())
 
 
 def own_cpu_seconds() -> float:
@@ -343,7 +349,7 @@ class CpuWindow:
         self.server_pid = server_pid
         self.start = self._sample()
 
-    def _sample(self) -> tuple[float, ...]:
+    def _sample(self) -> tuple[Any, ...]:
         pid = self.server_pid
         # The main thread's id is the process id: that is the reactor thread.
         return (time.monotonic(), own_cpu_seconds(), cpu_seconds_of(pid),
@@ -362,7 +368,7 @@ class CpuWindow:
             "machine_busy_cores": round((end[4] - self.start[4]) / elapsed, 3),
             "machine_steal_cores": round((end[5] - self.start[5]) / elapsed, 3),
             # Other processes (not this server, not the load generator), in cores.
-            "other_processes_cores": round((end[7] - self.start[7]) / elapsed, 3),
+            "other_processes_cores": round(_grown(self.start[7], end[7]) / elapsed, 3),
         }
 
 
@@ -596,8 +602,12 @@ def scenario_storm(spec: dict[str, Any]) -> Any:
     storm_run = Run(ceiling=False)
     storm: dict[str, Any] = {}
 
+    spread = float(spec.get("storm_spread", 0.0))
+
     @inlineCallbacks
     def login_one(i: int, name: str) -> Any:
+        if spread:  # a diagnostic: arrivals spread evenly instead of all at once
+            yield sleep(spread * i / len(spec["storm_users"]))
         t0 = time.monotonic()
         client = yield connect(spec, storm_run, 10_000 + i)
         try:
