@@ -647,6 +647,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                          "rate": args.room_rate, "window": 1, "room": "rawroom-paced",
                          "tokens": tokens[2:]}, timeout=limit)
         r["client_cpu"] = r.pop("loadgen_cpu")
+        r["rate"] = args.room_rate
         results["room_raw_paced"] = r
         fanout.wait_idle(server)
         log(f"  p50 {r['latency']['p50_ms']} p99 {r['latency']['p99_ms']} ms")
@@ -924,6 +925,8 @@ def main() -> None:
                    help="paced room: sends/s in total (latency at a sustainable load)")
     p.add_argument("--profile", help="cProfile the E2EE room's reactor thread during the "
                    "closed loop into this file (perturbs the figures)")
+    p.add_argument("--from-json", type=Path,
+                   help="re-render the report from a --json file of an earlier run")
     p.add_argument("--no-experiment", dest="experiment", action="store_false",
                    help="skip the synchronous=NORMAL experiment (skipped by --quick)")
     args = p.parse_args()
@@ -935,18 +938,21 @@ def main() -> None:
         args.warmup = 1.0 if args.quick else 2.0
     if args.pingpong is None:
         args.pingpong = 50 if args.quick else 300
-    work = Path(tempfile.mkdtemp(prefix="shtalk-bench-e2e-"))
-    started = time.monotonic()
-    try:
-        results = run(args, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    results["wall_s"] = round(time.monotonic() - started, 1)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+    else:
+        work = Path(tempfile.mkdtemp(prefix="shtalk-bench-e2e-"))
+        started = time.monotonic()
+        try:
+            results = run(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        results["wall_s"] = round(time.monotonic() - started, 1)
+        log(f"done in {results['wall_s']} s")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
     section = build_report(results)
     print(section)
-    log(f"done in {results['wall_s']} s")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
     if args.write:
         write_section(args.write, section)
         log(f"wrote the section of {args.write}")
