@@ -259,6 +259,13 @@ REQUESTS: dict[str, Mapping[str, Field]] = {
         ),
     },
     "keys_count": {},
+    # Operations (issue 7): a verifiable abuse report; see docs/PROTOCOL.md.
+    "report": {
+        "user": USER,
+        "reason": Str(1, 500),
+        "envelope": opt(B64(max_bytes=MAX_ENVELOPE_BYTES)),
+        "plaintext": opt(Str(0, 4000)),
+    },
     "keys_fetch": {"user": USER, "device": opt(DEVICE_ID)},
 }
 

@@ -217,6 +217,12 @@ class ChatUser:
         if not result.duplicate:
             for stored in result.messages:
                 self.service.bus.publish(stored)
+            if self.service.ops is not None:  # monitoring: metadata of the send
+                self.service.ops.monitor.sent(
+                    self.user.id, self.user.name, self.user.created,
+                    [int(mb[2:]) for mb in message.mailboxes if mb.startswith("u:")],
+                    [len(e) for e in (message.envelope, *message.envelopes.values()) if e],
+                )
         return {"seq": result.seqs[0], "ts": message.ts, "duplicate": result.duplicate}
 
     @inlineCallbacks

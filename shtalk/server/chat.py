@@ -64,9 +64,26 @@ class ChatService(Service):
         # Seam for email verification (account-security issue): new accounts
         # start in this status.  "active" until verification lands.
         self.new_account_status = "active"
+        # Operations (issue 7, shtalk.server.ops): limiter, monitor, moderation.
+        self.ops: Any = None
+        # Monitoring -> account security seam: subjects that must solve a CAPTCHA at
+        # their next key interaction (see require_captcha).
+        self.captcha_required_accounts: set[int] = set()
+        self.captcha_required_addresses: set[str] = set()
 
     def now(self) -> float:
         return self.clock.seconds()
+
+    def require_captcha(self, account_id: int | None = None, address: str | None = None) -> None:
+        """SEAM (monitoring -> account security, issue 6): the account and/or client
+        address must solve a CAPTCHA at its next key interaction (login, register,
+        send).  The monitor calls this when a flag's action is ``captcha``; the
+        account-security code honours ``captcha_required_accounts`` /
+        ``captcha_required_addresses`` and discards the entry once a CAPTCHA is solved."""
+        if account_id is not None:
+            self.captcha_required_accounts.add(account_id)
+        if address is not None:
+            self.captcha_required_addresses.add(address)
 
     def user_name(self, user_id: int) -> str:
         return self.names.get(user_id, f"#{user_id}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -42,10 +43,17 @@ from shtalk.server.avatar import ChatUser
 from shtalk.server.chat import ChatService
 from shtalk.server.interfaces import TokenReuse, TokenRevoked, TokenUnknown
 from shtalk.server.naming import user_key
+from shtalk.server.ratelimit import REQUEST_ACTIONS, RateLimiter, address_key
 
 log = Logger()
 
 PIPELINED = frozenset({"send", "ack", "ping"})
+# Authentication events written to the operator's log (ASVS 16.3.1), success or not.
+AUDITED = frozenset({
+    "register", "login", "resume", "refresh", "logout", "verify_email", "resend_verification",
+    "password_reset_request", "password_reset", "password_change", "totp_enroll",
+    "totp_confirm", "totp_disable", "totp_recovery_codes", "device_remove",
+})
 
 
 def _after(d: Deferred[None]) -> Deferred[None]:
@@ -58,6 +66,16 @@ def _after(d: Deferred[None]) -> Deferred[None]:
 
     d.addBoth(fire)
     return out
+
+
+def _account_of(username: object) -> str | None:
+    """The rate-limit account key of a username in a pre-login request (None: none)."""
+    if not isinstance(username, str):
+        return None
+    try:
+        return "n:" + user_key(username)[1]
+    except ProtocolError:
+        return "n:" + username[:64].lower()
 
 
 class State(enum.Enum):
@@ -89,6 +107,8 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         self._serial: Deferred[None] | None = None
         self._post_reply: Callable[[], Any] | None = None
         self._inflight: set[Deferred[None]] = set()
+        self._peer_key = ""
+        self._limited_at: deque[float] = deque()
 
     # connection lifecycle ----------------------------------------------------
     def connectionMade(self) -> None:
@@ -96,6 +116,7 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         self.MAX_LENGTH = f.max_line_length
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self._peer = getattr(peer, "host", str(peer))
+        self._peer_key = address_key(self._peer)
         if not f.admit(self._peer):
             self._send_error(
                 None,
@@ -225,13 +246,51 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         try:
             self._check_state(request)
             handler = getattr(self, "on_" + request.type)
-            d = maybeDeferred(handler, request)
+            gate = self._rate_gate(request)
+            if gate is None:
+                d = maybeDeferred(handler, request)
+            else:
+                d = gate.addCallback(lambda _: handler(request))
         except ProtocolError as e:
             e.request_id = request.id
+            self._audit(request, str(e.code))
+            self._refused(e)
             self.send_bytes(frames.error_from(e))
             return succeed(None)
         d.addCallbacks(self._reply, self._failed, callbackArgs=(request,), errbackArgs=(request,))
         return d
+
+    def _rate_gate(self, request: Request) -> Deferred[None] | None:
+        """Rate limiting (shtalk.server.ratelimit): raises or returns a pending check."""
+        limiter = self.factory.limiter
+        if limiter is None:
+            return None
+        action = REQUEST_ACTIONS.get(request.type)
+        if action is None:
+            return None
+        if self.avatar is not None:
+            account: str | None = str(self.avatar.user.id)
+        else:
+            account = _account_of(request.args.get("username"))
+        return limiter.check(action, account, self._peer_key)
+
+    def _refused(self, e: ProtocolError) -> None:
+        """Sustained abuse (many rate_limited replies within a minute) closes the connection."""
+        if e.code is not ErrorCode.RATE_LIMITED:
+            return
+        now = self.factory.clock.seconds()
+        times = self._limited_at
+        times.append(now)
+        while times and times[0] < now - 60.0:
+            times.popleft()
+        limiter = self.factory.limiter
+        if limiter is not None and len(times) > limiter.config.disconnect_after:
+            log.warn("closing a connection that kept exceeding its rate limits",
+                     event="ratelimit.disconnect", address=self._peer, count=len(times))
+            transport: Any = self.transport
+            if transport is not None:
+                self._post_reply = None
+                self.factory.clock.callLater(0, transport.loseConnection)
 
     def _check_state(self, request: Request) -> None:
         rtype = request.type
@@ -249,7 +308,25 @@ class ShtalkServerProtocol(LineOnlyReceiver):
                 ErrorCode.ALREADY_AUTHENTICATED, "this connection is logged in; logout first"
             )
 
+    def _audit(self, request: Request, result: str) -> None:
+        """Every authentication event goes to the (sealed) log; secrets never do."""
+        rtype = request.type
+        if rtype not in AUDITED:
+            return
+        fields: dict[str, Any] = {"address": self._peer, "rtype": rtype, "result": result}
+        if self.avatar is not None:
+            fields["user_id"] = self.avatar.user.id
+            fields["device"] = self.avatar.device_id
+        elif isinstance(request.args.get("username"), str):
+            fields["username"] = request.args["username"]
+        level = log.info if result == "ok" else log.warn
+        level("auth {rtype}: {result}", event="auth." + rtype, **fields)
+        ops = self.factory.chat.ops
+        if rtype == "register" and result == "ok" and ops is not None:
+            ops.monitor.registered(None, self._peer_key)
+
     def _reply(self, fields: dict[str, Any] | None, request: Request) -> None:
+        self._audit(request, "ok")
         if self.transport is None:
             return
         self.send_bytes(frames.ok(request.id, **(fields or {})))
@@ -259,7 +336,9 @@ class ShtalkServerProtocol(LineOnlyReceiver):
 
     def _failed(self, failure: Failure, request: Request) -> None:
         e = failure.value
+        self._audit(request, str(getattr(e, "code", "internal_error")))
         if isinstance(e, ProtocolError):
+            self._refused(e)
             self.send_bytes(frames.error(request.id, e.code, e.message, **e.extra))
             return
         # Never send a traceback to the peer; log it for the operator.
@@ -528,6 +607,17 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         d: Deferred[Any] = self._me().fetch_keys(a["user"], a.get("device"))
         return d
 
+    def on_report(self, request: Request) -> Deferred[Any]:
+        a = request.args
+        ops = self.factory.chat.ops
+        if ops is None:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "reports are not taken by this server")
+        d: Deferred[Any] = ops.moderation.report(
+            self._me().user, ops.monitor, a["user"], a["reason"], a.get("envelope"),
+            a.get("plaintext"),
+        )
+        return d
+
     def on_ack(self, request: Request) -> Deferred[Any]:
         d: Deferred[Any] = self._me().ack(request.args["seqs"])
         return d
@@ -556,6 +646,8 @@ class ShtalkServerFactory(Factory):
         self.per_address: dict[str, int] = {}
         self.sessions: dict[str, set[ShtalkServerProtocol]] = {}
         self.requests = 0
+        # Operations (issue 7): set by make_chat_service; None means "not limited".
+        self.limiter: RateLimiter | None = None
 
     def admit(self, host: str) -> bool:
         """Per-address cap of our own (LimitConnectionsByPeer is broken on Twisted 26)."""

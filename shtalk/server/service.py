@@ -19,6 +19,7 @@ from shtalk.server.chat import ChatService
 from shtalk.server.config import ServerConfig, StartupError
 from shtalk.server.datadir import DataDir
 from shtalk.server.interfaces import CorruptStore, IStore
+from shtalk.server.ops import install_operations
 from shtalk.server.passwords import PasswordHasher
 from shtalk.server.protocol import ShtalkServerFactory
 from shtalk.server.store import SQLiteStore, check_database_file
@@ -116,6 +117,8 @@ def make_chat_service(
     top = ChatServerService()  # type: ignore[no-untyped-call]
     StoreService(store, hasher).setServiceParent(top)  # type: ignore[no-untyped-call]
     chat.setServiceParent(top)  # type: ignore[no-untyped-call]
+    # Operations (issue 7): rate limits, sealed log, monitor, metrics, admin socket.
+    install_operations(top, config, datadir, chat, factory, clock)
     top.factory = factory
     top.chat = chat
     top.store = store

@@ -1,0 +1,287 @@
+"""Abuse monitoring on metadata only (the server cannot read messages).
+
+Signals (thresholds in ``[monitor]``, each counted over a sliding window):
+
+* ``send_rate``: sends by one account;
+* ``strangers``: distinct accounts messaged that the sender never had a conversation
+  with (known partners come from the store; a new account starts with none);
+* ``new_account_strangers``: the same, for accounts younger than ``new_account_age``;
+* ``registrations``: registrations from one client address;
+* ``same_size``: envelopes of exactly one size from one account within ``burst`` seconds
+  (one text blasted to many people encrypts to equal sizes);
+* ``reports``: user reports against an account (a report whose envelope signature the
+  server verified counts three).
+
+A signal raises a `Flag` (subject, signal, reason, counts) and runs its configured
+action once per flag: ``flag`` (nothing more), ``captcha`` (the account-security seam
+``ChatService.require_captcha``), ``throttle`` (the account's rate-limit buckets shrink
+to 1/``throttle_factor`` for ``throttle_seconds``) or ``suspend`` (the account is
+suspended pending review: its sessions end and it cannot log in).  Flags are kept in
+``flags.json`` in the data directory and reviewed with ``shtalk-admin review``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from shtalk.server.config import MonitorSection
+
+log = Logger()
+
+SIGNALS = (
+    "send_rate", "strangers", "new_account_strangers", "registrations", "same_size", "reports",
+)
+
+
+@dataclass
+class Flag:
+    id: int
+    kind: str  # "account" or "address"
+    subject: str  # user id, or the client address
+    label: str  # the account's name, or the address
+    signal: str
+    reason: str
+    action: str
+    count: int
+    first: float
+    last: float
+    status: str = "open"  # open, cleared
+    evidence: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Window:
+    """Timestamps per key within the last ``span`` seconds."""
+
+    def __init__(self, span: float) -> None:
+        self.span = span
+        self.events: dict[Any, deque[float]] = {}
+
+    def add(self, key: Any, now: float, n: int = 1) -> int:
+        q = self.events.get(key)
+        if q is None:
+            q = self.events[key] = deque()
+        for _ in range(n):
+            q.append(now)
+        cutoff = now - self.span
+        while q and q[0] < cutoff:
+            q.popleft()
+        return len(q)
+
+    def sweep(self, now: float) -> None:
+        cutoff = now - self.span
+        for key in [k for k, q in self.events.items() if not q or q[-1] < cutoff]:
+            del self.events[key]
+
+
+Action = Callable[[Flag], None]
+
+
+class Monitor:
+    def __init__(
+        self,
+        config: MonitorSection,
+        clock: IReactorTime,
+        path: Path | None = None,
+        partners: Callable[[int], Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.path = path
+        self.partners = partners  # user id -> Deferred[list[int]] (the store's dm_partners)
+        self.enabled = config.enabled
+        self.flags: dict[int, Flag] = {}
+        self.open_by_key: dict[tuple[str, str, str], int] = {}
+        self.next_id = 1
+        w = float(config.window)
+        self.sends = Window(w)
+        self.new_peers = Window(w)
+        self.registrations = Window(w)
+        self.sizes = Window(float(config.burst))
+        self.report_window = Window(30 * 86400.0)
+        self.reporters: dict[str, set[str]] = {}
+        self.contacted: dict[int, set[int]] = {}
+        self._loading: dict[int, list[tuple[int, str, float, int]]] = {}
+        self.actions: dict[str, Action] = {}
+        self.routed = 0
+        self.raised: Counter[str] = Counter()
+        self._load()
+
+    # --- persistence --------------------------------------------------------------
+    def _load(self) -> None:
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            for raw in data.get("flags", []):
+                flag = Flag(**raw)
+                self.flags[flag.id] = flag
+                if flag.status == "open":
+                    self.open_by_key[(flag.kind, flag.subject, flag.signal)] = flag.id
+            self.next_id = max([0, *self.flags]) + 1
+        except (OSError, ValueError, TypeError) as e:
+            log.error("flags file unreadable ({what}); starting with no flags", what=str(e)[:100])
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"flags": [asdict(fl) for fl in self.flags.values()]}, f)
+        os.replace(tmp, self.path)
+
+    # --- raising flags ----------------------------------------------------------------
+    def raise_flag(
+        self, kind: str, subject: str, label: str, signal: str, reason: str, count: int,
+        evidence: dict[str, Any] | None = None,
+    ) -> Flag:
+        now = self.clock.seconds()
+        key = (kind, subject, signal)
+        existing = self.open_by_key.get(key)
+        if existing is not None:
+            flag = self.flags[existing]
+            flag.count, flag.last, flag.reason = max(flag.count, count), now, reason
+            if evidence is not None and len(flag.evidence) < 20:
+                flag.evidence.append(evidence)
+            self.save()
+            return flag
+        action = str(getattr(self.config, f"{signal}_action", "flag"))
+        flag = Flag(self.next_id, kind, subject, label, signal, reason, action, count, now, now,
+                    evidence=[evidence] if evidence is not None else [])
+        self.next_id += 1
+        self.flags[flag.id] = flag
+        self.open_by_key[key] = flag.id
+        self.raised[signal] += 1
+        self.save()
+        log.warn("flag {flag_id} raised: {signal} on {kind} ({reason}); action {action}",
+                 event="monitor.flag", flag_id=flag.id, signal=signal, kind=kind,
+                 reason=reason, action=action,
+                 **({"user_id": subject} if kind == "account" else {"address": subject}))
+        runner = self.actions.get(action)
+        if runner is not None:
+            try:
+                runner(flag)
+            except Exception:
+                log.failure("monitor action {action} failed", action=action)
+        return flag
+
+    def clear(self, flag_id: int) -> Flag | None:
+        flag = self.flags.get(flag_id)
+        if flag is None:
+            return None
+        flag.status = "cleared"
+        self.open_by_key.pop((flag.kind, flag.subject, flag.signal), None)
+        self.save()
+        return flag
+
+    def open_flags(self) -> list[Flag]:
+        return [f for f in self.flags.values() if f.status == "open"]
+
+    # --- signals ------------------------------------------------------------------------
+    def registered(self, user_id: int | None, address: str) -> None:
+        if not self.enabled:
+            return
+        if user_id is not None:
+            self.contacted[user_id] = set()  # a new account has no conversations yet
+        n = self.registrations.add(address, self.clock.seconds())
+        if n > self.config.registrations:
+            self.raise_flag("address", address, address, "registrations",
+                            f"{n} registrations within {self.config.window} s", n)
+
+    def sent(
+        self, user_id: int, name: str, created: float, peers: Iterable[int], sizes: list[int]
+    ) -> None:
+        """After a stored send: ``peers`` are the direct-message recipients (none for rooms)."""
+        self.routed += 1
+        if not self.enabled:
+            return
+        now = self.clock.seconds()
+        cfg = self.config
+        key = str(user_id)
+        n = self.sends.add(user_id, now)
+        if n > cfg.send_rate:
+            self.raise_flag("account", key, name, "send_rate",
+                            f"{n} sends within {cfg.window} s", n)
+        for size in set(sizes):
+            same = self.sizes.add((user_id, size), now, sizes.count(size))
+            if same >= cfg.same_size:
+                self.raise_flag("account", key, name, "same_size",
+                                f"{same} envelopes of {size} bytes within {cfg.burst} s", same)
+        peers = [p for p in peers if p != user_id]
+        if not peers:
+            return
+        known = self.contacted.get(user_id)
+        if known is None:
+            pending = self._loading.get(user_id)
+            if pending is not None:
+                pending.extend((p, name, created, 0) for p in peers)
+                return
+            if self.partners is None:
+                self.contacted[user_id] = known = set()
+            else:
+                self._loading[user_id] = [(p, name, created, 0) for p in peers]
+                self._load_partners(user_id)
+                return
+        self._strangers(user_id, name, created, peers, known, now)
+
+    def _load_partners(self, user_id: int) -> None:
+        assert self.partners is not None
+        d = self.partners(user_id)
+
+        def loaded(partners: list[int]) -> None:
+            pending = self._loading.pop(user_id, [])
+            # Loaded after those sends committed, so their peers are in it already:
+            # they cannot be judged (see docs/SECURITY.md, "Operations").
+            known = self.contacted.setdefault(user_id, set(partners))
+            known.update(p for p, *_ in pending)
+
+        d.addCallbacks(loaded, lambda f: self._loading.pop(user_id, None))
+
+    def _strangers(
+        self, user_id: int, name: str, created: float, peers: list[int], known: set[int],
+        now: float,
+    ) -> None:
+        new = [p for p in peers if p not in known]
+        if not new:
+            return
+        known.update(new)
+        cfg = self.config
+        n = self.new_peers.add(user_id, now, len(new))
+        if n > cfg.strangers:
+            self.raise_flag("account", str(user_id), name, "strangers",
+                            f"messaged {n} accounts never contacted before within "
+                            f"{cfg.window} s", n)
+        if now - created < cfg.new_account_age and n > cfg.new_account_strangers:
+            self.raise_flag("account", str(user_id), name, "new_account_strangers",
+                            f"account {int(now - created)} s old messaged {n} strangers", n)
+
+    def reported(
+        self, target_id: int, target_name: str, reporter: str, verified: bool,
+        evidence: dict[str, Any],
+    ) -> Flag | None:
+        key = str(target_id)
+        seen = self.reporters.setdefault(key, set())
+        if reporter in seen and not verified:
+            return None  # one unverified report per reporter counts
+        seen.add(reporter)
+        n = self.report_window.add(key, self.clock.seconds(), 3 if verified else 1)
+        if n >= self.config.reports or not self.enabled:
+            return self.raise_flag(
+                "account", key, target_name, "reports",
+                f"reported by {len(seen)} account(s), weight {n}"
+                + (" (signature verified)" if verified else ""), n, evidence)
+        return None
+
+    def sweep(self) -> None:
+        now = self.clock.seconds()
+        for w in (self.sends, self.new_peers, self.registrations, self.sizes):
+            w.sweep(now)
