@@ -1,0 +1,97 @@
+"""Errors people will meet, in plain words: what happened and what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.python.failure import Failure
+
+from shtalk.client.connection import (
+    CertificateChanged,
+    CertificateInvalid,
+    ConnectionLost,
+    RequestTimeout,
+    ServerError,
+    UntrustedServer,
+)
+from shtalk.client.e2ee import ClientError, IdentityNotAccepted
+from shtalk.client.localstore import CorruptEntry, LocalStoreError, WrongPassphrase
+from shtalk.client.session import AuthenticationFailed
+
+SERVER_CODES: dict[str, str] = {
+    "invalid_credentials": "Wrong username or password. Check both and try again "
+                           "(the server does not say which one was wrong).",
+    "username_taken": "That username is taken. Pick another one.",
+    "bad_username": "That username is not allowed: 3-32 letters, digits, _ . - "
+                    "(not starting or ending with . or -).",
+    "weak_password": "The server refused the password as too weak: use at least 12 "
+                     "characters, not a common password.",
+    "password_too_long": "The password is too long (at most 72 bytes). Pick a shorter one.",
+    "bad_email": "That is not an email address the server accepts.",
+    "no_such_user": "There is no such user on this server. Check the spelling.",
+    "no_such_room": "There is no such room. /rooms lists them; /create makes one.",
+    "no_such_device": "There is no such device. /devices lists them.",
+    "room_exists": "A room with that name exists already: /join it, or pick another name.",
+    "not_a_member": "You (or that person) are not a member of that room. /join it first.",
+    "already_member": "Already a member of that room.",
+    "invite_required": "That room is invite-only: ask a member to /invite you.",
+    "forbidden": "Your role in that room does not allow this; ask the room's owner.",
+    "token_revoked": "This device's session was ended (logged out elsewhere or removed). "
+                     "Log in again with /login.",
+    "too_many_connections": "Too many connections from your address; close some clients.",
+    "unsupported_version": "The server speaks another protocol version: update shtalk.",
+    "internal_error": "The server failed to do that (its log says why). Try again later.",
+    "envelope_too_large": "That message is too large for the server. Send less at once.",
+}
+
+
+def describe(error: BaseException | Failure | Any) -> str:
+    """One or two sentences for a person; never a traceback."""
+    if isinstance(error, Failure):
+        error = error.value
+    if isinstance(error, CertificateChanged):
+        return (f"DANGER: the certificate of {error.host}:{error.port} changed "
+                f"(expected {error.expected[:23]}..., got {error.got[:23]}...). Someone may be "
+                "intercepting the connection, or the server's operator replaced the "
+                "certificate. Ask them; if they did, run: shtalk-urwid --forget-server "
+                f"{error.host}:{error.port}")
+    if isinstance(error, UntrustedServer):
+        return "You did not trust the server's certificate, so shtalk did not connect."
+    if isinstance(error, CertificateInvalid):
+        return (f"The certificate of {error.host}:{error.port} is not valid for that name "
+                "or not signed by a trusted authority. Check the address.")
+    if isinstance(error, WrongPassphrase):
+        return "That passphrase does not unlock this device's store. Try again."
+    if isinstance(error, CorruptEntry):
+        return "A record in the local store failed its integrity check (damaged or edited)."
+    if isinstance(error, LocalStoreError):
+        return f"The local store cannot be used: {error}"
+    if isinstance(error, AuthenticationFailed):
+        return "Login failed: wrong password, or you cancelled. Use /login to try again."
+    if isinstance(error, IdentityNotAccepted):
+        return (f"{error}. Check with them in person, then /trust them to accept the new "
+                "key (or /verify to compare safety numbers).")
+    if isinstance(error, RequestTimeout):
+        return "The server did not answer in time. It may be overloaded; try again."
+    if isinstance(error, ConnectionLost):
+        return "Not connected to the server right now; shtalk keeps trying. Try again when " \
+               "the status bar says online."
+    if isinstance(error, ServerError):
+        if error.code == "rate_limited":
+            retry = (error.reply.get("error") or {}).get("retry_after") or \
+                error.reply.get("retry_after")
+            when = f" in {int(float(retry)) + 1} s" if retry else " in a little while"
+            return f"The server is rate-limiting you (too many requests). Try again{when}."
+        text = SERVER_CODES.get(error.code)
+        if text:
+            return text
+        return f"The server refused: {error.message or error.code}"
+    if isinstance(error, ClientError):
+        return str(error)
+    if isinstance(error, DNSLookupError):
+        return "The server's name could not be resolved. Check the address."
+    if isinstance(error, (ConnectError, TimeoutError)):
+        return ("The server cannot be reached (refused or timed out). Check the address and "
+                "your network; shtalk keeps retrying.")
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

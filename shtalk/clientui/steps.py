@@ -1,0 +1,168 @@
+"""Account steps the server asks for, driven by its replies and refusals.
+
+Registration and login are retried with whatever the refusal asked for: a CAPTCHA
+(``captcha_required`` / ``captcha_failed`` carry the challenge in the error), a TOTP code
+(``otp_required``), an email code (a ``pending`` registration, or ``email_not_verified``).
+Unknown steps fall through as errors, so a newer server never leaves the client stuck.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred
+
+from shtalk.client.connection import ServerError
+from shtalk.clientui.qr import qr_text
+
+T = TypeVar("T")
+MAX_STEPS = 12
+
+
+class Cancelled(Exception):
+    """The person pressed Esc in a step."""
+
+
+class StepUI(Protocol):
+    def ask(self, title: str, text: Any, label: str, *, mask: bool = False,
+            default: str = "", error: str = "") -> Deferred[str | None]: ...
+    def confirm(self, title: str, text: Any) -> Deferred[bool]: ...
+    def message(self, title: str, text: Any) -> Deferred[None]: ...
+
+
+Request = Callable[..., Deferred[dict[str, Any]]]
+
+
+def error_detail(e: ServerError) -> dict[str, Any]:
+    err = e.reply.get("error") if isinstance(e.reply, dict) else None
+    return err if isinstance(err, dict) else {}
+
+
+class Steps:
+    def __init__(self, ui: StepUI, request: Request, username: str) -> None:
+        self.ui = ui
+        self.request = request  # a pre-authentication request (verify_email, captcha ...)
+        self.username = username
+
+    async def _ask(self, title: str, text: Any, label: str, *, mask: bool = False,
+                   error: str = "") -> str:
+        answer = await self.ui.ask(title, text, label, mask=mask, error=error)
+        if answer is None:
+            raise Cancelled(title)
+        return answer
+
+    async def run(self, op: Callable[[dict[str, Any]], Awaitable[T]]) -> T:
+        """``op(extra)`` until it succeeds or fails with something that is not a step."""
+        extra: dict[str, Any] = {}
+        for _ in range(MAX_STEPS):
+            try:
+                return await op(dict(extra))
+            except ServerError as e:
+                detail = error_detail(e)
+                if e.code in ("captcha_required", "captcha_failed"):
+                    extra["captcha"] = await self.captcha(
+                        detail.get("captcha"), failed=e.code == "captcha_failed")
+                elif e.code == "otp_required" or (e.code == "invalid_code" and "otp" in extra):
+                    extra["otp"] = (await self._ask(
+                        "Two-factor code",
+                        "This account has two-factor authentication. Type the 6-digit code "
+                        "from your authenticator app (or a recovery code).",
+                        "Code:", error="" if e.code == "otp_required" else
+                        "That code was not accepted; wait for the next one.")).strip()
+                elif e.code == "email_not_verified":
+                    await self.verify_email()
+                else:
+                    raise
+        raise Cancelled("too many steps")
+
+    async def captcha(self, challenge: Any, failed: bool = False) -> dict[str, str]:
+        if not isinstance(challenge, dict) or "id" not in challenge:
+            challenge = await self.request("captcha")
+            challenge = challenge.get("captcha", challenge)
+        art = str(challenge.get("art", ""))
+        hint = str(challenge.get("hint", "type the characters drawn above"))
+        answer = await self._ask(
+            "Are you a person?", [("info", "The server asks you to solve this CAPTCHA:\n\n"),
+                                  ("body", art + "\n\n"), hint],
+            "Answer:", error="Wrong or expired answer; here is a new one." if failed else "")
+        return {"id": str(challenge["id"]), "answer": answer.strip()}
+
+    async def verify_email(self) -> dict[str, Any]:
+        """Ask for the emailed code (empty: send it again) until the account is active."""
+        error = ""
+        for _ in range(MAX_STEPS):
+            code = (await self._ask(
+                "Confirm your email address",
+                f"The server sent a code to the email address of {self.username}. Type it "
+                "here (leave it empty and press Enter to have it sent again).",
+                "Code:", error=error)).strip()
+            if not code:
+                await self.request("resend_verification", username=self.username)
+                error = "A new code is on its way."
+                continue
+            try:
+                reply: dict[str, Any] = await self.run(partial(self._verify, code))
+                return reply
+            except ServerError as e:
+                if e.code != "invalid_code":
+                    raise
+                error = "That code is wrong or expired; check the mail or ask for a new one."
+        raise Cancelled("email code")
+
+    async def _verify(self, code: str, extra: dict[str, Any]) -> dict[str, Any]:
+        reply: dict[str, Any] = await self.request("verify_email", username=self.username,
+                                                   code=code, **extra)
+        return reply
+
+    async def after_register(self, reply: dict[str, Any]) -> None:
+        if reply.get("status") in ("pending", "pending_verification", "unverified"):
+            await self.verify_email()
+
+
+async def offer_totp(ui: StepUI, request: Request) -> bool:
+    """After the first login of a new account: optional TOTP enrolment with a QR code."""
+    want = await ui.confirm(
+        "Two-factor authentication",
+        "Protect the account with a one-time code from an authenticator app (TOTP)? "
+        "You can also do it later with /2fa.")
+    if not want:
+        return False
+    return await enroll_totp(ui, request)
+
+
+async def enroll_totp(ui: StepUI, request: Request) -> bool:
+    try:
+        reply = await request("totp_enroll")
+    except ServerError as e:
+        if e.code in ("unknown_type", "bad_field"):
+            await ui.message("Two-factor authentication",
+                             "This server does not offer two-factor authentication.")
+            return False
+        raise
+    uri = str(reply.get("uri", ""))
+    secret = str(reply.get("secret", ""))
+    drawn = qr_text(uri)
+    body = [("body", drawn + "\n") if drawn else "",
+            "Scan the code with your authenticator app, or enter this key by hand:\n",
+            ("help_key", secret + "\n"), ("info", uri + "\n")]
+    error = ""
+    for _ in range(MAX_STEPS):
+        code = await ui.ask("Set up two-factor authentication", body,
+                            "Code from the app:", error=error)
+        if code is None:
+            return False
+        try:
+            done = await request("totp_confirm", code=code.strip())
+        except ServerError as e:
+            if e.code != "invalid_code":
+                raise
+            error = "That code was not accepted; check the phone's clock and try the next one."
+            continue
+        codes = "\n".join("  " + c for c in done.get("recovery_codes", []))
+        await ui.message("Two-factor authentication is on",
+                         "Write these recovery codes down and keep them safe; each works "
+                         f"once if you lose the phone:\n\n{codes}")
+        return True
+    return False

@@ -1,0 +1,240 @@
+"""Small widgets: the conversation list, the input line, the status bar, the help screen."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import urwid
+
+from shtalk.clientui.commands import COMMANDS, format_duration
+from shtalk.clientui.keys import CATEGORIES, KEY_BINDINGS, KeyMap
+from shtalk.clientui.model import ChatModel, Conversation
+
+TRUST_MARK = {"verified": ("verified", "\u2713"), "unverified": ("unverified", "?"),
+              "changed": ("changed", "!")}
+
+
+class ConversationRow(urwid.Text):
+    """One entry of the list; a click opens it."""
+
+    def __init__(self, markup: Any, key: str, on_click: Callable[[str], None]) -> None:
+        super().__init__(markup, wrap="ellipsis")
+        self.key = key
+        self.on_click = on_click
+
+    def selectable(self) -> bool:
+        return False
+
+    def mouse_event(self, size: tuple[int, ...], event: str, button: int, col: int, row: int,
+                    focus: bool) -> bool:
+        if event == "mouse press" and button == 1:
+            self.on_click(self.key)
+            return True
+        return False
+
+
+def conversation_markup(conv: Conversation, current: bool, trust: str) -> list[Any]:
+    base = "conv_focus" if current else (
+        "conv_mention" if conv.mentions else "conv_unread" if conv.unread else "conv")
+    out: list[Any] = [(base, conv.title)]
+    if trust in TRUST_MARK and conv.kind == "user":
+        attr, mark = TRUST_MARK[trust]
+        out.append((attr if not current else base, mark))
+    if conv.unread:
+        out.append((base, f" ({conv.unread})"))
+    if conv.timer:
+        out.append(("timer" if not current else base, " \u23f1"))
+    return out
+
+
+class ConversationList(urwid.WidgetWrap[urwid.Widget]):
+    def __init__(self, model: ChatModel, trust: Callable[[str], str],
+                 on_click: Callable[[str], None]) -> None:
+        self.model = model
+        self.trust = trust
+        self.on_click = on_click
+        self.walker: Any = urwid.SimpleListWalker([])
+        self.listbox = urwid.ListBox(self.walker)
+        super().__init__(urwid.AttrMap(self.listbox, "conv"))
+        self.refresh()
+
+    def refresh(self) -> None:
+        rows = []
+        for key in self.model.order:
+            conv = self.model.conversations[key]
+            trust = self.trust(conv.name) if conv.kind == "user" else ""
+            rows.append(ConversationRow(
+                conversation_markup(conv, key == self.model.current, trust), key,
+                self.on_click))
+        self.walker[:] = rows
+        if rows and self.model.current in self.model.order:
+            self.listbox.set_focus(self.model.order.index(self.model.current))
+
+
+class InputLine(urwid.Edit):
+    """The input line: history (Up/Down), multi-line (Alt-Enter), completion (Tab)."""
+
+    def __init__(self) -> None:
+        super().__init__(("prompt", "> "), multiline=True)
+        self.history: list[str] = []
+        self.history_index: int | None = None
+        self._draft = ""
+
+    def set_text_and_cursor(self, text: str, cursor: int | None = None) -> None:
+        self.set_edit_text(text)
+        self.set_edit_pos(len(text) if cursor is None else cursor)
+
+    def take(self) -> str:
+        text: str = self.edit_text
+        if text.strip():
+            if not self.history or self.history[-1] != text:
+                self.history.append(text)
+            del self.history[:-500]
+        self.history_index = None
+        self.set_text_and_cursor("")
+        return text
+
+    def on_first_line(self) -> bool:
+        return "\n" not in self.edit_text[: self.edit_pos]
+
+    def on_last_line(self) -> bool:
+        return "\n" not in self.edit_text[self.edit_pos:]
+
+    def history_step(self, delta: int) -> bool:
+        if not self.history:
+            return False
+        if self.history_index is None:
+            if delta > 0:
+                return False
+            self._draft = self.edit_text
+            self.history_index = len(self.history)
+        i = self.history_index + delta
+        if i < 0:
+            return False
+        if i >= len(self.history):
+            self.history_index = None
+            self.set_text_and_cursor(self._draft)
+            return True
+        self.history_index = i
+        self.set_text_and_cursor(self.history[i])
+        return True
+
+    def action(self, size: tuple[int, ...], name: str) -> bool:
+        """Input-line actions from the key table; True if handled here."""
+        if name == "newline":
+            self.insert_text("\n")
+        elif name == "history_previous":
+            if not self.on_first_line():
+                super().keypress((size[0],), "up")
+            else:
+                self.history_step(-1)
+        elif name == "history_next":
+            if not self.on_last_line():
+                super().keypress((size[0],), "down")
+            else:
+                self.history_step(+1)
+        elif name == "line_start":
+            start = self.edit_text.rfind("\n", 0, self.edit_pos) + 1
+            self.set_edit_pos(start)
+        elif name == "line_end":
+            end = self.edit_text.find("\n", self.edit_pos)
+            self.set_edit_pos(len(self.edit_text) if end < 0 else end)
+        elif name == "clear_input":
+            self.set_text_and_cursor("")
+        else:
+            return False
+        return True
+
+
+class StatusBar(urwid.WidgetWrap[urwid.Widget]):
+    def __init__(self) -> None:
+        self.text = urwid.Text("", wrap="ellipsis")
+        super().__init__(urwid.AttrMap(self.text, "status"))
+
+    def update(self, markup: Any) -> None:
+        self.text.set_text(markup)
+
+
+def help_widgets(keymap: KeyMap) -> list[Any]:
+    """Every key (from the key table, as configured) and every command."""
+    out: list[Any] = [
+        urwid.Text(("dialog_title", " shtalk-urwid help "), align="center"),
+        urwid.Text(("info", "Esc or F1 closes this screen; PgUp/PgDn scroll it.")),
+        urwid.Divider(),
+    ]
+    for category in CATEGORIES:
+        out.append(urwid.Text(("help_cat", f"Keys: {category}")))
+        for b in KEY_BINDINGS:
+            if b.category == category:
+                out.append(urwid.Columns([
+                    (22, urwid.Text(("help_key", keymap.describe(b.name)))),
+                    urwid.Text(b.help)]))
+        out.append(urwid.Divider())
+    categories: list[str] = []
+    for c in COMMANDS:
+        if c.category not in categories:
+            categories.append(c.category)
+    for category in categories:
+        out.append(urwid.Text(("help_cat", f"Commands: {category}")))
+        for c in COMMANDS:
+            if c.category == category:
+                alias = f" (also {', '.join('/' + a for a in c.aliases)})" if c.aliases else ""
+                out.append(urwid.Text([("help_key", c.usage()), alias]))
+                out.append(urwid.Padding(urwid.Text(c.help), left=4))
+        out.append(urwid.Divider())
+    out.append(urwid.Text("Lines not starting with / are sent to the open conversation; "
+                          "//text sends /text. Tab completes commands, user and room names."))
+    return out
+
+
+class HelpView(urwid.WidgetWrap[urwid.Widget]):
+    def __init__(self, keymap: KeyMap) -> None:
+        self.listbox = urwid.ListBox(urwid.SimpleListWalker(help_widgets(keymap)))
+        super().__init__(urwid.AttrMap(urwid.LineBox(self.listbox), "dialog"))
+
+    def keypress(self, size: tuple[int, ...], key: str) -> str | None:
+        if key in ("up", "down"):
+            key = "page up" if key == "up" else "page down"
+        result: str | None = super().keypress(size, key)
+        return result
+
+
+def status_markup(model: ChatModel, trust: str, members: int | None) -> list[Any]:
+    s = model.status
+    conn_attr = {"authenticated": "status_good", "disconnected": "status_bad"}.get(
+        s.connection, "status_warn")
+    conn_text = {"authenticated": "online", "connecting": "connecting",
+                 "connected": "connected, logging in", "reconnecting": "reconnecting",
+                 "disconnected": "offline"}.get(s.connection, s.connection)
+    out: list[Any] = [(conn_attr, f" {conn_text} "), " "]
+    if s.account:
+        out.append(f"{s.account}/{s.device} ")
+    conv = model.current_conversation
+    if conv.kind == "user":
+        label = {"verified": ("status_good", "e2ee \u00b7 verified"),
+                 "changed": ("status_bad", " IDENTITY CHANGED: /trust " + conv.name + " "),
+                 "unverified": ("status_warn", "e2ee \u00b7 not verified (/verify)")}.get(
+            trust, ("status", "e2ee"))
+        out.append(label)
+    elif conv.kind == "room":
+        out.append(("status_good", "e2ee (sender keys)"))
+        if members is not None:
+            out.append(f" \u00b7 {members} members")
+    if conv.timer:
+        out.append(("status_warn", f" \u00b7 \u23f1 {format_duration(conv.timer)}"))
+    if not s.bell:
+        out.append(" \u00b7 bell off")
+    if s.notice:
+        out.append(" \u2502 ")
+        out.append(("status_bad" if s.notice_error else "status", s.notice))
+    elif s.connection != "authenticated" and s.connection_message:
+        out.append(" \u2502 " + s.connection_message)
+    return out
+
+
+def options_markup(options: Sequence[str]) -> str:
+    shown = "  ".join(options[:12])
+    if len(options) > 12:
+        shown += f"  (+{len(options) - 12})"
+    return shown
