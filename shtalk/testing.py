@@ -17,8 +17,11 @@ from twisted.internet.testing import StringTransport
 
 from shtalk.server.auth import AccessTokenChecker, BcryptChecker, ChatRealm
 from shtalk.server.chat import ChatService
+from shtalk.server.config import AccountsSection, ThrottleSection
+from shtalk.server.mailer import Mailer
 from shtalk.server.passwords import PasswordHasher
 from shtalk.server.protocol import ShtalkServerFactory, ShtalkServerProtocol
+from shtalk.server.security import AccountSecurity
 from shtalk.server.store import SQLiteStore
 from shtalk.server.tokens import TokenIssuer
 
@@ -35,6 +38,32 @@ class WallClock(Clock):
         self.rightNow = time.time()
 
 
+class MemoryMailer(Mailer):
+    """Keeps every mail (to, subject, body) in ``outbox`` instead of sending it."""
+
+    def __init__(self, clock: Any) -> None:
+        super().__init__(clock, "shtalk@test.invalid", retries=0)
+        self.outbox: list[tuple[str, str, str]] = []
+        self.description = "mail is kept in memory (tests)"
+
+    def deliver_once(self, to: str, msg: Any) -> Any:
+        from twisted.internet.defer import succeed
+
+        self.outbox.append((to, str(msg["Subject"]), msg.get_content()))
+        return succeed(None)
+
+    def last_code(self, to: str | None = None) -> str:
+        """The code in the newest mail (to ``to``, if given)."""
+        import re
+
+        for rcpt, _, body in reversed(self.outbox):
+            if to is None or rcpt == to:
+                m = re.search(r"^    (\S+)$", body, re.M)
+                assert m is not None, body
+                return m.group(1)
+        raise AssertionError(f"no mail to {to}")
+
+
 @dataclass
 class ServerParts:
     store: SQLiteStore
@@ -42,18 +71,30 @@ class ServerParts:
     chat: ChatService
     factory: ShtalkServerFactory
     clock: WallClock
+    security: AccountSecurity
+    mailer: MemoryMailer
 
     async def close(self) -> None:
+        self.security.stopService()
         self.chat.stopService()
         self.hasher.stop()
         await self.store.close()
 
 
 async def build_server(
-    directory: str, *, max_per_address: int = 20, pre_auth: float = 30.0, idle: float = 600.0
+    directory: str,
+    *,
+    max_per_address: int = 20,
+    pre_auth: float = 30.0,
+    idle: float = 600.0,
+    accounts: AccountsSection | None = None,
+    throttle: ThrottleSection | None = None,
 ) -> ServerParts:
     """The real service objects over a real SQLite file, with protocol timers
-    on a test clock (bcrypt and SQLite still run in real threads)."""
+    on a test clock (bcrypt and SQLite still run in real threads).
+
+    Account security is on, but by default without email verification and CAPTCHA
+    (``accounts`` turns them on); mail goes to a `MemoryMailer` (``parts.mailer``)."""
     os.makedirs(directory, exist_ok=True)
     clock = WallClock()
     store = SQLiteStore(os.path.join(directory, "db.sqlite3"), os.urandom(32), reactor=reactor)
@@ -65,9 +106,20 @@ async def build_server(
     )
     issuer = TokenIssuer(pem)
     chat = ChatService(store, hasher, issuer, clock)
+    if accounts is None:
+        accounts = AccountsSection(require_email_verification=False, require_captcha=False)
+    mailer = MemoryMailer(clock)
+    security = AccountSecurity(
+        store, hasher, mailer, clock, os.urandom(32), accounts, throttle or ThrottleSection()
+    )
+    security.attach_chat(chat)
+    chat.new_account_status = "pending" if accounts.require_email_verification else "active"
     portal = Portal(
         ChatRealm(chat),
-        [BcryptChecker(store, hasher), AccessTokenChecker(store, issuer, clock.seconds)],
+        [
+            BcryptChecker(store, hasher, security.second_factor),
+            AccessTokenChecker(store, issuer, clock.seconds),
+        ],
     )
     factory = ShtalkServerFactory(
         chat,
@@ -77,7 +129,8 @@ async def build_server(
         idle_timeout=idle,
         max_connections_per_address=max_per_address,
     )
-    return ServerParts(store, hasher, chat, factory, clock)
+    factory.security = security
+    return ServerParts(store, hasher, chat, factory, clock, security, mailer)
 
 
 class Peer:

@@ -77,8 +77,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
-DEFAULT_CONFIG: dict[str, dict[str, object]] = {"accounts": {"bcrypt_cost": 10}}
-"""Applied under every test config: the cheapest bcrypt the server accepts."""
+DEFAULT_CONFIG: dict[str, dict[str, object]] = {
+    "accounts": {
+        "bcrypt_cost": 10,
+        "require_email_verification": False,
+        "require_captcha": False,
+    }
+}
+"""Applied under every test config: the cheapest bcrypt the server accepts, and accounts
+that are active at once (no email code, no CAPTCHA: the closed-deployment switches).
+The account-security tests (tests/test_account_system.py) turn both back on."""
 
 PASSWORD = "tangerine-quokka-43"
 """A password the server's policy accepts (long, not common, no username inside)."""

@@ -28,6 +28,14 @@ class ErrorCode(StrEnum):
     INVALID_TOKEN = "invalid_token"
     TOKEN_EXPIRED = "token_expired"
     TOKEN_REVOKED = "token_revoked"
+    # Account security (email verification, CAPTCHA, TOTP, throttling).
+    EMAIL_NOT_VERIFIED = "email_not_verified"
+    INVALID_CODE = "invalid_code"
+    CAPTCHA_REQUIRED = "captcha_required"
+    CAPTCHA_FAILED = "captcha_failed"
+    OTP_REQUIRED = "otp_required"
+    TOTP_ENABLED = "totp_enabled"
+    TOTP_NOT_ENABLED = "totp_not_enabled"
     # Rooms and routing.
     NO_SUCH_USER = "no_such_user"
     NO_SUCH_ROOM = "no_such_room"

@@ -208,6 +208,10 @@ TOKEN = Str(16, 4096)
 CLIENT_ID = Str(1, MAX_ID_LENGTH, r"[A-Za-z0-9_\-.:]+", "letters, digits and '_-.:'")
 DEVICE_KEY = Str(3, 130, r"[^/]+/[A-Za-z0-9_\-]+", "'user/device'")
 
+CAPTCHA = Obj({"id": Str(1, 64), "answer": Str(0, 64)})
+CODE = Str(1, 64)
+PASSWORD = Str(1, 1024)
+
 REQUESTS: dict[str, Mapping[str, Field]] = {
     "hello": {"version": Int(0, 2**31), "client": opt(Str(0, 128))},
     "ping": {},
@@ -215,12 +219,31 @@ REQUESTS: dict[str, Mapping[str, Field]] = {
         "username": USER,
         "password": Str(1, 1024),
         "email": Str(3, 254),
+        "captcha": opt(CAPTCHA),
     },
     "login": {
         "username": USER,
         "password": Str(1, 1024),
         "device": DEVICE,
+        "otp": opt(CODE),
+        "captcha": opt(CAPTCHA),
     },
+    # Account security (shtalk.server.security).
+    "captcha": {},
+    "verify_email": {"username": USER, "code": CODE, "captcha": opt(CAPTCHA)},
+    "resend_verification": {"username": USER},
+    "password_reset_request": {"username": USER, "captcha": opt(CAPTCHA)},
+    "password_reset": {
+        "username": USER,
+        "code": CODE,
+        "new_password": PASSWORD,
+        "captcha": opt(CAPTCHA),
+    },
+    "password_change": {"password": PASSWORD, "new_password": PASSWORD, "captcha": opt(CAPTCHA)},
+    "totp_enroll": {},
+    "totp_confirm": {"code": CODE},
+    "totp_disable": {"password": PASSWORD, "code": CODE, "captcha": opt(CAPTCHA)},
+    "totp_recovery_codes": {"password": PASSWORD, "code": CODE, "captcha": opt(CAPTCHA)},
     "resume": {"access_token": TOKEN},
     "refresh": {"refresh_token": TOKEN},
     "logout": {},
@@ -270,4 +293,18 @@ REQUESTS: dict[str, Mapping[str, Field]] = {
 }
 
 # Requests allowed before authentication; everything else needs a session.
-PRE_AUTH = frozenset({"hello", "ping", "register", "login", "resume", "refresh"})
+PRE_AUTH = frozenset(
+    {
+        "hello",
+        "ping",
+        "register",
+        "login",
+        "resume",
+        "refresh",
+        "captcha",
+        "verify_email",
+        "resend_verification",
+        "password_reset_request",
+        "password_reset",
+    }
+)

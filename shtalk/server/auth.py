@@ -51,9 +51,10 @@ class IChatMind(Interface):
 
 @implementer(IUsernamePassword)
 class PasswordCredentials:
-    def __init__(self, username: str, password: str) -> None:
+    def __init__(self, username: str, password: str, otp: str | None = None) -> None:
         self.username = username
         self.password = password
+        self.otp = otp  # TOTP or recovery code, for accounts with TOTP enabled
 
     def checkPassword(self, password: bytes) -> bool:  # pragma: no cover - bcrypt only
         raise NotImplementedError("shtalk checks passwords with bcrypt hashes only")
@@ -72,6 +73,10 @@ class TokenRefused(cred_error.UnauthorizedLogin):
         self.message = message
 
 
+class OtpRequired(cred_error.UnauthorizedLogin):
+    """The password was right; the account has TOTP and no code was given."""
+
+
 class AccountNotActive(cred_error.UnauthorizedLogin):
     def __init__(self, status: str) -> None:
         super().__init__(status)
@@ -82,9 +87,16 @@ class AccountNotActive(cred_error.UnauthorizedLogin):
 class BcryptChecker:
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, store: IStore, hasher: PasswordHasher) -> None:
+    def __init__(
+        self,
+        store: IStore,
+        hasher: PasswordHasher,
+        second_factor: Callable[[int, str | None], Deferred[str]] | None = None,
+    ) -> None:
         self.store = store
         self.hasher = hasher
+        # AccountSecurity.second_factor: "none" | "ok" | "missing" | "wrong".
+        self.second_factor = second_factor
 
     @inlineCallbacks
     def requestAvatarId(self, credentials: Any) -> Any:
@@ -94,9 +106,16 @@ class BcryptChecker:
             key = None
         user = (yield self.store.user_by_key(key)) if key is not None else None
         ok = yield self.hasher.check(credentials.password, user.pw_hash if user else None)
-        if not ok or user is None:
-            # Same reply and same work for unknown user and wrong password.
+        factor = "none"
+        if self.second_factor is not None:
+            # Always asked (for account 0 after a failure): the same work either way.
+            uid = user.id if ok and user is not None else 0
+            factor = yield self.second_factor(uid, getattr(credentials, "otp", None))
+        if not ok or user is None or factor == "wrong":
+            # Same reply and same work for unknown user, wrong password and wrong code.
             raise cred_error.UnauthorizedLogin("invalid username or password")
+        if factor == "missing":
+            raise OtpRequired("a TOTP or recovery code is needed")
         if user.status != "active":
             raise AccountNotActive(user.status)
         return str(user.id).encode("ascii")

@@ -130,6 +130,75 @@ class AccountsSection(Section):
     min_password_length: int = setting(
         12, "shortest password accepted, in characters", min=8, max=64
     )
+    require_email_verification: bool = setting(
+        True,
+        "new accounts stay pending until the emailed code is entered; false only for "
+        "closed deployments and tests",
+    )
+    require_captcha: bool = setting(
+        True, "registration and password-reset requests need a solved CAPTCHA; false only "
+        "for closed deployments and tests",
+    )
+    email_code_ttl: int = setting(
+        600, "seconds an emailed verification or reset code stays valid", min=1, max=3600
+    )
+    email_code_attempts: int = setting(
+        5, "wrong entries that kill an emailed code (a new one must be sent)", min=1, max=20
+    )
+    resend_interval: int = setting(
+        60, "seconds between two mails of one account (verification, reset)", min=1
+    )
+    pending_purge_after: int = setting(
+        172800, "seconds after which an account never verified is deleted", min=60
+    )
+    captcha_ttl: int = setting(120, "seconds a CAPTCHA challenge can be answered", min=5)
+    totp_issuer: str = setting("shtalk", "issuer name shown in authenticator apps")
+
+
+@register_section("smtp")
+@dataclass(frozen=True)
+class SmtpSection(Section):
+    """Outgoing mail (verification and reset codes)."""
+
+    host: str = setting("", "SMTP relay host; empty writes each mail to the data dir's outbox")
+    port: int = setting(587, "SMTP relay port (submission)", min=1, max=65535)
+    sender: str = setting("shtalk@localhost", "envelope and From address of the mails")
+    username: str = setting("", "SMTP AUTH user name; empty sends without AUTH")
+    password: str = setting("", "SMTP AUTH password (keep this file private)")
+    require_starttls: bool = setting(
+        True, "refuse to send unless the relay offers STARTTLS; false only for a loopback relay"
+    )
+    ca_file: str = setting("", "PEM CA certificates to verify the relay; empty: system trust")
+    timeout: int = setting(30, "seconds one delivery attempt may take", min=1)
+    retries: int = setting(5, "delivery attempts after the first failed one", min=0, max=20)
+    retry_delay: int = setting(
+        10, "seconds before the first retry; doubles each time (at most an hour)", min=1
+    )
+
+
+@register_section("throttle")
+@dataclass(frozen=True)
+class ThrottleSection(Section):
+    """Failed logins and code entries: growing delays, then a CAPTCHA (ASVS 6.1.1, 6.3.1)."""
+
+    free_failures: int = setting(
+        5, "failures per account (or address) in an hour before delays start", min=0
+    )
+    address_free_failures: int = setting(
+        20, "failures per client address in an hour before delays start", min=0
+    )
+    base_delay: int = setting(2, "first delay in seconds; doubles with each failure", min=1)
+    max_delay: int = setting(60, "longest delay in seconds", min=1, max=3600)
+    captcha_after: int = setting(
+        10, "failures per account in an hour after which each attempt needs a CAPTCHA", min=1
+    )
+    address_captcha_after: int = setting(
+        30, "failures per client address in an hour after which a CAPTCHA is needed", min=1
+    )
+    max_failures_per_hour: int = setting(
+        100, "failed attempts per account let through in any hour (NIST 800-63B)", min=1,
+        max=100,
+    )
 
 
 @register_section("tokens")

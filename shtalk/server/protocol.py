@@ -31,11 +31,13 @@ from shtalk.protocol.errors import ErrorCode, ProtocolError
 from shtalk.protocol.frames import Request
 from shtalk.protocol.names import clean_label
 from shtalk.protocol.schema import PRE_AUTH, PROTOCOL_VERSION
+from shtalk.server.accountproto import AccountHandlers
 from shtalk.server.auth import (
     AccessTokenCredentials,
     AccountNotActive,
     IChatMind,
     IChatUser,
+    OtpRequired,
     PasswordCredentials,
     TokenRefused,
 )
@@ -44,6 +46,7 @@ from shtalk.server.chat import ChatService
 from shtalk.server.interfaces import TokenReuse, TokenRevoked, TokenUnknown
 from shtalk.server.naming import user_key
 from shtalk.server.ratelimit import REQUEST_ACTIONS, RateLimiter, address_key
+from shtalk.server.security import AccountSecurity
 
 log = Logger()
 
@@ -86,7 +89,7 @@ class State(enum.Enum):
 
 
 @implementer(IChatMind)
-class ShtalkServerProtocol(LineOnlyReceiver):
+class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
     delimiter = b"\n"
     factory: ShtalkServerFactory
 
@@ -390,8 +393,9 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         return {}
 
     def on_register(self, request: Request) -> Deferred[Any]:
-        a = request.args
-        return self.factory.chat.register(a["username"], a["password"], a["email"])
+        # CAPTCHA, then the account (pending until its email is verified): accountproto.py
+        d: Deferred[Any] = self._register(request)
+        return d
 
     def _login_failed(self, failure: Failure) -> Failure:
         self.state = State.READY
@@ -403,7 +407,19 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         """portal.login, with cred's refusals turned into protocol errors."""
         try:
             _, avatar, logout = yield self.factory.portal.login(creds, self, IChatUser)
+        except OtpRequired:
+            raise ProtocolError(
+                ErrorCode.OTP_REQUIRED,
+                'this account has TOTP: send the login again with "otp" (a 6-digit code '
+                "or a recovery code)",
+            ) from None
         except AccountNotActive as e:
+            if e.status == "pending":
+                raise ProtocolError(
+                    ErrorCode.EMAIL_NOT_VERIFIED,
+                    "verify your email first: enter the mailed code (verify_email); "
+                    "resend_verification mails a new one",
+                ) from None
             raise ProtocolError(
                 ErrorCode.INVALID_CREDENTIALS,
                 f"this account is {e.status}; finish its set-up or ask the operator",
@@ -436,11 +452,14 @@ class ShtalkServerProtocol(LineOnlyReceiver):
     @inlineCallbacks
     def on_login(self, request: Request) -> Any:
         a = request.args
+        key = self._login_gate(a)  # throttle and CAPTCHA (accountproto.py)
         self.state = State.AUTHENTICATING
         self.device_id = a["device"]["id"]
         self.device_label = clean_label(a["device"].get("label") or "")
-        d = self._portal_login(PasswordCredentials(a["username"], a["password"]))
+        d = self._portal_login(PasswordCredentials(a["username"], a["password"], a.get("otp")))
+        d.addErrback(self._login_refused, key)
         avatar: ChatUser = yield d.addErrback(self._login_failed)
+        self._login_succeeded(key)
         family, access, refresh = yield self.factory.chat.start_session(
             avatar.user.id, avatar.device_id
         )
@@ -648,6 +667,8 @@ class ShtalkServerFactory(Factory):
         self.requests = 0
         # Operations (issue 7): set by make_chat_service; None means "not limited".
         self.limiter: RateLimiter | None = None
+        # Account security (issue 6): set by make_chat_service; None: no checks at all.
+        self.security: AccountSecurity | None = None
 
     def admit(self, host: str) -> bool:
         """Per-address cap of our own (LimitConnectionsByPeer is broken on Twisted 26)."""

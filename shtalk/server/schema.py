@@ -152,6 +152,29 @@ MIGRATIONS: list[Migration] = [
             FOREIGN KEY (user_id, device_id)
                 REFERENCES devices(user_id, device_id) ON DELETE CASCADE)""",
     ),
+    # 3: account security (shtalk.server.accountstore).  Emailed codes and recovery
+    # codes are stored only as SHA-256 hashes; the TOTP secret is AES-256-GCM sealed.
+    (
+        """CREATE TABLE email_codes (
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            purpose TEXT NOT NULL,
+            code_hash BLOB NOT NULL,
+            expires REAL NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            sent REAL NOT NULL,
+            PRIMARY KEY (user_id, purpose))""",
+        """CREATE TABLE totp (
+            user_id INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+            sealed BLOB NOT NULL,
+            enabled INTEGER NOT NULL DEFAULT 0,
+            last_step INTEGER NOT NULL DEFAULT 0,
+            created REAL NOT NULL)""",
+        """CREATE TABLE recovery_codes (
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            code_hash BLOB NOT NULL,
+            PRIMARY KEY (user_id, code_hash))""",
+        "CREATE INDEX users_pending ON users(created) WHERE status = 'pending'",
+    ),
 ]
 
 

@@ -22,6 +22,7 @@ from shtalk.server.interfaces import CorruptStore, IStore
 from shtalk.server.ops import install_operations
 from shtalk.server.passwords import PasswordHasher
 from shtalk.server.protocol import ShtalkServerFactory
+from shtalk.server.security import make_account_security
 from shtalk.server.store import SQLiteStore, check_database_file
 from shtalk.server.tokens import TokenIssuer
 
@@ -61,6 +62,7 @@ class ChatServerService(MultiService):
     factory: ShtalkServerFactory
     chat: ChatService
     store: IStore
+    startup_notes: list[str]
 
 
 def make_chat_service(
@@ -101,9 +103,14 @@ def make_chat_service(
         retention=float(storage.retention),
         max_envelope_bytes=storage.max_envelope_bytes,
     )
+    # Account security (issue 6): email codes, CAPTCHA, TOTP, throttling.
+    security = make_account_security(config, datadir, store, hasher, chat, clock)
     portal = Portal(
         ChatRealm(chat),
-        [BcryptChecker(store, hasher), AccessTokenChecker(store, issuer, clock.seconds)],
+        [
+            BcryptChecker(store, hasher, security.second_factor),
+            AccessTokenChecker(store, issuer, clock.seconds),
+        ],
     )
     factory = ShtalkServerFactory(
         chat,
@@ -117,6 +124,9 @@ def make_chat_service(
     top = ChatServerService()  # type: ignore[no-untyped-call]
     StoreService(store, hasher).setServiceParent(top)  # type: ignore[no-untyped-call]
     chat.setServiceParent(top)  # type: ignore[no-untyped-call]
+    security.setServiceParent(top)  # type: ignore[no-untyped-call]
+    factory.security = security
+    top.startup_notes = [security.mailer.description]
     # Operations (issue 7): rate limits, sealed log, monitor, metrics, admin socket.
     install_operations(top, config, datadir, chat, factory, clock)
     top.factory = factory

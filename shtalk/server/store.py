@@ -441,6 +441,18 @@ class SQLiteStore:
             self._flush()
         return d
 
+    # Public lanes for store extensions that keep their SQL in a module of their own
+    # (shtalk.server.accountstore): same threads, same group commit.
+    def run_read(
+        self, fn: Callable[Concatenate[Conn, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> Deferred[T]:
+        return self._read(fn, *args, **kwargs)
+
+    def run_write(
+        self, fn: Callable[Concatenate[Conn, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> Deferred[T]:
+        return self._write(fn, *args, **kwargs)
+
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
         self._writing = True

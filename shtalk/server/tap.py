@@ -283,6 +283,7 @@ def build_service(
 
     def announce(address: Any) -> None:
         lines = announcement(address, fingerprint, server.listen)
+        lines += getattr(chat, "startup_notes", [])  # e.g. where mail goes
         for line in lines:
             log.info("{line}", line=line)
         if stdout is not None:

@@ -213,7 +213,7 @@ class ExampleFileTests(unittest.TestCase):
 
     def test_every_key_documented_with_default(self) -> None:
         text = EXAMPLE_INI.read_text()
-        for name in ("server", "accounts", "tokens", "storage"):
+        for name in ("server", "accounts", "tokens", "storage", "smtp", "throttle"):
             cls = SECTIONS[name]
             self.assertIn(f"\n[{name}]\n", text)
             body = text.split(f"\n[{name}]\n", 1)[1].split("\n[", 1)[0]
