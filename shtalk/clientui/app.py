@@ -347,7 +347,7 @@ class App:
         steps = Steps(self.ui, client.session.request_unauthenticated, username)
         while True:
             try:
-                await steps.run(partial(_login, client, password))
+                await steps.run(partial(self._login, client, password))
                 break
             except ServerError as e:
                 if e.code != "invalid_credentials":
@@ -388,7 +388,7 @@ class App:
                 trust=self.trust, client_name=CLIENT_NAME)
             steps = Steps(self.ui, session.request_unauthenticated, username)
             try:
-                reply = await steps.run(partial(_register, session, username, password, email))
+                reply = await steps.run(partial(self._register, session, username, password, email))
                 await steps.after_register(reply)
             except ServerError as e:
                 if e.code in ("username_taken", "bad_username", "weak_password",
@@ -424,6 +424,19 @@ class App:
             LocalStore.create(str(self.store_path), first, self.reactor, kdf=self.kdf))
         self.store = store
         return store
+
+    async def _login(self, client: ShtalkClient, password: str,
+                     extra: dict[str, Any]) -> None:
+        await self.progress("Logging in", f"Logging in to {self.host}:{self.port} and "
+                            "publishing this device's keys\u2026",
+                            Deferred.fromCoroutine(client.login(password, **extra)), 2.0)
+
+    async def _register(self, session: ServerSession, username: str, password: str,
+                        email: str, extra: dict[str, Any]) -> dict[str, Any]:
+        reply: dict[str, Any] = await self.progress(
+            "Creating the account", f"Registering {username} on {self.host}:{self.port}\u2026",
+            session.register(username, password, email, **extra), 2.0)
+        return reply
 
     # ------------------------------------------------------------------ the chat
     async def enter_chat(self, client: ShtalkClient) -> None:
@@ -468,7 +481,7 @@ class App:
                                             mask=True)
             steps = Steps(self.ui, client.session.request_unauthenticated,
                           client.credentials.username)
-            await steps.run(lambda extra: client.login(password, **extra))
+            await steps.run(partial(self._login, client, password))
             self.controller.notice("logged in again")
 
         self.spawn(run())
@@ -517,16 +530,6 @@ class App:
             self.controller.notice("the local passphrase is changed")
 
         self.spawn(run())
-
-
-async def _login(client: ShtalkClient, password: str, extra: dict[str, Any]) -> None:
-    await client.login(password, **extra)
-
-
-async def _register(session: ServerSession, username: str, password: str, email: str,
-                    extra: dict[str, Any]) -> dict[str, Any]:
-    reply: dict[str, Any] = await session.register(username, password, email, **extra)
-    return reply
 
 
 def forget_server(data_dir: Path, host: str, port: int) -> str:
