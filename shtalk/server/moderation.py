@@ -18,6 +18,7 @@ report cannot claim a message its subject never sent.
 from __future__ import annotations
 
 import base64
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -46,10 +47,12 @@ def _set_status(conn: Conn, user_id: int, status: str) -> bool:
     return cur.rowcount > 0
 
 
-def _delete_account(conn: Conn, user_id: int) -> bool:
+def _delete_account(conn: Conn, user_id: int, dummy_hash: bytes) -> bool:
+    # The password hash is replaced by one of a random password (same cost), so a login
+    # attempt on a deleted account costs the same work as any other and fails.
     cur = conn.execute(
-        "UPDATE users SET status = 'deleted', email = '', pw_hash = X'' WHERE id = ?",
-        (user_id,),
+        "UPDATE users SET status = 'deleted', email = '', pw_hash = ? WHERE id = ?",
+        (dummy_hash, user_id),
     )
     if cur.rowcount == 0:
         return False
@@ -123,7 +126,8 @@ class Moderation:
         user = yield self.store.user_by_id(user_id)
         if user is None:
             return False
-        done = yield self.store._write(_delete_account, user_id)
+        dummy = yield self.chat.hasher.hash(secrets.token_urlsafe(32))
+        done = yield self.store._write(_delete_account, user_id, dummy)
         if done:
             self._logout_everywhere(user_id, user.name, "this account was deleted")
             self.chat.forget_user(user.key)
