@@ -4,6 +4,7 @@ tab completion.  Pure functions: no urwid, no reactor, tested on their own.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -126,7 +127,7 @@ def parse(line: str) -> Invocation | Text | None:
     name = head.lower()
     command = BY_NAME.get(name)
     if command is None:
-        near = [c for c in sorted(BY_NAME) if c.startswith(name[:2])] if name else []
+        near = difflib.get_close_matches(name, sorted(BY_NAME), n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join('/' + n for n in near)}?)" if near else ""
         raise CommandError(f"no command /{name}{hint}; /help lists them")
     args: dict[str, str] = {}

@@ -13,6 +13,8 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from shtalk.client.connection import ConnectionLost, ServerError
+from shtalk.client.e2ee import ClientError
 from shtalk.client.events import (
     BacklogDone,
     BadMessage,
@@ -84,7 +86,10 @@ class Controller:
         d = Deferred.fromCoroutine(coro)
 
         def failed(f: Any) -> None:
-            log.failure("command failed", f)
+            if f.check(ServerError, ClientError, cmds.CommandError, ConnectionLost):
+                log.info("command refused: {error}", error=f.getErrorMessage())
+            else:
+                log.failure("command failed", f)
             self.fail(f, conversation)
 
         d.addErrback(failed)

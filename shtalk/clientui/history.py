@@ -72,6 +72,7 @@ class HistoryWalker(urwid.ListWalker[int | str, urwid.Text]):
         self.defer_call = defer_call or (lambda f: f())
         self.focus: int | str | None = window.last if window.items else None
         self._last = window.last
+        self._first = window.first
         self._cache: OrderedDict[tuple[str, int, str], urwid.Text] = OrderedDict()
         self.built = 0  # widgets made (for tests and the benchmark)
         self._listener = self._window_changed
@@ -93,11 +94,16 @@ class HistoryWalker(urwid.ListWalker[int | str, urwid.Text]):
         elif self.focus is None or self.focus == BOTTOM or (
                 isinstance(self.focus, int) and self.focus >= self._last and not w.has_newer):
             self.focus = w.last
-        elif self.focus == TOP or (isinstance(self.focus, int) and self.focus < w.first):
+        elif self.focus == TOP:
+            # An older page arrived while the header had the focus: focus its newest line,
+            # where the header was, so the screen does not jump.
+            self.focus = max(w.first, self._first - 1) if w.first < self._first else w.first
+        elif isinstance(self.focus, int) and self.focus < w.first:
             self.focus = w.first
         elif isinstance(self.focus, int) and self.focus > w.last:
             self.focus = w.last
         self._last = w.last
+        self._first = w.first
         self._modified()
 
     # -- widgets -----------------------------------------------------------------------
