@@ -35,9 +35,9 @@ from tests.harness import (
     b64,
     connect,
     expect_error,
+    free_port,
     fresh_client_id,
     fresh_name,
-    free_port,
     register_and_login,
 )
 
@@ -97,7 +97,7 @@ class _Servers(unittest.TestCase):
 
 class RateLimitTests(_Servers):
     @inlineCallbacks
-    def test_memory_buckets_refuse_with_retry_after_then_disconnect(self) -> None:
+    def test_memory_buckets_refuse_with_retry_after_then_disconnect(self) -> Any:
         server = self.server({"ratelimit": {
             "enabled": True, "login_account": "3/60", "send_account": "5/60",
             "disconnect_after": 4,
@@ -127,7 +127,7 @@ class RateLimitTests(_Servers):
 
 class RedisRateLimitTests(_Servers):
     @inlineCallbacks
-    def test_two_servers_share_one_bucket(self) -> None:
+    def test_two_servers_share_one_bucket(self) -> Any:
         need_redis(self)
         prefix = f"shtalk-test:{fresh_name('p')}:"
         cfg = {"ratelimit": {"enabled": True, "backend": "redis", "redis_prefix": prefix,
@@ -148,7 +148,7 @@ class RedisRateLimitTests(_Servers):
         expect_error({}, reply, "rate_limited")
 
     @inlineCallbacks
-    def test_redis_going_away_degrades_to_memory_with_a_warning(self) -> None:
+    def test_redis_going_away_degrades_to_memory_with_a_warning(self) -> Any:
         need_redis(self)
         binary = shutil.which("redis-server")
         if binary is None:
@@ -159,7 +159,8 @@ class RedisRateLimitTests(_Servers):
         redis = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(lambda: (redis.kill(), redis.wait()))
+        self.addCleanup(redis.wait)
+        self.addCleanup(redis.kill)
         deadline = time.monotonic() + 10
         while not redis_up("127.0.0.1", port):
             self.assertLess(time.monotonic(), deadline, "private redis-server did not start")
@@ -174,7 +175,7 @@ class RedisRateLimitTests(_Servers):
         # No outage: requests are still answered, and the memory buckets still limit
         # (a fresh memory bucket: 3 sends, then a refusal).
         codes = []
-        for i in range(4):
+        for _ in range(4):
             reply = yield s.client.request("send", to={"user": s.user}, envelope=b64(b"x"),
                                            client_id=fresh_client_id())
             codes.append("ok" if reply["ok"] else reply["error"]["code"])
@@ -200,7 +201,7 @@ class SealedLogTests(_Servers):
         return code, out.getvalue(), err.getvalue()
 
     @inlineCallbacks
-    def test_secrets_never_reach_the_sealed_log_and_tampering_is_reported(self) -> None:
+    def test_secrets_never_reach_the_sealed_log_and_tampering_is_reported(self) -> Any:
         server = self.server({"logs": {"public_key_file": str(self.keys / "op.key.pub"),
                                        "max_bytes": 8192, "backup_count": 3}})
         log_dir = server.data_dir / "logs"
@@ -241,7 +242,7 @@ class SealedLogTests(_Servers):
             self.assertNotIn(b"auth.", f.read_bytes())
         other, _ = seclog.generate_keypair()
         first = files[-1].read_text().splitlines()[0]
-        with self.assertRaises(Exception):
+        with self.assertRaises(Exception):  # noqa: B017 (any failure to open will do)
             seclog.unseal(first, seclog.load_private_key(other))
         # With the operator's key: every auth event, no secret in any decrypted line.
         code, out, err = self.read_logs(files)
@@ -287,7 +288,7 @@ def make_envelope(identity: DeviceIdentity, sender: str, device: str, to: str,
 
 class ReportMonitorAdminTests(_Servers):
     @inlineCallbacks
-    def test_verified_report_flags_suspends_and_admin_reviews(self) -> None:
+    def test_verified_report_flags_suspends_and_admin_reviews(self) -> Any:
         metrics_port = free_port()
         server = self.server({
             "monitor": {"reports": 3, "reports_action": "suspend"},
