@@ -393,6 +393,25 @@ def run_fanout(args: argparse.Namespace, work: Path, results: dict[str, Any]) ->
                   "ack_batch": args.ack_batch}
         limit = args.warmup + args.duration + 120
 
+        def measure(spec: dict[str, Any], server: Server, mode: str, name: str,
+                    limit: float) -> dict[str, Any]:
+            """One scenario; repeated (up to --retries) while other processes disturbed it,
+            keeping the least disturbed attempt."""
+            best: dict[str, Any] | None = None
+            for attempt in range(1 + args.retries):
+                with profiled(args, server if mode == "shtalk" else None, name):
+                    r = load(dict(spec, room=f"{spec['room']}-{attempt}"), timeout=limit)
+                r["drain_s"] = wait_idle(server)
+                r["attempts"] = attempt + 1
+                if best is None or r["other_processes_cores"] < best["other_processes_cores"]:
+                    best = r
+                if r["other_processes_cores"] <= args.max_other:
+                    break
+                log(f"  disturbed: other processes used {r['other_processes_cores']:.2f} "
+                    "cores; again")
+            assert best is not None
+            return best
+
         def both(key: str, n: int, rate: float) -> None:
             for mode, server in (("ceiling", ceiling), ("shtalk", shtalk)):
                 spec = {**common, "scenario": "fanout", "mode": mode, "port": server.port,
@@ -401,9 +420,8 @@ def run_fanout(args: argparse.Namespace, work: Path, results: dict[str, Any]) ->
                 what = f"{key} n={n}" + (f" rate={rate:g}/s" if rate else "")
                 log(f"{what} against {mode} ...")
                 slot = str(n) if key == "closed" else f"{n}@{rate:g}"
-                with profiled(args, server if mode == "shtalk" else None, f"{key}-{slot}"):
-                    r = load(spec, timeout=limit)
-                r.update(n=n, rate=rate, drain_s=wait_idle(server))
+                r = measure(spec, server, mode, f"{key}-{slot}", limit)
+                r.update(n=n, rate=rate)
                 if r["drain_s"] > 1:
                     log(f"  {mode} was busy {r['drain_s']} s after the load stopped")
                 results.setdefault(key, {}).setdefault(slot, {})[mode] = r
@@ -442,12 +460,27 @@ def run_storm(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> 
         load({**base, "scenario": "setup", "users": stormers, "login": False}, timeout=600)
         log(f"storm: {args.storm_rate:g} sends/s into a {args.storm_n}-member room, "
             f"{args.duration} s without, then {len(stormers)} logins at once ...")
-        with profiled(args, shtalk, "storm"):
-            r = load({**base, "scenario": "storm", "server_pid": shtalk.pid,
-                      "n": args.storm_n, "rate": args.storm_rate, "room": "storm",
-                      "tokens": tokens, "storm_users": stormers, "warmup": args.warmup,
-                      "storm_spread": args.storm_spread,
-                      "duration": args.duration}, timeout=args.warmup + args.duration + 300)
+        best: dict[str, Any] | None = None
+        for attempt in range(1 + args.retries):
+            with profiled(args, shtalk, "storm"):
+                r = load({**base, "scenario": "storm", "server_pid": shtalk.pid,
+                          "n": args.storm_n, "rate": args.storm_rate,
+                          "room": f"storm-{attempt}", "tokens": tokens,
+                          "storm_users": stormers, "warmup": args.warmup,
+                          "storm_spread": args.storm_spread, "duration": args.duration},
+                         timeout=args.warmup + args.duration + 300)
+            r["other_processes_cores"] = max(r["baseline"]["other_processes_cores"],
+                                             r["storm"]["other_processes_cores"])
+            r["attempts"] = attempt + 1
+            if best is None or r["other_processes_cores"] < best["other_processes_cores"]:
+                best = r
+            if r["other_processes_cores"] <= args.max_other:
+                break
+            log(f"  disturbed: other processes used {r['other_processes_cores']:.2f} cores; "
+                "again")
+            wait_idle(shtalk)
+        assert best is not None
+        r = best
         results["storm"] = r
         b, s = r["baseline"]["latency"], r["storm"]["latency"]
         log(f"  without: p50 {b['p50_ms']} p99 {b['p99_ms']} ms; during: p50 {s['p50_ms']} "
@@ -591,6 +624,11 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
                 if r["errors"]:
                     problems.append(f"{key} N={n} {mode}: {r['errors']} errors, first: "
                                     f"`{r['first_error']}`")
+                if r.get("other_processes_cores", 0) > args.max_other:
+                    problems.append(
+                        f"{key} N={r['n']} {mode}: disturbed by other processes on the machine "
+                        f"({r['other_processes_cores']:.2f} cores) in every one of "
+                        f"{r.get('attempts', 1)} attempts")
                 if r.get("drain_s", 0) > 1:
                     problems.append(
                         f"{key} N={r['n']}" + (f" at {r['rate']:g}/s" if r["rate"] else "")
@@ -601,6 +639,10 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
                         f"{key} N={n} shtalk: {r['total_delivered']} deliveries for "
                         f"{r['total_sends_acked']} acknowledged sends (expected "
                         f"{r['expected_deliveries']})")
+    if storm and storm.get("other_processes_cores", 0) > args.max_other:
+        problems.append(f"storm: disturbed by other processes on the machine "
+                        f"({storm['other_processes_cores']:.2f} cores) in every one of "
+                        f"{storm.get('attempts', 1)} attempts")
     if storm and storm["errors"]:
         problems.append(f"storm: {storm['errors']} errors, first: `{storm['first_error']}`")
 
@@ -736,6 +778,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storm-spread", type=float, default=0.0,
                         help="diagnostic: spread the storm's logins over this many seconds "
                         "instead of all at once [0]")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="repeat a scenario up to this many times while other processes "
+                        "on the machine disturbed it [2]")
+    parser.add_argument("--max-other", type=float, default=0.25,
+                        help="cores of other processes that count as disturbed [0.25]")
     parser.add_argument("--skip-storm", action="store_true", help="no login storm")
     parser.add_argument("--skip-closed", action="store_true", help="no closed-loop runs")
     parser.add_argument("--skip-paced", action="store_true", help="no paced runs")
@@ -764,6 +811,9 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(args.from_json.read_text())
         for k, v in results["args"].items():
             if k not in ("notes", "from_json", "json", "no_docs"):
+                setattr(args, k, v)
+        for k, v in (("retries", 0), ("max_other", 0.25)):
+            if k not in results["args"]:
                 setattr(args, k, v)
         work = None
     else:
