@@ -39,6 +39,7 @@ class Person:
         self.client: ShtalkClient | None = None
         self.store: LocalStore | None = None
         self.listeners: list[Callable[[Event], None]] = []
+        self.ask_extra: Any = None  # answers otp_required / captcha_required at login
 
     @property
     def db(self) -> str:
@@ -67,6 +68,7 @@ class Person:
             confirm_fingerprint=lambda fp: succeed(True),
             ask_password=lambda: succeed(PASSWORD),
             on_event=self.on_event,
+            ask_extra=self.ask_extra,
         )
         return self.client
 

@@ -50,6 +50,8 @@ class ShtalkClient:
         ask_password: Callable[[], Deferred[str]],
         on_event: Callable[[Event], None],
         trust: str = "pin",
+        ask_extra: Callable[[str, dict[str, Any]], Deferred[dict[str, Any]] | dict[str, Any]]
+        | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
@@ -68,6 +70,7 @@ class ShtalkClient:
             on_push=self._on_push,
             on_state=self._on_state,
             trust=trust,
+            ask_extra=ask_extra,
         )
         self.e2ee = E2EE(
             store,
@@ -163,6 +166,66 @@ class ShtalkClient:
 
     async def logout(self) -> None:
         await self.session.logout()
+
+    # ------------------------------------------------------------ account security
+    # Refusals arrive as ServerError; e.captcha / the error object's "captcha" holds a
+    # challenge to show (ServerError.reply["error"]["captcha"]["art"]) and to answer with
+    # captcha={"id": ..., "answer": ...} in the next call.
+    async def captcha(self) -> dict[str, Any]:
+        """A CAPTCHA challenge: ``{"id", "art", "length", "expires_in", "hint"}``."""
+        reply = await self.session.request_unauthenticated("captcha")
+        return dict(reply["captcha"])
+
+    async def _pre_auth(self, rtype: str, **fields: Any) -> dict[str, Any]:
+        reply: dict[str, Any] = await self.session.request_unauthenticated(
+            rtype, username=self.credentials.username, **fields
+        )
+        return reply
+
+    async def verify_email(self, code: str, **extra: Any) -> dict[str, Any]:
+        """Activate the account with the mailed code (then ``login``)."""
+        return await self._pre_auth("verify_email", code=code, **extra)
+
+    async def resend_verification(self) -> None:
+        """Mail a new verification code (the server answers the same in every case)."""
+        await self._pre_auth("resend_verification")
+
+    async def request_password_reset(self, **extra: Any) -> None:
+        """Mail a reset code to the account's address (needs ``captcha=`` on most servers)."""
+        await self._pre_auth("password_reset_request", **extra)
+
+    async def reset_password(self, code: str, new_password: str, **extra: Any) -> None:
+        """Set a new password with the mailed code; every session of the account ends."""
+        await self._pre_auth("password_reset", code=code, new_password=new_password, **extra)
+
+    async def change_password(self, password: str, new_password: str, **extra: Any) -> int:
+        """Needs the current password; every other session ends, this device gets new
+        tokens.  Returns how many sessions were revoked."""
+        reply = await self.session.request(
+            "password_change", password=password, new_password=new_password, **extra
+        )
+        await self.session.adopt_tokens(reply)
+        return int(reply.get("sessions_revoked", 0))
+
+    async def totp_enroll(self) -> dict[str, Any]:
+        """A new secret: ``{"secret", "uri", "digits", "period", "algorithm"}``; show the
+        ``uri`` as a QR code, then `totp_confirm` with a first code."""
+        return dict(await self.session.request("totp_enroll"))
+
+    async def totp_confirm(self, code: str) -> list[str]:
+        """Enable TOTP with a first code; returns the ten recovery codes (shown once)."""
+        reply = await self.session.request("totp_confirm", code=code)
+        return list(reply["recovery_codes"])
+
+    async def totp_disable(self, password: str, code: str, **extra: Any) -> None:
+        """Needs the password and a TOTP or recovery code."""
+        await self.session.request("totp_disable", password=password, code=code, **extra)
+
+    async def new_recovery_codes(self, password: str, code: str, **extra: Any) -> list[str]:
+        reply = await self.session.request(
+            "totp_recovery_codes", password=password, code=code, **extra
+        )
+        return list(reply["recovery_codes"])
 
     # ------------------------------------------------------------------- messages
     async def send(self, conversation: str, body: str) -> str:

@@ -46,8 +46,11 @@ from shtalk.client.knownhosts import KnownHosts
 log = Logger()
 
 PROTOCOL_VERSION = 1
-FATAL_CODES = frozenset({"unsupported_version", "invalid_credentials"})
+FATAL_CODES = frozenset({"unsupported_version", "invalid_credentials", "email_not_verified",
+                         "otp_required", "captcha_required", "captcha_failed"})
 """Server errors that no reconnect can fix: stop and tell the person."""
+EXTRA_CODES = frozenset({"otp_required", "captcha_required", "captcha_failed"})
+"""Login refusals that ask for more (answered by ``ask_extra`` when one is given)."""
 RETRYABLE = frozenset({"ping", "devices", "room_list", "room_members", "keys_count", "ack",
                        "send"})
 """Requests safe to send again after the link dropped before their reply: reads, the
@@ -99,6 +102,8 @@ class ServerSession:
         request_timeout: float = 30.0,
         client_name: str = "shtalk-client/0.1",
         rng: random.Random | None = None,
+        ask_extra: Callable[[str, dict[str, Any]], Deferred[dict[str, Any]] | dict[str, Any]]
+        | None = None,
     ) -> None:
         if trust not in ("pin", "system"):
             raise ValueError(f"trust must be 'pin' or 'system', not {trust!r}")
@@ -110,6 +115,10 @@ class ServerSession:
         self.known_hosts = known_hosts
         self.confirm_fingerprint = confirm_fingerprint
         self.ask_password = ask_password
+        # Account security: asked (error code, error object) for the fields a login
+        # refusal asks for -- {"otp": ...} after otp_required, {"captcha": {...}} after
+        # captcha_required / captcha_failed (the challenge is error["captcha"]).
+        self.ask_extra = ask_extra
         self.credentials = credentials
         self.on_tokens = on_tokens
         self.on_push = on_push
@@ -198,7 +207,7 @@ class ServerSession:
 
         async def run() -> dict[str, Any]:
             conn = await self._ensure_connected()
-            reply = await self._login_request(conn, password, **extra)
+            reply = await self._login_with_extras(conn, password, extra)
             self._running = True
             self._ensure_task()
             return reply
@@ -450,7 +459,7 @@ class ServerSession:
             if conn.closed:  # e.g. the server's pre-auth timeout while the person typed
                 conn = await self._ensure_connected()
             try:
-                await self._login_request(conn, password)
+                await self._login_with_extras(conn, password, {})
             except ServerError as e:
                 if e.code != "invalid_credentials":
                     raise
@@ -472,6 +481,29 @@ class ServerSession:
         await self._take_tokens(reply)
         self._authenticated(conn, reply, "logged in")
         return reply
+
+    async def _login_with_extras(self, conn: ClientConnection, password: str,
+                                 extra: dict[str, Any]) -> dict[str, Any]:
+        """A login that answers the server's follow-up questions (TOTP code, CAPTCHA)
+        through ``ask_extra``; without it those refusals go to the caller."""
+        extra = dict(extra)
+        for _ in range(self.max_password_attempts + 1):
+            try:
+                return await self._login_request(conn, password, **extra)
+            except ServerError as e:
+                if self.ask_extra is None or e.code not in EXTRA_CODES:
+                    raise
+                error = e.reply.get("error", {}) if isinstance(e.reply, dict) else {}
+                more = await _call(self.ask_extra, e.code, error)
+                extra.update(more or {})
+                if conn.closed:
+                    conn = await self._ensure_connected()
+        raise AuthenticationFailed("login refused; the extra steps did not succeed")
+
+    async def adopt_tokens(self, reply: dict[str, Any]) -> None:
+        """Take new tokens from a reply (``password_change`` gives this device a new
+        session) and persist them through ``on_tokens``."""
+        await self._take_tokens(reply)
 
     async def _take_tokens(self, reply: dict[str, Any]) -> None:
         access, refresh = reply.get("access_token"), reply.get("refresh_token")
