@@ -182,3 +182,19 @@ class Peer:
         return bool(self.transport.disconnecting) or bool(
             getattr(self.transport, "disconnected", False)
         )
+
+
+def rfc6238(secret_b32: str, at: float, digits: int = 6, step: int = 30,
+            digest: str = "sha1") -> str:
+    """RFC 6238 written from the RFC (HOTP of RFC 4226 over the time step)."""
+    import hashlib
+    import hmac
+    import struct
+    from base64 import b32decode
+
+    key = b32decode(secret_b32 + "=" * (-len(secret_b32) % 8), casefold=True)
+    counter = struct.pack(">Q", int(at // step))
+    mac = hmac.new(key, counter, getattr(hashlib, digest)).digest()
+    offset = mac[-1] & 0x0F
+    value = struct.unpack(">I", mac[offset:offset + 4])[0] & 0x7FFFFFFF
+    return str(value % 10**digits).zfill(digits)

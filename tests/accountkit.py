@@ -5,15 +5,11 @@ or an independent RFC 6238 implementation."""
 from __future__ import annotations
 
 import datetime
-import hashlib
-import hmac
 import ipaddress
 import re
 import shutil
-import struct
 import subprocess
 import time
-from base64 import b32decode
 from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
@@ -30,6 +26,8 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.mail import smtp
 from twisted.mail._cred import LOGINCredentials, PLAINCredentials
 from zope.interface import implementer
+
+from shtalk.testing import rfc6238
 
 SMTP_USER = b"shtalk-relay"
 SMTP_PASSWORD = b"relay-secret-for-tests"
@@ -161,17 +159,6 @@ def code_in(msg: Message) -> str:
 
 
 # --- TOTP: oathtool, or our own RFC 6238 (checked against appendix B in unit tests) -----
-
-def rfc6238(secret_b32: str, at: float, digits: int = 6, step: int = 30,
-            digest: str = "sha1") -> str:
-    """RFC 6238 written from the RFC (HOTP of RFC 4226 over the time step)."""
-    key = b32decode(secret_b32 + "=" * (-len(secret_b32) % 8), casefold=True)
-    counter = struct.pack(">Q", int(at // step))
-    mac = hmac.new(key, counter, getattr(hashlib, digest)).digest()
-    offset = mac[-1] & 0x0F
-    value = struct.unpack(">I", mac[offset:offset + 4])[0] & 0x7FFFFFFF
-    return str(value % 10**digits).zfill(digits)
-
 
 def have_oathtool() -> bool:
     return shutil.which("oathtool") is not None
