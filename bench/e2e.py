@@ -803,12 +803,13 @@ def build_report(res: dict[str, Any]) -> str:
             f"| {what} | {mode} | {shown} "
             f"| {_ms(lat['p50_ms'])} | {_ms(lat['p99_ms'])} | {_ms(lat['max_ms'])} "
             f"| {r['server_cpu']:.0%} | {r['client_cpu']:.0%}"
-            f"{f' ({cr:.0%})' if cr is not None else ''} | {r['machine_busy_cores']:.2f} |"
+            f"{f' ({cr:.0%})' if cr is not None else ''} | {r['machine_busy_cores']:.2f} "
+            f"({max(0.0, r['machine_busy_cores'] - r['server_cpu'] - r['client_cpu']):.2f}) |"
         )
 
     table = "\n".join([
         "| scenario | clients | delivered msg/s | p50 ms | p99 ms | max ms | server CPU "
-        "| client process CPU (reactor thread) | machine busy, cores |",
+        "| client process CPU (reactor thread) | machine busy, cores (other processes) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         row("DM, closed loop", "plaintext (raw JSON)", pr["closed"]),
         row("DM, closed loop", "E2EE (ShtalkClient)", pe["closed"]),
@@ -831,7 +832,7 @@ def build_report(res: dict[str, Any]) -> str:
             "`PRAGMA synchronous = NORMAL` (no fsync per commit; WAL still on):",
             "",
             "| scenario | clients | delivered msg/s | p50 ms | p99 ms | max ms | server CPU "
-            "| client process CPU (reactor thread) | machine busy, cores |",
+            "| client process CPU (reactor thread) | machine busy, cores (other processes) |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
             row("DM, closed loop", "E2EE, no fsync", en["closed"]),
             row(f"DM, ping-pong ({res['pingpong']} msgs)", "E2EE, no fsync", en["pingpong"],
