@@ -291,7 +291,7 @@ class ReportMonitorAdminTests(_Servers):
     def test_verified_report_flags_suspends_and_admin_reviews(self) -> Any:
         metrics_port = free_port()
         server = self.server({
-            "monitor": {"reports": 3, "reports_action": "suspend"},
+            "monitor": {"enabled": True, "reports": 3, "reports_action": "suspend"},
             "metrics": {"enabled": True, "port": metrics_port},
         })
         alice = yield self.logged_in(server)

@@ -274,7 +274,7 @@ class Monitor:
             return None  # one unverified report per reporter counts
         seen.add(reporter)
         n = self.report_window.add(key, self.clock.seconds(), 3 if verified else 1)
-        if n >= self.config.reports or not self.enabled:
+        if n >= self.config.reports:  # reports are explicit: counted even when disabled
             return self.raise_flag(
                 "account", key, target_name, "reports",
                 f"reported by {len(seen)} account(s), weight {n}"

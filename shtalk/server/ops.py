@@ -211,16 +211,7 @@ class OperationsService(Service):
         config = self.ops.config
         admin = config.section(AdminSection)
         if admin.socket != "off":
-            path = Path(admin.socket or self.datadir.path / "admin.sock")
-            if path.exists() or path.is_symlink():
-                path.unlink()
-            old = os.umask(0o177)
-            try:
-                port = reactor.listenUNIX(  # type: ignore[attr-defined]
-                    str(path), AdminFactory(self.ops), mode=0o600)
-            finally:
-                os.umask(old)
-            self._ports.append(port)
+            self._listen_admin(reactor, Path(admin.socket or self.datadir.path / "admin.sock"))
         metrics = config.section(MetricsSection)
         if metrics.enabled:
             from twisted.web.server import Site
@@ -233,6 +224,25 @@ class OperationsService(Service):
             self.metrics_port = int(port.getHost().port)  # type: ignore[attr-defined]
             log.info("metrics on http://{line}/metrics", event="metrics.listening",
                      line=f"{metrics.interface}:{self.metrics_port}")
+
+    def _listen_admin(self, reactor: Any, path: Path) -> None:
+        """The admin socket; a problem with it is logged and never stops the chat server."""
+        if len(os.fsencode(path)) > 100:  # AF_UNIX paths are limited to 107 bytes
+            log.error("admin socket {path} not opened: the path is too long for a UNIX "
+                      "socket; set [admin] socket to a shorter one", path=str(path)[-80:],
+                      event="admin.off")
+            return
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        old = os.umask(0o177)
+        try:
+            port = reactor.listenUNIX(str(path), AdminFactory(self.ops), mode=0o600)
+        except Exception as e:
+            log.error("admin socket not opened: {what}", what=str(e)[:200], event="admin.off")
+            return
+        finally:
+            os.umask(old)
+        self._ports.append(port)
 
     def _start_log(self) -> None:
         cfg = self.ops.config.section(LogsSection)
