@@ -28,7 +28,7 @@ class KeyBinding:
 
 KEY_BINDINGS: tuple[KeyBinding, ...] = (
     KeyBinding("help", ("f1",), "show this help (also /help)", GENERAL),
-    KeyBinding("quit", ("ctrl q",), "quit shtalk-urwid (also /quit)", GENERAL),
+    KeyBinding("quit", ("ctrl x", "f10"), "quit shtalk-urwid (also /quit)", GENERAL),
     KeyBinding("cancel", ("esc",), "close the help or a dialog; clear the status message",
                GENERAL),
     KeyBinding("redraw", ("ctrl l",), "redraw the whole screen", GENERAL),

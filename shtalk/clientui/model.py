@@ -140,10 +140,15 @@ class HistoryWindow:
         def got(lines: list[Line]) -> None:
             self.loading = False
             self.loaded = True
-            notices = [x for x in self.items if x.state in ("info", "error")][-20:]
+            # Keep what the page cannot hold yet: notices, lines that arrived or were
+            # sent while it was read (a pending send whose stored copy is in the page
+            # is dropped: the copy gets the state updates).
             known = {x.id for x in lines}
-            merged = lines + [x for x in notices if x.id not in known and
-                              (not lines or x.ts >= lines[0].ts)]
+            stored_mine = {x.body for x in lines[-50:] if x.mine}
+            keep = [x for x in self.items[-200:] if x.id not in known
+                    and (not lines or x.ts >= lines[0].ts)
+                    and not (x.id.startswith("pending:") and x.body in stored_mine)]
+            merged = lines + keep
             merged.sort(key=lambda x: x.ts)
             self.base += len(self.items)
             self.items = merged

@@ -180,9 +180,9 @@ class KeyTableTests(unittest.TestCase):
         self.assertIsNone(h.screen.overlay)
 
     def test_config_overrides_and_rejects(self) -> None:
-        km = KeyMap({"quit": ("ctrl x",)})
-        self.assertEqual(km.action("ctrl x"), "quit")
-        self.assertIsNone(km.action("ctrl q"))
+        km = KeyMap({"quit": ("ctrl q",)})
+        self.assertEqual(km.action("ctrl q"), "quit")
+        self.assertIsNone(km.action("f10"))
         self.assertRaises(KeyConfigError, KeyMap, {"nope": ("x",)})
         self.assertRaises(KeyConfigError, KeyMap, {"quit": ("f1",)})
         self.assertEqual(km.describe("next_conversation"), "Ctrl-N, Alt-Down")
@@ -202,10 +202,10 @@ class ConfigTests(unittest.TestCase):
         c = ClientConfig.from_string(
             "[server]\naddress = chat.example:7000\n[ui]\ntheme = dark16\n"
             "timestamp_format = %H:%M:%S\n[notifications]\nbell = no\n"
-            "[keys]\nquit = ctrl x, f10\n")
+            "[keys]\nquit = ctrl q, f9\n")
         self.assertEqual((c.server.host, c.server.port), ("chat.example", 7000))
         self.assertFalse(c.notifications.bell)
-        self.assertEqual(c.keymap().action("f10"), "quit")
+        self.assertEqual(c.keymap().action("f9"), "quit")
 
     def test_errors(self) -> None:
         for text in ("[sever]\n", "[ui]\ntheme = pink\n", "[ui]\nwidth = 3\n",
@@ -228,7 +228,7 @@ class ConfigTests(unittest.TestCase):
     def test_help_option_explains(self) -> None:
         text = build_parser().format_help()
         for word in ("--forget-server", "fingerprint", "passphrase", "SHTALK_URWID_TEST_KDF",
-                     "client.ini", "Ctrl-Q", "FOR TESTS ONLY"):
+                     "client.ini", "Ctrl-X", "FOR TESTS ONLY"):
             self.assertIn(word, text)
 
 
