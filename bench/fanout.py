@@ -725,6 +725,9 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
 def write_section(section: str) -> None:
     """Replace (or add) only this benchmark's section of docs/PERFORMANCE.md."""
     text = DOC.read_text() if DOC.exists() else DOC_INTRO
+    if SECTION in text and f"\n{SECTION}\n" not in f"\n{text}":
+        # Another writer glued our heading to the end of its last line: unglue it.
+        text = text.replace(SECTION, "\n\n" + SECTION, 1)
     lines = text.split("\n")
     start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
     if start is None:
@@ -733,7 +736,7 @@ def write_section(section: str) -> None:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
                    len(lines))
         tail = "\n".join(lines[end:])
-        new = "\n".join(lines[:start]) + section.rstrip("\n") + "\n" + (
+        new = "\n".join(lines[:start]).rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n" + (
             "\n" + tail if tail else "")
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(new)
