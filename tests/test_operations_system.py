@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pyotp
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
@@ -214,6 +215,9 @@ class SealedLogTests(_Servers):
         wrong = "Wrong-" + os.urandom(6).hex() + "-pw"
         s = yield self.logged_in(server, user)
         access, refresh = s.login["access_token"], s.login["refresh_token"]
+        enrolled = yield s.client.ok("totp_enroll")
+        otp = pyotp.TOTP(enrolled["secret"]).now()
+        confirmed = yield s.client.ok("totp_confirm", code=otp)
         yield s.client.send_user(user, marker.encode())
         c = yield self.client(server)
         yield c.fail("login", "invalid_credentials", username=user, password=wrong,
@@ -222,7 +226,10 @@ class SealedLogTests(_Servers):
                      device={"id": "d2"})  # a password typed into the username field
         r = yield c.ok("refresh", refresh_token=refresh)
         secrets = [PASSWORD, wrong, access, refresh, r["access_token"], r["refresh_token"],
-                   marker, b64(marker.encode())]
+                   marker, b64(marker.encode()), enrolled["secret"], enrolled["uri"],
+                   *confirmed["recovery_codes"]]
+        # The TOTP code is 6 digits: checked only in the decrypted records (as a field
+        # value), since 6 digits occur by chance in random base64.
         server.stop()
         files = sorted(log_dir.iterdir())
         # Rotation keeps the configured count: the live file and backup_count old ones.
@@ -253,6 +260,9 @@ class SealedLogTests(_Servers):
         self.assertIn("auth.login", events)
         for secret in secrets:
             self.assertNotIn(secret, out)
+        for r in records:
+            self.assertNotIn(otp, json.dumps(r.get("fields", {})))
+            self.assertNotIn(otp, r.get("msg", ""))
         failed = [r for r in records if r.get("event") == "auth.login"
                   and r["fields"].get("result") == "invalid_credentials"]
         self.assertTrue(failed)
@@ -262,8 +272,10 @@ class SealedLogTests(_Servers):
         self.assertTrue(only.strip())
         self.assertTrue(all(json.loads(x)["event"] == "auth.refresh" for x in only.splitlines()))
         # A modified record is reported (exit 2), not skipped silently; so is a removed one.
-        live = files[0]
-        lines = live.read_text().splitlines()
+        # All records oldest first (shtalk.log.sealed.3 ... .1, then the live file).
+        lines = [line for f in [*files[1:][::-1], files[0]]
+                 for line in f.read_text().splitlines()]
+        self.assertGreater(len(lines), 4)
         bad = self.keys / "tampered.sealed"
         flipped = lines[1][:100] + ("A" if lines[1][100] != "A" else "B") + lines[1][101:]
         bad.write_text("\n".join([lines[0], flipped, *lines[2:]]) + "\n")
