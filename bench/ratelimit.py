@@ -258,7 +258,7 @@ def write_section(section: str) -> None:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
                    len(lines))
         tail = "\n".join(lines[end:])
-        new = "\n".join(lines[:start]) + section.rstrip("\n") + "\n" + (
+        new = "\n".join(lines[:start]).rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n" + (
             "\n" + tail if tail else "")
     DOC.write_text(new)
 
