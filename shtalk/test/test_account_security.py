@@ -265,6 +265,20 @@ class TotpTests(Base):
         self.assertEqual(len(set(codes)), 10)
         return p, secret, codes
 
+    async def test_enrol_states(self) -> None:
+        p = await self.active_account("jim")
+        await self.login(p, "jim")
+        r = await self.call(p, "totp_confirm", code="123456")
+        self.assertEqual(r["error"]["code"], "totp_not_enabled")
+        r = await self.call(p, "totp_enroll")
+        secret = r["secret"]
+        r = await self.call(p, "totp_enroll")  # replaces the unconfirmed secret
+        self.assertNotEqual(r["secret"], secret)
+        r = await self.call(p, "totp_confirm", code=pyotp.TOTP(r["secret"]).now())
+        self.assertTrue(r["ok"], r)
+        r = await self.call(p, "totp_enroll")
+        self.assertEqual(r["error"]["code"], "totp_enabled")
+
     async def test_login_needs_code_replay_refused(self) -> None:
         _, secret, _ = await self.enrolled("jane")
         q = await self.peer("192.0.2.50")
