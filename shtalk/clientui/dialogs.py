@@ -22,9 +22,11 @@ def _body(text: Any) -> list[urwid.Widget]:
 class Dialog(urwid.WidgetWrap[urwid.Widget]):
     def __init__(self, title: str, widgets: Sequence[urwid.Widget]) -> None:
         self.title = title
-        self.pile = urwid.Pile(list(widgets))
-        fill = urwid.Filler(self.pile, valign="top")
-        box = urwid.LineBox(urwid.Padding(fill, left=1, right=1), title=title,
+        # A list box, not a filler: a tall body (a QR code, a CAPTCHA) on a small
+        # terminal scrolls instead of hiding the answer field.
+        items: list[Any] = list(widgets)
+        self.body = urwid.ListBox(urwid.SimpleFocusListWalker(items))
+        box = urwid.LineBox(urwid.Padding(self.body, left=1, right=1), title=title,
                             title_attr="dialog_title")
         super().__init__(urwid.AttrMap(box, "dialog"))
 
@@ -40,7 +42,7 @@ class Prompt(Dialog):
         widgets = [*_body(text), urwid.Divider(), self.error, self.edit, urwid.Divider(),
                    urwid.Text(("info", "Enter: OK    Esc: cancel"))]
         super().__init__(title, widgets)
-        self.pile.focus_position = widgets.index(self.edit)
+        self.body.focus_position = widgets.index(self.edit)
 
     def keypress(self, size: tuple[int, ...], key: str) -> str | None:
         if key == "enter":

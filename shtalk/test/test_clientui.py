@@ -33,7 +33,7 @@ from shtalk.clientui.main import build_parser
 from shtalk.clientui.model import STATUS, ChatModel, HistoryWindow, mentions
 from shtalk.clientui.qr import draw
 from shtalk.clientui.screen import ScreenHost
-from shtalk.clientui.steps import Steps
+from shtalk.clientui.steps import Steps, enroll_totp
 from shtalk.clientui.themes import ATTRS, THEMES
 from shtalk.clientui.view import INPUT_ACTIONS, SCROLL_ACTIONS, ChatView, Screen, ViewCallbacks
 
@@ -595,6 +595,30 @@ class DialogTests(unittest.TestCase):
         h.press("enter")
         self.successResultOf(d)
         self.assertEqual(calls[-1], ("verify_email", {"username": "alice", "code": "good"}))
+
+    def test_totp_enrolment(self) -> None:
+        h = Harness()
+
+        def request(rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
+            if rtype == "totp_enroll":
+                return succeed({"secret": "JBSWY3DPEHPK3PXP",
+                                "uri": "otpauth://totp/shtalk:alice?secret=JBSWY3DPEHPK3PXP"})
+            if fields.get("code") != "123456":
+                raise ServerError("invalid_code", "no")
+            return succeed({"enabled": True, "recovery_codes": ["rc-one", "rc-two"]})
+
+        d = Deferred.fromCoroutine(enroll_totp(h.host, request))
+        screen = text_of(h.screen, (100, 60))
+        self.assertIn("JBSWY3DPEHPK3PXP", screen)
+        h.type("000000")
+        h.press("enter")
+        self.assertIn("not accepted", h.text())
+        h.press(*["backspace"] * 6)
+        h.type("123456")
+        h.press("enter")
+        self.assertIn("rc-two", h.text())
+        h.press("enter")
+        self.assertTrue(self.successResultOf(d))
 
     def test_qr_drawing(self) -> None:
         art = draw([[True, False], [False, True], [True, True]])
