@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from shtalk.client import payload as pl
 from shtalk.client.events import (
@@ -57,6 +58,9 @@ KEM_REPLENISH_TO = 15
 MAX_SESSIONS = 5  # sessions kept per contact device
 PENDING_ROOM_TTL = 60.0  # seconds a room message may wait for its sender key
 MAX_PENDING_ROOM = 500
+MAX_BATCH = 200  # received messages handled per store commit
+
+Put = tuple[str, str, bytes | None]
 
 
 class Requester(Protocol):
@@ -95,6 +99,30 @@ def decode_sessions(data: bytes) -> list[Session]:
     return out
 
 
+def chain_key(room: str, user: str, device: str, epoch: int) -> str:
+    """The store key of one sender chain (names cannot contain "/": protocol/names.py)."""
+    return f"{room}/{user}/{device}/{epoch}"
+
+
+class _Batch:
+    """What a batch of received messages changed, committed at once, then acked."""
+
+    __slots__ = ("after", "messages", "puts", "rooms")
+
+    def __init__(self) -> None:
+        #: (kind, key) -> value, or a function giving the value as it is at commit time
+        #: (an object changed by several messages is serialised once).
+        self.puts: dict[tuple[str, str], bytes | Callable[[], bytes | None] | None] = {}
+        self.messages: list[HistoryMessage] = []
+        #: acks and events, in message order, run after the commit
+        self.after: list[Callable[[], None]] = []
+        #: rooms whose whole state (own key and every chain) is written
+        self.rooms: set[str] = set()
+
+    def put(self, kind: str, key: str, value: bytes | Callable[[], bytes | None] | None) -> None:
+        self.puts[(kind, key)] = value
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -130,6 +158,10 @@ class E2EE:
         self.room_members: dict[str, set[str]] = {}
         self.devices_of: dict[str, list[str]] = {}
         self._pending_room: list[tuple[float, dict[str, Any], Envelope]] = []
+        self._inbox: list[tuple[dict[str, Any], Deferred[None]]] = []
+        self._draining = False
+        #: room -> keys of its "roomchain" rows in the store
+        self._room_rows: dict[str, set[str]] = {}
         self.ack: Callable[[int], None] = lambda seq: None
 
     # ------------------------------------------------------------------ state
@@ -147,8 +179,27 @@ class E2EE:
         for _, value in await self.store.items("contact"):
             c = ContactDevice.from_bytes(value)
             self.contacts[(c.user, c.device)] = c
-        for key, value in await self.store.items("room"):
+        # Rooms: our own sending state ("roomown") and one row per sender chain
+        # ("roomchain"), so a received message rewrites one small row.
+        for key, value in await self.store.items("roomown"):
             self.rooms[key] = RoomSession.from_bytes(value)
+            self._room_rows[key] = set()
+        for key, value in await self.store.items("roomchain"):
+            room = key.partition("/")[0]
+            rs = self.rooms.get(room)
+            if rs is None:
+                rs = self.rooms[room] = RoomSession(room, self.me, self.device)
+            rs.load_chain(value)
+            self._room_rows.setdefault(room, set()).add(key)
+        # Stores written before that kept the whole RoomSession in one "room" row.
+        migrate: list[Put] = []
+        for key, value in await self.store.items("room"):
+            if key not in self.rooms:
+                self.rooms[key] = RoomSession.from_bytes(value)
+                migrate += self._room_puts(key, self.rooms[key])
+            migrate.append(("room", key, None))
+        if migrate:
+            await self.store.commit(puts=migrate)
         for key, value in await self.store.items("timer"):
             self.timers[key] = int(value.decode())
 
@@ -318,7 +369,7 @@ class E2EE:
                     ciphertext=ciphertext,
                     timestamp=self.now_ms(),
                 )
-                puts.append(("room", name, rs.to_bytes()))
+                puts.append(("roomown", name, rs.own_to_bytes()))  # only what advanced
                 fields.update(to={"room": name}, envelope=b64(env.to_bytes()))
             elif kind == "user":
                 envelopes = await self._pairwise(name, text, puts)
@@ -386,13 +437,28 @@ class E2EE:
         self.emit(TimerChanged(conversation, seconds, self.me))
 
     # -------------------------------------------------------------------- rooms
+    def _room_puts(self, room: str, rs: RoomSession) -> list[Put]:
+        """The whole room: our own state, every sender chain, deletes for chains gone."""
+        ids = {chain_key(room, u, d, e): (u, d, e) for u, d, e in rs.chain_ids()}
+        puts: list[Put] = [("roomown", room, rs.own_to_bytes())]
+        puts += [("roomchain", k, rs.chain_to_bytes(*i)) for k, i in ids.items()]
+        gone = sorted(self._room_rows.get(room, set()) - ids.keys())
+        puts += [("roomchain", k, None) for k in gone]
+        self._room_rows[room] = set(ids)
+        return puts
+
+    def _room_delete(self, room: str) -> list[Put]:
+        puts: list[Put] = [("roomown", room, None), ("room", room, None)]
+        puts += [("roomchain", k, None) for k in sorted(self._room_rows.pop(room, set()))]
+        return puts
+
     async def _room_session(self, room: str) -> RoomSession:
         rs = self.rooms.get(room)
         if rs is None or rs.epoch is None:
             rs = rs or RoomSession(room, self.me, self.device)
             rs.rotate()
             self.rooms[room] = rs
-            await self.store.commit(puts=[("room", room, rs.to_bytes())])
+            await self.store.commit(puts=self._room_puts(room, rs))
             await self._distribute(room, rs)
         return rs
 
@@ -422,14 +488,14 @@ class E2EE:
             rs = self.rooms.get(room) or RoomSession(room, self.me, self.device)
             rs.rotate()
             self.rooms[room] = rs
-            await self.store.commit(puts=[("room", room, rs.to_bytes())])
+            await self.store.commit(puts=self._room_puts(room, rs))
             await self._distribute(room, rs)
 
     async def left_room(self, room: str) -> None:
         async with self.lock:
             self.room_members.pop(room, None)
             self.rooms.pop(room, None)
-            await self.store.commit(puts=[("room", room, None)])
+            await self.store.commit(puts=self._room_delete(room))
 
     async def membership_changed(self, room: str, user: str, event: str) -> None:
         """Any change of membership starts a new epoch of our sender key (removed
@@ -448,77 +514,185 @@ class E2EE:
             if event in ("left", "kicked"):
                 rs.remove_member(user)
             rs.rotate()
-            await self.store.commit(puts=[("room", room, rs.to_bytes())])
+            await self.store.commit(puts=self._room_puts(room, rs))
             await self._distribute(room, rs)
 
     # ---------------------------------------------------------------- receiving
+    #
+    # Pushes queue in ``_inbox``; one drain at a time takes every queued push (up to
+    # MAX_BATCH) under the lock, handles them in order in memory (each decrypt is
+    # transactional: a message that fails changes nothing), then commits the effects of
+    # the whole batch in ONE store transaction and only then acks them and reports them
+    # (commit before ack, per-message order kept).  A burst or a backlog thus costs one
+    # commit (one fsync) instead of one per message.  If the commit fails, nothing of the
+    # batch is acked and the in-memory state is reloaded from the store, so the server's
+    # redelivery finds the keys it needs.
+
     async def receive(self, push: dict[str, Any]) -> None:
-        """Handle one ``message`` push; acks it once its effects are committed."""
-        async with self.lock:
-            await self._receive(push)
+        """Handle one ``message`` push; fires once it is committed and acked (or refused)."""
+        done: Deferred[None] = Deferred()
+        self._inbox.append((push, done))
+        if not self._draining:
+            self._draining = True
+            d = Deferred.fromCoroutine(self._drain())
+            d.addErrback(lambda f: log.failure("receiving failed", f))
+        await done
 
-    def _bad(self, push: dict[str, Any], reason: str) -> None:
-        sender = push.get("from", {})
-        self.emit(
-            BadMessage(
-                sender.get("user", "?"), sender.get("device", "?"), reason, int(push.get("seq", 0))
+    async def _drain(self) -> None:
+        try:
+            while self._inbox:
+                async with self.lock:
+                    taken = self._inbox[:MAX_BATCH]
+                    del self._inbox[:MAX_BATCH]
+                    failed = await self._run_batch(taken)
+                for push, done in taken:
+                    if id(push) in failed:
+                        done.errback(failed[id(push)])
+                    else:
+                        done.callback(None)
+        finally:
+            self._draining = False
+
+    async def _run_batch(
+        self, taken: list[tuple[dict[str, Any], Deferred[None]]]
+    ) -> dict[int, Failure]:
+        """Handle ``taken`` under the lock with one commit; the pushes that failed."""
+        batch = _Batch()
+        failed: dict[int, Failure] = {}
+        for push, _ in taken:
+            try:
+                self._receive(push, batch)
+            except Exception:
+                # A bug or a malformed push (not a crypto refusal, which is a BadMessage):
+                # not acked; the server delivers it again at the next login.
+                failed[id(push)] = Failure()  # type: ignore[no-untyped-call]
+                log.failure("handling a message push failed", failed[id(push)])
+        if not await self._commit_batch(batch):
+            error = Failure(  # type: ignore[no-untyped-call]
+                ClientError("the local store could not save received messages")
             )
-        )
-        self.ack(int(push["seq"]))
+            return {id(push): error for push, _ in taken}
+        for action in batch.after:
+            action()
+        return failed
 
-    async def _receive(self, push: dict[str, Any]) -> None:
+    async def _commit_batch(self, batch: _Batch) -> bool:
+        puts = self._batch_puts(batch)
+        if not puts and not batch.messages:
+            return True
+        try:
+            await self.store.commit(puts=puts, messages=batch.messages)
+        except Exception:
+            log.failure("committing received messages failed; reloading the saved state")
+            try:
+                await self._reload()
+            except Exception:
+                log.failure("reloading the saved state failed")
+            return False
+        return True
+
+    def _batch_puts(self, batch: _Batch) -> list[tuple[str, str, bytes | None]]:
+        """Serialise what the batch changed, once per object, as it is at commit time."""
+        puts: list[tuple[str, str, bytes | None]] = []
+        for room in batch.rooms:
+            rs = self.rooms.get(room)
+            if rs is not None:
+                puts += self._room_puts(room, rs)
+        for (kind, key), value in batch.puts.items():
+            if kind == "roomchain" and key.partition("/")[0] in batch.rooms:
+                continue  # already written whole above
+            puts.append((kind, key, value() if callable(value) else value))
+        return puts
+
+    async def _reload(self) -> None:
+        self.sessions.clear()
+        self.contacts.clear()
+        self.rooms.clear()
+        self.timers.clear()
+        self._room_rows.clear()
+        await self.load()
+
+    def _bad(self, batch: _Batch, push: dict[str, Any], reason: str) -> None:
+        """Report and ack (after the batch's commit) a message we cannot use."""
+        sender = push.get("from", {})
+        event = BadMessage(
+            sender.get("user", "?"), sender.get("device", "?"), reason, int(push.get("seq", 0))
+        )
+        seq = int(push["seq"])
+
+        def report() -> None:
+            self.emit(event)
+            self.ack(seq)
+
+        batch.after.append(report)
+
+    def _receive(self, push: dict[str, Any], batch: _Batch) -> None:
         sender = push["from"]
         user, device = sender["user"], sender["device"]
         try:
             env = Envelope.from_bytes(base64.b64decode(push["envelope"]))
         except (CryptoError, ValueError):
-            self._bad(push, "the envelope is malformed")
+            self._bad(batch, push, "the envelope is malformed")
             return
         if env.sender_user.casefold() != user.casefold() or env.sender_device != device:
-            self._bad(push, "the envelope names another sender than the server says")
+            self._bad(batch, push, "the envelope names another sender than the server says")
             return
         if env.type is MessageType.ROOM:
             room = push["to"].get("room")
             if room is None:
-                self._bad(push, "a room message outside a room")
+                self._bad(batch, push, "a room message outside a room")
                 return
-            await self._receive_room(push, env, room)
+            self._receive_room(push, env, room, batch)
         else:
-            await self._receive_pairwise(push, env)
+            self._receive_pairwise(push, env, batch)
 
-    async def _receive_pairwise(self, push: dict[str, Any], env: Envelope) -> None:
+    def _receive_pairwise(self, push: dict[str, Any], env: Envelope, batch: _Batch) -> None:
         user, device = env.sender_user, env.sender_device
         if user.casefold() == self.me.casefold():
             user = self.me
-        puts: list[tuple[str, str, bytes | None]] = []
         sessions = list(self.sessions.get((user, device), []))
         try:
             if env.type is MessageType.PREKEY:
                 claimed = prekey_identity(env)
                 rec = self._pin(user, device, claimed)
-                puts.append(("contact", rec.key, rec.to_bytes()))
+                batch.put("contact", rec.key, self._contact_value((rec.user, rec.device)))
                 current = next((x for x in sessions if x.matches(env.header)), None)
                 session, plaintext = open_envelope(self.ident, env, current)
-                puts.append(("identity", "self", self.ident.to_bytes()))
+                batch.put("identity", "self", self.ident.to_bytes)
             else:
                 if not sessions:
-                    self._bad(push, "no session with that device (its first message was lost)")
+                    self._bad(
+                        batch, push, "no session with that device (its first message was lost)"
+                    )
                     return
                 session, plaintext = self._try_sessions(env, sessions)
         except CryptoError as e:
-            self._bad(push, f"failed verification or decryption: {type(e).__name__}")
+            self._bad(batch, push, f"failed verification or decryption: {type(e).__name__}")
             return
         # The session that worked becomes the current one (both sides converge).
         ordered = [session] + [x for x in sessions if x is not session]
         self.sessions[(user, device)] = ordered[:MAX_SESSIONS]
-        puts.append(("session", f"{user}/{device}", encode_sessions(ordered[:MAX_SESSIONS])))
+        batch.put("session", f"{user}/{device}", self._sessions_value((user, device)))
         try:
             body = pl.decode(plaintext)
         except pl.PayloadError as e:
-            await self.store.commit(puts=puts)
-            self._bad(push, str(e))
+            self._bad(batch, push, str(e))
             return
-        await self._deliver(push, user, device, body, puts, room=None)
+        self._deliver(push, user, device, body, batch, room=None)
+
+    def _sessions_value(self, key: tuple[str, str]) -> Callable[[], bytes | None]:
+        def value() -> bytes | None:
+            sessions = self.sessions.get(key)
+            return None if sessions is None else encode_sessions(sessions)
+
+        return value
+
+    def _contact_value(self, key: tuple[str, str]) -> Callable[[], bytes | None]:
+        def value() -> bytes | None:
+            c = self.contacts.get(key)
+            return None if c is None else c.to_bytes()
+
+        return value
 
     def _try_sessions(self, env: Envelope, sessions: list[Session]) -> tuple[Session, bytes]:
         """Decrypt with the first session that can (each attempt changes nothing on failure)."""
@@ -531,8 +705,13 @@ class E2EE:
         assert error is not None
         raise error
 
-    async def _receive_room(
-        self, push: dict[str, Any], env: Envelope, room: str, since: float | None = None
+    def _receive_room(
+        self,
+        push: dict[str, Any],
+        env: Envelope,
+        room: str,
+        batch: _Batch,
+        since: float | None = None,
     ) -> None:
         user, device = env.sender_user, env.sender_device
         if user.casefold() == self.me.casefold():
@@ -540,56 +719,83 @@ class E2EE:
         contact = self.contacts.get((user, device))
         rs = self.rooms.get(room)
         if contact is None or rs is None:
-            self._hold(push, env, since)
+            self._hold(push, env, since, batch)
             return
         try:
+            # Verify before decrypt: the envelope under the sender's pinned identity key,
+            # then (inside decrypt, before any key is derived) the sender key's signature.
             env.verify(contact.identity_key())
+            epoch = RoomSession.header_epoch(env.header)
             plaintext = rs.decrypt(user, device, env.header, env.ciphertext)
         except StateError:
-            self._hold(push, env, since)
+            self._hold(push, env, since, batch)
             return
         except CryptoError as e:
-            self._bad(push, f"failed verification or decryption: {type(e).__name__}")
+            self._bad(batch, push, f"failed verification or decryption: {type(e).__name__}")
             return
-        puts: list[tuple[str, str, bytes | None]] = [("room", room, rs.to_bytes())]
+        # Only the chain that advanced is written: one small row, not the whole room.
+        batch.put(
+            "roomchain",
+            chain_key(room, user, device, epoch),
+            self._chain_value(room, user, device, epoch),
+        )
         try:
             body = pl.decode(plaintext)
         except pl.PayloadError as e:
-            await self.store.commit(puts=puts)
-            self._bad(push, str(e))
+            self._bad(batch, push, str(e))
             return
-        await self._deliver(push, user, device, body, puts, room=room)
+        self._deliver(push, user, device, body, batch, room=room)
 
-    def _hold(self, push: dict[str, Any], env: Envelope, since: float | None) -> None:
+    def _chain_value(
+        self, room: str, user: str, device: str, epoch: int
+    ) -> Callable[[], bytes | None]:
+        def value() -> bytes | None:
+            rs = self.rooms.get(room)
+            if rs is None or epoch not in rs.chains.get((user, device), {}):
+                self._room_rows.get(room, set()).discard(chain_key(room, user, device, epoch))
+                return None
+            self._room_rows.setdefault(room, set()).add(chain_key(room, user, device, epoch))
+            return rs.chain_to_bytes(user, device, epoch)
+
+        return value
+
+    def _hold(
+        self, push: dict[str, Any], env: Envelope, since: float | None, batch: _Batch
+    ) -> None:
         """Wait (unacknowledged) for the sender key that decrypts this room message."""
         self._pending_room.append((self.clock() if since is None else since, push, env))
         while len(self._pending_room) > MAX_PENDING_ROOM:
             _, old, _ = self._pending_room.pop(0)
-            self._bad(old, "no sender key arrived for this room message")
+            self._bad(batch, old, "no sender key arrived for this room message")
 
-    async def _retry_held(self) -> None:
+    def _retry_held(self, batch: _Batch) -> None:
         held, self._pending_room = self._pending_room, []
         now = self.clock()
         for since, push, env in held:
             if now - since > PENDING_ROOM_TTL:
-                self._bad(push, "no sender key arrived for this room message")
+                self._bad(batch, push, "no sender key arrived for this room message")
                 continue
-            await self._receive_room(push, env, push["to"]["room"], since)
+            self._receive_room(push, env, push["to"]["room"], batch, since)
 
     async def expire_held(self) -> None:
         async with self.lock:
-            await self._retry_held()
+            batch = _Batch()
+            self._retry_held(batch)
+            if await self._commit_batch(batch):
+                for action in batch.after:
+                    action()
 
-    async def _deliver(
+    def _deliver(
         self,
         push: dict[str, Any],
         user: str,
         device: str,
         body: pl.Payload,
-        puts: list[tuple[str, str, bytes | None]],
+        batch: _Batch,
         room: str | None,
     ) -> None:
         seq = int(push["seq"])
+        ack = self.ack
         if isinstance(body, pl.Text):
             if room is not None:
                 conversation = f"room:{room}"
@@ -601,55 +807,63 @@ class E2EE:
             if expires_at is None and push.get("expires_at"):
                 expires_at = float(push["expires_at"])
             msg_id = f"{user}/{device}/{body.id}"
-            record = HistoryMessage(
-                msg_id,
+            ts = int(push.get("ts", 0))
+            batch.messages.append(
+                HistoryMessage(
+                    msg_id,
+                    conversation,
+                    user,
+                    device,
+                    ts,
+                    body.body,
+                    expires_at,
+                    "sent" if user == self.me else "received",
+                )
+            )
+            contact = self.contacts.get((user, device))
+            event = MessageReceived(
                 conversation,
                 user,
                 device,
-                int(push.get("ts", 0)),
                 body.body,
+                ts,
+                msg_id,
                 expires_at,
-                "sent" if user == self.me else "received",
+                contact is not None and contact.state == VERIFIED,
             )
-            await self.store.commit(puts=puts, messages=[record])
-            self.ack(seq)
-            contact = self.contacts.get((user, device))
-            if expires_at is None or expires_at > self.clock():
-                self.emit(
-                    MessageReceived(
-                        conversation,
-                        user,
-                        device,
-                        body.body,
-                        int(push.get("ts", 0)),
-                        msg_id,
-                        expires_at,
-                        contact is not None and contact.state == VERIFIED,
-                    )
-                )
+
+            def delivered() -> None:
+                ack(seq)
+                if expires_at is None or expires_at > self.clock():
+                    self.emit(event)
+
+            batch.after.append(delivered)
         elif isinstance(body, pl.SenderKey):
             rs = self.rooms.get(body.room) or RoomSession(body.room, self.me, self.device)
             try:
                 rs.add_distribution(user, device, body.dist)
             except CryptoError as e:
-                await self.store.commit(puts=puts)
-                self._bad(push, f"bad sender key: {e}")
+                self._bad(batch, push, f"bad sender key: {e}")
                 return
             self.rooms[body.room] = rs
-            puts.append(("room", body.room, rs.to_bytes()))
-            await self.store.commit(puts=puts)
-            self.ack(seq)
-            await self._retry_held()
+            batch.rooms.add(body.room)
+            batch.after.append(lambda: ack(seq))
+            # Room messages waiting for this key are handled in this same batch.
+            self._retry_held(batch)
         else:
             if body.conversation.startswith("room:") or user == self.me:
                 conversation = body.conversation
             else:
                 conversation = f"user:{user}"
             self.timers[conversation] = body.seconds
-            puts.append(("timer", conversation, str(body.seconds).encode()))
-            await self.store.commit(puts=puts)
-            self.ack(seq)
-            self.emit(TimerChanged(conversation, body.seconds, user))
+            batch.put("timer", conversation, str(body.seconds).encode())
+            event_t = TimerChanged(conversation, body.seconds, user)
+
+            def timer_set() -> None:
+                ack(seq)
+                self.emit(event_t)
+
+            batch.after.append(timer_set)
 
     # -------------------------------------------------------------------- trust
     async def accept_identity(self, user: str) -> list[str]:

@@ -233,6 +233,71 @@ class RoomSession:
                     w.u32(i).fixed(mk, 32)
         return w.getvalue()
 
+    # Persistence proportional to the change: our own sending state and each sender chain
+    # as separate values, so decrypting one message rewrites one small chain, not the
+    # whole room.  Formats (big-endian, like ``to_bytes``)::
+    #
+    #     own   = to_bytes() of this session with no sender chains (the same layout)
+    #     chain = u8 version (1) | u16 room | u16 user | u16 device | u32 epoch
+    #             | u32 index | chain key (32) | signing public (33)
+    #             | u16 skipped count | (u32 index | message key (32))*
+
+    def chain_ids(self) -> list[tuple[str, str, int]]:
+        """Every stored sender chain as ``(user, device, epoch)``."""
+        return [(u, d, e) for (u, d), epochs in self.chains.items() for e in epochs]
+
+    @staticmethod
+    def header_epoch(header: bytes) -> int:
+        """The epoch a room message header names (which chain ``decrypt`` advances)."""
+        r = Reader(header, "room message header")
+        r.version(VERSION)
+        epoch = r.u32()
+        r.u32()
+        r.done()
+        return epoch
+
+    def own_to_bytes(self) -> bytes:
+        """Our own sending state (epoch, index, chain key, signing key) without the chains."""
+        chains, self.chains = self.chains, {}
+        try:
+            return self.to_bytes()
+        finally:
+            self.chains = chains
+
+    def chain_to_bytes(self, user: str, device: str, epoch: int) -> bytes:
+        """One sender chain (KeyError if there is none)."""
+        chain = self.chains[(user, device)][epoch]
+        w = Writer().u8(VERSION).text(self.room).text(user).text(device).u32(epoch)
+        w.u32(chain.index).fixed(chain.chain_key, 32)
+        w.fixed(chain.signing_public, P.SIGNING_PUB_LEN).u16(len(chain.skipped))
+        for i, mk in chain.skipped.items():
+            w.u32(i).fixed(mk, 32)
+        return w.getvalue()
+
+    def load_chain(self, data: bytes) -> tuple[str, str, int]:
+        """Install a chain from :meth:`chain_to_bytes` (replacing one with the same id)."""
+        r = Reader(data, "room sender chain")
+        r.version(VERSION)
+        room, user, device = r.text(256), r.text(256), r.text(256)
+        if room != self.room:
+            raise StateError("sender chain is for another room")
+        epoch, index, ck = r.u32(), r.u32(), r.fixed(32)
+        chain = _Chain(ck, index, r.fixed(P.SIGNING_PUB_LEN))
+        for _ in range(r.u16()):
+            i = r.u32()
+            chain.skipped[i] = r.fixed(32)
+        r.done()
+        self.chains.setdefault((user, device), {})[epoch] = chain
+        return user, device, epoch
+
+    @classmethod
+    def from_parts(cls, own: bytes, chains: list[bytes]) -> RoomSession:
+        """The inverse of :meth:`own_to_bytes` plus :meth:`chain_to_bytes` of each chain."""
+        state = cls.from_bytes(own)
+        for data in chains:
+            state.load_chain(data)
+        return state
+
     @classmethod
     def from_bytes(cls, data: bytes) -> RoomSession:
         r = Reader(data, "room session")

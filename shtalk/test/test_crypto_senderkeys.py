@@ -124,8 +124,13 @@ class SenderKeyTests(SynchronousTestCase):
         self.assertRaises(BadSignature, room.read, "b", "a", (bad_header, ciphertext))
         # c claims to be a: the signature is a's sender key, so it is refused.
         forged = room.send("c", b"i am a")
-        self.assertRaises(BadSignature, room.read, "b", "a", (forged[0][:1] + header[1:5] +
-                                                              forged[0][5:], forged[1]))
+        self.assertRaises(
+            BadSignature,
+            room.read,
+            "b",
+            "a",
+            (forged[0][:1] + header[1:5] + forged[0][5:], forged[1]),
+        )
         self.assertEqual(room.members["b"].to_bytes(), before)
         self.assertRaises(CryptoError, room.read, "b", "a", (header[:3], ciphertext))
         self.assertRaises(CryptoError, room.read, "b", "a", (header, ciphertext[:20]))
@@ -163,6 +168,51 @@ class SenderKeyTests(SynchronousTestCase):
         self.assertEqual(room.read("b", "a", sender.encrypt(b"more")), b"more")
         for cut in (0, 5, len(blob) - 1):
             self.assertRaises(CryptoError, RoomSession.from_bytes, blob[:cut])
+
+    def test_split_serialisation(self) -> None:
+        """Own state and each chain apart (the client stores them as separate rows)."""
+        room = Room("a", "b", "c")
+        room.rekey()  # two epochs per sender
+        msgs = [room.send("a", b"%d" % i) for i in range(5)]
+        from_c = room.send("c", b"from c")
+        room.read("b", "a", msgs[4])  # skips 0..3
+        b = room.members["b"]
+        ids = b.chain_ids()
+        self.assertEqual(
+            sorted(ids), [("a", "d1", 0), ("a", "d1", 1), ("c", "d1", 0), ("c", "d1", 1)]
+        )
+        own = b.own_to_bytes()
+        chains = [b.chain_to_bytes(*i) for i in ids]
+        again = RoomSession.from_parts(own, chains)
+        # The same state: the whole-session encoding is byte-for-byte equal.
+        self.assertEqual(again.to_bytes(), b.to_bytes())
+        self.assertEqual(again.own_to_bytes(), own)
+        self.assertEqual(RoomSession.from_bytes(own).chains, {})
+        for i in ids:
+            self.assertEqual(again.chain_to_bytes(*i), b.chain_to_bytes(*i))
+        # ... and it decrypts exactly like the original, refusing the same replays.
+        for msg in (msgs[1], msgs[3], from_c):
+            self.assertEqual(
+                again.decrypt("a" if msg is not from_c else "c", "d1", *msg),
+                b.decrypt("a" if msg is not from_c else "c", "d1", *msg),
+            )
+        self.assertRaises(ReplayError, again.decrypt, "a", "d1", *msgs[4])
+        self.assertRaises(ReplayError, b.decrypt, "a", "d1", *msgs[4])
+        self.assertEqual(again.to_bytes(), b.to_bytes())
+        # The restored sending state continues the chain the others hold.
+        sender = RoomSession.from_parts(room.members["a"].own_to_bytes(), [])
+        self.assertEqual(room.read("b", "a", sender.encrypt(b"more")), b"more")
+        # A chain replaces the one with the same id; one of another room is refused.
+        stale = b.chain_to_bytes("a", "d1", 1)
+        self.assertEqual(b.decrypt("a", "d1", *sender.encrypt(b"newer")), b"newer")
+        self.assertEqual(b.load_chain(stale), ("a", "d1", 1))
+        other = RoomSession("#other", "b", "d1")
+        self.assertRaises(StateError, other.load_chain, stale)
+        self.assertEqual(RoomSession.header_epoch(msgs[0][0]), 1)
+        for cut in (0, 5, len(stale) - 1):
+            self.assertRaises(CryptoError, b.load_chain, stale[:cut])
+        self.assertRaises(CryptoError, b.load_chain, stale + b"\x00")
+        self.assertRaises(CryptoError, RoomSession.header_epoch, msgs[0][0][:-1])
 
     @settings(max_examples=30, deadline=None)
     @given(st.permutations(list(range(8))), st.lists(st.integers(0, 7), max_size=5))

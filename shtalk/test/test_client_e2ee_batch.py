@@ -1,0 +1,201 @@
+"""The E2EE manager's receive path without a server: group commit, split room rows."""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.trial.unittest import TestCase
+
+from shtalk.client.e2ee import E2EE, ClientError
+from shtalk.client.events import BadMessage, Event, MessageReceived
+from shtalk.client.localstore import KdfParams, LocalStore
+from shtalk.client.trust import ContactDevice
+from shtalk.crypto import RoomSession
+
+CHEAP = KdfParams(memory_kib=8, iterations=1, lanes=1)
+ROOM = "ops"
+
+
+class Device:
+    """One E2EE manager on a real LocalStore; ``request`` records what it would send."""
+
+    def __init__(self, home: str, user: str) -> None:
+        self.path = os.path.join(home, f"{user}.sqlite3")
+        self.user = user
+        self.sent: list[dict[str, Any]] = []
+        self.events: list[Event] = []
+        self.acks: list[int] = []
+        self.commits = 0
+        self.store: LocalStore | None = None
+        self.e2ee: E2EE | None = None
+
+    async def open(self) -> E2EE:
+        if os.path.exists(self.path):
+            self.store = await LocalStore.open(self.path, "pass", reactor)
+        else:
+            self.store = await LocalStore.create(self.path, "pass", reactor, kdf=CHEAP)
+        real = self.store.commit
+
+        def counted(*args: Any, **kwargs: Any) -> Deferred[None]:
+            self.commits += 1
+            return real(*args, **kwargs)
+
+        self.store.commit = counted  # type: ignore[method-assign]
+
+        def request(rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
+            self.sent.append(dict(fields, type=rtype))
+            return succeed({"ok": True})
+
+        self.e2ee = E2EE(self.store, request, self.events.append, self.user, "d1")
+        self.e2ee.ack = self.acks.append
+        await self.e2ee.load()
+        return self.e2ee
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+
+    def received(self) -> list[str]:
+        return [e.body for e in self.events if isinstance(e, MessageReceived)]
+
+
+class ReceiveBatchTests(TestCase):
+    async def room(self) -> tuple[Device, Device]:
+        home = tempfile.mkdtemp(prefix="shtalk-e2ee-")
+        alice, bob = Device(home, "alice"), Device(home, "bob")
+        a, b = await alice.open(), await bob.open()
+        self.addCleanup(lambda: Deferred.fromCoroutine(alice.close()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(bob.close()))
+        # What the pairwise exchange would have set up: Bob pins Alice's identity and
+        # holds her sender key.
+        a.rooms[ROOM] = RoomSession(ROOM, "alice", "d1")
+        dist = a.rooms[ROOM].rotate()
+        b.rooms[ROOM] = rs = RoomSession(ROOM, "bob", "d1")
+        rs.rotate()
+        rs.add_distribution("alice", "d1", dist.to_bytes())
+        contact = ContactDevice.first("alice", "d1", a.ident.identity_key)
+        b.contacts[("alice", "d1")] = contact
+        assert bob.store is not None
+        await bob.store.commit(
+            puts=[*b._room_puts(ROOM, rs), ("contact", contact.key, contact.to_bytes())]
+        )
+        return alice, bob
+
+    async def pushes(self, alice: Device, n: int, first_seq: int = 1) -> list[dict[str, Any]]:
+        assert alice.e2ee is not None
+        out = []
+        for i in range(n):
+            await alice.e2ee.send_text(f"room:{ROOM}", f"m{first_seq + i}")
+            fields = alice.sent.pop()
+            out.append(
+                {
+                    "type": "message",
+                    "seq": first_seq + i,
+                    "ts": 1000 + i,
+                    "from": {"user": "alice", "device": "d1"},
+                    "to": {"room": ROOM},
+                    "envelope": fields["envelope"],
+                }
+            )
+        return out
+
+    async def deliver(self, bob: Device, pushes: list[dict[str, Any]]) -> list[Any]:
+        assert bob.e2ee is not None
+        ds = [Deferred.fromCoroutine(bob.e2ee.receive(dict(p))) for p in pushes]
+        return list(await DeferredList(ds, consumeErrors=True))
+
+    async def test_burst_is_one_commit_acked_in_order(self) -> None:
+        alice, bob = await self.room()
+        pushes = await self.pushes(alice, 10)
+        # A tampered message in the middle: refused, the others still delivered.
+        raw = bytearray(base64.b64decode(pushes[4]["envelope"]))
+        raw[-70] ^= 1
+        pushes[4]["envelope"] = base64.b64encode(bytes(raw)).decode()
+        before = bob.commits
+        results = await self.deliver(bob, pushes)
+        self.assertTrue(all(ok for ok, _ in results))
+        # The first push starts a batch at once; the nine queued behind it share one.
+        self.assertEqual(bob.commits - before, 2)
+        self.assertEqual(bob.acks, list(range(1, 11)))
+        self.assertEqual(bob.received(), [f"m{i}" for i in range(1, 11) if i != 5])
+        bad = [e for e in bob.events if isinstance(e, BadMessage)]
+        self.assertEqual([e.seq for e in bad], [5])
+        assert bob.store is not None
+        history = await bob.store.history(f"room:{ROOM}")
+        self.assertEqual([m.body for m in history], [f"m{i}" for i in range(1, 11) if i != 5])
+
+    async def test_rows_per_chain_survive_a_restart(self) -> None:
+        alice, bob = await self.room()
+        pushes = await self.pushes(alice, 4)
+        await self.deliver(bob, pushes[:1] + pushes[2:3])  # 2 stays skipped
+        assert bob.store is not None
+        rows = dict(await bob.store.items("roomchain"))
+        self.assertEqual(sorted(rows), [f"{ROOM}/alice/d1/0"])
+        self.assertEqual(sorted(dict(await bob.store.items("roomown"))), [ROOM])
+        self.assertEqual(await bob.store.items("room"), [])
+        await bob.close()
+        bob.events.clear()
+        b = await bob.open()
+        self.assertEqual(
+            b.rooms[ROOM].to_bytes(),
+            RoomSession.from_parts(
+                dict(await bob.store.items("roomown"))[ROOM], list(rows.values())
+            ).to_bytes(),
+        )
+        # The skipped message still decrypts; replays are refused after the restart too.
+        await self.deliver(bob, [pushes[1], pushes[3], pushes[0]])
+        self.assertEqual(bob.received(), ["m2", "m4"])
+        self.assertEqual([e.seq for e in bob.events if isinstance(e, BadMessage)], [1])
+
+    async def test_failed_commit_acks_nothing_and_reloads(self) -> None:
+        alice, bob = await self.room()
+        pushes = await self.pushes(alice, 3)
+        assert bob.store is not None and bob.e2ee is not None
+        real = bob.store.commit
+        bob.store.commit = lambda *a, **k: fail(OSError("disk full"))  # type: ignore[method-assign]
+        results = await self.deliver(bob, pushes)
+        self.assertEqual([ok for ok, _ in results], [False, False, False])
+        for _, failure in results:
+            failure.trap(ClientError)
+        self.assertEqual((bob.acks, bob.received()), ([], []))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
+        bob.store.commit = real  # type: ignore[method-assign]
+        # Redelivered: the reloaded state has not consumed these message keys.
+        await self.deliver(bob, pushes)
+        self.assertEqual(bob.received(), ["m1", "m2", "m3"])
+        self.assertEqual(bob.acks, [1, 2, 3])
+
+    async def test_whole_room_row_is_migrated(self) -> None:
+        alice, bob = await self.room()
+        pushes = await self.pushes(alice, 2)
+        assert bob.store is not None and bob.e2ee is not None
+        rs = bob.e2ee.rooms[ROOM]
+        # A store written by an earlier version: the whole RoomSession in one row.
+        await bob.store.commit(
+            puts=[
+                ("room", ROOM, rs.to_bytes()),
+                ("roomown", ROOM, None),
+                ("roomchain", f"{ROOM}/alice/d1/0", None),
+            ]
+        )
+        await bob.close()
+        b = await bob.open()
+        self.assertEqual(b.rooms[ROOM].to_bytes(), rs.to_bytes())
+        self.assertEqual(await bob.store.items("room"), [])
+        self.assertEqual(
+            sorted(k for k, _ in await bob.store.items("roomchain")), [f"{ROOM}/alice/d1/0"]
+        )
+        await self.deliver(bob, pushes)
+        self.assertEqual(bob.received(), ["m1", "m2"])
+
+    async def test_left_room_deletes_every_row(self) -> None:
+        _, bob = await self.room()
+        assert bob.store is not None and bob.e2ee is not None
+        await bob.e2ee.left_room(ROOM)
+        for kind in ("room", "roomown", "roomchain"):
+            self.assertEqual(await bob.store.items(kind), [])
