@@ -648,7 +648,10 @@ COVERED: dict[str, str] = {
     "too_many_connections": "ConnectionCapTests.test_too_many_connections",
     "timeout": "TimeoutTests.test_pre_auth_timeout_not_extended_by_partial_data",
 }
-NOT_PROVOKED = {"rate_limited": "test_operations_system.RateLimitTests", "internal_error": "a server failure"}
+NOT_PROVOKED = {
+    "rate_limited": "provoked in test_operations_system.RateLimitTests",
+    "internal_error": "a server failure",
+}
 # Account security (issue 6): provoked by tests/test_account_system.py against the real
 # server (and shtalk/test/test_account_security.py over the protocol objects).
 PROVOKED_ELSEWHERE = {
