@@ -521,10 +521,191 @@ async def _e2ee_room(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# -- E2EE room spread over several processes ---------------------------------------------
+
+
+class Coordinator:
+    """Barriers with the orchestrator: ``STEP name {json}`` out, ``GO {json}`` back in."""
+
+    def __init__(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.defer import Deferred
+
+        self.waiter: Deferred[dict[str, Any]] | None = None
+        r = cast(Any, reactor)
+
+        def reader() -> None:
+            for line in sys.stdin:
+                if line.startswith("GO "):
+                    r.callFromThread(self._go, json.loads(line[3:]))
+
+        threading.Thread(target=reader, daemon=True).start()
+
+    def _go(self, data: dict[str, Any]) -> None:
+        w, self.waiter = self.waiter, None
+        if w is not None:
+            w.callback(data)
+
+    def step(self, name: str, data: dict[str, Any] | None = None) -> Any:
+        from twisted.internet.defer import Deferred
+
+        self.waiter = Deferred()
+        sys.stdout.write(f"STEP {name} {json.dumps(data or {})}\n")
+        sys.stdout.flush()
+        return self.waiter
+
+
+def _hist_state(h: Any) -> dict[str, Any]:
+    return {"n": h.n, "max_ns": h.max_ns,
+            "counts": {str(b): c for b, c in enumerate(h.counts) if c}}
+
+
+async def _e2ee_room_part(spec: dict[str, Any]) -> dict[str, Any]:
+    """One of several client processes of one E2EE room (``--room-procs``)."""
+    from twisted.internet import reactor, task
+    from twisted.internet.defer import Deferred, gatherResults
+
+    from bench.loadclient import Histogram, monotonic_ns
+
+    co = Coordinator()
+    part = spec["part"]
+    room, n = spec["room"], len(spec["users"])
+    local = [Party(spec, u, os.path.join(spec["home"], u)) for u in spec["local"]]
+    mine = len(local)
+    await _bounded(8, [p.register for p in local])
+    await co.step("registered")
+    if part == 0:
+        await local[0].client.session.request("room_create", room=room)
+        for p in local[1:]:
+            await p.client.session.request("room_join", room=room)
+    await co.step("created")
+    if part != 0:
+        for p in local:
+            await p.client.session.request("room_join", room=room)
+    await co.step("joined")
+    members = [m["user"] for m in await local[0].client.members(room)]
+    if len(members) != n:
+        raise RuntimeError(f"room has {len(members)} members, not {n}")
+    await _sleep(0.5)
+
+    def joiner(p: Party) -> Callable[[], Any]:
+        return lambda: p.client.e2ee.joined_room(room, members)
+
+    await _bounded(mine, [joiner(p) for p in local])
+    await co.step("keys_sent")
+    state: dict[str, Any] = {"hist": Histogram(), "recording": False, "delivered": 0,
+                             "received": 0}
+
+    def got(e: Any) -> None:
+        now = monotonic_ns()
+        state["received"] += 1
+        if state["recording"]:
+            state["delivered"] += 1
+            state["hist"].add(now - int(e.body.split("|", 1)[0]), now)
+
+    for p in local:
+        p.on_message = got
+    conv = f"room:{room}"
+    await gatherResults([
+        Deferred.fromCoroutine(p.client.send(conv, _body(monotonic_ns()))) for p in local
+    ])
+    want = mine * (n - 1)
+    deadline = time.monotonic() + spec["setup_limit"]
+    while state["received"] < want and time.monotonic() < deadline:
+        await _sleep(0.1)
+    if state["received"] < want:
+        raise RuntimeError(f"room set-up: {state['received']} of {want} first messages")
+    await co.step("keys_received")
+
+    def expected(local_sent: int, total_sent: int) -> int:
+        return local_sent * (mine - 1) + (total_sent - local_sent) * mine
+
+    async def drain(received0: int, local_sent: int, name: str) -> dict[str, Any]:
+        go = await co.step(f"{name}_stopped", {"sent": local_sent})
+        want = expected(local_sent, int(go["total_sent"]))
+        deadline = time.monotonic() + 20
+        while state["received"] - received0 < want and time.monotonic() < deadline:
+            await _sleep(0.05)
+        return {"lost": want - (state["received"] - received0)}
+
+    # Paced: this process's share of `room_rate`, round-robin over its members.
+    rate = float(spec["room_rate"]) * mine / n
+    paced = {"issued": 0, "done": 0, "errors": 0}
+
+    def sent_one(_: Any) -> None:
+        paced["done"] += 1
+
+    def send_failed(_: Any) -> None:
+        paced["errors"] += 1
+
+    start_ns = monotonic_ns()
+
+    def tick() -> None:
+        due = int((monotonic_ns() - start_ns) * rate / 1e9) + 1 - paced["issued"]
+        for k in range(paced["issued"], paced["issued"] + max(0, due)):
+            d = Deferred.fromCoroutine(local[k % mine].client.send(conv, _body(monotonic_ns())))
+            d.addCallbacks(sent_one, send_failed)
+        paced["issued"] += max(0, due)
+
+    pacer = task.LoopingCall(tick)
+    pacer.clock = reactor  # type: ignore[assignment]
+    received0 = state["received"]
+    pacer.start(0.001, now=True)
+    await _sleep(spec["warmup"])
+    win = Window(spec["server_pid"])
+    state["hist"].t0 = monotonic_ns()
+    state["recording"] = True
+    await _sleep(spec["duration"])
+    state["recording"] = False
+    cpu = win.stop()
+    pacer.stop()
+    while paced["done"] + paced["errors"] < paced["issued"]:
+        await _sleep(0.05)
+    out_paced = {**cpu, "delivered": state["delivered"], "hist": _hist_state(state["hist"]),
+                 "send_errors": paced["errors"],
+                 **(await drain(received0, paced["done"], "paced"))}
+    state["hist"] = Histogram()
+    state["delivered"] = 0
+
+    # Closed loop: every member a sender with one send outstanding.
+    sending = {"on": True, "sent": 0, "recorded_sends": 0, "errors": 0}
+
+    async def sender(p: Party) -> None:
+        while sending["on"]:
+            try:
+                await p.client.send(conv, _body(monotonic_ns()))
+            except Exception:
+                sending["errors"] += 1
+                await _sleep(0.1)
+                continue
+            sending["sent"] += 1
+            if state["recording"]:
+                sending["recorded_sends"] += 1
+
+    await co.step("closed_ready")
+    received0 = state["received"]
+    loops = [Deferred.fromCoroutine(sender(p)) for p in local]
+    await _sleep(spec["warmup"])
+    win = Window(spec["server_pid"])
+    state["hist"].t0 = monotonic_ns()
+    state["recording"] = True
+    await _sleep(spec["duration"])
+    state["recording"] = False
+    cpu = win.stop()
+    sending["on"] = False
+    await gatherResults(loops)
+    out_closed = {**cpu, "delivered": state["delivered"], "hist": _hist_state(state["hist"]),
+                  "sends": sending["recorded_sends"], "send_errors": sending["errors"],
+                  **(await drain(received0, sending["sent"], "closed"))}
+    await _bounded(10, [p.close for p in local])
+    return {"paced": out_paced, "closed": out_closed}
+
+
 SCENARIOS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "raw_pair": _raw_pair,
     "e2ee_pair": _e2ee_pair,
     "e2ee_room": _e2ee_room,
+    "e2ee_room_part": _e2ee_room_part,
 }
 
 
@@ -544,7 +725,7 @@ def client_sync_experiment(mode: str) -> None:
 
 
 def worker() -> None:
-    spec = json.loads(sys.stdin.read())
+    spec = json.loads(sys.stdin.readline())  # the first line (more may follow: GO lines)
     if spec.get("client_sync"):
         client_sync_experiment(spec["client_sync"])
     from twisted.internet import reactor
@@ -607,6 +788,102 @@ def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
                 return cast(dict[str, Any], outcome["result"])
             raise BenchError(f"client process ({spec['scenario']}) failed: {outcome}")
     raise BenchError(f"client process ({spec['scenario']}) exited {proc.returncode}")
+
+
+def run_room_procs(spec: dict[str, Any], procs: int, timeout: float) -> dict[str, Any]:
+    """One E2EE room whose members are spread round-robin over ``procs`` client processes,
+    kept in step by barriers (each process says ``STEP name``, all get ``GO``)."""
+    names = spec["users"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    started: list[subprocess.Popen[str]] = []
+    try:
+        for i in range(procs):
+            p = subprocess.Popen(
+                [sys.executable, "-m", "bench.e2e", "--worker"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=None, env=env, cwd=str(REPO), text=True,
+            )
+            started.append(p)
+            part = {**spec, "scenario": "e2ee_room_part", "part": i,
+                    "local": names[i::procs], "time_limit": timeout}
+            assert p.stdin is not None
+            p.stdin.write(json.dumps(part) + "\n")
+            p.stdin.flush()
+
+        def read(p: subprocess.Popen[str]) -> tuple[str, dict[str, Any]]:
+            assert p.stdout is not None
+            while True:
+                line = p.stdout.readline()
+                if not line:
+                    raise BenchError(f"room process {p.pid} exited {p.wait()}")
+                if line.startswith("STEP "):
+                    name, _, data = line[5:].partition(" ")
+                    return name, json.loads(data)
+                if line.startswith("RESULT "):
+                    return "RESULT", json.loads(line[7:])
+
+        while True:
+            got = [read(p) for p in started]
+            steps = {name for name, _ in got}
+            if steps == {"RESULT"}:
+                break
+            if len(steps) != 1 or "RESULT" in steps:
+                raise BenchError(f"room processes out of step: {got}")
+            step = steps.pop()
+            go: dict[str, Any] = {}
+            if step.endswith("_stopped"):
+                go["total_sent"] = sum(int(d["sent"]) for _, d in got)
+            log(f"  room processes: {step}")
+            for p in started:
+                assert p.stdin is not None
+                p.stdin.write("GO " + json.dumps(go) + "\n")
+                p.stdin.flush()
+        parts = []
+        for _, outcome in got:
+            if "result" not in outcome:
+                raise BenchError(f"a room process failed: {outcome}")
+            parts.append(outcome["result"])
+        for p in started:
+            p.wait(timeout=30)
+    finally:
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return {"procs": procs, "paced": _merge(parts, "paced"), **_merge(parts, "closed")}
+
+
+def _merge(parts: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """One window's figures over the processes: sums of counts and CPU, one histogram."""
+    from bench.loadclient import Histogram
+
+    rs = [p[key] for p in parts]
+    h = Histogram()
+    for r in rs:
+        for b, c in r["hist"]["counts"].items():
+            h.counts[int(b)] += c
+        h.n += r["hist"]["n"]
+        h.max_ns = max(h.max_ns, r["hist"]["max_ns"])
+    latency = h.summary()
+    latency.pop("timeline_max_ms")
+    elapsed = sum(r["elapsed_s"] for r in rs) / len(rs)
+    delivered = sum(r["delivered"] for r in rs)
+    out = {
+        "elapsed_s": round(elapsed, 3),
+        "delivered": delivered,
+        "delivered_per_s": round(delivered / elapsed, 1),
+        "latency": latency,
+        "lost": sum(r["lost"] for r in rs),
+        "send_errors": sum(r["send_errors"] for r in rs),
+        # the processes' own CPU summed; server and machine as seen by each, averaged
+        "client_cpu": round(sum(r["client_cpu"] for r in rs), 3),
+        "client_reactor_cpu": round(sum(r["client_reactor_cpu"] for r in rs), 3),
+        "client_cpu_per_process": [r["client_cpu"] for r in rs],
+        "server_cpu": round(sum(r["server_cpu"] for r in rs) / len(rs), 3),
+        "machine_busy_cores": round(sum(r["machine_busy_cores"] for r in rs) / len(rs), 3),
+    }
+    if "sends" in rs[0]:
+        out["sends_per_s"] = round(sum(r["sends"] for r in rs) / elapsed, 1)
+    return out
 
 
 def start_server(work: Path) -> Any:
@@ -711,6 +988,20 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             f"p99 {r['latency']['p99_ms']} ms, server {r['server_cpu']:.2f}, "
             f"clients {r['client_cpu']:.2f} (reactor {r['client_reactor_cpu']:.2f}), "
             f"lost {r['lost']}")
+        if args.room_procs > 1:
+            log(f"room of {args.room_n}, E2EE, members spread over {args.room_procs} client "
+                "processes ...")
+            r = run_room_procs({**base, "room": "e2eroommp", "room_rate": args.room_rate,
+                                "users": [f"q{i:03d}" for i in range(args.room_n)],
+                                "home": str(work / "roommp"), "setup_limit": 120},
+                               args.room_procs, 2 * limit + 240)
+            r["drain_s"] = fanout.wait_idle(server)
+            results["room_e2ee_mp"] = r
+            log(f"  {r['delivered_per_s']:.0f} delivered/s, p50 {r['latency']['p50_ms']} "
+                f"p99 {r['latency']['p99_ms']} ms, server {r['server_cpu']:.2f}, "
+                f"clients {r['client_cpu']:.2f} {r['client_cpu_per_process']}, "
+                f"paced p50 {r['paced']['latency']['p50_ms']} p99 "
+                f"{r['paced']['latency']['p99_ms']} ms, lost {r['lost']}")
         if args.experiment:
             for key, scen, extra in (
                 ("pair_e2ee_nosync", "e2ee_pair", {"users": ["carol", "dave"],
@@ -763,7 +1054,7 @@ def _fx(v: float | None) -> str:
 def ratios(res: dict[str, Any]) -> dict[str, float | None]:
     pr, pe = res["pair_raw"], res["pair_e2ee"]
     rr, re_ = res["room_raw"], res["room_e2ee"]
-    return {
+    out: dict[str, float | None] = {
         "pair_rate": _x(pr["closed"]["delivered_per_s"], pe["closed"]["delivered_per_s"]),
         "pair_closed_p50": _x(pe["closed"]["latency"]["p50_ms"], pr["closed"]["latency"]["p50_ms"]),
         "pair_closed_p99": _x(pe["closed"]["latency"]["p99_ms"], pr["closed"]["latency"]["p99_ms"]),
@@ -778,7 +1069,22 @@ def ratios(res: dict[str, Any]) -> dict[str, float | None]:
                              res["room_raw_paced"]["latency"]["p99_ms"]),
         "room_p50": _x(re_["latency"]["p50_ms"], rr["latency"]["p50_ms"]),
         "room_p99": _x(re_["latency"]["p99_ms"], rr["latency"]["p99_ms"]),
+        # The server, the shared resource, at the same offered load (the paced room).
+        "room_paced_server_cpu": _x(_cpu_us(re_["paced"], "server_cpu"),
+                                    _cpu_us(res["room_raw_paced"], "server_cpu")),
     }
+    mp = res.get("room_e2ee_mp")
+    if mp:
+        out.update({
+            "room_mp_rate": _x(rr["delivered_per_s"], mp["delivered_per_s"]),
+            "room_mp_paced_p50": _x(mp["paced"]["latency"]["p50_ms"],
+                                    res["room_raw_paced"]["latency"]["p50_ms"]),
+            "room_mp_paced_p99": _x(mp["paced"]["latency"]["p99_ms"],
+                                    res["room_raw_paced"]["latency"]["p99_ms"]),
+            "room_mp_paced_server_cpu": _x(_cpu_us(mp["paced"], "server_cpu"),
+                                           _cpu_us(res["room_raw_paced"], "server_cpu")),
+        })
+    return out
 
 
 def _cpu_us(r: dict[str, Any], key: str) -> float | None:
@@ -824,6 +1130,13 @@ def build_report(res: dict[str, Any]) -> str:
         row(f"room of {res['room_n']}, closed loop", "plaintext (raw JSON)", rr),
         row(f"room of {res['room_n']}, closed loop", "E2EE (ShtalkClient)", re_),
     ])
+    mp = res.get("room_e2ee_mp")
+    if mp:
+        procs = f"E2EE, members over {mp['procs']} client processes"
+        table += "\n" + "\n".join([
+            row(f"room of {res['room_n']}, paced {rp['rate']:g} sends/s", procs, mp["paced"]),
+            row(f"room of {res['room_n']}, closed loop", procs, mp),
+        ])
     experiment = ""
     if "pair_e2ee_nosync" in res:
         en, ern = res["pair_e2ee_nosync"], res["room_e2ee_nosync"]
@@ -864,7 +1177,21 @@ def build_report(res: dict[str, Any]) -> str:
         (f"room of {res['room_n']} closed-loop p50 (E2EE / baseline; E2EE receivers "
          "overloaded)", x["room_p50"]),
         (f"room of {res['room_n']} closed-loop p99 (idem)", x["room_p99"]),
+        (f"room of {res['room_n']} paced: server CPU per delivered message (E2EE / baseline)",
+         x["room_paced_server_cpu"]),
     ]
+    if mp:
+        k = mp["procs"]
+        checks += [
+            (f"room of {res['room_n']} over {k} processes: delivered/s (baseline / E2EE)",
+             x["room_mp_rate"]),
+            (f"room of {res['room_n']} over {k} processes: paced p50 (E2EE / baseline)",
+             x["room_mp_paced_p50"]),
+            (f"room of {res['room_n']} over {k} processes: paced p99 (E2EE / baseline)",
+             x["room_mp_paced_p99"]),
+            (f"room of {res['room_n']} over {k} processes: paced server CPU per delivered "
+             "message (E2EE / baseline)", x["room_mp_paced_server_cpu"]),
+        ]
     ratio_table = "\n".join(
         ["| E2EE cost | ratio | target <= 2x |", "|---|---:|---|"]
         + [f"| {name} | {_fx(v)} | {'met' if ok(v) else '**missed**'} |" for name, v in checks]
@@ -873,11 +1200,17 @@ def build_report(res: dict[str, Any]) -> str:
     for what, r in (("DM closed loop, plaintext", pr["closed"]),
                     ("DM closed loop, E2EE", pe["closed"]),
                     (f"room of {res['room_n']}, plaintext", rr),
-                    (f"room of {res['room_n']}, E2EE", re_)):
+                    (f"room of {res['room_n']}, E2EE", re_),
+                    *([(f"room of {res['room_n']}, E2EE over {mp['procs']} processes", mp)]
+                      if mp else []),
+                    (f"room of {res['room_n']} paced, plaintext", rp),
+                    (f"room of {res['room_n']} paced, E2EE", re_["paced"]),
+                    *([(f"room of {res['room_n']} paced, E2EE over {mp['procs']} processes",
+                        mp["paced"])] if mp else [])):
         s, c = _cpu_us(r, "server_cpu"), _cpu_us(r, "client_cpu")
         cpu_rows.append(f"| {what} | {s:,.0f} | {c:,.0f} |" if s and c else f"| {what} | - | - |")
     cpu_table = "\n".join([
-        "| CPU per delivered message | server µs | client process µs |",
+        "| CPU per delivered message | server µs | client processes µs |",
         "|---|---:|---:|",
         *cpu_rows,
     ])
@@ -899,7 +1232,8 @@ def build_report(res: dict[str, Any]) -> str:
         "scenario. One server process (`twistd -n shtalk`, bcrypt cost 10 for the set-up "
         "only; no email verification or CAPTCHA; `[ratelimit]` and `[monitor]` off); "
         "each scenario's clients in ONE other "
-        "process on one reactor; both "
+        "process on one reactor (the \"over N client processes\" rows: the room's members "
+        "spread round-robin over N processes, kept in step by barriers); all "
         "processes share the 2 cores. E2EE = `ShtalkClient` with its real `LocalStore` "
         "(SQLite, WAL, `synchronous=FULL`, one commit per message sent and per message "
         "received, before the ack); plaintext = `bench.loadclient` raw JSON clients with "
@@ -963,6 +1297,9 @@ def main() -> None:
     p.add_argument("--pingpong", type=int)
     p.add_argument("--room-rate", type=float, default=5.0,
                    help="paced room: sends/s in total (latency at a sustainable load)")
+    p.add_argument("--room-procs", type=int, default=4,
+                   help="also run the E2EE room with its members spread over this many "
+                   "client processes (1: skip)")
     p.add_argument("--profile", help="cProfile the E2EE room's reactor thread during the "
                    "closed loop into this file (perturbs the figures)")
     p.add_argument("--from-json", type=Path,
