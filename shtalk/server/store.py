@@ -12,9 +12,19 @@ Why it looks like this:
   neighbours.  Each op's Deferred fires on the reactor thread once the
   transaction holding it has committed.  No timer: the batch is whatever
   arrived during the previous fsync.
+* Consecutive appends in a batch are stored together: one savepoint for the
+  run, one duplicate lookup, one ``executemany`` per table (seqs are assigned
+  by the single writer), so a send costs few GIL hand-offs in the writer.
 * One row per sent message per mailbox; per-device cursors say what each
-  device has acknowledged, and also which devices read which mailbox.  A
-  message is deleted as soon as every device it is for has acknowledged it.
+  device has acknowledged, and also which devices read which mailbox.
+* Acks are coalesced: the acks that arrive while a transaction is in flight
+  become ONE op of the next one, which moves each (device, mailbox) cursor
+  once to the highest seq acknowledged.  An ack's Deferred still fires only
+  once its cursor is committed; ``pending()`` waits for acks not yet
+  committed, so a device that reconnects is not sent what it acknowledged.
+  A message is deleted once every device it is for has acknowledged it, by
+  a sweep of the acknowledged ranges every ``sweep_interval`` seconds (not
+  per ack); until then it is merely still on disk, encrypted.
 * Envelopes are AES-256-GCM encrypted at rest (random nonce per row, the row's
   identity as associated data), so neither the database nor its WAL ever
   holds them in clear; ``secure_delete`` zeroes what is deleted.
@@ -74,6 +84,10 @@ READERS = 3
 PURGE_STEP = 2000
 #: Bound on host parameters per statement (SQLite's limit is far higher).
 _CHUNK = 500
+#: Seconds between sweeps deleting acknowledged messages (0: in every ack op).
+SWEEP_INTERVAL = 0.5
+#: Recent seqs whose mailbox the writer remembers, so acks need no lookup.
+_SEQ_MEMORY = 100_000
 
 
 class EnvelopeDecryptError(CorruptStore):
@@ -181,33 +195,86 @@ def _fatal(e: Exception) -> bool:
     )
 
 
+def _run_one(conn: Conn, op: Op, outcomes: list[tuple[bool, object]]) -> None:
+    """Run ``op`` in a savepoint of its own, so it can fail alone."""
+    conn.execute("SAVEPOINT op")
+    try:
+        result = op(conn)
+    except _KeepWrites as e:
+        conn.execute("RELEASE op")
+        outcomes.append((False, e.error))
+    except Exception as e:
+        if _fatal(e):
+            raise
+        conn.execute("ROLLBACK TO op")
+        conn.execute("RELEASE op")
+        outcomes.append((False, e))
+    else:
+        conn.execute("RELEASE op")
+        outcomes.append((True, result))
+
+
+def _run_appends(conn: Conn, group: list[_AppendOp], outcomes: list[tuple[bool, object]]) -> None:
+    """A run of consecutive appends: one savepoint, few statements for all of them.
+
+    Appends are not refused (a duplicate is an answer, not an error); should the
+    group fail anyway, it is undone and every append retried in its own savepoint.
+    """
+    if len(group) == 1:
+        _run_one(conn, group[0], outcomes)
+        return
+    conn.execute("SAVEPOINT appends")
+    try:
+        results = group[0].store._append_many(conn, group)
+    except Exception as e:
+        if _fatal(e):
+            raise
+        conn.execute("ROLLBACK TO appends")
+        conn.execute("RELEASE appends")
+        for op in group:
+            _run_one(conn, op, outcomes)
+        return
+    conn.execute("RELEASE appends")
+    outcomes.extend((True, r) for r in results)
+
+
 def _run_batch(conn: Conn, ops: list[Op]) -> list[tuple[bool, object]]:
-    """One transaction for all queued ops; each in a savepoint so it can fail alone."""
+    """One transaction for all queued ops; each in a savepoint so it can fail alone
+    (consecutive appends share one, see _run_appends)."""
     outcomes: list[tuple[bool, object]] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
+        group: list[_AppendOp] = []
         for op in ops:
-            conn.execute("SAVEPOINT op")
-            try:
-                result = op(conn)
-            except _KeepWrites as e:
-                conn.execute("RELEASE op")
-                outcomes.append((False, e.error))
-            except Exception as e:
-                if _fatal(e):
-                    raise
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
-                outcomes.append((False, e))
-            else:
-                conn.execute("RELEASE op")
-                outcomes.append((True, result))
+            if isinstance(op, _AppendOp):
+                group.append(op)
+                continue
+            if group:
+                _run_appends(conn, group, outcomes)
+                group = []
+            _run_one(conn, op, outcomes)
+        if group:
+            _run_appends(conn, group, outcomes)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     return outcomes
+
+
+class _AppendOp:
+    """An append queued for the writer; _run_batch stores consecutive ones together."""
+
+    __slots__ = ("message", "now", "store")
+
+    def __init__(self, store: SQLiteStore, message: NewMessage, now: float) -> None:
+        self.store = store
+        self.message = message
+        self.now = now
+
+    def __call__(self, conn: Conn) -> AppendResult:
+        return self.store._append_many(conn, [self])[0]
 
 
 def _checkpoint(conn: Conn) -> None:
@@ -298,6 +365,7 @@ class SQLiteStore:
         clock: IReactorTime | None = None,
         reactor: Any = None,
         retention: float = 30 * 24 * 3600,
+        sweep_interval: float = SWEEP_INTERVAL,
     ) -> None:
         if len(storage_key) != 32:
             raise ValueError("storage_key must be 32 bytes (AES-256)")
@@ -317,6 +385,18 @@ class SQLiteStore:
         self._accepting = False  # True between a successful open() and close()
         self._idle: list[Deferred[None]] = []
         self._closing: list[Deferred[None]] | None = None
+        # Acks not yet handed to the writer: seqs per device, and who waits for them.
+        self.sweep_interval = float(sweep_interval)
+        self._acks: dict[tuple[int, str], list[int]] = {}
+        self._ack_waiters: list[Deferred[None]] = []
+        self._ack_inflight: list[Deferred[None]] | None = None
+        self._sweep_call: Any = None
+        # Writer thread only (touched by ops, never by the reactor thread): the
+        # mailbox of recent seqs, the cursors as last written, and the acked
+        # ranges per mailbox not yet swept.
+        self._seq_mailbox: dict[int, str] = {}
+        self._cursor_at: dict[tuple[int, str, str], int] = {}
+        self._unswept: dict[str, tuple[int, int]] = {}
         #: Group-commit figures, for tests and benchmarks.
         self.write_transactions = 0
         self.write_ops = 0
@@ -388,6 +468,11 @@ class SQLiteStore:
             self._closing.append(waiter)
             return waiter
         self._closing = []
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
+        if self._accepting:
+            self._write(self._sweep_unswept)  # leave no acknowledged message behind
         self._accepting = False
         d = self._when_idle()
 
@@ -414,7 +499,7 @@ class SQLiteStore:
         self._rpool = self._wpool = None
 
     def _when_idle(self) -> Deferred[None]:
-        if not self._writing and not self._queue:
+        if not self._writing and not self._queue and not self._acks:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._idle.append(d)
@@ -435,8 +520,11 @@ class SQLiteStore:
         """Queue an op for the next group commit."""
         if not self._accepting:
             return fail(StoreClosed(f"{self.path}: the store is not open"))
-        d: Deferred[T] = Deferred()
-        self._queue.append((lambda conn: fn(conn, *args, **kwargs), d))
+        return self._enqueue(lambda conn: fn(conn, *args, **kwargs))
+
+    def _enqueue(self, op: Op) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self._queue.append((op, d))
         if not self._writing:
             self._flush()
         return d
@@ -455,6 +543,14 @@ class SQLiteStore:
 
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
+        if self._acks:
+            # Every ack that arrived since the last flush: one op, at the end.
+            acks, waiters = self._acks, self._ack_waiters
+            self._acks, self._ack_waiters = {}, []
+            self._ack_inflight = waiters
+            done: Deferred[None] = Deferred()
+            done.addBoth(self._acks_committed, waiters)
+            batch.append((lambda conn: self._apply_acks(conn, acks), done))
         self._writing = True
         d = self._wpool.runWithConnection(_run_batch, [op for op, _ in batch])
         d.addBoth(self._committed, batch)
@@ -472,17 +568,48 @@ class SQLiteStore:
             self.max_batch = max(self.max_batch, len(batch))
         # Start the next transaction before running callbacks: the writer
         # thread works while the reactor thread answers the senders.
-        if self._queue:
+        if self._queue or self._acks:
             self._flush()
         for (_, d), (ok, value) in zip(batch, answers, strict=True):
             if ok:
                 d.callback(value)
             else:
                 d.errback(cast(Exception | Failure, value))
-        if not self._writing and not self._queue:
+        if not self._writing and not self._queue and not self._acks:
             idle, self._idle = self._idle, []
             for w in idle:
                 w.callback(None)
+
+    def _acks_committed(self, result: object, waiters: list[Deferred[None]]) -> None:
+        if self._ack_inflight is waiters:
+            self._ack_inflight = None
+        for w in waiters:
+            if isinstance(result, Failure):
+                w.errback(result)
+            else:
+                w.callback(None)
+        if isinstance(result, Failure):
+            return
+        if self.sweep_interval > 0 and self._sweep_call is None and self._accepting:
+            self._sweep_call = self._clock.callLater(self.sweep_interval, self._sweep_soon)
+
+    def _sweep_soon(self) -> None:
+        self._sweep_call = None
+        if self._accepting:
+            d = self._write(self._sweep_unswept)
+            d.addErrback(lambda f: None)  # a failed sweep is retried with the next acks
+
+    def _acks_settled(self) -> Deferred[None]:
+        """Fires once every ack received so far is committed."""
+        if self._acks:
+            waiters = self._ack_waiters
+        elif self._ack_inflight is not None:
+            waiters = self._ack_inflight
+        else:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        waiters.append(d)
+        return d
 
     def _now(self) -> float:
         return float(self._clock.seconds())
@@ -616,17 +743,40 @@ class SQLiteStore:
         A duplicate's result carries the original seqs and no ``messages``
         (they were delivered the first time).
         """
-        return self._write(self._append, message, self._now())
+        if not self._accepting:
+            return fail(StoreClosed(f"{self.path}: the store is not open"))
+        return self._enqueue(_AppendOp(self, message, self._now()))
 
     def pending(self, user_id: int, device_id: str) -> Deferred[list[StoredMessage]]:
-        now = self._now()
-        return self._read(self._pending, user_id, device_id, now, self._cutoff_ms(now))
+        # Acks received but not yet committed must not be replayed: wait for them.
+        def read(_: object) -> Deferred[list[StoredMessage]]:
+            now = self._now()
+            return self._read(self._pending, user_id, device_id, now, self._cutoff_ms(now))
+
+        return self._acks_settled().addCallback(read)
 
     def ack(self, user_id: int, device_id: str, seqs: Sequence[int]) -> Deferred[None]:
-        wanted = sorted({int(s) for s in seqs})
-        if not wanted:
+        """Coalesced with every other ack into one op of the next transaction; fires
+        once committed.  The deletion of what it frees waits for the next sweep."""
+        if not self._accepting:
+            return fail(StoreClosed(f"{self.path}: the store is not open"))
+        if not seqs:
             return succeed(None)
-        return self._write(_ack, user_id, device_id, wanted)
+        key = (user_id, device_id)
+        buffered = self._acks.get(key)
+        if buffered is None:
+            self._acks[key] = [int(s) for s in seqs]
+        else:
+            buffered.extend(int(s) for s in seqs)
+        d: Deferred[None] = Deferred()
+        self._ack_waiters.append(d)
+        if not self._writing:
+            self._flush()
+        return d
+
+    def sweep(self) -> Deferred[int]:
+        """Delete the acknowledged messages now (normally every ``sweep_interval``)."""
+        return self._write(self._sweep_unswept)
 
     def purge_expired(self, now: float) -> Deferred[int]:
         """Delete in bounded steps, each its own op, so appends and acks queued
@@ -652,61 +802,170 @@ class SQLiteStore:
 
     # --- ops that need the cipher (run in pool threads) ---
 
-    def _append(self, conn: Conn, m: NewMessage, now: float) -> AppendResult:
-        row = conn.execute(
-            "SELECT seqs FROM client_ids"
-            " WHERE sender_id = ? AND sender_device = ? AND client_id = ?",
-            (m.sender_id, m.sender_device, m.client_id),
-        ).fetchone()
-        if row is not None:
-            return AppendResult(tuple(int(s) for s in row[0].split(",") if s), duplicate=True)
-        plain = encode_envelopes(m.envelope, m.envelopes)
-        for_all = m.envelope is not None
-        seqs: list[int] = []
-        stored: list[StoredMessage] = []
-        for mailbox in m.mailboxes:
-            nonce = os.urandom(12)
-            ad = associated_data(mailbox, m.sender_id, m.sender_device, m.client_id, m.ts, m.target)
-            body = self._aead.encrypt(nonce, plain, ad)
-            cur = conn.execute(
-                "INSERT INTO messages (mailbox, sender_id, sender_device, client_id, ts,"
-                " expires_at, target, for_all, nonce, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-                    m.expires_at, m.target, int(for_all), nonce, body,
-                ),
-            )  # fmt: skip
-            seq = int(cast(int, cur.lastrowid))
-            if not for_all and m.envelopes:
-                conn.executemany(
-                    "INSERT INTO message_devices (seq, user_id, device_id) VALUES (?, ?, ?)",
-                    [(seq, uid, dev) for uid, dev in m.envelopes],
+    def _append_many(self, conn: Conn, ops: Sequence[_AppendOp]) -> list[AppendResult]:
+        """Store a run of appends with one statement per table (writer thread)."""
+        keys = [(op.message.sender_id, op.message.sender_device, op.message.client_id)
+                for op in ops]
+        known: dict[tuple[int, str, str], tuple[int, ...]] = {}
+        for chunk in _chunks(keys, _CHUNK // 3):
+            sql = (
+                f"WITH k(a, b, c) AS (VALUES {','.join(['(?,?,?)'] * len(chunk))})"  # noqa: S608
+                " SELECT t.sender_id, t.sender_device, t.client_id, t.seqs"
+                " FROM k JOIN client_ids t"
+                " ON t.sender_id = k.a AND t.sender_device = k.b AND t.client_id = k.c"
+            )
+            for sid, sdev, cid, seqs_text in conn.execute(sql, [v for k in chunk for v in k]):
+                known[(int(sid), sdev, cid)] = tuple(int(x) for x in seqs_text.split(",") if x)
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        top = int(row[0]) if row is not None else 0
+        seq_mailbox = self._seq_mailbox
+        encrypt = self._aead.encrypt
+        rows: list[tuple[object, ...]] = []
+        device_rows: list[tuple[int, int, str]] = []
+        client_rows: list[tuple[object, ...]] = []
+        partner_rows: list[tuple[int, int]] = []
+        ranges: dict[str, tuple[int, int]] = {}
+        results: list[AppendResult] = []
+        for op, key in zip(ops, keys, strict=True):
+            m = op.message
+            earlier = known.get(key)
+            if earlier is not None:
+                results.append(AppendResult(earlier, duplicate=True))
+                continue
+            plain = encode_envelopes(m.envelope, m.envelopes)
+            for_all = int(m.envelope is not None)
+            seqs: list[int] = []
+            stored: list[StoredMessage] = []
+            for mailbox in m.mailboxes:
+                top += 1
+                seq = top
+                nonce = os.urandom(12)
+                ad = associated_data(
+                    mailbox, m.sender_id, m.sender_device, m.client_id, m.ts, m.target
                 )
-            # A row no other device reads (e.g. the sender's own inbox when it
-            # has one device) is not kept; its seq is still reported.
-            _sweep(conn, mailbox, seq - 1, seq)
-            seqs.append(seq)
-            stored.append(
-                StoredMessage(
+                rows.append((
                     seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-                    m.expires_at, m.target, m.envelope, dict(m.envelopes),
+                    m.expires_at, m.target, for_all, nonce, encrypt(nonce, plain, ad),
+                ))  # fmt: skip
+                if not for_all and m.envelopes:
+                    device_rows.extend((seq, uid, dev) for uid, dev in m.envelopes)
+                lo_hi = ranges.get(mailbox)
+                ranges[mailbox] = (seq - 1, seq) if lo_hi is None else (lo_hi[0], seq)
+                seq_mailbox[seq] = mailbox
+                seqs.append(seq)
+                stored.append(
+                    StoredMessage(
+                        seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
+                        m.expires_at, m.target, m.envelope, dict(m.envelopes),
+                    )
+                )  # fmt: skip
+            known[key] = tuple(seqs)
+            client_rows.append(
+                (m.sender_id, m.sender_device, m.client_id, ",".join(map(str, seqs)), op.now)
+            )
+            if m.target.startswith("user:"):
+                partners = {
+                    int(mb[2:]) for mb in m.mailboxes if mb.startswith("u:") and mb[2:].isdigit()
+                } - {m.sender_id}
+                partner_rows.extend(
+                    pair for p in partners for pair in ((m.sender_id, p), (p, m.sender_id))
                 )
-            )  # fmt: skip
-        conn.execute(
-            "INSERT INTO client_ids (sender_id, sender_device, client_id, seqs, created)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (m.sender_id, m.sender_device, m.client_id, ",".join(map(str, seqs)), now),
-        )
-        if m.target.startswith("user:"):
-            partners = {
-                int(mb[2:]) for mb in m.mailboxes if mb.startswith("u:") and mb[2:].isdigit()
-            } - {m.sender_id}
+            results.append(AppendResult(tuple(seqs), duplicate=False, messages=tuple(stored)))
+        if rows:
+            conn.executemany(
+                "INSERT INTO messages (seq, mailbox, sender_id, sender_device, client_id, ts,"
+                " expires_at, target, for_all, nonce, body) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+        if device_rows:
+            conn.executemany(
+                "INSERT INTO message_devices (seq, user_id, device_id) VALUES (?, ?, ?)",
+                device_rows,
+            )
+        if client_rows:
+            conn.executemany(
+                "INSERT INTO client_ids (sender_id, sender_device, client_id, seqs, created)"
+                " VALUES (?, ?, ?, ?, ?)",
+                client_rows,
+            )
+        if partner_rows:
             conn.executemany(
                 "INSERT INTO dm_partners (user_id, partner_id) VALUES (?, ?)"
                 " ON CONFLICT (user_id, partner_id) DO NOTHING",
-                [pair for p in partners for pair in ((m.sender_id, p), (p, m.sender_id))],
+                partner_rows,
             )
-        return AppendResult(tuple(seqs), duplicate=False, messages=tuple(stored))
+        # Rows no other device reads (e.g. the sender's own inbox when it has one
+        # device) are not kept; their seqs are still reported.
+        for mailbox, (lo, hi) in ranges.items():
+            _sweep(conn, mailbox, lo, hi)
+        if len(seq_mailbox) > 2 * _SEQ_MEMORY:
+            floor = top - _SEQ_MEMORY
+            self._seq_mailbox = {k: v for k, v in seq_mailbox.items() if k > floor}
+        return results
+
+    def _apply_acks(self, conn: Conn, acks: dict[tuple[int, str], list[int]]) -> None:
+        """Move each acknowledged (device, mailbox) cursor once (writer thread)."""
+        seq_mailbox = self._seq_mailbox
+        best: dict[tuple[int, str, str], int] = {}
+        for (user_id, device_id), seqs in acks.items():
+            unknown: list[int] = []
+            for seq in seqs:
+                mailbox = seq_mailbox.get(seq)
+                if mailbox is None:
+                    unknown.append(seq)
+                    continue
+                k = (user_id, device_id, mailbox)
+                if best.get(k, 0) < seq:
+                    best[k] = seq
+            if unknown:  # older than the writer remembers (or not a message at all)
+                for chunk in _chunks(sorted(set(unknown))):
+                    sql = (
+                        "SELECT mailbox, MAX(seq) FROM messages"  # noqa: S608 (only ?s)
+                        f" WHERE seq IN ({_marks(len(chunk))}) GROUP BY mailbox"
+                    )
+                    for mailbox, seq in conn.execute(sql, tuple(chunk)):
+                        k = (user_id, device_id, mailbox)
+                        if best.get(k, 0) < int(seq):
+                            best[k] = int(seq)
+        cursor_at = self._cursor_at
+        updates: list[tuple[int, int, str, str, int]] = []
+        unswept = self._unswept
+        for k, seq in best.items():
+            old = cursor_at.get(k)
+            if old is None:
+                row = conn.execute(
+                    "SELECT acked_seq FROM cursors"
+                    " WHERE user_id = ? AND device_id = ? AND mailbox = ?",
+                    k,
+                ).fetchone()
+                if row is None:
+                    continue  # not a mailbox this device reads: ignored
+                old = int(row[0])
+            if seq <= old:
+                cursor_at[k] = old
+                continue
+            cursor_at[k] = seq
+            updates.append((seq, k[0], k[1], k[2], seq))
+            mailbox = k[2]
+            lo_hi = unswept.get(mailbox)
+            unswept[mailbox] = (old, seq) if lo_hi is None else (
+                min(lo_hi[0], old), max(lo_hi[1], seq))
+        if updates:
+            # Never moves a cursor back (the cached value may be stale after a re-join).
+            conn.executemany(
+                "UPDATE cursors SET acked_seq = ?"
+                " WHERE user_id = ? AND device_id = ? AND mailbox = ? AND acked_seq < ?",
+                updates,
+            )
+        if len(cursor_at) > _SEQ_MEMORY:
+            cursor_at.clear()
+        if self.sweep_interval <= 0:
+            self._sweep_unswept(conn)
+
+    def _sweep_unswept(self, conn: Conn) -> int:
+        """Delete what the acks since the last sweep freed (writer thread)."""
+        unswept, self._unswept = self._unswept, {}
+        return sum(_sweep(conn, mailbox, lo, hi) for mailbox, (lo, hi) in unswept.items())
 
     def _pending(
         self, conn: Conn, user_id: int, device_id: str, now: float, cutoff_ms: int
@@ -970,33 +1229,6 @@ def _dm_partners(conn: Conn, user_id: int) -> list[int]:
         "SELECT partner_id FROM dm_partners WHERE user_id = ? ORDER BY partner_id", (user_id,)
     )
     return [int(r[0]) for r in rows]
-
-
-def _ack(conn: Conn, user_id: int, device_id: str, seqs: list[int]) -> None:
-    highest: dict[str, int] = {}
-    for chunk in _chunks(seqs):
-        sql = (
-            "SELECT m.mailbox, MAX(m.seq) FROM messages m JOIN cursors c"  # noqa: S608 (only ?s)
-            " ON c.mailbox = m.mailbox AND c.user_id = ? AND c.device_id = ?"
-            f" WHERE m.seq IN ({_marks(len(chunk))}) GROUP BY m.mailbox"
-        )
-        rows = conn.execute(sql, (user_id, device_id, *chunk))
-        for mailbox, seq in rows:
-            highest[mailbox] = max(highest.get(mailbox, 0), int(seq))
-    for mailbox, seq in highest.items():
-        old = int(
-            conn.execute(
-                "SELECT acked_seq FROM cursors WHERE user_id = ? AND device_id = ? AND mailbox = ?",
-                (user_id, device_id, mailbox),
-            ).fetchone()[0]
-        )
-        if seq > old:
-            conn.execute(
-                "UPDATE cursors SET acked_seq = ?"
-                " WHERE user_id = ? AND device_id = ? AND mailbox = ?",
-                (seq, user_id, device_id, mailbox),
-            )
-            _sweep(conn, mailbox, old, seq)
 
 
 def _purge_step(

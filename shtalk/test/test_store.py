@@ -63,6 +63,9 @@ class StoreTestBase(TestCase):
         self.clock.advance(NOW)
 
     async def open_store(self, key: bytes = KEY, **kwargs: Any) -> SQLiteStore:
+        # Sweep inside each ack op, so a test sees deletions as soon as the ack fired
+        # (AckSweepTests cover the timed sweep the server uses).
+        kwargs.setdefault("sweep_interval", 0)
         store = SQLiteStore(self.path, key, clock=self.clock, **kwargs)
         await store.open()
         self.addCleanup(store.close)
@@ -662,6 +665,74 @@ class MessageTests(StoreTestBase):
         results = await gatherResults(appended)
         again = await self.open_store()
         self.assertEqual(await self.seqs(again, bob, "b1"), [r.seqs[0] for r in results])
+
+
+class AckSweepTests(StoreTestBase):
+    setup_room = MessageTests.setup_room
+    seqs = MessageTests.seqs
+
+    @async_test
+    async def test_acks_coalesce_into_one_op(self) -> None:
+        store, alice, bob, rid = await self.setup_room()
+        box = f"r:{rid}"
+        seqs = [(await store.append(msg((box,), alice, "a1", f"c{i}"))).seqs[0] for i in range(6)]
+        blocker = store.append(msg((box,), alice, "a1", "blocker"))  # a transaction in flight
+        before = store.write_ops
+        acks = [store.ack(bob.id, "b1", [s]) for s in seqs] + [
+            store.ack(alice.id, "a2", seqs[:3]),
+            store.ack(alice.id, "a2", [10**9]),  # not a message: ignored
+        ]
+        await gatherResults([blocker, *acks])
+        self.assertEqual(store.write_ops - before, 2)  # the append, then ONE op for 8 acks
+        self.assertEqual(await self.seqs(store, bob, "b1"), [(await blocker).seqs[0]])
+        self.assertEqual(await self.seqs(store, alice, "a2"), [*seqs[3:], (await blocker).seqs[0]])
+        self.assertEqual((await store.stats())["messages"], 4)
+
+    @async_test
+    async def test_sweep_runs_on_a_timer(self) -> None:
+        store = await self.open_store(sweep_interval=0.5)
+        alice = await self.user(store, "Alice", "a1")
+        bob = await self.user(store, "Bob", "b1")
+        room = await store.create_room("Lobby", "lobby", alice.id, False)
+        await store.add_member(room.id, bob.id, "member")
+        r = await store.append(msg((f"r:{room.id}",), alice, "a1", "c1"))
+        await store.ack(bob.id, "b1", r.seqs)
+        self.assertEqual(await self.seqs(store, bob, "b1"), [])  # acknowledged at once
+        self.assertEqual((await store.stats())["messages"], 1)  # deleted at the next sweep
+        self.clock.advance(0.5)
+        await store._when_idle()
+        self.assertEqual((await store.stats())["messages"], 0)
+
+    @async_test
+    async def test_close_sweeps(self) -> None:
+        store = await self.open_store(sweep_interval=60)
+        alice = await self.user(store, "Alice", "a1")
+        bob = await self.user(store, "Bob", "b1")
+        r = await store.append(msg((f"u:{bob.id}",), alice, "a1", "dm", target="user:bob"))
+        await store.ack(bob.id, "b1", r.seqs)
+        await store.close()
+        self.assertEqual(self.raw("SELECT COUNT(*) FROM messages"), [(0,)])
+
+    @async_test
+    async def test_pending_waits_for_uncommitted_acks(self) -> None:
+        store, alice, bob, rid = await self.setup_room()
+        r = await store.append(msg((f"r:{rid}",), alice, "a1", "c1"))
+        store.append(msg((f"r:{rid}",), alice, "a1", "c2"))  # keeps the writer busy
+        acked = store.ack(bob.id, "b1", r.seqs)  # buffered, not yet written
+        pending = [m.seq for m in await store.pending(bob.id, "b1")]
+        self.assertNotIn(r.seqs[0], pending)
+        self.assertTrue(acked.called)
+
+    @async_test
+    async def test_acks_after_restart_find_their_mailbox(self) -> None:
+        store, alice, bob, rid = await self.setup_room()
+        r = await store.append(msg((f"r:{rid}",), alice, "a1", "c1"))
+        await store.close()
+        again = await self.open_store()  # remembers no seq: looks the mailbox up
+        await again.ack(bob.id, "b1", r.seqs)
+        self.assertEqual(await self.seqs(again, bob, "b1"), [])
+        await again.ack(alice.id, "a2", r.seqs)
+        self.assertEqual((await again.stats())["messages"], 0)
 
 
 class EncryptionAtRestTests(StoreTestBase):
