@@ -162,6 +162,7 @@ class ShtalkClient:
                 call.cancel()
         self._housekeeping = None
         await self._flush_acks()
+        await self.e2ee.flush_states()  # "sent" marks not saved yet
         await self.session.stop()
 
     async def logout(self) -> None:
@@ -237,11 +238,13 @@ class ShtalkClient:
     async def history(
         self, conversation: str, limit: int = 100, before_ts: int | None = None
     ) -> list[HistoryMessage]:
+        await self.e2ee.flush_states()  # the newest "sent" marks first
         rows: list[HistoryMessage] = await self.store.history(conversation, limit, before_ts)
         now = self.clock.seconds()
         return [m for m in rows if m.expires_at is None or m.expires_at > now]
 
     async def search(self, text: str, conversation: str | None = None) -> list[HistoryMessage]:
+        await self.e2ee.flush_states()
         rows: list[HistoryMessage] = await self.store.search(text, conversation)
         return rows
 

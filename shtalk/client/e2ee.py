@@ -159,6 +159,8 @@ class E2EE:
         self.devices_of: dict[str, list[str]] = {}
         self._pending_room: list[tuple[float, dict[str, Any], Envelope]] = []
         self._inbox: list[tuple[dict[str, Any], Deferred[None]]] = []
+        #: delivery states ("sent") not saved yet: they go with the next commit
+        self._states: list[tuple[str, str]] = []
         self._draining = False
         #: room -> keys of its "roomchain" rows in the store
         self._room_rows: dict[str, set[str]] = {}
@@ -390,17 +392,41 @@ class E2EE:
                 expires_at,
                 "sending",
             )
-            await self.store.commit(puts=puts, messages=[record])
+            # The ratchet state that encrypted this message is durable before the
+            # ciphertext leaves (never two messages under one message key after a crash).
+            states = self._take_states()
+            try:
+                await self.store.commit(puts=puts, messages=[record], states=states)
+            except Exception:
+                self._states[:0] = states
+                raise
             sent = self.request("send", **fields)
         try:
             await sent
         except Exception as e:
-            await self.store.commit(states=[(msg_id, "failed")])
+            await self.store.commit(states=[*self._take_states(), (msg_id, "failed")])
             self.emit(MessageState(msg_id, conversation, "failed", str(e)))
             raise
-        await self.store.commit(states=[(msg_id, "sent")])
+        # "sent" is a display state, not key material: it rides along with the next commit
+        # (the next message sent or received, flush_states, housekeeping) instead of costing
+        # an fsync of its own per message.
+        self._states.append((msg_id, "sent"))
         self.emit(MessageState(msg_id, conversation, "sent"))
         return msg_id
+
+    def _take_states(self) -> list[tuple[str, str]]:
+        states, self._states = self._states, []
+        return states
+
+    async def flush_states(self) -> None:
+        """Save the delivery states not saved yet (``history`` and ``close`` call this)."""
+        states = self._take_states()
+        if states:
+            try:
+                await self.store.commit(states=states)
+            except Exception:
+                self._states[:0] = states
+                raise
 
     async def set_timer(self, conversation: str, seconds: int) -> None:
         """Disappearing messages for a conversation; announced to its other members."""
@@ -580,9 +606,11 @@ class E2EE:
         puts = self._batch_puts(batch)
         if not puts and not batch.messages:
             return True
+        states = self._take_states()
         try:
-            await self.store.commit(puts=puts, messages=batch.messages)
+            await self.store.commit(puts=puts, messages=batch.messages, states=states)
         except Exception:
+            self._states[:0] = states
             log.failure("committing received messages failed; reloading the saved state")
             try:
                 await self._reload()
@@ -784,6 +812,7 @@ class E2EE:
             if await self._commit_batch(batch):
                 for action in batch.after:
                     action()
+        await self.flush_states()
 
     def _deliver(
         self,

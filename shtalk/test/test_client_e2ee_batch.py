@@ -199,3 +199,26 @@ class ReceiveBatchTests(TestCase):
         await bob.e2ee.left_room(ROOM)
         for kind in ("room", "roomown", "roomchain"):
             self.assertEqual(await bob.store.items(kind), [])
+
+
+class SentStateTests(TestCase):
+    async def test_sent_rides_along_with_the_next_commit(self) -> None:
+        home = tempfile.mkdtemp(prefix="shtalk-e2ee-")
+        alice = Device(home, "alice")
+        a = await alice.open()
+        self.addCleanup(lambda: Deferred.fromCoroutine(alice.close()))
+        a.rooms[ROOM] = RoomSession(ROOM, "alice", "d1")
+        a.rooms[ROOM].rotate()
+        assert alice.store is not None
+        before = alice.commits
+        first = await a.send_text(f"room:{ROOM}", "one")
+        second = await a.send_text(f"room:{ROOM}", "two")
+        # One commit per message: "sent" of the first went with the second's record.
+        self.assertEqual(alice.commits - before, 2)
+        states = {m.id: m.state for m in await alice.store.history(f"room:{ROOM}")}
+        self.assertEqual(states, {first: "sent", second: "sending"})
+        await a.flush_states()
+        states = {m.id: m.state for m in await alice.store.history(f"room:{ROOM}")}
+        self.assertEqual(states, {first: "sent", second: "sent"})
+        await a.flush_states()  # nothing left: no commit
+        self.assertEqual(alice.commits - before, 3)
