@@ -138,7 +138,17 @@ class ListOf(Field):
             raise self.bad(where, "a list")
         if not (self.min_items <= len(value) <= self.max_items):
             raise self.bad(where, f"a list of {self.min_items}-{self.max_items} items")
-        return [self.item.check(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        item = self.item
+        # Fast path (ack seq lists): every item an int (not a bool) within range.
+        if (
+            isinstance(item, Int)
+            and value
+            and all(type(v) is int for v in value)
+            and item.min <= min(value)
+            and max(value) <= item.max
+        ):
+            return list(value)
+        return [item.check(v, f"{where}[{i}]") for i, v in enumerate(value)]
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,8 @@ PURGE_STEP = 2000
 _CHUNK = 500
 #: Seconds between sweeps deleting acknowledged messages (0: in every ack op).
 SWEEP_INTERVAL = 0.5
+#: Seconds an ack waits, when the writer is idle, for a transaction to ride on.
+ACK_DELAY = 0.005
 #: Recent seqs whose mailbox the writer remembers, so acks need no lookup.
 _SEQ_MEMORY = 100_000
 
@@ -366,6 +368,7 @@ class SQLiteStore:
         reactor: Any = None,
         retention: float = 30 * 24 * 3600,
         sweep_interval: float = SWEEP_INTERVAL,
+        ack_delay: float = ACK_DELAY,
     ) -> None:
         if len(storage_key) != 32:
             raise ValueError("storage_key must be 32 bytes (AES-256)")
@@ -387,6 +390,8 @@ class SQLiteStore:
         self._closing: list[Deferred[None]] | None = None
         # Acks not yet handed to the writer: seqs per device, and who waits for them.
         self.sweep_interval = float(sweep_interval)
+        self.ack_delay = float(ack_delay)
+        self._ack_call: Any = None
         self._acks: dict[tuple[int, str], list[int]] = {}
         self._ack_waiters: list[Deferred[None]] = []
         self._ack_inflight: list[Deferred[None]] | None = None
@@ -472,7 +477,7 @@ class SQLiteStore:
             self._sweep_call.cancel()
         self._sweep_call = None
         if self._accepting:
-            self._write(self._sweep_unswept)  # leave no acknowledged message behind
+            self._write(self._sweep_unswept)  # acks buffered go with it; then sweep
         self._accepting = False
         d = self._when_idle()
 
@@ -543,14 +548,19 @@ class SQLiteStore:
 
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
+        if self._ack_call is not None:
+            if self._ack_call.active():
+                self._ack_call.cancel()
+            self._ack_call = None
         if self._acks:
-            # Every ack that arrived since the last flush: one op, at the end.
+            # Every ack that arrived since the last flush: one op, first (a sweep
+            # queued with them then sees their cursors).
             acks, waiters = self._acks, self._ack_waiters
             self._acks, self._ack_waiters = {}, []
             self._ack_inflight = waiters
             done: Deferred[None] = Deferred()
             done.addBoth(self._acks_committed, waiters)
-            batch.append((lambda conn: self._apply_acks(conn, acks), done))
+            batch.insert(0, (lambda conn: self._apply_acks(conn, acks), done))
         self._writing = True
         d = self._wpool.runWithConnection(_run_batch, [op for op, _ in batch])
         d.addBoth(self._committed, batch)
@@ -603,6 +613,8 @@ class SQLiteStore:
         """Fires once every ack received so far is committed."""
         if self._acks:
             waiters = self._ack_waiters
+            if not self._writing:
+                self._flush()
         elif self._ack_inflight is not None:
             waiters = self._ack_inflight
         else:
@@ -770,9 +782,19 @@ class SQLiteStore:
             buffered.extend(int(s) for s in seqs)
         d: Deferred[None] = Deferred()
         self._ack_waiters.append(d)
-        if not self._writing:
-            self._flush()
+        if not self._writing and self._ack_call is None:
+            if self.ack_delay > 0:
+                # Ride on the next transaction (usually one with sends) rather than
+                # commit a transaction of acks alone.
+                self._ack_call = self._clock.callLater(self.ack_delay, self._ack_due)
+            else:
+                self._flush()
         return d
+
+    def _ack_due(self) -> None:
+        self._ack_call = None
+        if self._acks and not self._writing:
+            self._flush()
 
     def sweep(self) -> Deferred[int]:
         """Delete the acknowledged messages now (normally every ``sweep_interval``)."""

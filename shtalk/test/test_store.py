@@ -66,6 +66,7 @@ class StoreTestBase(TestCase):
         # Sweep inside each ack op, so a test sees deletions as soon as the ack fired
         # (AckSweepTests cover the timed sweep the server uses).
         kwargs.setdefault("sweep_interval", 0)
+        kwargs.setdefault("ack_delay", 0)  # the test clock does not advance by itself
         store = SQLiteStore(self.path, key, clock=self.clock, **kwargs)
         await store.open()
         self.addCleanup(store.close)
@@ -702,6 +703,24 @@ class AckSweepTests(StoreTestBase):
         self.clock.advance(0.5)
         await store._when_idle()
         self.assertEqual((await store.stats())["messages"], 0)
+
+    @async_test
+    async def test_ack_waits_briefly_for_a_transaction_to_ride_on(self) -> None:
+        store, alice, bob, rid = await self.setup_room()
+        store.ack_delay = 0.005
+        r = await store.append(msg((f"r:{rid}",), alice, "a1", "c1"))
+        acked = store.ack(bob.id, "b1", r.seqs)
+        self.assertFalse(acked.called)
+        before = store.write_transactions
+        self.clock.advance(0.005)
+        await acked
+        self.assertEqual(store.write_transactions - before, 1)
+        self.assertEqual(await self.seqs(store, bob, "b1"), [])
+        # An append meanwhile takes the ack along at once.
+        r = await store.append(msg((f"r:{rid}",), alice, "a1", "c2"))
+        acked = store.ack(bob.id, "b1", r.seqs)
+        await store.append(msg((f"r:{rid}",), alice, "a1", "c3"))
+        self.assertTrue(acked.called)
 
     @async_test
     async def test_close_sweeps(self) -> None:
