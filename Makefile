@@ -39,6 +39,9 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.crypto
 	$(BIN)/python -m bench.fanout
+	$(BIN)/python -m bench.e2e
+	$(BIN)/python -m bench.ratelimit
+	$(BIN)/python -m bench.urwid
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp* .mypy_cache .ruff_cache
