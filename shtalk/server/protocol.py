@@ -18,10 +18,11 @@ from twisted.cred import error as cred_error
 from twisted.cred.credentials import ICredentials
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -51,6 +52,11 @@ from shtalk.server.security import AccountSecurity
 log = Logger()
 
 PIPELINED = frozenset({"send", "ack", "ping"})
+#: TLS handshakes in progress at once; further new connections wait, unread.
+MAX_HANDSHAKES = 2
+#: A handshake slot is given back after this long even if the peer is silent, so
+#: connections that never handshake cannot hold the door shut.
+HANDSHAKE_SLOT_SECONDS = 0.5
 # Authentication events written to the operator's log (ASVS 16.3.1), success or not.
 AUDITED = frozenset({
     "register", "login", "resume", "refresh", "logout", "verify_email", "resend_verification",
@@ -88,7 +94,7 @@ class State(enum.Enum):
     AUTHENTICATED = "authenticated"
 
 
-@implementer(IChatMind)
+@implementer(IChatMind, IHandshakeListener)
 class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
     delimiter = b"\n"
     factory: ShtalkServerFactory
@@ -112,6 +118,8 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
         self._inflight: set[Deferred[None]] = set()
         self._peer_key = ""
         self._limited_at: deque[float] = deque()
+        self._handshaking = False  # holds one of the factory's handshake slots (or waits)
+        self._slot_timer: IDelayedCall | None = None
 
     # connection lifecycle ----------------------------------------------------
     def connectionMade(self) -> None:
@@ -137,8 +145,15 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
         # The pre-authentication deadline is fixed: partial data never extends it.
         self._deadline = f.clock.callLater(f.pre_auth_timeout, self._timed_out, "log in")
         self._reset_idle()
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            f.handshake_starting(self)
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake is done; let the next one in."""
+        self.factory.handshake_finished(self)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self.factory.handshake_finished(self)
         for call in (self._deadline, self._idle):
             if call is not None and call.active():
                 call.cancel()
@@ -669,6 +684,46 @@ class ShtalkServerFactory(Factory):
         self.limiter: RateLimiter | None = None
         # Account security (issue 6): set by make_chat_service; None: no checks at all.
         self.security: AccountSecurity | None = None
+        # Admission control: at most this many TLS handshakes at once; the others'
+        # sockets are not read until a slot frees, so a burst of connections (a login
+        # storm) is spread over time instead of stalling the reactor in one go.
+        self.max_handshakes = MAX_HANDSHAKES
+        self.handshaking = 0
+        self._handshake_queue: deque[ShtalkServerProtocol] = deque()
+
+    def handshake_starting(self, proto: ShtalkServerProtocol) -> None:
+        proto._handshaking = True
+        if self.handshaking < self.max_handshakes:
+            self._take_slot(proto)
+        else:
+            proto.transport.pauseProducing()  # type: ignore[union-attr]
+            self._handshake_queue.append(proto)
+
+    def handshake_finished(self, proto: ShtalkServerProtocol) -> None:
+        """Done, failed or gone: free its slot (or its place in the queue)."""
+        if not proto._handshaking:
+            return
+        proto._handshaking = False
+        timer, proto._slot_timer = proto._slot_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        try:
+            self._handshake_queue.remove(proto)
+        except ValueError:
+            self.handshaking -= 1
+        else:
+            return
+        while self._handshake_queue and self.handshaking < self.max_handshakes:
+            nxt = self._handshake_queue.popleft()
+            self._take_slot(nxt)
+            if nxt.transport is not None:
+                nxt.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _take_slot(self, proto: ShtalkServerProtocol) -> None:
+        self.handshaking += 1
+        proto._slot_timer = self.clock.callLater(
+            HANDSHAKE_SLOT_SECONDS, self.handshake_finished, proto
+        )
 
     def admit(self, host: str) -> bool:
         """Per-address cap of our own (LimitConnectionsByPeer is broken on Twisted 26)."""

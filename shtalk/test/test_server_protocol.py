@@ -342,3 +342,57 @@ class PrekeyDirectoryTests(ServerProtocolTests):
         self.assertEqual(r["error"]["code"], "not_authenticated")
         r = await self.reply(alice, alice.request("keys_fetch", user="bobn"))
         self.assertEqual(r["devices"], [])
+
+
+class HandshakeAdmissionTests(TestCase):
+    """At most MAX_HANDSHAKES TLS handshakes at once; the rest wait unread."""
+
+    class FakeTransport:
+        def __init__(self) -> None:
+            self.paused = False
+
+        def pauseProducing(self) -> None:
+            self.paused = True
+
+        def resumeProducing(self) -> None:
+            self.paused = False
+
+    def make(self) -> tuple[Any, Any, list[Any]]:
+        from twisted.internet.task import Clock
+
+        from shtalk.server.protocol import ShtalkServerFactory, ShtalkServerProtocol
+
+        clock = Clock()
+        factory = ShtalkServerFactory(None, None, clock)  # type: ignore[arg-type]
+        protos = []
+        for _ in range(5):
+            p = ShtalkServerProtocol()
+            p.transport = self.FakeTransport()  # type: ignore[assignment]
+            protos.append(p)
+        return factory, clock, protos
+
+    def test_burst_is_admitted_a_few_at_a_time(self) -> None:
+        factory, _, protos = self.make()
+        factory.max_handshakes = 2
+        for p in protos:
+            factory.handshake_starting(p)
+        self.assertEqual([p.transport.paused for p in protos], [False, False, True, True, True])
+        factory.handshake_finished(protos[0])
+        self.assertEqual([p.transport.paused for p in protos], [False, False, False, True, True])
+        factory.handshake_finished(protos[4])  # gone while waiting: frees no slot
+        factory.handshake_finished(protos[4])  # idempotent
+        self.assertEqual(factory.handshaking, 2)
+        factory.handshake_finished(protos[1])
+        self.assertFalse(protos[3].transport.paused)
+
+    def test_silent_peers_give_their_slot_back(self) -> None:
+        from shtalk.server.protocol import HANDSHAKE_SLOT_SECONDS
+
+        factory, clock, protos = self.make()
+        factory.max_handshakes = 1
+        factory.handshake_starting(protos[0])
+        factory.handshake_starting(protos[1])
+        self.assertTrue(protos[1].transport.paused)
+        clock.advance(HANDSHAKE_SLOT_SECONDS)
+        self.assertFalse(protos[1].transport.paused)
+        self.assertEqual(factory.handshaking, 1)
