@@ -37,7 +37,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from shtalk.server import tls
+from shtalk import tlsutil as tls
 
 log = Logger()
 
@@ -395,7 +395,7 @@ def connect(reactor: Any, host: str, port: int, fingerprint: str,
             timeout: float = 10.0) -> Deferred[ClientConnection]:
     """A connection accepting only the certificate with SHA-256 ``fingerprint``.
 
-    Uses `shtalk.server.tls.client_options_pinned` (TLS >= 1.2, Mozilla intermediate
+    Uses `shtalk.tlsutil.client_options_pinned` (TLS >= 1.2, Mozilla intermediate
     suites, SNI = ``host``).  Fires once the handshake completed; a different certificate
     fails with `CertificateChanged`, anything else with the underlying error.
     """

@@ -21,7 +21,7 @@ import hmac
 import os
 import tempfile
 
-from shtalk.server.tls import normalize_fingerprint
+from shtalk.tlsutil import normalize_fingerprint
 
 
 def canonical_fingerprint(fingerprint: bytes | str) -> str:

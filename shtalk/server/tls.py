@@ -15,62 +15,38 @@ prints its SHA-256 fingerprint; clients pin that fingerprint on first use, like 
 from __future__ import annotations
 
 import datetime
-import hmac
 import ipaddress
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL, crypto
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
-from zope.interface import implementer
+from OpenSSL import crypto
+from twisted.internet.ssl import CertificateOptions
 
 from shtalk.server.config import StartupError
 
-MOZILLA_INTERMEDIATE_TLS12 = (
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
-)
-"""TLS 1.2 suites allowed (TLS 1.3 suites are all AEAD + ephemeral and stay OpenSSL's)."""
-
-GROUPS = "X25519:P-256:P-384"
-"""Key-exchange groups, in preference order (OpenSSL ``SSL_CTX_set1_groups_list`` syntax)."""
-
-MINIMUM_TLS = TLSVersion.TLSv1_2
+# The policy and the client's pin live in shtalk.tlsutil (the client imports that, not
+# the server); re-exported here for the server and existing callers.
+from shtalk.tlsutil import GROUPS as GROUPS
+from shtalk.tlsutil import MINIMUM_TLS as MINIMUM_TLS
+from shtalk.tlsutil import MOZILLA_INTERMEDIATE_TLS12 as MOZILLA_INTERMEDIATE_TLS12
+from shtalk.tlsutil import PinnedClientOptions as PinnedClientOptions
+from shtalk.tlsutil import _ciphers as _ciphers
+from shtalk.tlsutil import _colon_hex as _colon_hex
+from shtalk.tlsutil import _is_ip as _is_ip
+from shtalk.tlsutil import _policy_options as _policy_options
+from shtalk.tlsutil import _restrict_groups as _restrict_groups
+from shtalk.tlsutil import client_options_pinned as client_options_pinned
+from shtalk.tlsutil import normalize_fingerprint as normalize_fingerprint
 
 SELF_SIGNED_VALIDITY = datetime.timedelta(days=3650)
 
 
 class TLSFileError(StartupError):
     """A certificate or key file is missing, unreadable, corrupt or mismatched."""
-
-
-def _ciphers() -> Any:
-    return AcceptableCiphers.fromOpenSSLCipherString(  # type: ignore[no-untyped-call]
-        MOZILLA_INTERMEDIATE_TLS12
-    )
-
-
-def _restrict_groups(ctx: SSL.Context) -> None:
-    # Private binding: pyOpenSSL exposes only set_tmp_ecdh (one curve).  Must run before
-    # the first Connection is made from ``ctx`` (pyOpenSSL freezes used contexts).
-    from OpenSSL._util import lib
-
-    if lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS.encode("ascii")) != 1:  # type: ignore[attr-defined]
-        raise RuntimeError(f"OpenSSL refused the TLS group list {GROUPS}")
-
-
-def _policy_options(**kwargs: Any) -> CertificateOptions:
-    options = CertificateOptions(raiseMinimumTo=MINIMUM_TLS, acceptableCiphers=_ciphers(), **kwargs)
-    # getContext() caches the context, so every connection uses the restricted one.
-    _restrict_groups(options.getContext())
-    return options
 
 
 def server_options(cert_pem: bytes, key_pem: bytes) -> CertificateOptions:
@@ -141,25 +117,6 @@ def cert_fingerprint(pem_bytes: bytes) -> str:
     return _colon_hex(cert.fingerprint(hashes.SHA256()))
 
 
-def _colon_hex(digest: bytes) -> str:
-    return ":".join(f"{b:02X}" for b in digest)
-
-
-def normalize_fingerprint(fingerprint: bytes | str) -> bytes:
-    """32 raw bytes from a raw digest or hex text (colons, spaces, any case allowed)."""
-    if isinstance(fingerprint, bytes) and len(fingerprint) == 32:
-        return fingerprint
-    text = fingerprint.decode("ascii") if isinstance(fingerprint, bytes) else fingerprint
-    text = text.strip()
-    if text.lower().startswith("sha256:"):
-        text = text[len("sha256:") :]
-    hexdigits = "".join(c for c in text if c not in ": ")
-    raw = bytes.fromhex(hexdigits)
-    if len(raw) != 32:
-        raise ValueError(f"a SHA-256 fingerprint has 32 bytes, not {len(raw)}")
-    return raw
-
-
 def make_self_signed(names: Iterable[str]) -> tuple[bytes, bytes]:
     """A new ECDSA P-256 key and 10-year self-signed certificate: ``(key_pem, cert_pem)``.
 
@@ -221,49 +178,3 @@ def make_self_signed(names: Iterable[str]) -> tuple[bytes, bytes]:
         serialization.NoEncryption(),
     )
     return key_pem, cert.public_bytes(serialization.Encoding.PEM)
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class PinnedClientOptions:
-    """Client TLS that accepts exactly one server certificate, named by its SHA-256.
-
-    The CA chain and hostname are not consulted: the pin is the trust decision (TOFU, as
-    with ssh).  ``hostname`` is still sent as SNI.  TLS 1.2 minimum, same suites as the
-    server.
-    """
-
-    def __init__(self, fingerprint_sha256: bytes | str, hostname: str) -> None:
-        self.pin = normalize_fingerprint(fingerprint_sha256)
-        self.hostname = hostname
-        options = _policy_options()
-        ctx = options.getContext()
-        ctx.set_verify(SSL.VERIFY_PEER, self._verify)
-        self._ctx = ctx
-
-    def _verify(
-        self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
-    ) -> bool:
-        if depth != 0:
-            return True  # the chain does not matter; only the leaf is pinned
-        der = cert.to_cryptography().fingerprint(hashes.SHA256())
-        return hmac.compare_digest(der, self.pin)
-
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        connection = SSL.Connection(self._ctx, None)
-        connection.set_app_data(tlsProtocol)
-        if self.hostname and not _is_ip(self.hostname):
-            connection.set_tlsext_host_name(self.hostname.encode("idna"))
-        return connection
-
-
-def client_options_pinned(fingerprint_sha256: bytes | str, hostname: str) -> PinnedClientOptions:
-    """An ``IOpenSSLClientConnectionCreator`` accepting only the pinned certificate."""
-    return PinnedClientOptions(fingerprint_sha256, hostname)
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
