@@ -33,8 +33,10 @@ Why it looks like this:
 from __future__ import annotations
 
 import os
+import queue
 import sqlite3
 import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -265,6 +267,72 @@ def _run_batch(conn: Conn, ops: list[Op]) -> list[tuple[bool, object]]:
     return outcomes
 
 
+def _call_run_batch(conn: Conn, ops: list[Op]) -> list[tuple[bool, object]]:
+    return _run_batch(conn, ops)  # looked up at call time (bench/fanout's probe wraps it)
+
+
+class _WriterThread:
+    """The ONE writer connection, on a thread of its own.
+
+    Cheaper per transaction than a thread pool: a C ``SimpleQueue`` in, one
+    ``callFromThread`` out, no Deferred or context plumbing on the reactor
+    thread for each hand-off.
+    """
+
+    def __init__(self, reactor: Any, path: str) -> None:
+        self._reactor = reactor
+        self._path = path
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._stopped: Deferred[None] = Deferred()
+        self._thread = threading.Thread(target=self._main, name="shtalk-sqlite-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
+               done: Callable[[Any], None]) -> None:
+        """Run ``fn(conn, *args)`` in the writer thread; ``done(result or Failure)``
+        on the reactor thread."""
+        self._jobs.put((fn, args, done))
+
+    def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        d: Deferred[T] = Deferred()
+
+        def done(result: Any) -> None:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+        self.submit(fn, args, done)
+        return d
+
+    def stop(self) -> Deferred[None]:
+        self._jobs.put(None)
+        return self._stopped
+
+    def _main(self) -> None:
+        conn: Conn | None = None
+        call = self._reactor.callFromThread
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            fn, args, done = job
+            try:
+                if conn is None:
+                    conn = sqlite3.connect(
+                        self._path, isolation_level=None, check_same_thread=False,
+                        cached_statements=256,
+                    )
+                    _setup_writer(conn)
+                result = fn(conn, *args)
+            except BaseException:
+                result = Failure()  # type: ignore[no-untyped-call]
+            call(done, result)
+        if conn is not None:
+            conn.close()
+        call(self._stopped.callback, None)
+
+
 class _AppendOp:
     """An append queued for the writer; _run_batch stores consecutive ones together."""
 
@@ -382,6 +450,7 @@ class SQLiteStore:
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._aead = AESGCM(storage_key)
         self._wpool: Any = None
+        self._writer: _WriterThread | None = None
         self._rpool: Any = None
         self._queue: list[tuple[Op, Deferred[Any]]] = []
         self._writing = False
@@ -431,6 +500,7 @@ class SQLiteStore:
         d.addCallback(lambda _: self._wpool.runWithConnection(schema.migrate, self.path))
 
         def opened(_: object) -> None:
+            self._writer = _WriterThread(self._reactor, self.path)
             self._accepting = True
 
         def failed(f: Failure) -> Failure:
@@ -484,7 +554,15 @@ class SQLiteStore:
         def checkpoint(_: object) -> Deferred[None]:
             self._rpool.close()
             self._rpool = None
-            return cast(Deferred[None], self._wpool.runWithConnection(_checkpoint))
+            if self._writer is None:
+                return cast(Deferred[None], self._wpool.runWithConnection(_checkpoint))
+            return self._writer.run(_checkpoint)
+
+        def stop_writer(result: object) -> object:
+            writer, self._writer = self._writer, None
+            if writer is None:
+                return result
+            return writer.stop().addCallback(lambda _: result)
 
         def done(result: object) -> object:
             self._close_pools()
@@ -494,6 +572,7 @@ class SQLiteStore:
             return result
 
         d.addCallback(checkpoint)
+        d.addBoth(stop_writer)
         d.addBoth(done)
         return d.addCallback(lambda _: None)
 
@@ -562,8 +641,10 @@ class SQLiteStore:
             done.addBoth(self._acks_committed, waiters)
             batch.insert(0, (lambda conn: self._apply_acks(conn, acks), done))
         self._writing = True
-        d = self._wpool.runWithConnection(_run_batch, [op for op, _ in batch])
-        d.addBoth(self._committed, batch)
+        assert self._writer is not None
+        self._writer.submit(
+            _call_run_batch, ([op for op, _ in batch],), lambda r: self._committed(r, batch)
+        )
 
     def _committed(
         self, outcome: list[tuple[bool, object]] | Failure, batch: list[tuple[Op, Deferred[Any]]]
