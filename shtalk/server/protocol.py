@@ -120,6 +120,7 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
         self._limited_at: deque[float] = deque()
         self._handshaking = False  # holds one of the factory's handshake slots (or waits)
         self._slot_timer: IDelayedCall | None = None
+        self._store_paused = False  # not reading: the store's write queue is full
 
     # connection lifecycle ----------------------------------------------------
     def connectionMade(self) -> None:
@@ -617,9 +618,30 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
 
     def on_send(self, request: Request) -> Deferred[Any]:
         a = request.args
-        return self._me().send(
+        d = self._me().send(
             a["to"], a.get("envelope"), a.get("envelopes"), a["client_id"], a.get("expires_in")
         )
+        self._push_back()
+        return d
+
+    def _push_back(self) -> None:
+        """Back-pressure: while the store's write queue is full, stop reading this
+        sender until the queue has gone into a transaction (TCP then slows it down)."""
+        store: Any = self.factory.chat.store
+        overloaded = getattr(store, "overloaded", None)
+        transport: Any = self.transport
+        if self._store_paused or overloaded is None or transport is None or not overloaded():
+            return
+        self._store_paused = True
+        transport.pauseProducing()
+
+        def resume(_: object) -> None:
+            self._store_paused = False
+            t: Any = self.transport
+            if t is not None and self.connected and not getattr(t, "disconnecting", False):
+                t.resumeProducing()
+
+        store.when_drained().addCallback(resume)
 
     def on_device_remove(self, request: Request) -> Deferred[Any]:
         d: Deferred[Any] = self._me().remove_device(request.args["device"])

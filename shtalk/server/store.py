@@ -90,6 +90,9 @@ _CHUNK = 500
 SWEEP_INTERVAL = 0.5
 #: Seconds an ack waits, when the writer is idle, for a transaction to ride on.
 ACK_DELAY = 0.005
+#: Ops waiting for the writer (beyond the transaction in flight) at which the store
+#: reports itself overloaded: the protocol then stops reading senders' sockets.
+BACKLOG_HIGH = 1000
 #: Recent seqs whose mailbox the writer remembers, so acks need no lookup.
 _SEQ_MEMORY = 100_000
 
@@ -461,6 +464,7 @@ class SQLiteStore:
         self.sweep_interval = float(sweep_interval)
         self.ack_delay = float(ack_delay)
         self._ack_call: Any = None
+        self._drain_waiters: list[Deferred[None]] = []
         self._acks: dict[tuple[int, str], list[int]] = {}
         self._ack_waiters: list[Deferred[None]] = []
         self._ack_inflight: list[Deferred[None]] | None = None
@@ -661,6 +665,10 @@ class SQLiteStore:
         # thread works while the reactor thread answers the senders.
         if self._queue or self._acks:
             self._flush()
+        if self._drain_waiters:  # the backlog went into a transaction: read again
+            drained, self._drain_waiters = self._drain_waiters, []
+            for w in drained:
+                w.callback(None)
         for (_, d), (ok, value) in zip(batch, answers, strict=True):
             if ok:
                 d.callback(value)
@@ -670,6 +678,18 @@ class SQLiteStore:
             idle, self._idle = self._idle, []
             for w in idle:
                 w.callback(None)
+
+    # --- back-pressure ---
+
+    def overloaded(self) -> bool:
+        """True while more ops wait for the writer than it should be fed."""
+        return len(self._queue) >= BACKLOG_HIGH
+
+    def when_drained(self) -> Deferred[None]:
+        """Fires when the waiting ops have been taken into a transaction."""
+        d: Deferred[None] = Deferred()
+        self._drain_waiters.append(d)
+        return d
 
     def _acks_committed(self, result: object, waiters: list[Deferred[None]]) -> None:
         if self._ack_inflight is waiters:

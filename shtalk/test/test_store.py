@@ -723,6 +723,20 @@ class AckSweepTests(StoreTestBase):
         self.assertTrue(acked.called)
 
     @async_test
+    async def test_overload_is_reported_until_the_queue_drains(self) -> None:
+        self.patch(store_module, "BACKLOG_HIGH", 3)
+        store, alice, _, rid = await self.setup_room()
+        first = store.append(msg((f"r:{rid}",), alice, "a1", "c0"))  # in flight
+        self.assertFalse(store.overloaded())
+        queued = [store.append(msg((f"r:{rid}",), alice, "a1", f"c{i}")) for i in range(1, 4)]
+        self.assertTrue(store.overloaded())
+        drained = store.when_drained()
+        await first
+        self.assertTrue(drained.called)
+        self.assertFalse(store.overloaded())
+        await gatherResults(queued)
+
+    @async_test
     async def test_close_sweeps(self) -> None:
         store = await self.open_store(sweep_interval=60)
         alice = await self.user(store, "Alice", "a1")
