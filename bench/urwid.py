@@ -6,10 +6,11 @@
 
 1. Builds a real encrypted LocalStore (cheap Argon2id: the unlock is not measured) holding
    a conversation of 10,000 messages, one of 1,000, and a few small ones.
-2. Start-up: a fresh Python process imports shtalk-urwid, opens the store, builds the
-   screen (conversation list, the newest page of the most recent conversation) and renders
-   its first 80x24 frame. Reported: process start -> first frame, with the Argon2id open
-   subtracted (measured separately in the child).
+2. Start-up: a fresh Python process runs the real `App` as shtalk-urwid does (frames
+   rendered at 80x24 by a stand-in for urwid's MainLoop): process start -> the passphrase
+   prompt (the first usable screen; the client stack is imported after it is drawn), and
+   -> the chat screen (conversation list, the newest page of the most recent
+   conversation) with the passphrase typed at once, the Argon2id open subtracted.
 3. Redraw of the 10,000-message conversation at 80x24 (and 200x60): after a new message
    (the pane re-renders), after PgUp (scrolling, older pages loading as needed), and a
    full repaint with every widget cache dropped.
@@ -65,6 +66,10 @@ async def build_store(path: str, reactor: Any) -> None:
                 batch = []
         if batch:
             await store.commit(messages=batch)
+    # Saved credentials, as after a login: the app unlocks straight into the chat.
+    creds = {"username": "alice", "device_id": "laptop", "device_label": "bench",
+             "access_token": "bench-token", "refresh_token": "bench-refresh"}
+    await store.commit(puts=[("meta", "credentials", json.dumps(creds).encode())])
     await store.close()
 
 
@@ -119,34 +124,86 @@ def task_reactor() -> Any:
 
 # ---------------------------------------------------------------------- start-up child
 def startup_child(path: str) -> None:
-    """Run in a fresh process: import, open, build, first frame; print timings."""
-    t_imports = time.perf_counter()
-    import urwid  # noqa: F401
+    """Run in a fresh process: the real `App`, as ``shtalk-urwid`` starts it, with a stand-in
+    for urwid's MainLoop that renders each frame at 80x24 (no terminal needed).  The store
+    holds saved credentials, so after the unlock the app goes straight to the chat and
+    connects in the background (to a closed port: the screen does not wait for it).
 
-    from shtalk.client.localstore import LocalStore
-    from shtalk.clientui import app  # noqa: F401  (the real import cost of shtalk-urwid)
+    Timed from process start: the first frame, the passphrase prompt (the first usable
+    screen; the client stack is imported right after it is drawn), and -- with the
+    passphrase typed at once, the worst case -- the chat screen showing the newest page
+    of the most recent conversation.  The Argon2id open inside is timed and reported."""
+    t_imports = time.perf_counter()
+    from twisted.internet import reactor
+
+    from shtalk.clientui.app import App  # what shtalk-urwid imports before its first frame
+    from shtalk.clientui.config import ClientConfig
 
     imports = time.perf_counter() - t_imports
+    since = float(os.environ["BENCH_T0"])
+    out: dict[str, Any] = {"imports": imports}
+    app = App(reactor, ClientConfig(), "127.0.0.1", 9, Path(path).parent, trust="pin")
+    app.store_path = Path(path)
 
-    async def main(reactor: Any) -> None:
-        t = time.perf_counter()
-        store = await LocalStore.open(path, PASSPHRASE, reactor)
-        argon = time.perf_counter() - t
-        t = time.perf_counter()
-        model, screen, later = make_ui(store)
-        convs = await store.conversations()
-        for key, _, _ in convs:
-            model.ensure(key)
-        model.open(convs[0][0])
-        await settle(model, later)
-        screen.render((80, 24), focus=True)
-        build = time.perf_counter() - t
-        print(json.dumps({"imports": imports, "argon2_open": argon, "build_and_frame": build,
-                          "since_start": time.time() - float(os.environ["BENCH_T0"]),
-                          "first": convs[0][0]}), flush=True)
-        await store.close()
+    class Loop:
+        """Stands in for urwid.MainLoop: `App._tick` draws through it."""
 
-    task.react(main)
+        def __init__(self) -> None:
+            self.frames: list[tuple[float, str]] = []
+
+        def draw_screen(self) -> None:
+            canvas = app.screen.render((80, 24), focus=True)
+            text = b"\n".join(canvas.text).decode("utf-8", "replace")
+            self.frames.append((time.time() - since, text))
+
+    loop = Loop()
+    app.loop = loop  # type: ignore[assignment]
+
+    async def drive() -> None:
+        while not any("Passphrase:" in text for _, text in loop.frames):
+            await task.deferLater(reactor, 0.001, lambda: None)
+        out["first_frame"] = loop.frames[0][0]
+        out["prompt"] = next(t for t, text in loop.frames if "Passphrase:" in text)
+        out["client_imports"] = time.time() - since - out["prompt"]
+        from shtalk.client.localstore import LocalStore
+
+        real_open = LocalStore.open
+
+        def timed_open(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            d = real_open(*args, **kwargs)
+
+            def record(result: Any) -> Any:
+                out["argon2_open"] = time.perf_counter() - t
+                return result
+
+            return d.addBoth(record)
+
+        LocalStore.open = timed_open  # type: ignore[method-assign]
+        for key in PASSPHRASE:
+            app.screen.keypress((80, 24), key)
+        app.screen.keypress((80, 24), "enter")
+        while True:
+            conv = app.model.current_conversation
+            if app.backend is not None and conv.key != "status" \
+                    and conv.window.items and not conv.window.loading:
+                break
+            await task.deferLater(reactor, 0.001, lambda: None)
+        app.mark_dirty()
+        app._tick()
+        out["chat"] = loop.frames[-1][0]
+        out["first"] = conv.key
+        out["chat_shows"] = conv.window.items[-1].body[:20] in loop.frames[-1][1]
+        print(json.dumps(out), flush=True)
+        app.quit()
+
+    def failed(f: Any) -> None:
+        print(f.getTraceback(), file=sys.stderr, flush=True)
+        reactor.stop()
+
+    app.schedule()
+    reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(drive()).addErrback(failed))
+    reactor.run()
 
 
 def measure_startup(path: str, runs: int = 5) -> dict[str, float]:
@@ -157,9 +214,15 @@ def measure_startup(path: str, runs: int = 5) -> dict[str, float]:
                              capture_output=True, text=True, env=env, timeout=120, check=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("{")][-1]
         results.append(json.loads(line))
-    med = {k: statistics.median(r[k] for r in results)
-           for k in ("imports", "argon2_open", "build_and_frame", "since_start")}
-    med["usable"] = med["since_start"] - med["argon2_open"]
+        assert results[-1]["chat_shows"], results[-1]
+    keys = ("imports", "first_frame", "prompt", "client_imports", "argon2_open", "chat")
+    med = {k: statistics.median(r[k] for r in results) for k in keys}
+    for k in ("prompt", "chat"):
+        med[k + "_min"] = min(r[k] for r in results)
+        med[k + "_max"] = max(r[k] for r in results)
+    usable = [r["chat"] - r["argon2_open"] for r in results]
+    med["usable"], med["usable_min"], med["usable_max"] = \
+        statistics.median(usable), min(usable), max(usable)
     return med
 
 
@@ -284,10 +347,15 @@ def render_section(r: dict[str, Any]) -> str:
         f"Machine: {r['machine']}.", "",
         "| what | target | measured |",
         "|---|---|---|",
-        f"| start-up to a usable 80x24 screen, Argon2id excluded (process start -> first "
-        f"frame, median of 5) | <= 1 s | **{s['usable'] * 1000:.0f} ms** (imports "
-        f"{s['imports'] * 1000:.0f} ms, store + screen + first frame "
-        f"{s['build_and_frame'] * 1000:.0f} ms; the cheap test Argon2id took "
+        f"| start-up to the first usable screen, 80x24: the passphrase prompt (process "
+        f"start -> frame, median of 5) | <= 1 s | **{s['prompt'] * 1000:.0f} ms** (range "
+        f"{s['prompt_min'] * 1000:.0f}-{s['prompt_max'] * 1000:.0f}; imports before it "
+        f"{s['imports'] * 1000:.0f} ms: urwid, Twisted, the screen's modules) |",
+        f"| start-up to the chat screen (newest page of the most recent conversation), "
+        f"passphrase typed at once, Argon2id excluded (median of 5) | <= 1 s | "
+        f"**{s['usable'] * 1000:.0f} ms** (range {s['usable_min'] * 1000:.0f}-"
+        f"{s['usable_max'] * 1000:.0f}; includes the client stack's imports after the "
+        f"prompt, {s['client_imports'] * 1000:.0f} ms; the cheap test Argon2id took "
         f"{s['argon2_open'] * 1000:.0f} ms and is subtracted) |",
     ]
     for key, label in (("new_message_80x24", "redraw after a new message, 80x24"),

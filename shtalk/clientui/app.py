@@ -3,6 +3,13 @@ server, register or log in, choose or unlock the local passphrase) and the chat.
 
 Everything runs on the reactor thread; Argon2 and SQLite run in threads behind
 Deferreds, the network behind Deferreds; widgets are only touched here.
+
+Start-up: this module imports only urwid, Twisted's core and the screen's modules, so
+the first frame is drawn before the client stack (local store, end-to-end crypto, TLS,
+the network session: about half of the start-up's imports) is loaded.  `App.load_client`
+imports that stack once the first screen (the passphrase prompt, or the status window on
+a first run) is on the terminal; the functions that use the client import its names
+locally, which costs nothing once it is loaded.
 """
 
 from __future__ import annotations
@@ -13,22 +20,15 @@ import socket
 import sys
 import time
 from collections.abc import Coroutine
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import urwid
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from shtalk.client.client import ShtalkClient
-from shtalk.client.connection import CertificateChanged, ServerError, fetch_fingerprint
-from shtalk.client.events import Event
-from shtalk.client.knownhosts import KnownHosts, canonical_fingerprint
-from shtalk.client.localstore import HistoryMessage, KdfParams, LocalStore, WrongPassphrase
-from shtalk.client.session import Credentials, ServerSession
-from shtalk.clientui.backend import ClientBackend
 from shtalk.clientui.config import ClientConfig
 from shtalk.clientui.controller import Controller
 from shtalk.clientui.errors import describe
@@ -39,12 +39,32 @@ from shtalk.clientui.steps import Cancelled, Steps, enroll_totp, offer_totp
 from shtalk.clientui.themes import THEMES
 from shtalk.clientui.view import ChatView, Screen, ViewCallbacks
 
+if TYPE_CHECKING:
+    from shtalk.client.client import ShtalkClient
+    from shtalk.client.events import Event
+    from shtalk.client.knownhosts import KnownHosts
+    from shtalk.client.localstore import HistoryMessage, KdfParams, LocalStore
+    from shtalk.client.session import Credentials, ServerSession
+    from shtalk.clientui.backend import ClientBackend
+
 log = Logger()
 
 CLIENT_NAME = "shtalk-urwid/0.1"
 TEST_KDF_ENV = "SHTALK_URWID_TEST_KDF"
-TEST_KDF = KdfParams(memory_kib=8192, iterations=1, lanes=1)
-"""For tests only (``SHTALK_URWID_TEST_KDF=1``): an Argon2id that takes milliseconds."""
+
+
+def test_kdf() -> KdfParams:
+    """For tests only (``SHTALK_URWID_TEST_KDF=1``): an Argon2id that takes milliseconds."""
+    from shtalk.client.localstore import KdfParams
+
+    return KdfParams(memory_kib=8192, iterations=1, lanes=1)
+
+
+def load_client() -> None:
+    """Import the client stack: the local store, the end-to-end crypto, TLS and the
+    network session (see the module's docstring)."""
+    import shtalk.client.client
+    import shtalk.clientui.backend  # noqa: F401
 
 
 def store_file(data_dir: Path, host: str, port: int) -> Path:
@@ -65,10 +85,9 @@ class App:
         self.host = host
         self.port = port
         self.data_dir = data_dir
-        self.kdf = kdf or KdfParams()
+        self.kdf = kdf  # None: the store's default (KdfParams())
         self.trust = trust
         self.store_path = store_file(data_dir, host, port)
-        self.known_hosts = KnownHosts(str(data_dir / "known_hosts"))
         self.keymap = config.keymap()
         self.theme = THEMES[config.ui.theme]
         self.loop: urwid.MainLoop | None = None
@@ -99,6 +118,23 @@ class App:
                              defer_call=lambda f: reactor.callLater(0, f))
         self.screen.set_background(self.view)
         self.first_frame: float | None = None
+        self.client_loaded = False
+
+    @cached_property
+    def known_hosts(self) -> KnownHosts:
+        from shtalk.client.knownhosts import KnownHosts
+
+        return KnownHosts(str(self.data_dir / "known_hosts"))
+
+    def load_client(self) -> None:
+        """Draw the screen as it is now, then import the client stack (`load_client`):
+        keys typed meanwhile wait in the terminal and are handled right after."""
+        if self.client_loaded:
+            return
+        self.client_loaded = True
+        self.mark_dirty()
+        self._tick()
+        load_client()
 
     # ------------------------------------------------------------------ the loop
     def _history(self, conversation: str, limit: int,
@@ -139,13 +175,18 @@ class App:
             self.screen, palette=list(self.theme.palette), screen=display,
             event_loop=urwid.TwistedEventLoop(reactor=self.reactor, manage_reactor=True),
             unhandled_input=self._input, handle_mouse=True)
+        self.schedule()
+        self.loop.run()
+        return self.exit_code
+
+    def schedule(self) -> None:
+        """What runs once the reactor does: the frame ticker, the set-up, the expiry
+        countdown (bench/urwid calls it with a stand-in loop)."""
         ticker = LoopingCall(self._tick)
         ticker.clock = self.reactor
         self.reactor.callWhenRunning(ticker.start, 0.05)
         self.reactor.callWhenRunning(self.spawn, self.boot())
         self.reactor.callWhenRunning(self._expiry_ticker)
-        self.loop.run()
-        return self.exit_code
 
     def _expiry_ticker(self) -> None:
         # Timers on expiring messages count down on screen.
@@ -191,6 +232,8 @@ class App:
             store = await self.unlock()
             if store is None:
                 return
+            from shtalk.client.client import ShtalkClient
+
             creds = await ShtalkClient.saved_credentials(store)
             if creds is not None and (creds.access_token or creds.refresh_token):
                 client = self.make_client(store, creds)
@@ -199,6 +242,7 @@ class App:
                 return
             await self.account_flow(store, creds)
         else:
+            self.load_client()
             await self.account_flow(None, None)
 
     async def progress(self, title: str, text: str, work: Deferred[Any],
@@ -224,10 +268,14 @@ class App:
     async def unlock(self) -> LocalStore | None:
         error = ""
         while True:
-            passphrase = await self.ui.ask(
+            asking = self.ui.ask(
                 "Unlock", f"This device's messages and keys for {self.host}:{self.port} are "
                 f"encrypted. Type the local passphrase.\n(store: {self.store_path})",
                 "Passphrase:", mask=True, error=error)
+            self.load_client()  # while the passphrase is typed
+            from shtalk.client.localstore import LocalStore, WrongPassphrase
+
+            passphrase = await asking
             if passphrase is None:
                 self.quit()
                 return None
@@ -244,6 +292,9 @@ class App:
     async def trust_server(self) -> bool:
         if self.trust == "system" or self.known_hosts.lookup(self.host, self.port):
             return True
+        from shtalk.client.connection import fetch_fingerprint
+        from shtalk.client.knownhosts import canonical_fingerprint
+
         while True:
             try:
                 fingerprint = await fetch_fingerprint(self.reactor, self.host, self.port)
@@ -290,6 +341,8 @@ class App:
         return d.addCallback(check)
 
     def make_client(self, store: LocalStore, creds: Credentials) -> ShtalkClient:
+        from shtalk.client.client import ShtalkClient
+
         client = ShtalkClient(
             self.reactor, store, self.host, self.port, self.known_hosts, creds,
             confirm_fingerprint=self.confirm_fingerprint, ask_password=self.ask_password,
@@ -318,6 +371,9 @@ class App:
 
     async def _account_flow(self, store: LocalStore | None,
                             creds: Credentials | None) -> None:
+        from shtalk.client.connection import ServerError
+        from shtalk.client.session import Credentials
+
         if not await self.trust_server():
             return
         username = creds.username if creds else ""
@@ -362,6 +418,9 @@ class App:
             await offer_totp(self.ui, client.session.request)
 
     async def register_flow(self) -> tuple[str, str]:
+        from shtalk.client.connection import ServerError
+        from shtalk.client.session import Credentials, ServerSession
+
         error = ""
         username = email = ""
         while True:
@@ -401,6 +460,8 @@ class App:
             return reply.get("user", username), password
 
     async def create_store(self) -> LocalStore:
+        from shtalk.client.localstore import KdfParams, LocalStore
+
         error = ""
         while True:
             first = await self.ask_field(
@@ -421,7 +482,8 @@ class App:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         store: LocalStore = await self.progress(
             "Creating the local store", "Deriving the key from your passphrase (Argon2id)\u2026",
-            LocalStore.create(str(self.store_path), first, self.reactor, kdf=self.kdf))
+            LocalStore.create(str(self.store_path), first, self.reactor,
+                              kdf=self.kdf or KdfParams()))
         self.store = store
         return store
 
@@ -440,6 +502,8 @@ class App:
 
     # ------------------------------------------------------------------ the chat
     async def enter_chat(self, client: ShtalkClient) -> None:
+        from shtalk.clientui.backend import ClientBackend
+
         backend = ClientBackend(client)
         self.backend = backend
         self.controller.backend = backend
@@ -456,6 +520,8 @@ class App:
         self.mark_dirty()
 
     async def connect(self, client: ShtalkClient) -> None:
+        from shtalk.client.connection import CertificateChanged
+
         try:
             await client.start()
         except CertificateChanged as e:
@@ -533,6 +599,8 @@ class App:
 
 
 def forget_server(data_dir: Path, host: str, port: int) -> str:
+    from shtalk.client.knownhosts import KnownHosts
+
     kh = KnownHosts(str(data_dir / "known_hosts"))
     known = kh.lookup(host, port)
     kh.forget(host, port)
@@ -542,4 +610,4 @@ def forget_server(data_dir: Path, host: str, port: int) -> str:
     return f"No certificate was pinned for {host}:{port} in {kh.path}."
 
 
-__all__ = ["TEST_KDF", "TEST_KDF_ENV", "App", "forget_server"]
+__all__ = ["TEST_KDF_ENV", "App", "forget_server", "load_client", "test_kdf"]

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from shtalk.client.connection import ConnectionLost, ServerError
-from shtalk.client.e2ee import ClientError
 from shtalk.client.events import (
     BacklogDone,
     BadMessage,
@@ -31,10 +29,12 @@ from shtalk.client.events import (
     TimerChanged,
 )
 from shtalk.clientui import commands as cmds
-from shtalk.clientui.backend import ChatBackend
 from shtalk.clientui.config import NotificationsSection
 from shtalk.clientui.errors import describe
 from shtalk.clientui.model import STATUS, ChatModel, Line, mentions
+
+if TYPE_CHECKING:  # the client stack (crypto, TLS) is imported after the first frame
+    from shtalk.clientui.backend import ChatBackend
 
 log = Logger()
 
@@ -86,6 +86,9 @@ class Controller:
         d = Deferred.fromCoroutine(coro)
 
         def failed(f: Any) -> None:
+            from shtalk.client.connection import ConnectionLost, ServerError
+            from shtalk.client.e2ee import ClientError
+
             if f.check(ServerError, ClientError, cmds.CommandError, ConnectionLost):
                 log.info("command refused: {error}", error=f.getErrorMessage())
             else:

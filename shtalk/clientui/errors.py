@@ -7,18 +7,6 @@ from typing import Any
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.python.failure import Failure
 
-from shtalk.client.connection import (
-    CertificateChanged,
-    CertificateInvalid,
-    ConnectionLost,
-    RequestTimeout,
-    ServerError,
-    UntrustedServer,
-)
-from shtalk.client.e2ee import ClientError, IdentityNotAccepted
-from shtalk.client.localstore import CorruptEntry, LocalStoreError, WrongPassphrase
-from shtalk.client.session import AuthenticationFailed
-
 SERVER_CODES: dict[str, str] = {
     "invalid_credentials": "Wrong username or password. Check both and try again "
                            "(the server does not say which one was wrong).",
@@ -48,6 +36,20 @@ SERVER_CODES: dict[str, str] = {
 
 def describe(error: BaseException | Failure | Any) -> str:
     """One or two sentences for a person; never a traceback."""
+    # Imported here, not at the top: the screen's first frame does not wait for the
+    # client stack (crypto, TLS); by the time there is an error to describe, it is loaded.
+    from shtalk.client.connection import (
+        CertificateChanged,
+        CertificateInvalid,
+        ConnectionLost,
+        RequestTimeout,
+        ServerError,
+        UntrustedServer,
+    )
+    from shtalk.client.e2ee import ClientError, IdentityNotAccepted
+    from shtalk.client.localstore import CorruptEntry, LocalStoreError, WrongPassphrase
+    from shtalk.client.session import AuthenticationFailed
+
     if isinstance(error, Failure):
         error = error.value
     if isinstance(error, CertificateChanged):

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     data_dir = Path(args.data_dir) if args.data_dir else data_home()
-    from shtalk.clientui.app import TEST_KDF, TEST_KDF_ENV, App, forget_server
+    from shtalk.clientui.app import TEST_KDF_ENV, App, forget_server, test_kdf
 
     try:
         config = ClientConfig.load(args.config)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if not sys.stdin.isatty() or not sys.stdout.isatty():
         print("shtalk-urwid: needs a terminal (stdin and stdout)", file=sys.stderr)
         return 2
-    kdf = TEST_KDF if os.environ.get(TEST_KDF_ENV) == "1" else None
+    kdf = test_kdf() if os.environ.get(TEST_KDF_ENV) == "1" else None
     from twisted.internet import reactor
 
     app = App(reactor, config, host, port, data_dir, kdf=kdf,

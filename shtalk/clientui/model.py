@@ -11,11 +11,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 
-from shtalk.client.localstore import HistoryMessage
+if TYPE_CHECKING:  # the store (and its crypto) is imported after the first frame
+    from shtalk.client.localstore import HistoryMessage
 
 STATUS = "status"  # the conversation holding client notices (no history in the store)
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 
-from shtalk.client.connection import ServerError
 from shtalk.clientui.qr import qr_text
+
+if TYPE_CHECKING:
+    from shtalk.client.connection import ServerError
 
 T = TypeVar("T")
 MAX_STEPS = 12
@@ -55,6 +57,10 @@ class Steps:
 
     async def run(self, op: Callable[[dict[str, Any]], Awaitable[T]]) -> T:
         """``op(extra)`` until it succeeds or fails with something that is not a step."""
+        # (ServerError is imported in the functions: the app imports this module for the
+        # first frame, before the client stack.)
+        from shtalk.client.connection import ServerError
+
         extra: dict[str, Any] = {}
         for _ in range(MAX_STEPS):
             try:
@@ -91,6 +97,8 @@ class Steps:
 
     async def verify_email(self) -> dict[str, Any]:
         """Ask for the emailed code (empty: send it again) until the account is active."""
+        from shtalk.client.connection import ServerError
+
         error = ""
         for _ in range(MAX_STEPS):
             code = (await self._ask(
@@ -133,6 +141,8 @@ async def offer_totp(ui: StepUI, request: Request) -> bool:
 
 
 async def enroll_totp(ui: StepUI, request: Request) -> bool:
+    from shtalk.client.connection import ServerError
+
     try:
         reply = await request("totp_enroll")
     except ServerError as e:
