@@ -46,6 +46,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -75,6 +76,7 @@ from shtalk.server.schema import check_database_file
 
 __all__ = ["EnvelopeDecryptError", "SQLiteStore", "check_database_file"]
 
+log = Logger()
 T = TypeVar("T")
 P = ParamSpec("P")
 Conn = sqlite3.Connection
@@ -506,6 +508,10 @@ class SQLiteStore:
         def opened(_: object) -> None:
             self._writer = _WriterThread(self._reactor, self.path)
             self._accepting = True
+            # Acks committed before a crash may not have been swept: do it now.
+            self._write(_sweep_all).addErrback(
+                lambda f: log.failure("sweeping acknowledged messages failed", f)
+            )
 
         def failed(f: Failure) -> Failure:
             self._close_pools()
@@ -1352,6 +1358,19 @@ def _dm_partners(conn: Conn, user_id: int) -> list[int]:
         "SELECT partner_id FROM dm_partners WHERE user_id = ? ORDER BY partner_id", (user_id,)
     )
     return [int(r[0]) for r in rows]
+
+
+def _sweep_all(conn: Conn) -> int:
+    """Sweep every mailbox over all it holds up to its furthest cursor (at start-up)."""
+    deleted = 0
+    rows = conn.execute(
+        "SELECT m.mailbox, MIN(m.seq), (SELECT MAX(c.acked_seq) FROM cursors c"
+        " WHERE c.mailbox = m.mailbox) FROM messages m GROUP BY m.mailbox"
+    ).fetchall()
+    for mailbox, lo, hi in rows:
+        if hi is not None and hi >= lo:
+            deleted += _sweep(conn, mailbox, int(lo) - 1, int(hi))
+    return deleted
 
 
 def _purge_step(

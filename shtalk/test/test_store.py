@@ -737,6 +737,20 @@ class AckSweepTests(StoreTestBase):
         await gatherResults(queued)
 
     @async_test
+    async def test_open_sweeps_what_a_crash_left(self) -> None:
+        store = await self.open_store(sweep_interval=60)
+        alice = await self.user(store, "Alice", "a1")
+        bob = await self.user(store, "Bob", "b1")
+        r = await store.append(msg((f"u:{bob.id}",), alice, "a1", "dm", target="user:bob"))
+        await store.ack(bob.id, "b1", r.seqs)
+        store._unswept.clear()  # as if killed before the sweep
+        await store.close()
+        self.assertEqual(self.raw("SELECT COUNT(*) FROM messages"), [(1,)])
+        again = await self.open_store(sweep_interval=60)
+        await again._when_idle()
+        self.assertEqual((await again.stats())["messages"], 0)
+
+    @async_test
     async def test_close_sweeps(self) -> None:
         store = await self.open_store(sweep_interval=60)
         alice = await self.user(store, "Alice", "a1")
