@@ -1037,15 +1037,15 @@ class SQLiteStore:
         seq_mailbox = self._seq_mailbox
         best: dict[tuple[int, str, str], int] = {}
         for (user_id, device_id), seqs in acks.items():
+            seqs.sort()
+            # In C: the last (highest) seq of each mailbox wins the dict.
+            highest = dict(zip(map(seq_mailbox.get, seqs), seqs, strict=True))
             unknown: list[int] = []
-            for seq in seqs:
-                mailbox = seq_mailbox.get(seq)
-                if mailbox is None:
-                    unknown.append(seq)
-                    continue
-                k = (user_id, device_id, mailbox)
-                if best.get(k, 0) < seq:
-                    best[k] = seq
+            if None in highest:
+                del highest[None]
+                unknown = [seq for seq in seqs if seq not in seq_mailbox]
+            for mailbox, seq in highest.items():
+                best[(user_id, device_id, cast(str, mailbox))] = seq
             if unknown:  # older than the writer remembers (or not a message at all)
                 for chunk in _chunks(sorted(set(unknown))):
                     sql = (
