@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shtalk.client import payload as pl
+from shtalk.client.connection import ServerError
 from shtalk.client.events import (
     BadMessage,
     Event,
@@ -500,6 +501,11 @@ class E2EE:
                 # Never hand a room key to a device whose identity changed unaccepted.
                 log.warn("not sending {room}'s key to {user}: {e}", room=room, user=member, e=e)
                 continue
+            except ServerError as e:
+                # A member whose device never published keys (no_such_device): skip that
+                # member, not every member sorted after it.
+                log.warn("not sending {room}'s key to {user}: {e}", room=room, user=member, e=e)
+                envelopes = {}
             if puts:
                 await self.store.commit(puts=puts)
             if envelopes:
