@@ -11,6 +11,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.trial.unittest import TestCase
 
+from shtalk.client.connection import ServerError
 from shtalk.client.e2ee import E2EE, ClientError
 from shtalk.client.events import BadMessage, Event, MessageReceived
 from shtalk.client.localstore import KdfParams, LocalStore
@@ -222,3 +223,29 @@ class SentStateTests(TestCase):
         self.assertEqual(states, {first: "sent", second: "sent"})
         await a.flush_states()  # nothing left: no commit
         self.assertEqual(alice.commits - before, 3)
+
+
+class DistributeTests(TestCase):
+    async def test_member_without_keys_is_skipped_not_fatal(self) -> None:
+        home = tempfile.mkdtemp(prefix="shtalk-e2ee-")
+        alice, bob = Device(home, "alice"), Device(home, "bob")
+        a, b = await alice.open(), await bob.open()
+        self.addCleanup(lambda: Deferred.fromCoroutine(alice.close()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(bob.close()))
+        bundle = base64.b64encode(b.ident.public_bundle().base().to_bytes()).decode()
+
+        def request(rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
+            alice.sent.append(dict(fields, type=rtype))
+            if rtype == "devices":
+                return succeed({"devices": [{"id": "d1"}]})
+            if rtype == "keys_fetch" and fields["user"] == "aaraw":
+                return fail(ServerError("no_such_device", "aaraw has no such device"))
+            if rtype == "keys_fetch":
+                return succeed({"devices": [{"id": "d1", "bundle": bundle}]})
+            return succeed({"ok": True})
+
+        a.request = request
+        # "aaraw" (never published keys) sorts before bob: bob still gets the key.
+        await a.joined_room(ROOM, ["alice", "aaraw", "bob"])
+        sends = [m for m in alice.sent if m["type"] == "send"]
+        self.assertEqual([m["to"] for m in sends], [{"user": "bob"}])
