@@ -701,11 +701,123 @@ async def _e2ee_room_part(spec: dict[str, Any]) -> dict[str, Any]:
     return {"paced": out_paced, "closed": out_closed}
 
 
+# -- E2EE probes through a server loaded by the plaintext room ---------------------------
+
+
+async def _e2ee_probe(spec: dict[str, Any]) -> dict[str, Any]:
+    """Two E2EE members (a sender and a receiver, in this process) in the raw load's room.
+
+    The room is made first with the raw accounts (`bench.loadclient.open_room`), then the
+    two E2EE members join and hand out their sender keys (the raw members have no keys
+    and are skipped). While the raw load runs (another process), the sender sends
+    ``probe_rate`` E2EE messages per second; the receiver's latency for them is the E2EE
+    figure, under the same server load as the raw clients' latency.  Both E2EE members
+    also receive the raw load's messages and refuse them (not envelopes) like any client."""
+    from twisted.internet import reactor, task
+    from twisted.internet.defer import Deferred
+
+    from bench.loadclient import Histogram, Run, monotonic_ns, open_room
+    from shtalk.client import e2ee as e2ee_module
+    from shtalk.client.events import BadMessage
+
+    # The raw load clients read a send time from every room message's client_id
+    # ("<anything>.<monotonic ns>"): give the E2EE messages that shape too, or they
+    # cannot parse them. (The E2EE latency is measured at the E2EE receiver, from the body.)
+    ids = iter(range(1 << 62))
+    e2ee_module.new_client_id = lambda: f"p{next(ids)}.{monotonic_ns()}"
+    co = Coordinator()
+    room = spec["room"]
+    sender = Party(spec, spec["users"][0], os.path.join(spec["home"], spec["users"][0]))
+    receiver = Party(spec, spec["users"][1], os.path.join(spec["home"], spec["users"][1]))
+    await _bounded(2, [sender.register, receiver.register])
+    raw = await open_room({**spec, "mode": "shtalk", "n": len(spec["tokens"])},
+                          Run(ceiling=False), room)
+    for c in raw:
+        await c.close()
+    for p in (sender, receiver):
+        await p.client.session.request("room_join", room=room)
+    members = [m["user"] for m in await sender.client.members(room)]
+    for p in (sender, receiver):
+        await p.client.e2ee.joined_room(room, members)
+    state: dict[str, Any] = {"hist": Histogram(), "recording": False, "got": 0,
+                             "delivered": 0, "refused": 0, "waiter": None, "errors": 0}
+
+    def got(e: Any) -> None:
+        now = monotonic_ns()
+        state["got"] += 1
+        if state["recording"]:
+            state["delivered"] += 1
+            state["hist"].add(now - int(e.body.split("|", 1)[0]), now)
+        w, state["waiter"] = state["waiter"], None
+        if w is not None:
+            w.callback(None)
+
+    receiver.on_message = got
+    real_emit = receiver.client.e2ee.emit
+
+    def emit(event: Any) -> None:
+        if isinstance(event, BadMessage):
+            state["refused"] += 1
+        real_emit(event)
+
+    receiver.client.e2ee.emit = emit
+    conv = f"room:{room}"
+    w0: Deferred[None] = Deferred()
+    state["waiter"] = w0
+    await sender.client.send(conv, _body(monotonic_ns()))
+    await w0  # the sender key reached the receiver
+    go = await co.step("ready", {"members": len(members)})
+    # The raw load starts now (its own set-up, then its warm-up and window): wait for its
+    # messages, then measure within its window.
+    deadline = time.monotonic() + 60
+    while state["refused"] < 100 and time.monotonic() < deadline:
+        await _sleep(0.05)
+    await _sleep(float(go.get("delay", spec["warmup"])))
+    rate = float(spec["probe_rate"])
+    issued = {"n": 0}
+    start_ns = monotonic_ns()
+
+    def tick() -> None:
+        due = int((monotonic_ns() - start_ns) * rate / 1e9) + 1 - issued["n"]
+        for _ in range(max(0, due)):
+            d = Deferred.fromCoroutine(sender.client.send(conv, _body(monotonic_ns())))
+            d.addErrback(lambda _: state.__setitem__("errors", state["errors"] + 1))
+        issued["n"] += max(0, due)
+
+    pacer = task.LoopingCall(tick)
+    pacer.clock = reactor  # type: ignore[assignment]
+    refused0 = state["refused"]
+    win = Window(spec["server_pid"])
+    state["hist"].t0 = monotonic_ns()
+    state["recording"] = True
+    pacer.start(0.001, now=True)
+    await _sleep(spec["window"])
+    pacer.stop()
+    state["recording"] = False
+    cpu = win.stop()
+    refused = state["refused"] - refused0
+    deadline = time.monotonic() + 20
+    while state["got"] < issued["n"] + 1 and time.monotonic() < deadline:
+        await _sleep(0.05)
+    await _bounded(2, [sender.close, receiver.close])
+    return {
+        **cpu,
+        "probe_rate": rate,
+        "delivered": state["delivered"],
+        "delivered_per_s": round(state["delivered"] / cpu["elapsed_s"], 1),
+        "raw_refused_per_s": round(refused / cpu["elapsed_s"], 1),
+        "latency": state["hist"].summary(),
+        "lost": issued["n"] + 1 - state["got"],
+        "send_errors": state["errors"],
+    }
+
+
 SCENARIOS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "raw_pair": _raw_pair,
     "e2ee_pair": _e2ee_pair,
     "e2ee_room": _e2ee_room,
     "e2ee_room_part": _e2ee_room_part,
+    "e2ee_probe": _e2ee_probe,
 }
 
 
@@ -790,39 +902,85 @@ def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     raise BenchError(f"client process ({spec['scenario']}) exited {proc.returncode}")
 
 
+def _read_step(p: subprocess.Popen[str]) -> tuple[str, dict[str, Any]]:
+    """The next ``STEP name {json}`` (or ``RESULT {json}``) line of a client process."""
+    assert p.stdout is not None
+    while True:
+        line = p.stdout.readline()
+        if not line:
+            raise BenchError(f"client process {p.pid} exited {p.wait()}")
+        if line.startswith("STEP "):
+            name, _, data = line[5:].partition(" ")
+            return name, json.loads(data)
+        if line.startswith("RESULT "):
+            return "RESULT", json.loads(line[7:])
+
+
+def _spawn_worker(spec: dict[str, Any]) -> subprocess.Popen[str]:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "bench.e2e", "--worker"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=None, env=dict(os.environ, PYTHONPATH=str(REPO)),
+        cwd=str(REPO), text=True,
+    )
+    assert p.stdin is not None
+    p.stdin.write(json.dumps(spec) + "\n")
+    p.stdin.flush()
+    return p
+
+
+def _go(p: subprocess.Popen[str], data: dict[str, Any]) -> None:
+    assert p.stdin is not None
+    p.stdin.write("GO " + json.dumps(data) + "\n")
+    p.stdin.flush()
+
+
+def run_probe(spec: dict[str, Any], load_spec: dict[str, Any], timeout: float
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """E2EE probes (one client process) through the raw room load (another process)."""
+    from bench import fanout
+
+    p = _spawn_worker({**spec, "scenario": "e2ee_probe", "time_limit": timeout})
+    try:
+        step, data = _read_step(p)
+        if step != "ready":
+            raise BenchError(f"probe process: {data}")
+        raw: dict[str, Any] = {}
+
+        def load() -> None:
+            try:
+                raw["result"] = fanout.load(load_spec, timeout=timeout)
+            except Exception as e:
+                raw["error"] = e
+
+        t = threading.Thread(target=load)
+        t.start()
+        _go(p, {"delay": spec["warmup"]})
+        step, outcome = _read_step(p)
+        t.join()
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    if "error" in raw:
+        raise BenchError(f"raw load with the probes failed: {raw['error']}")
+    if step != "RESULT" or "result" not in outcome:
+        raise BenchError(f"probe process failed: {outcome}")
+    return outcome["result"], raw["result"]
+
+
 def run_room_procs(spec: dict[str, Any], procs: int, timeout: float) -> dict[str, Any]:
     """One E2EE room whose members are spread round-robin over ``procs`` client processes,
     kept in step by barriers (each process says ``STEP name``, all get ``GO``)."""
     names = spec["users"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     started: list[subprocess.Popen[str]] = []
     try:
         for i in range(procs):
-            p = subprocess.Popen(
-                [sys.executable, "-m", "bench.e2e", "--worker"], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=None, env=env, cwd=str(REPO), text=True,
-            )
-            started.append(p)
-            part = {**spec, "scenario": "e2ee_room_part", "part": i,
-                    "local": names[i::procs], "time_limit": timeout}
-            assert p.stdin is not None
-            p.stdin.write(json.dumps(part) + "\n")
-            p.stdin.flush()
-
-        def read(p: subprocess.Popen[str]) -> tuple[str, dict[str, Any]]:
-            assert p.stdout is not None
-            while True:
-                line = p.stdout.readline()
-                if not line:
-                    raise BenchError(f"room process {p.pid} exited {p.wait()}")
-                if line.startswith("STEP "):
-                    name, _, data = line[5:].partition(" ")
-                    return name, json.loads(data)
-                if line.startswith("RESULT "):
-                    return "RESULT", json.loads(line[7:])
+            started.append(_spawn_worker({**spec, "scenario": "e2ee_room_part", "part": i,
+                                          "local": names[i::procs], "time_limit": timeout}))
 
         while True:
-            got = [read(p) for p in started]
+            got = [_read_step(p) for p in started]
             steps = {name for name, _ in got}
             if steps == {"RESULT"}:
                 break
@@ -834,9 +992,7 @@ def run_room_procs(spec: dict[str, Any], procs: int, timeout: float) -> dict[str
                 go["total_sent"] = sum(int(d["sent"]) for _, d in got)
             log(f"  room processes: {step}")
             for p in started:
-                assert p.stdin is not None
-                p.stdin.write("GO " + json.dumps(go) + "\n")
-                p.stdin.flush()
+                _go(p, go)
         parts = []
         for _, outcome in got:
             if "result" not in outcome:
@@ -1002,6 +1158,25 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 f"clients {r['client_cpu']:.2f} {r['client_cpu_per_process']}, "
                 f"paced p50 {r['paced']['latency']['p50_ms']} p99 "
                 f"{r['paced']['latency']['p99_ms']} ms, lost {r['lost']}")
+        if args.probe_rate > 0:
+            n_raw = args.room_n - 2
+            log(f"room of {args.room_n}: {n_raw} raw clients in a closed loop and 2 E2EE "
+                f"members, {args.probe_rate:g} E2EE messages/s through the loaded server ...")
+            probe, raw = run_probe(
+                {**base, "room": "proberoom", "users": ["probesender", "probereceiver"],
+                 "tokens": tokens[2:2 + n_raw], "probe_rate": args.probe_rate,
+                 "home": str(work / "probe"), "window": round(0.6 * args.duration, 2)},
+                {**base, "scenario": "fanout", "mode": "shtalk", "n": n_raw, "rate": 0,
+                 "window": 1, "room": "proberoom", "tokens": tokens[2:2 + n_raw]},
+                limit + 120)
+            raw["client_cpu"] = raw.pop("loadgen_cpu")
+            fanout.wait_idle(server)
+            results["probe_e2ee"], results["probe_raw"] = probe, raw
+            log(f"  raw: {raw['delivered_per_s']:.0f} delivered/s, p50 "
+                f"{raw['latency']['p50_ms']} p99 {raw['latency']['p99_ms']} ms; E2EE probes: "
+                f"{probe['delivered_per_s']:.1f}/s p50 {probe['latency']['p50_ms']} p99 "
+                f"{probe['latency']['p99_ms']} ms, refused {probe['raw_refused_per_s']:.0f}/s, "
+                f"lost {probe['lost']}")
         if args.experiment:
             for key, scen, extra in (
                 ("pair_e2ee_nosync", "e2ee_pair", {"users": ["carol", "dave"],
@@ -1073,6 +1248,13 @@ def ratios(res: dict[str, Any]) -> dict[str, float | None]:
         "room_paced_server_cpu": _x(_cpu_us(re_["paced"], "server_cpu"),
                                     _cpu_us(res["room_raw_paced"], "server_cpu")),
     }
+    if "probe_e2ee" in res:
+        pe2, pr2 = res["probe_e2ee"], res["probe_raw"]
+        out.update({
+            "probe_p50": _x(pe2["latency"]["p50_ms"], pr2["latency"]["p50_ms"]),
+            "probe_p99": _x(pe2["latency"]["p99_ms"], pr2["latency"]["p99_ms"]),
+            "probe_rate": _x(rr["delivered_per_s"], pr2["delivered_per_s"]),
+        })
     mp = res.get("room_e2ee_mp")
     if mp:
         out.update({
@@ -1130,6 +1312,14 @@ def build_report(res: dict[str, Any]) -> str:
         row(f"room of {res['room_n']}, closed loop", "plaintext (raw JSON)", rr),
         row(f"room of {res['room_n']}, closed loop", "E2EE (ShtalkClient)", re_),
     ])
+    if "probe_e2ee" in res:
+        pe2, pr2 = res["probe_e2ee"], res["probe_raw"]
+        what = (f"room of {res['room_n']}: {res['room_n'] - 2} raw closed-loop senders + "
+                "2 E2EE members")
+        table += "\n" + "\n".join([
+            row(what, "plaintext (raw JSON), the load", pr2),
+            row(what, f"E2EE probes, {pe2['probe_rate']:g}/s (one process)", pe2),
+        ])
     mp = res.get("room_e2ee_mp")
     if mp:
         procs = f"E2EE, members over {mp['procs']} client processes"
@@ -1180,6 +1370,15 @@ def build_report(res: dict[str, Any]) -> str:
         (f"room of {res['room_n']} paced: server CPU per delivered message (E2EE / baseline)",
          x["room_paced_server_cpu"]),
     ]
+    if "probe_e2ee" in res:
+        checks += [
+            ("E2EE probes through the loaded room: p50 (E2EE / raw, same window)",
+             x["probe_p50"]),
+            ("E2EE probes through the loaded room: p99 (E2EE / raw, same window)",
+             x["probe_p99"]),
+            ("room load delivered/s with 2 E2EE members (baseline room / this room)",
+             x["probe_rate"]),
+        ]
     if mp:
         k = mp["procs"]
         checks += [
@@ -1214,6 +1413,19 @@ def build_report(res: dict[str, Any]) -> str:
         "|---|---:|---:|",
         *cpu_rows,
     ])
+    derived = ""
+    per_delivery = _cpu_us(mp or re_, "client_cpu")
+    if per_delivery:
+        share = rr["delivered_per_s"] / res["room_n"]
+        derived = (
+            "Derived, not measured: the E2EE clients spent "
+            f"{per_delivery:,.0f} µs of CPU per delivered room message (sending included, "
+            f"{'over ' + str(mp['procs']) + ' processes' if mp else 'one process'}), so one "
+            f"member with a core of its own could take {1e6 / per_delivery:,.0f} messages/s; "
+            f"the plaintext room delivered {share:,.0f} messages/s to each member. "
+            f"Per member, E2EE needs {share * per_delivery / 1e6:.2f} of a core at the "
+            "baseline's rate (each member's store fsyncs on its own disk).\n"
+        )
     missed = [name for name, v in checks if not ok(v)]
     verdict = (
         "**Target (E2EE at most 2x the plaintext baseline): met** on every figure."
@@ -1250,6 +1462,7 @@ def build_report(res: dict[str, Any]) -> str:
         experiment,
         cpu_table,
         "",
+        derived,
         "Set-up (not measured): the E2EE room needed "
         f"{re_.get('setup_register_s', '-')} s for {res['room_n']} key generations, "
         f"registrations and logins and {re_.get('setup_room_s', '-')} s for the room "
@@ -1300,6 +1513,8 @@ def main() -> None:
     p.add_argument("--room-procs", type=int, default=4,
                    help="also run the E2EE room with its members spread over this many "
                    "client processes (1: skip)")
+    p.add_argument("--probe-rate", type=float, default=20.0,
+                   help="E2EE messages/s through the server loaded by the raw room (0: skip)")
     p.add_argument("--profile", help="cProfile the E2EE room's reactor thread during the "
                    "closed loop into this file (perturbs the figures)")
     p.add_argument("--from-json", type=Path,
