@@ -576,7 +576,12 @@ class E2EE:
                 async with self.lock:
                     taken = self._inbox[:MAX_BATCH]
                     del self._inbox[:MAX_BATCH]
-                    failed = await self._run_batch(taken)
+                    try:
+                        failed = await self._run_batch(taken)
+                    except Exception:
+                        error = Failure()  # type: ignore[no-untyped-call]
+                        log.failure("a batch of received messages failed", error)
+                        failed = {id(push): error for push, _ in taken}
                 for push, done in taken:
                     if id(push) in failed:
                         done.errback(failed[id(push)])
@@ -609,11 +614,12 @@ class E2EE:
         return failed
 
     async def _commit_batch(self, batch: _Batch) -> bool:
-        puts = self._batch_puts(batch)
-        if not puts and not batch.messages:
-            return True
-        states = self._take_states()
+        states: list[tuple[str, str]] = []
         try:
+            puts = self._batch_puts(batch)
+            if not puts and not batch.messages:
+                return True
+            states = self._take_states()
             await self.store.commit(puts=puts, messages=batch.messages, states=states)
         except Exception:
             self._states[:0] = states
