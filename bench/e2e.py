@@ -1479,20 +1479,20 @@ def write_section(path: Path, section: str) -> None:
     """Replace (or append) only our section; keep the analysis paragraphs under it."""
     text = path.read_text() if path.exists() else "# Performance\n"
     start = text.find(SECTION)
-    analysis = ""
-    if start >= 0:
-        end = text.find("\n## ", start + len(SECTION))
-        end = len(text) if end < 0 else end + 1
-        old = text[start:end]
-        marker = old.find("<!-- analysis -->")
-        if marker >= 0:
-            analysis = old[marker + len("<!-- analysis -->"):].strip("\n")
-        text = text[:start] + text[end:]
     body = section.rstrip("\n")
-    if analysis:
-        body += "\n" + analysis
-    text = text.rstrip("\n") + "\n\n" + body + "\n"
-    path.write_text(text)
+    if start < 0:
+        path.write_text(text.rstrip("\n") + "\n\n" + body + "\n")
+        return
+    end = text.find("\n## ", start + len(SECTION))
+    end = len(text) if end < 0 else end + 1
+    old = text[start:end]
+    marker = old.find("<!-- analysis -->")
+    if marker >= 0:
+        analysis = old[marker + len("<!-- analysis -->"):].strip("\n")
+        if analysis:
+            body += "\n" + analysis
+    # In place: the sections after ours stay where they are.
+    path.write_text(text[:start] + body + "\n" + ("\n" if end < len(text) else "") + text[end:])
 
 
 def main() -> None:
