@@ -21,7 +21,14 @@ server and temporary directories):
    every one a closed-loop sender, one send outstanding each); E2EE is 50 ShtalkClients in
    one room (Sender Keys), every one a closed-loop sender. Delivered messages/s = every
    message received by any member, summed.
-4. Prints the table, the ratios (baseline rate / E2EE rate, E2EE latency / baseline
+4. The same E2EE room with its members spread round-robin over ``--room-procs`` client
+   processes (default 4), kept in step by barriers (``STEP``/``GO`` lines on the workers'
+   stdout/stdin): removes the one-process GIL limit, not the 2 cores' limit.
+5. E2EE probes through the loaded server (``--probe-rate``, default 20/s): two E2EE
+   members (one process) in the room of 48 raw closed-loop senders; the E2EE receiver's
+   latency against the raw clients' latency in the same window, i.e. what E2EE adds when
+   the server, the shared resource, carries the baseline's load.
+6. Prints the table, the ratios (baseline rate / E2EE rate, E2EE latency / baseline
    latency; target <= 2x) and the CPU split, writes ``--json`` and, with ``--write``, the
    section "End-to-end encryption through the server (bench/e2e)" of docs/PERFORMANCE.md.
 
