@@ -406,7 +406,12 @@ class ChatUser:
         }
 
     def ack(self, seqs: Sequence[int]) -> Any:
-        return self.store.ack(self.user.id, self.device_id, seqs).addCallback(lambda _: {})
+        return self.ack_store(seqs).addCallback(lambda _: {})
+
+    def ack_store(self, seqs: Sequence[int]) -> Deferred[None]:
+        """The store's ack (fires None once committed): the protocol's fast path."""
+        d: Deferred[None] = self.store.ack(self.user.id, self.device_id, seqs)
+        return d
 
     def pending(self) -> Any:
         return self.store.pending(self.user.id, self.device_id)

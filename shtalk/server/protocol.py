@@ -262,6 +262,14 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
 
     def _run(self, request: Request) -> Deferred[None]:
         """Run one request; the returned Deferred always succeeds (errors were replied)."""
+        avatar = self.avatar
+        if request.type == "ack" and avatar is not None and self.state is State.AUTHENTICATED:
+            # Fast path: acks are most requests (not rate limited, not audited, no result).
+            d: Deferred[Any] = avatar.ack_store(request.args["seqs"])
+            d.addCallbacks(
+                self._acked, self._failed, callbackArgs=(request.id,), errbackArgs=(request,)
+            )
+            return d
         try:
             self._check_state(request)
             handler = getattr(self, "on_" + request.type)
@@ -343,6 +351,14 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
         ops = self.factory.chat.ops
         if rtype == "register" and result == "ok" and ops is not None:
             ops.monitor.registered(None, self._peer_key)
+
+    def _acked(self, _: object, request_id: Any) -> None:
+        transport = self.transport
+        if transport is not None:
+            if type(request_id) is int:
+                transport.write(b'{"id":%d,"ok":true}\n' % request_id)  # = frames.ok(id)
+            else:
+                transport.write(frames.ok(request_id))
 
     def _reply(self, fields: dict[str, Any] | None, request: Request) -> None:
         self._audit(request, "ok")
