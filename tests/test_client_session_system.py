@@ -163,8 +163,15 @@ class RestartTests(SessionMixin, unittest.TestCase):
     @inlineCallbacks
     def test_resume_after_server_restart(self) -> Any:
         s, rec, _creds = yield self.account(self.server)
+        seen = len(rec.states)
         self.server.restart(kill=True)
-        yield until(lambda: s.state != "authenticated" or len(rec.pushes) > 1, timeout=30)
+        # on_state records every transition, so a reconnect faster than our polling
+        # (the backoff here is 50 ms) is still seen.
+        yield until(
+            lambda: any(st == "reconnecting" for st, _ in rec.states[seen:])
+            and s.state == "authenticated",
+            timeout=30,
+        )
         reply = yield s.request("room_list", timeout=20)
         self.assertTrue(reply["ok"])
         self.assertEqual(s.state, "authenticated")
