@@ -134,6 +134,13 @@ class DirectMessageTests(E2ETestCase):
         await alice.client.send(f"user:{bob.username}", "after accepting")
         got = await bob.wait_messages(2)  # "before" (old keys) and this one
         self.assertEqual(got[-1].body, "after accepting")
+        # Someone who never talked to Bob starts a session from the directory: the
+        # one-time keys of Bob's old identity must be gone from it.
+        carol = await self.person()
+        assert carol.client
+        await carol.client.send(f"user:{bob.username}", "hello new bob")
+        got = await bob.wait_messages(3)
+        self.assertEqual(got[-1].body, "hello new bob")
 
 
 class RoomTests(E2ETestCase):

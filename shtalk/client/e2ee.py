@@ -243,6 +243,9 @@ class E2EE:
                     "keys_publish",
                     bundle=b64(bundle.base().to_bytes()),
                     one_time=fresh[i : i + 100],
+                    # A new identity on a device id the server knows (local state lost):
+                    # the one-time keys it still holds belong to the old identity.
+                    replace=first and i == 0,
                 )
                 result = reply["counts"]
             await self.store.commit(puts=[("meta", "published", b"1")])
