@@ -209,27 +209,12 @@ class ChatUser:
             room = service.rooms_by_key.get(key) if key is not None else None
             members = service.router.room_members.get(room.id) if room is not None else None
             if room is not None and members is not None:
-                if envelope is None:
-                    raise ProtocolError(ErrorCode.MISSING_FIELD, "give 'envelope' or 'envelopes'")
-                limit = service.max_envelope_bytes
-                if len(envelope) > limit:
-                    raise ProtocolError(
-                        ErrorCode.ENVELOPE_TOO_LARGE,
-                        f"envelopes are limited to {limit} bytes here",
-                    )
+                self._check_envelopes(envelope, None)
                 self._require_member(members)
-                now = service.now()
-                message = NewMessage(
-                    mailboxes=(mailbox_of("r", room.id),),
-                    sender_id=self.user.id,
-                    sender_device=self.device_id,
-                    client_id=client_id,
-                    ts=int(now * 1000),
-                    expires_at=now + expires_in if expires_in is not None else None,
-                    target=f"room:{room.name}",
-                    envelope=envelope,
-                    envelopes={},
-                )
+                message = self._message(
+                    (mailbox_of("r", room.id),), f"room:{room.name}", client_id, expires_in,
+                    envelope, {},
+                )  # fmt: skip
                 d: Deferred[Any] = service.store.append(message)
                 return d.addCallback(self._stored, message)
         return self._send(to, envelope, envelopes, client_id, expires_in)
@@ -285,16 +270,8 @@ class ChatUser:
         expires_in: int | None,
     ) -> Any:
         """Check and resolve a send; return the message and the store's Deferred."""
-        if envelope is None and not envelopes:
-            raise ProtocolError(ErrorCode.MISSING_FIELD, "give 'envelope' or 'envelopes'")
+        self._check_envelopes(envelope, envelopes)
         service = self.service
-        limit = service.max_envelope_bytes
-        if (envelope is not None and len(envelope) > limit) or any(
-            len(e) > limit for e in (envelopes or {}).values()
-        ):
-            raise ProtocolError(
-                ErrorCode.ENVELOPE_TOO_LARGE, f"envelopes are limited to {limit} bytes here"
-            )
         if "room" in to:
             room, members = yield service.room(to["room"])
             if len(self._room_keys) < 256:  # for the fast path in send()
@@ -320,20 +297,43 @@ class ChatUser:
         per_device: dict[tuple[int, str], bytes] = {}
         if envelopes:
             per_device = yield self._resolve_devices(envelopes, allowed)
-        now = service.now()
-        expires_at = now + expires_in if expires_in is not None else None
-        message = NewMessage(
+        message = self._message(mailboxes, target, client_id, expires_in, envelope, per_device)
+        return message, service.store.append(message)
+
+    def _check_envelopes(
+        self, envelope: bytes | None, envelopes: Mapping[str, bytes] | None
+    ) -> None:
+        if envelope is None and not envelopes:
+            raise ProtocolError(ErrorCode.MISSING_FIELD, "give 'envelope' or 'envelopes'")
+        limit = self.service.max_envelope_bytes
+        if (envelope is not None and len(envelope) > limit) or any(
+            len(e) > limit for e in (envelopes or {}).values()
+        ):
+            raise ProtocolError(
+                ErrorCode.ENVELOPE_TOO_LARGE, f"envelopes are limited to {limit} bytes here"
+            )
+
+    def _message(
+        self,
+        mailboxes: tuple[str, ...],
+        target: str,
+        client_id: str,
+        expires_in: int | None,
+        envelope: bytes | None,
+        per_device: dict[tuple[int, str], bytes],
+    ) -> NewMessage:
+        now = self.service.now()
+        return NewMessage(
             mailboxes=mailboxes,
             sender_id=self.user.id,
             sender_device=self.device_id,
             client_id=client_id,
             ts=int(now * 1000),
-            expires_at=expires_at,
+            expires_at=now + expires_in if expires_in is not None else None,
             target=target,
             envelope=envelope,
             envelopes=per_device,
         )
-        return message, service.store.append(message)
 
     @inlineCallbacks
     def _resolve_devices(self, envelopes: Mapping[str, bytes], allowed: set[int]) -> Any:
