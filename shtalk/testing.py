@@ -9,19 +9,18 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from twisted.cred.portal import Portal
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from shtalk.server.auth import AccessTokenChecker, BcryptChecker, ChatRealm
 from shtalk.server.chat import ChatService
 from shtalk.server.config import AccountsSection, ThrottleSection
 from shtalk.server.mailer import Mailer
 from shtalk.server.passwords import PasswordHasher
 from shtalk.server.protocol import ShtalkServerFactory, ShtalkServerProtocol
 from shtalk.server.security import AccountSecurity
+from shtalk.server.service import make_factory
 from shtalk.server.store import SQLiteStore
 from shtalk.server.tokens import TokenIssuer
 
@@ -114,22 +113,17 @@ async def build_server(
     )
     security.attach_chat(chat)
     chat.new_account_status = "pending" if accounts.require_email_verification else "active"
-    portal = Portal(
-        ChatRealm(chat),
-        [
-            BcryptChecker(store, hasher, security.second_factor),
-            AccessTokenChecker(store, issuer, clock.seconds),
-        ],
-    )
-    factory = ShtalkServerFactory(
+    factory = make_factory(
         chat,
-        portal,
+        store,
+        hasher,
+        issuer,
+        security,
         clock,
         pre_auth_timeout=pre_auth,
         idle_timeout=idle,
         max_connections_per_address=max_per_address,
     )
-    factory.security = security
     return ServerParts(store, hasher, chat, factory, clock, security, mailer)
 
 
@@ -184,8 +178,9 @@ class Peer:
         )
 
 
-def rfc6238(secret_b32: str, at: float, digits: int = 6, step: int = 30,
-            digest: str = "sha1") -> str:
+def rfc6238(
+    secret_b32: str, at: float, digits: int = 6, step: int = 30, digest: str = "sha1"
+) -> str:
     """RFC 6238 written from the RFC (HOTP of RFC 4226 over the time step)."""
     import hashlib
     import hmac
@@ -196,5 +191,5 @@ def rfc6238(secret_b32: str, at: float, digits: int = 6, step: int = 30,
     counter = struct.pack(">Q", int(at // step))
     mac = hmac.new(key, counter, getattr(hashlib, digest)).digest()
     offset = mac[-1] & 0x0F
-    value = struct.unpack(">I", mac[offset:offset + 4])[0] & 0x7FFFFFFF
+    value = struct.unpack(">I", mac[offset : offset + 4])[0] & 0x7FFFFFFF
     return str(value % 10**digits).zfill(digits)

@@ -22,7 +22,7 @@ from shtalk.server.interfaces import CorruptStore, IStore
 from shtalk.server.ops import install_operations
 from shtalk.server.passwords import PasswordHasher
 from shtalk.server.protocol import ShtalkServerFactory
-from shtalk.server.security import make_account_security
+from shtalk.server.security import AccountSecurity, make_account_security
 from shtalk.server.store import SQLiteStore, check_database_file
 from shtalk.server.tokens import TokenIssuer
 
@@ -65,6 +65,29 @@ class ChatServerService(MultiService):
     startup_notes: list[str]
 
 
+def make_factory(
+    chat: ChatService,
+    store: IStore,
+    hasher: PasswordHasher,
+    issuer: TokenIssuer,
+    security: AccountSecurity,
+    clock: IReactorTime,
+    **limits: Any,
+) -> ShtalkServerFactory:
+    """The portal (password and token checkers, the chat realm) and the protocol
+    factory over it; ``limits`` are ShtalkServerFactory's keyword arguments."""
+    portal = Portal(
+        ChatRealm(chat),
+        [
+            BcryptChecker(store, hasher, security.second_factor),
+            AccessTokenChecker(store, issuer, clock.seconds),
+        ],
+    )
+    factory = ShtalkServerFactory(chat, portal, clock, **limits)
+    factory.security = security
+    return factory
+
+
 def make_chat_service(
     config: ServerConfig, datadir: DataDir, clock: IReactorTime | None = None
 ) -> ChatServerService:
@@ -105,16 +128,12 @@ def make_chat_service(
     )
     # Account security (issue 6): email codes, CAPTCHA, TOTP, throttling.
     security = make_account_security(config, datadir, store, hasher, chat, clock)
-    portal = Portal(
-        ChatRealm(chat),
-        [
-            BcryptChecker(store, hasher, security.second_factor),
-            AccessTokenChecker(store, issuer, clock.seconds),
-        ],
-    )
-    factory = ShtalkServerFactory(
+    factory = make_factory(
         chat,
-        portal,
+        store,
+        hasher,
+        issuer,
+        security,
         clock,
         max_line_length=server.max_line_length,
         pre_auth_timeout=float(server.pre_auth_timeout),
@@ -125,7 +144,6 @@ def make_chat_service(
     StoreService(store, hasher).setServiceParent(top)  # type: ignore[no-untyped-call]
     chat.setServiceParent(top)  # type: ignore[no-untyped-call]
     security.setServiceParent(top)  # type: ignore[no-untyped-call]
-    factory.security = security
     top.startup_notes = [security.mailer.description]
     # Operations (issue 7): rate limits, sealed log, monitor, metrics, admin socket.
     install_operations(top, config, datadir, chat, factory, clock)
