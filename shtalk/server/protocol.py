@@ -391,10 +391,13 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             self.transport.write(data)
 
     def deliver(self, seq: int, line: bytes) -> None:
-        if self._holding is not None:
-            self._holding.append((seq, line))
+        # Called once per recipient per message: kept to one branch and one write.
+        if self._holding is None:
+            transport = self.transport
+            if transport is not None:
+                transport.write(line)
         else:
-            self.send_bytes(line)
+            self._holding.append((seq, line))
 
     def session_revoked(self, reason: str = "logged out") -> None:
         """The session ended elsewhere (logout, device removed): tell, then forget it."""

@@ -11,7 +11,7 @@ LocalBus here delivers within this process.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from zope.interface import Interface, implementer
@@ -35,7 +35,54 @@ def mailbox_of(kind: str, ident: int) -> str:
     return f"{kind}:{ident}"
 
 
-class Router:
+class _Versioned:
+    """Counts changes to presence and membership, so fan-out lists can be cached."""
+
+    version = 0
+
+
+class Members(dict[int, str]):
+    """A room's {user id: role}; every change invalidates the router's fan-out lists."""
+
+    def __init__(self, clock: _Versioned, members: Mapping[int, str]) -> None:
+        super().__init__(members)
+        self._clock = clock
+        clock.version += 1
+
+    def __setitem__(self, key: int, value: str) -> None:
+        self._clock.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: int) -> None:
+        self._clock.version += 1
+        super().__delitem__(key)
+
+    def pop(self, key: int, *default: Any) -> Any:
+        self._clock.version += 1
+        return super().pop(key, *default)
+
+    def _unsupported(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("change room members one at a time (the fan-out cache counts them)")
+
+    update = setdefault = popitem = clear = __ior__ = _unsupported  # type: ignore[assignment]
+
+
+class RoomMembers(dict[int, Members]):
+    """room id -> Members: whatever mapping is stored is wrapped so changes are seen."""
+
+    def __init__(self, clock: _Versioned) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def __setitem__(self, key: int, value: Mapping[int, str]) -> None:
+        super().__setitem__(key, Members(self._clock, value))
+
+    def __delitem__(self, key: int) -> None:
+        self._clock.version += 1
+        super().__delitem__(key)
+
+
+class Router(_Versioned):
     """In-memory presence and room-membership caches for this process."""
 
     def __init__(self, user_name: Callable[[int], str]) -> None:
@@ -43,12 +90,17 @@ class Router:
         # user id -> device id -> connections (a device may briefly have two).
         self.online: dict[int, dict[str, set[Any]]] = {}
         # room id -> {user id: role}; loaded on first use, kept in step by ChatService.
-        self.room_members: dict[int, dict[int, str]] = {}
+        self.room_members = RoomMembers(self)
         self.room_names: dict[int, str] = {}
+        # mailbox -> (version, every connection of every recipient): a room send
+        # is then one loop over connections.  Rebuilt after any presence or
+        # membership change (``version``).
+        self._fanout: dict[str, tuple[int, tuple[Any, ...]]] = {}
 
     # presence --------------------------------------------------------------
     def attach(self, user_id: int, device_id: str, mind: IChatMind) -> bool:
         """Return True if this is the user's first online connection."""
+        self.version += 1
         devices = self.online.setdefault(user_id, {})
         first = not devices
         devices.setdefault(device_id, set()).add(mind)
@@ -56,6 +108,7 @@ class Router:
 
     def detach(self, user_id: int, device_id: str, mind: IChatMind) -> bool:
         """Return True if the user has no connection left."""
+        self.version += 1
         devices = self.online.get(user_id)
         if devices is None:
             return False
@@ -90,6 +143,23 @@ class Router:
         members = self.room_members.get(int(ident))
         return members.keys() if members is not None else ()
 
+    def connections(self, mailbox: str) -> tuple[Any, ...]:
+        """Every online connection of every recipient of ``mailbox`` (cached)."""
+        cached = self._fanout.get(mailbox)
+        if cached is not None and cached[0] == self.version:
+            return cached[1]
+        online = self.online
+        minds = tuple(
+            mind
+            for uid in self.recipients(mailbox)
+            for conns in online.get(uid, {}).values()
+            for mind in conns
+        )
+        if len(self._fanout) > 4096:  # bounded: stale entries of idle rooms go
+            self._fanout.clear()
+        self._fanout[mailbox] = (self.version, minds)
+        return minds
+
     def encode_message(self, m: StoredMessage, envelope: bytes) -> bytes:
         fields: dict[str, Any] = {
             "seq": m.seq,
@@ -114,6 +184,19 @@ class LocalBus:
 
     def publish(self, message: StoredMessage) -> None:
         router = self.router
+        if not message.envelopes and message.envelope is not None:
+            # The common case (every room message): one line, one loop.
+            line = router.encode_message(message, message.envelope)
+            seq = message.seq
+            devices = router.online.get(message.sender_id)
+            own = devices.get(message.sender_device, ()) if devices else ()
+            n = 0
+            for mind in router.connections(message.mailbox):
+                if mind not in own:
+                    mind.deliver(seq, line)
+                    n += 1
+            self.delivered += n
+            return
         common: bytes | None = None
         sender = (message.sender_id, message.sender_device)
         for uid in router.recipients(message.mailbox):

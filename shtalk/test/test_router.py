@@ -86,3 +86,29 @@ class RouterTests(SynchronousTestCase):
         self.assertTrue(self.router.detach(1, "a2", self.minds[(1, "a2")]))  # type: ignore[arg-type]
         self.assertFalse(self.router.is_online(1))
         self.assertTrue(self.router.attach(1, "a1", mind))  # type: ignore[arg-type]
+
+    def test_fanout_follows_membership_and_presence_changes(self) -> None:
+        """The cached fan-out list is rebuilt after every change, never stale."""
+        self.bus.publish(message(20, "r:10"))
+        members = self.router.room_members[10]
+        members[3] = "member"  # carol joins
+        self.bus.publish(message(21, "r:10"))
+        del members[2]  # bob is kicked
+        self.bus.publish(message(22, "r:10"))
+        self.router.detach(1, "a2", self.minds[(1, "a2")])  # type: ignore[arg-type]
+        self.bus.publish(message(23, "r:10"))
+        late = FakeMind()
+        self.router.attach(3, "c2", late)  # type: ignore[arg-type]
+        members.pop(1)  # alice leaves
+        self.bus.publish(message(24, "r:10", sender=(3, "c1")))
+        seqs = {k: [m["seq"] for m in self.got(*k)] for k in self.minds}
+        self.assertEqual(seqs[(2, "b1")], [20, 21])
+        self.assertEqual(seqs[(3, "c1")], [21, 22, 23])
+        self.assertEqual(seqs[(1, "a2")], [20, 21, 22])
+        self.assertEqual(seqs[(1, "a1")], [])
+        self.assertEqual([s for s, _ in late.lines], [24])
+
+    def test_member_maps_refuse_bulk_changes(self) -> None:
+        # Bulk changes would bypass the fan-out cache's change count.
+        with self.assertRaises(TypeError):
+            self.router.room_members[10].update({3: "member"})
