@@ -100,34 +100,6 @@ def install_store_probe(out_path: str) -> None:
     reactor.addSystemEventTrigger("after", "shutdown", dump)  # type: ignore[attr-defined]
 
 
-def install_bcrypt_nice(niceness: int) -> None:
-    """Run inside the shtalk server (``--bcrypt-nice``): hash at a lower CPU priority.
-
-    Wraps ``PasswordHasher._run`` so each bcrypt pool thread lowers its own scheduling
-    priority (Linux ``setpriority`` on the thread id) before its first hash: the
-    experiment behind "give the reactor the CPU before bcrypt" in the report.
-    """
-    import threading
-
-    from shtalk.server import passwords
-
-    original = passwords.PasswordHasher._run
-
-    def niced(f: Any) -> Any:
-        def run(*args: Any) -> Any:
-            tid = threading.get_native_id()
-            if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
-                os.setpriority(os.PRIO_PROCESS, tid, niceness)
-            return f(*args)
-
-        return run
-
-    def _run(self: Any, f: Any, *args: Any) -> Any:
-        return original(self, niced(f), *args)
-
-    passwords.PasswordHasher._run = _run  # type: ignore[method-assign]
-
-
 def summarize_probe(path: Path) -> dict[str, Any]:
     samples = json.loads(path.read_text())
     if not samples:
@@ -229,8 +201,9 @@ def start_shtalk(
         "pre_auth_timeout = 600\n"
         "[accounts]\n"
         f"bcrypt_cost = {bcrypt_cost}\n"
+        + (f"bcrypt_nice = {bcrypt_nice}\n" if bcrypt_nice is not None else "")
         # Accounts are made by the benchmark itself: no mailbox, no human for CAPTCHAs.
-        "require_email_verification = false\n"
+        + "require_email_verification = false\n"
         "require_captcha = false\n"
         "[tokens]\n"
         "access_ttl = 7200\n"
@@ -246,8 +219,6 @@ def start_shtalk(
     boot = "from twisted.scripts.twistd import run; run()"
     if switch_interval is not None:  # an experiment, off by default
         boot = f"import sys; sys.setswitchinterval({switch_interval!r}); " + boot
-    if bcrypt_nice is not None:  # an experiment, off by default
-        boot = f"import bench.fanout as b; b.install_bcrypt_nice({bcrypt_nice!r}); " + boot
     if probe is not None:  # an experiment, off by default
         boot = f"import bench.fanout as b; b.install_store_probe({str(probe)!r}); " + boot
     argv = [
@@ -768,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="experiment: sys.setswitchinterval() in the shtalk server")
     parser.add_argument("--bcrypt-nice", type=int, default=None,
-                        help="experiment: bcrypt threads of the storm server at this niceness")
+                        help="[accounts] bcrypt_nice of the storm server (default: the server's)")
     parser.add_argument("--store-probe", action="store_true",
                         help="experiment: time the store's write transactions in the server")
     parser.add_argument("--rate", type=lambda s: [float(x) for x in s.split(",")],

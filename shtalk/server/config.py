@@ -127,6 +127,9 @@ class AccountsSection(Section):
     """Password hashing and policy (SECURITY-CHECKLIST PW-1, PW-2)."""
 
     bcrypt_cost: int = setting(12, "bcrypt work factor (log2 rounds)", min=10, max=16)
+    bcrypt_nice: int = setting(
+        10, "CPU niceness of the bcrypt threads (Linux): logins yield to the chat", min=0, max=19
+    )
     min_password_length: int = setting(
         12, "shortest password accepted, in characters", min=8, max=64
     )

@@ -110,7 +110,9 @@ def make_chat_service(
     store = SQLiteStore(
         db_path, datadir.storage_key(), clock=clock, retention=float(storage.retention)
     )
-    hasher = PasswordHasher(clock, cost=accounts.bcrypt_cost)  # type: ignore[arg-type]
+    hasher = PasswordHasher(
+        clock, cost=accounts.bcrypt_cost, nice=accounts.bcrypt_nice  # type: ignore[arg-type]
+    )
     issuer = TokenIssuer(
         datadir.jwt_private_key_pem(),
         issuer=tokens.issuer,

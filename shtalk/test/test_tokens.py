@@ -6,13 +6,16 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import sys
+import threading
 import time
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import reactor
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from shtalk.protocol.errors import ErrorCode, ProtocolError
 from shtalk.server.passwords import PasswordHasher, check_password_policy
@@ -175,3 +178,22 @@ class HasherTests(TestCase):
         t = time.perf_counter()
         self.assertFalse(await self.hasher.check("whatever-password", None))
         self.assertGreater(time.perf_counter() - t, 0)
+
+    async def test_hashing_threads_run_at_lower_priority(self) -> None:
+        """A login storm must not take the reactor's CPU share: the pool is niced."""
+        if not hasattr(os, "setpriority") or sys.platform != "linux":
+            raise SkipTest("per-thread priority is a Linux feature")
+        niced = PasswordHasher(reactor, cost=4, threads=1, nice=7)  # type: ignore[arg-type]
+        niced.start()
+        self.addCleanup(niced.stop)
+
+        def priority() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        got = await niced._run(priority)
+        assert isinstance(got, int)
+        self.assertGreaterEqual(got, max(7, mine))
+        # ... and hashing still works there; the reactor thread is untouched.
+        self.assertTrue(await niced.check("pw-123456789", await niced.hash("pw-123456789")))
+        self.assertEqual(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), mine)
