@@ -33,11 +33,10 @@ Why it looks like this:
 from __future__ import annotations
 
 import os
-import queue
 import sqlite3
 import struct
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from cryptography.exceptions import InvalidTag
@@ -73,6 +72,7 @@ from shtalk.server.records import (
     User,
 )
 from shtalk.server.schema import check_database_file
+from shtalk.sqlitethread import SQLiteThread
 
 __all__ = ["EnvelopeDecryptError", "SQLiteStore", "check_database_file"]
 
@@ -192,6 +192,14 @@ def _setup_writer(conn: Conn) -> None:
     conn.execute("PRAGMA secure_delete = ON")
 
 
+def _connect_writer(path: str) -> Conn:
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, cached_statements=256
+    )
+    _setup_writer(conn)
+    return conn
+
+
 def _setup_reader(conn: Conn) -> None:
     conn.execute("PRAGMA busy_timeout = 10000")
     conn.execute("PRAGMA query_only = ON")
@@ -274,68 +282,6 @@ def _run_batch(conn: Conn, ops: list[Op]) -> list[tuple[bool, object]]:
 
 def _call_run_batch(conn: Conn, ops: list[Op]) -> list[tuple[bool, object]]:
     return _run_batch(conn, ops)  # looked up at call time (bench/fanout's probe wraps it)
-
-
-class _WriterThread:
-    """The ONE writer connection, on a thread of its own.
-
-    Cheaper per transaction than a thread pool: a C ``SimpleQueue`` in, one
-    ``callFromThread`` out, no Deferred or context plumbing on the reactor
-    thread for each hand-off.
-    """
-
-    def __init__(self, reactor: Any, path: str) -> None:
-        self._reactor = reactor
-        self._path = path
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._stopped: Deferred[None] = Deferred()
-        self._thread = threading.Thread(target=self._main, name="shtalk-sqlite-writer", daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
-               done: Callable[[Any], None]) -> None:
-        """Run ``fn(conn, *args)`` in the writer thread; ``done(result or Failure)``
-        on the reactor thread."""
-        self._jobs.put((fn, args, done))
-
-    def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        d: Deferred[T] = Deferred()
-
-        def done(result: Any) -> None:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
-
-        self.submit(fn, args, done)
-        return d
-
-    def stop(self) -> Deferred[None]:
-        self._jobs.put(None)
-        return self._stopped
-
-    def _main(self) -> None:
-        conn: Conn | None = None
-        call = self._reactor.callFromThread
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                break
-            fn, args, done = job
-            try:
-                if conn is None:
-                    conn = sqlite3.connect(
-                        self._path, isolation_level=None, check_same_thread=False,
-                        cached_statements=256,
-                    )
-                    _setup_writer(conn)
-                result = fn(conn, *args)
-            except BaseException:
-                result = Failure()  # type: ignore[no-untyped-call]
-            call(done, result)
-        if conn is not None:
-            conn.close()
-        call(self._stopped.callback, None)
 
 
 class _AppendOp:
@@ -455,7 +401,7 @@ class SQLiteStore:
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._aead = AESGCM(storage_key)
         self._wpool: Any = None
-        self._writer: _WriterThread | None = None
+        self._writer: SQLiteThread | None = None
         self._rpool: Any = None
         self._queue: list[tuple[Op, Deferred[Any]]] = []
         self._writing = False
@@ -506,7 +452,9 @@ class SQLiteStore:
         d.addCallback(lambda _: self._wpool.runWithConnection(schema.migrate, self.path))
 
         def opened(_: object) -> None:
-            self._writer = _WriterThread(self._reactor, self.path)
+            self._writer = SQLiteThread(
+                self._reactor, partial(_connect_writer, self.path), "shtalk-sqlite-writer"
+            )
             self._accepting = True
             # Acks committed before a crash may not have been swept: do it now.
             self._write(_sweep_all).addErrback(
