@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from shtalk.client.e2ee import IdentityNotAccepted
-from shtalk.client.events import BadMessage, IdentityChanged, NewDevice
+from shtalk.client.events import BacklogDone, BadMessage, IdentityChanged, NewDevice
 from tests.clientkit import Person, sleep
 from tests.harness import ServerProcess, fresh_name
 
@@ -77,6 +77,43 @@ class DirectMessageTests(E2ETestCase):
         await bob.client.send(f"user:{alice.username}", "reply after restarts")
         got = await alice.wait_messages(1)
         self.assertEqual(got[-1].body, "reply after restarts")
+
+    async def test_redelivery_after_a_stop_before_the_ack_is_quiet(self) -> None:
+        """Stopped between the local commit and the ack: the server sends it again.
+
+        The message key is spent, so the copy cannot be decrypted; it must be
+        acknowledged without a "bad message" alarm and without a second copy.
+        """
+        alice, bob = await self.person(), await self.person()
+        assert alice.client and bob.client
+        await alice.client.send(f"user:{bob.username}", "first")
+        await bob.wait_messages(1)
+        bob.client.e2ee.ack = lambda seq: None  # the ack never leaves
+        await alice.client.send(f"user:{bob.username}", "committed, not acked")
+        await bob.wait_messages(2)
+        await bob.restart()  # the backlog holds the message again
+        assert bob.client
+        await alice.client.send(f"user:{bob.username}", "after the restart")
+        got = await bob.wait_messages(3)
+        self.assertEqual(
+            [m.body for m in got], ["first", "committed, not acked", "after the restart"]
+        )
+        self.assertEqual([e for e in bob.events if isinstance(e, BadMessage)], [])
+        history = await bob.client.history(f"user:{alice.username}")
+        self.assertEqual(
+            sorted(m.body for m in history), ["after the restart", "committed, not acked", "first"]
+        )
+        backlogs = [e.count for e in bob.events if isinstance(e, BacklogDone)]
+        self.assertEqual(backlogs[-1], 1)  # the unacknowledged one came back once
+        # ... and was acknowledged this time: a further restart replays nothing.
+        await bob.restart()
+        await bob.wait_for(
+            lambda: len([e for e in bob.events if isinstance(e, BacklogDone)]) > len(backlogs),
+            what="the backlog",
+        )
+        self.assertEqual([e.count for e in bob.events if isinstance(e, BacklogDone)][-1], 0)
+        self.assertEqual(len(bob.received()), 3)
+        self.assertEqual([e for e in bob.events if isinstance(e, BadMessage)], [])
 
     async def test_out_of_order_delivery(self) -> None:
         alice, bob = await self.person(), await self.person()
