@@ -348,8 +348,14 @@ class ChatUser:
                     raise ProtocolError(
                         ErrorCode.BAD_FIELD, f"envelopes: {user.name} is not a recipient"
                     )
-                devs = yield self.store.devices(user.id)
-                known[ukey] = (user.id, {d.device_id for d in devs})
+                # Online users' devices are cached (kept in step by login and
+                # device removal): a DM to someone online costs no database read.
+                cached = self.service.user_devices.get(user.id)
+                if cached is None:
+                    devs = yield self.store.devices(user.id)
+                    known[ukey] = (user.id, {d.device_id for d in devs})
+                else:
+                    known[ukey] = (user.id, set(cached))
             uid, device_ids = known[ukey]
             if device_id not in device_ids:
                 raise ProtocolError(

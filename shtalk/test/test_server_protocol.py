@@ -284,6 +284,31 @@ class ServerProtocolTests(TestCase):
         await spin(0.1)
         self.assertEqual([m["seq"] for m in ben3.pushes("message")], seqs[2:])
 
+    async def test_device_envelopes_follow_logins_and_removals(self) -> None:
+        """Per-device envelopes are checked against the recipient's current devices,
+        also while the recipient is online (their device list is then cached)."""
+        alice = await self.account("alicedv")
+        bob1 = await self.account("bobdv", "d1")
+        bob2 = await self.account("bobdv", "d2")
+        env = base64.b64encode(b"x" * 32).decode()
+
+        async def send(device: str) -> dict[str, Any]:
+            return await self.reply(alice, alice.request(
+                "send", to={"user": "bobdv"}, client_id=f"c-{device}-{id(object())}",
+                envelopes={f"bobdv/{device}": env},
+            ))  # fmt: skip
+
+        self.assertTrue((await send("d2"))["ok"])
+        r = await send("d3")
+        self.assertEqual(r["error"]["code"], "no_such_device")
+        await self.account("bobdv", "d3")  # a new device logs in while bob is online
+        self.assertTrue((await send("d3"))["ok"])
+        r = await self.reply(bob1, bob1.request("device_remove", device="d2"))
+        self.assertTrue(r["ok"], r)
+        self.assertEqual(bob2.pushes("logged_out")[0]["type"], "logged_out")
+        r = await send("d2")
+        self.assertEqual(r["error"]["code"], "no_such_device")
+
 
 class PrekeyDirectoryTests(ServerProtocolTests):
     """Opaque bundles; each one-time key handed out exactly once, even when raced."""
