@@ -383,8 +383,10 @@ class ChatUser:
         self, bundle: bytes | None, one_time: Sequence[Mapping[str, Any]], replace: bool = False
     ) -> Any:
         keys = [OneTimeKey(k["kind"], k["id"], k["key"]) for k in one_time]
-        counts = yield self.store.publish_keys(self.user.id, self.device_id, bundle, keys, replace)
-        if bundle is not None:
+        counts, changed = yield self.store.publish_keys(
+            self.user.id, self.device_id, bundle, keys, replace
+        )
+        if changed:  # a re-publish of the same bundle (every login) is not news
             self.service.announce_keys(self.user.id, self.device_id, "keys")
         return {"counts": counts}
 

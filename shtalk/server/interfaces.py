@@ -89,9 +89,10 @@ class IStore(Interface):
         bundle: bytes | None,
         one_time: Sequence[OneTimeKey],
         replace: bool = False,
-    ) -> Deferred[dict[str, int]]:
+    ) -> Deferred[tuple[dict[str, int], bool]]:
         """Replace the bundle (if given), add one-time keys (after dropping every earlier
-        one if ``replace``); return the remaining counts by kind."""
+        one if ``replace``); return the remaining counts by kind, and whether the device's
+        keys changed (a new or different bundle, or ``replace``)."""
 
     def key_counts(user_id: int, device_id: str) -> Deferred[dict[str, int]]: ...
 

@@ -39,7 +39,9 @@ def publish(
     one_time: Sequence[OneTimeKey],
     now: float,
     replace: bool = False,
-) -> dict[str, int]:
+) -> tuple[dict[str, int], bool]:
+    """Store the bundle and one-time keys; the counts left, and whether the bundle changed."""
+    changed = False
     if replace:
         # A device that lost its keys and made new ones (same device id): the old
         # one-time keys belong to the old identity and would fail verification.
@@ -47,6 +49,11 @@ def publish(
             "DELETE FROM one_time_keys WHERE user_id = ? AND device_id = ?", (user_id, device_id)
         )
     if bundle is not None:
+        old = conn.execute(
+            "SELECT bundle FROM device_bundles WHERE user_id = ? AND device_id = ?",
+            (user_id, device_id),
+        ).fetchone()
+        changed = old is None or bytes(old[0]) != bundle
         conn.execute(
             "INSERT INTO device_bundles (user_id, device_id, bundle, updated) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (user_id, device_id) DO UPDATE SET bundle = excluded.bundle,"
@@ -66,7 +73,7 @@ def publish(
         " ON CONFLICT DO NOTHING",
         rows,
     )
-    return counts(conn, user_id, device_id)
+    return counts(conn, user_id, device_id), changed or replace
 
 
 def claim(conn: Conn, user_id: int, device_id: str | None, now: float) -> list[ClaimedBundle]:

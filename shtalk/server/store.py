@@ -719,7 +719,7 @@ class SQLiteStore:
         bundle: bytes | None,
         one_time: Sequence[OneTimeKey],
         replace: bool = False,
-    ) -> Deferred[dict[str, int]]:
+    ) -> Deferred[tuple[dict[str, int], bool]]:
         return self._write(
             prekeys.publish, user_id, device_id, bundle, list(one_time), self._now(), replace
         )

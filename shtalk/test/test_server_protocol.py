@@ -358,6 +358,16 @@ class PrekeyDirectoryTests(ServerProtocolTests):
             {"type": "device", "user": "bobn", "device": "d1", "event": "keys"},
             alice.pushes("device"),
         )
+        # The same bundle again (a client publishes at every login): not news.
+        seen = len(alice.pushes("device"))
+        await self.publish(bob, 1)
+        await spin(0.05)
+        self.assertEqual(len(alice.pushes("device")), seen)
+        # A different bundle is announced.
+        r = await self.reply(bob, bob.request("keys_publish", bundle="b3RoZXI=", one_time=[]))
+        self.assertTrue(r["ok"], r)
+        await spin(0.05)
+        self.assertEqual(len(alice.pushes("device")), seen + 1)
         r = await self.reply(bob, bob.request("device_remove", device="nope"))
         self.assertEqual(r["error"]["code"], "no_such_device")
         r = await self.reply(bob, bob.request("device_remove", device="d1"))
