@@ -59,6 +59,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+from shtalk.client.client import ACK_DELAY as ACK_INTERVAL
+
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "PERFORMANCE.md"
 SECTION = "## End-to-end encryption through the server (bench/e2e)"
@@ -156,7 +158,7 @@ async def _raw_pair(spec: dict[str, Any]) -> dict[str, Any]:
     bob = await one(run, 1, spec["tokens"][1], spec["users"][0])
     acker = task.LoopingCall(bob.flush_acks)
     acker.clock = reactor  # type: ignore[assignment]
-    acker.start(0.010, now=False)
+    acker.start(ACK_INTERVAL, now=False)  # as ShtalkClient acks
     run.closed_loop = run.sending = True
     alice.send_one()
     await _sleep(spec["warmup"])

@@ -43,6 +43,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from shtalk.client.client import ACK_BATCH, ACK_DELAY
+
+ACK_INTERVAL = ACK_DELAY
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "PERFORMANCE.md"
 SECTION = "## Server fan-out (bench/fanout)"
@@ -656,8 +659,10 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
         "tests and benchmarks: a row with other processes well above 0 was disturbed).",
         "- Messages: `send` to the room with an opaque `envelope` (base64 of 200 random "
         "bytes), the send time in `client_id`; every recipient acknowledges, in `ack` "
-        "batches of 50 seqs or every 10 ms. The ceiling gets the same lines (its `ack` "
-        "replies are a constant line).",
+        f"batches of {args.ack_batch} seqs or every {args.ack_interval * 1000:g} ms"
+        + (" (as ShtalkClient does)"
+           if (args.ack_batch, args.ack_interval) == (ACK_BATCH, ACK_INTERVAL) else "")
+        + ". The ceiling gets the same lines (its `ack` replies are a constant line).",
         f"- Closed loop: every one of the N members is a sender with {args.window} send "
         f"outstanding, the next sent as its acknowledgement arrives. Paced: an open loop, "
         f"{rates} sends/s in total round-robin over the {args.paced_n} members from a "
@@ -732,10 +737,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=None, help="seconds before measuring")
     parser.add_argument("--window", type=int, default=1, help="closed-loop sends in flight "
                         "per sender [1]")
-    parser.add_argument("--ack-interval", type=float, default=0.010,
-                        help="seconds between ack flushes per connection [0.010]")
-    parser.add_argument("--ack-batch", type=int, default=50,
-                        help="seqs that trigger an ack at once [50]")
+    parser.add_argument("--ack-interval", type=float, default=ACK_INTERVAL,
+                        help="seconds between ack flushes per connection [ShtalkClient's, "
+                        f"{ACK_INTERVAL:g}]")
+    parser.add_argument("--ack-batch", type=int, default=ACK_BATCH,
+                        help=f"seqs that trigger an ack at once [ShtalkClient's, {ACK_BATCH}]")
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="experiment: sys.setswitchinterval() in the shtalk server")
     parser.add_argument("--bcrypt-nice", type=int, default=None,

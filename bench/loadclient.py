@@ -56,6 +56,8 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
+from shtalk.client.client import ACK_BATCH as CLIENT_ACK_BATCH
+from shtalk.client.client import ACK_DELAY as CLIENT_ACK_DELAY
 from shtalk.server.tls import client_options_pinned
 
 MSG_PREFIX = b'{"type":"message","seq":'
@@ -63,8 +65,9 @@ MSG_SEQ_AT = len(MSG_PREFIX)
 SEND_PREFIX = b'{"type":"send"'
 CID_KEY = b'"client_id":"'
 CEILING_OK = b'{"ok":true}'
-ACK_BATCH = 50
-ACK_INTERVAL = 0.010
+# Acknowledge like ShtalkClient does (the product's client is what the load models).
+ACK_BATCH = CLIENT_ACK_BATCH
+ACK_INTERVAL = CLIENT_ACK_DELAY
 BUCKET_US = 10
 BUCKETS = 200_000  # 10 us x 200,000 = 2 s; later ones land in the last bucket
 PASSWORD = "bench-tangerine-quokka-43"
