@@ -494,7 +494,13 @@ class ServerSession:
                 if self.ask_extra is None or e.code not in EXTRA_CODES:
                     raise
                 error = e.reply.get("error", {}) if isinstance(e.reply, dict) else {}
-                more = await _call(self.ask_extra, e.code, error)
+                try:
+                    more = await _call(self.ask_extra, e.code, error)
+                except CancelledError:
+                    raise
+                except Exception as x:  # the person closed the prompt, like ask_password
+                    raise AuthenticationFailed(
+                        f"{e.code}: not answered ({type(x).__name__})") from None
                 extra.update(more or {})
                 if conn.closed:
                     conn = await self._ensure_connected()

@@ -340,13 +340,23 @@ class App:
 
         return d.addCallback(check)
 
+    def ask_extra(self, code: str, error: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        """The reconnect loop's password login met a TOTP or CAPTCHA demand: prompt."""
+        client = self.client
+        if client is None:
+            return fail(Cancelled(code))
+        steps = Steps(self.ui, client.session.request_unauthenticated,
+                      client.credentials.username)
+        self.mark_dirty()
+        return Deferred.fromCoroutine(steps.answer(code, error))
+
     def make_client(self, store: LocalStore, creds: Credentials) -> ShtalkClient:
         from shtalk.client.client import ShtalkClient
 
         client = ShtalkClient(
             self.reactor, store, self.host, self.port, self.known_hosts, creds,
             confirm_fingerprint=self.confirm_fingerprint, ask_password=self.ask_password,
-            on_event=self.on_event, trust=self.trust)
+            ask_extra=self.ask_extra, on_event=self.on_event, trust=self.trust)
         client.session.client_name = CLIENT_NAME
         self.client = client
         self.store = store
@@ -401,15 +411,22 @@ class App:
                                      f"{socket.gethostname()}")
         client = self.make_client(store, creds)
         steps = Steps(self.ui, client.session.request_unauthenticated, username)
-        while True:
-            try:
-                await steps.run(partial(self._login, client, password))
-                break
-            except ServerError as e:
-                if e.code != "invalid_credentials":
-                    raise
-                password = await self.ask_field("Log in", f"The password of {username}:",
-                                                "Password:", mask=True, error=describe(e))
+        # This first login answers the server's steps itself (between progress screens);
+        # the session's ask_extra is for the logins of its reconnect loop.
+        ask_extra, client.session.ask_extra = client.session.ask_extra, None
+        try:
+            while True:
+                try:
+                    await steps.run(partial(self._login, client, password))
+                    break
+                except ServerError as e:
+                    if e.code != "invalid_credentials":
+                        raise
+                    password = await self.ask_field(
+                        "Log in", f"The password of {username}:", "Password:", mask=True,
+                        error=describe(e))
+        finally:
+            client.session.ask_extra = ask_extra
         await self.enter_chat(client)
         self.controller.notice(f"logged in as {client.credentials.username} on device "
                                f"{client.credentials.device_id}", conversation=STATUS)

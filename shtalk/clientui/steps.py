@@ -71,17 +71,30 @@ class Steps:
                     extra["captcha"] = await self.captcha(
                         detail.get("captcha"), failed=e.code == "captcha_failed")
                 elif e.code == "otp_required" or (e.code == "invalid_code" and "otp" in extra):
-                    extra["otp"] = (await self._ask(
-                        "Two-factor code",
-                        "This account has two-factor authentication. Type the 6-digit code "
-                        "from your authenticator app (or a recovery code).",
-                        "Code:", error="" if e.code == "otp_required" else
-                        "That code was not accepted; wait for the next one.")).strip()
+                    extra["otp"] = await self.otp(retry=e.code != "otp_required")
                 elif e.code == "email_not_verified":
                     await self.verify_email()
                 else:
                     raise
         raise Cancelled("too many steps")
+
+    async def otp(self, retry: bool = False) -> str:
+        return (await self._ask(
+            "Two-factor code",
+            "This account has two-factor authentication. Type the 6-digit code "
+            "from your authenticator app (or a recovery code).",
+            "Code:", error="That code was not accepted; wait for the next one." if retry
+            else "")).strip()
+
+    async def answer(self, code: str, error: dict[str, Any]) -> dict[str, Any]:
+        """What a login refusal asks for, as ServerSession's ``ask_extra`` wants it (the
+        reconnect loop's password login of an account with TOTP or under a CAPTCHA)."""
+        if code in ("captcha_required", "captcha_failed"):
+            return {"captcha": await self.captcha(error.get("captcha"),
+                                                  failed=code == "captcha_failed")}
+        if code == "otp_required":
+            return {"otp": await self.otp()}
+        raise Cancelled(code)
 
     async def captcha(self, challenge: Any, failed: bool = False) -> dict[str, str]:
         if not isinstance(challenge, dict) or "id" not in challenge:

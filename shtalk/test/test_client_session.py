@@ -302,6 +302,36 @@ class AuthTests(SessionTestCase):
         self.pump()
         self.failureResultOf(d, AuthenticationFailed)
 
+    def test_second_factor_asked_in_the_reconnect_loop(self) -> None:
+        """A password login that meets otp_required asks ``ask_extra`` and retries with
+        the answer; closing that prompt stops like closing the password prompt."""
+        self.creds.access_token = self.creds.refresh_token = None
+        self.server.handlers["login"] = lambda r: (
+            tokens(4) if r.get("otp") == "123456" else error("otp_required"))
+        asked: list[str] = []
+
+        def ask_extra(code: str, err: dict[str, Any]) -> dict[str, Any]:
+            asked.append(code)
+            return {"otp": "123456"}
+
+        s = self.make(ask_extra=ask_extra)
+        d = s.start()
+        self.pump()
+        self.successResultOf(d)
+        self.assertEqual(asked, ["otp_required"])
+        self.assertEqual([r.get("otp") for r in self.server.requests
+                          if r["type"] == "login"], [None, "123456"])
+        self.assert_no_secrets(*[m for _, m in self.states])
+
+    def test_closed_second_factor_prompt_stops(self) -> None:
+        self.creds.access_token = self.creds.refresh_token = None
+        self.server.handlers["login"] = lambda r: error("otp_required")
+        s = self.make(ask_extra=lambda code, err: fail(RuntimeError("closed")))
+        d = s.start()
+        self.pump()
+        self.failureResultOf(d, AuthenticationFailed)
+        self.assertEqual(self.server.types().count("login"), 1)
+
     def test_logged_out_push_reauthenticates(self) -> None:
         self.server.handlers["refresh"] = lambda r: error("token_revoked")
         self.server.handlers["login"] = lambda r: tokens(4)

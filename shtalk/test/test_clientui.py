@@ -573,6 +573,39 @@ class DialogTests(unittest.TestCase):
         self.assertEqual(seen[-1], {"captcha": {"id": "cap_1", "answer": "AB12"},
                                     "otp": "123456"})
 
+    def test_reconnect_login_steps_are_prompts(self) -> None:
+        """The reconnect loop's password login meets a TOTP or CAPTCHA demand: the app's
+        ``ask_extra`` (handed to the client) prompts and answers in the session's terms."""
+        import tempfile
+        from types import SimpleNamespace
+
+        from twisted.internet.task import Clock
+
+        from shtalk.clientui.app import App
+
+        app = App(Clock(), ClientConfig(), "chat.example", 6697, Path(tempfile.mkdtemp()))
+        app.client = SimpleNamespace(  # type: ignore[assignment]
+            credentials=SimpleNamespace(username="alice"),
+            session=SimpleNamespace(request_unauthenticated=lambda *a, **k: succeed({})))
+        size = (80, 24)
+
+        def keys(text: str) -> None:
+            for ch in [*text, "enter"]:
+                app.screen.keypress(size, ch)
+
+        d = app.ask_extra("otp_required", {"code": "otp_required"})
+        self.assertIn("6-digit code", text_of(app.screen, size))
+        keys("123456")
+        self.assertEqual(self.successResultOf(d), {"otp": "123456"})
+        d = app.ask_extra("captcha_required", {"captcha": {"id": "cap_9", "art": "# # #",
+                                                            "hint": "type it"}})
+        self.assertIn("# # #", text_of(app.screen, size))
+        keys("XYZ")
+        self.assertEqual(self.successResultOf(d),
+                         {"captcha": {"id": "cap_9", "answer": "XYZ"}})
+        # Something it cannot answer goes back to the session as a refusal.
+        self.failureResultOf(app.ask_extra("email_not_verified", {}))
+
     def test_email_code_step(self) -> None:
         h = Harness()
         calls: list[tuple[str, dict[str, Any]]] = []
