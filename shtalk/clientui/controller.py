@@ -67,7 +67,6 @@ class Controller:
         self.later = later or (lambda delay, f: f())
         self.pending: dict[str, str] = {}  # temporary line id -> conversation
         self._pending_ids = 0
-        self.presence: dict[str, str] = {}
         self.away_count = 0
         self.backlog_seen = False
         self.away_reported = False
@@ -161,7 +160,7 @@ class Controller:
             self.notice(f"You were invited to #{event.room}{by}: /join {event.room}",
                         conversation=STATUS)
         elif isinstance(event, Presence):
-            self.presence[event.user] = event.status
+            m.set_presence(event.user, event.status)
         elif isinstance(event, TimerChanged):
             conv = m.ensure(event.conversation)
             conv.timer = event.seconds
@@ -422,9 +421,13 @@ class Controller:
 
         async def run() -> None:
             members = await backend.members(name)
+            for x in members:
+                if "online" in x:
+                    self.model.set_presence(x["user"], "online" if x["online"] else "offline")
             names = ", ".join(
                 f"{x['user']}" + (f" ({x['role']})" if x.get("role") not in (None, "member")
-                                  else "") for x in members)
+                                  else "") + (" ●" if x.get("online") else "")
+                for x in members)
             self.notice(f"#{name}: {len(members)} members: {names}")
 
         self.spawn(run())
@@ -548,7 +551,7 @@ class Controller:
         if kind == cmds.USER:
             users = set(b.known_users()) if b else set()
             users.update(c.name for c in self.model.conversations.values() if c.kind == "user")
-            users.update(self.presence)
+            users.update(self.model.presence)
             users.discard(self.model.me)
             return sorted(users)
         if kind == cmds.ROOM:

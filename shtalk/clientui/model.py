@@ -303,7 +303,15 @@ class ChatModel:
         self.order: list[str] = []
         self.current = STATUS
         self.listeners: list[Callable[[str], None]] = []  # "list", "status", "current"
+        #: user -> "online" / "offline", as far as the server told us (presence pushes
+        #: and /who replies); a user we heard nothing about has no entry.
+        self.presence: dict[str, str] = {}
         self.ensure(STATUS)
+
+    def set_presence(self, user: str, status: str) -> None:
+        if self.presence.get(user) != status:
+            self.presence[user] = status
+            self.notify("list")
 
     def notify(self, what: str) -> None:
         for f in list(self.listeners):

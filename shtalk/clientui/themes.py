@@ -16,7 +16,7 @@ ATTRS = (
     "conv_unread", "conv_mention", "time", "me", "sender", "body", "mention", "info", "error",
     "state_sending", "state_ok", "state_failed", "timer", "verified", "unverified", "changed",
     "input", "prompt", "help_key", "help_cat", "dialog", "dialog_title", "progress_todo",
-    "progress_done",
+    "progress_done", "online", "offline",
 )
 
 
@@ -64,6 +64,8 @@ _DARK16 = (
     _p("dialog_title", "white,bold", "dark blue", "bold"),
     _p("progress_todo", "light gray", "dark gray"),
     _p("progress_done", "black", "light cyan", "standout"),
+    _p("online", "light green,bold", "black", "bold"),
+    _p("offline", "dark gray", "black"),
 )
 
 _LIGHT16 = tuple(
@@ -96,7 +98,8 @@ _DARK256 = _high(_DARK16, {
     "input": ("h255", "g11"), "prompt": ("h117,bold", "g11"), "help_key": ("h221,bold", "g11"),
     "help_cat": ("h117,bold,underline", "g11"), "dialog": ("h252", "h236"),
     "dialog_title": ("h255,bold", "h24"), "progress_todo": ("h250", "h238"),
-    "progress_done": ("h16", "h117"),
+    "progress_done": ("h16", "h117"), "online": ("h114,bold", "h235"),
+    "offline": ("h242", "h235"),
 })
 
 THEMES: dict[str, Theme] = {

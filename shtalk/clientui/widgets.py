@@ -13,6 +13,9 @@ from shtalk.clientui.model import ChatModel, Conversation
 
 TRUST_MARK = {"verified": ("verified", "\u2713"), "unverified": ("unverified", "?"),
               "changed": ("changed", "!")}
+# Presence before a direct conversation's name: filled online, hollow offline, nothing
+# while unknown (the server tells changes, and /who the state of a room's members).
+PRESENCE_MARK = {"online": ("online", "\u25cf "), "offline": ("offline", "\u25cb ")}
 
 
 class ConversationRow(urwid.Text):
@@ -34,10 +37,15 @@ class ConversationRow(urwid.Text):
         return False
 
 
-def conversation_markup(conv: Conversation, current: bool, trust: str) -> list[Any]:
+def conversation_markup(conv: Conversation, current: bool, trust: str,
+                        presence: str = "") -> list[Any]:
     base = "conv_focus" if current else (
         "conv_mention" if conv.mentions else "conv_unread" if conv.unread else "conv")
-    out: list[Any] = [(base, conv.title)]
+    out: list[Any] = []
+    if conv.kind == "user" and presence in PRESENCE_MARK:
+        attr, mark = PRESENCE_MARK[presence]
+        out.append((attr if not current else base, mark))
+    out.append((base, conv.title))
     if trust in TRUST_MARK and conv.kind == "user":
         attr, mark = TRUST_MARK[trust]
         out.append((attr if not current else base, mark))
@@ -64,8 +72,9 @@ class ConversationList(urwid.WidgetWrap[urwid.Widget]):
         for key in self.model.order:
             conv = self.model.conversations[key]
             trust = self.trust(conv.name) if conv.kind == "user" else ""
+            presence = self.model.presence.get(conv.name, "") if conv.kind == "user" else ""
             rows.append(ConversationRow(
-                conversation_markup(conv, key == self.model.current, trust), key,
+                conversation_markup(conv, key == self.model.current, trust, presence), key,
                 self.on_click))
         self.walker[:] = rows
         if rows and self.model.current in self.model.order:
@@ -217,6 +226,10 @@ def status_markup(model: ChatModel, trust: str, members: int | None) -> list[Any
                  "unverified": ("status_warn", "e2ee \u00b7 not verified (/verify)")}.get(
             trust, ("status", "e2ee"))
         out.append(label)
+        presence = model.presence.get(conv.name)
+        if presence is not None:
+            out.append(("status_good", f" \u00b7 {presence}") if presence == "online"
+                       else f" \u00b7 {presence}")
     elif conv.kind == "room":
         out.append(("status_good", "e2ee (sender keys)"))
         if members is not None:

@@ -20,6 +20,7 @@ from shtalk.client.events import (
     MemberChanged,
     MessageReceived,
     MessageState,
+    Presence,
 )
 from shtalk.client.localstore import WrongPassphrase
 from shtalk.clientui import commands as cmds
@@ -410,6 +411,23 @@ class ScreenTests(unittest.TestCase):
         h.controller.handle_event(MessageReceived("user:bob", "bob", "phone", "again", T0,
                                                   "bob/phone/10", None, True))
         self.assertEqual(h.bells, 2)
+
+    def test_presence_is_shown_for_direct_conversations(self) -> None:
+        h = Harness(messages=1)
+        h.controller.handle_event(MessageReceived("user:bob", "bob", "phone", "psst", T0,
+                                                  "bob/phone/9", None, True))
+        screen = h.text()
+        self.assertIn("@bob (1)", screen)
+        self.assertNotIn("\u25cf @bob", screen)  # nothing said yet: no mark
+        h.controller.handle_event(Presence("bob", "online"))
+        self.assertIn("\u25cf @bob", h.text())
+        h.model.open("user:bob")
+        self.assertIn("\u00b7 online", h.text())  # the status bar of the open DM
+        h.controller.handle_event(Presence("bob", "offline"))
+        screen = h.text()
+        self.assertIn("\u25cb @bob", screen)
+        self.assertIn("\u00b7 offline", screen)
+        self.assertIn("bob", h.controller.candidates(cmds.USER))
 
     def test_conversation_switching_and_trust_marks(self) -> None:
         h = Harness(messages=3)
