@@ -81,6 +81,15 @@ class RoomMembers(dict[int, Members]):
         self._clock.version += 1
         super().__delitem__(key)
 
+    def pop(self, key: int, *default: Any) -> Any:
+        self._clock.version += 1
+        return super().pop(key, *default)
+
+    def _unsupported(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("set rooms one at a time (their member maps must be wrapped)")
+
+    update = setdefault = popitem = clear = __ior__ = _unsupported  # type: ignore[assignment]
+
 
 class Router(_Versioned):
     """In-memory presence and room-membership caches for this process."""
@@ -109,6 +118,7 @@ class Router(_Versioned):
     def detach(self, user_id: int, device_id: str, mind: IChatMind) -> bool:
         """Return True if the user has no connection left."""
         self.version += 1
+        self._fanout.clear()  # no cached list keeps a closed connection alive
         devices = self.online.get(user_id)
         if devices is None:
             return False

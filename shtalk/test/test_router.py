@@ -112,3 +112,9 @@ class RouterTests(SynchronousTestCase):
         # Bulk changes would bypass the fan-out cache's change count.
         with self.assertRaises(TypeError):
             self.router.room_members[10].update({3: "member"})
+        with self.assertRaises(TypeError):
+            self.router.room_members.setdefault(11, {1: "owner"})
+        # A room dropped from the cache is no longer a fan-out target.
+        self.router.room_members.pop(10)
+        self.bus.publish(message(30, "r:10"))
+        self.assertEqual(self.got(2, "b1"), [])
