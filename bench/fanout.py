@@ -387,18 +387,39 @@ def run_fanout(args: argparse.Namespace, work: Path, results: dict[str, Any]) ->
             return best
 
         def both(key: str, n: int, rate: float) -> None:
+            # The closed loop's ratio is what the target is about, and this machine's
+            # windows differ by +-20 %: ceiling and shtalk alternate for --rounds rounds
+            # and the round with the median ratio is reported (every round is kept).
+            slot = str(n) if key == "closed" else f"{n}@{rate:g}"
+            rounds: list[dict[str, Any]] = []
+            for i in range(args.rounds if key == "closed" else 1):
+                rounds.append(one_round(key, n, rate, slot, i))
+            ratios = [r["shtalk"]["delivered_per_s"] / max(r["ceiling"]["delivered_per_s"], 1)
+                      for r in rounds]
+            median = sorted(range(len(rounds)), key=ratios.__getitem__)[len(rounds) // 2]
+            chosen = dict(rounds[median])
+            if len(rounds) > 1:
+                chosen["rounds"] = [
+                    {"ceiling": r["ceiling"]["delivered_per_s"],
+                     "shtalk": r["shtalk"]["delivered_per_s"], "ratio": round(q, 4)}
+                    for r, q in zip(rounds, ratios, strict=True)]
+                log(f"  {key} n={n}: ratios " + ", ".join(f"{q:.0%}" for q in ratios)
+                    + f"; reporting round {median + 1} (the median)")
+            results.setdefault(key, {})[slot] = chosen
+
+        def one_round(key: str, n: int, rate: float, slot: str, i: int) -> dict[str, Any]:
+            pair: dict[str, Any] = {}
             for mode, server in (("ceiling", ceiling), ("shtalk", shtalk)):
                 spec = {**common, "scenario": "fanout", "mode": mode, "port": server.port,
                         "server_pid": server.pid, "n": n, "rate": rate,
-                        "room": f"{key}-{n}-{rate:g}", "tokens": tokens[:n]}
+                        "room": f"{key}-{n}-{rate:g}-{i}", "tokens": tokens[:n]}
                 what = f"{key} n={n}" + (f" rate={rate:g}/s" if rate else "")
-                log(f"{what} against {mode} ...")
-                slot = str(n) if key == "closed" else f"{n}@{rate:g}"
+                log(f"{what} against {mode}" + (f" (round {i + 1})" if i else "") + " ...")
                 r = measure(spec, server, mode, f"{key}-{slot}", limit)
                 r.update(n=n, rate=rate)
                 if r["drain_s"] > 1:
                     log(f"  {mode} was busy {r['drain_s']} s after the load stopped")
-                results.setdefault(key, {}).setdefault(slot, {})[mode] = r
+                pair[mode] = r
                 lat = r["latency"]
                 log(f"  {r['delivered_per_s']:.0f} delivered/s, {r['sends_acked_per_s']:.0f} "
                     f"sends/s, p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, server cpu "
@@ -407,6 +428,7 @@ def run_fanout(args: argparse.Namespace, work: Path, results: dict[str, Any]) ->
                     f"(steal {r['machine_steal_cores']:.2f}, other processes "
                     f"{r['other_processes_cores']:.2f}), acks/s {r['acks_per_s']:.0f}, "
                     f"errors {r['errors']} {r['first_error']}")
+            return pair
 
         if not args.skip_closed:
             for n in args.n:
@@ -434,32 +456,54 @@ def run_storm(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> 
         load({**base, "scenario": "setup", "users": stormers, "login": False}, timeout=600)
         log(f"storm: {args.storm_rate:g} sends/s into a {args.storm_n}-member room, "
             f"{args.duration} s without, then {len(stormers)} logins at once ...")
-        best: dict[str, Any] | None = None
-        for attempt in range(1 + args.retries):
-            with profiled(args, shtalk, "storm"):
-                r = load({**base, "scenario": "storm", "server_pid": shtalk.pid,
-                          "n": args.storm_n, "rate": args.storm_rate,
-                          "room": f"storm-{attempt}", "tokens": tokens,
-                          "storm_users": stormers, "warmup": args.warmup,
-                          "storm_spread": args.storm_spread, "duration": args.duration},
-                         timeout=args.warmup + args.duration + 300)
-            r["other_processes_cores"] = max(r["baseline"]["other_processes_cores"],
-                                             r["storm"]["other_processes_cores"])
-            r["attempts"] = attempt + 1
-            if best is None or r["other_processes_cores"] < best["other_processes_cores"]:
-                best = r
-            if r["other_processes_cores"] <= args.max_other:
-                break
-            log(f"  disturbed: other processes used {r['other_processes_cores']:.2f} cores; "
-                "again")
+        def one_storm(rnd: int) -> dict[str, Any]:
+            best: dict[str, Any] | None = None
+            for attempt in range(1 + args.retries):
+                with profiled(args, shtalk, "storm"):
+                    r = load({**base, "scenario": "storm", "server_pid": shtalk.pid,
+                              "n": args.storm_n, "rate": args.storm_rate,
+                              "room": f"storm-{rnd}-{attempt}", "tokens": tokens,
+                              "storm_users": stormers, "warmup": args.warmup,
+                              "storm_spread": args.storm_spread, "duration": args.duration},
+                             timeout=args.warmup + args.duration + 300)
+                r["other_processes_cores"] = max(r["baseline"]["other_processes_cores"],
+                                                 r["storm"]["other_processes_cores"])
+                r["attempts"] = attempt + 1
+                if best is None or r["other_processes_cores"] < best["other_processes_cores"]:
+                    best = r
+                if r["other_processes_cores"] <= args.max_other:
+                    break
+                log(f"  disturbed: other processes used {r['other_processes_cores']:.2f} "
+                    "cores; again")
+                wait_idle(shtalk)
+            assert best is not None
+            b, s = best["baseline"]["latency"], best["storm"]["latency"]
+            log(f"  without: p50 {b['p50_ms']} p99 {b['p99_ms']} ms; during: p50 "
+                f"{s['p50_ms']} p99 {s['p99_ms']} ms; logins last done after "
+                f"{best['storm']['login_last_s']} s; errors {best['errors']} "
+                f"{best['first_error']}")
             wait_idle(shtalk)
-        assert best is not None
-        r = best
+            return best
+
+        # One storm's factor swings with a single disk stall or scheduling hiccup in
+        # either phase: --storm-rounds storms, the median factor reported.
+        storms = [one_storm(i) for i in range(args.storm_rounds)]
+        factors = [_storm_factor(r) for r in storms]
+        median = sorted(range(len(storms)), key=factors.__getitem__)[len(storms) // 2]
+        r = dict(storms[median])
+        if len(storms) > 1:
+            r["rounds"] = [
+                {"without_p99_ms": x["baseline"]["latency"]["p99_ms"],
+                 "during_p99_ms": x["storm"]["latency"]["p99_ms"], "factor": round(f, 3)}
+                for x, f in zip(storms, factors, strict=True)]
+            log("  storm factors " + ", ".join(f"x{f:.2f}" for f in factors)
+                + f"; reporting round {median + 1} (the median)")
         results["storm"] = r
-        b, s = r["baseline"]["latency"], r["storm"]["latency"]
-        log(f"  without: p50 {b['p50_ms']} p99 {b['p99_ms']} ms; during: p50 {s['p50_ms']} "
-            f"p99 {s['p99_ms']} ms; logins last done after {r['storm']['login_last_s']} s; "
-            f"errors {r['errors']} {r['first_error']}")
+
+
+def _storm_factor(r: dict[str, Any]) -> float:
+    bp, sp = r["baseline"]["latency"]["p99_ms"], r["storm"]["latency"]["p99_ms"]
+    return (sp / bp) if bp and sp else float("inf")
 
 
 # reporting ------------------------------------------------------------------------------
@@ -544,9 +588,14 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
     if str(args.target_n) in closed:
         pair = closed[str(args.target_n)]
         ratio = pair["shtalk"]["delivered_per_s"] / max(pair["ceiling"]["delivered_per_s"], 1)
+        spread = ""
+        if pair.get("rounds"):
+            spread = (f" (the median of {len(pair['rounds'])} interleaved rounds: "
+                      + ", ".join(f"{x['shtalk']:,.0f} / {x['ceiling']:,.0f} = {x['ratio']:.0%}"
+                                  for x in pair["rounds"]) + ")")
         verdicts.append(
             f"- Throughput at N = {args.target_n}: shtalk delivers {ratio:.0%} of the ceiling's "
-            f"messages per second (target >= {TARGET_RATIO:.0%}): "
+            f"messages per second{spread} (target >= {TARGET_RATIO:.0%}): "
             f"{_verdict(ratio >= TARGET_RATIO)}."
         )
     target_rate = args.rate[0]
@@ -567,10 +616,15 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
     if storm:
         b, s = storm["baseline"], storm["storm"]
         bp, sp = b["latency"]["p99_ms"], s["latency"]["p99_ms"]
-        factor = (sp / bp) if bp and sp else float("inf")
+        factor = _storm_factor(storm)
+        spread = ""
+        if storm.get("rounds"):
+            spread = (f" (the median of {len(storm['rounds'])} storms: "
+                      + ", ".join(f"{x['during_p99_ms']} / {x['without_p99_ms']} ms = "
+                                  f"x{x['factor']:.2f}" for x in storm["rounds"]) + ")")
         verdicts.append(
             f"- Login storm: chat p99 {_ms(sp)} ms during {storm['storm']['logins']} logins "
-            f"vs {_ms(bp)} ms without: x{factor:.2f} (target <= x{TARGET_STORM:g}): "
+            f"vs {_ms(bp)} ms without: x{factor:.2f}{spread} (target <= x{TARGET_STORM:g}): "
             f"{_verdict(factor <= TARGET_STORM)}."
         )
         storm_md = "\n".join([
@@ -594,7 +648,7 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
     problems = []
     for key in ("closed", "paced"):
         for n, pair in results.get(key, {}).items():
-            for mode, r in pair.items():
+            for mode, r in ((m, pair[m]) for m in ("ceiling", "shtalk") if m in pair):
                 if r["errors"]:
                     problems.append(f"{key} N={n} {mode}: {r['errors']} errors, first: "
                                     f"`{r['first_error']}`")
@@ -664,7 +718,11 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
            if (args.ack_batch, args.ack_interval) == (ACK_BATCH, ACK_INTERVAL) else "")
         + ". The ceiling gets the same lines (its `ack` replies are a constant line).",
         f"- Closed loop: every one of the N members is a sender with {args.window} send "
-        f"outstanding, the next sent as its acknowledgement arrives. Paced: an open loop, "
+        f"outstanding, the next sent as its acknowledgement arrives"
+        + (f"; ceiling and shtalk alternate for {args.rounds} rounds per N and the table "
+           "shows the round with the median ratio (all rounds under Targets)"
+           if args.rounds > 1 else "")
+        + ". Paced: an open loop, "
         f"{rates} sends/s in total round-robin over the {args.paced_n} members from a "
         "1 ms timer, whether or not earlier sends were acknowledged.",
         f"- Latency: send -> receipt at each recipient (monotonic clock, one machine), every "
@@ -758,6 +816,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storm-spread", type=float, default=0.0,
                         help="diagnostic: spread the storm's logins over this many seconds "
                         "instead of all at once [0]")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="closed loop: ceiling/shtalk pairs run alternately, the median "
+                        "ratio reported [3; quick: 1]")
+    parser.add_argument("--storm-rounds", type=int, default=None,
+                        help="login storms run, the median factor reported [3; quick: 1]")
     parser.add_argument("--retries", type=int, default=2,
                         help="repeat a scenario up to this many times while other processes "
                         "on the machine disturbed it [2]")
@@ -784,6 +847,10 @@ def main(argv: list[str] | None = None) -> int:
         args.duration = QUICK_DURATION if args.quick else DEFAULT_DURATION
     if args.warmup is None:
         args.warmup = 1.0 if args.quick else 2.0
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.storm_rounds is None:
+        args.storm_rounds = 1 if args.quick else 3
     args.target_n = 50
 
     if args.from_json is not None:
@@ -792,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in results["args"].items():
             if k not in ("notes", "from_json", "json", "no_docs"):
                 setattr(args, k, v)
-        for k, v in (("retries", 0), ("max_other", 0.25)):
+        for k, v in (("retries", 0), ("max_other", 0.25), ("rounds", 1), ("storm_rounds", 1)):
             if k not in results["args"]:
                 setattr(args, k, v)
         work = None
