@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 T = TypeVar("T")
@@ -34,7 +34,7 @@ class SQLiteThread:
         self._reactor = reactor
         self._connect = connect
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._stopped: Deferred[None] = Deferred()
+        self._stop_waiters: list[Deferred[None]] | None = []  # None once stopped
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
@@ -43,9 +43,13 @@ class SQLiteThread:
         self, fn: Callable[..., Any], args: tuple[Any, ...], done: Callable[[Any], None]
     ) -> None:
         """Run ``fn(conn, *args)`` in the thread; ``done(result or Failure)`` on the reactor."""
+        if self._stopping:
+            raise RuntimeError("the database thread is stopped")
         self._jobs.put((fn, args, done))
 
     def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        if self._stopping:
+            return fail(RuntimeError("the database thread is stopped"))
         d: Deferred[T] = Deferred()
 
         def done(result: Any) -> None:
@@ -58,11 +62,23 @@ class SQLiteThread:
         return d
 
     def stop(self) -> Deferred[None]:
-        """Finish the queued jobs, close the connection; fires once the thread is done."""
+        """Finish the queued jobs, close the connection; fires once the thread is done.
+
+        Each call gets a Deferred of its own (callers cannot disturb each other's chains).
+        """
+        if self._stop_waiters is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._stop_waiters.append(d)
         if not self._stopping:
             self._stopping = True
             self._jobs.put(None)
-        return self._stopped
+        return d
+
+    def _stopped(self) -> None:
+        waiters, self._stop_waiters = self._stop_waiters or [], None
+        for d in waiters:
+            d.callback(None)
 
     def _main(self) -> None:
         conn: sqlite3.Connection | None = None
@@ -81,4 +97,4 @@ class SQLiteThread:
             call(done, result)
         if conn is not None:
             conn.close()
-        call(self._stopped.callback, None)
+        call(self._stopped)
