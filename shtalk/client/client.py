@@ -81,11 +81,19 @@ class ShtalkClient:
             clock=self.clock.seconds,
         )
         self.e2ee.ack = self._queue_ack
+        self.e2ee.ask_extra = self._ask_extra
         self._acks: list[int] = []
         self._ack_call: Any = None
         self._housekeeping: Any = None
         self._ready = False
         self._loaded = False
+
+    def _ask_extra(self, code: str, error: dict[str, Any]) -> Any:
+        """The session's ``ask_extra`` (read at the time: an application may swap it)."""
+        ask = self.session.ask_extra
+        if ask is None:
+            raise ClientError(f"the server asks for {code} and nothing here can answer it")
+        return ask(code, error)
 
     # ------------------------------------------------------------------ life cycle
     @staticmethod

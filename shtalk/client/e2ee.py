@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -61,6 +61,7 @@ MAX_SESSIONS = 5  # sessions kept per contact device
 PENDING_ROOM_TTL = 60.0  # seconds a room message may wait for its sender key
 MAX_PENDING_ROOM = 500
 MAX_BATCH = 200  # received messages handled per store commit
+MAX_SEND_STEPS = 3  # CAPTCHA answers tried for one send
 
 Put = tuple[str, str, bytes | None]
 
@@ -167,6 +168,9 @@ class E2EE:
         #: room -> keys of its "roomchain" rows in the store
         self._room_rows: dict[str, set[str]] = {}
         self.ack: Callable[[int], None] = lambda seq: None
+        #: answers a refusal that asks for more (a CAPTCHA the server's monitoring
+        #: demands before a flagged account's next send): (code, error) -> extra fields
+        self.ask_extra: Callable[[str, dict[str, Any]], Any] | None = None
 
     # ------------------------------------------------------------------ state
     async def load(self) -> None:
@@ -407,7 +411,7 @@ class E2EE:
                 raise
             sent = self.request("send", **fields)
         try:
-            await sent
+            await self._answer_steps(sent, fields)
         except Exception as e:
             await self.store.commit(states=[*self._take_states(), (msg_id, "failed")])
             self.emit(MessageState(msg_id, conversation, "failed", str(e)))
@@ -593,6 +597,23 @@ class E2EE:
                         done.callback(None)
         finally:
             self._draining = False
+
+    async def _answer_steps(self, sent: Deferred[dict[str, Any]], fields: dict[str, Any]) -> None:
+        """Await a send; if the server wants a CAPTCHA first, ask and send it again.
+
+        The same envelopes and client id go again (the ratchet already moved; the server
+        stored nothing), so an answered step can never deliver a message twice."""
+        for _ in range(MAX_SEND_STEPS):
+            try:
+                await sent
+                return
+            except ServerError as e:
+                if e.code not in ("captcha_required", "captcha_failed") or self.ask_extra is None:
+                    raise
+                error = e.reply.get("error", {}) if isinstance(e.reply, dict) else {}
+                more = await maybeDeferred(self.ask_extra, e.code, error)
+                sent = self.request("send", **{**fields, **(more or {})})
+        await sent
 
     async def _run_batch(
         self, taken: list[tuple[dict[str, Any], Deferred[None]]]

@@ -272,6 +272,7 @@ REQUESTS: dict[str, Mapping[str, Field]] = {
         "envelopes": opt(MapOf(DEVICE_KEY, B64(code=ErrorCode.ENVELOPE_TOO_LARGE))),
         "client_id": CLIENT_ID,
         "expires_in": opt(Int(1, MAX_EXPIRY_SECONDS)),
+        "captcha": opt(CAPTCHA),  # only when the server asked (captcha_required)
     },
     "ack": {"seqs": ListOf(Int(1, 2**63 - 1), max_items=MAX_ACK_BATCH, min_items=1)},
     "device_remove": {"device": DEVICE_ID},

@@ -77,7 +77,8 @@ class ChatService(Service):
     def require_captcha(self, account_id: int | None = None, address: str | None = None) -> None:
         """SEAM (monitoring -> account security, issue 6): the account and/or client
         address must solve a CAPTCHA at its next key interaction (login, register,
-        send).  The monitor calls this when a flag's action is ``captcha``; the
+        password requests, and ``send`` for a session already logged in).  The
+        monitor calls this when a flag's action is ``captcha``; the
         account-security code honours ``captcha_required_accounts`` /
         ``captcha_required_addresses`` and discards the entry once a CAPTCHA is solved."""
         if account_id is not None:

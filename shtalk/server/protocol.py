@@ -637,6 +637,13 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
 
     def on_send(self, request: Request) -> Deferred[Any]:
         a = request.args
+        chat = self.factory.chat
+        if chat.captcha_required_accounts or chat.captcha_required_addresses:
+            # The monitoring flagged someone: a flagged sender proves to be a person
+            # before the next message goes out (the CAPTCHA is in the error).
+            sec = self.factory.security
+            if sec is not None:
+                sec.monitor_gate(self.conn_token, self._uid(), self._peer, a.get("captcha"))
         d = self._me().send(
             a["to"], a.get("envelope"), a.get("envelopes"), a["client_id"], a.get("expires_in")
         )

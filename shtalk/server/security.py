@@ -165,6 +165,16 @@ class AccountSecurity(Service):
             self._captcha(owner, captcha)
             self._monitor_satisfied(monitor)
 
+    def monitor_gate(
+        self, owner: str, user_id: int, address: str, captcha: dict[str, Any] | None
+    ) -> None:
+        """For a logged-in request (``send``): a CAPTCHA if the monitoring demands one of
+        this account or address (``ChatService.require_captcha``), cleared once solved."""
+        demands = self._monitor_demands(None, user_id, address)
+        if demands:
+            self._captcha(owner, captcha)
+            self._monitor_satisfied(demands)
+
     def _monitor_demands(
         self, account: str | None, user_id: int | None, address: str
     ) -> list[tuple[set[Any], Any]]:

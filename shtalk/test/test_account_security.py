@@ -246,6 +246,31 @@ class CaptchaGateTests(Base):
         self.assertEqual(r["error"]["code"], "captcha_required")
 
 
+    async def test_monitor_seam_gates_sends_of_a_logged_in_account(self) -> None:
+        """A flag raised while the spammer is logged in takes effect at their next send."""
+        await self.active_account("judy")
+        p = await self.peer("192.0.2.50")
+        r = await self.login(p, "judy")
+        self.assertTrue(r["ok"], r)
+        send = {"to": {"user": "judy"}, "envelope": "aGk=", "client_id": "c-1"}
+        r = await self.call(p, "send", **send)
+        self.assertTrue(r["ok"], r)
+        uid = self.parts.chat.users_by_key["judy"].id
+        self.parts.chat.require_captcha(account_id=uid)
+        r = await self.call(p, "send", **dict(send, client_id="c-2"))
+        self.assertEqual(r["error"]["code"], "captcha_required")
+        challenge = r["error"]["captcha"]
+        r = await self.call(p, "send", **dict(send, client_id="c-2"),
+                            captcha={"id": challenge["id"], "answer": "wrong"})
+        self.assertEqual(r["error"]["code"], "captcha_failed")
+        r = await self.call(p, "send", **dict(send, client_id="c-2"),
+                            captcha=self.solve(r["error"]["captcha"]))
+        self.assertTrue(r["ok"], r)
+        # Solved: the demand is gone.
+        r = await self.call(p, "send", **dict(send, client_id="c-3"))
+        self.assertTrue(r["ok"], r)
+
+
 class TotpTests(Base):
     async def enrolled(self, name: str) -> tuple[Peer, str, list[str]]:
         p = await self.active_account(name)

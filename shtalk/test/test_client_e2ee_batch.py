@@ -243,6 +243,49 @@ class SentStateTests(TestCase):
         self.assertEqual(alice.commits - before, 3)
 
 
+    async def test_a_captcha_demand_is_answered_and_the_same_send_repeated(self) -> None:
+        """The server's monitoring wants a CAPTCHA before this (flagged) account's next
+        send: the answer goes with the very same envelope and client id."""
+        home = tempfile.mkdtemp(prefix="shtalk-e2ee-")
+        alice = Device(home, "alice")
+        a = await alice.open()
+        self.addCleanup(lambda: Deferred.fromCoroutine(alice.close()))
+        a.rooms[ROOM] = RoomSession(ROOM, "alice", "d1")
+        a.rooms[ROOM].rotate()
+        sends: list[dict[str, Any]] = []
+        challenge = {"id": "cap_1", "art": "#", "hint": "type it"}
+
+        def request(rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
+            sends.append(fields)
+            if "captcha" not in fields:
+                return fail(ServerError("captcha_required", "solve it", {
+                    "error": {"code": "captcha_required", "captcha": challenge}}))
+            return succeed({"ok": True, "seq": 1})
+
+        a.request = request  # type: ignore[assignment]
+        asked: list[tuple[str, dict[str, Any]]] = []
+
+        def ask_extra(code: str, error: dict[str, Any]) -> dict[str, Any]:
+            asked.append((code, error))
+            return {"captcha": {"id": error["captcha"]["id"], "answer": "ok"}}
+
+        a.ask_extra = ask_extra
+        msg_id = await a.send_text(f"room:{ROOM}", "are you human?")
+        self.assertEqual([c for c, _ in asked], ["captcha_required"])
+        self.assertEqual(len(sends), 2)
+        first, again = sends
+        self.assertEqual(again["captcha"], {"id": "cap_1", "answer": "ok"})
+        self.assertEqual({k: v for k, v in again.items() if k != "captcha"}, first)
+        await a.flush_states()
+        assert alice.store is not None
+        states = {m.id: m.state for m in await alice.store.history(f"room:{ROOM}")}
+        self.assertEqual(states, {msg_id: "sent"})
+        # Without anyone to answer, the refusal fails the send (shown as failed).
+        a.ask_extra = None
+        with self.assertRaises(ServerError):
+            await a.send_text(f"room:{ROOM}", "no one answers")
+
+
 class DistributeTests(TestCase):
     async def test_member_without_keys_is_skipped_not_fatal(self) -> None:
         home = tempfile.mkdtemp(prefix="shtalk-e2ee-")
