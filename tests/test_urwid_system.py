@@ -255,8 +255,11 @@ class UrwidSystemTest(unittest.TestCase):
         self.unlock(alice)
         alice.wait_for(lambda s: "Unlock" not in s and "online" in s)
         alice.key("C-n")  # the status window's notices ...
-        alice.wait_for(lambda s: "arrived while you were away" in s or any(
-            f"@{bob_name}" in row and "(1)" in row for row in s.splitlines()))
+        # ... or, when the backlog arrived before the first screen was built and C-n
+        # landed on the conversation itself, the message on screen.
+        alice.wait_for(lambda s: "arrived while you were away" in s or "while you were out"
+                       in s or any(f"@{bob_name}" in row and "(1)" in row
+                                   for row in s.splitlines()))
         alice.key("M-a")
         alice.wait_for("while you were out")
 
