@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -49,15 +49,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from shtalk.server import prekeys, schema
+from shtalk.server import prekeys, schema, storesql
 from shtalk.server.interfaces import (
-    Conflict,
     CorruptStore,
     IStore,
     StoreError,
-    TokenReuse,
-    TokenRevoked,
-    TokenUnknown,
 )
 from shtalk.server.records import (
     AppendResult,
@@ -105,18 +101,6 @@ class EnvelopeDecryptError(CorruptStore):
 
 class StoreClosed(StoreError):
     """The store is not open (never opened, or closing)."""
-
-
-class _KeepWrites(Exception):
-    """Raised by an op to fail its Deferred with ``error`` yet keep its writes.
-
-    Token reuse must revoke the family AND report TokenReuse; a plain raise
-    would roll the revocation back with the op's savepoint.
-    """
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(error)
-        self.error = error
 
 
 # --- envelopes at rest -------------------------------------------------------
@@ -217,7 +201,7 @@ def _run_one(conn: Conn, op: Op, outcomes: list[tuple[bool, object]]) -> None:
     conn.execute("SAVEPOINT op")
     try:
         result = op(conn)
-    except _KeepWrites as e:
+    except storesql.KeepWrites as e:
         conn.execute("RELEASE op")
         outcomes.append((False, e.error))
     except Exception as e:
@@ -302,44 +286,6 @@ def _checkpoint(conn: Conn) -> None:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
-def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def _marks(n: int) -> str:
-    return ",".join("?" * n)
-
-
-def _top_seq(conn: Conn) -> int:
-    """New cursors start here: after every message stored so far."""
-    return int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages").fetchone()[0])
-
-
-_SWEEP_SQL = """
-DELETE FROM messages WHERE seq IN (
-  SELECT m.seq FROM messages m
-  WHERE m.mailbox = ? AND m.seq > ? AND m.seq <= ?
-    AND NOT EXISTS (
-      SELECT 1 FROM cursors c
-      WHERE c.mailbox = m.mailbox AND c.acked_seq < m.seq
-        AND NOT (c.user_id = m.sender_id AND c.device_id = m.sender_device)
-        AND (m.for_all = 1 OR EXISTS (
-          SELECT 1 FROM message_devices d
-          WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id))))
-"""
-
-
-def _sweep(conn: Conn, mailbox: str, lo: int, hi: int) -> int:
-    """Delete messages of ``mailbox`` in (lo, hi] that no device still waits for.
-
-    Only that range can have become deletable (it is what the cursor moved
-    over), so an ack costs O(acked range), never a table scan.  The sending
-    device and devices without an envelope do not hold a message back.
-    """
-    return int(conn.execute(_SWEEP_SQL, (mailbox, lo, hi)).rowcount)
-
-
 _PENDING_SQL = """
 SELECT m.seq, m.mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
        m.expires_at, m.target, m.nonce, m.body
@@ -353,27 +299,6 @@ WHERE c.user_id = ? AND c.device_id = ?
     WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id))
 ORDER BY m.seq
 """
-
-_USER = "SELECT id, name, key, email, pw_hash, status, created FROM users"
-
-
-def _user(row: Any) -> User:
-    return User(int(row[0]), row[1], row[2], row[3], bytes(row[4]), row[5], float(row[6]))
-
-
-def _room(row: Any) -> Room:
-    return Room(int(row[0]), row[1], row[2], int(row[3]), bool(row[4]), float(row[5]))
-
-
-def _add_cursors(conn: Conn, user_id: int, mailbox: str) -> None:
-    """Give each of the user's devices a cursor past everything stored so far."""
-    conn.execute(
-        "INSERT INTO cursors (user_id, device_id, mailbox, acked_seq)"
-        " SELECT user_id, device_id, ?, ? FROM devices WHERE user_id = ?"
-        " ON CONFLICT (user_id, device_id, mailbox) DO NOTHING",
-        (mailbox, _top_seq(conn), user_id),
-    )
-
 
 @implementer(IStore)
 class SQLiteStore:
@@ -686,24 +611,24 @@ class SQLiteStore:
     def create_user(
         self, name: str, key: str, email: str, pw_hash: bytes, status: str
     ) -> Deferred[User]:
-        return self._write(_create_user, name, key, email, pw_hash, status, self._now())
+        return self._write(storesql.create_user, name, key, email, pw_hash, status, self._now())
 
     def user_by_key(self, key: str) -> Deferred[User | None]:
-        return self._read(_one_user, _USER + " WHERE key = ?", key)
+        return self._read(storesql.one_user, storesql.USER + " WHERE key = ?", key)
 
     def user_by_id(self, user_id: int) -> Deferred[User | None]:
-        return self._read(_one_user, _USER + " WHERE id = ?", user_id)
+        return self._read(storesql.one_user, storesql.USER + " WHERE id = ?", user_id)
 
     def users_by_ids(self, user_ids: Iterable[int]) -> Deferred[dict[int, User]]:
-        return self._read(_users_by_ids, sorted(set(user_ids)))
+        return self._read(storesql.users_by_ids, sorted(set(user_ids)))
 
     # --- devices ---
 
     def upsert_device(self, user_id: int, device_id: str, label: str) -> Deferred[Device]:
-        return self._write(_upsert_device, user_id, device_id, label, self._now())
+        return self._write(storesql.upsert_device, user_id, device_id, label, self._now())
 
     def devices(self, user_id: int) -> Deferred[list[Device]]:
-        return self._read(_devices, user_id)
+        return self._read(storesql.devices, user_id)
 
     # --- sessions ---
 
@@ -733,50 +658,56 @@ class SQLiteStore:
     def create_session(
         self, family: str, user_id: int, device_id: str, refresh_hash: bytes, expires: float
     ) -> Deferred[None]:
-        return self._write(_create_session, family, user_id, device_id, refresh_hash, expires)
+        return self._write(
+            storesql.create_session, family, user_id, device_id, refresh_hash, expires
+        )
 
     def rotate_refresh(
         self, old_hash: bytes, new_hash: bytes, new_expires: float, now: float
     ) -> Deferred[Session]:
         # Serialised by the single writer, and guarded by "AND used = 0":
         # of two concurrent rotations exactly one wins, the other is reuse.
-        return self._write(_rotate_refresh, old_hash, new_hash, new_expires, now)
+        return self._write(storesql.rotate_refresh, old_hash, new_hash, new_expires, now)
 
     def session(self, family: str) -> Deferred[Session | None]:
-        return self._read(_session, family)
+        return self._read(storesql.session, family)
 
     def revoke_session(self, family: str) -> Deferred[None]:
-        return self._write(_execute, "UPDATE sessions SET revoked = 1 WHERE family = ?", family)
+        return self._write(
+            storesql.execute, "UPDATE sessions SET revoked = 1 WHERE family = ?", family
+        )
 
     def revoke_user_sessions(self, user_id: int) -> Deferred[None]:
-        return self._write(_execute, "UPDATE sessions SET revoked = 1 WHERE user_id = ?", user_id)
+        return self._write(
+            storesql.execute, "UPDATE sessions SET revoked = 1 WHERE user_id = ?", user_id
+        )
 
     # --- rooms ---
 
     def create_room(self, name: str, key: str, owner_id: int, invite_only: bool) -> Deferred[Room]:
-        return self._write(_create_room, name, key, owner_id, invite_only, self._now())
+        return self._write(storesql.create_room, name, key, owner_id, invite_only, self._now())
 
     def room_by_key(self, key: str) -> Deferred[Room | None]:
-        return self._read(_room_by_key, key)
+        return self._read(storesql.room_by_key, key)
 
     def rooms_visible_to(self, user_id: int) -> Deferred[list[tuple[Room, int, bool]]]:
-        return self._read(_rooms_visible_to, user_id)
+        return self._read(storesql.rooms_visible_to, user_id)
 
     def rooms_of(self, user_id: int) -> Deferred[list[Room]]:
-        return self._read(_rooms_of, user_id)
+        return self._read(storesql.rooms_of, user_id)
 
     def members(self, room_id: int) -> Deferred[list[Member]]:
-        return self._read(_members, room_id)
+        return self._read(storesql.members, room_id)
 
     def add_member(self, room_id: int, user_id: int, role: str) -> Deferred[None]:
-        return self._write(_add_member, room_id, user_id, role, self._now())
+        return self._write(storesql.add_member, room_id, user_id, role, self._now())
 
     def remove_member(self, room_id: int, user_id: int) -> Deferred[None]:
-        return self._write(_remove_member, room_id, user_id)
+        return self._write(storesql.remove_member, room_id, user_id)
 
     def set_role(self, room_id: int, user_id: int, role: str) -> Deferred[None]:
         return self._write(
-            _execute,
+            storesql.execute,
             "UPDATE members SET role = ? WHERE room_id = ? AND user_id = ?",
             role,
             room_id,
@@ -785,7 +716,7 @@ class SQLiteStore:
 
     def add_invite(self, room_id: int, user_id: int, by_id: int) -> Deferred[None]:
         return self._write(
-            _execute,
+            storesql.execute,
             "INSERT INTO invites (room_id, user_id, by_id, created) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (room_id, user_id) DO NOTHING",
             room_id,
@@ -796,11 +727,12 @@ class SQLiteStore:
 
     def has_invite(self, room_id: int, user_id: int) -> Deferred[bool]:
         return self._read(
-            _exists, "SELECT 1 FROM invites WHERE room_id = ? AND user_id = ?", room_id, user_id
+            storesql.exists, "SELECT 1 FROM invites WHERE room_id = ? AND user_id = ?",
+            room_id, user_id,
         )
 
     def dm_partners(self, user_id: int) -> Deferred[list[int]]:
-        return self._read(_dm_partners, user_id)
+        return self._read(storesql.dm_partners, user_id)
 
     # --- messages ---
 
@@ -884,7 +816,7 @@ class SQLiteStore:
         keys = [(op.message.sender_id, op.message.sender_device, op.message.client_id)
                 for op in ops]
         known: dict[tuple[int, str, str], tuple[int, ...]] = {}
-        for chunk in _chunks(keys, _CHUNK // 3):
+        for chunk in storesql.chunks(keys, _CHUNK // 3):
             sql = (
                 f"WITH k(a, b, c) AS (VALUES {','.join(['(?,?,?)'] * len(chunk))})"  # noqa: S608
                 " SELECT t.sender_id, t.sender_device, t.client_id, t.seqs"
@@ -974,7 +906,7 @@ class SQLiteStore:
         # Rows no other device reads (e.g. the sender's own inbox when it has one
         # device) are not kept; their seqs are still reported.
         for mailbox, (lo, hi) in ranges.items():
-            _sweep(conn, mailbox, lo, hi)
+            storesql.sweep(conn, mailbox, lo, hi)
         if len(seq_mailbox) > 2 * _SEQ_MEMORY:
             floor = top - _SEQ_MEMORY
             self._seq_mailbox = {k: v for k, v in seq_mailbox.items() if k > floor}
@@ -995,10 +927,10 @@ class SQLiteStore:
             for mailbox, seq in highest.items():
                 best[(user_id, device_id, cast(str, mailbox))] = seq
             if unknown:  # older than the writer remembers (or not a message at all)
-                for chunk in _chunks(sorted(set(unknown))):
+                for chunk in storesql.chunks(sorted(set(unknown))):
                     sql = (
                         "SELECT mailbox, MAX(seq) FROM messages"  # noqa: S608 (only ?s)
-                        f" WHERE seq IN ({_marks(len(chunk))}) GROUP BY mailbox"
+                        f" WHERE seq IN ({storesql.marks(len(chunk))}) GROUP BY mailbox"
                     )
                     for mailbox, seq in conn.execute(sql, tuple(chunk)):
                         k = (user_id, device_id, mailbox)
@@ -1042,7 +974,7 @@ class SQLiteStore:
     def _sweep_unswept(self, conn: Conn) -> int:
         """Delete what the acks since the last sweep freed (writer thread)."""
         unswept, self._unswept = self._unswept, {}
-        return sum(_sweep(conn, mailbox, lo, hi) for mailbox, (lo, hi) in unswept.items())
+        return sum(storesql.sweep(conn, mailbox, lo, hi) for mailbox, (lo, hi) in unswept.items())
 
     def _pending(
         self, conn: Conn, user_id: int, device_id: str, now: float, cutoff_ms: int
@@ -1067,247 +999,6 @@ class SQLiteStore:
         )  # fmt: skip
 
 
-# --- ops (run in pool threads; the writer's inside a savepoint) --------------
-
-
-def _execute(conn: Conn, sql: str, *params: object) -> None:
-    conn.execute(sql, params)
-
-
-def _exists(conn: Conn, sql: str, *params: object) -> bool:
-    return conn.execute(sql, params).fetchone() is not None
-
-
-def _create_user(
-    conn: Conn, name: str, key: str, email: str, pw_hash: bytes, status: str, now: float
-) -> User:
-    try:
-        cur = conn.execute(
-            "INSERT INTO users (name, key, email, pw_hash, status, created)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (name, key, email, pw_hash, status, now),
-        )
-    except sqlite3.IntegrityError as e:
-        raise Conflict(f"user name {key!r} is taken") from e
-    return User(int(cast(int, cur.lastrowid)), name, key, email, pw_hash, status, now)
-
-
-def _one_user(conn: Conn, sql: str, param: object) -> User | None:
-    row = conn.execute(sql, (param,)).fetchone()
-    return None if row is None else _user(row)
-
-
-def _users_by_ids(conn: Conn, ids: list[int]) -> dict[int, User]:
-    out: dict[int, User] = {}
-    for chunk in _chunks(ids):
-        sql = _USER + f" WHERE id IN ({_marks(len(chunk))})"
-        for row in conn.execute(sql, tuple(chunk)):
-            out[int(row[0])] = _user(row)
-    return out
-
-
-def _upsert_device(conn: Conn, user_id: int, device_id: str, label: str, now: float) -> Device:
-    row = conn.execute(
-        "SELECT label, created FROM devices WHERE user_id = ? AND device_id = ?",
-        (user_id, device_id),
-    ).fetchone()
-    if row is not None:
-        if row[0] != label:
-            conn.execute(
-                "UPDATE devices SET label = ? WHERE user_id = ? AND device_id = ?",
-                (label, user_id, device_id),
-            )
-        return Device(user_id, device_id, label, float(row[1]))
-    conn.execute(
-        "INSERT INTO devices (user_id, device_id, label, created) VALUES (?, ?, ?, ?)",
-        (user_id, device_id, label, now),
-    )
-    top = _top_seq(conn)
-    conn.execute(
-        "INSERT INTO cursors (user_id, device_id, mailbox, acked_seq) VALUES (?, ?, ?, ?)",
-        (user_id, device_id, f"u:{user_id}", top),
-    )
-    conn.execute(
-        "INSERT INTO cursors (user_id, device_id, mailbox, acked_seq)"
-        " SELECT ?, ?, 'r:' || room_id, ? FROM members WHERE user_id = ?",
-        (user_id, device_id, top, user_id),
-    )
-    return Device(user_id, device_id, label, now)
-
-
-def _devices(conn: Conn, user_id: int) -> list[Device]:
-    rows = conn.execute(
-        "SELECT user_id, device_id, label, created FROM devices WHERE user_id = ?"
-        " ORDER BY created, device_id",
-        (user_id,),
-    )
-    return [Device(int(r[0]), r[1], r[2], float(r[3])) for r in rows]
-
-
-def _create_session(
-    conn: Conn, family: str, user_id: int, device_id: str, refresh_hash: bytes, expires: float
-) -> None:
-    try:
-        conn.execute(
-            "INSERT INTO sessions (family, user_id, device_id, expires, revoked)"
-            " VALUES (?, ?, ?, ?, 0)",
-            (family, user_id, device_id, expires),
-        )
-        conn.execute(
-            "INSERT INTO refresh_tokens (hash, family, expires, used) VALUES (?, ?, ?, 0)",
-            (refresh_hash, family, expires),
-        )
-    except sqlite3.IntegrityError as e:
-        taken = conn.execute(
-            "SELECT 1 FROM sessions WHERE family = ?"
-            " UNION ALL SELECT 1 FROM refresh_tokens WHERE hash = ?",
-            (family, refresh_hash),
-        ).fetchone()
-        if taken:
-            raise Conflict("session family or refresh token already exists") from e
-        raise  # unknown user
-
-
-def _rotate_refresh(
-    conn: Conn, old_hash: bytes, new_hash: bytes, new_expires: float, now: float
-) -> Session:
-    row = conn.execute(
-        "SELECT t.family, t.expires, t.used, s.user_id, s.device_id, s.expires, s.revoked"
-        " FROM refresh_tokens t JOIN sessions s ON s.family = t.family WHERE t.hash = ?",
-        (old_hash,),
-    ).fetchone()
-    if row is None:
-        raise TokenUnknown("unknown refresh token")
-    family = row[0]
-    if row[6]:
-        raise TokenRevoked("the refresh token's session is revoked")
-    # A used token is reuse even if the replayed copy is by now expired.  The
-    # guarded UPDATE makes "exactly one rotation wins" hold without relying
-    # on the single writer (a PostgreSQL backend would need it).
-    won = not row[2] and (
-        conn.execute(
-            "UPDATE refresh_tokens SET used = 1 WHERE hash = ? AND used = 0", (old_hash,)
-        ).rowcount
-        == 1
-    )
-    if not won:
-        conn.execute("UPDATE sessions SET revoked = 1 WHERE family = ?", (family,))
-        raise _KeepWrites(TokenReuse("refresh token reused: the session is revoked", family))
-    if row[1] <= now or row[5] <= now:
-        raise TokenUnknown("expired refresh token")  # the savepoint undoes "used = 1"
-    try:
-        conn.execute(
-            "INSERT INTO refresh_tokens (hash, family, expires, used) VALUES (?, ?, ?, 0)",
-            (new_hash, family, new_expires),
-        )
-    except sqlite3.IntegrityError as e:
-        raise Conflict("new refresh token already exists") from e
-    conn.execute("UPDATE sessions SET expires = ? WHERE family = ?", (new_expires, family))
-    return Session(family, int(row[3]), row[4], new_expires, False)
-
-
-def _session(conn: Conn, family: str) -> Session | None:
-    row = conn.execute(
-        "SELECT family, user_id, device_id, expires, revoked FROM sessions WHERE family = ?",
-        (family,),
-    ).fetchone()
-    return None if row is None else Session(row[0], int(row[1]), row[2], row[3], bool(row[4]))
-
-
-def _create_room(
-    conn: Conn, name: str, key: str, owner_id: int, invite_only: bool, now: float
-) -> Room:
-    try:
-        cur = conn.execute(
-            "INSERT INTO rooms (name, key, owner_id, invite_only, created) VALUES (?, ?, ?, ?, ?)",
-            (name, key, owner_id, int(invite_only), now),
-        )
-    except sqlite3.IntegrityError as e:
-        if conn.execute("SELECT 1 FROM rooms WHERE key = ?", (key,)).fetchone():
-            raise Conflict(f"room name {key!r} is taken") from e
-        raise
-    room_id = int(cast(int, cur.lastrowid))
-    conn.execute(
-        "INSERT INTO members (room_id, user_id, role, joined) VALUES (?, ?, 'owner', ?)",
-        (room_id, owner_id, now),
-    )
-    _add_cursors(conn, owner_id, f"r:{room_id}")
-    return Room(room_id, name, key, owner_id, invite_only, now)
-
-
-def _room_by_key(conn: Conn, key: str) -> Room | None:
-    row = conn.execute(
-        "SELECT r.id, r.name, r.key, r.owner_id, r.invite_only, r.created"
-        " FROM rooms r WHERE r.key = ?",
-        (key,),
-    ).fetchone()
-    return None if row is None else _room(row)
-
-
-def _rooms_visible_to(conn: Conn, user_id: int) -> list[tuple[Room, int, bool]]:
-    rows = conn.execute(
-        "SELECT r.id, r.name, r.key, r.owner_id, r.invite_only, r.created,"
-        " (SELECT COUNT(*) FROM members n WHERE n.room_id = r.id),"
-        " EXISTS (SELECT 1 FROM members j WHERE j.room_id = r.id AND j.user_id = ?)"
-        " FROM rooms r"
-        " WHERE r.invite_only = 0"
-        " OR EXISTS (SELECT 1 FROM members j WHERE j.room_id = r.id AND j.user_id = ?)"
-        " OR EXISTS (SELECT 1 FROM invites i WHERE i.room_id = r.id AND i.user_id = ?)"
-        " ORDER BY r.key",
-        (user_id, user_id, user_id),
-    )
-    return [(_room(r), int(r[6]), bool(r[7])) for r in rows]
-
-
-def _rooms_of(conn: Conn, user_id: int) -> list[Room]:
-    rows = conn.execute(
-        "SELECT r.id, r.name, r.key, r.owner_id, r.invite_only, r.created"
-        " FROM rooms r JOIN members m ON m.room_id = r.id"
-        " WHERE m.user_id = ? ORDER BY r.key",
-        (user_id,),
-    )
-    return [_room(r) for r in rows]
-
-
-def _members(conn: Conn, room_id: int) -> list[Member]:
-    rows = conn.execute(
-        "SELECT m.user_id, u.name, m.role FROM members m JOIN users u ON u.id = m.user_id"
-        " WHERE m.room_id = ? ORDER BY u.key",
-        (room_id,),
-    )
-    return [Member(int(r[0]), r[1], r[2]) for r in rows]
-
-
-def _add_member(conn: Conn, room_id: int, user_id: int, role: str, now: float) -> None:
-    conn.execute(
-        "INSERT INTO members (room_id, user_id, role, joined) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT (room_id, user_id) DO NOTHING",
-        (room_id, user_id, role, now),
-    )
-    _add_cursors(conn, user_id, f"r:{room_id}")  # late joiners get no history
-
-
-def _remove_member(conn: Conn, room_id: int, user_id: int) -> None:
-    mailbox = f"r:{room_id}"
-    conn.execute("DELETE FROM members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
-    conn.execute("DELETE FROM invites WHERE room_id = ? AND user_id = ?", (room_id, user_id))
-    lowest = conn.execute(
-        "SELECT MIN(acked_seq) FROM cursors WHERE user_id = ? AND mailbox = ?",
-        (user_id, mailbox),
-    ).fetchone()[0]
-    conn.execute("DELETE FROM cursors WHERE user_id = ? AND mailbox = ?", (user_id, mailbox))
-    if lowest is not None:
-        # Messages only they were still holding back can go now.
-        _sweep(conn, mailbox, int(lowest), _top_seq(conn))
-
-
-def _dm_partners(conn: Conn, user_id: int) -> list[int]:
-    rows = conn.execute(
-        "SELECT partner_id FROM dm_partners WHERE user_id = ? ORDER BY partner_id", (user_id,)
-    )
-    return [int(r[0]) for r in rows]
-
-
 def _sweep_all(conn: Conn) -> int:
     """Sweep every mailbox over all it holds up to its furthest cursor (at start-up)."""
     deleted = 0
@@ -1317,7 +1008,7 @@ def _sweep_all(conn: Conn) -> int:
     ).fetchall()
     for mailbox, lo, hi in rows:
         if hi is not None and hi >= lo:
-            deleted += _sweep(conn, mailbox, int(lo) - 1, int(hi))
+            deleted += storesql.sweep(conn, mailbox, int(lo) - 1, int(hi))
     return deleted
 
 
