@@ -423,6 +423,23 @@ class E2EE:
         self.emit(MessageState(msg_id, conversation, "sent"))
         return msg_id
 
+    async def _answer_steps(self, sent: Deferred[dict[str, Any]], fields: dict[str, Any]) -> None:
+        """Await a send; if the server wants a CAPTCHA first, ask and send it again.
+
+        The same envelopes and client id go again (the ratchet already moved; the server
+        stored nothing), so an answered step can never deliver a message twice."""
+        for _ in range(MAX_SEND_STEPS):
+            try:
+                await sent
+                return
+            except ServerError as e:
+                if e.code not in ("captcha_required", "captcha_failed") or self.ask_extra is None:
+                    raise
+                error = e.reply.get("error", {}) if isinstance(e.reply, dict) else {}
+                more = await maybeDeferred(self.ask_extra, e.code, error)
+                sent = self.request("send", **{**fields, **(more or {})})
+        await sent
+
     def _take_states(self) -> list[tuple[str, str]]:
         states, self._states = self._states, []
         return states
@@ -597,23 +614,6 @@ class E2EE:
                         done.callback(None)
         finally:
             self._draining = False
-
-    async def _answer_steps(self, sent: Deferred[dict[str, Any]], fields: dict[str, Any]) -> None:
-        """Await a send; if the server wants a CAPTCHA first, ask and send it again.
-
-        The same envelopes and client id go again (the ratchet already moved; the server
-        stored nothing), so an answered step can never deliver a message twice."""
-        for _ in range(MAX_SEND_STEPS):
-            try:
-                await sent
-                return
-            except ServerError as e:
-                if e.code not in ("captcha_required", "captcha_failed") or self.ask_extra is None:
-                    raise
-                error = e.reply.get("error", {}) if isinstance(e.reply, dict) else {}
-                more = await maybeDeferred(self.ask_extra, e.code, error)
-                sent = self.request("send", **{**fields, **(more or {})})
-        await sent
 
     async def _run_batch(
         self, taken: list[tuple[dict[str, Any], Deferred[None]]]
