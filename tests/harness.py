@@ -332,6 +332,7 @@ class RequestFailed(AssertionError):
         super().__init__(f"{why}\n  request: {_short(request)}\n  reply:   {_short(reply)}")
         self.request = request
         self.reply = reply
+        self.why = why
 
 
 def _short(obj: object, limit: int = 500) -> str:
@@ -769,6 +770,12 @@ def register_and_login(
             yield client.register(user, password)
         reply = yield client.login(user, device, password)
         messages, done = yield client.collect_backlog()
+    except RequestFailed as e:
+        yield client.disconnect()
+        if "internal_error" in str(e):  # the reason is only in the server's log
+            raise RequestFailed(e.request, e.reply, f"{e.why}; the server's log ends:\n"
+                                f"{server.log_text(tail=6000)}") from None
+        raise
     except BaseException:
         yield client.disconnect()
         raise

@@ -331,6 +331,8 @@ class SQLiteStore:
         self._queue: list[tuple[Op, Deferred[Any]]] = []
         self._writing = False
         self._accepting = False  # True between a successful open() and close()
+        # While open() runs: what arrived early, run once it is open (or failed with it).
+        self._open_waiters: list[Deferred[None]] | None = None
         self._idle: list[Deferred[None]] = []
         self._closing: list[Deferred[None]] | None = None
         # Acks not yet handed to the writer: seqs per device, and who waits for them.
@@ -373,6 +375,7 @@ class SQLiteStore:
         )
         self._wpool.start()
         self._rpool.start()
+        self._open_waiters = []
         d = deferToThreadPool(self._reactor, self._wpool.threadpool, self._prepare_file)
         d.addCallback(lambda _: self._wpool.runWithConnection(schema.migrate, self.path))
 
@@ -381,6 +384,7 @@ class SQLiteStore:
                 self._reactor, partial(_connect_writer, self.path), "shtalk-sqlite-writer"
             )
             self._accepting = True
+            self._release_open_waiters(None)
             # Acks committed before a crash may not have been swept: do it now.
             self._write(_sweep_all).addErrback(
                 lambda f: log.failure("sweeping acknowledged messages failed", f)
@@ -388,6 +392,7 @@ class SQLiteStore:
 
         def failed(f: Failure) -> Failure:
             self._close_pools()
+            self._release_open_waiters(StoreClosed(f"{self.path}: the store could not open"))
             # OperationalError is "locked", "disk full", ...: not the file's fault.
             if isinstance(f.value, sqlite3.DatabaseError) and not isinstance(
                 f.value, sqlite3.OperationalError
@@ -472,13 +477,32 @@ class SQLiteStore:
         self._idle.append(d)
         return d
 
+    def _release_open_waiters(self, error: Exception | None) -> None:
+        waiters, self._open_waiters = self._open_waiters or [], None
+        for w in waiters:
+            if error is None:
+                w.callback(None)
+            else:
+                w.errback(error)
+
+    def _after_open(self, then: Callable[[], Deferred[T]]) -> Deferred[T] | None:
+        """While open() is still running (the listener may already accept clients, e.g.
+        right after a restart): ``then`` once it is open.  None: decide now."""
+        if self._accepting or self._open_waiters is None:
+            return None
+        w: Deferred[None] = Deferred()
+        self._open_waiters.append(w)
+        return w.addCallback(lambda _: then())
+
     # --- the two lanes ---
 
     def _read(
         self, fn: Callable[Concatenate[Conn, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> Deferred[T]:
         if not self._accepting:
-            return fail(StoreClosed(f"{self.path}: the store is not open"))
+            later = self._after_open(lambda: self._read(fn, *args, **kwargs))
+            return later if later is not None else fail(
+                StoreClosed(f"{self.path}: the store is not open"))
         return cast(Deferred[T], self._rpool.runWithConnection(fn, *args, **kwargs))
 
     def _write(
@@ -486,7 +510,9 @@ class SQLiteStore:
     ) -> Deferred[T]:
         """Queue an op for the next group commit."""
         if not self._accepting:
-            return fail(StoreClosed(f"{self.path}: the store is not open"))
+            later = self._after_open(lambda: self._write(fn, *args, **kwargs))
+            return later if later is not None else fail(
+                StoreClosed(f"{self.path}: the store is not open"))
         return self._enqueue(lambda conn: fn(conn, *args, **kwargs))
 
     def _enqueue(self, op: Op) -> Deferred[Any]:
@@ -743,7 +769,9 @@ class SQLiteStore:
         (they were delivered the first time).
         """
         if not self._accepting:
-            return fail(StoreClosed(f"{self.path}: the store is not open"))
+            later = self._after_open(lambda: self.append(message))
+            return later if later is not None else fail(
+                StoreClosed(f"{self.path}: the store is not open"))
         return self._enqueue(_AppendOp(self, message, self._now()))
 
     def pending(self, user_id: int, device_id: str) -> Deferred[list[StoredMessage]]:
@@ -758,7 +786,9 @@ class SQLiteStore:
         """Coalesced with every other ack into one op of the next transaction; fires
         once committed.  The deletion of what it frees waits for the next sweep."""
         if not self._accepting:
-            return fail(StoreClosed(f"{self.path}: the store is not open"))
+            later = self._after_open(lambda: self.ack(user_id, device_id, seqs))
+            return later if later is not None else fail(
+                StoreClosed(f"{self.path}: the store is not open"))
         if not seqs:
             return succeed(None)
         key = (user_id, device_id)
