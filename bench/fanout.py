@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -371,20 +371,13 @@ def run_fanout(args: argparse.Namespace, work: Path, results: dict[str, Any]) ->
                     limit: float) -> dict[str, Any]:
             """One scenario; repeated (up to --retries) while other processes disturbed it,
             keeping the least disturbed attempt."""
-            best: dict[str, Any] | None = None
-            for attempt in range(1 + args.retries):
+            def attempt(i: int) -> dict[str, Any]:
                 with profiled(args, server if mode == "shtalk" else None, name):
-                    r = load(dict(spec, room=f"{spec['room']}-{attempt}"), timeout=limit)
+                    r = load(dict(spec, room=f"{spec['room']}-{i}"), timeout=limit)
                 r["drain_s"] = wait_idle(server)
-                r["attempts"] = attempt + 1
-                if best is None or r["other_processes_cores"] < best["other_processes_cores"]:
-                    best = r
-                if r["other_processes_cores"] <= args.max_other:
-                    break
-                log(f"  disturbed: other processes used {r['other_processes_cores']:.2f} "
-                    "cores; again")
-            assert best is not None
-            return best
+                return r
+
+            return least_disturbed(args, attempt)
 
         def both(key: str, n: int, rate: float) -> None:
             # The closed loop's ratio is what the target is about, and this machine's
@@ -441,6 +434,25 @@ def run_fanout(args: argparse.Namespace, work: Path, results: dict[str, Any]) ->
         log(f"store probe (whole run): {results['store_probe']}")
 
 
+def least_disturbed(args: argparse.Namespace, attempt: Callable[[int], dict[str, Any]],
+                    between: Callable[[], object] | None = None) -> dict[str, Any]:
+    """``attempt(i)`` repeated (up to --retries) while other processes on the machine
+    disturbed it; the least disturbed attempt, with ``attempts`` set."""
+    best: dict[str, Any] | None = None
+    for i in range(1 + args.retries):
+        r = attempt(i)
+        r["attempts"] = i + 1
+        if best is None or r["other_processes_cores"] < best["other_processes_cores"]:
+            best = r
+        if r["other_processes_cores"] <= args.max_other:
+            break
+        log(f"  disturbed: other processes used {r['other_processes_cores']:.2f} cores; again")
+        if between is not None:
+            between()
+    assert best is not None
+    return best
+
+
 def run_storm(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
     shtalk = start_shtalk(work, "storm", bcrypt_cost=12, switch_interval=args.switch_interval,
                           bcrypt_nice=args.bcrypt_nice)
@@ -457,26 +469,19 @@ def run_storm(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> 
         log(f"storm: {args.storm_rate:g} sends/s into a {args.storm_n}-member room, "
             f"{args.duration} s without, then {len(stormers)} logins at once ...")
         def one_storm(rnd: int) -> dict[str, Any]:
-            best: dict[str, Any] | None = None
-            for attempt in range(1 + args.retries):
+            def attempt(i: int) -> dict[str, Any]:
                 with profiled(args, shtalk, "storm"):
                     r = load({**base, "scenario": "storm", "server_pid": shtalk.pid,
                               "n": args.storm_n, "rate": args.storm_rate,
-                              "room": f"storm-{rnd}-{attempt}", "tokens": tokens,
+                              "room": f"storm-{rnd}-{i}", "tokens": tokens,
                               "storm_users": stormers, "warmup": args.warmup,
                               "storm_spread": args.storm_spread, "duration": args.duration},
                              timeout=args.warmup + args.duration + 300)
                 r["other_processes_cores"] = max(r["baseline"]["other_processes_cores"],
                                                  r["storm"]["other_processes_cores"])
-                r["attempts"] = attempt + 1
-                if best is None or r["other_processes_cores"] < best["other_processes_cores"]:
-                    best = r
-                if r["other_processes_cores"] <= args.max_other:
-                    break
-                log(f"  disturbed: other processes used {r['other_processes_cores']:.2f} "
-                    "cores; again")
-                wait_idle(shtalk)
-            assert best is not None
+                return r
+
+            best = least_disturbed(args, attempt, between=lambda: wait_idle(shtalk))
             b, s = best["baseline"]["latency"], best["storm"]["latency"]
             log(f"  without: p50 {b['p50_ms']} p99 {b['p99_ms']} ms; during: p50 "
                 f"{s['p50_ms']} p99 {s['p99_ms']} ms; logins last done after "

@@ -41,54 +41,47 @@ class _Versioned:
     version = 0
 
 
-class Members(dict[int, str]):
+class _Counted(dict[int, Any]):
+    """A dict whose every change bumps ``clock.version`` (the fan-out cache's key);
+    bulk changes are refused so that none can slip past the count."""
+
+    def __init__(self, clock: _Versioned) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def __delitem__(self, key: int) -> None:
+        self._clock.version += 1
+        super().__delitem__(key)
+
+    def pop(self, key: int, *default: Any) -> Any:
+        self._clock.version += 1
+        return super().pop(key, *default)
+
+    def _unsupported(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("change entries one at a time (the fan-out cache counts them)")
+
+    update = setdefault = popitem = clear = __ior__ = _unsupported  # type: ignore[assignment]
+
+
+class Members(_Counted):
     """A room's {user id: role}; every change invalidates the router's fan-out lists."""
 
     def __init__(self, clock: _Versioned, members: Mapping[int, str]) -> None:
-        super().__init__(members)
-        self._clock = clock
+        super().__init__(clock)
+        dict.update(self, members)
         clock.version += 1
 
     def __setitem__(self, key: int, value: str) -> None:
         self._clock.version += 1
         super().__setitem__(key, value)
 
-    def __delitem__(self, key: int) -> None:
-        self._clock.version += 1
-        super().__delitem__(key)
 
-    def pop(self, key: int, *default: Any) -> Any:
-        self._clock.version += 1
-        return super().pop(key, *default)
-
-    def _unsupported(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("change room members one at a time (the fan-out cache counts them)")
-
-    update = setdefault = popitem = clear = __ior__ = _unsupported  # type: ignore[assignment]
-
-
-class RoomMembers(dict[int, Members]):
-    """room id -> Members: whatever mapping is stored is wrapped so changes are seen."""
-
-    def __init__(self, clock: _Versioned) -> None:
-        super().__init__()
-        self._clock = clock
+class RoomMembers(_Counted):
+    """room id -> Members: whatever mapping is stored is wrapped so changes are seen
+    (wrapping counts as a change)."""
 
     def __setitem__(self, key: int, value: Mapping[int, str]) -> None:
         super().__setitem__(key, Members(self._clock, value))
-
-    def __delitem__(self, key: int) -> None:
-        self._clock.version += 1
-        super().__delitem__(key)
-
-    def pop(self, key: int, *default: Any) -> Any:
-        self._clock.version += 1
-        return super().pop(key, *default)
-
-    def _unsupported(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("set rooms one at a time (their member maps must be wrapped)")
-
-    update = setdefault = popitem = clear = __ior__ = _unsupported  # type: ignore[assignment]
 
 
 class Router(_Versioned):

@@ -82,8 +82,6 @@ Op = Callable[[Conn], object]
 READERS = 3
 #: Rows deleted per purge step (one op in a group commit).
 PURGE_STEP = 2000
-#: Bound on host parameters per statement (SQLite's limit is far higher).
-_CHUNK = 500
 #: Seconds between sweeps deleting acknowledged messages (0: in every ack op).
 SWEEP_INTERVAL = 0.5
 #: Seconds an ack waits, when the writer is idle, for a transaction to ride on.
@@ -846,7 +844,7 @@ class SQLiteStore:
         keys = [(op.message.sender_id, op.message.sender_device, op.message.client_id)
                 for op in ops]
         known: dict[tuple[int, str, str], tuple[int, ...]] = {}
-        for chunk in storesql.chunks(keys, _CHUNK // 3):
+        for chunk in storesql.chunks(keys, storesql.CHUNK // 3):
             sql = (
                 f"WITH k(a, b, c) AS (VALUES {','.join(['(?,?,?)'] * len(chunk))})"  # noqa: S608
                 " SELECT t.sender_id, t.sender_device, t.client_id, t.seqs"

@@ -15,7 +15,8 @@ from shtalk.server.records import Device, Member, Room, Session, User
 
 Conn = sqlite3.Connection
 T = TypeVar("T")
-CHUNK = 500  # bound parameters per statement stay well under SQLite's limit
+#: Bound on host parameters per statement (SQLite's limit is far higher).
+CHUNK = 500
 
 
 class KeepWrites(Exception):

@@ -221,13 +221,18 @@ class ReceiveBatchTests(TestCase):
 
 
 class SentStateTests(TestCase):
-    async def test_sent_rides_along_with_the_next_commit(self) -> None:
+    async def sender(self) -> tuple[Device, E2EE]:
+        """Alice, alone in ROOM with a sending key: sends need no server."""
         home = tempfile.mkdtemp(prefix="shtalk-e2ee-")
         alice = Device(home, "alice")
         a = await alice.open()
         self.addCleanup(lambda: Deferred.fromCoroutine(alice.close()))
         a.rooms[ROOM] = RoomSession(ROOM, "alice", "d1")
         a.rooms[ROOM].rotate()
+        return alice, a
+
+    async def test_sent_rides_along_with_the_next_commit(self) -> None:
+        alice, a = await self.sender()
         assert alice.store is not None
         before = alice.commits
         first = await a.send_text(f"room:{ROOM}", "one")
@@ -242,16 +247,10 @@ class SentStateTests(TestCase):
         await a.flush_states()  # nothing left: no commit
         self.assertEqual(alice.commits - before, 3)
 
-
     async def test_a_captcha_demand_is_answered_and_the_same_send_repeated(self) -> None:
         """The server's monitoring wants a CAPTCHA before this (flagged) account's next
         send: the answer goes with the very same envelope and client id."""
-        home = tempfile.mkdtemp(prefix="shtalk-e2ee-")
-        alice = Device(home, "alice")
-        a = await alice.open()
-        self.addCleanup(lambda: Deferred.fromCoroutine(alice.close()))
-        a.rooms[ROOM] = RoomSession(ROOM, "alice", "d1")
-        a.rooms[ROOM].rotate()
+        alice, a = await self.sender()
         sends: list[dict[str, Any]] = []
         challenge = {"id": "cap_1", "art": "#", "hint": "type it"}
 
