@@ -107,18 +107,32 @@ def chain_key(room: str, user: str, device: str, epoch: int) -> str:
     return f"{room}/{user}/{device}/{epoch}"
 
 
+class _Saves:
+    """The sending positions one commit saves (``RatchetState.send_mark`` per device),
+    and whether every session a message is encrypted with was covered before it."""
+
+    __slots__ = ("covered", "marks")
+
+    def __init__(self) -> None:
+        self.covered = True
+        self.marks: dict[tuple[str, str], tuple[bytes, int] | None] = {}
+
+
 class _Batch:
     """What a batch of received messages changed, committed at once, then acked."""
 
-    __slots__ = ("after", "messages", "puts", "rooms")
+    __slots__ = ("after", "messages", "puts", "rooms", "saves", "shown")
 
     def __init__(self) -> None:
         #: (kind, key) -> value, or a function giving the value as it is at commit time
         #: (an object changed by several messages is serialised once).
         self.puts: dict[tuple[str, str], bytes | Callable[[], bytes | None] | None] = {}
         self.messages: list[HistoryMessage] = []
-        #: acks and events, in message order, run after the commit
+        #: events of readable messages, in order, run before the commit
+        self.shown: list[Callable[[], None]] = []
+        #: acks and the other events, in message order, run after the commit
         self.after: list[Callable[[], None]] = []
+        self.saves = _Saves()
         #: rooms whose whole state (own key and every chain) is written
         self.rooms: set[str] = set()
 
@@ -167,6 +181,9 @@ class E2EE:
         self._draining = False
         #: room -> keys of its "roomchain" rows in the store
         self._room_rows: dict[str, set[str]] = {}
+        #: per device, the sending position of its current session that a completed
+        #: commit saved: messages below it may leave before their own commit
+        self._durable: dict[tuple[str, str], tuple[bytes, int] | None] = {}
         self.ack: Callable[[int], None] = lambda seq: None
         #: answers a refusal that asks for more (a CAPTCHA the server's monitoring
         #: demands before a flagged account's next send): (code, error) -> extra fields
@@ -313,7 +330,11 @@ class E2EE:
 
     # ------------------------------------------------------------------ sending
     async def _pairwise(
-        self, user: str, data: bytes, puts: list[tuple[str, str, bytes | None]]
+        self,
+        user: str,
+        data: bytes,
+        puts: list[tuple[str, str, bytes | None]],
+        saves: _Saves | None = None,
     ) -> dict[str, str]:
         """Encrypt ``data`` for every device of ``user`` and our own other devices."""
         targets = [
@@ -334,6 +355,8 @@ class E2EE:
             session = await self._session_for(u, d, puts)
             if session is None:
                 continue
+            if saves is not None and not session.ratchet.covered_by(self._durable.get((u, d))):
+                saves.covered = False
             env = seal(
                 self.ident,
                 session,
@@ -344,8 +367,24 @@ class E2EE:
                 timestamp=ts,
             )
             envelopes[f"{u}/{d}"] = b64(env.to_bytes())
-            puts.append(("session", f"{u}/{d}", encode_sessions(self.sessions[(u, d)])))
+            puts.append(("session", f"{u}/{d}", self._save_sessions((u, d), saves)))
         return envelopes
+
+    def _save_sessions(self, key: tuple[str, str], saves: _Saves | None) -> bytes | None:
+        """The device's sessions as the store keeps them: the current one's sending chain
+        reserved ahead (see ``RatchetState.reserve_sending``)."""
+        sessions = self.sessions.get(key)
+        if not sessions:
+            return None
+        ratchet = sessions[0].ratchet
+        ratchet.reserve_sending()
+        if saves is not None:
+            saves.marks[key] = ratchet.send_mark()
+        return encode_sessions(sessions)
+
+    def _saved(self, _: None, saves: _Saves) -> None:
+        """A commit holding ``saves`` completed: its sending positions are durable."""
+        self._durable.update(saves.marks)
 
     def _expiry(self, conversation: str) -> tuple[int | None, float | None]:
         seconds = self.timers.get(conversation, 0)
@@ -362,8 +401,10 @@ class E2EE:
         expires_in, expires_at = self._expiry(conversation)
         text = pl.encode(pl.Text(client_id, conversation, body, expires_at))
         msg_id = f"{self.me}/{self.device}/{client_id}"
+        saving: Deferred[None] | None = None
         async with self.lock:
             puts: list[tuple[str, str, bytes | None]] = []
+            saves: _Saves | None = None
             fields: dict[str, Any] = {"client_id": client_id}
             if expires_in:
                 fields["expires_in"] = expires_in
@@ -383,7 +424,8 @@ class E2EE:
                 puts.append(("roomown", name, rs.own_to_bytes()))  # only what advanced
                 fields.update(to={"room": name}, envelope=b64(env.to_bytes()))
             elif kind == "user":
-                envelopes = await self._pairwise(name, text, puts)
+                saves = _Saves()
+                envelopes = await self._pairwise(name, text, puts, saves)
                 if not any(k.partition("/")[0] == name for k in envelopes) and name != self.me:
                     raise ClientError(
                         f"{name} has no device that can receive encrypted messages yet"
@@ -401,21 +443,37 @@ class E2EE:
                 expires_at,
                 "sending",
             )
-            # The ratchet state that encrypted this message is durable before the
-            # ciphertext leaves (never two messages under one message key after a crash).
+            # Never two messages under one message key after a crash: the ciphertext
+            # leaves only once a durable state is past its message number.  Usually an
+            # earlier commit's reserve already is, and this commit (the record, the
+            # advanced sessions) runs while the message travels; else it comes first.
             states = self._take_states()
-            try:
-                await self.store.commit(puts=puts, messages=[record], states=states)
-            except Exception:
-                self._states[:0] = states
-                raise
+            if saves is not None and saves.covered:
+                saving = self.store.commit(puts=puts, messages=[record], states=states)
+                saving.addCallback(self._saved, saves)
+            else:
+                try:
+                    await self.store.commit(puts=puts, messages=[record], states=states)
+                except Exception:
+                    self._states[:0] = states
+                    raise
+                if saves is not None:
+                    self._saved(None, saves)
             sent = self.request("send", **fields)
         try:
             await self._answer_steps(sent, fields)
         except Exception as e:
+            if saving is not None:
+                await self._settle(saving, states)
             await self.store.commit(states=[*self._take_states(), (msg_id, "failed")])
             self.emit(MessageState(msg_id, conversation, "failed", str(e)))
             raise
+        if saving is not None:
+            error = await self._settle(saving, states)
+            if error is not None:
+                raise ClientError(
+                    f"the message was sent, but this device could not save it: {error}"
+                )
         # "sent" is a display state, not key material: it rides along with the next commit
         # (the next message sent or received, flush_states, housekeeping) instead of costing
         # an fsync of its own per message.
@@ -439,6 +497,19 @@ class E2EE:
                 more = await maybeDeferred(self.ask_extra, e.code, error)
                 sent = self.request("send", **{**fields, **(more or {})})
         await sent
+
+    async def _settle(
+        self, saving: Deferred[None], states: list[tuple[str, str]]
+    ) -> Exception | None:
+        """Wait for a commit that ran alongside a send; its error, if any (the delivery
+        states it carried go with the next commit)."""
+        try:
+            await saving
+        except Exception as e:
+            self._states[:0] = states
+            log.failure("saving a sent message failed")
+            return e
+        return None
 
     def _take_states(self) -> list[tuple[str, str]]:
         states, self._states = self._states, []
@@ -639,6 +710,10 @@ class E2EE:
         return failed
 
     async def _commit_batch(self, batch: _Batch) -> bool:
+        """Show what the batch made readable, then commit it (the acks wait for that)."""
+        for show in batch.shown:
+            show()
+        batch.shown.clear()
         states: list[tuple[str, str]] = []
         try:
             puts = self._batch_puts(batch)
@@ -646,6 +721,7 @@ class E2EE:
                 return True
             states = self._take_states()
             await self.store.commit(puts=puts, messages=batch.messages, states=states)
+            self._saved(None, batch.saves)
         except Exception:
             self._states[:0] = states
             log.failure("committing received messages failed; reloading the saved state")
@@ -670,6 +746,7 @@ class E2EE:
         return puts
 
     async def _reload(self) -> None:
+        self._durable.clear()
         self.sessions.clear()
         self.contacts.clear()
         self.rooms.clear()
@@ -756,7 +833,7 @@ class E2EE:
         # The session that worked becomes the current one (both sides converge).
         ordered = [session] + [x for x in sessions if x is not session]
         self.sessions[(user, device)] = ordered[:MAX_SESSIONS]
-        batch.put("session", f"{user}/{device}", self._sessions_value((user, device)))
+        batch.put("session", f"{user}/{device}", self._sessions_value((user, device), batch))
         try:
             body = pl.decode(plaintext)
         except pl.PayloadError as e:
@@ -764,12 +841,8 @@ class E2EE:
             return
         self._deliver(push, user, device, body, batch, room=None)
 
-    def _sessions_value(self, key: tuple[str, str]) -> Callable[[], bytes | None]:
-        def value() -> bytes | None:
-            sessions = self.sessions.get(key)
-            return None if sessions is None else encode_sessions(sessions)
-
-        return value
+    def _sessions_value(self, key: tuple[str, str], batch: _Batch) -> Callable[[], bytes | None]:
+        return lambda: self._save_sessions(key, batch.saves)
 
     def _contact_value(self, key: tuple[str, str]) -> Callable[[], bytes | None]:
         def value() -> bytes | None:
@@ -923,12 +996,14 @@ class E2EE:
                 contact is not None and contact.state == VERIFIED,
             )
 
-            def delivered() -> None:
-                ack(seq)
+            def show() -> None:
                 if expires_at is None or expires_at > self.clock():
                     self.emit(event)
 
-            batch.after.append(delivered)
+            # Shown once verified and decrypted; acknowledged once saved.  A failed save
+            # means the server delivers it again (the view keeps one line per id).
+            batch.shown.append(show)
+            batch.after.append(lambda: ack(seq))
         elif isinstance(body, pl.SenderKey):
             rs = self.rooms.get(body.room) or RoomSession(body.room, self.me, self.device)
             try:

@@ -20,6 +20,14 @@ Decryption is transactional: everything is computed into locals and written to
 the state only after the AEAD tag verified.  A failed message (bad tag, bad
 header, replay, over the limit) leaves :meth:`RatchetState.to_bytes` unchanged.
 
+Saving ahead (:meth:`RatchetState.reserve_sending`): the saved state may put the
+sending chain up to ``SEND_RESERVE`` message numbers ahead of the one in use, so a
+client can send the next messages without waiting for a commit and a crash still
+never reuses a message key: the restored state starts past every number that was
+sent (the peer sees a gap, i.e. a few skipped keys).  :meth:`RatchetState.send_mark`
+and :meth:`RatchetState.covered_by` let the caller check, before encrypting, that a
+durably saved state covers the next number of the same chain.
+
 This module does no PQXDH: :mod:`shtalk.crypto.session` creates the state with
 :meth:`RatchetState.init_initiator` / :meth:`RatchetState.init_responder`.
 """
@@ -40,6 +48,7 @@ __all__ = [
     "MAX_SKIP",
     "MAX_SKIPPED",
     "MAX_SKIPPED_CHAINS",
+    "SEND_RESERVE",
     "RatchetState",
     "kdf_ck",
     "kdf_rk",
@@ -49,6 +58,7 @@ __all__ = [
 MAX_SKIP = 2000  #: keys one message may skip in one chain
 MAX_SKIPPED = 2000  #: stored skipped keys overall
 MAX_SKIPPED_CHAINS = 32  #: receiving chains with stored skipped keys
+SEND_RESERVE = 32  #: sending numbers a saved state may run ahead (see reserve_sending)
 STATE_VERSION = 1
 HEADER_LEN = 40
 ENC_HEADER_LEN = P.NONCE_LEN + HEADER_LEN + P.TAG_LEN
@@ -85,8 +95,9 @@ class RatchetState:
     """One side of a Double Ratchet session (with header encryption)."""
 
     __slots__ = (
-        "_aeads", "ad", "ckr", "cks", "dhr", "dhs", "dhs_pub", "hkr", "hks", "max_skip",
-        "max_skipped", "n_skipped", "nhkr", "nhks", "nr", "ns", "pn", "rk", "skipped",
+        "_aeads", "_ahead", "ad", "ckr", "cks", "dhr", "dhs", "dhs_pub", "hkr", "hks",
+        "max_skip", "max_skipped", "n_skipped", "nhkr", "nhks", "nr", "ns", "pn", "rk",
+        "skipped",
     )
 
     def __init__(self, dhs: x25519.X25519PrivateKey, rk: bytes, ad: bytes) -> None:
@@ -108,6 +119,9 @@ class RatchetState:
         self.skipped: dict[bytes, dict[int, bytes]] = {}
         self.n_skipped = 0
         self._aeads: dict[bytes, P.Aead] = {}
+        #: (n, chain key at n) of the current sending chain, n >= ns: the sending
+        #: position to_bytes writes (None: the current one)
+        self._ahead: tuple[int, bytes] | None = None
 
     # ------------------------------------------------------------------ init
 
@@ -311,21 +325,65 @@ class RatchetState:
         self.hks, self.hkr = self.nhks, self.nhkr
         self.dhr, self.rk, self.ckr, self.nhkr = dh_pub, rk, ckr, nhkr
         self.dhs, self.dhs_pub, self.cks, self.nhks = dhs, P.x25519_public_bytes(dhs), cks, nhks
+        self._ahead = None  # a new sending chain
         self._store(self.hkr, new_keys)
         self._aeads.clear()
         return plaintext
 
     # ------------------------------------------------------------ persistence
 
+    def _saved_sending(self) -> tuple[int, bytes | None]:
+        """The sending position and chain key that :meth:`to_bytes` writes."""
+        ahead = self._ahead
+        if ahead is not None and ahead[0] >= self.ns:
+            return ahead
+        return self.ns, self.cks
+
+    def reserve_sending(self, reserve: int = SEND_RESERVE) -> None:
+        """Let the next :meth:`to_bytes` save the sending chain up to ``reserve`` numbers
+        ahead (refreshed once less than half is left: about one HMAC per message sent).
+
+        The skipped chain keys are never written, so a restored copy cannot derive the
+        keys of messages sent from this object; it can only send later numbers."""
+        if self.cks is None or reserve <= 0:
+            return
+        n, ck = self._saved_sending()
+        assert ck is not None
+        target = min(self.ns + reserve, 0xFFFFFFFF)
+        if n >= self.ns + reserve // 2 or n >= target:
+            return
+        while n < target:
+            ck, _ = kdf_ck(ck)
+            n += 1
+        self._ahead = (n, ck)
+
+    def send_mark(self) -> tuple[bytes, int] | None:
+        """``(sending chain id, number)`` as :meth:`to_bytes` saves it now; once that
+        state is durable, messages below the number may be sent without saving again."""
+        if self.cks is None:
+            return None
+        return self.dhs_pub, self._saved_sending()[0]
+
+    def covered_by(self, mark: tuple[bytes, int] | None) -> bool:
+        """True if a durable state with ``mark`` is past the next message's number in
+        this same sending chain (so a crash after sending it cannot reuse its key)."""
+        return (
+            mark is not None
+            and self.cks is not None
+            and self.ns < mark[1]
+            and hmac.compare_digest(mark[0], self.dhs_pub)
+        )
+
     def to_bytes(self) -> bytes:
-        """Versioned private state (secret!)."""
+        """Versioned private state (secret!); the sending chain as reserved."""
+        ns, cks = self._saved_sending()
         w = Writer().u8(STATE_VERSION)
         w.fixed(P.x25519_private_bytes(self.dhs), 32).fixed(self.rk, 32)
-        for value in (self.dhr, self.cks, self.ckr, self.hks, self.hkr, self.nhks, self.nhkr):
+        for value in (self.dhr, cks, self.ckr, self.hks, self.hkr, self.nhks, self.nhkr):
             w.u8(value is not None)
             if value is not None:
                 w.fixed(value, 32)
-        w.u32(self.ns).u32(self.nr).u32(self.pn).u32(self.max_skip).u32(self.max_skipped)
+        w.u32(ns).u32(self.nr).u32(self.pn).u32(self.max_skip).u32(self.max_skipped)
         w.short(self.ad).u16(len(self.skipped))
         for hk, chain in self.skipped.items():
             w.fixed(hk, 32).u16(len(chain))

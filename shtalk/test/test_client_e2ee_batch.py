@@ -16,7 +16,9 @@ from shtalk.client.e2ee import E2EE, ClientError
 from shtalk.client.events import BadMessage, Event, MessageReceived
 from shtalk.client.localstore import KdfParams, LocalStore
 from shtalk.client.trust import ContactDevice
-from shtalk.crypto import RoomSession
+from shtalk.crypto import RoomSession, Session
+
+from .test_crypto_support import fetched_bundle
 
 CHEAP = KdfParams(memory_kib=8, iterations=1, lanes=1)
 ROOM = "ops"
@@ -181,13 +183,21 @@ class ReceiveBatchTests(TestCase):
         self.assertEqual([ok for ok, _ in results], [False, False, False])
         for _, failure in results:
             failure.trap(ClientError)
-        self.assertEqual((bob.acks, bob.received()), ([], []))
+        # Shown as soon as they were verified and decrypted, but not acknowledged.
+        self.assertEqual((bob.acks, bob.received()), ([], ["m1", "m2", "m3"]))
+        first_ids = [e.id for e in bob.events if isinstance(e, MessageReceived)]
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
+        self.assertEqual(await bob.store.history(f"room:{ROOM}"), [])
         bob.store.commit = real  # type: ignore[method-assign]
-        # Redelivered: the reloaded state has not consumed these message keys.
+        bob.events.clear()
+        # Redelivered: the reloaded state has not consumed these message keys, and the
+        # copies carry the same ids (the view keeps one line per id).
         await self.deliver(bob, pushes)
         self.assertEqual(bob.received(), ["m1", "m2", "m3"])
+        self.assertEqual([e.id for e in bob.events if isinstance(e, MessageReceived)], first_ids)
         self.assertEqual(bob.acks, [1, 2, 3])
+        self.assertEqual([m.body for m in await bob.store.history(f"room:{ROOM}")],
+                         ["m1", "m2", "m3"])
 
     async def test_whole_room_row_is_migrated(self) -> None:
         alice, bob = await self.room()
@@ -309,3 +319,77 @@ class DistributeTests(TestCase):
         await a.joined_room(ROOM, ["alice", "aaraw", "bob"])
         sends = [m for m in alice.sent if m["type"] == "send"]
         self.assertEqual([m["to"] for m in sends], [{"user": "bob"}])
+
+
+class DirectSendTests(TestCase):
+    """A DM leaves before its own commit once a durable saved state covers it."""
+
+    async def pair(self) -> tuple[Device, Device, list[Deferred[None]]]:
+        home = tempfile.mkdtemp(prefix="shtalk-e2ee-")
+        alice, bob = Device(home, "alice"), Device(home, "bob")
+        a, b = await alice.open(), await bob.open()
+        self.addCleanup(lambda: Deferred.fromCoroutine(alice.close()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(bob.close()))
+        a.devices_of.update(alice=["d1"], bob=["d1"])
+        a.sessions[("bob", "d1")] = [Session.initiate(a.ident, fetched_bundle(b.ident))]
+        # Alice's commits wait for the test (a slow fsync), in order.
+        assert alice.store is not None
+        real, gates = alice.store.commit, []
+
+        def held(*args: Any, **kwargs: Any) -> Deferred[None]:
+            gate: Deferred[None] = Deferred()
+            gates.append(gate)
+            gate.addCallback(lambda _: real(*args, **kwargs))
+            return gate
+
+        alice.store.commit = held  # type: ignore[method-assign]
+        return alice, bob, gates
+
+    @staticmethod
+    def push(fields: dict[str, Any], seq: int) -> dict[str, Any]:
+        return {"type": "message", "seq": seq, "ts": seq, "to": {"user": "bob"},
+                "from": {"user": "alice", "device": "d1"},
+                "envelope": fields["envelopes"]["bob/d1"]}
+
+    async def test_only_an_uncovered_send_waits_for_its_commit(self) -> None:
+        alice, bob, gates = await self.pair()
+        assert alice.e2ee is not None and bob.e2ee is not None and alice.store is not None
+        first = Deferred.fromCoroutine(alice.e2ee.send_text("user:bob", "one"))
+        self.assertEqual((alice.sent, len(gates)), ([], 1))  # a new session: saved first
+        gates[0].callback(None)
+        await first
+        self.assertEqual(len(alice.sent), 1)
+        second = Deferred.fromCoroutine(alice.e2ee.send_text("user:bob", "two"))
+        self.assertEqual(len(alice.sent), 2)  # on its way while its commit waits
+        self.assertFalse(second.called)  # ... and send_text returns once it is saved
+        gates[1].callback(None)
+        await second
+        self.assertEqual([m.body for m in await alice.store.history("user:bob")],
+                         ["one", "two"])
+        for seq, fields in enumerate(alice.sent, 1):
+            await bob.e2ee.receive(self.push(fields, seq))
+        self.assertEqual((bob.received(), bob.acks), (["one", "two"], [1, 2]))
+
+    async def test_a_crash_before_the_commit_reuses_no_key(self) -> None:
+        alice, bob, gates = await self.pair()
+        assert alice.e2ee is not None and bob.e2ee is not None
+        first = Deferred.fromCoroutine(alice.e2ee.send_text("user:bob", "one"))
+        gates[0].callback(None)
+        await first
+        Deferred.fromCoroutine(alice.e2ee.send_text("user:bob", "two"))
+        self.assertEqual(len(alice.sent), 2)
+        # Alice's process dies before "two" is saved; she starts again from the file.
+        again = Device(os.path.dirname(alice.path), "alice")
+        a2 = await again.open()
+        self.addCleanup(lambda: Deferred.fromCoroutine(again.close()))
+        a2.devices_of.update(alice=["d1"], bob=["d1"])
+        await a2.send_text("user:bob", "three")
+        sent = alice.sent + again.sent
+        for seq, fields in enumerate(sent, 1):
+            await bob.e2ee.receive(self.push(fields, seq))
+        self.assertEqual(bob.received(), ["one", "two", "three"])
+        self.assertEqual([e for e in bob.events if isinstance(e, BadMessage)], [])
+        assert again.store is not None
+        # What the crash costs: the unsaved copy of "two" in Alice's own history.
+        self.assertEqual([m.body for m in await again.store.history("user:bob")],
+                         ["one", "three"])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from shtalk.crypto import CryptoError, DecryptError, MessageType, ReplayError, Session
 from shtalk.crypto.errors import StateError, TooFarAhead
-from shtalk.crypto.ratchet import ENC_HEADER_LEN, kdf_ck, message_keys
+from shtalk.crypto.ratchet import ENC_HEADER_LEN, SEND_RESERVE, kdf_ck, message_keys
 
 from .test_crypto_support import Pair
 
@@ -200,3 +202,120 @@ class SecrecyProperties(SynchronousTestCase):
         self.assertFalse(attacker_reads(*from_alice))
         self.assertFalse(attacker_reads(*from_bob2))
         self.assertFalse(attacker_reads(*sa.encrypt(b"alice 3")))
+
+
+class SavingAhead(SynchronousTestCase):
+    """``reserve_sending``: a saved state may run ahead; a restore never reuses a key."""
+
+    def test_restore_of_an_exact_state_reuses_a_key(self) -> None:
+        """The hazard the reserve exists for (this is what a test of it must catch)."""
+        sa, sb = _ratchets()
+        snapshot = sa.to_bytes()  # no reserve: saved at the number about to be used
+        sb.decrypt(*sa.encrypt(b"sent before the crash"))
+        restored = Session.from_bytes(snapshot)
+        self.assertRaises(ReplayError, sb.decrypt, *restored.encrypt(b"after the restart"))
+
+    def test_restore_of_a_reserved_state_never_reuses_a_key(self) -> None:
+        sa, sb = _ratchets()
+        sa.ratchet.reserve_sending()
+        snapshot, mark = sa.to_bytes(), sa.ratchet.send_mark()
+        start = sa.ratchet.ns
+        assert mark is not None
+        self.assertEqual(mark[1], start + SEND_RESERVE)
+        sent = 0
+        while sa.ratchet.covered_by(mark):
+            self.assertEqual(sb.decrypt(*sa.encrypt(b"%d" % sent)), b"%d" % sent)
+            sent += 1
+        self.assertEqual(sent, SEND_RESERVE)
+        restored = Session.from_bytes(snapshot)
+        self.assertEqual(restored.ratchet.ns, start + SEND_RESERVE)
+        self.assertEqual(sb.decrypt(*restored.encrypt(b"after the restart")), b"after the restart")
+        self.assertEqual(sb.ratchet.n_skipped, 0)  # every reserved number was used
+
+    def test_the_peer_skips_the_unused_reserve(self) -> None:
+        sa, sb = _ratchets()
+        sa.ratchet.reserve_sending()
+        snapshot = sa.to_bytes()
+        sb.decrypt(*sa.encrypt(b"one"))
+        restored = Session.from_bytes(snapshot)
+        self.assertEqual(sb.decrypt(*restored.encrypt(b"two")), b"two")
+        self.assertEqual(sb.ratchet.n_skipped, SEND_RESERVE - 1)
+        # ... and the conversation goes on both ways (a DH step with pn past the gap).
+        self.assertEqual(restored.decrypt(*sb.encrypt(b"reply")), b"reply")
+        self.assertEqual(sb.decrypt(*restored.encrypt(b"three")), b"three")
+
+    def test_the_saved_chain_key_cannot_derive_the_keys_in_use(self) -> None:
+        sa, _ = _ratchets()
+        sa.ratchet.reserve_sending()
+        stolen = Session.from_bytes(sa.to_bytes())
+        used = {sa.encrypt(b"x")[1][:12] for _ in range(SEND_RESERVE)}  # header nonces
+        ck = stolen.ratchet.cks
+        assert ck is not None
+        for _ in range(3 * SEND_RESERVE):
+            ck, mk = kdf_ck(ck)
+            self.assertNotIn(message_keys(mk)[2], used)
+
+    def test_covered_by(self) -> None:
+        sa, sb = _ratchets()
+        self.assertFalse(sa.ratchet.covered_by(None))
+        self.assertFalse(sa.ratchet.covered_by(sa.ratchet.send_mark()))  # exact: not past
+        sa.ratchet.reserve_sending(4)
+        mark = sa.ratchet.send_mark()
+        for _ in range(4):
+            self.assertTrue(sa.ratchet.covered_by(mark))
+            sb.decrypt(*sa.encrypt(b"x"))
+        self.assertFalse(sa.ratchet.covered_by(mark))
+        sa.ratchet.reserve_sending(4)
+        mark = sa.ratchet.send_mark()
+        sa.decrypt(*sb.encrypt(b"new chain"))  # a DH step: another sending chain
+        self.assertFalse(sa.ratchet.covered_by(mark))
+        self.assertEqual(sa.ratchet.send_mark(), (sa.ratchet.dhs_pub, sa.ratchet.ns))
+
+    def test_reserve_is_refreshed_at_half_and_round_trips(self) -> None:
+        sa, sb = _ratchets()
+        sa.ratchet.reserve_sending()
+        first = sa.ratchet.send_mark()
+        assert first is not None
+        for _ in range(SEND_RESERVE // 2):
+            sb.decrypt(*sa.encrypt(b"x"))
+            sa.ratchet.reserve_sending()
+            self.assertEqual(sa.ratchet.send_mark(), first)  # at least half left
+        sb.decrypt(*sa.encrypt(b"x"))
+        sa.ratchet.reserve_sending()
+        self.assertEqual(sa.ratchet.send_mark(), (first[0], sa.ratchet.ns + SEND_RESERVE))
+        blob = sa.to_bytes()
+        self.assertEqual(Session.from_bytes(blob).to_bytes(), blob)
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.sampled_from(["send", "save", "crash", "reply"]), max_size=80))
+    def test_any_sequence_of_saves_and_crashes(self, ops: list[str]) -> None:
+        """Alice sends only what a durable save covers (saving first otherwise), as the
+        client does; crashes restore her last save, and Bob's replies since then come
+        again (they were not acknowledged).  Bob must read every message exactly once."""
+        sa, sb = _ratchets()
+        saved, mark = sa.to_bytes(), sa.ratchet.send_mark()
+        unacked: list[tuple[MessageType, bytes, bytes]] = []  # Bob -> Alice since the save
+        count = 0
+
+        def save() -> None:
+            nonlocal saved, mark
+            sa.ratchet.reserve_sending()
+            saved, mark = sa.to_bytes(), sa.ratchet.send_mark()
+            unacked.clear()
+
+        for op in ops:
+            if op == "send":
+                if not sa.ratchet.covered_by(mark):
+                    save()
+                count += 1
+                self.assertEqual(sb.decrypt(*sa.encrypt(b"m%d" % count)), b"m%d" % count)
+            elif op == "save":
+                save()
+            elif op == "crash":
+                sa = Session.from_bytes(saved)
+                for msg in unacked:
+                    sa.decrypt(*msg)
+            else:
+                msg = sb.encrypt(b"reply")
+                unacked.append(msg)
+                self.assertEqual(sa.decrypt(*msg), b"reply")
