@@ -108,14 +108,15 @@ def chain_key(room: str, user: str, device: str, epoch: int) -> str:
 
 
 class _Saves:
-    """The sending positions one commit saves (``RatchetState.send_mark`` per device),
-    and whether every session a message is encrypted with was covered before it."""
+    """The sending positions one commit saves (``send_mark`` per device session and per
+    own room chain), and whether every chain a message used was covered before it."""
 
-    __slots__ = ("covered", "marks")
+    __slots__ = ("covered", "marks", "rooms")
 
     def __init__(self) -> None:
         self.covered = True
         self.marks: dict[tuple[str, str], tuple[bytes, int] | None] = {}
+        self.rooms: dict[str, tuple[bytes, int] | None] = {}
 
 
 class _Batch:
@@ -184,6 +185,8 @@ class E2EE:
         #: per device, the sending position of its current session that a completed
         #: commit saved: messages below it may leave before their own commit
         self._durable: dict[tuple[str, str], tuple[bytes, int] | None] = {}
+        #: the same for our own sender chain per room
+        self._room_durable: dict[str, tuple[bytes, int] | None] = {}
         self.ack: Callable[[int], None] = lambda seq: None
         #: answers a refusal that asks for more (a CAPTCHA the server's monitoring
         #: demands before a flagged account's next send): (code, error) -> extra fields
@@ -385,6 +388,7 @@ class E2EE:
     def _saved(self, _: None, saves: _Saves) -> None:
         """A commit holding ``saves`` completed: its sending positions are durable."""
         self._durable.update(saves.marks)
+        self._room_durable.update(saves.rooms)
 
     def _expiry(self, conversation: str) -> tuple[int | None, float | None]:
         seconds = self.timers.get(conversation, 0)
@@ -410,6 +414,8 @@ class E2EE:
                 fields["expires_in"] = expires_in
             if kind == "room":
                 rs = await self._room_session(name)
+                saves = _Saves()
+                saves.covered = rs.covered_by(self._room_durable.get(name))
                 header, ciphertext = rs.encrypt(text)
                 env = Envelope.seal(
                     self.ident,
@@ -421,7 +427,9 @@ class E2EE:
                     ciphertext=ciphertext,
                     timestamp=self.now_ms(),
                 )
+                rs.reserve_sending()
                 puts.append(("roomown", name, rs.own_to_bytes()))  # only what advanced
+                saves.rooms[name] = rs.send_mark()
                 fields.update(to={"room": name}, envelope=b64(env.to_bytes()))
             elif kind == "user":
                 saves = _Saves()
@@ -623,6 +631,7 @@ class E2EE:
         async with self.lock:
             self.room_members.pop(room, None)
             self.rooms.pop(room, None)
+            self._room_durable.pop(room, None)
             await self.store.commit(puts=self._room_delete(room))
 
     async def membership_changed(self, room: str, user: str, event: str) -> None:
@@ -747,6 +756,7 @@ class E2EE:
 
     async def _reload(self) -> None:
         self._durable.clear()
+        self._room_durable.clear()
         self.sessions.clear()
         self.contacts.clear()
         self.rooms.clear()

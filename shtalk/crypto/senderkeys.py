@@ -26,6 +26,10 @@ members at that moment.  A removed member never receives the new chain keys; a
 late joiner only receives keys of the new epoch, whose chains start after every
 earlier message.  Sender Keys have no post-compromise security within an epoch:
 rotating is the recovery.
+
+Saving ahead, as in :mod:`shtalk.crypto.ratchet`: :meth:`RoomSession.reserve_sending`
+lets the saved own state run up to ``SEND_RESERVE`` indexes ahead, so a room message
+can leave before its commit and a crash never reuses an index (members skip the gap).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from . import primitives as P
 from .encoding import Reader, Writer
 from .errors import DecodeError, ReplayError, StateError, TooFarAhead
+from .ratchet import SEND_RESERVE
 
 __all__ = ["MAX_JUMP", "MAX_SKIPPED", "RoomSession", "SenderKeyDistribution"]
 
@@ -104,7 +109,9 @@ def _ad(room: str, user: str, device: str, header: bytes) -> bytes:
 class RoomSession:
     """This device's Sender Keys state for one room: its own key and everyone else's."""
 
-    __slots__ = ("chains", "ck", "device", "epoch", "index", "room", "signing_key", "user")
+    __slots__ = (
+        "_ahead", "chains", "ck", "device", "epoch", "index", "room", "signing_key", "user",
+    )
 
     def __init__(self, room: str, user: str, device: str) -> None:
         self.room, self.user, self.device = room, user, device
@@ -114,6 +121,9 @@ class RoomSession:
         self.signing_key: ec.EllipticCurvePrivateKey | None = None
         #: (user, device) -> {epoch -> chain}
         self.chains: dict[tuple[str, str], dict[int, _Chain]] = {}
+        #: (index, chain key at it) of the own chain, index >= self.index: what
+        #: to_bytes saves (None: the current position)
+        self._ahead: tuple[int, bytes] | None = None
 
     # ------------------------------------------------------------ sending
 
@@ -127,6 +137,7 @@ class RoomSession:
             raise StateError("epoch out of range")
         self.epoch, self.ck, self.index = epoch, P.random_bytes(32), 0
         self.signing_key = P.signing_generate()
+        self._ahead = None
         return self.distribution()
 
     def distribution(self) -> SenderKeyDistribution:
@@ -150,6 +161,41 @@ class RoomSession:
         ad = _ad(self.room, self.user, self.device, header)
         body = P.aead_encrypt(key, nonce, plaintext, ad)
         return header, body + P.sign(self.signing_key, ad + body)
+
+    def _saved_sending(self) -> tuple[int, bytes]:
+        ahead = self._ahead
+        if ahead is not None and ahead[0] >= self.index:
+            return ahead
+        return self.index, self.ck
+
+    def reserve_sending(self, reserve: int = SEND_RESERVE) -> None:
+        """Let :meth:`to_bytes` save the own chain up to ``reserve`` indexes ahead
+        (refreshed once less than half is left); the keys in between are never saved."""
+        if self.epoch is None or reserve <= 0:
+            return
+        n, ck = self._saved_sending()
+        target = min(self.index + reserve, 0xFFFFFFFF)
+        if n >= self.index + reserve // 2 or n >= target:
+            return
+        while n < target:
+            ck, _ = _step(ck)
+            n += 1
+        self._ahead = (n, ck)
+
+    def send_mark(self) -> tuple[bytes, int] | None:
+        """``(own chain id, index)`` as :meth:`to_bytes` saves it now."""
+        if self.signing_key is None:
+            return None
+        return P.signing_public_bytes(self.signing_key), self._saved_sending()[0]
+
+    def covered_by(self, mark: tuple[bytes, int] | None) -> bool:
+        """True if a durable state with ``mark`` is past the next index of this chain."""
+        return (
+            mark is not None
+            and self.signing_key is not None
+            and self.index < mark[1]
+            and P.signing_public_bytes(self.signing_key) == mark[0]
+        )
 
     # ---------------------------------------------------------- receiving
 
@@ -221,7 +267,8 @@ class RoomSession:
         w = Writer().u8(VERSION).text(self.room).text(self.user).text(self.device)
         w.u8(self.epoch is not None)
         if self.epoch is not None and self.signing_key is not None:
-            w.u32(self.epoch).u32(self.index).fixed(self.ck, 32)
+            index, ck = self._saved_sending()
+            w.u32(self.epoch).u32(index).fixed(ck, 32)
             w.fixed(P.signing_private_bytes(self.signing_key), 32)
         w.u32(len(self.chains))
         for (user, device), epochs in self.chains.items():

@@ -241,6 +241,27 @@ class SentStateTests(TestCase):
         a.rooms[ROOM].rotate()
         return alice, a
 
+    async def test_a_covered_room_send_leaves_before_its_commit(self) -> None:
+        alice, a = await self.sender()
+        assert alice.store is not None
+        await a.send_text(f"room:{ROOM}", "one")  # saved first: reserves the chain
+        real, gates = alice.store.commit, []
+
+        def held(*args: Any, **kwargs: Any) -> Deferred[None]:
+            gate: Deferred[None] = Deferred()
+            gates.append(gate)
+            gate.addCallback(lambda _: real(*args, **kwargs))
+            return gate
+
+        alice.store.commit = held  # type: ignore[method-assign]
+        second = Deferred.fromCoroutine(a.send_text(f"room:{ROOM}", "two"))
+        self.assertEqual((len(alice.sent), len(gates), second.called), (2, 1, False))
+        gates[0].callback(None)
+        await second
+        # A crash now restores an own chain past both indexes.
+        saved = dict(await alice.store.items("roomown"))[ROOM]
+        self.assertGreater(RoomSession.from_bytes(saved).index, a.rooms[ROOM].index)
+
     async def test_sent_rides_along_with_the_next_commit(self) -> None:
         alice, a = await self.sender()
         assert alice.store is not None

@@ -15,6 +15,7 @@ from shtalk.crypto import (
     StateError,
     TooFarAhead,
 )
+from shtalk.crypto.ratchet import SEND_RESERVE
 from shtalk.crypto.senderkeys import MAX_JUMP
 
 ROOM = "#ops"
@@ -226,3 +227,46 @@ class SenderKeyTests(SynchronousTestCase):
             else:
                 self.assertEqual(room.read("b", "a", msgs[i]), b"%d" % i)
                 done.add(i)
+
+
+class SavingAheadTests(SynchronousTestCase):
+    """``reserve_sending`` on the own chain: a restore never reuses an index."""
+
+    def test_restore_of_an_exact_state_reuses_an_index(self) -> None:
+        room = Room("a", "b")
+        saved = room.members["a"].own_to_bytes()
+        room.read("b", "a", room.send("a", b"before the crash"))
+        restored = RoomSession.from_bytes(saved)
+        self.assertRaises(ReplayError, room.read, "b", "a", restored.encrypt(b"after"))
+
+    def test_restore_of_a_reserved_state_skips_past_every_index_sent(self) -> None:
+        room = Room("a", "b")
+        a = room.members["a"]
+        a.reserve_sending()
+        saved, mark = a.own_to_bytes(), a.send_mark()
+        sent = 0
+        while a.covered_by(mark):
+            self.assertEqual(room.read("b", "a", room.send("a", b"%d" % sent)), b"%d" % sent)
+            sent += 1
+        self.assertEqual(sent, SEND_RESERVE)
+        restored = RoomSession.from_bytes(saved)
+        self.assertEqual(restored.index, SEND_RESERVE)
+        self.assertEqual(room.read("b", "a", restored.encrypt(b"after")), b"after")
+        blob = restored.to_bytes()
+        self.assertEqual(RoomSession.from_bytes(blob).to_bytes(), blob)
+
+    def test_covered_by(self) -> None:
+        room = Room("a", "b")
+        a = room.members["a"]
+        self.assertFalse(a.covered_by(None))
+        self.assertFalse(a.covered_by(a.send_mark()))
+        a.reserve_sending(3)
+        mark = a.send_mark()
+        for _ in range(3):
+            self.assertTrue(a.covered_by(mark))
+            room.send("a", b"x")
+        self.assertFalse(a.covered_by(mark))
+        a.reserve_sending()
+        mark = a.send_mark()
+        room.rekey()  # a new epoch: another chain, nothing of the old mark applies
+        self.assertFalse(a.covered_by(mark))
