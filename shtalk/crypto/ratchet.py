@@ -50,6 +50,7 @@ __all__ = [
     "MAX_SKIPPED_CHAINS",
     "SEND_RESERVE",
     "RatchetState",
+    "chain_ahead",
     "kdf_ck",
     "kdf_rk",
     "message_keys",
@@ -82,6 +83,22 @@ def message_keys(mk: bytes) -> tuple[bytes, bytes, bytes]:
     """``(AES key, nonce, header nonce)`` from a message key."""
     out = P.hkdf(mk, None, _INFO_MK, 56)
     return out[:32], out[32:44], out[44:]
+
+
+def chain_ahead(
+    saved: tuple[int, bytes], n: int, reserve: int
+) -> tuple[int, bytes] | None:
+    """A symmetric chain (this KDF_CK; Sender Keys use the same) saved ahead: from the
+    saved ``(number, chain key)``, at or past the number ``n`` in use, the position
+    ``reserve`` steps past ``n``; None while the saved one still has half of that left."""
+    at, ck = saved
+    target = min(n + reserve, 0xFFFFFFFF)
+    if at >= n + reserve // 2 or at >= target:
+        return None
+    while at < target:
+        ck, _ = kdf_ck(ck)
+        at += 1
+    return at, ck
 
 
 _COUNTERS = struct.Struct(">II")
@@ -345,17 +362,10 @@ class RatchetState:
 
         The skipped chain keys are never written, so a restored copy cannot derive the
         keys of messages sent from this object; it can only send later numbers."""
-        if self.cks is None or reserve <= 0:
-            return
         n, ck = self._saved_sending()
-        assert ck is not None
-        target = min(self.ns + reserve, 0xFFFFFFFF)
-        if n >= self.ns + reserve // 2 or n >= target:
+        if ck is None or reserve <= 0:
             return
-        while n < target:
-            ck, _ = kdf_ck(ck)
-            n += 1
-        self._ahead = (n, ck)
+        self._ahead = chain_ahead((n, ck), self.ns, reserve) or self._ahead
 
     def send_mark(self) -> tuple[bytes, int] | None:
         """``(sending chain id, number)`` as :meth:`to_bytes` saves it now; once that

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from . import primitives as P
 from .encoding import Reader, Writer
 from .errors import DecodeError, ReplayError, StateError, TooFarAhead
-from .ratchet import SEND_RESERVE
+from .ratchet import SEND_RESERVE, chain_ahead
 
 __all__ = ["MAX_JUMP", "MAX_SKIPPED", "RoomSession", "SenderKeyDistribution"]
 
@@ -173,14 +173,7 @@ class RoomSession:
         (refreshed once less than half is left); the keys in between are never saved."""
         if self.epoch is None or reserve <= 0:
             return
-        n, ck = self._saved_sending()
-        target = min(self.index + reserve, 0xFFFFFFFF)
-        if n >= self.index + reserve // 2 or n >= target:
-            return
-        while n < target:
-            ck, _ = _step(ck)
-            n += 1
-        self._ahead = (n, ck)
+        self._ahead = chain_ahead(self._saved_sending(), self.index, reserve) or self._ahead
 
     def send_mark(self) -> tuple[bytes, int] | None:
         """``(own chain id, index)`` as :meth:`to_bytes` saves it now."""

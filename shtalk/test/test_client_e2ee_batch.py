@@ -63,6 +63,20 @@ class Device:
         if self.store is not None:
             await self.store.close()
 
+    def hold_commits(self) -> list[Deferred[None]]:
+        """From now on each commit waits until the test fires its gate (in order)."""
+        assert self.store is not None
+        real, gates = self.store.commit, []
+
+        def held(*args: Any, **kwargs: Any) -> Deferred[None]:
+            gate: Deferred[None] = Deferred()
+            gates.append(gate)
+            gate.addCallback(lambda _: real(*args, **kwargs))
+            return gate
+
+        self.store.commit = held  # type: ignore[method-assign]
+        return gates
+
     def received(self) -> list[str]:
         return [e.body for e in self.events if isinstance(e, MessageReceived)]
 
@@ -245,15 +259,7 @@ class SentStateTests(TestCase):
         alice, a = await self.sender()
         assert alice.store is not None
         await a.send_text(f"room:{ROOM}", "one")  # saved first: reserves the chain
-        real, gates = alice.store.commit, []
-
-        def held(*args: Any, **kwargs: Any) -> Deferred[None]:
-            gate: Deferred[None] = Deferred()
-            gates.append(gate)
-            gate.addCallback(lambda _: real(*args, **kwargs))
-            return gate
-
-        alice.store.commit = held  # type: ignore[method-assign]
+        gates = alice.hold_commits()
         second = Deferred.fromCoroutine(a.send_text(f"room:{ROOM}", "two"))
         self.assertEqual((len(alice.sent), len(gates), second.called), (2, 1, False))
         gates[0].callback(None)
@@ -353,17 +359,7 @@ class DirectSendTests(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(bob.close()))
         a.devices_of.update(alice=["d1"], bob=["d1"])
         a.sessions[("bob", "d1")] = [Session.initiate(a.ident, fetched_bundle(b.ident))]
-        # Alice's commits wait for the test (a slow fsync), in order.
-        assert alice.store is not None
-        real, gates = alice.store.commit, []
-
-        def held(*args: Any, **kwargs: Any) -> Deferred[None]:
-            gate: Deferred[None] = Deferred()
-            gates.append(gate)
-            gate.addCallback(lambda _: real(*args, **kwargs))
-            return gate
-
-        alice.store.commit = held  # type: ignore[method-assign]
+        gates = alice.hold_commits()  # a slow fsync
         return alice, bob, gates
 
     @staticmethod
