@@ -33,9 +33,9 @@ server and temporary directories):
    section "End-to-end encryption through the server (bench/e2e)" of docs/PERFORMANCE.md.
 
 Latency is send -> receipt, one machine, one monotonic clock: for E2EE from Alice calling
-``send`` (before encryption) to Bob's ``MessageReceived`` event (after decryption and the
-local commit); for the baseline from just before the raw client's ``write`` to the
-recipient's ``dataReceived``.
+``send`` (before encryption) to Bob's ``MessageReceived`` event (after verification and
+decryption; the local commit runs after it, the ack after the commit); for the baseline
+from just before the raw client's ``write`` to the recipient's ``dataReceived``.
 
 Processes: the server (one process; reactor thread + SQLite writer + bcrypt threads) and,
 for each scenario, ONE fresh client process holding every client of that scenario on one
@@ -1456,11 +1456,13 @@ def build_report(res: dict[str, Any]) -> str:
         "process on one reactor (the \"over N client processes\" rows: the room's members "
         "spread round-robin over N processes, kept in step by barriers); all "
         "processes share the 2 cores. E2EE = `ShtalkClient` with its real `LocalStore` "
-        "(SQLite, WAL, `synchronous=FULL`, one commit per message sent and per message "
-        "received, before the ack); plaintext = `bench.loadclient` raw JSON clients with "
+        "(SQLite, WAL, `synchronous=FULL`, one commit per message sent and per batch "
+        "received, before the ack; a sent message leaves while its commit runs once a "
+        "saved reserve covers it); plaintext = `bench.loadclient` raw JSON clients with "
         "200-byte envelopes. Latency: from the sender calling `send` (E2EE: before "
         "encryption; raw: before the write) to the recipient's `MessageReceived` event "
-        "(E2EE: after verification, decryption and the local commit; raw: `dataReceived`).",
+        "(E2EE: after verification and decryption, before the local commit, which the "
+        "ack waits for; raw: `dataReceived`).",
         "",
         table,
         "",
