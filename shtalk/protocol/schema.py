@@ -239,7 +239,9 @@ REQUESTS: dict[str, Mapping[str, Field]] = {
         "captcha": opt(CAPTCHA),
     },
     # Account security (shtalk.server.security).
-    "captcha": {},
+    "captcha": {
+        "kind": opt(Str(3, 5, pattern="art|words", pattern_help='"art" or "words"')),
+    },
     "verify_email": {"username": USER, "code": CODE, "captcha": opt(CAPTCHA)},
     "resend_verification": {"username": USER},
     "password_reset_request": {"username": USER, "captcha": opt(CAPTCHA)},

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from shtalk.protocol.errors import ErrorCode, ProtocolError
 from shtalk.protocol.frames import Request
-from shtalk.server.security import AccountSecurity, account_key
+from shtalk.server.security import AccountSecurity, RegisterAttempt, account_key
 
 if TYPE_CHECKING:
     from shtalk.server.avatar import ChatUser
@@ -32,7 +34,11 @@ class AccountHandlers:
     avatar: ChatUser | None
     family: str
     _peer: str
+    _peer_key: str
+    _deadline: IDelayedCall | None
+    transport: Any
     _conn_token: str | None = None
+    _register_attempt: RegisterAttempt | None = None
 
     def _bind_family(self, family: str) -> None:  # pragma: no cover - the protocol's
         raise NotImplementedError
@@ -55,22 +61,54 @@ class AccountHandlers:
         assert self.avatar is not None
         return int(self.avatar.user.id)
 
+    def captcha_shown(self) -> None:
+        """A person was just shown a CAPTCHA: solving it takes time, so an unauthenticated
+        connection stays open at least as long as the challenge lives (the fixed
+        pre-authentication deadline alone would close it under a person still typing,
+        and the answer, bound to this connection, would be lost with it)."""
+        sec, deadline = self.factory.security, self._deadline
+        if sec is None or deadline is None or not deadline.active():
+            return  # logged in (no deadline), or closing
+        if getattr(self.transport, "disconnecting", False):
+            return
+        wanted = sec.s.captcha_ttl + 5.0
+        now = getattr(deadline, "seconds", self.factory.clock.seconds)()  # the timer's time
+        if deadline.getTime() - now < wanted:
+            deadline.reset(wanted)
+
     # -- used by on_register / on_login in protocol.py ---------------------------------------
     @inlineCallbacks
     def _register(self, request: Request) -> Any:
         a = request.args
+        chat = self.factory.chat
+        # The cheap checks come first and cost no CAPTCHA and no registration attempt.
+        yield chat.check_registration(a["username"], a["password"], a["email"])
+        attempt = self._register_attempt
+        if attempt is None:
+            attempt = self._register_attempt = RegisterAttempt()
+        pay = partial(self._pay_attempt, a["username"])
         sec = self.factory.security
         if sec is not None:
-            sec.gate(
-                self.conn_token, None, self._peer, a.get("captcha"),
-                always_captcha=sec.s.require_captcha,
-            )
-        reply = yield self.factory.chat.register(a["username"], a["password"], a["email"])
+            yield sec.register_gate(self.conn_token, self._peer, a.get("captcha"), attempt, pay)
+        elif not attempt.paid:
+            yield pay()
+        reply = yield chat.register(a["username"], a["password"], a["email"])
+        attempt.used()
         if sec is not None and reply.get("status") == "pending":
             user = yield sec.store.user_by_key(account_key(reply["user"]))
             if user is not None:
                 yield sec.start_verification(user)
         return reply
+
+    def _pay_attempt(self, username: str) -> Deferred[None] | None:
+        """One ``register`` token (per name tried and per address) for a new attempt."""
+        limiter = self.factory.limiter
+        if limiter is None:
+            return None
+        d: Deferred[None] | None = limiter.check(
+            "register", "n:" + account_key(username), self._peer_key
+        )
+        return d
 
     def _login_gate(self, args: Mapping[str, Any]) -> str:
         key = account_key(args["username"])
@@ -103,7 +141,9 @@ class AccountHandlers:
 
     # -- handlers ------------------------------------------------------------------------------
     def on_captcha(self, request: Request) -> dict[str, Any]:
-        return {"captcha": self._security().new_captcha(self.conn_token)}
+        challenge = self._security().new_captcha(self.conn_token, request.args.get("kind", "art"))
+        self.captcha_shown()
+        return {"captcha": challenge}
 
     def on_verify_email(self, request: Request) -> Deferred[Any]:
         a = request.args

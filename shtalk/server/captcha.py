@@ -4,10 +4,16 @@ Why this design: shtalk's clients are terminals, so the challenge is text art (n
 no network, no third-party service that would learn who registers).  The server draws
 a random answer from an alphabet without look-alikes (no 0/O, 1/I/L, 2/Z, 5/S, 8/B,
 6/G) with a small bitmap font of its own, then distorts it: every letter gets its own
-ink character, vertical offset and shear, the baseline waves, pixels drop out, and noise
-characters and a stroke are sprinkled over it.  Answers are case-insensitive (spaces
-ignored), single use (the first answer, right or wrong, consumes the challenge),
-expiring, and bound to the connection that asked for them.
+ink character (never a letter or digit, so the ink cannot be mistaken for the answer),
+vertical offset and shear, the baseline waves, pixels drop out, and noise characters and
+a stroke are sprinkled over it.  Answers are case-insensitive (spaces ignored), single use
+(the first answer, right or wrong, consumes the challenge), expiring, and bound to the
+connection that asked for them.
+
+The accessible alternative (``kind="words"``, for screen-reader users) is a short
+arithmetic question written in words, answered in digits or words.  It keeps the same
+rules (single use, connection-bound, expiring) but is much weaker: about 100 possible
+answers, and the question is machine-readable by design.
 
 What it stops and what not is in docs/SECURITY.md ("Account security").
 """
@@ -51,8 +57,8 @@ FONT: dict[str, tuple[str, ...]] = {
     "9": (".###.", "#...#", "#...#", ".####", "....#", "....#", ".###."),
 }
 
-INK = "#@%&$MWHXK"
-NOISE = ".,:;'`-~^*+"
+INK = "#@%&$"
+NOISE = ".,:;'`-~^+"
 ROWS = 7
 HEIGHT = ROWS + 6
 
@@ -103,11 +109,73 @@ def normalise_answer(answer: str) -> str:
     return "".join(answer.split()).upper()
 
 
+def alphabet_hint(length: int) -> str:
+    letters = " ".join(c for c in ALPHABET if c.isalpha())
+    digits = " ".join(c for c in ALPHABET if c.isdigit())
+    return (
+        f"type the {length} characters drawn above. They are among the letters {letters} "
+        f"and the digits {digits} (no look-alikes such as 0/O or 1/I); case does not matter"
+    )
+
+
+# -- the accessible alternative: a question in words ---------------------------------------
+_ONES = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+    "nineteen",
+)
+_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+
+
+def number_words(n: int) -> str:
+    """0..199 in English words ("seventy-four", "one hundred and six")."""
+    if n >= 100:
+        rest = n - 100
+        return "one hundred" + (f" and {number_words(rest)}" if rest else "")
+    if n < 20:
+        return _ONES[n]
+    tens, ones = divmod(n, 10)
+    return _TENS[tens] + (f"-{_ONES[ones]}" if ones else "")
+
+
+_WORD_VALUES = {w: i for i, w in enumerate(_ONES)} | {
+    w: 10 * i for i, w in enumerate(_TENS) if i >= 2
+} | {"hundred": 100}
+
+
+def parse_number(answer: str) -> int | None:
+    """Digits, or 0..199 in words (hyphens, spaces and "and" optional); None otherwise."""
+    text = answer.strip().lower()
+    if text.isdigit():
+        return int(text)
+    words = [w for w in text.replace("-", " ").split() if w != "and"]
+    if not words or any(w not in _WORD_VALUES for w in words):
+        return None
+    total = 0
+    for w in words:
+        value = _WORD_VALUES[w]
+        if value == 100:
+            total = max(total, 1) * 100
+        else:
+            total += value
+    return total
+
+
+def words_question(rng: Random) -> tuple[str, str]:
+    """(question, answer in digits): a sum or a difference of numbers in words."""
+    if rng.random() < 0.5:
+        a, b = rng.randint(11, 99), rng.randint(11, 99)
+        return f"What is {number_words(a)} plus {number_words(b)}?", str(a + b)
+    a, b = rng.randint(40, 99), rng.randint(11, 39)
+    return f"What is {number_words(a)} minus {number_words(b)}?", str(a - b)
+
+
 @dataclass(frozen=True, slots=True)
 class _Challenge:
     answer: str
     owner: str
     expires: float
+    kind: str = "art"
 
 
 class CaptchaBook:
@@ -138,7 +206,8 @@ class CaptchaBook:
         self.issued = 0
         self.solved = 0
 
-    def issue(self, owner: str) -> dict[str, Any]:
+    def issue(self, owner: str, kind: str = "art") -> dict[str, Any]:
+        """A new challenge for ``owner``: ``kind`` "art" (drawn) or "words" (a question)."""
         now = self.clock.seconds()
         self._expire(now)
         mine = [cid for cid, c in self._live.items() if c.owner == owner]
@@ -146,17 +215,34 @@ class CaptchaBook:
             del self._live[cid]
         while len(self._live) >= self.max_total:
             self._live.popitem(last=False)
-        answer = "".join(self.rng.choice(ALPHABET) for _ in range(self.length))
         cid = "cap_" + secrets.token_urlsafe(12)
-        self._live[cid] = _Challenge(answer, owner, now + self.ttl)
         self.issued += 1
+        if kind == "words":
+            question, answer = words_question(self.rng)
+            self._live[cid] = _Challenge(answer, owner, now + self.ttl, kind)
+            return {
+                "id": cid,
+                "kind": "words",
+                "question": question,
+                "expires_in": int(self.ttl),
+                "hint": "answer in digits or in words",
+            }
+        answer = "".join(self.rng.choice(ALPHABET) for _ in range(self.length))
+        self._live[cid] = _Challenge(answer, owner, now + self.ttl)
         return {
             "id": cid,
+            "kind": "art",
             "art": render(answer, self.rng),
             "length": self.length,
+            "alphabet": ALPHABET,
             "expires_in": int(self.ttl),
-            "hint": f"type the {self.length} characters drawn above (letters and digits)",
+            "hint": alphabet_hint(self.length),
         }
+
+    def kind_of(self, captcha: dict[str, Any] | None) -> str:
+        """The kind of a live challenge named in an answer ("art" if unknown)."""
+        challenge = self._live.get(str((captcha or {}).get("id", "")))
+        return challenge.kind if challenge is not None else "art"
 
     def check(self, owner: str, captcha: dict[str, Any] | None) -> bool:
         """True once for the right answer from the owning connection before expiry."""
@@ -167,7 +253,12 @@ class CaptchaBook:
             return False
         if challenge.owner != owner or challenge.expires <= self.clock.seconds():
             return False
-        given = normalise_answer(str(captcha.get("answer", "")))
+        raw = str(captcha.get("answer", ""))
+        if challenge.kind == "words":
+            number = parse_number(raw)
+            given = "" if number is None else str(number)
+        else:
+            given = normalise_answer(raw)
         ok = secrets.compare_digest(given.encode(), challenge.answer.encode())
         if ok:
             self.solved += 1

@@ -16,12 +16,13 @@ from twisted.logger import Logger
 
 from shtalk.protocol.errors import ErrorCode, ProtocolError
 from shtalk.protocol.frames import push
+from shtalk.protocol.passwords import check_password_policy
 from shtalk.protocol.schema import DEFAULT_ENVELOPE_BYTES
 from shtalk.server.auth import IChatUser
 from shtalk.server.avatar import ChatUser
 from shtalk.server.interfaces import Conflict, IStore
 from shtalk.server.naming import check_email, room_key, user_key
-from shtalk.server.passwords import PasswordHasher, check_password_policy
+from shtalk.server.passwords import PasswordHasher
 from shtalk.server.records import Device, Room, User
 from shtalk.server.router import IDeliveryBus, LocalBus, Router
 from shtalk.server.tokens import TokenIssuer, new_family, new_refresh_token, refresh_hash
@@ -107,6 +108,18 @@ class ChatService(Service):
         self._purge = self.clock.callLater(self.purge_interval, purge)
 
     # accounts -------------------------------------------------------------
+    @inlineCallbacks
+    def check_registration(self, username: str, password: str, email: str) -> Any:
+        """What a registration is refused for before any CAPTCHA or bcrypt: the name's
+        form, the password policy, the email's form, a name already taken (registering
+        always showed that; docs/SECURITY.md, "Enumeration")."""
+        display, key = user_key(username)
+        check_password_policy(password, display, self.min_password_length)
+        check_email(email)
+        existing = yield self.store.user_by_key(key)
+        if existing is not None:
+            raise ProtocolError(ErrorCode.USERNAME_TAKEN, "that username is taken; pick another")
+
     @inlineCallbacks
     def register(self, username: str, password: str, email: str) -> Any:
         display, key = user_key(username)
@@ -230,14 +243,39 @@ class ChatService(Service):
         self.users_by_key.pop(key, None)
 
     @inlineCallbacks
+    def contacts(self, user_id: int) -> Any:
+        """(room members, direct-message partners) of ``user_id``: who sees its presence."""
+        members: set[int] = set()
+        for rid in self.user_rooms.get(user_id, ()):
+            members.update(self.router.room_members.get(rid, {}))
+        partners = yield self.store.dm_partners(user_id)
+        return members, set(partners)
+
+    @inlineCallbacks
     def interested_in(self, user_id: int) -> Any:
         """Users who share a room or a conversation with ``user_id`` and are online."""
-        interested: set[int] = set()
-        for rid in self.user_rooms.get(user_id, ()):
-            interested.update(self.router.room_members.get(rid, {}))
-        partners = yield self.store.dm_partners(user_id)
-        interested.update(partners)
-        return {u for u in interested if self.router.is_online(u)}
+        members, partners = yield self.contacts(user_id)
+        return {u for u in members | partners if self.router.is_online(u)}
+
+    @inlineCallbacks
+    def presence_snapshot(self, user_id: int) -> Any:
+        """``presence`` pushes for a device that just logged in (after its backlog): every
+        contact online now, and every direct-message partner who is not (room members
+        who are offline stay unknown, so a big room costs no line per absent member)."""
+        members, partners = yield self.contacts(user_id)
+        online = {u for u in members | partners if self.router.is_online(u)}
+        offline = {u for u in partners if u not in online}
+        wanted = (online | offline) - {user_id}
+        missing = [u for u in wanted if u not in self.names]
+        if missing:
+            users = yield self.store.users_by_ids(missing)
+            for uid, user in users.items():
+                self.names[uid] = user.name
+        return [
+            push("presence", user=self.user_name(u), status="online" if u in online else "offline")
+            for u in sorted(wanted, key=self.user_name)
+            if u in self.names
+        ]
 
     @inlineCallbacks
     def announce_keys(self, user_id: int, device_id: str, event: str) -> Any:

@@ -155,6 +155,9 @@ class AccountsSection(Section):
         172800, "seconds after which an account never verified is deleted", min=60
     )
     captcha_ttl: int = setting(120, "seconds a CAPTCHA challenge can be answered", min=5)
+    captcha_words: bool = setting(
+        True, "offer the accessible CAPTCHA (a short question in words) to those who ask"
+    )
     totp_issuer: str = setting("shtalk", "issuer name shown in authenticator apps")
 
 
@@ -245,7 +248,9 @@ def parse_limit(text: str) -> tuple[float, float] | None:
     return capacity, seconds
 
 
-RATE_ACTIONS = ("register", "login", "verify", "send", "prekey_fetch", "join", "report")
+RATE_ACTIONS = (
+    "register", "register_check", "login", "verify", "send", "prekey_fetch", "join", "report",
+)
 
 
 @register_section("ratelimit")
@@ -262,12 +267,21 @@ class RateLimitSection(Section):
     disconnect_after: int = setting(
         20, "refusals within a minute after which the connection is closed", min=1
     )
-    register_account: str = setting("off", "register, per username tried")
-    register_address: str = setting("10/3600", "register, per client address")
+    register_account: str = setting("off", "registration attempts, per username tried")
+    register_address: str = setting(
+        "40/3600",
+        "registration attempts per client address (a CAPTCHA fetched and answered is one "
+        "attempt); sized for a classroom of 30 behind one NAT",
+    )
+    register_check_account: str = setting("off", "register requests, per username tried")
+    register_check_address: str = setting(
+        "120/600",
+        "register requests per client address (name and password checks before the CAPTCHA)",
+    )
     login_account: str = setting("10/60", "login attempts per account")
     login_address: str = setting("30/60", "login/resume/refresh attempts per address")
     verify_account: str = setting("10/300", "verification-code/CAPTCHA/TOTP attempts per account")
-    verify_address: str = setting("30/300", "verification attempts per address")
+    verify_address: str = setting("60/300", "verification attempts per address")
     send_account: str = setting("60/10", "send per account")
     send_address: str = setting("300/10", "send per address")
     prekey_fetch_account: str = setting("60/60", "keys_fetch per account")
@@ -331,7 +345,9 @@ class MonitorSection(Section):
     new_account_age: int = setting(86400, "an account younger than this is new", min=0)
     new_account_strangers: int = setting(5, "strangers a new account messages in a window", min=1)
     new_account_strangers_action: str = setting("captcha", "flag, captcha, throttle or suspend")
-    registrations: int = setting(5, "registrations from one address within the window", min=1)
+    registrations: int = setting(
+        30, "registrations from one address within the window (a classroom is fine)", min=1
+    )
     registrations_action: str = setting("captcha", "flag, captcha, throttle or suspend")
     same_size: int = setting(50, "envelopes of one size from one account in a burst", min=2)
     same_size_action: str = setting("throttle", "flag, captcha, throttle or suspend")

@@ -1,4 +1,4 @@
-"""Password policy and bcrypt hashing, always off the reactor thread.
+"""bcrypt hashing, always off the reactor thread (the policy: shtalk.protocol.passwords).
 
 bcrypt runs in a pool of its own sized to leave a core for the reactor: a
 login storm then queues behind the pool instead of starving message delivery
@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 import threading
 from collections.abc import Callable
-from functools import lru_cache
-from importlib import resources
 
 import bcrypt
 from twisted.internet.defer import Deferred
@@ -23,55 +20,7 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from shtalk.protocol.errors import ErrorCode, ProtocolError
-
-BCRYPT_MAX_BYTES = 72
-
-
-@lru_cache(maxsize=1)
-def common_passwords() -> frozenset[str]:
-    text = resources.files("shtalk").joinpath("data/common-passwords.txt").read_text("utf-8")
-    return frozenset(
-        line.strip() for line in text.splitlines() if line and not line.startswith("#")
-    )
-
-
-_TRAILER = re.compile(r"[\d\W_]+\Z")
-_REPEATED = re.compile(r"(.+?)\1+")
-
-
-def check_password_policy(password: str, username: str, min_length: int) -> None:
-    """Length and common-password checks (ASVS 6.2); no composition rules.
-
-    Raises ProtocolError with a message that says how to pick a better one.
-    Never includes the password in the message.
-    """
-    encoded = password.encode("utf-8")
-    if len(encoded) > BCRYPT_MAX_BYTES:
-        raise ProtocolError(
-            ErrorCode.PASSWORD_TOO_LONG,
-            f"passwords are limited to {BCRYPT_MAX_BYTES} bytes of UTF-8 "
-            "(bcrypt's limit; a longer one would be silently truncated elsewhere)",
-        )
-    if len(password) < min_length:
-        raise ProtocolError(
-            ErrorCode.WEAK_PASSWORD,
-            f"use at least {min_length} characters; a few unrelated words make a good one",
-        )
-    folded = password.casefold()
-    common = common_passwords()
-    stripped = _TRAILER.sub("", folded)
-    if (
-        folded in common
-        or (len(stripped) >= 4 and stripped in common)
-        or len(set(folded)) <= 3
-        or _REPEATED.fullmatch(folded) is not None
-        or len(folded.replace(username.casefold(), "")) < min_length // 2
-    ):
-        raise ProtocolError(
-            ErrorCode.WEAK_PASSWORD,
-            "that password is too common or too easy to guess; pick another",
-        )
+from shtalk.protocol.passwords import BCRYPT_MAX_BYTES
 
 
 class PasswordHasher:

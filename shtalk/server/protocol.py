@@ -374,6 +374,8 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
         self._audit(request, str(getattr(e, "code", "internal_error")))
         if isinstance(e, ProtocolError):
             self._refused(e)
+            if "captcha" in e.extra:
+                self.captcha_shown()
             self.send_bytes(frames.error(request.id, e.code, e.message, **e.extra))
             return
         # Never send a traceback to the peer; log it for the operator.
@@ -422,6 +424,7 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             "server": f"shtalk/{__version__}",
             "max_line_length": self.factory.max_line_length,
             "max_envelope_bytes": self.factory.chat.max_envelope_bytes,
+            "min_password_length": self.factory.chat.min_password_length,
         }
 
     def on_ping(self, request: Request) -> dict[str, Any]:
@@ -584,6 +587,13 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             if seq not in sent:
                 self.send_bytes(line)
         self.send_bytes(frames.push("backlog_done", count=len(sent)))
+        try:  # then where one's contacts are, so the client shows it at once
+            lines = yield self.factory.chat.presence_snapshot(avatar.user.id)
+        except Exception:
+            log.failure("loading the presence of contacts failed")
+            lines = []
+        for line in lines:
+            self.send_bytes(line)
 
     @inlineCallbacks
     def on_logout(self, request: Request) -> Any:

@@ -39,7 +39,9 @@ log = Logger()
 # Request type -> action.  The account-security requests (issue 6) that check a code,
 # a CAPTCHA answer or a TOTP are "verify"; unknown types are not limited here.
 REQUEST_ACTIONS: dict[str, str] = {
-    "register": "register",
+    # Each register request is a check (name, password, email); the "register" bucket
+    # is taken once per registration attempt by the handler (shtalk.server.accountproto).
+    "register": "register_check",
     "login": "login",
     "resume": "login",
     "refresh": "login",

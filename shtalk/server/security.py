@@ -18,23 +18,26 @@ Rules kept everywhere here:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from shtalk.protocol.errors import ErrorCode, ProtocolError
 from shtalk.protocol.names import NameError_, normalise_username
+from shtalk.protocol.passwords import check_password_policy
 from shtalk.server import totp
 from shtalk.server.accountstore import CODE_OK, AccountStore, TotpRecord
 from shtalk.server.captcha import CaptchaBook
 from shtalk.server.config import AccountsSection, ThrottleSection
 from shtalk.server.mailer import Mailer
-from shtalk.server.passwords import PasswordHasher, check_password_policy
+from shtalk.server.passwords import PasswordHasher
 from shtalk.server.records import User
-from shtalk.server.throttle import AuthThrottle
+from shtalk.server.throttle import AuthThrottle, Verdict
 
 log = Logger()
 
@@ -48,6 +51,28 @@ FACTOR_NONE = "none"  # no TOTP enrolled: the password is enough
 FACTOR_OK = "ok"
 FACTOR_MISSING = "missing"
 FACTOR_WRONG = "wrong"
+
+
+MAX_MISSES = 5
+"""Wrong CAPTCHA answers one registration attempt includes (typos are not abuse)."""
+
+
+@dataclass
+class RegisterAttempt:
+    """A connection's registration attempt: paid for (one ``register`` token), and how
+    many wrong CAPTCHA answers it has had.  Lives with the connection, like its CAPTCHAs."""
+
+    paid: bool = False
+    misses: int = 0
+
+    def missed(self, kind: str) -> None:
+        # A question in words is so much easier to guess: one miss ends the attempt.
+        self.misses += MAX_MISSES if kind == "words" else 1
+        if self.misses >= MAX_MISSES:
+            self.paid = False
+
+    def used(self) -> None:
+        self.paid, self.misses = False, 0
 
 
 def account_key(username: str) -> str:
@@ -119,8 +144,13 @@ class AccountSecurity(Service):
         return n
 
     # -- CAPTCHA and throttle gates -------------------------------------------------------
-    def new_captcha(self, owner: str) -> dict[str, Any]:
-        challenge = self.captchas.issue(owner)
+    def new_captcha(self, owner: str, kind: str = "art") -> dict[str, Any]:
+        if kind == "words" and not self.s.captcha_words:
+            raise ProtocolError(
+                ErrorCode.BAD_FIELD,
+                'this server offers only the drawn CAPTCHA ([accounts] captcha_words = false)',
+            )
+        challenge = self.captchas.issue(owner, kind)
         if self.captcha_answers:
             # Test hook (SHTALK_TEST_CAPTCHA_ANSWERS): system tests read answers here.
             with open(self.captcha_answers, "a", encoding="ascii") as f:
@@ -135,11 +165,21 @@ class AccountSecurity(Service):
                 '"captcha": {"id": ..., "answer": ...}',
                 captcha=self.new_captcha(owner),
             )
+        kind = self.captchas.kind_of(captcha)  # a wrong answer gets one of the same kind
         if not self.captchas.check(owner, captcha):
             raise ProtocolError(
                 ErrorCode.CAPTCHA_FAILED,
                 "wrong, expired or already used CAPTCHA answer; try the new one in this error",
-                captcha=self.new_captcha(owner),
+                captcha=self.new_captcha(owner, kind),
+            )
+
+    @staticmethod
+    def _refuse_while_throttled(verdict: Verdict) -> None:
+        if verdict.wait:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                "too many failed attempts; wait before trying again",
+                retry_after=math.ceil(verdict.retry_after),
             )
 
     def gate(
@@ -154,15 +194,43 @@ class AccountSecurity(Service):
         """Before an attempt: refuse while throttled; demand a CAPTCHA when due (the
         throttle's counts, ``always_captcha``, or the monitoring's demands)."""
         verdict = self.throttle.check(account, address)
-        if verdict.wait:
-            raise ProtocolError(
-                ErrorCode.RATE_LIMITED,
-                "too many failed attempts; wait before trying again",
-                retry_after=math.ceil(verdict.retry_after),
-            )
+        self._refuse_while_throttled(verdict)
         monitor = self._monitor_demands(account, user_id, address)
         if verdict.captcha or always_captcha or monitor:
             self._captcha(owner, captcha)
+            self._monitor_satisfied(monitor)
+
+    @inlineCallbacks
+    def register_gate(
+        self,
+        owner: str,
+        address: str,
+        captcha: dict[str, Any] | None,
+        attempt: RegisterAttempt,
+        pay: Callable[[], Deferred[None] | None],
+    ) -> Any:
+        """Before creating an account whose name and password passed their checks.
+
+        One registration attempt (``pay``: a token of the ``register`` rate limit) covers
+        showing a CAPTCHA and answering it: wrong answers get a new challenge for free,
+        up to `MAX_MISSES` (a miss on a question in words counts as all of them, the
+        question being so much easier to guess); after that the next challenge is a new
+        attempt.  The attempt is used up once the account exists (``attempt.used()``).
+        """
+        verdict = self.throttle.check(None, address)
+        self._refuse_while_throttled(verdict)
+        monitor = self._monitor_demands(None, None, address)
+        if not attempt.paid:
+            yield pay()
+            attempt.paid, attempt.misses = True, 0
+        if verdict.captcha or self.s.require_captcha or monitor:
+            kind = self.captchas.kind_of(captcha)
+            try:
+                self._captcha(owner, captcha)
+            except ProtocolError as e:
+                if e.code is ErrorCode.CAPTCHA_FAILED:
+                    attempt.missed(kind)
+                raise
             self._monitor_satisfied(monitor)
 
     def monitor_gate(

@@ -24,6 +24,8 @@ from shtalk.server.passwords import PasswordHasher
 from shtalk.server.protocol import ShtalkServerFactory
 from shtalk.server.security import AccountSecurity, make_account_security
 from shtalk.server.store import SQLiteStore, check_database_file
+from shtalk.server.testclock import ENV as TEST_CLOCK_ENV
+from shtalk.server.testclock import clock_from_environment
 from shtalk.server.tokens import TokenIssuer
 
 log = Logger()
@@ -94,7 +96,10 @@ def make_chat_service(
     if clock is None:
         from twisted.internet import reactor
 
-        clock = reactor  # type: ignore[assignment]
+        clock = clock_from_environment(reactor)
+        if clock is not reactor:
+            log.warn("INSECURE test hook: the server's clock is shifted by the seconds in "
+                     "{path} ({env})", path=getattr(clock, "path", ""), env=TEST_CLOCK_ENV)
     assert clock is not None
     db_path = str(datadir.db_path)
     try:

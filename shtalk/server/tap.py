@@ -11,6 +11,7 @@ status 1.  Precedence: built-in defaults < ``--config`` file < command line.
 from __future__ import annotations
 
 import importlib
+import shutil
 import socket
 import sys
 from collections.abc import Callable
@@ -187,9 +188,44 @@ def announcement(address: Any, fingerprint: str | None, listen: str) -> list[str
         )
     if inet:
         where = f"{_host_for_humans(str(host))}:{port}"
-        lines.append(f"connect with: shtalk-urwid {where}")
+        lines.append(f"connect with: {client_command()} {where}")
         lines.append(f"      or try: openssl s_client -connect {where}")
     return lines
+
+
+def client_command() -> str:
+    """The command that starts the terminal client from here, exactly: ``shtalk-urwid``
+    when that is what the shell finds, else the script next to this Python (e.g.
+    ``.venv/bin/shtalk-urwid`` for ``make run`` in a checkout)."""
+    script = Path(sys.executable).parent / "shtalk-urwid"
+    found = shutil.which("shtalk-urwid")
+    if found and (not script.exists() or Path(found).resolve() == script.resolve()):
+        return "shtalk-urwid"
+    if script.exists():
+        try:
+            return str(script.absolute().relative_to(Path.cwd()))
+        except ValueError:
+            return str(script)
+    return f"{sys.executable} -m shtalk.clientui.main"
+
+
+def log_reaches(stream: Any) -> bool:
+    """Whether a log observer already writes to ``stream`` (``twistd -n`` logs to
+    stdout): then the start-up lines go there once, plain, instead of twice."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    from twisted.logger import globalLogPublisher
+
+    for observer in getattr(globalLogPublisher, "_observers", ()):
+        out = getattr(observer, "_outFile", None)
+        try:
+            if out is not None and out.fileno() == fd:
+                return True
+        except (AttributeError, OSError, ValueError):
+            continue
+    return False
 
 
 class ShtalkService(MultiService):
@@ -284,8 +320,9 @@ def build_service(
     def announce(address: Any) -> None:
         lines = announcement(address, fingerprint, server.listen)
         lines += getattr(chat, "startup_notes", [])  # e.g. where mail goes
-        for line in lines:
-            log.info("{line}", line=line)
+        if stdout is None or not log_reaches(stdout):
+            for line in lines:
+                log.info("{line}", line=line)
         if stdout is not None:
             stdout.write("\n".join(lines) + "\n")
             stdout.flush()

@@ -18,7 +18,8 @@ from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from shtalk.protocol.errors import ErrorCode, ProtocolError
-from shtalk.server.passwords import PasswordHasher, check_password_policy
+from shtalk.protocol.passwords import check_password_policy
+from shtalk.server.passwords import PasswordHasher
 from shtalk.server.tokens import AUDIENCE, TokenError, TokenIssuer, new_refresh_token, refresh_hash
 
 
