@@ -272,7 +272,11 @@ class ServerProtocolTests(TestCase):
         )
         await spin(0.1)
         self.assertEqual([m["seq"] for m in ben2.pushes("message")], seqs)
-        self.assertEqual(ben2.received[-1], {"type": "backlog_done", "count": 3})
+        # The backlog, then where ben's contacts are: amy (a DM partner) is online.
+        self.assertEqual(ben2.received[-2:], [{"type": "backlog_done", "count": 3},
+                                              {"type": "presence", "user": "amy",
+                                               "status": "online"}])
+        alice.proto.connectionLost(None)
         await self.reply(ben2, ben2.request("ack", seqs=seqs[:2]))
         ben2.proto.connectionLost(None)
         ben3 = self.peer()
@@ -283,6 +287,9 @@ class ServerProtocolTests(TestCase):
         )
         await spin(0.1)
         self.assertEqual([m["seq"] for m in ben3.pushes("message")], seqs[2:])
+        # amy left: the snapshot now says so (DM partners show offline too).
+        self.assertEqual(ben3.received[-1], {"type": "presence", "user": "amy",
+                                             "status": "offline"})
 
     async def test_device_envelopes_follow_logins_and_removals(self) -> None:
         """Per-device envelopes are checked against the recipient's current devices,
