@@ -350,6 +350,34 @@ class TrustAndTamperingTests(E2ETestCase):
         self.assertTrue(got[-1].verified)
 
 
+class DeviceNoticeTests(E2ETestCase):
+    async def test_device_notices_are_true(self) -> None:
+        """A new device pins its account's existing devices silently; the account's other
+        devices and its contacts hear of the new one at once, once; a contact who first
+        meets someone with two devices hears of neither."""
+        alice, bob = await self.person(), await self.person()
+        assert alice.client and bob.client
+        await alice.client.send(f"user:{bob.username}", "hi")
+        await bob.wait_messages(1)
+        bob2 = await self.person(bob.username, "phone", register=False)
+        assert bob2.client
+        news = NewDevice(bob.username, "phone")
+        await bob.wait_for(lambda: news in bob.events, what="bob's notice of his phone")
+        await alice.wait_for(lambda: news in alice.events, what="alice's notice of bob's phone")
+        await alice.client.send(f"user:{bob.username}", "hi again")
+        await bob2.wait_messages(1)
+        await bob2.client.send(f"user:{alice.username}", "from the phone")
+        await alice.wait_messages(1)
+        self.assertEqual([e for e in alice.events if isinstance(e, NewDevice)], [news])
+        self.assertEqual([e for e in bob.events if isinstance(e, NewDevice)], [news])
+        self.assertEqual([e for e in bob2.events if isinstance(e, NewDevice)], [])
+        carol = await self.person()
+        assert carol.client
+        await carol.client.send(f"user:{bob.username}", "hello both of you")
+        await bob2.wait_messages(2)
+        self.assertEqual([e for e in carol.events if isinstance(e, NewDevice)], [])
+
+
 class ServerQueueExpiryTests(E2ETestCase):
     async def test_expired_messages_never_reach_an_offline_device(self) -> None:
         alice, bob = await self.person(), await self.person()

@@ -146,6 +146,7 @@ class ShtalkClient:
         await self._after_auth()
 
     async def _after_auth(self) -> None:
+        await self.e2ee.baseline_own_devices()
         await self.e2ee.publish_keys()
         await self._sync_rooms()
         self._ready = True
@@ -324,7 +325,7 @@ class ShtalkClient:
         elif kind == "invited":
             self._emit(Invited(push["room"], push.get("by", "")))
         elif kind == "device":
-            self.e2ee.forget_devices(push["user"])
+            self._spawn(self.e2ee.device_event(push))
 
     async def _member(self, push: dict[str, Any]) -> None:
         room, user, event = push["room"], push["user"], push["event"]

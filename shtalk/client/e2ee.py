@@ -11,6 +11,7 @@ session; network waits for a send's ``ok`` happen outside it.
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -175,6 +176,9 @@ class E2EE:
         self.timers: dict[str, int] = {}
         self.room_members: dict[str, set[str]] = {}
         self.devices_of: dict[str, list[str]] = {}
+        #: per user, the device ids that are no news: those there when we first learnt
+        #: the user's devices, and those announced since (NewDevice once per device)
+        self.seen: dict[str, set[str]] = {}
         self._pending_room: list[tuple[float, dict[str, Any], Envelope]] = []
         self._inbox: list[tuple[dict[str, Any], Deferred[None]]] = []
         #: delivery states ("sent") not saved yet: they go with the next commit
@@ -230,6 +234,8 @@ class E2EE:
             await self.store.commit(puts=migrate)
         for key, value in await self.store.items("timer"):
             self.timers[key] = int(value.decode())
+        for key, value in await self.store.items("seen"):
+            self.seen[key] = set(json.loads(value))
 
     @property
     def ident(self) -> DeviceIdentity:
@@ -281,19 +287,64 @@ class E2EE:
         if refresh or user not in self.devices_of:
             reply = await self.request("devices", user=user)
             self.devices_of[user] = [d["id"] for d in reply["devices"]]
+            if not self._knows(user):
+                # First contact: the devices the user has now are the baseline, not news.
+                self.seen[user] = set(self.devices_of[user])
         return self.devices_of[user]
 
     def forget_devices(self, user: str) -> None:
         self.devices_of.pop(user, None)
 
+    def _knows(self, user: str) -> bool:
+        """Whether a device of ``user`` we did not know of yet is news (our own account
+        always is, once this device's first login recorded the baseline)."""
+        return (user == self.me or bool(self.seen.get(user))
+                or any(u == user for u, _ in self.contacts))
+
+    def _is_new_device(self, user: str, device: str) -> bool:
+        """True once per device that is news (see `seen`); records it as seen."""
+        seen = self.seen.setdefault(user, set())
+        if device in seen:
+            return False
+        news = self._knows(user) and (user, device) != (self.me, self.device)
+        seen.add(device)
+        return news
+
+    def _seen_value(self, user: str) -> Callable[[], bytes]:
+        return lambda: json.dumps(sorted(self.seen.get(user, ()))).encode()
+
+    async def baseline_own_devices(self) -> None:
+        """At this device's first login the account's other devices are not news: record
+        them (before publishing our keys, which tells every other device about us)."""
+        if await self.store.get("meta", "published") is not None:
+            return
+        ids = await self.device_ids(self.me, refresh=True)
+        self.seen[self.me] = set(ids) | {self.device}
+        await self.store.commit(puts=[("seen", self.me, self._seen_value(self.me)())])
+
+    async def device_event(self, push: dict[str, Any]) -> None:
+        """A ``device`` push: a contact (or we) got a new device, or one was removed.
+        A device we never knew of is announced now, once, not at its first message."""
+        user, device = str(push.get("user", "")), str(push.get("device", ""))
+        if user.casefold() == self.me.casefold():
+            user = self.me
+        self.forget_devices(user)
+        if push.get("event") == "removed" or (user, device) in self.contacts:
+            return  # gone, or a known device's new keys (its identity is checked at use)
+        async with self.lock:
+            if not self._is_new_device(user, device):
+                return
+            await self.store.commit(puts=[("seen", user, self._seen_value(user)())])
+        self.emit(NewDevice(user, device))
+
     def _pin(self, user: str, device: str, identity: IdentityKey) -> ContactDevice:
-        """Record what ``device`` presents; emit NewDevice / IdentityChanged as due."""
+        """Record what ``device`` presents; emit NewDevice / IdentityChanged as due (the
+        caller saves ``seen[user]`` with the contact)."""
         key = (user, device)
         old = self.contacts.get(key)
         if old is None:
-            known_user = any(u == user for u, _ in self.contacts) or user == self.me
             rec = ContactDevice.first(user, device, identity)
-            if known_user:
+            if self._is_new_device(user, device):
                 self.emit(NewDevice(user, device))
         else:
             rec = old.presents(identity)
@@ -325,6 +376,7 @@ class E2EE:
             return None
         rec = self._pin(user, device, bundle.identity)
         puts.append(("contact", rec.key, rec.to_bytes()))
+        puts.append(("seen", user, self._seen_value(user)()))
         if rec.state == CHANGED:
             raise IdentityNotAccepted(user, [device])
         session = Session.initiate(self.ident, bundle)
@@ -824,6 +876,7 @@ class E2EE:
                 claimed = prekey_identity(env)
                 rec = self._pin(user, device, claimed)
                 batch.put("contact", rec.key, self._contact_value((rec.user, rec.device)))
+                batch.put("seen", user, self._seen_value(user))
                 current = next((x for x in sessions if x.matches(env.header)), None)
                 session, plaintext = open_envelope(self.ident, env, current)
                 batch.put("identity", "self", self.ident.to_bytes)
