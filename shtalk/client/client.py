@@ -104,6 +104,10 @@ class ShtalkClient:
         obj = json.loads(raw)
         return Credentials(**obj)
 
+    def save_credentials(self) -> Deferred[None]:
+        """Persist the current credentials (tokens from a login made before the store)."""
+        return self._save_credentials(self.credentials)
+
     def _save_credentials(self, creds: Credentials) -> Deferred[None]:
         data = json.dumps(
             {

@@ -49,7 +49,10 @@ PROTOCOL_VERSION = 1
 FATAL_CODES = frozenset({"unsupported_version", "invalid_credentials", "email_not_verified",
                          "otp_required", "captcha_required", "captcha_failed"})
 """Server errors that no reconnect can fix: stop and tell the person."""
-EXTRA_CODES = frozenset({"otp_required", "captcha_required", "captcha_failed"})
+OTP_REJECTED = "otp_rejected"
+"""Not a server code: ``invalid_credentials`` after the server asked for the TOTP code (so
+the password was right): the code was wrong, expired or already used."""
+EXTRA_CODES = frozenset({"otp_required", "captcha_required", "captcha_failed", OTP_REJECTED})
 """Login refusals that ask for more (answered by ``ask_extra`` when one is given)."""
 RETRYABLE = frozenset({"ping", "devices", "room_list", "room_members", "keys_count", "ack",
                        "send"})
@@ -491,16 +494,19 @@ class ServerSession:
             try:
                 return await self._login_request(conn, password, **extra)
             except ServerError as e:
-                if self.ask_extra is None or e.code not in EXTRA_CODES:
+                code = e.code
+                if code == "invalid_credentials" and "otp" in extra:
+                    code = OTP_REJECTED
+                if self.ask_extra is None or code not in EXTRA_CODES:
                     raise
                 error = e.reply.get("error", {}) if isinstance(e.reply, dict) else {}
                 try:
-                    more = await _call(self.ask_extra, e.code, error)
+                    more = await _call(self.ask_extra, code, error)
                 except CancelledError:
                     raise
                 except Exception as x:  # the person closed the prompt, like ask_password
                     raise AuthenticationFailed(
-                        f"{e.code}: not answered ({type(x).__name__})") from None
+                        f"{code}: not answered ({type(x).__name__})") from None
                 extra.update(more or {})
                 if conn.closed:
                     conn = await self._ensure_connected()

@@ -35,6 +35,7 @@ from shtalk.clientui.errors import describe
 from shtalk.clientui.history import LineRenderer
 from shtalk.clientui.model import STATUS, ChatModel
 from shtalk.clientui.screen import ScreenHost
+from shtalk.clientui.setup import NewDevice, SetupFlow
 from shtalk.clientui.steps import Cancelled, Steps, enroll_totp, offer_totp
 from shtalk.clientui.themes import THEMES
 from shtalk.clientui.view import ChatView, Screen, ViewCallbacks
@@ -44,8 +45,9 @@ if TYPE_CHECKING:
     from shtalk.client.events import Event
     from shtalk.client.knownhosts import KnownHosts
     from shtalk.client.localstore import HistoryMessage, KdfParams, LocalStore
-    from shtalk.client.session import Credentials, ServerSession
+    from shtalk.client.session import Credentials
     from shtalk.clientui.backend import ClientBackend
+    from shtalk.clientui.logfile import ClientLog
 
 log = Logger()
 
@@ -79,7 +81,8 @@ def new_device_id() -> str:
 
 class App:
     def __init__(self, reactor: Any, config: ClientConfig, host: str, port: int,
-                 data_dir: Path, *, kdf: KdfParams | None = None, trust: str = "pin") -> None:
+                 data_dir: Path, *, kdf: KdfParams | None = None, trust: str = "pin",
+                 client_log: ClientLog | None = None) -> None:
         self.reactor = reactor
         self.config = config
         self.host = host
@@ -95,11 +98,12 @@ class App:
         self.store: LocalStore | None = None
         self.backend: ClientBackend | None = None
         self.exit_code = 0
+        self.crashed = False
         self.dirty = True
-        self.registered_now = False
+        self._confirming_quit = False
 
         self.screen = Screen(keymap=self.keymap)
-        self.ui = ScreenHost(self.screen, self.keymap, bell=self.ring, quit=self.quit,
+        self.ui = ScreenHost(self.screen, self.keymap, bell=self.ring, quit=self.request_quit,
                              redraw=self.full_redraw)
         self.model = ChatModel(self._history, page=100, cap=500)
         self.model.status.server = f"{host}:{port}"
@@ -119,6 +123,10 @@ class App:
         self.screen.set_background(self.view)
         self.first_frame: float | None = None
         self.client_loaded = False
+        self.client_log = client_log
+        if client_log is not None:
+            client_log.notify = lambda text: self.controller.notice(
+                text, error=True, conversation=STATUS)
 
     @cached_property
     def known_hosts(self) -> KnownHosts:
@@ -159,25 +167,46 @@ class App:
             self.mark_dirty()
 
     def ring(self) -> None:
-        if self.loop is not None:
-            sys.stdout.write("\a")
-            sys.stdout.flush()
+        if self.loop is not None and sys.__stdout__ is not None:
+            sys.__stdout__.write("\a")  # (sys.stdout goes to the log while the screen runs)
+            sys.__stdout__.flush()
 
     def _input(self, key: Any) -> bool:
         """Keys the widgets did not take (e.g. while a dialog is open)."""
         self.mark_dirty()
+        if isinstance(key, str) and self.keymap.action(key) == "quit":
+            self.request_quit()
+            return True
+        if key == "ctrl c":
+            self.controller.model.set_status(
+                notice="Ctrl-C does not quit: F10 or Ctrl-Q does (or /quit)", notice_error=False)
+            return True
         return False
 
     def run(self) -> int:
-        display = urwid.raw_display.Screen()
+        display = urwid.raw_display.Screen(input=sys.__stdin__, output=sys.__stdout__)
         display.set_terminal_properties(colors=max(self.theme.colors, 1))
         self.loop = urwid.MainLoop(
             self.screen, palette=list(self.theme.palette), screen=display,
             event_loop=urwid.TwistedEventLoop(reactor=self.reactor, manage_reactor=True),
             unhandled_input=self._input, handle_mouse=True)
         self.schedule()
-        self.loop.run()
+        self.reactor.callWhenRunning(self._own_keys)
+        try:
+            self.loop.run()
+        except Exception:
+            # The screen is restored by now; the traceback goes to the log file only.
+            log.failure("shtalk-urwid stopped after an internal error")
+            self.crashed, self.exit_code = True, 1
         return self.exit_code
+
+    def _own_keys(self) -> None:
+        """Ctrl-Q and Ctrl-S reach the client (the terminal would take them for flow
+        control), and Ctrl-C is a key, not a kill: quitting is F10, Ctrl-Q or /quit,
+        after a question when something is unsent.  Restored when the screen stops."""
+        screen: Any = self.loop.screen if self.loop is not None else None
+        if screen is not None and sys.__stdin__ is not None and sys.__stdin__.isatty():
+            screen.tty_signal_keys(intr="undefined", start="undefined", stop="undefined")
 
     def schedule(self) -> None:
         """What runs once the reactor does: the frame ticker, the set-up, the expiry
@@ -199,13 +228,46 @@ class App:
         def failed(f: Any) -> None:
             if f.check(Cancelled):
                 return
-            log.failure("shtalk-urwid task failed", f)
-            self.controller.fail(f, STATUS)
+            from shtalk.client.connection import ConnectionLost, ServerError
+            from shtalk.client.session import AuthenticationFailed
+
+            if f.check(ServerError, ConnectionLost, AuthenticationFailed):
+                log.info("refused: {error}", error=f.getErrorMessage())
+                self.controller.fail(f, STATUS)
+            else:  # the log observer puts one sentence in the status window
+                log.failure("a background task failed", f)
             self.mark_dirty()
 
         d.addErrback(failed)
         d.addBoth(lambda _: self.mark_dirty())
         return d
+
+    def request_quit(self) -> None:
+        """F10, Ctrl-Q, /quit: quit, after asking when a message or a typed line is not
+        sent yet (the same key again while asked means yes)."""
+        if self._confirming_quit:
+            self.quit()
+            return
+        sending = self.controller.unsent()
+        draft = self.view.input.edit_text.strip()
+        reasons = ([f"{sending} message{'s are' if sending != 1 else ' is'} still being "
+                    "sent"] if sending else []) + (["the line you typed is not sent"]
+                                                   if draft else [])
+        if not reasons:
+            self.quit()
+            return
+        self._confirming_quit = True
+        asked = self.ui.confirm("Quit shtalk-urwid?", f"{' and '.join(reasons).capitalize()}."
+                                " Quit anyway? (A message still being sent is kept and goes "
+                                "out at the next start.)")
+
+        def answered(yes: bool) -> None:
+            self._confirming_quit = False
+            if yes:
+                self.quit()
+
+        asked.addCallback(answered)
+        self.mark_dirty()
 
     def quit(self) -> None:
         self.spawn(self._quit())
@@ -228,22 +290,30 @@ class App:
     async def boot(self) -> None:
         self.controller.notice(f"shtalk-urwid: {self.host}:{self.port} (F1 for help)",
                                conversation=STATUS)
-        if self.store_path.exists():
-            store = await self.unlock()
-            if store is None:
-                return
-            from shtalk.client.client import ShtalkClient
-
-            creds = await ShtalkClient.saved_credentials(store)
-            if creds is not None and (creds.access_token or creds.refresh_token):
-                client = self.make_client(store, creds)
-                await self.enter_chat(client)
-                self.spawn(self.connect(client))
-                return
-            await self.account_flow(store, creds)
-        else:
+        flow = SetupFlow(self)
+        if not self.store_path.exists():
             self.load_client()
-            await self.account_flow(None, None)
+            await self.start_new(await flow.new_device())
+            return
+        store = self.store = await flow.unlock()
+        from shtalk.client.client import ShtalkClient
+
+        creds = await ShtalkClient.saved_credentials(store)
+        if creds is not None and (creds.access_token or creds.refresh_token):
+            client = self.make_client(store, creds)
+            await self.enter_chat(client)
+            self.spawn(self.connect(client))
+            return
+        # A store without a session (after /logout): log in again as this device.
+        await self.start_new(await flow.new_device(creds, store))
+
+    async def start_new(self, outcome: NewDevice) -> None:
+        """After the set-up of a new device: the store holds the login's tokens; the
+        client resumes with them (publishing this device's keys) in the background."""
+        client = self.make_client(outcome.store, outcome.credentials)
+        await client.save_credentials()
+        await self.enter_chat(client)
+        self.spawn(self.connect(client, first=True, registered=outcome.registered))
 
     async def progress(self, title: str, text: str, work: Deferred[Any],
                        expected: float = 1.0) -> Any:
@@ -262,63 +332,9 @@ class App:
         finally:
             ticker.stop()
             dialog.done()
-            self.screen.show(None)
+            if self.screen.overlay is dialog:
+                self.screen.show(None)
             self.mark_dirty()
-
-    async def unlock(self) -> LocalStore | None:
-        error = ""
-        while True:
-            asking = self.ui.ask(
-                "Unlock", f"This device's messages and keys for {self.host}:{self.port} are "
-                f"encrypted. Type the local passphrase.\n(store: {self.store_path})",
-                "Passphrase:", mask=True, error=error)
-            self.load_client()  # while the passphrase is typed
-            from shtalk.client.localstore import LocalStore, WrongPassphrase
-
-            passphrase = await asking
-            if passphrase is None:
-                self.quit()
-                return None
-            try:
-                store: LocalStore = await self.progress(
-                    "Unlocking", "Deriving the key from your passphrase (Argon2id)\u2026",
-                    LocalStore.open(str(self.store_path), passphrase, self.reactor))
-            except WrongPassphrase as e:
-                error = describe(e)
-                continue
-            self.store = store
-            return store
-
-    async def trust_server(self) -> bool:
-        if self.trust == "system" or self.known_hosts.lookup(self.host, self.port):
-            return True
-        from shtalk.client.connection import fetch_fingerprint
-        from shtalk.client.knownhosts import canonical_fingerprint
-
-        while True:
-            try:
-                fingerprint = await fetch_fingerprint(self.reactor, self.host, self.port)
-                break
-            except Exception as e:
-                again = await self.ui.choose(
-                    "Cannot reach the server",
-                    f"{self.host}:{self.port}: {describe(e)}",
-                    [("r", "try again"), ("q", "quit")])
-                if again != "r":
-                    self.quit()
-                    return False
-        fp = canonical_fingerprint(fingerprint)
-        yes = await self.ui.confirm(
-            "New server: check its certificate",
-            ["This is the first connection to ", ("help_key", f"{self.host}:{self.port}"),
-             ". Its certificate's SHA-256 fingerprint is:\n\n", ("help_key", fp),
-             "\n\nCompare it with the fingerprint the server's operator gave you (the server "
-             "prints it when it starts). Trust this server from now on?"])
-        if not yes:
-            self.quit()
-            return False
-        self.known_hosts.remember(self.host, self.port, fp)
-        return True
 
     def confirm_fingerprint(self, fingerprint: str) -> Deferred[bool]:
         d = self.ui.confirm(
@@ -329,10 +345,15 @@ class App:
         return d
 
     def ask_password(self) -> Deferred[str]:
-        user = self.client.credentials.username if self.client else ""
+        client = self.client
+        user = client.credentials.username if client else ""
+        wrong = client is not None and client.session.state_message == \
+            "wrong username or password"
         d = self.ui.ask("Password needed",
                         f"The server ended this device's session. Type the password of "
-                        f"{user} to log in again.", "Password:", mask=True)
+                        f"{user} to log in again (Esc: stay logged out; /login later).",
+                        "Password:", mask=True,
+                        error="That password was not accepted; type it again." if wrong else "")
         self.mark_dirty()
 
         def check(answer: str | None) -> Deferred[str]:
@@ -373,149 +394,11 @@ class App:
             raise Cancelled(title)
         return answer
 
-    async def account_flow(self, store: LocalStore | None, creds: Credentials | None) -> None:
-        try:
-            await self._account_flow(store, creds)
-        except Cancelled:
-            self.quit()
-
-    async def _account_flow(self, store: LocalStore | None,
-                            creds: Credentials | None) -> None:
-        from shtalk.client.connection import ServerError
-        from shtalk.client.session import Credentials
-
-        if not await self.trust_server():
-            return
-        username = creds.username if creds else ""
-        password = ""
-        if not username:
-            choice = await self.ui.choose(
-                "Welcome to shtalk",
-                f"Server {self.host}:{self.port}. Do you have an account there?",
-                [("r", "create an account"), ("l", "log in (this computer becomes a new device)")])
-            if choice is None:
-                raise Cancelled("welcome")
-            if choice == "r":
-                username, password = await self.register_flow()
-                self.registered_now = True
-            else:
-                username = (await self.ask_field(
-                    "Log in", "Log in to your account; this computer becomes a new device of "
-                    "it.", "Username:")).strip()
-        if not password:
-            password = await self.ask_field("Log in", f"The password of {username}:",
-                                            "Password:", mask=True)
-        if store is None:
-            store = await self.create_store()
-        creds = creds or Credentials(username, new_device_id(), f"shtalk-urwid on "
-                                     f"{socket.gethostname()}")
-        client = self.make_client(store, creds)
-        steps = Steps(self.ui, client.session.request_unauthenticated, username)
-        # This first login answers the server's steps itself (between progress screens);
-        # the session's ask_extra is for the logins of its reconnect loop.
-        ask_extra, client.session.ask_extra = client.session.ask_extra, None
-        try:
-            while True:
-                try:
-                    await steps.run(partial(self._login, client, password))
-                    break
-                except ServerError as e:
-                    if e.code != "invalid_credentials":
-                        raise
-                    password = await self.ask_field(
-                        "Log in", f"The password of {username}:", "Password:", mask=True,
-                        error=describe(e))
-        finally:
-            client.session.ask_extra = ask_extra
-        await self.enter_chat(client)
-        self.controller.notice(f"logged in as {client.credentials.username} on device "
-                               f"{client.credentials.device_id}", conversation=STATUS)
-        if self.registered_now:
-            self.registered_now = False
-            await offer_totp(self.ui, client.session.request)
-
-    async def register_flow(self) -> tuple[str, str]:
-        from shtalk.client.connection import ServerError
-        from shtalk.client.session import Credentials, ServerSession
-
-        error = ""
-        username = email = ""
-        while True:
-            username = (await self.ask_field(
-                "Create an account", "Pick a username (3-32 letters, digits, _ . -).",
-                "Username:", error=error, default=username)).strip()
-            email = (await self.ask_field(
-                "Create an account", "Your email address (the server may send a code to "
-                "confirm it).", "Email:", default=email)).strip()
-            password = await self.ask_field(
-                "Create an account", "Choose a password: at least 12 characters, not a "
-                "common one.", "Password:", mask=True)
-            again = await self.ask_field("Create an account", "The same password again.",
-                                         "Password:", mask=True)
-            if password != again:
-                error = "The two passwords differ; try again."
-                continue
-            session = ServerSession(
-                self.reactor, self.host, self.port, self.known_hosts,
-                confirm_fingerprint=self.confirm_fingerprint,
-                ask_password=lambda: fail(Cancelled("password")),
-                credentials=Credentials(username, "registration"),
-                on_tokens=lambda c: None, on_push=lambda p: None,
-                trust=self.trust, client_name=CLIENT_NAME)
-            steps = Steps(self.ui, session.request_unauthenticated, username)
-            try:
-                reply = await steps.run(partial(self._register, session, username, password, email))
-                await steps.after_register(reply)
-            except ServerError as e:
-                if e.code in ("username_taken", "bad_username", "weak_password",
-                              "password_too_long", "bad_email", "rate_limited"):
-                    error = describe(e)
-                    continue
-                raise
-            finally:
-                await session.stop()
-            return reply.get("user", username), password
-
-    async def create_store(self) -> LocalStore:
-        from shtalk.client.localstore import KdfParams, LocalStore
-
-        error = ""
-        while True:
-            first = await self.ask_field(
-                "Choose a local passphrase",
-                "Your keys and messages are stored encrypted on this computer. Choose a "
-                "passphrase to unlock them at each start (it never leaves this computer; "
-                "losing it means losing this device's history).", "Passphrase:", mask=True,
-                error=error)
-            if not first:
-                error = "The passphrase cannot be empty."
-                continue
-            again = await self.ask_field("Choose a local passphrase", "The same passphrase "
-                                         "again.", "Passphrase:", mask=True)
-            if first != again:
-                error = "The two passphrases differ; try again."
-                continue
-            break
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        store: LocalStore = await self.progress(
-            "Creating the local store", "Deriving the key from your passphrase (Argon2id)\u2026",
-            LocalStore.create(str(self.store_path), first, self.reactor,
-                              kdf=self.kdf or KdfParams()))
-        self.store = store
-        return store
-
     async def _login(self, client: ShtalkClient, password: str,
                      extra: dict[str, Any]) -> None:
         await self.progress("Logging in", f"Logging in to {self.host}:{self.port} and "
                             "publishing this device's keys\u2026",
                             Deferred.fromCoroutine(client.login(password, **extra)), 2.0)
-
-    async def _register(self, session: ServerSession, username: str, password: str,
-                        email: str, extra: dict[str, Any]) -> dict[str, Any]:
-        reply: dict[str, Any] = await self.progress(
-            "Creating the account", f"Registering {username} on {self.host}:{self.port}\u2026",
-            session.register(username, password, email, **extra), 2.0)
-        return reply
 
     # ------------------------------------------------------------------ the chat
     async def enter_chat(self, client: ShtalkClient) -> None:
@@ -536,7 +419,8 @@ class App:
             self.model.open(convs[0][0])
         self.mark_dirty()
 
-    async def connect(self, client: ShtalkClient) -> None:
+    async def connect(self, client: ShtalkClient, *, first: bool = False,
+                      registered: bool = False) -> None:
         from shtalk.client.connection import CertificateChanged
 
         try:
@@ -547,6 +431,11 @@ class App:
         # Names known from rooms now complete and show.
         for room in self.backend.joined_rooms() if self.backend else []:
             self.model.ensure(f"room:{room}", load=False)
+        if first:
+            self.controller.notice(f"logged in as {client.credentials.username} on device "
+                                   f"{client.credentials.device_id}", conversation=STATUS)
+        if registered:
+            await offer_totp(self.ui, client.session.request)
 
     # ------------------------------------------------------------ account commands
     def cmd_login(self) -> None:
@@ -559,13 +448,31 @@ class App:
             return
 
         async def run() -> None:
-            password = await self.ask_field("Log in", f"The password of "
-                                            f"{client.credentials.username}:", "Password:",
-                                            mask=True)
-            steps = Steps(self.ui, client.session.request_unauthenticated,
-                          client.credentials.username)
-            await steps.run(partial(self._login, client, password))
-            self.controller.notice("logged in again")
+            from shtalk.client.connection import ServerError
+
+            error = ""
+            while True:
+                password = await self.ui.ask(
+                    "Log in", f"The password of {client.credentials.username}:",
+                    "Password:", mask=True, error=error)
+                if password is None:
+                    self.controller.notice("not logged in; /login to try again",
+                                           conversation=STATUS)
+                    return
+                steps = Steps(self.ui, client.session.request_unauthenticated,
+                              client.credentials.username)
+                try:
+                    await steps.run(partial(self._login, client, password))
+                except Cancelled:
+                    continue  # Esc in the code prompt: back to the password
+                except ServerError as e:
+                    if e.code not in ("invalid_credentials", "rate_limited"):
+                        raise
+                    error = describe(e) + " Type the password again, or Esc to stay " \
+                        "logged out." if e.code == "invalid_credentials" else describe(e)
+                    continue
+                self.controller.notice("logged in again", conversation=STATUS)
+                return
 
         self.spawn(run())
 

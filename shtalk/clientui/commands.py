@@ -50,7 +50,8 @@ ACCOUNT, CHAT, ROOMS, TRUST, CLIENT = "Account", "Chat", "Rooms", "Trust", "Clie
 COMMANDS: tuple[Command, ...] = (
     Command("help", (Arg("command", COMMAND, optional=True),),
             "list every command and key (F1), or explain one command", CLIENT),
-    Command("quit", (), "leave shtalk-urwid (your session stays; Ctrl-X or F10)", CLIENT,
+    Command("quit", (), "leave shtalk-urwid (your session stays; F10 or Ctrl-Q); asks first "
+            "when something is not sent yet", CLIENT,
             ("exit",)),
     Command("bell", (Arg("on", CHOICE, optional=True, choices=("on", "off")),),
             "terminal bell on direct messages and mentions: on or off (F2 toggles)", CLIENT),

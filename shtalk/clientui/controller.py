@@ -38,6 +38,9 @@ if TYPE_CHECKING:  # the client stack (crypto, TLS) is imported after the first 
 
 log = Logger()
 
+TRUST_WORDS = {"tofu": "trusted on first use (not verified: /verify)",
+               "verified": "verified \u2713", "changed": "IDENTITY CHANGED (/trust after checking)"}
+
 
 class UIHost(Protocol):
     """What the controller may ask of the screen."""
@@ -45,6 +48,7 @@ class UIHost(Protocol):
     def ask(self, title: str, text: Any, label: str, *, mask: bool = False,
             default: str = "") -> Deferred[str | None]: ...
     def show_help(self) -> None: ...
+    def show_text(self, title: str, lines: Sequence[Any]) -> None: ...
     def close_overlay(self) -> bool: ...
     def bell(self) -> None: ...
     def quit(self) -> None: ...
@@ -70,6 +74,9 @@ class Controller:
         self.away_count = 0
         self.backlog_seen = False
         self.away_reported = False
+        self.online_since: float | None = None  # None: not online now
+        self.lost_at: float | None = None  # when the connection was lost (None: never)
+        self.reconnects = 0
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -78,7 +85,21 @@ class Controller:
         self.model.notice(text, error=error, ts=self.now_ms(), conversation=conversation)
 
     def fail(self, error: Any, conversation: str | None = None) -> None:
-        self.notice(describe(error), error=True, conversation=conversation)
+        self.notice(describe(error), error=True, conversation=conversation or STATUS)
+
+    def output(self, title: str, lines: Sequence[str]) -> None:
+        """A command's output: a pop-up to read now (Esc closes it) and a copy in the
+        status window, never in the open conversation."""
+        for line in lines:
+            self.notice(line, conversation=STATUS)
+        self.model.set_status(notice=f"{title} (Esc closes the list; a copy is in the "
+                                     "status window)", notice_error=False)
+        self.ui.show_text(title, lines)
+
+    def unsent(self) -> int:
+        """Own messages still on their way to the server."""
+        return sum(1 for c in self.model.conversations.values() for x in c.window.items
+                   if x.mine and x.state == "sending")
 
     def spawn(self, coro: Coroutine[Any, Any, Any], conversation: str | None = None) -> None:
         """Run a command's work on the reactor; its failure becomes a notice, never a crash."""
@@ -126,10 +147,7 @@ class Controller:
                             conversation=event.conversation)
         elif isinstance(event, ConnectionChanged):
             m.set_status(connection=event.state, connection_message=event.message)
-            if event.state == "disconnected" and event.message not in ("", "stopped"):
-                self.notice(f"disconnected: {event.message}", error=True, conversation=STATUS)
-            elif event.state == "reconnecting":
-                m.set_status(notice="", notice_error=False)
+            self._connection_log(event)
         elif isinstance(event, BacklogDone):
             if not self.backlog_seen:
                 self.backlog_seen = True
@@ -172,6 +190,32 @@ class Controller:
             now = self.clock()
             for conv in m.conversations.values():
                 conv.window.expire(now)
+
+    def _connection_log(self, event: ConnectionChanged) -> None:
+        """Connection lost, reconnecting, back online: one line each in the status window
+        (each line carries its time); attempts 1, 2, 4, 8 ... so a long outage stays short."""
+        now = self.clock()
+        if event.state == "authenticated":
+            if self.online_since is None:
+                if self.lost_at is None:
+                    self.notice(f"online: {event.message}", conversation=STATUS)
+                else:
+                    self.notice(f"back online after {cmds.format_duration(now - self.lost_at)}"
+                                f" offline ({event.message})", conversation=STATUS)
+                self.online_since, self.reconnects = now, 0
+            return
+        if event.state in ("reconnecting", "disconnected") and self.online_since is not None:
+            self.online_since, self.lost_at = None, now
+            why = event.message.split(";")[0] or "the connection was lost"
+            self.notice(f"connection lost: {why}", error=True, conversation=STATUS)
+        if event.state == "reconnecting":
+            self.reconnects += 1
+            if self.reconnects & (self.reconnects - 1) == 0:
+                self.notice(f"reconnecting (attempt {self.reconnects}): {event.message}",
+                            conversation=STATUS)
+            self.model.set_status(notice="", notice_error=False)
+        elif event.state == "disconnected" and event.message not in ("", "stopped"):
+            self.notice(f"disconnected: {event.message}", error=True, conversation=STATUS)
 
     def report_away(self) -> None:
         self.away_reported = True
@@ -238,7 +282,7 @@ class Controller:
         try:
             parsed = cmds.parse(text)
         except cmds.CommandError as e:
-            self.notice(str(e), error=True)
+            self.notice(str(e), error=True, conversation=STATUS)
             return
         if parsed is None:
             return
@@ -249,7 +293,7 @@ class Controller:
         try:
             handler(**{k.replace("-", "_"): v for k, v in parsed.args.items()})
         except cmds.CommandError as e:
-            self.notice(str(e), error=True)
+            self.notice(str(e), error=True, conversation=STATUS)
 
     def _need_backend(self) -> ChatBackend:
         if self.backend is None:
@@ -317,15 +361,14 @@ class Controller:
         async def run() -> None:
             rows = await backend.search(text)
             if not rows:
-                self.notice(f"nothing found for {text!r}")
+                self.output("Search", [f"nothing found for {text!r}"])
                 return
-            self.notice(f"{len(rows)} message{'s' if len(rows) != 1 else ''} "
-                        f"with {text!r}:", conversation=STATUS)
+            lines = [f"{len(rows)} message{'s' if len(rows) != 1 else ''} with {text!r}"
+                     + (" (the newest 50):" if len(rows) > 50 else ":")]
             for r in rows[-50:]:
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.ts / 1000))
-                self.notice(f"{when} {r.conversation} {r.sender}: {r.body}",
-                            conversation=STATUS)
-            self.model.open(STATUS)
+                lines.append(f"{when} {r.conversation} {r.sender}: {r.body}")
+            self.output("Search", lines)
 
         self.spawn(run())
 
@@ -428,7 +471,7 @@ class Controller:
                 f"{x['user']}" + (f" ({x['role']})" if x.get("role") not in (None, "member")
                                   else "") + (" ●" if x.get("online") else "")
                 for x in members)
-            self.notice(f"#{name}: {len(members)} members: {names}")
+            self.output(f"Members of #{name}", [f"#{name}: {len(members)} members: {names}"])
 
         self.spawn(run())
 
@@ -438,11 +481,11 @@ class Controller:
         async def run() -> None:
             rooms = await backend.rooms()
             if not rooms:
-                self.notice("no rooms yet: /create NAME")
+                self.output("Rooms", ["no rooms yet: /create NAME"])
                 return
-            parts = [("#" + r["room"] + (" (joined)" if r.get("joined") else "")
-                      + (" (invite-only)" if r.get("invite_only") else "")) for r in rooms]
-            self.notice("rooms: " + ", ".join(parts))
+            self.output("Rooms", ["#" + r["room"] + (" (joined)" if r.get("joined") else "")
+                                  + (" (invite-only)" if r.get("invite_only") else "")
+                                  for r in rooms])
 
         self.spawn(run())
 
@@ -502,14 +545,16 @@ class Controller:
         async def run() -> None:
             devices = await backend.devices(user)
             who = user or backend.me
-            states = dict(backend.contact_device_states(who)) if user else {}
-            lines = []
+            states = dict(backend.contact_device_states(who))
+            lines = [f"devices of {who} (trust as this device sees them):"]
             for d in devices:
-                mark = " (this device)" if not user and d["id"] == backend.device else ""
-                trust = f" [{states[d['id']]}]" if d["id"] in states else ""
-                online = " online" if d.get("online") else ""
-                lines.append(f"  {d['id']} {d.get('label', '')}{mark}{online}{trust}")
-            self.notice(f"devices of {who}:\n" + "\n".join(lines))
+                this = who.casefold() == backend.me.casefold() and d["id"] == backend.device
+                trust = "this device" if this else TRUST_WORDS.get(
+                    states.get(d["id"], ""), "not seen yet (no message exchanged)")
+                online = ", online" if d.get("online") else ""
+                label = f" {d['label']}" if d.get("label") else ""
+                lines.append(f"  {d['id']}{label}: {trust}{online}")
+            self.output(f"Devices of {who}", lines)
 
         self.spawn(run())
 

@@ -4,10 +4,18 @@ them into Deferreds."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import urwid
+
+
+@dataclass(frozen=True)
+class Pressed:
+    """A prompt's answer when one of its action keys was pressed instead of Enter."""
+
+    action: str
 
 
 def _body(text: Any) -> list[urwid.Widget]:
@@ -32,15 +40,22 @@ class Dialog(urwid.WidgetWrap[urwid.Widget]):
 
 
 class Prompt(Dialog):
-    """Explanation, then one field. Enter answers, Esc cancels (answer None)."""
+    """Explanation, then one field. Enter answers, Esc goes back (answer None); a key of
+    ``actions`` (urwid key -> action name) answers `Pressed` (e.g. F5: a new CAPTCHA)."""
 
-    def __init__(self, title: str, text: Any, label: str, on_done: Callable[[str | None], None],
-                 *, mask: bool = False, default: str = "", error: str = "") -> None:
+    def __init__(self, title: str, text: Any, label: str,
+                 on_done: Callable[[str | Pressed | None], None], *, mask: bool = False,
+                 default: str = "", error: str = "", actions: Mapping[str, str] | None = None,
+                 footer: str = "Enter: OK    Esc: back", compact: bool = False) -> None:
         self.on_done = on_done
+        self.actions = dict(actions or {})
         self.edit = urwid.Edit(("prompt", label + " "), default, mask="*" if mask else None)
         self.error = urwid.Text(("error", error))
-        widgets = [*_body(text), urwid.Divider(), self.error, self.edit, urwid.Divider(),
-                   urwid.Text(("info", "Enter: OK    Esc: cancel"))]
+        gap: list[urwid.Widget] = [] if compact else [urwid.Divider()]
+        widgets = [*_body(text), *gap, self.error, self.edit, *gap,
+                   urwid.Text(("info", footer))]
+        if compact and not error:
+            widgets.remove(self.error)  # (a tall CAPTCHA at 80x24 needs every row)
         super().__init__(title, widgets)
         self.body.focus_position = widgets.index(self.edit)
 
@@ -51,6 +66,9 @@ class Prompt(Dialog):
         if key == "esc":
             self.on_done(None)
             return None
+        if key in self.actions:
+            self.on_done(Pressed(self.actions[key]))
+            return None
         result: str | None = super().keypress(size, key)
         return result
 
@@ -59,13 +77,17 @@ class Question(Dialog):
     """A choice answered by one key (e.g. y/n, or r/l for register/log in)."""
 
     def __init__(self, title: str, text: Any, choices: Sequence[tuple[str, str]],
-                 on_done: Callable[[str | None], None]) -> None:
+                 on_done: Callable[[str | None], None], *, compact: bool = False) -> None:
         self.on_done = on_done
         self.choices = {k.lower(): k for k, _ in choices}
         hint = "    ".join(f"[{k}] {label}" for k, label in choices)
-        super().__init__(title, [*_body(text), urwid.Divider(),
-                                 urwid.Text(("prompt", hint)),
-                                 urwid.Text(("info", "Esc: cancel"))])
+        rows: list[urwid.Widget]
+        if compact:  # one row under the body (a QR code at 80x24 needs the others)
+            rows = [urwid.Text([("prompt", hint), ("info", "    Esc: back")])]
+        else:
+            rows = [urwid.Divider(), urwid.Text(("prompt", hint)),
+                    urwid.Text(("info", "Esc: back"))]
+        super().__init__(title, [*_body(text), *rows])
 
     def selectable(self) -> bool:
         return True

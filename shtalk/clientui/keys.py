@@ -15,7 +15,8 @@ GENERAL = "General"
 NAVIGATION = "Conversations"
 SCROLL = "Scrollback"
 INPUT = "Input line"
-CATEGORIES = (GENERAL, NAVIGATION, SCROLL, INPUT)
+DIALOGS = "Dialogs"
+CATEGORIES = (GENERAL, NAVIGATION, SCROLL, INPUT, DIALOGS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,9 +29,10 @@ class KeyBinding:
 
 KEY_BINDINGS: tuple[KeyBinding, ...] = (
     KeyBinding("help", ("f1",), "show this help (also /help)", GENERAL),
-    KeyBinding("quit", ("ctrl x", "f10"), "quit shtalk-urwid (also /quit)", GENERAL),
-    KeyBinding("cancel", ("esc",), "close the help or a dialog; clear the status message",
-               GENERAL),
+    KeyBinding("quit", ("f10", "ctrl q"), "quit shtalk-urwid (also /quit); asks first when a "
+               "message or a typed line is not sent yet", GENERAL),
+    KeyBinding("cancel", ("esc",), "close the help or a pop-up; in a dialog, go back one step; "
+               "clear the status message", GENERAL),
     KeyBinding("redraw", ("ctrl l",), "redraw the whole screen", GENERAL),
     KeyBinding("toggle_bell", ("f2",), "turn the terminal bell on or off (also /bell)",
                GENERAL),
@@ -57,6 +59,10 @@ KEY_BINDINGS: tuple[KeyBinding, ...] = (
     KeyBinding("line_start", ("ctrl a",), "cursor to the start of the line", INPUT),
     KeyBinding("line_end", ("ctrl e",), "cursor to the end of the line", INPUT),
     KeyBinding("clear_input", ("ctrl u",), "clear the input line", INPUT),
+    KeyBinding("captcha_new", ("f5",), "in the CAPTCHA dialog: draw a new one (it costs no "
+               "registration attempt)", DIALOGS),
+    KeyBinding("captcha_words", ("f6",), "in the CAPTCHA dialog: a question in words instead "
+               "of the picture (for screen readers)", DIALOGS),
 )
 
 BY_NAME: dict[str, KeyBinding] = {b.name: b for b in KEY_BINDINGS}

@@ -16,15 +16,19 @@ shtalk-urwid: end-to-end encrypted chat in the terminal.
 First run: it connects to the server, shows the SHA-256 fingerprint of the server's
 certificate and asks you to trust it (compare it with the one the server's operator
 gave you); then you create an account (username, email, password twice, and whatever
-the server asks for: a CAPTCHA, a code sent by email, two-factor set-up) or log in to
-an existing account, and this computer becomes a new device of it. Last, you choose a
-local passphrase: keys and history are stored encrypted under it (Argon2id).
+the server asks for: a CAPTCHA, a code sent by email) or log in to an existing account
+(password, and the two-factor code if the account has one), and this computer becomes
+a new device of it. Once the server accepted the password, you choose a local
+passphrase: keys and history are stored encrypted under it (Argon2id).
+Esc goes back one step in every dialog; in the CAPTCHA, F5 draws a new one and F6 asks
+a question in words instead (for screen readers).
 
 Later runs: type the passphrase (a progress bar shows the key derivation), and the
 session resumes; what arrived while you were away is listed in the status window.
 
 In the client: F1 or /help lists every key and command. Type a line and Enter to send
 it to the open conversation; /msg USER opens a direct conversation, /join ROOM a room.
+F10 or Ctrl-Q (or /quit) quits, asking first if something is not sent yet.
 """
 
 EPILOG = """\
@@ -34,6 +38,8 @@ files:
   data          $XDG_DATA_HOME/shtalk-urwid (default ~/.local/share/shtalk-urwid):
                 known_hosts (pinned server certificates) and one encrypted store per
                 server, HOST_PORT.sqlite3 (0600)
+  log           shtalk-urwid.log in the data directory (0600, rotated at 1 MB, 5 kept):
+                what went wrong, in full; the screen shows one sentence about it
 
 certificate changed:
   If the server's certificate changes, shtalk refuses to connect: someone may be
@@ -112,9 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     kdf = test_kdf() if os.environ.get(TEST_KDF_ENV) == "1" else None
     from twisted.internet import reactor
 
+    from shtalk.clientui.logfile import ClientLog
+
+    client_log = ClientLog(data_dir, reactor)
+    try:
+        client_log.start()
+    except OSError as e:
+        print(f"shtalk-urwid: cannot write the log in {data_dir}: {e.strerror}; choose "
+              "another --data-dir", file=sys.stderr)
+        return 2
     app = App(reactor, config, host, port, data_dir, kdf=kdf,
-              trust=args.trust or config.server.trust)
-    return app.run()
+              trust=args.trust or config.server.trust, client_log=client_log)
+    code = app.run()
+    if app.crashed and sys.__stderr__ is not None:
+        sys.__stderr__.write(f"shtalk-urwid stopped after an internal error; the details are "
+                             f"in {client_log.path}\n")
+    return code
 
 
 if __name__ == "__main__":

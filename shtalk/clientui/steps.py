@@ -4,16 +4,18 @@ Registration and login are retried with whatever the refusal asked for: a CAPTCH
 (``captcha_required`` / ``captcha_failed`` carry the challenge in the error), a TOTP code
 (``otp_required``), an email code (a ``pending`` registration, or ``email_not_verified``).
 Unknown steps fall through as errors, so a newer server never leaves the client stuck.
+Esc in any of these prompts raises `Cancelled`: the caller goes back one step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 
+from shtalk.clientui.dialogs import Pressed
 from shtalk.clientui.qr import qr_text
 
 if TYPE_CHECKING:
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 MAX_STEPS = 12
+CODE_REJECTED = ("That code was not accepted: wrong, expired or already used. Type the "
+                 "current code from the app (or an unused recovery code).")
+OTP_REJECTED = "otp_rejected"  # shtalk.client.session.OTP_REJECTED (not imported: first frame)
 
 
 class Cancelled(Exception):
@@ -30,6 +35,12 @@ class Cancelled(Exception):
 class StepUI(Protocol):
     def ask(self, title: str, text: Any, label: str, *, mask: bool = False,
             default: str = "", error: str = "") -> Deferred[str | None]: ...
+    def ask_actions(self, title: str, text: Any, label: str, *, mask: bool = False,
+                    default: str = "", error: str = "", actions: Sequence[str] = (),
+                    footer: str = "Enter: OK    Esc: back", full: bool = False
+                    ) -> Deferred[str | Pressed | None]: ...
+    def choose(self, title: str, text: Any, choices: Sequence[tuple[str, str]], *,
+               full: bool = False) -> Deferred[str | None]: ...
     def confirm(self, title: str, text: Any) -> Deferred[bool]: ...
     def message(self, title: str, text: Any) -> Deferred[None]: ...
 
@@ -40,6 +51,26 @@ Request = Callable[..., Deferred[dict[str, Any]]]
 def error_detail(e: ServerError) -> dict[str, Any]:
     err = e.reply.get("error") if isinstance(e.reply, dict) else None
     return err if isinstance(err, dict) else {}
+
+
+def captcha_text(challenge: dict[str, Any]) -> list[Any]:
+    """What the CAPTCHA dialog shows: the picture (never wrapped: a wrapped line breaks
+    the glyphs) and which characters can appear, or the question in words."""
+    import urwid
+
+    if challenge.get("kind") == "words" or "question" in challenge:
+        return [urwid.Text(("body", str(challenge.get("question", "")))), urwid.Divider(),
+                urwid.Text("Answer in digits or in words (e.g. 74 or seventy-four).")]
+    art = urwid.Text(("body", str(challenge.get("art", ""))), wrap="clip")
+    alphabet = str(challenge.get("alphabet", ""))
+    length = challenge.get("length", "the")
+    if alphabet:
+        hint = (f"Type the {length} characters drawn above. They are among "
+                f"{' '.join(alphabet)} (no look-alikes such as 0/O or 1/I); case does not "
+                "matter.")
+    else:
+        hint = str(challenge.get("hint", "Type the characters drawn above."))
+    return [art, urwid.Text(hint)]
 
 
 class Steps:
@@ -70,8 +101,13 @@ class Steps:
                 if e.code in ("captcha_required", "captcha_failed"):
                     extra["captcha"] = await self.captcha(
                         detail.get("captcha"), failed=e.code == "captcha_failed")
-                elif e.code == "otp_required" or (e.code == "invalid_code" and "otp" in extra):
-                    extra["otp"] = await self.otp(retry=e.code != "otp_required")
+                elif e.code == "otp_required":
+                    extra["otp"] = await self.otp()
+                elif "otp" in extra and e.code in ("invalid_credentials", "invalid_code"):
+                    # The password was accepted (the server asked for the code): the code
+                    # is what failed.
+                    extra.pop("captcha", None)
+                    extra["otp"] = await self.otp(retry=True)
                 elif e.code == "email_not_verified":
                     await self.verify_email()
                 else:
@@ -83,8 +119,7 @@ class Steps:
             "Two-factor code",
             "This account has two-factor authentication. Type the 6-digit code "
             "from your authenticator app (or a recovery code).",
-            "Code:", error="That code was not accepted; wait for the next one." if retry
-            else "")).strip()
+            "Code:", error=CODE_REJECTED if retry else "")).strip()
 
     async def answer(self, code: str, error: dict[str, Any]) -> dict[str, Any]:
         """What a login refusal asks for, as ServerSession's ``ask_extra`` wants it (the
@@ -92,21 +127,44 @@ class Steps:
         if code in ("captcha_required", "captcha_failed"):
             return {"captcha": await self.captcha(error.get("captcha"),
                                                   failed=code == "captcha_failed")}
-        if code == "otp_required":
-            return {"otp": await self.otp()}
+        if code in ("otp_required", OTP_REJECTED):
+            return {"otp": await self.otp(retry=code == OTP_REJECTED)}
         raise Cancelled(code)
 
+    async def _challenge(self, kind: str) -> dict[str, Any]:
+        reply = await self.request("captcha", **({"kind": kind} if kind != "art" else {}))
+        challenge: dict[str, Any] = reply.get("captcha", reply)
+        return challenge
+
     async def captcha(self, challenge: Any, failed: bool = False) -> dict[str, str]:
+        """The CAPTCHA dialog, whole at 80x24: F5 draws a new one, F6 switches between the
+        picture and a question in words; neither costs a registration attempt."""
+        from shtalk.client.connection import ServerError
+        from shtalk.clientui.errors import describe
+
+        error = "That answer was wrong or has expired; here is a new one." if failed else ""
         if not isinstance(challenge, dict) or "id" not in challenge:
-            challenge = await self.request("captcha")
-            challenge = challenge.get("captcha", challenge)
-        art = str(challenge.get("art", ""))
-        hint = str(challenge.get("hint", "type the characters drawn above"))
-        answer = await self._ask(
-            "Are you a person?", [("info", "The server asks you to solve this CAPTCHA:\n\n"),
-                                  ("body", art + "\n\n"), hint],
-            "Answer:", error="Wrong or expired answer; here is a new one." if failed else "")
-        return {"id": str(challenge["id"]), "answer": answer.strip()}
+            challenge = await self._challenge("art")
+        for _ in range(MAX_STEPS * 4):
+            words = challenge.get("kind") == "words"
+            footer = ("Enter: OK   F5: another question   F6: a picture instead   Esc: back"
+                      if words else
+                      "Enter: OK   F5: new picture   F6: a question in words   Esc: back")
+            answer = await self.ui.ask_actions(
+                "Are you a person?", captcha_text(challenge), "Answer:", error=error,
+                actions=("captcha_new", "captcha_words"), footer=footer, full=True)
+            if answer is None:
+                raise Cancelled("captcha")
+            if isinstance(answer, Pressed):
+                kind = ("art" if words else "words") if answer.action == "captcha_words" \
+                    else ("words" if words else "art")
+                try:
+                    challenge, error = await self._challenge(kind), ""
+                except ServerError as e:
+                    error = describe(e)
+                continue
+            return {"id": str(challenge["id"]), "answer": answer.strip()}
+        raise Cancelled("captcha")
 
     async def verify_email(self) -> dict[str, Any]:
         """Ask for the emailed code (empty: send it again) until the account is active."""
@@ -154,6 +212,8 @@ async def offer_totp(ui: StepUI, request: Request) -> bool:
 
 
 async def enroll_totp(ui: StepUI, request: Request) -> bool:
+    """The QR code alone on the screen first (whole at 80x24: two modules per character
+    cell), then the code prompt with the key to type by hand.  Esc goes back a step."""
     from shtalk.client.connection import ServerError
 
     try:
@@ -167,15 +227,28 @@ async def enroll_totp(ui: StepUI, request: Request) -> bool:
     uri = str(reply.get("uri", ""))
     secret = str(reply.get("secret", ""))
     drawn = qr_text(uri)
-    body = [("body", drawn + "\n") if drawn else "",
-            "Scan the code with your authenticator app, or enter this key by hand:\n",
-            ("help_key", secret + "\n"), ("info", uri + "\n")]
+    body = ["Or enter this key in the app by hand:\n", ("help_key", secret + "\n"),
+            ("info", uri + "\n")]
     error = ""
+    show_qr = bool(drawn)
     for _ in range(MAX_STEPS):
+        if show_qr:
+            import urwid
+
+            seen = await ui.choose(
+                "Scan this with your authenticator app",
+                [urwid.Text(("body", drawn), wrap="clip")],
+                [("enter", "type the code the app shows")], full=True)
+            if seen is None:
+                return False
+            show_qr = False
         code = await ui.ask("Set up two-factor authentication", body,
                             "Code from the app:", error=error)
         if code is None:
-            return False
+            show_qr = bool(drawn)
+            if not show_qr:
+                return False
+            continue
         try:
             done = await request("totp_confirm", code=code.strip())
         except ServerError as e:

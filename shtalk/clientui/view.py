@@ -18,9 +18,11 @@ from shtalk.clientui.history import HistoryWalker, LineRenderer, MessagePane
 from shtalk.clientui.keys import KeyMap
 from shtalk.clientui.model import ChatModel
 from shtalk.clientui.widgets import (
+    SCROLL_KEYS,
     ConversationList,
     HelpView,
     InputLine,
+    Popup,
     StatusBar,
     options_markup,
     status_markup,
@@ -173,13 +175,20 @@ class Screen(urwid.WidgetPlaceholder[urwid.Widget]):
         super().__init__(self.background)
 
     def keypress(self, size: tuple[int, ...], key: str) -> str | None:
-        if isinstance(self.overlay, HelpView) and (
-                key in ("esc", "q") or self.keymap.action(key) in ("help", "cancel", "quit")):
+        overlay = self.overlay
+        if isinstance(overlay, Popup):
             action = self.keymap.action(key)
-            self.show(None)
-            return key if action == "quit" else None
+            if key in ("esc", "q") or action in ("help", "cancel", "quit"):
+                self.show(None)
+                return key if action == "quit" else None
+            if overlay.passthrough and key not in SCROLL_KEYS:
+                self.show(None)  # typing goes on in the chat
         result: str | None = super().keypress(size, key)
         return result
+
+    @property
+    def overlay_size(self) -> tuple[Any, Any]:
+        return self._overlay_size
 
     def set_background(self, widget: urwid.Widget) -> None:
         self.background = widget

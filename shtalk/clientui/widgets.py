@@ -156,13 +156,47 @@ class InputLine(urwid.Edit):
         return True
 
 
+def shorten_markup(markup: list[Any], width: int) -> list[Any]:
+    """``markup`` (strings and ``(attribute, string)`` pairs) cut to ``width`` columns at a
+    word boundary, ending in an ellipsis, when it is too long."""
+    parts = [p if isinstance(p, tuple) else (None, p) for p in markup]
+    text = "".join(t for _, t in parts)
+    if len(text) <= width:
+        return markup
+    room = max(0, width - 1)  # the ellipsis takes one column
+    cut = text.rfind(" ", 0, room + 1)
+    if cut < room // 2:
+        cut = room  # no word boundary near the end: cut inside the word
+    out: list[Any] = []
+    used = 0
+    for attr, t in parts:
+        if used >= cut:
+            break
+        piece = t[: cut - used]
+        used += len(t)
+        out.append((attr, piece) if attr is not None else piece)
+    if out:
+        last = out[-1]
+        out[-1] = (last[0], last[1].rstrip()) if isinstance(last, tuple) else last.rstrip()
+    out.append("\u2026")
+    return out
+
+
 class StatusBar(urwid.WidgetWrap[urwid.Widget]):
+    """One line; a long text ends at a word boundary with an ellipsis."""
+
     def __init__(self) -> None:
-        self.text = urwid.Text("", wrap="ellipsis")
+        self.text = urwid.Text("", wrap="clip")
+        self.markup: list[Any] = []
         super().__init__(urwid.AttrMap(self.text, "status"))
 
-    def update(self, markup: Any) -> None:
-        self.text.set_text(markup)
+    def update(self, markup: list[Any]) -> None:
+        self.markup = markup
+        self.text.set_text(markup or "")
+
+    def render(self, size: tuple[int, ...], focus: bool = False) -> urwid.Canvas:
+        self.text.set_text(shorten_markup(self.markup, size[0]) or "")
+        return super().render(size, focus)
 
 
 def help_widgets(keymap: KeyMap) -> list[Any]:
@@ -197,16 +231,38 @@ def help_widgets(keymap: KeyMap) -> list[Any]:
     return out
 
 
-class HelpView(urwid.WidgetWrap[urwid.Widget]):
-    def __init__(self, keymap: KeyMap) -> None:
-        self.listbox = urwid.ListBox(urwid.SimpleListWalker(help_widgets(keymap)))
-        super().__init__(urwid.AttrMap(urwid.LineBox(self.listbox), "dialog"))
+SCROLL_KEYS = frozenset({"up", "down", "page up", "page down", "home", "end"})
+
+
+class Popup(urwid.WidgetWrap[urwid.Widget]):
+    """Text to read (help, command output) over the chat; Esc closes it, the arrows and
+    PgUp/PgDn scroll it.  With ``passthrough`` any other key closes it and goes on to the
+    chat, so typing after a command's output just continues."""
+
+    def __init__(self, widgets: list[Any], title: str = "", passthrough: bool = False) -> None:
+        self.passthrough = passthrough
+        self.listbox = urwid.ListBox(urwid.SimpleListWalker(widgets))
+        box = urwid.LineBox(self.listbox, title=title, title_attr="dialog_title") if title \
+            else urwid.LineBox(self.listbox)
+        super().__init__(urwid.AttrMap(box, "dialog"))
 
     def keypress(self, size: tuple[int, ...], key: str) -> str | None:
         if key in ("up", "down"):
             key = "page up" if key == "up" else "page down"
         result: str | None = super().keypress(size, key)
         return result
+
+
+class HelpView(Popup):
+    def __init__(self, keymap: KeyMap) -> None:
+        super().__init__(help_widgets(keymap))
+
+
+def text_popup(title: str, lines: Sequence[Any]) -> Popup:
+    return Popup([urwid.Text(x) for x in lines] + [
+        urwid.Divider(), urwid.Text(("info", "Esc or any key closes this (a copy is in the "
+                                             "status window); Up/Down/PgUp/PgDn scroll"))],
+                 title, passthrough=True)
 
 
 def status_markup(model: ChatModel, trust: str, members: int | None) -> list[Any]:

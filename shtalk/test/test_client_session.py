@@ -323,6 +323,29 @@ class AuthTests(SessionTestCase):
                           if r["type"] == "login"], [None, "123456"])
         self.assert_no_secrets(*[m for _, m in self.states])
 
+    def test_wrong_second_factor_is_asked_again_not_the_password(self) -> None:
+        """After otp_required the password is known to be right: invalid_credentials then
+        means the code (wrong, expired or reused), and the code is asked for again."""
+        self.creds.access_token = self.creds.refresh_token = None
+        codes = iter(["111111", "123456"])
+        self.server.handlers["login"] = lambda r: (
+            tokens(4) if r.get("otp") == "123456" else
+            error("invalid_credentials") if r.get("otp") else error("otp_required"))
+        asked: list[str] = []
+
+        def ask_extra(code: str, err: dict[str, Any]) -> dict[str, Any]:
+            asked.append(code)
+            return {"otp": next(codes)}
+
+        passwords: list[int] = []
+        s = self.make(ask_extra=ask_extra)
+        s.ask_password = lambda: passwords.append(1) or "pw"  # type: ignore[assignment,func-returns-value]
+        d = s.start()
+        self.pump()
+        self.successResultOf(d)
+        self.assertEqual(asked, ["otp_required", "otp_rejected"])
+        self.assertEqual(len(passwords), 1)
+
     def test_closed_second_factor_prompt_stops(self) -> None:
         self.creds.access_token = self.creds.refresh_token = None
         self.server.handlers["login"] = lambda r: error("otp_required")

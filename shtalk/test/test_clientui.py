@@ -229,7 +229,7 @@ class ConfigTests(unittest.TestCase):
     def test_help_option_explains(self) -> None:
         text = build_parser().format_help()
         for word in ("--forget-server", "fingerprint", "passphrase", "SHTALK_URWID_TEST_KDF",
-                     "client.ini", "Ctrl-X", "FOR TESTS ONLY"):
+                     "client.ini", "Ctrl-Q", "FOR TESTS ONLY", "shtalk-urwid.log"):
             self.assertIn(word, text)
 
 
@@ -659,6 +659,8 @@ class DialogTests(unittest.TestCase):
             return succeed({"enabled": True, "recovery_codes": ["rc-one", "rc-two"]})
 
         d = Deferred.fromCoroutine(enroll_totp(h.host, request))
+        self.assertIn("Scan this with your authenticator app", h.text())
+        h.press("enter")
         screen = text_of(h.screen, (100, 60))
         self.assertIn("JBSWY3DPEHPK3PXP", screen)
         h.type("000000")
