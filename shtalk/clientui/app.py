@@ -103,6 +103,7 @@ class App:
         self._confirming_quit = False
 
         self.screen = Screen(keymap=self.keymap)
+        self.screen.changed = self.mark_dirty
         self.ui = ScreenHost(self.screen, self.keymap, bell=self.ring, quit=self.request_quit,
                              redraw=self.full_redraw)
         self.model = ChatModel(self._history, page=100, cap=500)
@@ -461,16 +462,21 @@ class App:
                     return
                 steps = Steps(self.ui, client.session.request_unauthenticated,
                               client.credentials.username)
+                # These steps answer the code or CAPTCHA themselves (Esc: back to the
+                # password); the session's ask_extra is for its reconnect loop.
+                ask_extra, client.session.ask_extra = client.session.ask_extra, None
                 try:
                     await steps.run(partial(self._login, client, password))
                 except Cancelled:
-                    continue  # Esc in the code prompt: back to the password
+                    continue
                 except ServerError as e:
                     if e.code not in ("invalid_credentials", "rate_limited"):
                         raise
                     error = describe(e) + " Type the password again, or Esc to stay " \
                         "logged out." if e.code == "invalid_credentials" else describe(e)
                     continue
+                finally:
+                    client.session.ask_extra = ask_extra
                 self.controller.notice("logged in again", conversation=STATUS)
                 return
 

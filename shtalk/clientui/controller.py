@@ -127,6 +127,9 @@ class Controller:
     def _handle(self, event: Event) -> None:
         m = self.model
         if isinstance(event, MessageReceived):
+            if event.conversation not in m.conversations and \
+                    event.conversation.startswith("user:"):
+                self.look_up_presence(event.conversation[5:])
             mine = event.sender.casefold() == m.me.casefold()
             line = Line(event.id, event.conversation, event.sender, event.ts, event.body,
                         "sent" if mine else "received", event.expires_at, event.verified,
@@ -203,6 +206,9 @@ class Controller:
                     self.notice(f"back online after {cmds.format_duration(now - self.lost_at)}"
                                 f" offline ({event.message})", conversation=STATUS)
                 self.online_since, self.reconnects = now, 0
+            return
+        if event.state == "disconnected" and event.message in ("", "stopped"):
+            self.online_since = self.lost_at = None  # stopped on purpose (/logout, quit)
             return
         if event.state in ("reconnecting", "disconnected") and self.online_since is not None:
             self.online_since, self.lost_at = None, now
@@ -348,9 +354,27 @@ class Controller:
     def cmd_close(self) -> None:
         self.model.close(self.model.current)
 
+    def look_up_presence(self, user: str) -> None:
+        """A new direct conversation: whether the peer is online now (its devices say);
+        the server's presence pushes keep it true from then on."""
+        backend = self.backend
+        if backend is None or user in self.model.presence:
+            return
+
+        async def run() -> None:
+            devices = await backend.devices(user)
+            online = any(d.get("online") for d in devices)
+            self.model.set_presence(user, "online" if online else "offline")
+
+        d = Deferred.fromCoroutine(run())
+        d.addErrback(lambda f: log.info("no presence for {user}: {e}", user=user,
+                                        e=f.getErrorMessage()))
+
     def cmd_msg(self, user: str, text: str | None = None) -> None:
         self._need_backend()
         key = f"user:{user}"
+        if key not in self.model.conversations:
+            self.look_up_presence(user)
         self.model.open(key)
         if text:
             self.send(text, key)

@@ -172,6 +172,8 @@ class Screen(urwid.WidgetPlaceholder[urwid.Widget]):
         self.overlay: urwid.Widget | None = None
         self.keymap = keymap or KeyMap()
         self._overlay_size: tuple[Any, Any] = (("relative", 90), ("relative", 80))
+        #: called whenever what is shown changes (the app redraws on its next tick)
+        self.changed: Callable[[], None] = lambda: None
         super().__init__(self.background)
 
     def keypress(self, size: tuple[int, ...], key: str) -> str | None:
@@ -201,6 +203,7 @@ class Screen(urwid.WidgetPlaceholder[urwid.Widget]):
         self._show()
 
     def _show(self) -> None:
+        self.changed()
         if self.overlay is None:
             self.original_widget = self.background
         else:

@@ -259,9 +259,10 @@ class HelpView(Popup):
 
 
 def text_popup(title: str, lines: Sequence[Any]) -> Popup:
-    return Popup([urwid.Text(x) for x in lines] + [
-        urwid.Divider(), urwid.Text(("info", "Esc or any key closes this (a copy is in the "
-                                             "status window); Up/Down/PgUp/PgDn scroll"))],
+    return Popup([urwid.Padding(urwid.Text(x), left=1, right=1) for x in lines] + [
+        urwid.Divider(), urwid.Padding(urwid.Text(
+            ("info", "Esc or any key closes this (a copy is in the status window); "
+                     "Up/Down/PgUp/PgDn scroll")), left=1, right=1)],
                  title, passthrough=True)
 
 
