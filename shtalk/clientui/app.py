@@ -128,6 +128,7 @@ class App:
         if client_log is not None:
             client_log.notify = lambda text: self.controller.notice(
                 text, error=True, conversation=STATUS)
+            self.controller.failures_logged = True
 
     @cached_property
     def known_hosts(self) -> KnownHosts:
@@ -235,8 +236,10 @@ class App:
             if f.check(ServerError, ConnectionLost, AuthenticationFailed):
                 log.info("refused: {error}", error=f.getErrorMessage())
                 self.controller.fail(f, STATUS)
-            else:  # the log observer puts one sentence in the status window
+            else:
                 log.failure("a background task failed", f)
+                if not self.controller.failures_logged:
+                    self.controller.fail(f, STATUS)
             self.mark_dirty()
 
         d.addErrback(failed)
@@ -258,9 +261,8 @@ class App:
             self.quit()
             return
         self._confirming_quit = True
-        asked = self.ui.confirm("Quit shtalk-urwid?", f"{' and '.join(reasons).capitalize()}."
-                                " Quit anyway? (A message still being sent is kept and goes "
-                                "out at the next start.)")
+        asked = self.ui.confirm("Quit shtalk-urwid?",
+                                f"{' and '.join(reasons).capitalize()}. Quit anyway?")
 
         def answered(yes: bool) -> None:
             self._confirming_quit = False

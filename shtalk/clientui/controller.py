@@ -77,6 +77,8 @@ class Controller:
         self.online_since: float | None = None  # None: not online now
         self.lost_at: float | None = None  # when the connection was lost (None: never)
         self.reconnects = 0
+        #: True when a ClientLog turns logged failures into status lines (shtalk-urwid)
+        self.failures_logged = False
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -111,9 +113,11 @@ class Controller:
 
             if f.check(ServerError, ClientError, cmds.CommandError, ConnectionLost):
                 log.info("command refused: {error}", error=f.getErrorMessage())
-            else:
-                log.failure("command failed", f)
-            self.fail(f, conversation)
+                self.fail(f, conversation)
+                return
+            log.failure("a command failed", f)
+            if not self.failures_logged:  # else the log's observer says it, once
+                self.fail(f, conversation)
 
         d.addErrback(failed)
 
