@@ -102,7 +102,8 @@ class RegistrationLimitsTests(unittest.TestCase):
     def attempt(self, client: JsonLineClient, name: str) -> Any:
         """One registration attempt as a client does it: the request, the CAPTCHA it is
         answered with, the answer.  Returns the final reply."""
-        fields = {"username": name, "password": PASSWORD, "email": f"{name}@example.org"}
+        fields: dict[str, Any] = {"username": name, "password": PASSWORD,
+                                  "email": f"{name}@example.org"}
         r = yield client.request("register", **fields)
         if r.get("ok") is False and r["error"]["code"] == "captcha_required":
             r = yield client.request("register", captcha=self.answer(r["error"]["captcha"]),

@@ -69,6 +69,9 @@ class Controller:
         self.model.status.bell = self.notifications.bell
         self.account_actions = account_actions or {}
         self.later = later or (lambda delay, f: f())
+        #: a notice leaves the status bar after this long (it stays in its window), so
+        #: the bar shows the conversation's state again; None: until Esc (tests)
+        self.notice_seconds: float | None = 15.0 if later is not None else None
         self.pending: dict[str, str] = {}  # temporary line id -> conversation
         self._pending_ids = 0
         self.away_count = 0
@@ -85,6 +88,14 @@ class Controller:
 
     def notice(self, text: str, *, error: bool = False, conversation: str | None = None) -> None:
         self.model.notice(text, error=error, ts=self.now_ms(), conversation=conversation)
+        if self.notice_seconds is not None:
+            shown = self.model.status.notice
+
+            def expire() -> None:
+                if self.model.status.notice == shown:
+                    self.model.set_status(notice="", notice_error=False)
+
+            self.later(self.notice_seconds * (2 if error else 1), expire)
 
     def fail(self, error: Any, conversation: str | None = None) -> None:
         self.notice(describe(error), error=True, conversation=conversation or STATUS)

@@ -69,6 +69,9 @@ class Prompt(Dialog):
         if key in self.actions:
             self.on_done(Pressed(self.actions[key]))
             return None
+        if key == "ctrl u":  # as on the input line: clear the field
+            self.edit.set_edit_text("")
+            return None
         result: str | None = super().keypress(size, key)
         return result
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
@@ -32,6 +34,18 @@ SERVER_CODES: dict[str, str] = {
     "internal_error": "The server failed to do that (its log says why). Try again later.",
     "envelope_too_large": "That message is too large for the server. Send less at once.",
 }
+
+
+def wait_text(retry_after: Any) -> str:
+    """The server's ``retry_after`` (seconds; honest: trying again then works) in words."""
+    try:
+        seconds = max(1, math.ceil(float(retry_after)))
+    except (TypeError, ValueError):
+        return "in a little while"
+    if seconds < 120:
+        return f"in {seconds} s"
+    at = time.strftime("%H:%M", time.localtime(time.time() + seconds))
+    return f"in {math.ceil(seconds / 60)} minutes, at {at} ({seconds} s)"
 
 
 def describe(error: BaseException | Failure | Any) -> str:
@@ -83,8 +97,8 @@ def describe(error: BaseException | Failure | Any) -> str:
         if error.code == "rate_limited":
             retry = (error.reply.get("error") or {}).get("retry_after") or \
                 error.reply.get("retry_after")
-            when = f" in {int(float(retry)) + 1} s" if retry else " in a little while"
-            return f"The server is rate-limiting you (too many requests). Try again{when}."
+            return f"The server is rate-limiting you (too many requests). Try again " \
+                   f"{wait_text(retry)}."
         text = SERVER_CODES.get(error.code)
         if text:
             return text

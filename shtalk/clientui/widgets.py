@@ -274,9 +274,17 @@ def status_markup(model: ChatModel, trust: str, members: int | None) -> list[Any
                  "connected": "connected, logging in", "reconnecting": "reconnecting",
                  "disconnected": "offline"}.get(s.connection, s.connection)
     out: list[Any] = [(conn_attr, f" {conn_text} "), " "]
+    conv = model.current_conversation
+    if s.notice:
+        # A notice comes first (Esc clears it and brings the rest back); only a changed
+        # identity stays next to it.
+        if conv.kind == "user" and trust == "changed":
+            out.append(("status_bad", " IDENTITY CHANGED: /trust " + conv.name + " "))
+            out.append(" ")
+        out.append(("status_bad" if s.notice_error else "status", s.notice))
+        return out
     if s.account:
         out.append(f"{s.account}/{s.device} ")
-    conv = model.current_conversation
     if conv.kind == "user":
         label = {"verified": ("status_good", "e2ee \u00b7 verified"),
                  "changed": ("status_bad", " IDENTITY CHANGED: /trust " + conv.name + " "),
@@ -295,10 +303,7 @@ def status_markup(model: ChatModel, trust: str, members: int | None) -> list[Any
         out.append(("status_warn", f" \u00b7 \u23f1 {format_duration(conv.timer)}"))
     if not s.bell:
         out.append(" \u00b7 bell off")
-    if s.notice:
-        out.append(" \u2502 ")
-        out.append(("status_bad" if s.notice_error else "status", s.notice))
-    elif s.connection != "authenticated" and s.connection_message:
+    if s.connection != "authenticated" and s.connection_message:
         out.append(" \u2502 " + s.connection_message)
     return out
 

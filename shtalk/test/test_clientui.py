@@ -454,6 +454,8 @@ class ScreenTests(unittest.TestCase):
         self.assertIn("#lounge: 1 members", h.text())
         h.line("/timer 10m")
         self.assertEqual(h.fake.timers["room:lounge"], 600)
+        self.assertIn("vanish after 10m", h.text())
+        h.press("esc")  # the notice gone, the status bar shows the conversation's state
         self.assertIn("\u23f1 10m", h.text())
         h.line("/rooms")
         h.line("/leave")
