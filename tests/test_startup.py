@@ -111,11 +111,11 @@ class StartTests(unittest.TestCase):
         self.cwd.mkdir()
         self.data = self.cwd / "data"
 
-    def start(self) -> tuple[subprocess.Popen[bytes], int, str]:
+    def start(self, cwd: Path | None = None) -> tuple[subprocess.Popen[bytes], int, str]:
         proc = subprocess.Popen(
             [*TWISTD, "-n", "--pidfile=", "shtalk", "--data-dir", str(self.data),
              "--port", "0"],
-            cwd=self.cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=cwd or self.cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         self.addCleanup(self._stop, proc)
         assert proc.stdout is not None
@@ -134,7 +134,7 @@ class StartTests(unittest.TestCase):
             elif proc.poll() is not None:
                 break
         sel.close()
-        text = out.decode("utf-8", "replace")
+        text = self.announced = out.decode("utf-8", "replace")
         port = re.search(r"listening on 127\.0\.0\.1:(\d+) \(TLS\)", text)
         fp = re.search(r"fingerprint: ([0-9A-F:]{95})", text)
         if port is None or fp is None:
@@ -189,6 +189,28 @@ class StartTests(unittest.TestCase):
 
         _, _, fp_again = self.start()
         self.assertEqual(fp_again, fp)
+
+    def test_start_up_lines_once_and_the_exact_client_command(self) -> None:
+        """What `make run` prints: each start-up line once, and a client command that
+        works from the checkout as printed (``.venv/bin/shtalk-urwid HOST:PORT`` when the
+        server runs from the checkout's venv and the shell would not find the script)."""
+        proc, port, _ = self.start(cwd=REPO)
+        self._stop(proc)
+        lines = [ln for ln in self.announced.splitlines() if ln.strip()]
+        for wanted in ("listening on", "fingerprint:", "connect with:", "or try:", "outbox"):
+            self.assertEqual(sum(wanted in ln for ln in lines), 1, self.announced)
+        m = re.search(r"connect with: (.+) 127\.0\.0\.1:(\d+)$", self.announced, re.M)
+        assert m is not None, self.announced
+        self.assertEqual(int(m.group(2)), port)
+        command = m.group(1).split()
+        script = Path(sys.executable).parent / "shtalk-urwid"
+        if script.exists() and shutil.which("shtalk-urwid") is None:
+            self.assertEqual(command, [str(script.relative_to(REPO))
+                                       if script.is_relative_to(REPO) else str(script)])
+        result = subprocess.run([*command, "--help"], cwd=REPO, env=env(),
+                                capture_output=True, text=True, timeout=60, check=False)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("shtalk-urwid", result.stdout)
 
     def test_port_in_use(self) -> None:
         with socket.socket() as busy:
