@@ -131,7 +131,9 @@ class FakeBackend:
     def devices(self, user: str | None) -> Deferred[list[dict[str, Any]]]:
         self._call("devices", user)
         if user is None:
-            return succeed([{"id": self._device, "label": "", "online": True}])
+            return succeed([{"id": self._device, "label": "", "online": True}] + [
+                {"id": d, "label": "", "online": False}
+                for d, _ in self.devices_of.get(self._me, [])])
         return succeed([{"id": d, "label": "", "online": False}
                         for d, _ in self.devices_of.get(user, [])])
 

@@ -65,14 +65,18 @@ class ClientLog:
         self._last: dict[str, float] = {}
         self.file: LogFile | None = None
 
-    def start(self) -> None:
+    def open(self, rotate_bytes: int = ROTATE_BYTES) -> FileLogObserver:
+        """The file (0600 in a 0700 directory, rotated) and its observer."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.file = LogFile(  # type: ignore[no-untyped-call]
-            self.path.name, str(self.path.parent), rotateLength=ROTATE_BYTES,
+            self.path.name, str(self.path.parent), rotateLength=rotate_bytes,
             defaultMode=0o600, maxRotatedFiles=KEEP_FILES)
-        text = FileLogObserver(cast(IO[Any], self.file), formatEventAsClassicLogText)
+        return FileLogObserver(cast(IO[Any], self.file), formatEventAsClassicLogText)
+
+    def start(self) -> None:
+        """Log to the file from now on; stdout and stderr too (the screen is urwid's)."""
         globalLogBeginner.beginLoggingTo(
-            [text, cast(ILogObserver, self.observe)], redirectStandardIO=True)
+            [self.open(), cast(ILogObserver, self.observe)], redirectStandardIO=True)
 
     def observe(self, event: dict[str, Any]) -> None:
         notify = self.notify
