@@ -18,6 +18,9 @@
    from the newest to the oldest message, next to the same for 1,000 messages: the window
    holds at most `cap` lines and the walker at most 256 widgets, so it does not grow with
    the history.
+5. The newcomer run (bench/newcomer.py): two accounts registered back to back in real
+   terminals against a default server, then a first direct message; client start to the
+   message seen, against two headless clients doing the same in the same run.
 """
 
 from __future__ import annotations
@@ -342,8 +345,9 @@ def render_section(r: dict[str, Any]) -> str:
         SECTION, "",
         "`.venv/bin/python -m bench.urwid` (about a minute). A real encrypted local store "
         f"with a {BIG:,}-message room, a {SMALL:,}-message room and two small DMs; no "
-        "server (the screen does not wait for the network: it shows the store's history "
-        "and connects in the background).", "",
+        "server for these (the screen does not wait for the network: it shows the store's "
+        "history and connects in the background); the newcomer run at the end uses the "
+        "real server and two terminals.", "",
         f"Machine: {r['machine']}.", "",
         "| what | target | measured |",
         "|---|---|---|",
@@ -381,6 +385,10 @@ def render_section(r: dict[str, Any]) -> str:
         f"page loads ({r['redraw']['scroll_pages']} PgUps) run in the store's thread "
         "between frames.",
     ]
+    if "newcomer" in r:
+        from bench import newcomer
+
+        lines += ["", *newcomer.render(r["newcomer"])]
     return "\n".join(lines) + "\n"
 
 
@@ -408,6 +416,12 @@ def main() -> None:
         results["memory_small"] = await memory_after_scroll(path, "room:small", reactor)
         print("memory", json.dumps(results["memory_big"]), json.dumps(results["memory_small"]),
               flush=True)
+        from twisted.internet import threads
+
+        from bench import newcomer
+
+        results["newcomer"] = await threads.deferToThread(newcomer.run)
+        print("newcomer", json.dumps(results["newcomer"]), flush=True)
         _finish(results, args.no_docs)
 
     task.react(run)

@@ -38,8 +38,9 @@ class Terminal:
     """One shtalk-urwid in a detached 80x24 tmux session on a private tmux server."""
 
     def __init__(self, name: str, socket: str, port: int, home: Path,
-                 command: list[str] | None = None) -> None:
+                 command: list[str] | None = None, cheap_kdf: bool = True) -> None:
         self.name = name
+        self.cheap_kdf = cheap_kdf  # SHTALK_URWID_TEST_KDF=1 (tests), else the real Argon2id
         self.socket = socket
         self.port = port
         self.home = home
@@ -62,7 +63,7 @@ class Terminal:
 
     def start(self) -> None:
         env = {
-            "SHTALK_URWID_TEST_KDF": "1",
+            "SHTALK_URWID_TEST_KDF": "1" if self.cheap_kdf else "0",
             "XDG_CONFIG_HOME": str(self.home / "config"),
             "XDG_DATA_HOME": str(self.home / "data"),
             "PYTHONPATH": str(REPO_ROOT),
