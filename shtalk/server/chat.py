@@ -168,6 +168,9 @@ class ChatService(Service):
         self.user_rooms[user.id] = {r.id for r in rooms}
         for room in rooms:
             yield self.load_room(room)
+        if self.ops is not None:
+            # The monitor knows whom this account talked to before its first send.
+            yield self.ops.monitor.preload(user.id)
         avatar = ChatUser(self, user, device_id, family, mind)
         first = self.router.attach(user.id, device_id, mind)
         if first:

@@ -30,8 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from shtalk.server.config import MonitorSection
 
@@ -233,18 +235,31 @@ class Monitor:
                 return
         self._strangers(user_id, name, created, peers, known, now)
 
-    def _load_partners(self, user_id: int) -> None:
+    def preload(self, user_id: int) -> Deferred[None]:
+        """Load an account's known partners before it can send (the chat service waits
+        for this at login), so that its first message is judged like every other."""
+        if not self.enabled or self.partners is None or user_id in self.contacted:
+            return succeed(None)
+        if user_id not in self._loading:
+            self._loading[user_id] = []
+        return self._load_partners(user_id)
+
+    def _load_partners(self, user_id: int) -> Deferred[None]:
         assert self.partners is not None
         d = self.partners(user_id)
 
         def loaded(partners: list[int]) -> None:
             pending = self._loading.pop(user_id, [])
             # Loaded after those sends committed, so their peers are in it already:
-            # they cannot be judged (see docs/SECURITY.md, "Operations").
+            # they cannot be judged (only when a send raced its own login's preload).
             known = self.contacted.setdefault(user_id, set(partners))
             known.update(p for p, *_ in pending)
 
-        d.addCallbacks(loaded, lambda f: self._loading.pop(user_id, None))
+        def failed(f: Failure) -> None:
+            self._loading.pop(user_id, None)
+            log.failure("loading the partners of {user_id} failed", f, user_id=user_id)
+
+        return d.addCallbacks(loaded, failed)
 
     def _strangers(
         self, user_id: int, name: str, created: float, peers: list[int], known: set[int],

@@ -254,6 +254,37 @@ class MonitorTests(unittest.TestCase):
         m.sent(9, "newbie", clock.seconds() - 60, [10], [50])
         self.assertEqual(flag.count, 3)
 
+    def test_first_send_after_login_is_judged(self) -> None:
+        """The exact threshold: more than ``new_account_strangers`` strangers (5) raise
+        the flag at the 6th, counting the account's very first message."""
+        clock = Clock()
+        clock.advance(1_000_000)
+        m = Monitor(MonitorSection(new_account_strangers=5), clock,
+                    partners=lambda uid: succeed([]))
+        self.successResultOf(m.preload(9))  # what ChatService.avatar_for waits for
+        counts = []
+        for peer in range(10, 17):
+            m.sent(9, "newbie", clock.seconds() - 60, [peer], [50])
+            counts.append(len(m.open_flags()))
+        self.assertEqual(counts, [0, 0, 0, 0, 0, 1, 1])
+        [flag] = m.open_flags()
+        self.assertEqual((flag.signal, flag.count), ("new_account_strangers", 7))
+
+    def test_review_list_shows_the_subject_kind_in_full(self) -> None:
+        from shtalk.admin.control import render_flags
+
+        flags = [
+            {"id": 1, "status": "open", "signal": "reports", "kind": "account",
+             "label": "a" * 32, "action": "flag", "count": 3, "last": 0.0, "reason": "r"},
+            {"id": 2, "status": "open", "signal": "registrations", "kind": "address",
+             "label": "2001:db8:1234:5678::/64", "action": "captcha", "count": 6,
+             "last": 0.0, "reason": "r"},
+        ]
+        text = "\n".join(render_flags(flags))
+        self.assertIn("account:" + "a" * 32 + " ", text)
+        self.assertIn("address:2001:db8:1234:5678::/64 ", text)
+        self.assertNotIn("acco:", text)
+
     def test_registrations_per_address_and_window(self) -> None:
         m, clock, _ = self.monitor(registrations=2, window=60)
         m.registered(1, "a")
