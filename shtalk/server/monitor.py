@@ -246,7 +246,7 @@ class Monitor:
 
     def _load_partners(self, user_id: int) -> Deferred[None]:
         assert self.partners is not None
-        d = self.partners(user_id)
+        d: Deferred[Any] = self.partners(user_id)
 
         def loaded(partners: list[int]) -> None:
             pending = self._loading.pop(user_id, [])
@@ -259,7 +259,8 @@ class Monitor:
             self._loading.pop(user_id, None)
             log.failure("loading the partners of {user_id} failed", f, user_id=user_id)
 
-        return d.addCallbacks(loaded, failed)
+        d.addCallbacks(loaded, failed)
+        return d
 
     def _strangers(
         self, user_id: int, name: str, created: float, peers: list[int], known: set[int],
