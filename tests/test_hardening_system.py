@@ -5,14 +5,19 @@ cannot be turned into a weapon."""
 
 from __future__ import annotations
 
+import base64
+import json
+import time
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
+from shtalk.server.tokens import P256_ORDER, TokenIssuer
 from tests.harness import (
     ServerProcess,
     b64,
+    connect,
     expect_error,
     fresh_client_id,
     register_and_login,
@@ -61,6 +66,46 @@ class StrangerThresholdTests(_Servers):
         [flag] = [f for f in flags if f["label"] == newbie.user]
         self.assertEqual(flag["signal"], "new_account_strangers")
         self.assertIn("messaged 6 strangers", flag["reason"])
+
+
+class TokenTests(_Servers):
+    @inlineCallbacks
+    def test_high_s_twin_and_a_token_naming_another_device_are_refused(self) -> Any:
+        server = self.server({})
+        s = yield self.logged_in(server)
+        other = yield self.logged_in(server, s.user, "dev2", register=False)
+        token = s.login["access_token"]
+        head, _, sig = token.rpartition(".")
+        raw = unb64url(sig)
+        n = P256_ORDER
+        twin = head + "." + b64url(raw[:32] + (n - int.from_bytes(raw[32:], "big")).to_bytes(
+            32, "big"))
+        c = yield connect(server)
+        self.addCleanup(c.disconnect)
+        yield c.hello()
+        yield c.fail("resume", "invalid_token", access_token=twin)
+        # Signed with the server's own key, live session, but dev names another device
+        # of the same account: a token names exactly its session's device.
+        _, claims = jwt_parts(token)
+        issuer = TokenIssuer(server.jwt_private_key_pem(), issuer=str(claims["iss"]))
+        forged = issuer.issue_access(int(str(claims["sub"])), other.device,
+                                     str(claims["sid"]), time.time())
+        yield c.fail("resume", "invalid_token", access_token=forged)
+        r = yield c.ok("resume", access_token=token)
+        self.assertEqual((r["user"], r["device"]), (s.user, s.device))
+
+
+def unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt_parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    head, body, _ = token.split(".")
+    return json.loads(unb64url(head)), json.loads(unb64url(body))
 
 
 def server_flags(server: ServerProcess) -> list[dict[str, Any]]:
