@@ -95,6 +95,30 @@ class TokenTests(_Servers):
         self.assertEqual((r["user"], r["device"]), (s.user, s.device))
 
 
+class RedisPeekTests(unittest.TestCase):
+    @inlineCallbacks
+    def test_peek_takes_nothing(self) -> Any:
+        """A refusal for the failure throttle asks the shared buckets how long they would
+        make the request wait, without taking a token (the real Redis)."""
+        from twisted.internet import reactor
+
+        from shtalk.server.ratelimit import Limit
+        from shtalk.server.redisbackend import RedisBuckets
+        from tests.harness import fresh_name
+        from tests.test_operations_system import need_redis
+
+        need_redis(self)
+        buckets = RedisBuckets("redis://127.0.0.1:6379/0", f"shtalk-test:{fresh_name('pk')}:",
+                               reactor)
+        self.addCleanup(buckets.close)
+        lim = [Limit(2, 2 / 60)]
+        waits = []
+        for peek in (True, False, True, True, False, True, False):
+            w = yield buckets.take(["k"], lim, peek)
+            waits.append(w > 0)
+        self.assertEqual(waits, [False, False, False, False, False, True, True])
+
+
 def unb64url(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 

@@ -123,7 +123,7 @@ class FakeRedis:
         self.up = True
         self.closed = False
 
-    def take(self, keys: Any, limits: Any) -> Deferred[float]:
+    def take(self, keys: Any, limits: Any, peek: bool = False) -> Deferred[float]:
         return succeed(0.0) if self.up else fail(ConnectionError("refused"))
 
     def ping(self) -> Deferred[Any]:
