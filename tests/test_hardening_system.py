@@ -95,6 +95,51 @@ class TokenTests(_Servers):
         self.assertEqual((r["user"], r["device"]), (s.user, s.device))
 
 
+class PresenceTests(_Servers):
+    @inlineCallbacks
+    def online_marks(self, viewer: Any, user: str) -> Any:
+        r = yield viewer.client.ok("devices", user=user)
+        self.assertTrue(r["devices"], r)
+        return [d.get("online") for d in r["devices"]]
+
+    @inlineCallbacks
+    def test_a_stranger_gets_no_presence(self) -> Any:
+        server = self.server({})
+        victim = yield self.logged_in(server)
+        mate = yield self.logged_in(server)
+        stranger = yield self.logged_in(server)
+        room = "r" + victim.user
+        yield victim.client.ok("room_create", room=room)
+        yield mate.client.ok("room_join", room=room)
+        # Device lists stay open to anyone who may write (E2EE needs them), unmarked.
+        marks = yield self.online_marks(stranger, victim.user)
+        self.assertEqual(marks, [None])
+        marks = yield self.online_marks(mate, victim.user)
+        self.assertEqual(marks, [True])
+        # Writing to someone shows them nothing of theirs: only the written-to learns.
+        yield stranger.client.ok("send", to={"user": victim.user}, envelope=b64(b"hello?"),
+                                 client_id=fresh_client_id())
+        yield victim.client.next_push("message")
+        marks = yield self.online_marks(stranger, victim.user)
+        self.assertEqual(marks, [None])
+        marks = yield self.online_marks(victim, stranger.user)
+        self.assertEqual(marks, [True])
+        # The victim goes away and comes back: the room mate hears it, the stranger not.
+        yield victim.client.disconnect()
+        push = yield mate.client.next_push("presence")
+        self.assertEqual((push["user"], push["status"]), (victim.user, "offline"))
+        victim = yield self.logged_in(server, victim.user, register=False)
+        push = yield mate.client.next_push("presence")
+        self.assertEqual((push["user"], push["status"]), (victim.user, "online"))
+        heard = yield stranger.client.settle(0.5, "presence")
+        self.assertEqual(heard, [])
+        # Once the victim writes back, the conversation is mutual.
+        yield victim.client.ok("send", to={"user": stranger.user}, envelope=b64(b"who?"),
+                               client_id=fresh_client_id())
+        marks = yield self.online_marks(stranger, victim.user)
+        self.assertEqual(marks, [True])
+
+
 class RedisPeekTests(unittest.TestCase):
     @inlineCallbacks
     def test_peek_takes_nothing(self) -> Any:

@@ -277,7 +277,9 @@ class MessagingTests(ServerTestCase):
         self.assertEqual(extra, [], "the sender's own device got its message back")
         devices = yield alice.client.ok("devices", user=bob.user)
         self.assertEqual(devices["user"], bob.user)
-        self.assertEqual([(d["id"], d["online"]) for d in devices["devices"]], [("dev1", True)])
+        # Bob's devices, without his presence: he has not written to alice.
+        self.assertEqual([d["id"] for d in devices["devices"]], ["dev1"])
+        self.assertNotIn("online", devices["devices"][0])
 
     @inlineCallbacks
     def test_multi_device(self) -> Any:

@@ -194,7 +194,7 @@ class ChatService(Service):
 
     @inlineCallbacks
     def announce_presence(self, user_id: int, status: str) -> Any:
-        interested = yield self.interested_in(user_id)
+        interested = yield self.presence_audience(user_id)
         interested.discard(user_id)
         line = push("presence", user=self.user_name(user_id), status=status)
         self.router.send_to_users(interested, line)
@@ -241,6 +241,31 @@ class ChatService(Service):
         partners = yield self.store.dm_partners(user_id)
         interested.update(partners)
         return {u for u in interested if self.router.is_online(u)}
+
+    # Presence: whether someone is online shows only to people who share a room with
+    # them, or to whom they have written directly (being written to by a stranger
+    # shows the stranger nothing).  Device lists stay open to everyone who may message
+    # the user (E2EE needs them), without the online marks.
+    @inlineCallbacks
+    def presence_audience(self, user_id: int) -> Any:
+        """Online users who may see ``user_id``'s presence."""
+        audience: set[int] = set()
+        for rid in self.user_rooms.get(user_id, ()):
+            audience.update(self.router.room_members.get(rid, {}))
+        readers = yield self.store.presence_readers(user_id)
+        audience.update(readers)
+        return {u for u in audience if self.router.is_online(u)}
+
+    @inlineCallbacks
+    def may_see_presence(self, viewer_id: int, subject_id: int) -> Any:
+        if viewer_id == subject_id:
+            return True
+        members = self.router.room_members
+        # The viewer is logged in, so its rooms and their members are cached.
+        if any(subject_id in members.get(rid, {}) for rid in self.user_rooms.get(viewer_id, ())):
+            return True
+        written = yield self.store.has_written(subject_id, viewer_id)
+        return bool(written)
 
     @inlineCallbacks
     def announce_keys(self, user_id: int, device_id: str, event: str) -> Any:

@@ -149,6 +149,12 @@ class IStore(Interface):
     def dm_partners(user_id: int) -> Deferred[list[int]]:
         """Users this user has exchanged direct messages with."""
 
+    def presence_readers(user_id: int) -> Deferred[list[int]]:
+        """Users this user has sent a direct message to (they may see its presence)."""
+
+    def has_written(writer_id: int, reader_id: int) -> Deferred[bool]:
+        """Whether ``writer_id`` has ever sent ``reader_id`` a direct message."""
+
     # messages
     def append(message: NewMessage) -> Deferred[AppendResult]:
         """Store durably (group commit); fires after the commit.

@@ -758,6 +758,12 @@ class SQLiteStore:
     def dm_partners(self, user_id: int) -> Deferred[list[int]]:
         return self._read(storesql.dm_partners, user_id)
 
+    def presence_readers(self, user_id: int) -> Deferred[list[int]]:
+        return self._read(storesql.presence_readers, user_id)
+
+    def has_written(self, writer_id: int, reader_id: int) -> Deferred[bool]:
+        return self._read(storesql.has_written, writer_id, reader_id)
+
     # --- messages ---
 
     def append(self, message: NewMessage) -> Deferred[AppendResult]:
@@ -861,6 +867,7 @@ class SQLiteStore:
         device_rows: list[tuple[int, int, str]] = []
         client_rows: list[tuple[object, ...]] = []
         partner_rows: list[tuple[int, int]] = []
+        wrote_rows: list[tuple[int, int]] = []
         ranges: dict[str, tuple[int, int]] = {}
         results: list[AppendResult] = []
         for op, key in zip(ops, keys, strict=True):
@@ -904,9 +911,8 @@ class SQLiteStore:
                 partners = {
                     int(mb[2:]) for mb in m.mailboxes if mb.startswith("u:") and mb[2:].isdigit()
                 } - {m.sender_id}
-                partner_rows.extend(
-                    pair for p in partners for pair in ((m.sender_id, p), (p, m.sender_id))
-                )
+                wrote_rows.extend((m.sender_id, p) for p in partners)
+                partner_rows.extend((p, m.sender_id) for p in partners)
             results.append(AppendResult(tuple(seqs), duplicate=False, messages=tuple(stored)))
         if rows:
             conn.executemany(
@@ -924,6 +930,15 @@ class SQLiteStore:
                 "INSERT INTO client_ids (sender_id, sender_device, client_id, seqs, created)"
                 " VALUES (?, ?, ?, ?, ?)",
                 client_rows,
+            )
+        if wrote_rows:
+            # The sender has written to the recipient (which shows the sender's presence
+            # to them); the recipient is merely a partner of the sender.
+            conn.executemany(
+                "INSERT INTO dm_partners (user_id, partner_id, wrote) VALUES (?, ?, 1)"
+                " ON CONFLICT (user_id, partner_id) DO UPDATE SET wrote = 1"
+                " WHERE dm_partners.wrote = 0",
+                wrote_rows,
             )
         if partner_rows:
             conn.executemany(

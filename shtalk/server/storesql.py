@@ -326,3 +326,18 @@ def dm_partners(conn: Conn, user_id: int) -> list[int]:
         "SELECT partner_id FROM dm_partners WHERE user_id = ? ORDER BY partner_id", (user_id,)
     )
     return [int(r[0]) for r in rows]
+
+
+def presence_readers(conn: Conn, user_id: int) -> list[int]:
+    """Whom ``user_id`` has written to directly: they may see ``user_id``'s presence."""
+    rows = conn.execute(
+        "SELECT partner_id FROM dm_partners WHERE user_id = ? AND wrote = 1", (user_id,)
+    )
+    return [int(r[0]) for r in rows]
+
+
+def has_written(conn: Conn, writer_id: int, reader_id: int) -> bool:
+    return exists(
+        conn, "SELECT 1 FROM dm_partners WHERE user_id = ? AND partner_id = ? AND wrote = 1",
+        writer_id, reader_id,
+    )
