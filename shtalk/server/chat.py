@@ -111,7 +111,7 @@ class ChatService(Service):
     def register(self, username: str, password: str, email: str) -> Any:
         display, key = user_key(username)
         check_password_policy(password, display, self.min_password_length)
-        check_email(email)
+        email = check_email(email)
         pw_hash = yield self.hasher.hash(password)
         try:
             user = yield self.store.create_user(

@@ -67,6 +67,9 @@ class IStore(Interface):
     def create_user(name: str, key: str, email: str, pw_hash: bytes, status: str) -> Deferred[User]:
         """Insert; errback Conflict if the key is taken."""
 
+    def email_of(user_id: int) -> Deferred[str | None]:
+        """The account's email address (stored sealed); None if it has none."""
+
     def user_by_key(key: str) -> Deferred[User | None]: ...
 
     def user_by_id(user_id: int) -> Deferred[User | None]: ...

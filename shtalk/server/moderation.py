@@ -51,7 +51,8 @@ def _delete_account(conn: Conn, user_id: int, dummy_hash: bytes) -> bool:
     # The password hash is replaced by one of a random password (same cost), so a login
     # attempt on a deleted account costs the same work as any other and fails.
     cur = conn.execute(
-        "UPDATE users SET status = 'deleted', email = '', pw_hash = ? WHERE id = ?",
+        "UPDATE users SET status = 'deleted', email = '', email_hash = NULL, pw_hash = ?"
+        " WHERE id = ?",
         (dummy_hash, user_id),
     )
     if cur.rowcount == 0:

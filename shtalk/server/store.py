@@ -50,6 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from shtalk.server import prekeys, schema, storesql
+from shtalk.server.emailseal import EmailSeal, seal_clear_emails
 from shtalk.server.interfaces import (
     CorruptStore,
     IStore,
@@ -323,6 +324,7 @@ class SQLiteStore:
         self._reactor: Any = reactor
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._aead = AESGCM(storage_key)
+        self.emails = EmailSeal(storage_key)
         self._wpool: Any = None
         self._writer: SQLiteThread | None = None
         self._rpool: Any = None
@@ -376,6 +378,7 @@ class SQLiteStore:
         self._open_waiters = []
         d = deferToThreadPool(self._reactor, self._wpool.threadpool, self._prepare_file)
         d.addCallback(lambda _: self._wpool.runWithConnection(schema.migrate, self.path))
+        d.addCallback(lambda _: self._wpool.runWithConnection(seal_clear_emails, self.emails))
 
         def opened(_: object) -> None:
             self._writer = SQLiteThread(
@@ -635,7 +638,18 @@ class SQLiteStore:
     def create_user(
         self, name: str, key: str, email: str, pw_hash: bytes, status: str
     ) -> Deferred[User]:
-        return self._write(storesql.create_user, name, key, email, pw_hash, status, self._now())
+        return self._write(
+            storesql.create_user, name, key, self.emails.seal(key, email),
+            self.emails.index(email), pw_hash, status, self._now(),
+        )
+
+    def email_of(self, user_id: int) -> Deferred[str | None]:
+        """The account's address, opened (None: no account, deleted, or unreadable)."""
+
+        def opened(found: tuple[str, bytes] | None) -> str | None:
+            return None if found is None else self.emails.open(*found)
+
+        return self._read(storesql.sealed_email, user_id).addCallback(opened)
 
     def user_by_key(self, key: str) -> Deferred[User | None]:
         return self._read(storesql.one_user, storesql.USER + " WHERE key = ?", key)
