@@ -140,6 +140,123 @@ class PresenceTests(_Servers):
         self.assertEqual(marks, [True])
 
 
+def signed(ident: Any, sender: Any, recipient: Any, text: bytes, at: float | None = None
+           ) -> bytes:
+    from shtalk.crypto.envelope import Envelope, MessageType
+
+    return Envelope.seal(
+        ident, type=MessageType.MESSAGE, sender_user=sender.user,
+        sender_device=sender.device, recipient=recipient, header=b"h" * 68,
+        ciphertext=text, timestamp=int((time.time() if at is None else at) * 1000),
+    ).to_bytes()
+
+
+class ReportTests(_Servers):
+    @inlineCallbacks
+    def sender_with_keys(self, server: ServerProcess) -> Any:
+        from shtalk.crypto.identity import DeviceIdentity
+
+        s = yield self.logged_in(server)
+        ident = DeviceIdentity.generate(one_time_prekeys=0, kem_one_time_prekeys=0)
+        yield s.client.ok("keys_publish", bundle=b64(ident.public_bundle().base().to_bytes()))
+        return s, ident
+
+    @inlineCallbacks
+    def test_one_verified_report_flags_but_never_suspends(self) -> Any:
+        """Defaults: a flag for the operator, the reported account untouched."""
+        from shtalk.crypto.envelope import Recipient
+
+        server = self.server({"monitor": {"enabled": True, "registrations": 1000}})
+        alice = yield self.logged_in(server)
+        mallory, ident = yield self.sender_with_keys(server)
+        env = signed(ident, mallory, Recipient.user(alice.user), b"spam")
+        yield mallory.client.ok("send", to={"user": alice.user}, envelope=b64(env),
+                                client_id=fresh_client_id())
+        r = yield alice.client.ok("report", user=mallory.user, reason="spam",
+                                  envelope=b64(env))
+        self.assertTrue(r["verified"])
+        self.assertIsInstance(r["flag"], int)
+        [flag] = server_flags(server)
+        self.assertEqual((flag["signal"], flag["action"]), ("reports", "flag"))
+        out = yield mallory.client.settle(0.5, "logged_out")
+        self.assertEqual(out, [])
+        yield mallory.client.ok("ping")
+        again = yield self.logged_in(server, mallory.user, "dev2", register=False)
+        self.assertEqual(again.login["user"], mallory.user)
+
+    @inlineCallbacks
+    def test_room_reports_need_the_room_and_membership_at_the_time(self) -> Any:
+        from shtalk.crypto.envelope import Recipient
+
+        server = self.server({})
+        mallory, ident = yield self.sender_with_keys(server)
+        member = yield self.logged_in(server)
+        stranger = yield self.logged_in(server)
+        room = "r" + mallory.user
+        yield mallory.client.ok("room_create", room=room)
+        yield member.client.ok("room_join", room=room)
+        env = signed(ident, mallory, Recipient.room(room), b"room spam")
+        yield mallory.client.ok("send", to={"room": room}, envelope=b64(env),
+                                client_id=fresh_client_id())
+        # Handed a forwarded copy, a stranger cannot report it ...
+        reply = yield stranger.client.request("report", user=mallory.user, reason="x",
+                                              envelope=b64(env))
+        self.assertIn("not in that room", expect_error({}, reply, "bad_field")["message"])
+        # ... nor after joining later, nor for a room that does not exist.
+        yield stranger.client.ok("room_join", room=room)
+        reply = yield stranger.client.request("report", user=mallory.user, reason="x",
+                                              envelope=b64(env))
+        self.assertIn("not in that room", expect_error({}, reply, "bad_field")["message"])
+        ghost = signed(ident, mallory, Recipient.room("nowhere" + room), b"ghost")
+        reply = yield member.client.request("report", user=mallory.user, reason="x",
+                                            envelope=b64(ghost))
+        self.assertIn("does not exist", expect_error({}, reply, "bad_field")["message"])
+        r = yield member.client.ok("report", user=mallory.user, reason="spam",
+                                   envelope=b64(env))
+        self.assertTrue(r["verified"])
+
+    @inlineCallbacks
+    def test_one_reporter_with_many_throwaway_accounts_cannot_suspend(self) -> Any:
+        """Even with the age rule off: throwaways from one address count once, while
+        reporters from distinct addresses reach the quorum (3)."""
+        from shtalk.crypto.envelope import Recipient
+
+        server = self.server({"monitor": {"enabled": True, "registrations": 1000,
+                                          "reporter_min_age": 0}})
+        victim, ident = yield self.sender_with_keys(server)
+        room = "r" + victim.user
+        yield victim.client.ok("room_create", room=room)
+        throwaways = []
+        for _ in range(6):
+            t = yield self.logged_in(server)
+            yield t.client.ok("room_join", room=room)
+            throwaways.append(t)
+        env = signed(ident, victim, Recipient.room(room), b"an opinion")
+        yield victim.client.ok("send", to={"room": room}, envelope=b64(env),
+                               client_id=fresh_client_id())
+        for t in throwaways:
+            r = yield t.client.ok("report", user=victim.user, reason="spam",
+                                  envelope=b64(env))
+            self.assertTrue(r["verified"])
+        [flag] = server_flags(server)
+        self.assertEqual(flag["action"], "flag")
+        self.assertIn("1 of 3 qualifying", flag["reason"])
+        out = yield victim.client.settle(0.5, "logged_out")
+        self.assertEqual(out, [])
+        # Two more people, each at an address of their own, written to by the victim.
+        for source in ("127.0.0.2", "127.0.0.3"):
+            s = yield register_and_login(server, source=source)
+            self.addCleanup(s.client.disconnect)
+            dm = signed(ident, victim, Recipient.user(s.user), b"spam")
+            yield victim.client.ok("send", to={"user": s.user}, envelope=b64(dm),
+                                   client_id=fresh_client_id())
+            yield s.client.ok("report", user=victim.user, reason="spam", envelope=b64(dm))
+        push = yield victim.client.next_push("logged_out", timeout=5)
+        self.assertIn("suspended", push["reason"])
+        [flag] = server_flags(server)
+        self.assertEqual(flag["action"], "suspend")
+
+
 class RedisPeekTests(unittest.TestCase):
     @inlineCallbacks
     def test_peek_takes_nothing(self) -> Any:

@@ -715,7 +715,7 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             raise ProtocolError(ErrorCode.FORBIDDEN, "reports are not taken by this server")
         d: Deferred[Any] = ops.moderation.report(
             self._me().user, ops.monitor, a["user"], a["reason"], a.get("envelope"),
-            a.get("plaintext"),
+            a.get("plaintext"), self._peer_key,
         )
         return d
 

@@ -297,13 +297,39 @@ class MonitorTests(unittest.TestCase):
         self.assertEqual([f.subject for f in m.open_flags()], ["a"])
 
     def test_reports_weigh_verified_ones_and_count_reporters_once(self) -> None:
-        m, _, _ = self.monitor(reports=3)
+        m, _, acted = self.monitor(reports=3)
         self.assertIsNone(m.reported(5, "x", "r1", False, {}))
         self.assertIsNone(m.reported(5, "x", "r1", False, {}))  # same reporter again
         self.assertIsNone(m.reported(5, "x", "r2", False, {}))
         self.assertIsNotNone(m.reported(5, "x", "r3", False, {}))
         m2, _, _ = self.monitor(reports=3)
         self.assertIsNotNone(m2.reported(6, "y", "r1", True, {"envelope_id": "ab"}))
+        # A verified reporter reporting again is still one reporter of weight 3.
+        m2.reported(6, "y", "r1", True, {"envelope_id": "ab"})
+        self.assertEqual(m2.open_flags()[0].count, 3)
+        self.assertEqual(acted, [])
+
+    def test_one_report_never_suspends_and_throwaways_count_once(self) -> None:
+        m, _, acted = self.monitor()  # defaults: reports 3, quorum 3, action suspend
+        flag = m.reported(5, "x", "r1", True, {}, True, "198.51.100.1")
+        assert flag is not None
+        self.assertEqual((flag.action, acted), ("flag", []))
+        # One person's many accounts from one address: one qualifying reporter.
+        for i in range(10):
+            m.reported(5, "x", f"throwaway{i}", True, {}, True, "203.0.113.9")
+        # Verified but not qualifying (too young, or never written to): not counted.
+        for i in range(10):
+            m.reported(5, "x", f"young{i}", True, {}, False, f"192.0.2.{i}")
+        self.assertEqual((flag.action, acted), ("flag", []))
+        self.assertIn("2 of 3 qualifying", flag.reason)
+        m.reported(5, "x", "r3", True, {}, True, "198.51.100.3")
+        self.assertEqual((flag.action, acted), ("suspend", [("suspend", "reports")]))
+        m.reported(5, "x", "r4", True, {}, True, "198.51.100.4")
+        self.assertEqual(acted, [("suspend", "reports")])  # runs once
+
+    def test_quorum_below_two_is_refused(self) -> None:
+        with self.assertRaises(ConfigError):
+            ServerConfig.from_string("[monitor]\nreport_quorum = 1\n")
 
     def test_flags_persist_and_clear(self) -> None:
         path = Path(tempfile.mkdtemp()) / "flags.json"
