@@ -14,6 +14,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
 from shtalk.server.tokens import P256_ORDER, TokenIssuer
+from tests import test_operations_system as operations_system
 from tests.harness import (
     ServerProcess,
     b64,
@@ -24,15 +25,7 @@ from tests.harness import (
 )
 
 
-class _Servers(unittest.TestCase):
-    timeout = 90
-
-    def server(self, config: dict[str, dict[str, object]]) -> ServerProcess:
-        server = ServerProcess(config)
-        self.addCleanup(server.cleanup)
-        server.start()
-        return server
-
+class _Servers(operations_system._Servers):
     @inlineCallbacks
     def logged_in(self, server: ServerProcess, user: str | None = None,
                   device: str = "dev1", register: bool = True) -> Any:

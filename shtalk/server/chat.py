@@ -7,6 +7,7 @@ shtalk.protocol.  Every write is committed before the client hears ``ok``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.application.service import Service
@@ -232,15 +233,18 @@ class ChatService(Service):
         """Drop a cached account after its status changed (suspension, deletion)."""
         self.users_by_key.pop(key, None)
 
+    def _online_with(self, user_id: int, others: Iterable[int]) -> set[int]:
+        """``others`` and the members of ``user_id``'s rooms, those online."""
+        found = set(others)
+        for rid in self.user_rooms.get(user_id, ()):
+            found.update(self.router.room_members.get(rid, {}))
+        return {u for u in found if self.router.is_online(u)}
+
     @inlineCallbacks
     def interested_in(self, user_id: int) -> Any:
         """Users who share a room or a conversation with ``user_id`` and are online."""
-        interested: set[int] = set()
-        for rid in self.user_rooms.get(user_id, ()):
-            interested.update(self.router.room_members.get(rid, {}))
         partners = yield self.store.dm_partners(user_id)
-        interested.update(partners)
-        return {u for u in interested if self.router.is_online(u)}
+        return self._online_with(user_id, partners)
 
     # Presence: whether someone is online shows only to people who share a room with
     # them, or to whom they have written directly (being written to by a stranger
@@ -249,12 +253,8 @@ class ChatService(Service):
     @inlineCallbacks
     def presence_audience(self, user_id: int) -> Any:
         """Online users who may see ``user_id``'s presence."""
-        audience: set[int] = set()
-        for rid in self.user_rooms.get(user_id, ()):
-            audience.update(self.router.room_members.get(rid, {}))
         readers = yield self.store.presence_readers(user_id)
-        audience.update(readers)
-        return {u for u in audience if self.router.is_online(u)}
+        return self._online_with(user_id, readers)
 
     @inlineCallbacks
     def may_see_presence(self, viewer_id: int, subject_id: int) -> Any:

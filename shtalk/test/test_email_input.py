@@ -8,7 +8,6 @@ import os
 import sqlite3
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -17,11 +16,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from shtalk.protocol.errors import ErrorCode, ProtocolError
 from shtalk.server import schema
+from shtalk.server.config import AccountsSection
 from shtalk.server.emailseal import EmailSeal
 from shtalk.server.mailer import OutboxMailer
 from shtalk.server.naming import check_email
+from shtalk.test.test_account_security import Base
 from shtalk.test.test_store import KEY, StoreTestBase, async_test
-from shtalk.testing import GOOD_PASSWORD, Peer, build_server
+from shtalk.testing import GOOD_PASSWORD
 
 
 class CheckEmailTests(SynchronousTestCase):
@@ -44,30 +45,11 @@ class CheckEmailTests(SynchronousTestCase):
             self.assertNotIn(bad, e.exception.message)
 
 
-class RegisterEmailTests(TestCase):
-    def setUp(self) -> Deferred[None]:  # type: ignore[override]
-        async def go() -> None:
-            self.parts = await build_server(self.mktemp())
-
-        return Deferred.fromCoroutine(go())
-
-    def tearDown(self) -> Deferred[None]:  # type: ignore[override]
-        return Deferred.fromCoroutine(self.parts.close())
-
-    async def call(self, peer: Peer, rtype: str, **fields: Any) -> dict[str, Any]:
-        rid = peer.request(rtype, **fields)
-        for _ in range(1000):
-            line = peer.find_reply(rid)
-            if line is not None:
-                return line
-            d: Deferred[None] = Deferred()
-            reactor.callLater(0.005, d.callback, None)  # type: ignore[attr-defined]
-            await d
-        self.fail(f"no reply to {rtype}")
+class RegisterEmailTests(Base):
+    accounts = AccountsSection(require_email_verification=False, require_captcha=False)
 
     async def test_lists_and_control_characters_are_refused_at_registration(self) -> None:
-        p = Peer(self.parts.factory)
-        await self.call(p, "hello", version=1)
+        p = await self.peer()
         for i, bad in enumerate(("a@x.org,b@y.org", "esc\x1b[2J@example.org",
                                  "bel\x07@example.org", "nul\x00@example.org")):
             r = await self.call(p, "register", username=f"mail{i}", password=GOOD_PASSWORD,
