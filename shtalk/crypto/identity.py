@@ -404,10 +404,10 @@ class DeviceIdentity:
         period starts (once).  True if that changed the state."""
         if not self.has_previous or self.previous_retired:
             return False
-        self.previous_retired = max(1, now)
+        self.previous_retired = max(1, int(now))
         return True
 
-    def expire_previous(self, now: int, grace: float) -> bool:
+    def expire_previous(self, now: float, grace: float) -> bool:
         """Delete the previous pair once ``grace`` seconds have passed since the current
         pair was published; initial messages naming it are refused from then on
         (:class:`UnknownPreKey`).  True if keys were deleted (persist, then scrub)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import tempfile
+import time
 from typing import Any
 
 from twisted.internet import reactor
@@ -91,9 +92,9 @@ class ReceiveBatchTests(TestCase):
         # What the pairwise exchange would have set up: Bob pins Alice's identity and
         # holds her sender key.
         a.rooms[ROOM] = RoomSession(ROOM, "alice", "d1")
-        dist = a.rooms[ROOM].rotate()
+        dist = a.rooms[ROOM].rotate(now=int(time.time()))
         b.rooms[ROOM] = rs = RoomSession(ROOM, "bob", "d1")
-        rs.rotate()
+        rs.rotate(now=int(time.time()))
         rs.add_distribution("alice", "d1", dist.to_bytes())
         contact = ContactDevice.first("alice", "d1", a.ident.identity_key)
         b.contacts[("alice", "d1")] = contact
@@ -252,7 +253,7 @@ class SentStateTests(TestCase):
         a = await alice.open()
         self.addCleanup(lambda: Deferred.fromCoroutine(alice.close()))
         a.rooms[ROOM] = RoomSession(ROOM, "alice", "d1")
-        a.rooms[ROOM].rotate()
+        a.rooms[ROOM].rotate(now=int(time.time()))
         return alice, a
 
     async def test_a_covered_room_send_leaves_before_its_commit(self) -> None:
