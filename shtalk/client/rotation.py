@@ -34,7 +34,8 @@ DAY = 86400.0
 #: The timer never sleeps longer than this: a changed wall clock or a suspended machine
 #: delays a due rotation or deletion by at most that much.
 MAX_SLEEP = 3600.0
-#: After a failed rotation (e.g. offline: the new bundle could not be published).
+#: After a failed rotation (e.g. offline: the new bundle could not be published); doubled
+#: after each further failure, up to MAX_SLEEP.
 RETRY = 60.0
 
 
@@ -110,6 +111,7 @@ class KeyTimer:
         self.call: IDelayedCall | None = None
         self.running: Deferred[None] | None = None
         self.stopped = True
+        self.failures = 0
 
     def start(self) -> None:
         self.stopped = False
@@ -143,8 +145,11 @@ class KeyTimer:
         try:
             await self.e2ee.maintain_keys()
         except Exception as e:
+            retry = min(RETRY * 2**self.failures, MAX_SLEEP)
+            self.failures += 1
             log.warn("rotating this device's pre-keys failed ({e}); trying again in "
-                     "{retry:.0f} s", e=e, retry=RETRY)
-            self._schedule(RETRY)
+                     "{retry:.0f} s", e=e, retry=retry)
+            self._schedule(retry)
             return
+        self.failures = 0
         self._schedule(self._delay())
