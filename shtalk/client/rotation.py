@@ -3,7 +3,7 @@
 Two schedules (docs/SECURITY.md, "Key rotation"):
 
 * **Pre-keys.** The signed pre-key and the last-resort ML-KEM pre-key are replaced every
-  ``prekey_interval`` (X3DH and PQXDH, "Publishing keys": at some interval, e.g. weekly),
+  ``prekey_rotation`` (X3DH and PQXDH, "Publishing keys": at some interval, e.g. weekly),
   at login and by :class:`KeyTimer` while running.  The replaced pair is kept for
   ``prekey_grace`` after the new bundle was *published* (an initial message made from the
   old bundle may still be on its way), then deleted from the local store.  A rotation
@@ -43,16 +43,16 @@ RETRY = 60.0
 class RotationPolicy:
     """The schedules; the defaults are the client configuration's (``[encryption]``)."""
 
-    prekey_interval: float = 7 * DAY
+    prekey_rotation: float = 7 * DAY
     prekey_grace: float = 3 * DAY
     room_key_messages: int = 100
     room_key_age: float = DAY
 
     def check(self) -> None:
         """Refuse settings that would lose messages or make no sense (ValueError)."""
-        if not 3600 <= self.prekey_interval <= 365 * DAY:
+        if not 3600 <= self.prekey_rotation <= 365 * DAY:
             raise ValueError("prekey_rotation: between 1h and 365d")
-        if not 60 <= self.prekey_grace < self.prekey_interval:
+        if not 60 <= self.prekey_grace < self.prekey_rotation:
             raise ValueError(
                 "prekey_grace: at least 1m and shorter than prekey_rotation (only one "
                 "previous pre-key is kept)"
@@ -71,7 +71,7 @@ class RotationPolicy:
         if ident.has_previous:
             return False
         age = now - ident.prekeys_created
-        return age >= self.prekey_interval or -age > self.prekey_interval
+        return age >= self.prekey_rotation or -age > self.prekey_rotation
 
     def next_prekey_event(self, ident: DeviceIdentity) -> float:
         """When the next rotation, deletion or pending publication is due (clock time)."""
@@ -79,7 +79,7 @@ class RotationPolicy:
             if not ident.previous_retired:
                 return 0.0  # the new bundle still has to reach the server
             return ident.previous_retired + self.prekey_grace
-        return ident.prekeys_created + self.prekey_interval
+        return ident.prekeys_created + self.prekey_rotation
 
     # -------------------------------------------------------------------- rooms
     def room_key_due(self, rs: RoomSession, now: float) -> bool:

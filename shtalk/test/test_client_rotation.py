@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
@@ -23,6 +24,7 @@ from shtalk.client.e2ee import E2EE
 from shtalk.client.events import BadMessage, Event, MessageReceived
 from shtalk.client.localstore import KdfParams, LocalStore
 from shtalk.client.rotation import DAY, MAX_SLEEP, RETRY, KeyTimer, RotationPolicy
+from shtalk.clientui.config import ClientConfig, ConfigError
 from shtalk.crypto import (
     DeviceIdentity,
     Envelope,
@@ -196,7 +198,7 @@ class PrekeyRotationTests(Devices):
         timer = KeyTimer(self.clock, bob)
         timer.start()
         self.addCleanup(timer.stop)
-        await self.advance(timer, POLICY.prekey_interval - 60)
+        await self.advance(timer, POLICY.prekey_rotation - 60)
         self.assertEqual(self.bundle(), first)
         self.assertFalse(bob.ident.has_previous)
         await self.advance(timer, 60 + MAX_SLEEP)
@@ -212,7 +214,7 @@ class PrekeyRotationTests(Devices):
         self.assertEqual(bob.ident.previous_signed_prekey[0], first.signed_prekey.key_id)
         self.assertEqual(bob.ident.previous_kem_last_resort[0], first.kem_last_resort.key_id)
         rotated_at = bob.ident.previous_retired
-        self.assertEqual(rotated_at, T0 + POLICY.prekey_interval)  # on time, not an hour late
+        self.assertEqual(rotated_at, T0 + POLICY.prekey_rotation)  # on time, not an hour late
         # The grace period, then the old pair is deleted; nothing is published for that.
         await self.advance(timer, rotated_at + POLICY.prekey_grace - self.clock.seconds() - 60)
         self.assertTrue(bob.ident.has_previous)
@@ -227,7 +229,7 @@ class PrekeyRotationTests(Devices):
         self.assertIsNone(saved.previous_kem_last_resort)
         self.assertEqual(saved.public_bundle().base(), second)
         # The next rotation comes one interval after the last one.
-        await self.advance(timer, rotated_at + POLICY.prekey_interval - self.clock.seconds() - 60)
+        await self.advance(timer, rotated_at + POLICY.prekey_rotation - self.clock.seconds() - 60)
         self.assertEqual(len(self.net.published), 2)
         await self.advance(timer, 60 + MAX_SLEEP)
         self.assertEqual(len(self.net.published), 3)
@@ -237,7 +239,7 @@ class PrekeyRotationTests(Devices):
         bob = await self.manager("bob")
         await bob.publish_keys()
         old = self.bundle()
-        self.clock.advance(POLICY.prekey_interval)
+        self.clock.advance(POLICY.prekey_rotation)
         await bob.maintain_keys()
         self.assertNotEqual(self.bundle(), old)
         await bob.receive(self.first_message(old, "in flight"))
@@ -287,7 +289,7 @@ class PrekeyRotationTests(Devices):
         await grab()
         await bob.publish_keys()
         old_spk, old_kem = bob.ident.signed_prekey, bob.ident.kem_last_resort
-        self.clock.advance(POLICY.prekey_interval)
+        self.clock.advance(POLICY.prekey_rotation)
         await bob.maintain_keys()
         holding = list(rows)  # each of these holds the old pair (current, then previous)
         self.assertGreaterEqual(len(holding), 3)
@@ -315,7 +317,7 @@ class PrekeyRotationTests(Devices):
         first = self.bundle()
         await self.stores["bob"].close()
         # A week (and a bit) later the client starts again: rotated before it publishes.
-        self.clock.advance(POLICY.prekey_interval + 10)
+        self.clock.advance(POLICY.prekey_rotation + 10)
         bob = await self.manager("bob")
         await bob.publish_keys()
         self.assertNotEqual(self.bundle().signed_prekey, first.signed_prekey)
@@ -336,7 +338,7 @@ class PrekeyRotationTests(Devices):
         timer.start()
         self.addCleanup(timer.stop)
         self.net.offline = True
-        await self.advance(timer, POLICY.prekey_interval)
+        await self.advance(timer, POLICY.prekey_rotation)
         self.assertTrue(bob.ident.has_previous)
         self.assertEqual(bob.ident.previous_retired, 0)
         assert timer.call is not None
@@ -359,12 +361,12 @@ class PolicyTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         p = RotationPolicy()
         p.check()
-        self.assertEqual((p.prekey_interval, p.prekey_grace), (7 * DAY, 3 * DAY))
+        self.assertEqual((p.prekey_rotation, p.prekey_grace), (7 * DAY, 3 * DAY))
         self.assertEqual((p.room_key_messages, p.room_key_age), (100, DAY))
 
     def test_refused_settings(self) -> None:
         for bad in (
-            RotationPolicy(prekey_interval=60),
+            RotationPolicy(prekey_rotation=60),
             RotationPolicy(prekey_grace=7 * DAY),  # only one previous pair is kept
             RotationPolicy(prekey_grace=10),
             RotationPolicy(room_key_messages=0),
@@ -375,12 +377,12 @@ class PolicyTests(SynchronousTestCase):
     def test_prekeys_due(self) -> None:
         ident = DeviceIdentity.generate(0, 0, now=int(T0))
         p = RotationPolicy()
-        self.assertFalse(p.prekeys_due(ident, T0 + p.prekey_interval - 1))
-        self.assertTrue(p.prekeys_due(ident, T0 + p.prekey_interval))
-        self.assertTrue(p.prekeys_due(ident, T0 - p.prekey_interval - 1))  # clock was wrong
-        self.assertEqual(p.next_prekey_event(ident), T0 + p.prekey_interval)
+        self.assertFalse(p.prekeys_due(ident, T0 + p.prekey_rotation - 1))
+        self.assertTrue(p.prekeys_due(ident, T0 + p.prekey_rotation))
+        self.assertTrue(p.prekeys_due(ident, T0 - p.prekey_rotation - 1))  # clock was wrong
+        self.assertEqual(p.next_prekey_event(ident), T0 + p.prekey_rotation)
         ident.rotate_prekeys(int(T0) + 10)
-        self.assertFalse(p.prekeys_due(ident, T0 + 100 * p.prekey_interval))
+        self.assertFalse(p.prekeys_due(ident, T0 + 100 * p.prekey_rotation))
         self.assertEqual(p.next_prekey_event(ident), 0.0)  # publish the new keys now
         ident.published(int(T0) + 20)
         self.assertEqual(p.next_prekey_event(ident), T0 + 20 + p.prekey_grace)
@@ -388,6 +390,45 @@ class PolicyTests(SynchronousTestCase):
         old.prekeys_created = 0  # a state from before rotation existed
         old.expire_previous(T0 + 20 + p.prekey_grace, p.prekey_grace)
         self.assertTrue(p.prekeys_due(old, T0))
+
+
+class EncryptionConfigTests(SynchronousTestCase):
+    """The ``[encryption]`` section of the client configuration (conf/client.ini)."""
+
+    def test_example_file_documents_the_defaults(self) -> None:
+        path = Path(__file__).resolve().parents[2] / "conf" / "client.ini"
+        text = path.read_text(encoding="utf-8")
+        section = text.split("[encryption]\n", 1)[1].split("\n[", 1)[0]
+        settings = [line[2:] for line in section.splitlines() if " = " in line]
+        self.assertEqual(len(settings), 4)
+        config = ClientConfig.from_string("[encryption]\n" + "\n".join(settings) + "\n")
+        self.assertEqual(config.encryption.rotation, RotationPolicy())
+        self.assertEqual(ClientConfig.from_string(text).encryption.rotation, RotationPolicy())
+
+    def test_values(self) -> None:
+        config = ClientConfig.from_string(
+            "[encryption]\nprekey_rotation = 2w\nprekey_grace = 36h\n"
+            "room_key_messages = 50\nroom_key_age = 3600\n"
+        )
+        self.assertEqual(
+            config.encryption.rotation,
+            RotationPolicy(prekey_rotation=14 * DAY, prekey_grace=1.5 * DAY,
+                           room_key_messages=50, room_key_age=3600),
+        )
+
+    def test_errors_say_what_to_write(self) -> None:
+        for text, says in (
+            ("prekey_rotation = weekly", "a duration like"),
+            ("prekey_grace = 8d", "shorter than prekey_rotation"),
+            ("room_key_messages = 0", "between 1 and"),
+            ("room_key_messages = lots", "a number of messages"),
+            ("room_key_age = 5s", "room_key_age"),
+            ("rotation = 7d", "unknown key"),
+        ):
+            with self.assertRaises(ConfigError) as caught:
+                ClientConfig.from_string(f"[encryption]\n{text}\n")
+            self.assertIn(says, str(caught.exception))
+            self.assertIn("[encryption]", str(caught.exception))
 
 
 class RoomKeyRotationTests(Devices):
