@@ -674,6 +674,15 @@ class E2EE:
             rs = self.rooms.get(room) or RoomSession(room, self.me, self.device)
             await self._new_epoch(room, rs)
 
+    async def rotate_room_key(self, room: str) -> None:
+        """A new sender key for our messages in ``room`` now, handed to every member
+        (sends do this by themselves at the room bounds: shtalk.client.rotation)."""
+        async with self.lock:
+            rs = self.rooms.get(room)
+            if rs is None or rs.epoch is None:
+                raise ClientError(f"no sender key of ours in {room} yet: join it first")
+            await self._new_epoch(room, rs)
+
     async def left_room(self, room: str) -> None:
         async with self.lock:
             self.room_members.pop(room, None)
