@@ -237,13 +237,15 @@ def report(res: dict[str, Any]) -> str:
         amortised = total(key) / per
         lines.append(f"| {label} | {per} | {us(amortised)} | {us(total(message))} "
                      f"| {amortised / total(message):.1%} |")
+    per_member = total("sender_key") / (n - 1)
     lines += [
         "",
-        "A sender-key rotation is one pairwise envelope per other member (each opened and "
-        "committed by its receiver), so it costs about what a DM to each member costs; at "
-        f"one rotation per {bound} room messages that is a small share of what the room's "
+        "A sender-key rotation is one pairwise envelope per other member, sealed and "
+        "committed by the sender, opened and committed by its receiver: "
+        f"{us(per_member)} µs per member here, {per_member / total('dm'):.1f} DMs' worth; at "
+        f"one rotation per {bound} room messages that is the share above of what the room's "
         "messages cost. A pre-key rotation is paid once a week per device. The core's share "
-        "of both (no network, no store) is in the E2EE core section above (bench/crypto).",
+        "of both (no network, no store) is in the E2EE core section (bench/crypto).",
         "",
     ]
     return "\n".join(lines)
