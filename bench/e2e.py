@@ -2,6 +2,8 @@
 
     PYTHONPATH=. .venv/bin/python -m bench.e2e [--quick] [--json FILE] [--write docs/PERFORMANCE.md]
 
+(``--rotation`` runs the key-rotation measurement instead: bench/e2e_rotation.py.)
+
 What it does (everything on 127.0.0.1, bounded in time, stops by itself, removes its
 server and temporary directories):
 
