@@ -289,15 +289,12 @@ async def _e2ee_pair(spec: dict[str, Any]) -> dict[str, Any]:
     await bob.register()
     setup_s = time.monotonic() - t
     conv = f"user:{b_name}"
-    state: dict[str, Any] = {"hist": Histogram(), "recording": False, "delivered": 0,
-                             "waiter": None, "received": 0}
+    state = record_latency([bob])
+    state["waiter"] = None
+    recorded = bob.on_message
 
     def got(e: Any) -> None:
-        now = monotonic_ns()
-        state["received"] += 1
-        if state["recording"]:
-            state["delivered"] += 1
-            state["hist"].add(now - int(e.body.split("|", 1)[0]), now)
+        recorded(e)
         w = state["waiter"]
         if w is not None:
             state["waiter"] = None
@@ -370,6 +367,38 @@ async def _e2ee_pair(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def count_messages(parties: list[Party]) -> list[int]:
+    """From now on ``[0]`` of the result counts the messages the parties receive."""
+    received = [0]
+
+    def got(e: Any) -> None:
+        received[0] += 1
+
+    for p in parties:
+        p.on_message = got
+    return received
+
+
+def record_latency(parties: list[Party]) -> dict[str, Any]:
+    """Count what the parties receive and, while ``recording`` is true, each message's
+    latency (send time in its body) into ``hist`` and ``delivered``."""
+    from bench.loadclient import Histogram, monotonic_ns
+
+    state: dict[str, Any] = {"hist": Histogram(), "recording": False, "delivered": 0,
+                             "received": 0}
+
+    def got(e: Any) -> None:
+        now = monotonic_ns()
+        state["received"] += 1
+        if state["recording"]:
+            state["delivered"] += 1
+            state["hist"].add(now - int(e.body.split("|", 1)[0]), now)
+
+    for p in parties:
+        p.on_message = got
+    return state
+
+
 async def setup_room(spec: dict[str, Any]) -> tuple[list[Party], dict[str, Any]]:
     """``spec["users"]`` registered, logged in and in ``spec["room"]``, every member
     holding every other member's sender key (one first message from each has reached
@@ -401,13 +430,7 @@ async def setup_room(spec: dict[str, Any]) -> tuple[list[Party], dict[str, Any]]
     await _bounded(n, [joiner(p) for p in parties])
     # Everyone has every sender key when one message from each member reaches all others.
     expected = n * (n - 1)
-    received = [0]
-
-    def got(e: Any) -> None:
-        received[0] += 1
-
-    for p in parties:
-        p.on_message = got
+    received = count_messages(parties)
     conv = f"room:{room}"
     await gatherResults([
         Deferred.fromCoroutine(p.client.send(conv, _body(monotonic_ns()))) for p in parties
@@ -433,18 +456,7 @@ async def _e2ee_room(spec: dict[str, Any]) -> dict[str, Any]:
     room = spec["room"]
     parties, out = await setup_room(spec)
     n = len(parties)
-    state: dict[str, Any] = {"hist": Histogram(), "recording": False, "delivered": 0,
-                             "received": 0}
-
-    def got(e: Any) -> None:
-        now = monotonic_ns()
-        state["received"] += 1
-        if state["recording"]:
-            state["delivered"] += 1
-            state["hist"].add(now - int(e.body.split("|", 1)[0]), now)
-
-    for p in parties:
-        p.on_message = got
+    state = record_latency(parties)
     conv = f"room:{room}"
 
     # Paced: `room_rate` sends/s in total, round-robin over the members, from a 1 ms timer
@@ -626,18 +638,7 @@ async def _e2ee_room_part(spec: dict[str, Any]) -> dict[str, Any]:
 
     await _bounded(mine, [joiner(p) for p in local])
     await co.step("keys_sent")
-    state: dict[str, Any] = {"hist": Histogram(), "recording": False, "delivered": 0,
-                             "received": 0}
-
-    def got(e: Any) -> None:
-        now = monotonic_ns()
-        state["received"] += 1
-        if state["recording"]:
-            state["delivered"] += 1
-            state["hist"].add(now - int(e.body.split("|", 1)[0]), now)
-
-    for p in local:
-        p.on_message = got
+    state = record_latency(local)
     conv = f"room:{room}"
     await gatherResults([
         Deferred.fromCoroutine(p.client.send(conv, _body(monotonic_ns()))) for p in local

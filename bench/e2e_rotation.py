@@ -31,7 +31,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import Party, Window, _body, _sleep, log, run_worker, setup_room, start_server
+from bench.e2e import (
+    Party,
+    Window,
+    _body,
+    _sleep,
+    count_messages,
+    log,
+    run_worker,
+    setup_room,
+    start_server,
+)
 
 SECTION = "## Key rotation through the server (bench/e2e --rotation)"
 WEEK_OF_DMS = 100  # messages a device sends and receives in a week: a light user
@@ -84,12 +94,7 @@ async def _dms_and_prekeys(spec: dict[str, Any]) -> dict[str, Any]:
     bob = Party(spec, "rotbob", os.path.join(spec["home"], "rotbob"))
     await alice.register()
     await bob.register()
-    received = [0]
-
-    def got(e: Any) -> None:
-        received[0] += 1
-
-    bob.on_message = alice.on_message = got
+    received = count_messages([alice, bob])
     conv = "user:rotbob"
     # A session both ways first (not measured), as in any conversation after its start.
     await alice.client.send(conv, _body(0))
@@ -128,13 +133,7 @@ async def _room_and_sender_keys(spec: dict[str, Any]) -> dict[str, Any]:
     room = spec["room"]
     parties, out = await setup_room(spec)
     n = len(parties)
-    received = [0]
-
-    def got(e: Any) -> None:
-        received[0] += 1
-
-    for p in parties:
-        p.on_message = got
+    received = count_messages(parties)
     conv = f"room:{room}"
     m = spec["room_messages"]
     win = Window(spec["server_pid"])

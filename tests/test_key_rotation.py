@@ -12,13 +12,13 @@ import os
 import time
 
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import TestCase
 
 from shtalk.client.events import BadMessage
 from shtalk.client.rotation import RotationPolicy
 from shtalk.crypto import Envelope, PreKeyBundle, RoomSession, Session, StateError
 from tests.clientkit import Person
-from tests.harness import ServerProcess, fresh_name
+from tests.harness import fresh_name
+from tests.test_client_e2e import E2ETestCase
 
 POLICY = RotationPolicy()
 
@@ -33,15 +33,11 @@ class Shifted:
         return time.time() + self.offset
 
 
-class RotationSystemTestCase(TestCase):
+class RotationSystemTestCase(E2ETestCase):
     timeout = 180
 
-    def setUp(self) -> None:
-        self.server = ServerProcess()
-        self.server.start()
-        self.addCleanup(self.server.cleanup)
-
-    async def person(self, prefix: str, rotation: RotationPolicy | None = None) -> Person:
+    async def member(self, prefix: str, rotation: RotationPolicy | None = None) -> Person:
+        """A registered person whose files live under this test's directory."""
         home = self.mktemp()
         os.makedirs(home)
         p = Person(self.server.port, fresh_name(prefix), "laptop", home=home)
@@ -61,8 +57,8 @@ class RotationSystemTestCase(TestCase):
 
 class PrekeyRotationTests(RotationSystemTestCase):
     async def test_rotation_grace_period_and_a_fresh_fetch(self) -> None:
-        alice, bob, dave = await self.person("alice"), await self.person("bob"), \
-            await self.person("dave")
+        alice, bob, dave = await self.member("alice"), await self.member("bob"), \
+            await self.member("dave")
         # Alice and Dave fetch Bob's bundle now and hold it (last-resort keys only: both
         # keys that rotate are the ones used).
         old = await self.fetch(alice, bob)
@@ -105,7 +101,7 @@ class PrekeyRotationTests(RotationSystemTestCase):
         self.assertEqual([m.body for m in bob.received()], ["made with your old bundle"])
         # A fresh fetch gives the new keys, and a session from it works.
         self.assertEqual(await self.fetch(dave, bob), new)
-        erin = await self.person("erin")
+        erin = await self.member("erin")
         assert erin.client
         await erin.client.send(f"user:{bob.username}", "fetched today")
         got = await bob.wait_messages(2, timeout=30)
@@ -128,8 +124,8 @@ class PrekeyRotationTests(RotationSystemTestCase):
 
 class RoomSenderKeyRotationTests(RotationSystemTestCase):
     async def test_a_copied_sender_key_stops_reading_after_the_bound(self) -> None:
-        alice = await self.person("alice", RotationPolicy(room_key_messages=3))
-        bob, carol = await self.person("bob"), await self.person("carol")
+        alice = await self.member("alice", RotationPolicy(room_key_messages=3))
+        bob, carol = await self.member("bob"), await self.member("carol")
         assert alice.client and bob.client and carol.client
         room = fresh_name("room")
         await alice.client.create_room(room)

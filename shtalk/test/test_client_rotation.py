@@ -180,6 +180,13 @@ class Devices(TestCase):
         last-resort ML-KEM key is used, so both rotated keys are exercised)."""
         return PreKeyBundle.from_bytes(self.net.bundles[(user, "d1")])
 
+    def timer(self, e2ee: E2EE) -> KeyTimer:
+        """The client's timer on the test clock, running."""
+        timer = KeyTimer(self.clock, e2ee)
+        timer.start()
+        self.addCleanup(timer.stop)
+        return timer
+
     async def advance(self, timer: KeyTimer, seconds: float) -> None:
         """Move the clock from one timer call to the next, letting each run finish."""
         end = self.clock.seconds() + seconds
@@ -195,9 +202,7 @@ class PrekeyRotationTests(Devices):
         bob = await self.manager("bob")
         await bob.publish_keys()
         first = self.bundle()
-        timer = KeyTimer(self.clock, bob)
-        timer.start()
-        self.addCleanup(timer.stop)
+        timer = self.timer(bob)
         await self.advance(timer, POLICY.prekey_rotation - 60)
         self.assertEqual(self.bundle(), first)
         self.assertFalse(bob.ident.has_previous)
@@ -334,9 +339,7 @@ class PrekeyRotationTests(Devices):
         bob = await self.manager("bob")
         await bob.publish_keys()
         old = self.bundle()
-        timer = KeyTimer(self.clock, bob)
-        timer.start()
-        self.addCleanup(timer.stop)
+        timer = self.timer(bob)
         self.net.offline = True
         await self.advance(timer, POLICY.prekey_rotation)
         self.assertTrue(bob.ident.has_previous)
