@@ -89,6 +89,7 @@ class ShtalkClient:
         self.e2ee.ask_extra = self._ask_extra
         self._acks: list[int] = []
         self._ack_call: Any = None
+        self._closing = False
         self._housekeeping: Any = None
         self._ready = False
         self._loaded = False
@@ -171,6 +172,7 @@ class ShtalkClient:
                 await self.e2ee.joined_room(name, self.e2ee.room_members[name])
 
     async def close(self) -> None:
+        self._closing = True  # messages decrypted from here on queue acks without a timer
         for call in (self._ack_call, self._housekeeping):
             if call is not None and call.active():
                 call.cancel()
@@ -180,6 +182,7 @@ class ShtalkClient:
             await self.key_timer.running  # a rotation under way finishes its commits
         await self._flush_acks()
         await self.e2ee.flush_states()  # "sent" marks not saved yet
+        await self._flush_acks()  # acks queued while the states were saved
         await self.session.stop()
 
     async def logout(self) -> None:
@@ -351,6 +354,8 @@ class ShtalkClient:
     # ------------------------------------------------------------------------ acks
     def _queue_ack(self, seq: int) -> None:
         self._acks.append(seq)
+        if self._closing:
+            return  # close() sends what is queued; no timer may outlive the client
         if len(self._acks) >= ACK_BATCH:
             self._spawn(self._flush_acks())
         elif self._ack_call is None or not self._ack_call.active():
