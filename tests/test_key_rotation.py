@@ -132,12 +132,16 @@ class RoomSenderKeyRotationTests(RotationSystemTestCase):
         await bob.client.join_room(room)
         await carol.client.join_room(room)
         a_room, b_rooms = alice.client.e2ee.rooms[room], bob.client.e2ee.rooms
-        epoch = a_room.epoch
-        assert epoch is not None
-        # Bob holds Alice's current sender key (she rotated when Carol joined).
+        c_rooms, a_key = carol.client.e2ee.rooms, (alice.username, alice.device)
+        # Alice's last rotation is the one for Carol's join: Carol's first key from her.
+        await carol.wait_for(
+            lambda: room in c_rooms and c_rooms[room].chains.get(a_key), 30,
+            "Alice's sender key at Carol",
+        )
+        epoch = max(c_rooms[room].chains[a_key])
+        self.assertEqual(a_room.epoch, epoch)
         await bob.wait_for(
-            lambda: epoch in b_rooms[room].chains.get((alice.username, alice.device), {}),
-            30, "Alice's sender key at Bob",
+            lambda: epoch in b_rooms[room].chains.get(a_key, {}), 30, "Alice's key at Bob"
         )
         copies = {
             "Alice's device": RoomSession.from_bytes(a_room.to_bytes()),
