@@ -8,10 +8,7 @@ the store's files) is unit-tested on a test clock in shtalk/test/test_client_rot
 from __future__ import annotations
 
 import base64
-import os
 import time
-
-from twisted.internet.defer import Deferred
 
 from shtalk.client.events import BadMessage
 from shtalk.client.rotation import RotationPolicy
@@ -36,16 +33,6 @@ class Shifted:
 class RotationSystemTestCase(E2ETestCase):
     timeout = 180
 
-    async def member(self, prefix: str, rotation: RotationPolicy | None = None) -> Person:
-        """A registered person whose files live under this test's directory."""
-        home = self.mktemp()
-        os.makedirs(home)
-        p = Person(self.server.port, fresh_name(prefix), "laptop", home=home)
-        p.rotation = rotation
-        self.addCleanup(lambda: Deferred.fromCoroutine(p.close()))
-        await p.register()
-        return p
-
     async def fetch(self, who: Person, owner: Person) -> PreKeyBundle:
         """The base bundle the directory hands out for ``owner``'s device now."""
         assert who.client
@@ -57,8 +44,7 @@ class RotationSystemTestCase(E2ETestCase):
 
 class PrekeyRotationTests(RotationSystemTestCase):
     async def test_rotation_grace_period_and_a_fresh_fetch(self) -> None:
-        alice, bob, dave = await self.member("alice"), await self.member("bob"), \
-            await self.member("dave")
+        alice, bob, dave = await self.person(), await self.person(), await self.person()
         # Alice and Dave fetch Bob's bundle now and hold it (last-resort keys only: both
         # keys that rotate are the ones used).
         old = await self.fetch(alice, bob)
@@ -101,7 +87,7 @@ class PrekeyRotationTests(RotationSystemTestCase):
         self.assertEqual([m.body for m in bob.received()], ["made with your old bundle"])
         # A fresh fetch gives the new keys, and a session from it works.
         self.assertEqual(await self.fetch(dave, bob), new)
-        erin = await self.member("erin")
+        erin = await self.person()
         assert erin.client
         await erin.client.send(f"user:{bob.username}", "fetched today")
         got = await bob.wait_messages(2, timeout=30)
@@ -124,8 +110,8 @@ class PrekeyRotationTests(RotationSystemTestCase):
 
 class RoomSenderKeyRotationTests(RotationSystemTestCase):
     async def test_a_copied_sender_key_stops_reading_after_the_bound(self) -> None:
-        alice = await self.member("alice", RotationPolicy(room_key_messages=3))
-        bob, carol = await self.member("bob"), await self.member("carol")
+        alice = await self.person(rotation=RotationPolicy(room_key_messages=3))
+        bob, carol = await self.person(), await self.person()
         assert alice.client and bob.client and carol.client
         room = fresh_name("room")
         await alice.client.create_room(room)
