@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -29,6 +28,7 @@ from shtalk.server.ratelimit import (
     RateLimiter,
     address_key,
 )
+from shtalk.testing import tempdir
 
 
 class BucketTests(unittest.TestCase):
@@ -165,7 +165,7 @@ class SealedLogTests(unittest.TestCase):
     def setUp(self) -> None:
         self.private_text, self.public_text = seclog.generate_keypair()
         self.private = seclog.load_private_key(self.private_text)
-        self.dir = Path(tempfile.mkdtemp())
+        self.dir = Path(tempdir(self))
 
     def observer(self, **kw: Any) -> seclog.SealedLogObserver:
         o = seclog.SealedLogObserver(
@@ -332,7 +332,7 @@ class MonitorTests(unittest.TestCase):
             ServerConfig.from_string("[monitor]\nreport_quorum = 1\n")
 
     def test_flags_persist_and_clear(self) -> None:
-        path = Path(tempfile.mkdtemp()) / "flags.json"
+        path = Path(tempdir(self)) / "flags.json"
         clock = Clock()
         m = Monitor(MonitorSection(send_rate=1), clock, path)
         m.sent(1, "a", 0.0, [], [1])
