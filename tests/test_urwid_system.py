@@ -124,13 +124,14 @@ class ChatTests(UrwidCase):
         # A direct conversation, both ways; the peer's presence shows at once.
         alice.line(f"/msg {bob_name} hello from alice")
         alice.wait_for("hello from alice \u2713")
-        alice.wait_for(f"\u25cf @{bob_name}")
         bob.wait_for(lambda s: any(f"@{alice_name}" in row and "(1)" in row
                                    for row in s.splitlines()))
         bob.key("M-a")  # Alt-A: next unread conversation
         bob.wait_for("hello from alice")
         bob.line("hi alice, bob here")
         alice.wait_for("hi alice, bob here")
+        # Bob wrote to her: Alice may see his presence now, and does.
+        alice.wait_for(f"\u25cf @{bob_name}")
         alice.key("Escape")  # clears the status bar's notice: the conversation's state
         alice.wait_for("e2ee \u00b7 not verified (/verify) \u00b7 online")
 

@@ -82,6 +82,7 @@ class Controller:
         self.reconnects = 0
         #: True when a ClientLog turns logged failures into status lines (shtalk-urwid)
         self.failures_logged = False
+        self._looking_up: set[str] = set()
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -142,8 +143,8 @@ class Controller:
     def _handle(self, event: Event) -> None:
         m = self.model
         if isinstance(event, MessageReceived):
-            if event.conversation not in m.conversations and \
-                    event.conversation.startswith("user:"):
+            if event.conversation.startswith("user:"):
+                # Someone who wrote to us lets us see their presence (server rule).
                 self.look_up_presence(event.conversation[5:])
             mine = event.sender.casefold() == m.me.casefold()
             line = Line(event.id, event.conversation, event.sender, event.ts, event.body,
@@ -370,16 +371,22 @@ class Controller:
         self.model.close(self.model.current)
 
     def look_up_presence(self, user: str) -> None:
-        """A new direct conversation: whether the peer is online now (its devices say);
-        the server's presence pushes keep it true from then on."""
+        """A direct peer whose presence is not known yet: whether it is online now (its
+        devices say, if the server lets us see it: it does once they wrote to us); the
+        server's presence pushes keep it true from then on."""
         backend = self.backend
-        if backend is None or user in self.model.presence:
+        if backend is None or user in self.model.presence or user in self._looking_up:
             return
+        self._looking_up.add(user)
 
         async def run() -> None:
-            devices = await backend.devices(user)
-            online = any(d.get("online") for d in devices)
-            self.model.set_presence(user, "online" if online else "offline")
+            try:
+                devices = await backend.devices(user)
+            finally:
+                self._looking_up.discard(user)
+            marks = [d["online"] for d in devices if "online" in d]
+            if marks:  # no marks: not ours to see (yet)
+                self.model.set_presence(user, "online" if any(marks) else "offline")
 
         d = Deferred.fromCoroutine(run())
         d.addErrback(lambda f: log.info("no presence for {user}: {e}", user=user,

@@ -47,11 +47,16 @@ from shtalk.server.chat import ChatService
 from shtalk.server.interfaces import TokenReuse, TokenRevoked, TokenUnknown
 from shtalk.server.naming import user_key
 from shtalk.server.ratelimit import REQUEST_ACTIONS, RateLimiter, address_key
-from shtalk.server.security import AccountSecurity
+from shtalk.server.security import AccountSecurity, account_key
 
 log = Logger()
 
 PIPELINED = frozenset({"send", "ack", "ping"})
+#: Requests that pass AccountSecurity.gate, i.e. wait while the failure throttle says so.
+THROTTLED = frozenset({
+    "register", "login", "verify_email", "password_reset_request", "password_reset",
+    "password_change", "totp_confirm", "totp_disable", "totp_recovery_codes",
+})
 #: TLS handshakes in progress at once; further new connections wait, unread.
 MAX_HANDSHAKES = 2
 #: A handshake slot is given back after this long even if the peer is silent, so
@@ -299,7 +304,21 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             account: str | None = str(self.avatar.user.id)
         else:
             account = _account_of(request.args.get("username"))
-        return limiter.check(action, account, self._peer_key)
+        return limiter.check(action, account, self._peer_key, self._throttled_for(request))
+
+    def _throttled_for(self, request: Request) -> float:
+        """Seconds the failure throttle will make this request wait (0: none), asked
+        before the buckets so one refusal names the later of the two waits."""
+        sec = self.factory.security
+        if sec is None or request.type not in THROTTLED:
+            return 0.0
+        if self.avatar is not None:
+            account: str | None = self.avatar.user.key
+        elif request.type == "register":
+            account = None
+        else:
+            account = account_key(request.args["username"])
+        return float(sec.throttle.check(account, self._peer).retry_after)
 
     def _refused(self, e: ProtocolError) -> None:
         """Sustained abuse (many rate_limited replies within a minute) closes the connection."""
@@ -589,8 +608,8 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
         self.send_bytes(frames.push("backlog_done", count=len(sent)))
         try:  # then where one's contacts are, so the client shows it at once
             lines = yield self.factory.chat.presence_snapshot(avatar.user.id)
-        except Exception:
-            log.failure("loading the presence of contacts failed")
+        except Exception as e:  # best effort (e.g. shutting down): the live pushes go on
+            log.warn("presence after the backlog not sent ({error})", error=type(e).__name__)
             lines = []
         for line in lines:
             self.send_bytes(line)
@@ -706,7 +725,7 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             raise ProtocolError(ErrorCode.FORBIDDEN, "reports are not taken by this server")
         d: Deferred[Any] = ops.moderation.report(
             self._me().user, ops.monitor, a["user"], a["reason"], a.get("envelope"),
-            a.get("plaintext"),
+            a.get("plaintext"), self._peer_key,
         )
         return d
 

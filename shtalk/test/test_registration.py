@@ -237,11 +237,15 @@ class PresenceSnapshotTests(Base):
             self.assertTrue(r["ok"], r)
             return p
 
-        gil, _hal, ida = [await logged_in(n) for n in ("gil", "hal", "ida")]
-        for to in ("hal", "ida"):
-            r = await self.call(gil, "send", to={"user": to}, envelope="aGk=",
-                                client_id=f"c-{to}")
+        gil, hal, ida, _joe = [await logged_in(n) for n in ("gil", "hal", "ida", "joe")]
+        # Hal and Ida write to Gil (so Gil may see their presence); Gil writes to Joe
+        # (which shows Gil's presence to Joe, not Joe's to Gil).
+        for peer, name in ((hal, "hal"), (ida, "ida")):
+            r = await self.call(peer, "send", to={"user": "gil"}, envelope="aGk=",
+                                client_id=f"c-{name}")
             self.assertTrue(r["ok"], r)
+        r = await self.call(gil, "send", to={"user": "joe"}, envelope="aGk=", client_id="c-g")
+        self.assertTrue(r["ok"], r)
         ida.proto.connectionLost(None)
         gil.proto.connectionLost(None)
         again = await logged_in("gil", register=False)
@@ -249,8 +253,8 @@ class PresenceSnapshotTests(Base):
             if sum(1 for x in again.lines() + again.received if x.get("type") == "presence"):
                 break
             await self.wait()
-        got = [x for x in again.received if "id" not in x]
-        done = got.index({"type": "backlog_done", "count": 0})
+        got = [x for x in again.received if "id" not in x and x.get("type") != "message"]
+        done = next(i for i, x in enumerate(got) if x.get("type") == "backlog_done")
         self.assertEqual(got[done + 1:], [
             {"type": "presence", "user": "hal", "status": "online"},
             {"type": "presence", "user": "ida", "status": "offline"},
