@@ -23,7 +23,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,9 +45,8 @@ class UrwidCase(unittest.TestCase):
             raise unittest.SkipTest("tmux is not installed: these tests drive shtalk-urwid "
                                     "in real terminals (.ci/run installs it; or apt-get "
                                     "install tmux)")
-        self.base = Path(tempfile.mkdtemp(prefix="shtalk-urwid-system-"))
-        if not os.environ.get("SHTALK_KEEP"):
-            self.addCleanup(shutil.rmtree, self.base, True)
+        self.base = Path(self.mktemp()).absolute()  # under _trial_temp, never /tmp
+        self.base.mkdir(parents=True)
         self.answers = self.base / "captcha-answers.txt"
         self.clock_file = self.base / "clock-offset"
         for key, path in (("SHTALK_TEST_CAPTCHA_ANSWERS", self.answers),

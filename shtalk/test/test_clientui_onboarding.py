@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,6 +28,7 @@ from shtalk.clientui.setup import Form, SetupFlow
 from shtalk.clientui.steps import Steps
 from shtalk.clientui.widgets import shorten_markup
 from shtalk.test.test_clientui import Harness, text_of
+from shtalk.testing import tempdir
 
 ART = "\n".join(f"{i:02d}" + " #@%&$" * 11 for i in range(13))  # 13 rows, 68 columns
 
@@ -204,7 +204,7 @@ class QuitTests(unittest.TestCase):
     def test_asks_when_unsent_and_never_on_ctrl_c(self) -> None:
         from shtalk.clientui.app import App
 
-        app = App(Clock(), ClientConfig(), "chat.example", 6697, Path(tempfile.mkdtemp()))
+        app = App(Clock(), ClientConfig(), "chat.example", 6697, Path(tempdir(self)))
         quits: list[int] = []
         app.quit = lambda: quits.append(1)  # type: ignore[method-assign]
         size = (80, 24)
