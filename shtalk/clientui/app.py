@@ -514,19 +514,39 @@ class App:
             return
 
         async def run() -> None:
-            old = await self.ask_field("Change the local passphrase", "The current passphrase:",
-                                       "Passphrase:", mask=True)
-            new = await self.ask_field("Change the local passphrase", "The new passphrase:",
-                                       "Passphrase:", mask=True)
-            again = await self.ask_field("Change the local passphrase", "The new passphrase "
-                                         "again:", "Passphrase:", mask=True)
-            if not new or new != again:
-                self.controller.notice("the new passphrases were empty or differed; nothing "
-                                       "changed", error=True)
-                return
-            await self.progress("Changing the passphrase", "Argon2id, twice\u2026",
-                                store.change_passphrase(old, new), 2.0)
-            self.controller.notice("the local passphrase is changed")
+            from shtalk.client.localstore import WrongPassphrase
+
+            title, steps = "Change the local passphrase", ("old", "new", "again")
+            texts = {"old": "The current passphrase:", "new": "The new passphrase:",
+                     "again": "The new passphrase again:"}
+            answers: dict[str, str] = {}
+            error, i = "", 0
+            while i < len(steps):  # Esc goes back one step; on the first, closes
+                answer = await self.ui.ask(title, texts[steps[i]], "Passphrase:", mask=True,
+                                           error=error)
+                error = ""
+                if answer is None:
+                    if i == 0:
+                        return
+                    i -= 1
+                    continue
+                answers[steps[i]] = answer
+                if steps[i] == "new" and not answer:
+                    error = "The passphrase cannot be empty."
+                    continue
+                if steps[i] == "again" and answer != answers["new"]:
+                    error, i = "The two passphrases differ; type the new one again.", 1
+                    continue
+                if steps[i] == "again":
+                    try:
+                        await self.progress("Changing the passphrase", "Argon2id, twice\u2026",
+                                            store.change_passphrase(answers["old"], answer),
+                                            2.0)
+                    except WrongPassphrase as e:
+                        error, i = describe(e), 0
+                        continue
+                i += 1
+            self.controller.notice("the local passphrase is changed", conversation=STATUS)
 
         self.spawn(run())
 

@@ -337,3 +337,41 @@ class LogFileTests(unittest.TestCase):
                                            "x"))
         self.assertIsNone(failure_sentence({"log_format": "stray", "log_level": LogLevel.error,
                                             "log_namespace": "stderr"}, "x"))
+
+
+class PassphraseCommandTests(unittest.TestCase):
+    def test_esc_goes_back_and_a_wrong_current_one_is_asked_again(self) -> None:
+        from twisted.internet.defer import fail
+
+        from shtalk.client.localstore import WrongPassphrase
+        from shtalk.clientui.app import App
+
+        app = App(Clock(), ClientConfig(), "chat.example", 6697, Path(tempdir(self)))
+        calls: list[tuple[str, str]] = []
+
+        def change(old: str, new: str) -> Deferred[None]:
+            calls.append((old, new))
+            return succeed(None) if old == "right" else fail(WrongPassphrase("no"))
+
+        app.store = SimpleNamespace(change_passphrase=change)  # type: ignore[assignment]
+        size = (80, 24)
+
+        def line(text: str) -> None:
+            for ch in [*text, "enter"]:
+                app.screen.keypress(size, ch)
+
+        app.cmd_passphrase()
+        line("wrong")
+        line("new one")
+        app.screen.keypress(size, "esc")  # back to the new passphrase
+        self.assertIn("The new passphrase:", text_of(app.screen, size))
+        line("new one")
+        line("new one")
+        self.assertEqual(calls, [("wrong", "new one")])
+        self.assertIn("does not unlock", text_of(app.screen, size))  # asked again
+        line("right")
+        line("new one")
+        line("new one")
+        self.assertEqual(calls[-1], ("right", "new one"))
+        self.assertIn("the local passphrase is changed",
+                      [x.body for x in app.model.conversations[STATUS].window.items])
