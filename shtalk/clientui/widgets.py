@@ -19,12 +19,32 @@ PRESENCE_MARK = {"online": ("online", "\u25cf "), "offline": ("offline", "\u25cb
 
 
 class ConversationRow(urwid.Text):
-    """One entry of the list; a click opens it."""
+    """One entry of the list; a click opens it.  Too long a name is shortened, not the
+    marks after it (trust, the unread count, the timer)."""
 
-    def __init__(self, markup: Any, key: str, on_click: Callable[[str], None]) -> None:
-        super().__init__(markup, wrap="ellipsis")
+    def __init__(self, markup: Any, key: str, on_click: Callable[[str], None],
+                 title: str = "") -> None:
+        super().__init__(markup, wrap="clip")
+        self.markup = markup
+        self.title = title
         self.key = key
         self.on_click = on_click
+
+    def render(self, size: tuple[()] | tuple[int] | tuple[int, int],
+               focus: bool = False) -> urwid.TextCanvas:
+        width = size[0] if size else 0
+        parts = [p if isinstance(p, tuple) else (None, p) for p in self.markup]
+        over = sum(len(t) for _, t in parts) - width
+        if over > 0 and self.title:
+            fitted: list[Any] = []
+            for attr, t in parts:
+                if t == self.title and len(t) > over + 1:
+                    t = t[: len(t) - over - 1] + "\u2026"
+                fitted.append((attr, t) if attr is not None else t)
+            self.set_text(fitted)
+        else:
+            self.set_text(self.markup)
+        return super().render(size[:1], focus)  # type: ignore[arg-type]
 
     def selectable(self) -> bool:
         return False
@@ -75,7 +95,7 @@ class ConversationList(urwid.WidgetWrap[urwid.Widget]):
             presence = self.model.presence.get(conv.name, "") if conv.kind == "user" else ""
             rows.append(ConversationRow(
                 conversation_markup(conv, key == self.model.current, trust, presence), key,
-                self.on_click))
+                self.on_click, conv.title))
         self.walker[:] = rows
         if rows and self.model.current in self.model.order:
             self.listbox.set_focus(self.model.order.index(self.model.current))

@@ -18,12 +18,12 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from shtalk.client.connection import ServerError
-from shtalk.client.events import ConnectionChanged
+from shtalk.client.events import ConnectionChanged, Presence
 from shtalk.client.localstore import CorruptEntry
 from shtalk.client.session import Credentials
 from shtalk.clientui.config import ClientConfig
 from shtalk.clientui.logfile import KEEP_FILES, ClientLog, failure_sentence
-from shtalk.clientui.model import STATUS
+from shtalk.clientui.model import STATUS, Line
 from shtalk.clientui.setup import Form, SetupFlow
 from shtalk.clientui.steps import Steps
 from shtalk.clientui.widgets import shorten_markup
@@ -375,3 +375,13 @@ class PassphraseCommandTests(unittest.TestCase):
         self.assertEqual(calls[-1], ("right", "new one"))
         self.assertIn("the local passphrase is changed",
                       [x.body for x in app.model.conversations[STATUS].window.items])
+
+
+class ConversationListTests(unittest.TestCase):
+    def test_a_long_name_is_shortened_not_the_unread_count(self) -> None:
+        h = Harness(messages=1)
+        h.model.add_line(Line("m1", "user:averyveryverylongname", "averyveryverylongname", 1,
+                              "hi", "received"))
+        h.controller.handle_event(Presence("averyveryverylongname", "online"))
+        row = next(r for r in h.text().splitlines() if "@averyvery" in r)
+        self.assertIn("\u2026 (1)", row.split("\u2502")[0])
