@@ -46,7 +46,7 @@ def run() -> dict[str, Any]:
         return {"skipped": "tmux is not installed"}
     sys.path.insert(0, str(REPO))
     from tests.harness import ServerProcess, fresh_name
-    from tests.terminal import Newcomer, Terminal, cpu_seconds
+    from tests.terminal import Newcomer, Terminal, cpu_seconds, unread
 
     tmp = Path(tempfile.mkdtemp(prefix="shtalk-bench-newcomer-"))
     answers = tmp / "captcha-answers.txt"
@@ -73,7 +73,7 @@ def run() -> dict[str, Any]:
             terminals.append(t)
         alice, bob = terminals
         alice.line(f"/msg {bob_name} hello {bob_name}, welcome")
-        bob.wait_for(lambda s: any(f"@{alice_name}" in r and "(1)" in r for r in s.splitlines()))
+        bob.wait_for(unread(alice_name))
         bob.key("M-a")
         bob.wait_for(f"hello {bob_name}, welcome")
         out["first_message_seen"] = time.monotonic() - start

@@ -207,6 +207,13 @@ class Newcomer:
                              f"\n{t.diagnostics()}")
 
 
+def unread(name: str, count: int = 1) -> Callable[[str], bool]:
+    """A test for `Terminal.wait_for`: the conversation list shows ``name``'s direct
+    conversation with ``count`` unread (a long name is shortened there, not the count)."""
+    return lambda s: any(f"@{name[:8]}" in r.split("\u2502")[0] and f"({count})" in r
+                         for r in s.splitlines())
+
+
 def joined(screen: str) -> str:
     """The text inside the frames of a screen (a dialog's, or the message pane's), its
     wrapped rows joined by single spaces."""

@@ -384,6 +384,15 @@ class DeviceNoticeTests(E2ETestCase):
         await carol.client.send(f"user:{bob.username}", "hello both of you")
         await bob2.wait_messages(2)
         self.assertEqual([e for e in carol.events if isinstance(e, NewDevice)], [])
+        # Met through a message from one device, then written to: the others are no news.
+        dave = await self.person()
+        assert dave.client
+        await bob2.client.send(f"user:{dave.username}", "hi dave, from my phone")
+        await dave.wait_messages(1)
+        await dave.client.send(f"user:{bob.username}", "hello bob")
+        await bob.wait_for(lambda: any(m.body == "hello bob" for m in bob.received()),
+                           what="dave's message")
+        self.assertEqual([e for e in dave.events if isinstance(e, NewDevice)], [])
 
 
 class ServerQueueExpiryTests(E2ETestCase):

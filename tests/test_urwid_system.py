@@ -30,7 +30,7 @@ import pyotp
 from twisted.trial import unittest
 
 from tests.harness import REPO_ROOT, ServerProcess, fresh_name
-from tests.terminal import PASSPHRASE, PASSWORD, Newcomer, Terminal
+from tests.terminal import PASSPHRASE, PASSWORD, Newcomer, Terminal, unread
 
 ACCOUNT_CHECKS: dict[str, dict[str, object]] = {
     "accounts": {"require_captcha": True, "require_email_verification": True}}
@@ -122,8 +122,7 @@ class ChatTests(UrwidCase):
         # A direct conversation, both ways; the peer's presence shows at once.
         alice.line(f"/msg {bob_name} hello from alice")
         alice.wait_for("hello from alice \u2713")
-        bob.wait_for(lambda s: any(f"@{alice_name}" in row and "(1)" in row
-                                   for row in s.splitlines()))
+        bob.wait_for(unread(alice_name))
         bob.key("M-a")  # Alt-A: next unread conversation
         bob.wait_for("hello from alice")
         bob.line("hi alice, bob here")
@@ -186,8 +185,7 @@ class ChatTests(UrwidCase):
         # ... or, when the backlog arrived before the first screen was built and C-n
         # landed on the conversation itself, the message on screen.
         alice.wait_for(lambda s: "arrived while you were away" in s or "while you were out"
-                       in s or any(f"@{bob_name}" in row and "(1)" in row
-                                   for row in s.splitlines()))
+                       in s or unread(bob_name)(s))
         alice.key("M-a")
         alice.wait_for("while you were out")
 

@@ -180,9 +180,11 @@ class E2EE:
         self.timers: dict[str, int] = {}
         self.room_members: dict[str, set[str]] = {}
         self.devices_of: dict[str, list[str]] = {}
-        #: per user, the device ids that are no news: those there when we first learnt
+        #: per user, the device ids that are no news: those there when we first listed
         #: the user's devices, and those announced since (NewDevice once per device)
         self.seen: dict[str, set[str]] = {}
+        #: users whose devices were listed once (that first list was the baseline)
+        self.listed: set[str] = set()
         self._pending_room: list[tuple[float, dict[str, Any], Envelope]] = []
         self._inbox: list[tuple[dict[str, Any], Deferred[None]]] = []
         #: delivery states ("sent") not saved yet: they go with the next commit
@@ -239,7 +241,10 @@ class E2EE:
         for key, value in await self.store.items("timer"):
             self.timers[key] = int(value.decode())
         for key, value in await self.store.items("seen"):
-            self.seen[key] = set(json.loads(value))
+            saved = json.loads(value)
+            self.seen[key] = set(saved["devices"])
+            if saved.get("listed"):
+                self.listed.add(key)
 
     @property
     def ident(self) -> DeviceIdentity:
@@ -329,9 +334,12 @@ class E2EE:
         if refresh or user not in self.devices_of:
             reply = await self.request("devices", user=user)
             self.devices_of[user] = [d["id"] for d in reply["devices"]]
-            if not self._knows(user):
-                # First contact: the devices the user has now are the baseline, not news.
-                self.seen[user] = set(self.devices_of[user])
+            if user not in self.listed:
+                # The first list of a contact's devices is the baseline, not news (our
+                # own account's baseline is taken at this device's first login).
+                self.listed.add(user)
+                if user != self.me:
+                    self.seen.setdefault(user, set()).update(self.devices_of[user])
         return self.devices_of[user]
 
     def forget_devices(self, user: str) -> None:
@@ -353,7 +361,8 @@ class E2EE:
         return news
 
     def _seen_value(self, user: str) -> Callable[[], bytes]:
-        return lambda: json.dumps(sorted(self.seen.get(user, ()))).encode()
+        return lambda: json.dumps({"devices": sorted(self.seen.get(user, ())),
+                                   "listed": user in self.listed}).encode()
 
     async def baseline_own_devices(self) -> None:
         """At this device's first login the account's other devices are not news: record
