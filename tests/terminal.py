@@ -214,6 +214,14 @@ def unread(name: str, count: int = 1) -> Callable[[str], bool]:
                          for r in s.splitlines())
 
 
+def listed(name: str, presence: str) -> Callable[[str], bool]:
+    """A test for `Terminal.wait_for`: ``name``'s direct conversation is in the list with
+    the presence mark (● online, ○ offline)."""
+    mark = {"online": "\u25cf", "offline": "\u25cb"}[presence]
+    return lambda s: any(r.split("\u2502")[0].lstrip().startswith(f"{mark} @{name[:8]}")
+                         for r in s.splitlines())
+
+
 def joined(screen: str) -> str:
     """The text inside the frames of a screen (a dialog's, or the message pane's), its
     wrapped rows joined by single spaces."""

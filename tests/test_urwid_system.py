@@ -30,7 +30,7 @@ import pyotp
 from twisted.trial import unittest
 
 from tests.harness import REPO_ROOT, ServerProcess, fresh_name
-from tests.terminal import PASSPHRASE, PASSWORD, Newcomer, Terminal, unread
+from tests.terminal import PASSPHRASE, PASSWORD, Newcomer, Terminal, listed, unread
 
 ACCOUNT_CHECKS: dict[str, dict[str, object]] = {
     "accounts": {"require_captcha": True, "require_email_verification": True}}
@@ -128,7 +128,7 @@ class ChatTests(UrwidCase):
         bob.line("hi alice, bob here")
         alice.wait_for("hi alice, bob here")
         # Bob wrote to her: Alice may see his presence now, and does.
-        alice.wait_for(f"\u25cf @{bob_name}")
+        alice.wait_for(listed(bob_name, "online"))
         alice.key("Escape")  # clears the status bar's notice: the conversation's state
         alice.wait_for("e2ee \u00b7 not verified (/verify) \u00b7 online")
 
@@ -170,17 +170,17 @@ class ChatTests(UrwidCase):
         self.quit(bob)
         bob.start()
         self.unlock(bob)
-        bob.wait_for(f"\u25cf @{alice_name}")
+        bob.wait_for(listed(alice_name, "online"))
         # Alice quits; Bob writes; Alice unlocks and sees what arrived while away, and
         # Bob shown offline while she was gone.
         self.quit(alice)
-        bob.wait_for(f"\u25cb @{alice_name}")
+        bob.wait_for(listed(alice_name, "offline"))
         bob.line(f"/msg {alice_name} while you were out")
         bob.wait_for("while you were out \u2713")
         alice.start()
         self.unlock(alice)
         alice.wait_for(lambda s: "Unlock" not in s and "online" in s)
-        alice.wait_for(f"\u25cf @{bob_name}")
+        alice.wait_for(listed(bob_name, "online"))
         alice.key("C-n")  # the status window's notices ...
         # ... or, when the backlog arrived before the first screen was built and C-n
         # landed on the conversation itself, the message on screen.
