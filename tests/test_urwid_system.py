@@ -72,6 +72,14 @@ class UrwidCase(unittest.TestCase):
     def register(self, t: Terminal, username: str) -> None:
         self.newcomer.register(t, username)
 
+    def two_people(self) -> tuple[str, Terminal, str, Terminal]:
+        """Alice and Bob, registered, each in a terminal: (name, terminal) twice."""
+        alice_name, bob_name = fresh_name("a"), fresh_name("b")
+        alice, bob = self.terminal("alice"), self.terminal("bob")
+        self.register(alice, alice_name)
+        self.register(bob, bob_name)
+        return alice_name, alice, bob_name, bob
+
     def unlock(self, t: Terminal) -> None:
         t.wait_for("Type the local passphrase")
         t.line(PASSPHRASE)
@@ -325,10 +333,7 @@ class RateLimitTests(UrwidCase):
 
 class NewDeviceTests(UrwidCase):
     def test_login_code_passphrase_order_notices_and_devices(self) -> None:
-        alice_name, bob_name = fresh_name("a"), fresh_name("b")
-        alice, bob = self.terminal("alice"), self.terminal("bob")
-        self.register(alice, alice_name)
-        self.register(bob, bob_name)
+        alice_name, alice, bob_name, bob = self.two_people()
         alice.line(f"/msg {bob_name} hi bob")
         bob.wait_for(f"@{alice_name}")
         # Two-factor set-up: the QR code alone on the screen, whole at 80x24.
@@ -408,10 +413,7 @@ class NewDeviceTests(UrwidCase):
 
 class FailureAndOutputTests(UrwidCase):
     def test_failures_are_one_sentence_and_output_never_in_the_conversation(self) -> None:
-        alice_name, bob_name = fresh_name("a"), fresh_name("b")
-        alice, bob = self.terminal("alice"), self.terminal("bob")
-        self.register(alice, alice_name)
-        self.register(bob, bob_name)
+        _, alice, bob_name, _ = self.two_people()
         room = fresh_name("r")
         alice.line(f"/create {room}")
         alice.wait_for(f"you created #{room}")
