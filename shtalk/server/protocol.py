@@ -65,6 +65,10 @@ AUDITED = frozenset({
 })
 
 
+class _Dropped(Exception):
+    """A request whose turn came after its connection began to close: never run."""
+
+
 def _after(d: Deferred[None]) -> Deferred[None]:
     """A Deferred that fires when ``d`` does, without taking its result."""
     out: Deferred[None] = Deferred()
@@ -121,6 +125,9 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
         self._handshaking = False  # holds one of the factory's handshake slots (or waits)
         self._slot_timer: IDelayedCall | None = None
         self._store_paused = False  # not reading: the store's write queue is full
+        # Set once the connection is closing or gone: requests not yet started are
+        # dropped (never run, no reply), whatever queued them.
+        self._closing = False
 
     # connection lifecycle ----------------------------------------------------
     def connectionMade(self) -> None:
@@ -154,6 +161,7 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
         self.factory.handshake_finished(self)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self._closing = True
         self.factory.handshake_finished(self)
         for call in (self._deadline, self._idle):
             if call is not None and call.active():
@@ -176,6 +184,7 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             logout()
 
     def _timed_out(self, what: str) -> None:
+        self._closing = True
         self._send_error(
             None, ErrorCode.TIMEOUT, f"connection closed: no {what} in time; reconnect to go on"
         )
@@ -194,6 +203,7 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
         transport: Any = self.transport
         if transport is None or getattr(transport, "disconnecting", False):
             return
+        self._closing = True
         self._send_error(
             None,
             ErrorCode.LINE_TOO_LONG,
@@ -211,6 +221,8 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
         self._deadline = self.factory.clock.callLater(2.0, transport.abortConnection)
 
     def lineReceived(self, line: bytes) -> None:
+        if self._closing:
+            return
         if line.endswith(b"\r"):
             line = line[:-1]
         if not line.strip():
@@ -261,7 +273,13 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             self._serial = None
 
     def _run(self, request: Request) -> Deferred[None]:
-        """Run one request; the returned Deferred always succeeds (errors were replied)."""
+        """Run one request; the returned Deferred always succeeds (errors were replied).
+
+        A request whose turn comes once the connection is closing is dropped: it may
+        have queued behind the request that got the connection closed.
+        """
+        if self._closing:
+            return succeed(None)
         avatar = self.avatar
         if request.type == "ack" and avatar is not None and self.state is State.AUTHENTICATED:
             # Fast path: acks are most requests (not rate limited, not audited, no result).
@@ -277,7 +295,7 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             if gate is None:
                 d = maybeDeferred(handler, request)
             else:
-                d = gate.addCallback(lambda _: handler(request))
+                d = gate.addCallback(lambda _: self._unless_closing(handler, request))
         except ProtocolError as e:
             e.request_id = request.id
             self._audit(request, str(e.code))
@@ -286,6 +304,12 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             return succeed(None)
         d.addCallbacks(self._reply, self._failed, callbackArgs=(request,), errbackArgs=(request,))
         return d
+
+    def _unless_closing(self, handler: Callable[[Request], Any], request: Request) -> Any:
+        """The handler, unless the connection began to close while the check was pending."""
+        if self._closing:
+            raise _Dropped()
+        return handler(request)
 
     def _rate_gate(self, request: Request) -> Deferred[None] | None:
         """Rate limiting (shtalk.server.ratelimit): raises or returns a pending check."""
@@ -317,6 +341,8 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             transport: Any = self.transport
             if transport is not None:
                 self._post_reply = None
+                # The error line goes out first; nothing queued behind it runs.
+                self._closing = True
                 self.factory.clock.callLater(0, transport.loseConnection)
 
     def _check_state(self, request: Request) -> None:
@@ -370,6 +396,8 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             post()
 
     def _failed(self, failure: Failure, request: Request) -> None:
+        if isinstance(failure.value, _Dropped):
+            return
         e = failure.value
         self._audit(request, str(getattr(e, "code", "internal_error")))
         if isinstance(e, ProtocolError):
