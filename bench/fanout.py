@@ -126,10 +126,11 @@ def summarize_probe(path: Path) -> dict[str, Any]:
 class Server:
     """A server subprocess; `port` is read from what it prints when listening."""
 
-    def __init__(self, name: str, argv: list[str], pattern: str, log: Path) -> None:
+    def __init__(self, name: str, argv: list[str], pattern: str, log: Path,
+                 pythonpath: Path = REPO) -> None:
         self.name = name
         self.log = log
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONPATH=str(pythonpath))
         self._log_file = log.open("wb")
         self.proc = subprocess.Popen(
             argv, cwd=str(log.parent), env=env, stdout=subprocess.PIPE,
@@ -761,14 +762,14 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
     return term, "\n".join(md)
 
 
-def write_section(section: str) -> None:
-    """Replace (or add) only this benchmark's section of docs/PERFORMANCE.md."""
+def write_section(section: str, heading: str = SECTION) -> None:
+    """Replace (or add) only one benchmark's section (``heading``) of docs/PERFORMANCE.md."""
     text = DOC.read_text() if DOC.exists() else DOC_INTRO
-    if SECTION in text and f"\n{SECTION}\n" not in f"\n{text}":
+    if heading in text and f"\n{heading}\n" not in f"\n{text}":
         # Another writer glued our heading to the end of its last line: unglue it.
-        text = text.replace(SECTION, "\n\n" + SECTION, 1)
+        text = text.replace(heading, "\n\n" + heading, 1)
     lines = text.split("\n")
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     else:
