@@ -51,6 +51,7 @@ from typing import Any
 from bench.fanout import HUGE_RATE, MONITOR_KEYS, RATE_KEYS, REPO, Server, log, machine
 from bench.fanout import write_section as write_doc_section
 from bench.loadclient import _grown, cpu_seconds_of, other_processes_cpu
+from tests.harness import open_fds, rss_kib
 
 SECTION = "## Pre-handshake flood (bench/flood)"
 #: The server before the flood defences (issue 16, items 1 and 3).
@@ -89,20 +90,6 @@ def start_server(work: Path, name: str, repo: Path) -> Server:
     ]
     return Server(name, argv, r"shtalk listening on [^:]+:(\d+)", work / f"{name}.stderr",
                   pythonpath=repo)
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def fds(pid: int) -> int:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return 0
 
 
 def wait_quiet(pid: int, limit: float = 60.0) -> None:
@@ -245,7 +232,7 @@ def scenario(args: argparse.Namespace, work: Path, name: str, repo: Path) -> dic
             legit.login(i)
         wait_quiet(pid)
         result["rss_before_kib"] = rss_kib(pid)
-        result["fds_before"] = base_fds = fds(pid)
+        result["fds_before"] = base_fds = open_fds(pid)
         log(f"{name}: RSS before {result['rss_before_kib'] / 1024:.1f} MiB, {base_fds} fds")
 
         attack = Attack(server.port, args)
@@ -254,7 +241,7 @@ def scenario(args: argparse.Namespace, work: Path, name: str, repo: Path) -> dic
                 raise RuntimeError("the attacker could not open its sockets in 60 s")
             time.sleep(1.0)  # let the server accept them
             result["held_at_start"] = attack.last.get("open", 0)
-            result["server_fds_at_start"] = fds(pid) - base_fds
+            result["server_fds_at_start"] = open_fds(pid) - base_fds
             log(f"{name}: attacker holds {result['held_at_start']}, "
                 f"server has {result['server_fds_at_start']} more fds")
             started = time.monotonic()
@@ -277,7 +264,7 @@ def scenario(args: argparse.Namespace, work: Path, name: str, repo: Path) -> dic
             others = other_processes_cpu({pid, attack.proc.pid, os.getpid()})
             result["other_processes_cores"] = round(_grown(others0, others) / elapsed, 3)
             result["attacker_end"] = dict(attack.last)
-            result["server_fds_at_end"] = fds(pid) - base_fds
+            result["server_fds_at_end"] = open_fds(pid) - base_fds
             result["rss_peak_kib"] = peak
             times = [t["elapsed_s"] if t["ok"] else float("inf") for t in tries]
             result["tries"] = len(tries)
@@ -316,7 +303,7 @@ def wait_fds(pid: int, base: int, limit: float) -> float | None:
     """Seconds until the server is back to ``base`` (+5) file descriptors; None: never."""
     started = time.monotonic()
     while time.monotonic() - started < limit:
-        if fds(pid) <= base + 5:
+        if open_fds(pid) <= base + 5:
             return round(time.monotonic() - started, 1)
         time.sleep(0.25)
     return None

@@ -20,7 +20,6 @@ connects).
 from __future__ import annotations
 
 import argparse
-import errno
 import heapq
 import json
 import selectors
@@ -29,6 +28,8 @@ import socket
 import sys
 import time
 from typing import Any
+
+from tests.harness import silent_socket
 
 
 class Attacker:
@@ -53,18 +54,8 @@ class Attacker:
         return address
 
     def connect(self, address: str) -> None:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setblocking(False)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((address, 0))
-            err = s.connect_ex(self.target)
-        except OSError:
-            s.close()
-            self.failed += 1
-            return
-        if err not in (0, errno.EINPROGRESS):
-            s.close()
+        s = silent_socket(address, self.target)
+        if s is None:
             self.failed += 1
             return
         self.connecting[s] = address

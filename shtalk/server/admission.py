@@ -193,18 +193,35 @@ class PendingHandshakes:
 
 
 class AdmittedTLSProtocol(BufferingTLSTransport):
-    """Twisted's server-side TLS, with the handshake under a `PendingHandshakes`."""
+    """Twisted's server-side TLS, with the handshake under a `PendingHandshakes`.
+
+    The OpenSSL connection is made when the peer's first bytes arrive, not at accept:
+    a server has nothing to say before the ClientHello, and the object with the
+    buffers of the first handshake call is ~45 KB of C heap, which a silent socket
+    then never costs (and which, freed, would stay resident until a heap trim).
+    Until then ``_tlsConnection`` is None and the few paths that can run without
+    it (a write, the abort, the loss) are covered below.
+    """
 
     factory: AdmittedTLSFactory
     address = ""
     held: list[bytes] | None = None  # the peer's bytes while waiting for a slot
-    _heard = False  # the peer has sent something
 
     def _checkHandshakeStatus(self) -> None:
-        # A server has nothing to say before the ClientHello, and OpenSSL's first
-        # handshake call allocates ~29 KB of buffers: a silent socket skips it.
-        if self._heard:
+        if self._tlsConnection is not None:
             super()._checkHandshakeStatus()  # type: ignore[no-untyped-call]
+
+    def _write(self, data: bytes) -> None:
+        if self._tlsConnection is None:
+            self._appSendBuffer.append(data)  # as OpenSSL refuses before the handshake
+            return
+        super()._write(data)  # type: ignore[no-untyped-call]
+
+    def _shutdownTLS(self) -> None:
+        if self._tlsConnection is None:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        super()._shutdownTLS()  # type: ignore[no-untyped-call]
 
     def makeConnection(self, transport: Any) -> None:
         peer = transport.getPeer()
@@ -236,7 +253,8 @@ class AdmittedTLSProtocol(BufferingTLSTransport):
         self._step(b"".join(held))
 
     def _step(self, data: bytes) -> None:
-        self._heard = True
+        if self._tlsConnection is None:
+            self._tlsConnection = self.factory.create_tls(self)
         super().dataReceived(data)  # type: ignore[no-untyped-call]
         if self._handshakeDone or self.disconnecting:
             self.factory.admission.finished(self)
@@ -244,7 +262,13 @@ class AdmittedTLSProtocol(BufferingTLSTransport):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.admission.finished(self)
         self.held = None
+        if self._tlsConnection is None:
+            self._lostTLSConnection = True  # nothing for OpenSSL to finish reading
         super().connectionLost(reason)
+
+
+def _made_later(protocol: Any) -> Any:
+    return None
 
 
 class AdmittedTLSFactory(TLSMemoryBIOFactory):
@@ -262,6 +286,10 @@ class AdmittedTLSFactory(TLSMemoryBIOFactory):
         super().__init__(contextFactory, False, wrappedFactory, clock)
         self.options = contextFactory
         self.admission = admission
+        # makeConnection asks for the OpenSSL connection at accept; it is made on the
+        # first bytes instead (AdmittedTLSProtocol).
+        self.create_tls = self._creatorCallable
+        self._creatorCallable = _made_later
 
     def doStop(self) -> None:
         self.admission.stop()
