@@ -18,9 +18,11 @@ to what the flood needs or the test is skipped.
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
 import time
+import urllib.request
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -32,6 +34,7 @@ from tests.harness import (
     PASSWORD,
     ServerProcess,
     connect,
+    free_port,
     fresh_name,
     open_fds,
     rss_kib,
@@ -71,7 +74,10 @@ class PreHandshakeFloodTests(unittest.TestCase):
         if probe is None:
             raise unittest.SkipTest("cannot bind 127.0.0.2")
         probe.close()
-        self.server = ServerProcess()
+        self.metrics_port = free_port()
+        self.server = ServerProcess(
+            config={"metrics": {"enabled": True, "port": self.metrics_port}}
+        )
         self.addCleanup(self.server.cleanup)
         self.server.start()
         assert self.server.process is not None
@@ -126,7 +132,7 @@ class PreHandshakeFloodTests(unittest.TestCase):
         self._open(SOCKETS)
         trickle = LoopingCall(self._open, 1)
         trickle.start(1.0 / NEW_PER_SECOND, now=False)
-        self.addCleanup(lambda: trickle.running and trickle.stop())
+        self.addCleanup(lambda: trickle.stop() if trickle.running else None)
         # The flood is in once the server holds a thousand of the sockets (its default
         # max_pending_handshakes); a server with a short listen backlog takes longer.
         for _ in range(40):
@@ -165,4 +171,13 @@ class PreHandshakeFloodTests(unittest.TestCase):
         self.assertLessEqual(slowest, P99, report)  # p99 of 50 is the slowest
         self.assertLessEqual(fds_after, fds_before + 5, report)
         self.assertLessEqual(rss_after, rss_before * (1 + RSS_GROWTH), report)
+        # What the operator sees: the aborts, by reason, and nothing pending any more.
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        self.assertIn("shtalk_handshakes_pending 0\n", text)
+        dropped = {m[0]: int(m[1]) for m in re.findall(
+            r'shtalk_handshakes_dropped_total\{reason="(\w+)"\} (\d+)', text)}
+        self.assertGreaterEqual(dropped.get("total", 0), SOCKETS - 1000, text)
+        self.assertGreaterEqual(dropped.get("timeout", 0), 900, text)
 

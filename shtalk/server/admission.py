@@ -48,6 +48,9 @@ log = Logger()
 
 #: Handshake steps (the server's work on the bytes a peer sent) per reactor turn.
 STEPS_PER_TURN = 2
+#: Drops are summed up in the log at most this often (one line per socket would let a
+#: flood fill the log).
+REPORT_EVERY = 60.0
 #: After this many pending sockets have gone, the C heap is trimmed (a second later, so
 #: one trim covers a whole wave of aborts).
 TRIM_AFTER = 256
@@ -94,6 +97,8 @@ class PendingHandshakes:
         self._expiry: IDelayedCall | None = None
         self._gone = 0  # pending sockets gone since the last trim
         self._trimming: IDelayedCall | None = None
+        self._report: IDelayedCall | None = None
+        self._reported = dict(self.dropped)
         #: ``malloc_trim`` (glibc), or None where there is none.
         self.heap_trim = _malloc_trim()
 
@@ -138,6 +143,8 @@ class PendingHandshakes:
     def _drop(self, conn: AdmittedTLSProtocol, reason: str) -> None:
         self.finished(conn)
         self.dropped[reason] += 1
+        if self._report is None:
+            self._report = self.clock.callLater(REPORT_EVERY, self._log_drops)
         conn.abortConnection()  # type: ignore[no-untyped-call]
 
     def _expire(self) -> None:
@@ -150,6 +157,18 @@ class PendingHandshakes:
                 self._expiry = self.clock.callLater(since + self.timeout - now, self._expire)
                 return
             self._drop(conn, "timeout")
+
+    def _log_drops(self) -> None:
+        self._report = None
+        new = {k: n - self._reported[k] for k, n in self.dropped.items()}
+        self._reported = dict(self.dropped)
+        log.warn(
+            "aborted {count} sockets not past the TLS handshake in {seconds:.0f} s: "
+            "{timeout} out of time, {address} over the per-address and {total} over the "
+            "total max_pending_handshakes (a flood?); {pending} pending now",
+            event="admission.dropped", count=sum(new.values()), seconds=REPORT_EVERY,
+            pending=len(self.pending), **new,
+        )
 
     # CPU: slots per reactor turn -------------------------------------------------------
     def may_step(self, conn: AdmittedTLSProtocol) -> bool:
@@ -186,10 +205,10 @@ class PendingHandshakes:
             self.heap_trim(0)
 
     def stop(self) -> None:
-        for call in (self._turn, self._expiry, self._trimming):
+        for call in (self._turn, self._expiry, self._trimming, self._report):
             if call is not None and call.active():
                 call.cancel()
-        self._turn = self._expiry = self._trimming = None
+        self._turn = self._expiry = self._trimming = self._report = None
 
 
 class AdmittedTLSProtocol(BufferingTLSTransport):

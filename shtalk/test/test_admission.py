@@ -24,6 +24,7 @@ from twisted.internet.error import ConnectionAborted
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -141,6 +142,21 @@ class AdmissionTests(unittest.TestCase):
         self.assertTrue(later.aborted)
         self.assertEqual(admission.pending, {})
         self.assertEqual(admission.dropped["timeout"], 2)
+
+    def test_drops_are_summed_up_in_the_log_once_a_minute(self) -> None:
+        events: list[dict[str, Any]] = []
+        observer: Any = events.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        factory, _, clock = self.make(timeout=10.0, max_per_address=2)
+        for _ in range(5):
+            Link(factory, "192.0.2.1")
+        clock.advance(10)
+        self.assertEqual([e for e in events if e.get("event") == "admission.dropped"], [])
+        clock.advance(50)
+        [event] = [e for e in events if e.get("event") == "admission.dropped"]
+        self.assertEqual((event["count"], event["address"], event["timeout"]), (5, 3, 2))
+        self.assertIn("5 sockets not past the TLS handshake", formatEvent(event))
 
     def test_a_finished_handshake_leaves_the_deadline_behind(self) -> None:
         factory, admission, clock = self.make(timeout=10.0)
