@@ -1,11 +1,12 @@
 """Admission before the TLS handshake: a deadline from accept, bounded numbers, fair CPU.
 
 Why this exists: a TCP connection costs an attacker one SYN, and a socket that never
-sends a ClientHello costs the server a file descriptor, an OpenSSL object and a protocol
-(~45 KB) for as long as it stays.  Twisted's TLS layer never closes such a socket by
-itself (its ``loseConnection`` waits for a handshake that never comes), and an admission
-that lets a fixed number of handshakes *in* and waits for them to finish is held shut by
-sockets that say nothing.  So, for every socket the TLS listener accepts:
+sends a ClientHello cost the server a file descriptor, an OpenSSL object and a protocol
+(~45 KB) for as long as it stayed.  Twisted's TLS layer does not close such a socket by
+itself (its ``loseConnection`` waits for a handshake that never comes once a line is
+queued), and an admission that lets a fixed number of handshakes *in* and waits for them
+to finish is held shut by sockets that say nothing.  So, for every socket the TLS
+listener accepts:
 
 * **A deadline from accept** (``handshake_timeout``): a socket still not past the
   handshake then is aborted (there is no TLS channel to send an error line on).
@@ -19,9 +20,10 @@ sockets that say nothing.  So, for every socket the TLS listener accepts:
   burst of ClientHellos beyond that waits, unread, for the next turns, so a login storm
   is spread out instead of stalling delivery.  A socket waiting for its peer (silent, or
   between two flights) holds no slot, so silence cannot keep anyone else out.
-* **Memory given back**: an aborted socket leaves no reference here; after a flood
-  subsides the C heap is trimmed (glibc's ``malloc_trim``), because OpenSSL's freed
-  buffers otherwise stay in the process's resident set.
+* **Memory**: the OpenSSL connection is made on the first bytes (`AdmittedTLSProtocol`),
+  so a silent socket is a few KB of Python objects; an aborted socket leaves no
+  reference here; after a wave of departures the C heap is trimmed (glibc's
+  ``malloc_trim``), because OpenSSL's freed state otherwise stays resident.
 
 Connections past the handshake are the protocol's business (per-address cap, pre-auth
 and idle deadlines: shtalk.server.protocol).

@@ -143,6 +143,26 @@ class AdmissionTests(unittest.TestCase):
         self.assertEqual(admission.pending, {})
         self.assertEqual(admission.dropped["timeout"], 2)
 
+    def test_a_line_written_before_the_handshake_follows_it(self) -> None:
+        # The OpenSSL connection does not exist until the ClientHello: what the
+        # application writes before then waits for the handshake, as with Twisted's.
+        class Greeter(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"welcome\n")  # type: ignore[union-attr]
+
+        clock = Clock()
+        factory = AdmittedTLSFactory(
+            OPTIONS, Factory.forProtocol(Greeter), PendingHandshakes(clock), clock
+        )
+        link = Link(factory, "192.0.2.1")
+        self.assertIsNone(link.server.getHandle())
+        self.assertFalse(link.wrote())
+        handshake(link, clock)
+        clock.advance(0)
+        link.server_step()
+        link.client_step()
+        self.assertEqual(link.received, b"welcome\n")
+
     def test_drops_are_summed_up_in_the_log_once_a_minute(self) -> None:
         events: list[dict[str, Any]] = []
         observer: Any = events.append
