@@ -49,14 +49,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.fanout import (
-    HUGE_RATE,
-    MONITOR_KEYS,
-    RATE_KEYS,
+    LIFTED_LIMITS,
     REPO,
     Server,
     least_disturbed,
     log,
     machine,
+    terminate,
 )
 from bench.fanout import write_section as write_doc_section
 from bench.loadclient import _grown, cpu_seconds_of, other_processes_cpu
@@ -82,10 +81,7 @@ def server_config(path: Path) -> None:
         "bcrypt_cost = 12\n"
         "require_email_verification = false\n"
         "require_captcha = false\n"
-        "[ratelimit]\n"
-        + "".join(f"{key} = {HUGE_RATE}\n" for key in RATE_KEYS)
-        + "[monitor]\n"
-        + "".join(f"{key} = 100000000\n" for key in MONITOR_KEYS)
+        + LIFTED_LIMITS
     )
 
 
@@ -214,13 +210,7 @@ class Attack:
         self.proc.send_signal(signal.SIGUSR1)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 15)
 
 
 def percentile(values: list[float], q: float) -> float:
