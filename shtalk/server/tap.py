@@ -113,8 +113,9 @@ class Options(usage.Options):
             "max-connections-per-address",
             None,
             None,
-            "Simultaneous connections allowed from one IP address; raise it to benchmark "
-            "from one host [default: 20].",
+            "Simultaneous connections allowed from one IP address once past the TLS "
+            "handshake; to benchmark from one host raise it and [server] "
+            "max_pending_handshakes_per_address [default: 20].",
             _positive,
         ],
     ]
