@@ -2,6 +2,8 @@
 
     PYTHONPATH=. .venv/bin/python -m bench.e2e [--quick] [--json FILE] [--write docs/PERFORMANCE.md]
 
+(``--rotation`` runs the key-rotation measurement instead: bench/e2e_rotation.py.)
+
 What it does (everything on 127.0.0.1, bounded in time, stops by itself, removes its
 server and temporary directories):
 
@@ -287,15 +289,12 @@ async def _e2ee_pair(spec: dict[str, Any]) -> dict[str, Any]:
     await bob.register()
     setup_s = time.monotonic() - t
     conv = f"user:{b_name}"
-    state: dict[str, Any] = {"hist": Histogram(), "recording": False, "delivered": 0,
-                             "waiter": None, "received": 0}
+    state = record_latency([bob])
+    state["waiter"] = None
+    recorded = bob.on_message
 
     def got(e: Any) -> None:
-        now = monotonic_ns()
-        state["received"] += 1
-        if state["recording"]:
-            state["delivered"] += 1
-            state["hist"].add(now - int(e.body.split("|", 1)[0]), now)
+        recorded(e)
         w = state["waiter"]
         if w is not None:
             state["waiter"] = None
@@ -368,10 +367,45 @@ async def _e2ee_pair(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def _e2ee_room(spec: dict[str, Any]) -> dict[str, Any]:
+def count_messages(parties: list[Party]) -> list[int]:
+    """From now on ``[0]`` of the result counts the messages the parties receive."""
+    received = [0]
+
+    def got(e: Any) -> None:
+        received[0] += 1
+
+    for p in parties:
+        p.on_message = got
+    return received
+
+
+def record_latency(parties: list[Party]) -> dict[str, Any]:
+    """Count what the parties receive and, while ``recording`` is true, each message's
+    latency (send time in its body) into ``hist`` and ``delivered``."""
+    from bench.loadclient import Histogram, monotonic_ns
+
+    state: dict[str, Any] = {"hist": Histogram(), "recording": False, "delivered": 0,
+                             "received": 0}
+
+    def got(e: Any) -> None:
+        now = monotonic_ns()
+        state["received"] += 1
+        if state["recording"]:
+            state["delivered"] += 1
+            state["hist"].add(now - int(e.body.split("|", 1)[0]), now)
+
+    for p in parties:
+        p.on_message = got
+    return state
+
+
+async def setup_room(spec: dict[str, Any]) -> tuple[list[Party], dict[str, Any]]:
+    """``spec["users"]`` registered, logged in and in ``spec["room"]``, every member
+    holding every other member's sender key (one first message from each has reached
+    all others); returns the parties and the set-up times."""
     from twisted.internet.defer import Deferred, gatherResults
 
-    from bench.loadclient import Histogram, monotonic_ns
+    from bench.loadclient import monotonic_ns
 
     names = spec["users"]
     room = spec["room"]
@@ -396,32 +430,34 @@ async def _e2ee_room(spec: dict[str, Any]) -> dict[str, Any]:
     await _bounded(n, [joiner(p) for p in parties])
     # Everyone has every sender key when one message from each member reaches all others.
     expected = n * (n - 1)
-    state: dict[str, Any] = {"hist": Histogram(), "recording": False, "delivered": 0,
-                             "received": 0}
-
-    def got(e: Any) -> None:
-        now = monotonic_ns()
-        state["received"] += 1
-        if state["recording"]:
-            state["delivered"] += 1
-            state["hist"].add(now - int(e.body.split("|", 1)[0]), now)
-
-    for p in parties:
-        p.on_message = got
+    received = count_messages(parties)
     conv = f"room:{room}"
     await gatherResults([
         Deferred.fromCoroutine(p.client.send(conv, _body(monotonic_ns()))) for p in parties
     ])
     deadline = time.monotonic() + spec["setup_limit"]
-    while state["received"] < expected and time.monotonic() < deadline:
+    while received[0] < expected and time.monotonic() < deadline:
         await _sleep(0.1)
-    if state["received"] < expected:
+    if received[0] < expected:
         raise RuntimeError(
-            f"room set-up: only {state['received']} of {expected} first messages arrived"
+            f"room set-up: only {received[0]} of {expected} first messages arrived"
         )
     out["setup_room_s"] = round(time.monotonic() - t, 2)
     log(f"room: sender keys distributed, {expected} first messages delivered "
         f"({out['setup_room_s']} s)")
+    return parties, out
+
+
+async def _e2ee_room(spec: dict[str, Any]) -> dict[str, Any]:
+    from twisted.internet.defer import Deferred, gatherResults
+
+    from bench.loadclient import Histogram, monotonic_ns
+
+    room = spec["room"]
+    parties, out = await setup_room(spec)
+    n = len(parties)
+    state = record_latency(parties)
+    conv = f"room:{room}"
 
     # Paced: `room_rate` sends/s in total, round-robin over the members, from a 1 ms timer
     # (like bench.loadclient's open loop), for the latency at a load both sides sustain.
@@ -602,18 +638,7 @@ async def _e2ee_room_part(spec: dict[str, Any]) -> dict[str, Any]:
 
     await _bounded(mine, [joiner(p) for p in local])
     await co.step("keys_sent")
-    state: dict[str, Any] = {"hist": Histogram(), "recording": False, "delivered": 0,
-                             "received": 0}
-
-    def got(e: Any) -> None:
-        now = monotonic_ns()
-        state["received"] += 1
-        if state["recording"]:
-            state["delivered"] += 1
-            state["hist"].add(now - int(e.body.split("|", 1)[0]), now)
-
-    for p in local:
-        p.on_message = got
+    state = record_latency(local)
     conv = f"room:{room}"
     await gatherResults([
         Deferred.fromCoroutine(p.client.send(conv, _body(monotonic_ns()))) for p in local
@@ -821,7 +846,14 @@ async def _e2ee_probe(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def _e2ee_rotation(spec: dict[str, Any]) -> dict[str, Any]:
+    from bench.e2e_rotation import e2ee_rotation
+
+    return await e2ee_rotation(spec)
+
+
 SCENARIOS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "e2ee_rotation": _e2ee_rotation,
     "raw_pair": _raw_pair,
     "e2ee_pair": _e2ee_pair,
     "e2ee_room": _e2ee_room,
@@ -1533,7 +1565,15 @@ def main() -> None:
                    help="re-render the report from a --json file of an earlier run")
     p.add_argument("--no-experiment", dest="experiment", action="store_false",
                    help="skip the synchronous=NORMAL experiment (skipped by --quick)")
+    p.add_argument("--rotation", action="store_true",
+                   help="instead: what key rotation costs against a message (bench/"
+                   "e2e_rotation.py; its own section of --write's file)")
     args = p.parse_args()
+    if args.rotation:
+        from bench import e2e_rotation
+
+        e2e_rotation.main(args)
+        return
     if args.quick:
         args.experiment = False
     if args.duration is None:

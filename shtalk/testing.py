@@ -193,3 +193,10 @@ def rfc6238(
     offset = mac[-1] & 0x0F
     value = struct.unpack(">I", mac[offset : offset + 4])[0] & 0x7FFFFFFF
     return str(value % 10**digits).zfill(digits)
+
+
+def tempdir(case: Any) -> str:
+    """A fresh directory under trial's ``_trial_temp`` (removed with it, never in /tmp)."""
+    path: str = os.path.abspath(case.mktemp())
+    os.makedirs(path)
+    return path

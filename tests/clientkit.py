@@ -14,6 +14,7 @@ from shtalk.client.client import ShtalkClient
 from shtalk.client.events import Event, MessageReceived
 from shtalk.client.knownhosts import KnownHosts
 from shtalk.client.localstore import KdfParams, LocalStore
+from shtalk.client.rotation import RotationPolicy
 from shtalk.client.session import Credentials
 
 PASSWORD = "tangerine-quokka-43"
@@ -40,6 +41,7 @@ class Person:
         self.store: LocalStore | None = None
         self.listeners: list[Callable[[Event], None]] = []
         self.ask_extra: Any = None  # answers otp_required / captcha_required at login
+        self.rotation: RotationPolicy | None = None  # the client's [encryption] settings
 
     @property
     def db(self) -> str:
@@ -69,6 +71,7 @@ class Person:
             ask_password=lambda: succeed(PASSWORD),
             on_event=self.on_event,
             ask_extra=self.ask_extra,
+            rotation=self.rotation,
         )
         return self.client
 

@@ -757,24 +757,28 @@ def fresh_client_id() -> str:
 
 
 def connect(
-    server: ServerProcess, *, name: str = "", clock: Any = None, timeout: float = 10.0
+    server: ServerProcess, *, name: str = "", clock: Any = None, timeout: float = 10.0,
+    source: str | None = None,
 ) -> Deferred[JsonLineClient]:
     """A `JsonLineClient` connected over TLS pinned to ``server``'s certificate.
 
     Fires once TCP is connected (the TLS handshake completes with the first exchange).
+    ``source``: the local address to connect from (another 127.x address is another
+    client address to the server).
     """
     return connect_to(server.host, server.port, server.fingerprint, name=name, clock=clock,
-                      timeout=timeout)
+                      timeout=timeout, source=source)
 
 
 def connect_to(
     host: str, port: int, fingerprint: str, *, name: str = "", clock: Any = None,
-    timeout: float = 10.0,
+    timeout: float = 10.0, source: str | None = None,
 ) -> Deferred[JsonLineClient]:
     r: IReactorTCP = clock or _reactor()
     endpoint = wrapClientTLS(
         client_options_pinned(fingerprint, "localhost"),
-        TCP4ClientEndpoint(r, host, port, timeout=int(timeout)),
+        TCP4ClientEndpoint(r, host, port, timeout=int(timeout),
+                           bindAddress=(source, 0) if source else None),
     )
     client = JsonLineClient(clock=cast(IReactorTime, r), name=name)
     d: Deferred[Any] = connectProtocol(endpoint, client)
@@ -796,11 +800,11 @@ class Session:
 @inlineCallbacks
 def register_and_login(
     server: ServerProcess, user: str | None = None, device: str = "dev1", *,
-    register: bool = True, password: str = PASSWORD,
+    register: bool = True, password: str = PASSWORD, source: str | None = None,
 ) -> Any:
     """hello, (register,) login; returns a `Session` with the backlog already read."""
     user = user or fresh_name()
-    client = yield connect(server, name=f"{user}/{device}")
+    client = yield connect(server, name=f"{user}/{device}", source=source)
     try:
         yield client.hello()
         if register:

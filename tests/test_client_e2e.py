@@ -12,6 +12,7 @@ from twisted.trial.unittest import TestCase
 
 from shtalk.client.e2ee import IdentityNotAccepted
 from shtalk.client.events import BacklogDone, BadMessage, IdentityChanged, NewDevice
+from shtalk.client.rotation import RotationPolicy
 from tests.clientkit import Person, sleep
 from tests.harness import ServerProcess, fresh_name
 
@@ -26,9 +27,16 @@ class E2ETestCase(TestCase):
         self.people: list[Person] = []
 
     async def person(
-        self, name: str | None = None, device: str = "laptop", register: bool = True
+        self,
+        name: str | None = None,
+        device: str = "laptop",
+        register: bool = True,
+        rotation: RotationPolicy | None = None,
     ) -> Person:
-        p = Person(self.server.port, name or fresh_name("p"), device)
+        home = self.mktemp()  # trial's temporary directory: nothing is left in /tmp
+        os.makedirs(home)
+        p = Person(self.server.port, name or fresh_name("p"), device, home=home)
+        p.rotation = rotation
         self.people.append(p)
         self.addCleanup(lambda: Deferred.fromCoroutine(p.close()))
         if register:

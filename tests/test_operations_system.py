@@ -303,10 +303,13 @@ class ReportMonitorAdminTests(_Servers):
     def test_verified_report_flags_suspends_and_admin_reviews(self) -> Any:
         metrics_port = free_port()
         server = self.server({
-            "monitor": {"enabled": True, "reports": 3, "reports_action": "suspend"},
+            "monitor": {"enabled": True, "reports": 3, "reports_action": "suspend",
+                        "report_quorum": 2, "reporter_min_age": 0},
             "metrics": {"enabled": True, "port": metrics_port},
         })
         alice = yield self.logged_in(server)
+        bob = yield register_and_login(server, source="127.0.0.2")
+        self.addCleanup(bob.client.disconnect)
         mallory = yield self.logged_in(server)
         ident = DeviceIdentity.generate(one_time_prekeys=0, kem_one_time_prekeys=0)
         yield mallory.client.ok("keys_publish",
@@ -324,11 +327,20 @@ class ReportMonitorAdminTests(_Servers):
         reply = yield alice.client.request("report", user=alice.user, reason="x",
                                            envelope=b64(env))
         expect_error({}, reply, "bad_field")
-        # The real one verifies; weight 3 reaches the threshold: flag, then suspension.
+        # The real one verifies; weight 3 reaches the threshold: a flag for review, and
+        # nothing more from one report.
         r = yield alice.client.ok("report", user=mallory.user, reason="spam",
                                   envelope=b64(env), plaintext="spam spam")
         self.assertTrue(r["verified"])
         self.assertIsInstance(r["flag"], int)
+        # A second qualifying reporter (another address, written to by mallory) meets the
+        # quorum: the flag's action, suspension, runs.
+        env2 = make_envelope(ident, mallory.user, mallory.device, bob.user, b"spam again")
+        yield mallory.client.ok("send", to={"user": bob.user}, envelope=b64(env2),
+                                client_id=fresh_client_id())
+        r2 = yield bob.client.ok("report", user=mallory.user, reason="spam",
+                                 envelope=b64(env2))
+        self.assertEqual(r2["flag"], r["flag"])
         push = yield mallory.client.next_push("logged_out", timeout=5)
         self.assertIn("suspended", push["reason"])
         c = yield self.client(server)
@@ -351,7 +363,7 @@ class ReportMonitorAdminTests(_Servers):
             text = resp.read().decode()
         self.assertIn('shtalk_flags_open{signal="reports"} 1', text)
         self.assertIn("shtalk_connections ", text)
-        self.assertIn("shtalk_messages_routed_total 1", text)
+        self.assertIn("shtalk_messages_routed_total 2", text)
         self.assertIn("shtalk_queue_depth ", text)
         # Review: unsuspend lets mallory in again; clear; delete ends the account.
         out = io.StringIO()

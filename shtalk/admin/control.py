@@ -63,11 +63,14 @@ def _value(metrics: dict[str, Any], name: str) -> float:
 def render_flags(flags: list[dict[str, Any]]) -> list[str]:
     if not flags:
         return ["  (no flags)"]
-    lines = [f"  {'id':>4}  {'status':8} {'signal':22} {'subject':24} {'action':9} "
+    # The subject in full ("account:alice", "address:2001:db8::/64"): the column is as
+    # wide as its longest entry, never cut.
+    subjects = [f"{f['kind']}:{f['label']}" for f in flags]
+    width = max(len("subject"), *map(len, subjects))
+    lines = [f"  {'id':>4}  {'status':8} {'signal':22} {'subject':{width}} {'action':9} "
              f"{'count':>5}  last seen             reason"]
-    for f in flags:
-        subject = f"{f['kind'][:4]}:{f['label']}"[:24]
-        lines.append(f"  {f['id']:>4}  {f['status']:8} {f['signal']:22} {subject:24} "
+    for f, subject in zip(flags, subjects, strict=True):
+        lines.append(f"  {f['id']:>4}  {f['status']:8} {f['signal']:22} {subject:{width}} "
                      f"{f['action']:9} {f['count']:>5}  {_when(f['last'])}  {f['reason']}")
         for ev in f.get("evidence", [])[:3]:
             bits = [f"by {ev.get('reporter')}", f"reason: {ev.get('reason')}"]

@@ -27,6 +27,7 @@ from shtalk.client.events import (
 )
 from shtalk.client.knownhosts import KnownHosts
 from shtalk.client.localstore import HistoryMessage, LocalStore
+from shtalk.client.rotation import KeyTimer, RotationPolicy
 from shtalk.client.session import Credentials, ServerSession
 
 log = Logger()
@@ -52,6 +53,7 @@ class ShtalkClient:
         trust: str = "pin",
         ask_extra: Callable[[str, dict[str, Any]], Deferred[dict[str, Any]] | dict[str, Any]]
         | None = None,
+        rotation: RotationPolicy | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
@@ -79,11 +81,15 @@ class ShtalkClient:
             credentials.username,
             credentials.device_id,
             clock=self.clock.seconds,
+            rotation=rotation,
         )
         self.e2ee.ack = self._queue_ack
+        #: rotates the signed pre-keys and deletes old ones while the client runs
+        self.key_timer = KeyTimer(self.clock, self.e2ee)
         self.e2ee.ask_extra = self._ask_extra
         self._acks: list[int] = []
         self._ack_call: Any = None
+        self._closing = False
         self._housekeeping: Any = None
         self._ready = False
         self._loaded = False
@@ -146,7 +152,8 @@ class ShtalkClient:
         await self._after_auth()
 
     async def _after_auth(self) -> None:
-        await self.e2ee.publish_keys()
+        await self.e2ee.publish_keys()  # rotates the signed pre-keys when due
+        self.key_timer.start()
         await self._sync_rooms()
         self._ready = True
         if self._housekeeping is None:
@@ -165,12 +172,17 @@ class ShtalkClient:
                 await self.e2ee.joined_room(name, self.e2ee.room_members[name])
 
     async def close(self) -> None:
+        self._closing = True  # messages decrypted from here on queue acks without a timer
         for call in (self._ack_call, self._housekeeping):
             if call is not None and call.active():
                 call.cancel()
         self._housekeeping = None
+        self.key_timer.stop()
+        if self.key_timer.running is not None:
+            await self.key_timer.running  # a rotation under way finishes its commits
         await self._flush_acks()
         await self.e2ee.flush_states()  # "sent" marks not saved yet
+        await self._flush_acks()  # acks queued while the states were saved
         await self.session.stop()
 
     async def logout(self) -> None:
@@ -342,6 +354,8 @@ class ShtalkClient:
     # ------------------------------------------------------------------------ acks
     def _queue_ack(self, seq: int) -> None:
         self._acks.append(seq)
+        if self._closing:
+            return  # close() sends what is queued; no timer may outlive the client
         if len(self._acks) >= ACK_BATCH:
             self._spawn(self._flush_acks())
         elif self._ack_call is None or not self._ack_call.active():

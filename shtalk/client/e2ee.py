@@ -32,6 +32,7 @@ from shtalk.client.events import (
     TimerChanged,
 )
 from shtalk.client.localstore import HistoryMessage, LocalStore
+from shtalk.client.rotation import RotationPolicy
 from shtalk.client.trust import CHANGED, VERIFIED, ContactDevice
 from shtalk.crypto import (
     CryptoError,
@@ -45,6 +46,7 @@ from shtalk.crypto import (
     RoomSession,
     Session,
     StateError,
+    UnknownPreKey,
     open_envelope,
     prekey_identity,
     safety_number,
@@ -158,6 +160,7 @@ class E2EE:
         username: str,
         device_id: str,
         clock: Callable[[], float] = time.time,
+        rotation: RotationPolicy | None = None,
     ) -> None:
         self.store = store
         self.request = request
@@ -165,6 +168,7 @@ class E2EE:
         self.me = username
         self.device = device_id
         self.clock = clock
+        self.rotation = rotation or RotationPolicy()
         self.lock = DeferredLock()
         self.identity: DeviceIdentity | None = None
         # Per device, the current session first, then older ones still able to
@@ -197,7 +201,7 @@ class E2EE:
         """Load (or on first run create and save) this device's keys and state."""
         raw = await self.store.get("identity", "self")
         if raw is None:
-            self.identity = DeviceIdentity.generate()
+            self.identity = DeviceIdentity.generate(now=int(self.clock()))
             await self.store.commit(puts=[("identity", "self", self.identity.to_bytes())])
         else:
             self.identity = DeviceIdentity.from_bytes(raw)
@@ -240,8 +244,16 @@ class E2EE:
         return int(self.clock() * 1000)
 
     async def publish_keys(self) -> dict[str, int]:
-        """Publish the bundle and top up one-time pre-keys (run at every login)."""
+        """Publish the bundle and top up one-time pre-keys (run at every login); first
+        delete a previous signed pre-key whose grace period is over and rotate the
+        signed pre-keys when due (shtalk.client.rotation)."""
         async with self.lock:
+            await self._expire_prekeys()
+            if self.rotation.prekeys_due(self.ident, self.clock()):
+                self.ident.rotate_prekeys(int(self.clock()))
+                await self.store.commit(puts=[("identity", "self", self.ident.to_bytes())])
+                log.info("new signed pre-key {id} (and last-resort ML-KEM pre-key)",
+                         id=self.ident.signed_prekey[0])
             bundle = self.ident.public_bundle()
             counts = (await self.request("keys_count"))["counts"]
             fresh: list[dict[str, Any]] = []
@@ -273,8 +285,38 @@ class E2EE:
                     replace=first and i == 0,
                 )
                 result = reply["counts"]
-            await self.store.commit(puts=[("meta", "published", b"1")])
+            puts: list[Put] = [("meta", "published", b"1")]
+            # Initiators now fetch the new pair: the previous one's grace period starts.
+            if self.ident.published(int(self.clock())):
+                puts.append(("identity", "self", self.ident.to_bytes()))
+            await self.store.commit(puts=puts)
             return result
+
+    def next_key_event(self) -> float:
+        """When ``maintain_keys`` has work (the clock's time; rotation.KeyTimer)."""
+        return self.rotation.next_prekey_event(self.ident)
+
+    async def maintain_keys(self) -> None:
+        """Rotate and publish the signed pre-keys when due (also a publication that
+        failed before), delete a previous pair whose grace period is over."""
+        ident, now = self.ident, self.clock()
+        unpublished = ident.has_previous and not ident.previous_retired
+        if unpublished or self.rotation.prekeys_due(ident, now):
+            await self.publish_keys()
+            return
+        async with self.lock:
+            await self._expire_prekeys()
+
+    async def _expire_prekeys(self) -> None:
+        """Delete the previous signed pre-key pair once its grace period is over, from
+        memory and from the store: the identity row is rewritten, secure_delete zeroes
+        the old row's pages and the checkpoint drops the old page images from the WAL."""
+        old = self.ident.previous_signed_prekey
+        if not self.ident.expire_previous(self.clock(), self.rotation.prekey_grace):
+            return
+        await self.store.commit(puts=[("identity", "self", self.ident.to_bytes())])
+        await self.store.scrub()
+        log.info("deleted the previous signed pre-key {id}", id=old[0] if old else "?")
 
     # --------------------------------------------------------------- contacts
     async def device_ids(self, user: str, refresh: bool = False) -> list[str]:
@@ -414,6 +456,10 @@ class E2EE:
                 fields["expires_in"] = expires_in
             if kind == "room":
                 rs = await self._room_session(name)
+                if self.rotation.room_key_due(rs, self.clock()):
+                    # Post-compromise security as far as Sender Keys go: a copy of
+                    # our sender key reads at most this many of our messages.
+                    await self._new_epoch(name, rs)
                 saves = _Saves()
                 saves.covered = rs.covered_by(self._room_durable.get(name))
                 header, ciphertext = rs.encrypt(text)
@@ -587,11 +633,15 @@ class E2EE:
         rs = self.rooms.get(room)
         if rs is None or rs.epoch is None:
             rs = rs or RoomSession(room, self.me, self.device)
-            rs.rotate()
-            self.rooms[room] = rs
-            await self.store.commit(puts=self._room_puts(room, rs))
-            await self._distribute(room, rs)
+            await self._new_epoch(room, rs)
         return rs
+
+    async def _new_epoch(self, room: str, rs: RoomSession) -> None:
+        """A fresh sender key for our messages in ``room``, saved, then handed out."""
+        rs.rotate(now=int(self.clock()))
+        self.rooms[room] = rs
+        await self.store.commit(puts=self._room_puts(room, rs))
+        await self._distribute(room, rs)
 
     async def _distribute(self, room: str, rs: RoomSession) -> None:
         """Hand our current sender key to every member's devices over pairwise sessions."""
@@ -622,10 +672,16 @@ class E2EE:
         async with self.lock:
             self.room_members[room] = set(members) | {self.me}
             rs = self.rooms.get(room) or RoomSession(room, self.me, self.device)
-            rs.rotate()
-            self.rooms[room] = rs
-            await self.store.commit(puts=self._room_puts(room, rs))
-            await self._distribute(room, rs)
+            await self._new_epoch(room, rs)
+
+    async def rotate_room_key(self, room: str) -> None:
+        """A new sender key for our messages in ``room`` now, handed to every member
+        (sends do this by themselves at the room bounds: shtalk.client.rotation)."""
+        async with self.lock:
+            rs = self.rooms.get(room)
+            if rs is None or rs.epoch is None:
+                raise ClientError(f"no sender key of ours in {room} yet: join it first")
+            await self._new_epoch(room, rs)
 
     async def left_room(self, room: str) -> None:
         async with self.lock:
@@ -650,9 +706,7 @@ class E2EE:
                 return
             if event in ("left", "kicked"):
                 rs.remove_member(user)
-            rs.rotate()
-            await self.store.commit(puts=self._room_puts(room, rs))
-            await self._distribute(room, rs)
+            await self._new_epoch(room, rs)
 
     # ---------------------------------------------------------------- receiving
     #
@@ -822,10 +876,11 @@ class E2EE:
         try:
             if env.type is MessageType.PREKEY:
                 claimed = prekey_identity(env)
-                rec = self._pin(user, device, claimed)
-                batch.put("contact", rec.key, self._contact_value((rec.user, rec.device)))
                 current = next((x for x in sessions if x.matches(env.header)), None)
                 session, plaintext = open_envelope(self.ident, env, current)
+                # Pinned once it verified and decrypted: a refused message changes nothing.
+                rec = self._pin(user, device, claimed)
+                batch.put("contact", rec.key, self._contact_value((rec.user, rec.device)))
                 batch.put("identity", "self", self.ident.to_bytes)
             else:
                 if not sessions:
@@ -836,6 +891,14 @@ class E2EE:
                 session, plaintext = self._try_sessions(env, sessions)
         except ReplayError:
             self._redelivered(batch, push)
+            return
+        except UnknownPreKey:
+            self._bad(
+                batch, push,
+                "the first message of a new session names a pre-key this device no longer "
+                "has (replaced and deleted after its grace period, or a one-time key used "
+                f"before); write to {user}: your message starts a session that works",
+            )  # fmt: skip
             return
         except CryptoError as e:
             self._bad(batch, push, f"failed verification or decryption: {type(e).__name__}")

@@ -399,6 +399,12 @@ class LocalStore:
             return fail(e)
         return self._run(localschema.search, self._keys, text, conversation, limit)
 
+    def scrub(self) -> Deferred[None]:
+        """Checkpoint and truncate the WAL, so page images of rows overwritten or deleted
+        before (a deleted pre-key's older identity rows) leave the files; secure_delete
+        already zeroed them in the database pages."""
+        return self._run(localschema.checkpoint)
+
     def purge_expired(self, now: float) -> Deferred[int]:
         """Delete (secure_delete, then WAL truncated) messages whose expires_at <= now."""
         return self._run(localschema.purge, float(now))

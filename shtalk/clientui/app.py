@@ -356,7 +356,8 @@ class App:
         client = ShtalkClient(
             self.reactor, store, self.host, self.port, self.known_hosts, creds,
             confirm_fingerprint=self.confirm_fingerprint, ask_password=self.ask_password,
-            ask_extra=self.ask_extra, on_event=self.on_event, trust=self.trust)
+            ask_extra=self.ask_extra, on_event=self.on_event, trust=self.trust,
+            rotation=self.config.encryption.rotation)
         client.session.client_name = CLIENT_NAME
         self.client = client
         self.store = store

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shtalk.client.rotation import RotationPolicy
 from shtalk.clientui.keys import KEY_BINDINGS, KeyConfigError, KeyMap, parse_keys
 from shtalk.clientui.themes import THEMES
 
@@ -139,11 +140,52 @@ class NotificationsSection:
         return s
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(section: str, key: str, value: str) -> int:
+    """``90``, ``90s``, ``30m``, ``12h``, ``7d``, ``2w`` -> seconds."""
+    text = value.strip().lower()
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    if not number.isdigit():
+        raise ConfigError(f"[{section}] {key}: a duration like 90s, 30m, 12h, 7d or 2w, "
+                          f"not {value!r}")
+    return int(number) * _UNITS[unit]
+
+
+@dataclass
+class EncryptionSection:
+    """When this device replaces its keys (``shtalk.client.rotation``)."""
+
+    rotation: RotationPolicy = field(default_factory=RotationPolicy)
+
+    @classmethod
+    def from_items(cls, items: dict[str, str]) -> EncryptionSection:
+        known = ("prekey_rotation", "prekey_grace", "room_key_messages", "room_key_age")
+        values: dict[str, float] = {}
+        for key, value in items.items():
+            if key == "room_key_messages":
+                if not value.strip().isdigit():
+                    raise ConfigError(f"[encryption] {key}: a number of messages, not {value!r}")
+                values[key] = int(value)
+            elif key in known:
+                values[key] = parse_duration("encryption", key, value)
+            else:
+                raise ConfigError(f"[encryption] {key}: unknown key (known: {', '.join(known)})")
+        policy = RotationPolicy(**values)  # type: ignore[arg-type]
+        try:
+            policy.check()
+        except ValueError as e:
+            raise ConfigError(f"[encryption] {e}") from None
+        return cls(policy)
+
+
 @dataclass
 class ClientConfig:
     server: ServerSection = field(default_factory=ServerSection)
     ui: UISection = field(default_factory=UISection)
     notifications: NotificationsSection = field(default_factory=NotificationsSection)
+    encryption: EncryptionSection = field(default_factory=EncryptionSection)
     keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
     path: str | None = None
 
@@ -168,9 +210,11 @@ class ClientConfig:
                 elif name == "keys":
                     config.keys = {k: parse_keys(v) for k, v in items.items()}
                     KeyMap(config.keys)  # validate now, with a clear message
+                elif name == "encryption":
+                    config.encryption = EncryptionSection.from_items(items)
                 else:
                     raise ConfigError(f"[{name}]: unknown section (known: server, ui, "
-                                      "notifications, keys)")
+                                      "notifications, encryption, keys)")
             except (ConfigError, KeyConfigError) as e:
                 raise ConfigError(f"{where}: {e}") from None
         return config

@@ -149,23 +149,20 @@ def respond(
     :class:`ReplayError` for an initial message seen before.  Does not modify
     ``identity``.
     """
-    if msg.digest() in identity.seen_initials:
+    if identity.has_seen(msg.digest()):
         raise ReplayError("initial message already accepted")
     spk = identity.signed_prekey_private(msg.signed_prekey_id)
     if spk is None:
-        raise UnknownPreKey("unknown signed pre-key id")
+        raise UnknownPreKey("unknown signed pre-key id (replaced and deleted, or never ours)")
     dh4_key = None
     if msg.one_time_prekey_id is not None:
         entry = identity.one_time_prekeys.get(msg.one_time_prekey_id)
         if entry is None:
             raise UnknownPreKey("unknown or already used one-time pre-key id")
         dh4_key = P.x25519_private_from_bytes(entry[0])
-    if msg.kem_prekey_id in identity.kem_one_time_prekeys:
-        seed = identity.kem_one_time_prekeys[msg.kem_prekey_id][0]
-    elif msg.kem_prekey_id == identity.kem_last_resort[0]:
-        seed = identity.kem_last_resort[1]
-    else:
-        raise UnknownPreKey("unknown or already used ML-KEM pre-key id")
+    seed = identity.kem_prekey_seed(msg.kem_prekey_id)
+    if seed is None:
+        raise UnknownPreKey("unknown, already used or deleted ML-KEM pre-key id")
     ss = P.kem_decapsulate(P.kem_private_from_seed(seed), msg.kem_ciphertext)
     dh1 = P.dh(spk, msg.identity.dh_public)
     dh2 = P.dh(identity.dh_key, msg.ephemeral)
@@ -181,5 +178,5 @@ def consume(identity: DeviceIdentity, msg: InitialMessage) -> None:
         identity.one_time_prekeys.pop(msg.one_time_prekey_id, None)
     if msg.kem_prekey_id in identity.kem_one_time_prekeys:
         identity.kem_one_time_prekeys.pop(msg.kem_prekey_id)
-    identity.remember_initial(msg.digest())
+    identity.remember_initial(msg.signed_prekey_id, msg.digest())
 

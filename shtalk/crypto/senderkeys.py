@@ -25,7 +25,8 @@ epoch, new chain key and signing key) and sends the distribution only to the
 members at that moment.  A removed member never receives the new chain keys; a
 late joiner only receives keys of the new epoch, whose chains start after every
 earlier message.  Sender Keys have no post-compromise security within an epoch:
-rotating is the recovery.
+rotating is the recovery, so the client also rotates its own key after a number of
+messages or a time (``epoch_started``, ``index``: see ``shtalk.client.rotation``).
 
 Saving ahead, as in :mod:`shtalk.crypto.ratchet`: :meth:`RoomSession.reserve_sending`
 lets the saved own state run up to ``SEND_RESERVE`` indexes ahead, so a room message
@@ -46,6 +47,8 @@ from .ratchet import SEND_RESERVE, chain_ahead
 __all__ = ["MAX_JUMP", "MAX_SKIPPED", "RoomSession", "SenderKeyDistribution"]
 
 VERSION = 1
+#: RoomSession.to_bytes: 2 adds when the own epoch started (1 is still read)
+STATE_VERSION = 2
 MAX_JUMP = 2000
 MAX_SKIPPED = 2000
 KEEP_EPOCHS = 2  #: epochs kept per sender (the current one and the previous)
@@ -110,14 +113,17 @@ class RoomSession:
     """This device's Sender Keys state for one room: its own key and everyone else's."""
 
     __slots__ = (
-        "_ahead", "chains", "ck", "device", "epoch", "index", "room", "signing_key", "user",
+        "_ahead", "chains", "ck", "device", "epoch", "epoch_started", "index", "room",
+        "signing_key", "user",
     )
 
     def __init__(self, room: str, user: str, device: str) -> None:
         self.room, self.user, self.device = room, user, device
         self.epoch: int | None = None
         self.ck = b""
-        self.index = 0
+        self.index = 0  #: also how many messages this epoch has sent (a crash skips some)
+        #: Unix seconds when the own epoch started (0: unknown)
+        self.epoch_started = 0
         self.signing_key: ec.EllipticCurvePrivateKey | None = None
         #: (user, device) -> {epoch -> chain}
         self.chains: dict[tuple[str, str], dict[int, _Chain]] = {}
@@ -127,8 +133,9 @@ class RoomSession:
 
     # ------------------------------------------------------------ sending
 
-    def rotate(self, epoch: int | None = None) -> SenderKeyDistribution:
-        """Start a new epoch with a fresh sender key; send the result to every member."""
+    def rotate(self, epoch: int | None = None, now: int = 0) -> SenderKeyDistribution:
+        """Start a new epoch with a fresh sender key; send the result to every member.
+        ``now`` (Unix seconds) is kept as :attr:`epoch_started`."""
         if epoch is None:
             epoch = 0 if self.epoch is None else self.epoch + 1
         if self.epoch is not None and epoch <= self.epoch:
@@ -136,6 +143,7 @@ class RoomSession:
         if epoch > 0xFFFFFFFF:
             raise StateError("epoch out of range")
         self.epoch, self.ck, self.index = epoch, P.random_bytes(32), 0
+        self.epoch_started = now
         self.signing_key = P.signing_generate()
         self._ahead = None
         return self.distribution()
@@ -257,12 +265,12 @@ class RoomSession:
     # --------------------------------------------------------- persistence
 
     def to_bytes(self) -> bytes:
-        w = Writer().u8(VERSION).text(self.room).text(self.user).text(self.device)
+        w = Writer().u8(STATE_VERSION).text(self.room).text(self.user).text(self.device)
         w.u8(self.epoch is not None)
         if self.epoch is not None and self.signing_key is not None:
             index, ck = self._saved_sending()
             w.u32(self.epoch).u32(index).fixed(ck, 32)
-            w.fixed(P.signing_private_bytes(self.signing_key), 32)
+            w.fixed(P.signing_private_bytes(self.signing_key), 32).u64(self.epoch_started)
         w.u32(len(self.chains))
         for (user, device), epochs in self.chains.items():
             w.text(user).text(device).u8(len(epochs))
@@ -277,7 +285,8 @@ class RoomSession:
     # as separate values, so decrypting one message rewrites one small chain, not the
     # whole room.  Formats (big-endian, like ``to_bytes``)::
     #
-    #     own   = to_bytes() of this session with no sender chains (the same layout)
+    #     own   = to_bytes() of this session with no sender chains (the same layout;
+    #             version 2 adds u64 epoch_started after the signing key)
     #     chain = u8 version (1) | u16 room | u16 user | u16 device | u32 epoch
     #             | u32 index | chain key (32) | signing public (33)
     #             | u16 skipped count | (u32 index | message key (32))*
@@ -341,11 +350,12 @@ class RoomSession:
     @classmethod
     def from_bytes(cls, data: bytes) -> RoomSession:
         r = Reader(data, "room session")
-        r.version(VERSION)
+        version = r.version(VERSION, STATE_VERSION)
         state = cls(r.text(256), r.text(256), r.text(256))
         if r.flag():
             state.epoch, state.index, state.ck = r.u32(), r.u32(), r.fixed(32)
             state.signing_key = P.signing_private_from_bytes(r.fixed(32))
+            state.epoch_started = r.u64() if version == STATE_VERSION else 0
         count = r.u32()
         if count > r.remaining:
             raise DecodeError("room session: bad member count")

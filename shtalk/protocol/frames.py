@@ -7,6 +7,7 @@ with plain bytes (and fuzzed with hypothesis).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,53 @@ def _reject_constant(name: str) -> Any:
 _strict_decoder = json.JSONDecoder(parse_constant=_reject_constant)
 
 
+# A lone surrogate can only come from a \u escape (the UTF-8 decoder refuses encoded
+# ones); no such escape in the bytes means no walk over the object.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _is_text(s: str) -> bool:
+    """True unless ``s`` holds a lone surrogate (which no UTF-8 text can carry)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """Where the first lone surrogate is, for the error message (never the text itself)."""
+    if isinstance(value, str):
+        return None if _is_text(value) else f"field '{where}'"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not _is_text(k):
+                return f"a field name in '{where}'" if where else "a field name"
+            found = _lone_surrogate(v, f"{where}.{k}" if where else k)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _lone_surrogate(v, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _refuse_lone_surrogates(obj: dict[str, Any]) -> None:
+    where = _lone_surrogate(obj, "")
+    if where is None:
+        return
+    rid = _request_id(obj)
+    if isinstance(rid, str) and not _is_text(rid):
+        rid = None
+    raise ProtocolError(
+        ErrorCode.BAD_FIELD,
+        f"{where} is not Unicode text: a \\u escape names a lone surrogate (U+D800-U+DFFF)",
+        rid,
+    )
+
+
 def _request_id(obj: Mapping[str, Any]) -> RequestId | None:
     rid = obj.get("id")
     if isinstance(rid, bool):
@@ -59,6 +107,8 @@ def parse_line(line: bytes) -> Request:
         raise ProtocolError(ErrorCode.BAD_JSON, "the line is not valid UTF-8 JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.NOT_AN_OBJECT, "each line must be one JSON object")
+    if _SURROGATE_ESCAPE.search(line) is not None:
+        _refuse_lone_surrogates(obj)
     rid = _request_id(obj)
     if rid is None:
         if "id" not in obj:

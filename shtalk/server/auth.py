@@ -139,6 +139,9 @@ class AccessTokenChecker:
         session = yield self.store.session(claims.family)
         if session is None or session.revoked or session.user_id != claims.user_id:
             raise TokenRefused("token_revoked", "this session was logged out; log in again")
+        if session.device_id != claims.device_id:
+            # A session is one login of one device: a token naming another is not ours.
+            raise TokenRefused("invalid_token", "the access token names another device")
         user = yield self.store.user_by_id(claims.user_id)
         if user is None or user.status != "active":
             raise TokenRefused("token_revoked", "this account is not active")

@@ -181,11 +181,13 @@ class ChatUser:
     def devices(self, raw_user: str | None) -> Any:
         user = self.user if raw_user is None else (yield self.service.user(raw_user))
         devices = yield self.store.devices(user.id)
+        shown = yield self.service.may_see_presence(self.user.id, user.id)
         online = self.service.router.online.get(user.id, {})
         return {
             "user": user.name,
             "devices": [
-                {"id": d.device_id, "label": d.label, "online": d.device_id in online}
+                {"id": d.device_id, "label": d.label,
+                 **({"online": d.device_id in online} if shown else {})}
                 for d in devices
             ],
         }

@@ -7,6 +7,7 @@ shtalk.protocol.  Every write is committed before the client hears ``ok``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.application.service import Service
@@ -111,7 +112,7 @@ class ChatService(Service):
     def register(self, username: str, password: str, email: str) -> Any:
         display, key = user_key(username)
         check_password_policy(password, display, self.min_password_length)
-        check_email(email)
+        email = check_email(email)
         pw_hash = yield self.hasher.hash(password)
         try:
             user = yield self.store.create_user(
@@ -168,6 +169,9 @@ class ChatService(Service):
         self.user_rooms[user.id] = {r.id for r in rooms}
         for room in rooms:
             yield self.load_room(room)
+        if self.ops is not None:
+            # The monitor knows whom this account talked to before its first send.
+            yield self.ops.monitor.preload(user.id)
         avatar = ChatUser(self, user, device_id, family, mind)
         first = self.router.attach(user.id, device_id, mind)
         if first:
@@ -191,7 +195,7 @@ class ChatService(Service):
 
     @inlineCallbacks
     def announce_presence(self, user_id: int, status: str) -> Any:
-        interested = yield self.interested_in(user_id)
+        interested = yield self.presence_audience(user_id)
         interested.discard(user_id)
         line = push("presence", user=self.user_name(user_id), status=status)
         self.router.send_to_users(interested, line)
@@ -229,15 +233,39 @@ class ChatService(Service):
         """Drop a cached account after its status changed (suspension, deletion)."""
         self.users_by_key.pop(key, None)
 
+    def _online_with(self, user_id: int, others: Iterable[int]) -> set[int]:
+        """``others`` and the members of ``user_id``'s rooms, those online."""
+        found = set(others)
+        for rid in self.user_rooms.get(user_id, ()):
+            found.update(self.router.room_members.get(rid, {}))
+        return {u for u in found if self.router.is_online(u)}
+
     @inlineCallbacks
     def interested_in(self, user_id: int) -> Any:
         """Users who share a room or a conversation with ``user_id`` and are online."""
-        interested: set[int] = set()
-        for rid in self.user_rooms.get(user_id, ()):
-            interested.update(self.router.room_members.get(rid, {}))
         partners = yield self.store.dm_partners(user_id)
-        interested.update(partners)
-        return {u for u in interested if self.router.is_online(u)}
+        return self._online_with(user_id, partners)
+
+    # Presence: whether someone is online shows only to people who share a room with
+    # them, or to whom they have written directly (being written to by a stranger
+    # shows the stranger nothing).  Device lists stay open to everyone who may message
+    # the user (E2EE needs them), without the online marks.
+    @inlineCallbacks
+    def presence_audience(self, user_id: int) -> Any:
+        """Online users who may see ``user_id``'s presence."""
+        readers = yield self.store.presence_readers(user_id)
+        return self._online_with(user_id, readers)
+
+    @inlineCallbacks
+    def may_see_presence(self, viewer_id: int, subject_id: int) -> Any:
+        if viewer_id == subject_id:
+            return True
+        members = self.router.room_members
+        # The viewer is logged in, so its rooms and their members are cached.
+        if any(subject_id in members.get(rid, {}) for rid in self.user_rooms.get(viewer_id, ())):
+            return True
+        written = yield self.store.has_written(subject_id, viewer_id)
+        return bool(written)
 
     @inlineCallbacks
     def announce_keys(self, user_id: int, device_id: str, event: str) -> Any:

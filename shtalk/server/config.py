@@ -350,7 +350,13 @@ class MonitorSection(Section):
     same_size_action: str = setting("throttle", "flag, captcha, throttle or suspend")
     burst: int = setting(60, "seconds that make a burst (same-size signal)", min=1)
     reports: int = setting(3, "reports against an account (a verified one counts 3)", min=1)
-    reports_action: str = setting("suspend", "flag, captcha, throttle or suspend")
+    reports_action: str = setting(
+        "suspend", "flag, captcha, throttle or suspend; only once report_quorum is met")
+    report_quorum: int = setting(
+        3, "qualifying reporters (distinct accounts and addresses) before reports_action",
+        min=2)
+    reporter_min_age: int = setting(
+        7 * 86400, "seconds a reporter's account must be old to qualify", min=0)
     throttle_factor: int = setting(10, "a throttled account gets 1/N of its buckets", min=2)
     throttle_seconds: int = setting(3600, "how long a throttle lasts", min=1)
 

@@ -67,6 +67,9 @@ class IStore(Interface):
     def create_user(name: str, key: str, email: str, pw_hash: bytes, status: str) -> Deferred[User]:
         """Insert; errback Conflict if the key is taken."""
 
+    def email_of(user_id: int) -> Deferred[str | None]:
+        """The account's email address (stored sealed); None if it has none."""
+
     def user_by_key(key: str) -> Deferred[User | None]: ...
 
     def user_by_id(user_id: int) -> Deferred[User | None]: ...
@@ -148,6 +151,12 @@ class IStore(Interface):
 
     def dm_partners(user_id: int) -> Deferred[list[int]]:
         """Users this user has exchanged direct messages with."""
+
+    def presence_readers(user_id: int) -> Deferred[list[int]]:
+        """Users this user has sent a direct message to (they may see its presence)."""
+
+    def has_written(writer_id: int, reader_id: int) -> Deferred[bool]:
+        """Whether ``writer_id`` has ever sent ``reader_id`` a direct message."""
 
     # messages
     def append(message: NewMessage) -> Deferred[AppendResult]:

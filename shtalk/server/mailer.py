@@ -20,18 +20,18 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
-import time
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from shtalk.server.config import ConfigError, SmtpSection
 
@@ -112,21 +112,60 @@ class Mailer:
     def deliver_once(self, to: str, msg: EmailMessage) -> Deferred[Any]:
         raise NotImplementedError
 
+    def sweep(self) -> Deferred[int]:
+        """Drop what is kept of mails whose codes have expired (the outbox's files)."""
+        return succeed(0)
+
 
 class OutboxMailer(Mailer):
-    """One ``.eml`` file per message in ``directory`` (created 0700; files 0600)."""
+    """One ``.eml`` file per message in ``directory`` (created 0700; files 0600).
 
-    def __init__(self, clock: IReactorTime, directory: Path, sender: str) -> None:
+    A file holds a live code, so it is removed once that code has expired
+    (``keep_for``, the code's lifetime): by a timer after each write, and by `sweep`
+    (run hourly, and at start-up for files left by an earlier run)."""
+
+    def __init__(
+        self, clock: IReactorTime, directory: Path, sender: str, keep_for: float = 600.0
+    ) -> None:
         super().__init__(clock, sender, retries=2, retry_delay=1.0)
         self.directory = Path(directory)
+        self.keep_for = keep_for
         self.description = f"mail is written to the outbox {self.directory} (no SMTP relay set)"
 
     def deliver_once(self, to: str, msg: EmailMessage) -> Deferred[Any]:
-        return deferToThread(self._write, bytes(msg))
+        d = deferToThread(self._write, bytes(msg), self.clock.seconds())
+        d.addCallback(self._expire_later)
+        return d
 
-    def _write(self, data: bytes) -> Path:
+    def _expire_later(self, path: Path) -> Path:
+        self.clock.callLater(self.keep_for, self.sweep)
+        return path
+
+    def sweep(self) -> Deferred[int]:
+        d: Deferred[int] = deferToThread(self._remove_expired, self.clock.seconds())
+
+        def failed(f: Failure) -> int:
+            log.failure("sweeping the outbox failed", f)
+            return 0
+
+        return d.addErrback(failed)
+
+    def _remove_expired(self, now: float) -> int:
+        removed = 0
+        try:
+            entries = list(self.directory.iterdir())
+        except FileNotFoundError:
+            return 0
+        for path in entries:
+            written = _written_at(path.name)
+            if written is not None and written + self.keep_for <= now:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def _write(self, data: bytes, now: float) -> Path:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        name = f"{time.time():.6f}-{secrets.token_hex(4)}"
+        name = f"{now:.6f}-{secrets.token_hex(4)}"
         tmp = self.directory / f".{name}.tmp"
         final = self.directory / f"{name}.eml"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -200,10 +239,20 @@ class SmtpMailer(Mailer):
         return done
 
 
+def _written_at(name: str) -> float | None:
+    """The time an outbox file was written, from its name ("<time>-<random>.eml")."""
+    stamp = name.lstrip(".").partition("-")[0]
+    try:
+        return float(stamp)
+    except ValueError:
+        return None
+
+
 def make_mailer(
-    section: SmtpSection, outbox: Path, clock: IReactorTime, reactor: Any
+    section: SmtpSection, outbox: Path, clock: IReactorTime, reactor: Any,
+    keep_for: float = 600.0,
 ) -> Mailer:
     if section.host:
         return SmtpMailer(clock, reactor, section)
-    return OutboxMailer(clock, outbox, section.sender)
+    return OutboxMailer(clock, outbox, section.sender, keep_for)
 

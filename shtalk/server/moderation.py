@@ -28,7 +28,7 @@ from shtalk.crypto.envelope import Envelope
 from shtalk.crypto.errors import CryptoError
 from shtalk.crypto.identity import PreKeyBundle
 from shtalk.protocol.errors import ErrorCode, ProtocolError
-from shtalk.server.naming import user_key
+from shtalk.server.naming import room_key, user_key
 from shtalk.server.records import User
 from shtalk.server.store import Conn
 
@@ -51,7 +51,8 @@ def _delete_account(conn: Conn, user_id: int, dummy_hash: bytes) -> bool:
     # The password hash is replaced by one of a random password (same cost), so a login
     # attempt on a deleted account costs the same work as any other and fails.
     cur = conn.execute(
-        "UPDATE users SET status = 'deleted', email = '', pw_hash = ? WHERE id = ?",
+        "UPDATE users SET status = 'deleted', email = '', email_hash = NULL, pw_hash = ?"
+        " WHERE id = ?",
         (dummy_hash, user_id),
     )
     if cur.rowcount == 0:
@@ -72,6 +73,12 @@ def _device_bundle(conn: Conn, user_id: int, device_id: str) -> bytes | None:
         (user_id, device_id),
     ).fetchone()
     return None if row is None else bytes(row[0])
+
+
+def _member_since(conn: Conn, room_id: int, user_id: int) -> float | None:
+    row = conn.execute("SELECT joined FROM members WHERE room_id = ? AND user_id = ?",
+                       (room_id, user_id)).fetchone()
+    return None if row is None else float(row[0])
 
 
 def _queued(conn: Conn) -> int:
@@ -144,16 +151,24 @@ class Moderation:
     @inlineCallbacks
     def report(
         self, reporter: User, monitor: Monitor, raw_user: str, reason: str,
-        envelope: bytes | None, plaintext: str | None,
+        envelope: bytes | None, plaintext: str | None, address: str = "",
     ) -> Any:
         target: User = yield self.chat.user(raw_user)
         if target.id == reporter.id:
             raise ProtocolError(ErrorCode.BAD_FIELD, "you cannot report yourself")
-        verified = False
+        verified = qualifies = False
         evidence: dict[str, Any] = {"reporter": reporter.name, "reason": reason[:500]}
         if envelope is not None:
             env = yield self._verify(reporter, target, envelope)
             verified = True
+            # Toward automatic action only from an established account that the sender
+            # was in conversation with (a room message's membership was checked).
+            old_enough = reporter.created <= self.chat.now() - monitor.config.reporter_min_age
+            if env.recipient.kind == "user":
+                written = yield self.store.has_written(target.id, reporter.id)
+            else:
+                written = True
+            qualifies = old_enough and bool(written)
             evidence.update(
                 envelope_id=env.message_id.hex(), device=env.sender_device,
                 sent_ms=env.timestamp, envelope=base64.b64encode(envelope).decode(),
@@ -161,7 +176,8 @@ class Moderation:
             if plaintext is not None:
                 # The reporter's claim of what the verified envelope said.
                 evidence["plaintext"] = plaintext[:4000]
-        flag = monitor.reported(target.id, target.name, reporter.name, verified, evidence)
+        flag = monitor.reported(target.id, target.name, reporter.name, verified, evidence,
+                                qualifies, address)
         log.info("report against {user_id} (verified: {verified})", event="report",
                  user_id=target.id, reporter=reporter.id, verified=verified)
         return {"user": target.name, "verified": verified,
@@ -188,6 +204,22 @@ class Moderation:
                 to_key = ""
             if to_key != reporter.key:
                 raise ProtocolError(ErrorCode.BAD_FIELD, "envelope: it was not sent to you")
+        else:
+            # A room message counts only from someone who was in that room when it was
+            # sent (by its signed timestamp), in a room that exists: a forwarded copy
+            # in a stranger's hands proves nothing about its sender.
+            try:
+                room_k = room_key(rcpt.name)[1]
+            except ProtocolError:
+                room_k = ""
+            room = (yield self.store.room_by_key(room_k)) if room_k else None
+            if room is None:
+                raise ProtocolError(ErrorCode.BAD_FIELD,
+                                    "envelope: it names a room that does not exist")
+            since = yield self.store._read(_member_since, room.id, reporter.id)
+            if since is None or since > env.timestamp / 1000:
+                raise ProtocolError(ErrorCode.BAD_FIELD,
+                                    "envelope: you were not in that room when it was sent")
         bundle = yield self.store._read(_device_bundle, target.id, env.sender_device)
         if bundle is None:
             raise ProtocolError(ErrorCode.BAD_FIELD,

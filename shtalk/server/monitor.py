@@ -10,7 +10,8 @@ Signals (thresholds in ``[monitor]``, each counted over a sliding window):
 * ``same_size``: envelopes of exactly one size from one account within ``burst`` seconds
   (one text blasted to many people encrypts to equal sizes);
 * ``reports``: user reports against an account (a report whose envelope signature the
-  server verified counts three).
+  server verified counts three); its action runs only once ``report_quorum`` qualifying
+  reporters from distinct addresses agree (before that: a flag for review).
 
 A signal raises a `Flag` (subject, signal, reason, counts) and runs its configured
 action once per flag: ``flag`` (nothing more), ``captcha`` (the account-security seam
@@ -30,12 +31,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from shtalk.server.config import MonitorSection
 
 log = Logger()
+
+#: Reports older than this are forgotten.
+REPORT_SPAN = 30 * 86400.0
 
 SIGNALS = (
     "send_rate", "strangers", "new_account_strangers", "registrations", "same_size", "reports",
@@ -106,8 +112,10 @@ class Monitor:
         self.new_peers = Window(w)
         self.registrations = Window(w)
         self.sizes = Window(float(config.burst))
-        self.report_window = Window(30 * 86400.0)
-        self.reporters: dict[str, set[str]] = {}
+        # Reports per reported account: reporter -> (weight, last time), and the
+        # qualifying reporters -> their address (see `reported`).
+        self.report_weights: dict[str, dict[str, tuple[int, float]]] = {}
+        self.qualifying: dict[str, dict[str, str]] = {}
         self.contacted: dict[int, set[int]] = {}
         self._loading: dict[int, list[tuple[int, str, float, int]]] = {}
         self.actions: dict[str, Action] = {}
@@ -142,8 +150,10 @@ class Monitor:
     # --- raising flags ----------------------------------------------------------------
     def raise_flag(
         self, kind: str, subject: str, label: str, signal: str, reason: str, count: int,
-        evidence: dict[str, Any] | None = None,
+        evidence: dict[str, Any] | None = None, action: str | None = None,
     ) -> Flag:
+        """Raise (or update) a flag; ``action`` overrides the signal's configured one,
+        and an open flag whose action was only "flag" runs a stronger one once given."""
         now = self.clock.seconds()
         key = (kind, subject, signal)
         existing = self.open_by_key.get(key)
@@ -152,9 +162,16 @@ class Monitor:
             flag.count, flag.last, flag.reason = max(flag.count, count), now, reason
             if evidence is not None and len(flag.evidence) < 20:
                 flag.evidence.append(evidence)
+            escalate = action is not None and action != "flag" and flag.action == "flag"
+            if escalate:
+                assert action is not None
+                flag.action = action
             self.save()
+            if escalate:
+                self._run(flag)
             return flag
-        action = str(getattr(self.config, f"{signal}_action", "flag"))
+        if action is None:
+            action = str(getattr(self.config, f"{signal}_action", "flag"))
         flag = Flag(self.next_id, kind, subject, label, signal, reason, action, count, now, now,
                     evidence=[evidence] if evidence is not None else [])
         self.next_id += 1
@@ -166,13 +183,16 @@ class Monitor:
                  event="monitor.flag", flag_id=flag.id, signal=signal, kind=kind,
                  reason=reason, action=action,
                  **({"user_id": subject} if kind == "account" else {"address": subject}))
-        runner = self.actions.get(action)
+        self._run(flag)
+        return flag
+
+    def _run(self, flag: Flag) -> None:
+        runner = self.actions.get(flag.action)
         if runner is not None:
             try:
                 runner(flag)
             except Exception:
-                log.failure("monitor action {action} failed", action=action)
-        return flag
+                log.failure("monitor action {action} failed", action=flag.action)
 
     def clear(self, flag_id: int) -> Flag | None:
         flag = self.flags.get(flag_id)
@@ -233,18 +253,32 @@ class Monitor:
                 return
         self._strangers(user_id, name, created, peers, known, now)
 
-    def _load_partners(self, user_id: int) -> None:
+    def preload(self, user_id: int) -> Deferred[None]:
+        """Load an account's known partners before it can send (the chat service waits
+        for this at login), so that its first message is judged like every other."""
+        if not self.enabled or self.partners is None or user_id in self.contacted:
+            return succeed(None)
+        if user_id not in self._loading:
+            self._loading[user_id] = []
+        return self._load_partners(user_id)
+
+    def _load_partners(self, user_id: int) -> Deferred[None]:
         assert self.partners is not None
-        d = self.partners(user_id)
+        d: Deferred[Any] = self.partners(user_id)
 
         def loaded(partners: list[int]) -> None:
             pending = self._loading.pop(user_id, [])
             # Loaded after those sends committed, so their peers are in it already:
-            # they cannot be judged (see docs/SECURITY.md, "Operations").
+            # they cannot be judged (only when a send raced its own login's preload).
             known = self.contacted.setdefault(user_id, set(partners))
             known.update(p for p, *_ in pending)
 
-        d.addCallbacks(loaded, lambda f: self._loading.pop(user_id, None))
+        def failed(f: Failure) -> None:
+            self._loading.pop(user_id, None)
+            log.failure("loading the partners of {user_id} failed", f, user_id=user_id)
+
+        d.addCallbacks(loaded, failed)
+        return d
 
     def _strangers(
         self, user_id: int, name: str, created: float, peers: list[int], known: set[int],
@@ -266,22 +300,42 @@ class Monitor:
 
     def reported(
         self, target_id: int, target_name: str, reporter: str, verified: bool,
-        evidence: dict[str, Any],
+        evidence: dict[str, Any], qualifies: bool = False, address: str = "",
     ) -> Flag | None:
+        """A report: weight 1, or 3 with a verified envelope, once per reporter (its
+        strongest report counts).  Reaching ``reports`` raises a flag for review only;
+        ``reports_action`` runs once ``report_quorum`` reporters qualify (the caller
+        says whether one does: verified, in conversation with the sender, old enough)
+        from as many distinct addresses, so no single report, nor one person's
+        throwaway accounts, can suspend anyone."""
+        now = self.clock.seconds()
         key = str(target_id)
-        seen = self.reporters.setdefault(key, set())
-        if reporter in seen and not verified:
-            return None  # one unverified report per reporter counts
-        seen.add(reporter)
-        n = self.report_window.add(key, self.clock.seconds(), 3 if verified else 1)
-        if n >= self.config.reports:  # reports are explicit: counted even when disabled
-            return self.raise_flag(
-                "account", key, target_name, "reports",
-                f"reported by {len(seen)} account(s), weight {n}"
-                + (" (signature verified)" if verified else ""), n, evidence)
-        return None
+        weights = self.report_weights.setdefault(key, {})
+        quals = self.qualifying.setdefault(key, {})
+        for who, (_, last) in list(weights.items()):
+            if last < now - REPORT_SPAN:
+                del weights[who]
+                quals.pop(who, None)
+        weights[reporter] = (max(weights.get(reporter, (0, now))[0], 3 if verified else 1), now)
+        if qualifies:
+            quals[reporter] = address
+        n = sum(w for w, _ in weights.values())
+        quorum = min(len(quals), len(set(quals.values())))
+        cfg = self.config
+        if n < cfg.reports and quorum < cfg.report_quorum:
+            return None  # reports are explicit: counted even when the monitor is disabled
+        action = cfg.reports_action if quorum >= cfg.report_quorum else "flag"
+        return self.raise_flag(
+            "account", key, target_name, "reports",
+            f"reported by {len(weights)} account(s), weight {n}, {quorum} of "
+            f"{cfg.report_quorum} qualifying" + (" (signature verified)" if verified else ""),
+            n, evidence, action=action)
 
     def sweep(self) -> None:
         now = self.clock.seconds()
         for w in (self.sends, self.new_peers, self.registrations, self.sizes):
             w.sweep(now)
+        for key, weights in list(self.report_weights.items()):
+            if all(last < now - REPORT_SPAN for _, last in weights.values()):
+                del self.report_weights[key]
+                self.qualifying.pop(key, None)

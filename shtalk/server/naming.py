@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import unicodedata
+
+from email_validator import EmailNotValidError, validate_email
+
 from shtalk.protocol.errors import ErrorCode, ProtocolError
 from shtalk.protocol.names import NameError_, normalise_room, normalise_username
 
@@ -23,9 +27,21 @@ def room_key(raw: str) -> tuple[str, str]:
 
 
 def check_email(email: str) -> str:
-    local, at, domain = email.rpartition("@")
-    if not at or not local or "." not in domain or any(c.isspace() for c in email):
-        raise ProtocolError(ErrorCode.BAD_EMAIL, "give an email address like name@example.org")
+    """One addr-spec (RFC 5322/6531, as email-validator reads it; no DNS look-up), in
+    the ASCII form mail goes out in.  No lists, display names, quoted local parts,
+    IP literals or control characters: the address ends up in a mail header."""
+    if any(unicodedata.category(c).startswith("C") for c in email):
+        raise ProtocolError(ErrorCode.BAD_EMAIL, "the email address contains control characters")
     if len(email) > _EMAIL_MAX:
         raise ProtocolError(ErrorCode.BAD_EMAIL, "that email address is too long")
-    return email
+    try:
+        valid = validate_email(
+            email, check_deliverability=False, allow_smtputf8=False, allow_quoted_local=False,
+            allow_domain_literal=False, allow_display_name=False,
+        )
+    except EmailNotValidError:
+        raise ProtocolError(
+            ErrorCode.BAD_EMAIL,
+            "give one email address like name@example.org (ASCII before the @, no lists)",
+        ) from None
+    return str(valid.ascii_email or valid.normalized)

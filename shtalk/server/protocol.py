@@ -48,11 +48,16 @@ from shtalk.server.chat import ChatService
 from shtalk.server.interfaces import TokenReuse, TokenRevoked, TokenUnknown
 from shtalk.server.naming import user_key
 from shtalk.server.ratelimit import REQUEST_ACTIONS, RateLimiter, address_key
-from shtalk.server.security import AccountSecurity
+from shtalk.server.security import AccountSecurity, account_key
 
 log = Logger()
 
 PIPELINED = frozenset({"send", "ack", "ping"})
+#: Requests that pass AccountSecurity.gate, i.e. wait while the failure throttle says so.
+THROTTLED = frozenset({
+    "register", "login", "verify_email", "password_reset_request", "password_reset",
+    "password_change", "totp_confirm", "totp_disable", "totp_recovery_codes",
+})
 # Authentication events written to the operator's log (ASVS 16.3.1), success or not.
 AUDITED = frozenset({
     "register", "login", "resume", "refresh", "logout", "verify_email", "resend_verification",
@@ -334,7 +339,21 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             account: str | None = str(self.avatar.user.id)
         else:
             account = _account_of(request.args.get("username"))
-        return limiter.check(action, account, self._peer_key)
+        return limiter.check(action, account, self._peer_key, self._throttled_for(request))
+
+    def _throttled_for(self, request: Request) -> float:
+        """Seconds the failure throttle will make this request wait (0: none), asked
+        before the buckets so one refusal names the later of the two waits."""
+        sec = self.factory.security
+        if sec is None or request.type not in THROTTLED:
+            return 0.0
+        if self.avatar is not None:
+            account: str | None = self.avatar.user.key
+        elif request.type == "register":
+            account = None
+        else:
+            account = account_key(request.args["username"])
+        return float(sec.throttle.check(account, self._peer).retry_after)
 
     def _refused(self, e: ProtocolError) -> None:
         """Sustained abuse (many rate_limited replies within a minute) closes the connection."""
@@ -735,7 +754,7 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             raise ProtocolError(ErrorCode.FORBIDDEN, "reports are not taken by this server")
         d: Deferred[Any] = ops.moderation.report(
             self._me().user, ops.monitor, a["user"], a["reason"], a.get("envelope"),
-            a.get("plaintext"),
+            a.get("plaintext"), self._peer_key,
         )
         return d
 

@@ -86,11 +86,11 @@ class Limit:
 
 
 class RateLimited(ProtocolError):
-    def __init__(self, action: str, retry_after: float) -> None:
+    def __init__(self, action: str, retry_after: float, what: str = "") -> None:
         wait = max(1, math.ceil(retry_after))
         super().__init__(
             ErrorCode.RATE_LIMITED,
-            f"too many {action} requests; retry in {wait} s",
+            f"{what or f'too many {action} requests'}; retry in {wait} s",
             retry_after=wait,
         )
         self.action = action
@@ -106,7 +106,10 @@ class Buckets(Protocol):
 
     name: str
 
-    def take(self, keys: Sequence[str], limits: Sequence[Limit]) -> float | Deferred[float]: ...
+    def take(
+        self, keys: Sequence[str], limits: Sequence[Limit], peek: bool = False
+    ) -> float | Deferred[float]:
+        """``peek``: only say how long until all buckets hold a token; take nothing."""
 
 
 class MemoryBuckets:
@@ -120,7 +123,7 @@ class MemoryBuckets:
         self.buckets: dict[str, list[float]] = {}
         self._ttl: dict[str, float] = {}
 
-    def take(self, keys: Sequence[str], limits: Sequence[Limit]) -> float:
+    def take(self, keys: Sequence[str], limits: Sequence[Limit], peek: bool = False) -> float:
         now = self.clock.seconds()
         buckets = self.buckets
         states = []
@@ -139,7 +142,7 @@ class MemoryBuckets:
             if state[0] < 1.0:
                 wait = max(wait, (1.0 - state[0]) / limit.rate)
             states.append(state)
-        if wait:
+        if wait or peek:
             return wait
         for state in states:
             state[0] -= 1.0
@@ -173,14 +176,16 @@ class FallbackBuckets:
     def name(self) -> str:
         return f"{self.primary.name}+memory" + (" (degraded)" if self.degraded else "")
 
-    def take(self, keys: Sequence[str], limits: Sequence[Limit]) -> float | Deferred[float]:
+    def take(
+        self, keys: Sequence[str], limits: Sequence[Limit], peek: bool = False
+    ) -> float | Deferred[float]:
         if self.degraded:
-            return self.fallback.take(keys, limits)
-        d: Deferred[float] = self.primary.take(keys, limits)
+            return self.fallback.take(keys, limits, peek)
+        d: Deferred[float] = self.primary.take(keys, limits, peek)
 
         def failed(failure: Any) -> float:
             self.degrade(failure.getErrorMessage() or type(failure.value).__name__)
-            return self.fallback.take(keys, limits)
+            return self.fallback.take(keys, limits, peek)
 
         return d.addErrback(failed)
 
@@ -289,12 +294,49 @@ class RateLimiter:
         self.throttled[account] = (factor, self.clock.seconds() + seconds)
 
     def check(
-        self, action: str, account: str | None, address: str | None
+        self, action: str, account: str | None, address: str | None, held: float = 0.0
     ) -> Deferred[None] | None:
-        """Take a token for ``action`` from the account's and the address's bucket."""
+        """Take a token for ``action`` from the account's and the address's bucket.
+
+        ``held`` > 0: the request is refused anyway (the failure throttle makes it wait
+        that long): take nothing, and refuse with the later of that wait and the
+        buckets', so that retrying after ``retry_after`` finds both open."""
+        if held > 0:
+            return self._held(action, account, address, held)
         if not self.enabled:
             return None
         self.checks += 1
+        keys, limits = self._buckets(action, account, address)
+        if not keys:
+            return None
+        wait = self.backend.take(keys, limits)
+        if isinstance(wait, Deferred):
+            return wait.addCallback(self._decided, action)
+        if wait:
+            self.hits[action] += 1
+            raise RateLimited(action, wait)
+        return None
+
+    def _held(
+        self, action: str, account: str | None, address: str | None, held: float
+    ) -> Deferred[None]:
+        why = "too many failed attempts; wait before trying again"
+        keys, limits = self._buckets(action, account, address) if self.enabled else ([], [])
+        if not keys:
+            raise RateLimited(action, held, why)
+        wait = self.backend.take(keys, limits, peek=True)
+
+        def refuse(bucket_wait: float) -> None:
+            raise RateLimited(action, max(held, bucket_wait), why)
+
+        if isinstance(wait, Deferred):
+            return wait.addCallback(refuse)
+        refuse(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _buckets(
+        self, action: str, account: str | None, address: str | None
+    ) -> tuple[list[str], list[Limit]]:
         keys: list[str] = []
         limits: list[Limit] = []
         if account is not None:
@@ -316,15 +358,7 @@ class RateLimiter:
             if limit is not None:
                 keys.append(f"{action}:ip:{address}")
                 limits.append(limit)
-        if not keys:
-            return None
-        wait = self.backend.take(keys, limits)
-        if isinstance(wait, Deferred):
-            return wait.addCallback(self._decided, action)
-        if wait:
-            self.hits[action] += 1
-            raise RateLimited(action, wait)
-        return None
+        return keys, limits
 
     def _decided(self, wait: float, action: str) -> None:
         if wait:

@@ -10,7 +10,6 @@ class User:
     id: int
     name: str  # display form, as registered
     key: str  # case-folded canonical form, unique
-    email: str
     pw_hash: bytes
     status: str  # "active" | "pending" | "suspended"
     created: float

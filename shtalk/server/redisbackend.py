@@ -7,7 +7,8 @@ the number of checks in flight to the pool size, while txredisapi pipelines ever
 over one TCP connection from the reactor thread.
 
 One check is one ``EVALSHA`` of `TAKE_SCRIPT`: it refills and takes a token from every
-bucket of the request (all or none) atomically inside Redis, using Redis's own clock
+bucket of the request (all or none) atomically inside Redis (or, with ``peek``, only
+says how long until it could), using Redis's own clock
 (``TIME``) so processes on hosts with skewed clocks still agree; each key expires once
 its bucket would be full again, so idle buckets cost nothing.
 
@@ -48,6 +49,7 @@ for i = 1, #KEYS do
   toks[i] = tok
   if tok < 1 then wait = math.max(wait, (1 - tok) / rate) end
 end
+if ARGV[2 * #KEYS + 1] == 'peek' then return string.format('%.6f', wait) end
 for i = 1, #KEYS do
   local cap = tonumber(ARGV[2 * i - 1])
   local rate = tonumber(ARGV[2 * i])
@@ -102,12 +104,15 @@ class RedisBuckets:
 
         return d.addErrback(failed)
 
-    def take(self, keys: Sequence[str], limits: Sequence[Limit]) -> Deferred[float]:
+    def take(
+        self, keys: Sequence[str], limits: Sequence[Limit], peek: bool = False
+    ) -> Deferred[float]:
         self.calls += 1
         args: list[str] = []
         for limit in limits:
             args.append(repr(limit.capacity))
             args.append(repr(limit.rate))
+        args.append("peek" if peek else "take")
         full = [self.prefix + k for k in keys]
         d: Deferred[float] = self._take(full, args)
         return self._bounded(d)

@@ -175,6 +175,16 @@ MIGRATIONS: list[Migration] = [
             PRIMARY KEY (user_id, code_hash))""",
         "CREATE INDEX users_pending ON users(created) WHERE status = 'pending'",
     ),
+    # 4: hardening after an outside audit.  dm_partners.wrote: user_id has written to
+    # partner_id (only that shows user_id's presence to partner_id; rows from before
+    # are 0, so presence between DM partners comes back with their next message).
+    # users.email_hash: a keyed hash of the address, which is sealed in users.email
+    # (store.EmailSeal; rows still in clear are sealed when the store opens).
+    (
+        "ALTER TABLE dm_partners ADD COLUMN wrote INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE users ADD COLUMN email_hash BLOB",
+        "CREATE INDEX users_email_hash ON users(email_hash)",
+    ),
 ]
 
 

@@ -106,6 +106,7 @@ class AccountSecurity(Service):
 
     def _purge_now(self) -> None:
         self.throttle.prune()
+        self.mailer.sweep()  # outbox files whose codes expired (also those of a past run)
         d = self.purge_pending()
         d.addErrback(lambda f: log.failure("purging unverified accounts failed", f))
         if self.running:
@@ -236,7 +237,15 @@ class AccountSecurity(Service):
             f"Hello {user.name},\n\n{intro}:\n\n    {code}\n\n"
             f"It works once and only for the next {minutes} minutes.\n\n{outro}\n"
         )
-        d = self.mailer.send(user.email, subject, body, purpose)
+        d = self.store.email_of(user.id)
+
+        def send(to: str | None) -> Any:
+            if to is None:
+                log.warn("no email address to mail to", user_id=user.id)
+                return None
+            return self.mailer.send(to, subject, body, purpose)
+
+        d.addCallback(send)
         d.addErrback(lambda f: log.failure("mail delivery crashed", f))
 
     @inlineCallbacks
@@ -474,7 +483,8 @@ def make_account_security(
     from shtalk.server.mailer import make_mailer
 
     accounts = config.section(AccountsSection)
-    mailer = make_mailer(config.section(SmtpSection), datadir.outbox_dir, clock, reactor)
+    mailer = make_mailer(config.section(SmtpSection), datadir.outbox_dir, clock, reactor,
+                         keep_for=float(accounts.email_code_ttl))
     answers = os.environ.get("SHTALK_TEST_CAPTCHA_ANSWERS") or None
     if answers:
         log.warn("INSECURE test hook: CAPTCHA answers are written to {path}", path=answers)

@@ -50,6 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from shtalk.server import prekeys, schema, storesql
+from shtalk.server.emailseal import EmailSeal, seal_clear_emails
 from shtalk.server.interfaces import (
     CorruptStore,
     IStore,
@@ -323,6 +324,7 @@ class SQLiteStore:
         self._reactor: Any = reactor
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._aead = AESGCM(storage_key)
+        self.emails = EmailSeal(storage_key)
         self._wpool: Any = None
         self._writer: SQLiteThread | None = None
         self._rpool: Any = None
@@ -376,6 +378,7 @@ class SQLiteStore:
         self._open_waiters = []
         d = deferToThreadPool(self._reactor, self._wpool.threadpool, self._prepare_file)
         d.addCallback(lambda _: self._wpool.runWithConnection(schema.migrate, self.path))
+        d.addCallback(lambda _: self._wpool.runWithConnection(seal_clear_emails, self.emails))
 
         def opened(_: object) -> None:
             self._writer = SQLiteThread(
@@ -635,7 +638,18 @@ class SQLiteStore:
     def create_user(
         self, name: str, key: str, email: str, pw_hash: bytes, status: str
     ) -> Deferred[User]:
-        return self._write(storesql.create_user, name, key, email, pw_hash, status, self._now())
+        return self._write(
+            storesql.create_user, name, key, self.emails.seal(key, email),
+            self.emails.index(email), pw_hash, status, self._now(),
+        )
+
+    def email_of(self, user_id: int) -> Deferred[str | None]:
+        """The account's address, opened (None: no account, deleted, or unreadable)."""
+
+        def opened(found: tuple[str, bytes] | None) -> str | None:
+            return None if found is None else self.emails.open(*found)
+
+        return self._read(storesql.sealed_email, user_id).addCallback(opened)
 
     def user_by_key(self, key: str) -> Deferred[User | None]:
         return self._read(storesql.one_user, storesql.USER + " WHERE key = ?", key)
@@ -758,6 +772,12 @@ class SQLiteStore:
     def dm_partners(self, user_id: int) -> Deferred[list[int]]:
         return self._read(storesql.dm_partners, user_id)
 
+    def presence_readers(self, user_id: int) -> Deferred[list[int]]:
+        return self._read(storesql.presence_readers, user_id)
+
+    def has_written(self, writer_id: int, reader_id: int) -> Deferred[bool]:
+        return self._read(storesql.has_written, writer_id, reader_id)
+
     # --- messages ---
 
     def append(self, message: NewMessage) -> Deferred[AppendResult]:
@@ -861,6 +881,7 @@ class SQLiteStore:
         device_rows: list[tuple[int, int, str]] = []
         client_rows: list[tuple[object, ...]] = []
         partner_rows: list[tuple[int, int]] = []
+        wrote_rows: list[tuple[int, int]] = []
         ranges: dict[str, tuple[int, int]] = {}
         results: list[AppendResult] = []
         for op, key in zip(ops, keys, strict=True):
@@ -904,9 +925,8 @@ class SQLiteStore:
                 partners = {
                     int(mb[2:]) for mb in m.mailboxes if mb.startswith("u:") and mb[2:].isdigit()
                 } - {m.sender_id}
-                partner_rows.extend(
-                    pair for p in partners for pair in ((m.sender_id, p), (p, m.sender_id))
-                )
+                wrote_rows.extend((m.sender_id, p) for p in partners)
+                partner_rows.extend((p, m.sender_id) for p in partners)
             results.append(AppendResult(tuple(seqs), duplicate=False, messages=tuple(stored)))
         if rows:
             conn.executemany(
@@ -924,6 +944,15 @@ class SQLiteStore:
                 "INSERT INTO client_ids (sender_id, sender_device, client_id, seqs, created)"
                 " VALUES (?, ?, ?, ?, ?)",
                 client_rows,
+            )
+        if wrote_rows:
+            # The sender has written to the recipient (which shows the sender's presence
+            # to them); the recipient is merely a partner of the sender.
+            conn.executemany(
+                "INSERT INTO dm_partners (user_id, partner_id, wrote) VALUES (?, ?, 1)"
+                " ON CONFLICT (user_id, partner_id) DO UPDATE SET wrote = 1"
+                " WHERE dm_partners.wrote = 0",
+                wrote_rows,
             )
         if partner_rows:
             conn.executemany(

@@ -69,11 +69,11 @@ def sweep(conn: Conn, mailbox: str, lo: int, hi: int) -> int:
     return int(conn.execute(SWEEP_SQL, (mailbox, lo, hi)).rowcount)
 
 
-USER = "SELECT id, name, key, email, pw_hash, status, created FROM users"
+USER = "SELECT id, name, key, pw_hash, status, created FROM users"
 
 
 def user(row: Any) -> User:
-    return User(int(row[0]), row[1], row[2], row[3], bytes(row[4]), row[5], float(row[6]))
+    return User(int(row[0]), row[1], row[2], bytes(row[3]), row[4], float(row[5]))
 
 
 def room(row: Any) -> Room:
@@ -99,17 +99,25 @@ def exists(conn: Conn, sql: str, *params: object) -> bool:
 
 
 def create_user(
-    conn: Conn, name: str, key: str, email: str, pw_hash: bytes, status: str, now: float
+    conn: Conn, name: str, key: str, sealed_email: bytes, email_hash: bytes, pw_hash: bytes,
+    status: str, now: float,
 ) -> User:
     try:
         cur = conn.execute(
-            "INSERT INTO users (name, key, email, pw_hash, status, created)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (name, key, email, pw_hash, status, now),
+            "INSERT INTO users (name, key, email, email_hash, pw_hash, status, created)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (name, key, sealed_email, email_hash, pw_hash, status, now),
         )
     except sqlite3.IntegrityError as e:
         raise Conflict(f"user name {key!r} is taken") from e
-    return User(int(cast(int, cur.lastrowid)), name, key, email, pw_hash, status, now)
+    return User(int(cast(int, cur.lastrowid)), name, key, pw_hash, status, now)
+
+
+def sealed_email(conn: Conn, user_id: int) -> tuple[str, bytes] | None:
+    row = conn.execute("SELECT key, email FROM users WHERE id = ?", (user_id,)).fetchone()
+    if row is None or not isinstance(row[1], bytes):
+        return None  # no such account, or a deleted one ('')
+    return str(row[0]), bytes(row[1])
 
 
 def one_user(conn: Conn, sql: str, param: object) -> User | None:
@@ -326,3 +334,18 @@ def dm_partners(conn: Conn, user_id: int) -> list[int]:
         "SELECT partner_id FROM dm_partners WHERE user_id = ? ORDER BY partner_id", (user_id,)
     )
     return [int(r[0]) for r in rows]
+
+
+def presence_readers(conn: Conn, user_id: int) -> list[int]:
+    """Whom ``user_id`` has written to directly: they may see ``user_id``'s presence."""
+    rows = conn.execute(
+        "SELECT partner_id FROM dm_partners WHERE user_id = ? AND wrote = 1", (user_id,)
+    )
+    return [int(r[0]) for r in rows]
+
+
+def has_written(conn: Conn, writer_id: int, reader_id: int) -> bool:
+    return exists(
+        conn, "SELECT 1 FROM dm_partners WHERE user_id = ? AND partner_id = ? AND wrote = 1",
+        writer_id, reader_id,
+    )

@@ -3,13 +3,18 @@
 RFC 8725: the algorithm is pinned (ES256 only, never ``none`` and never an
 HMAC family next to it), ``typ`` is checked (``at+jwt``, RFC 9068) so other
 JWTs signed with the same key cannot be replayed as access tokens, and
-``exp``/``iat``/``aud``/``iss``/``sub``/``jti`` are required.  Revocation is
+``exp``/``iat``/``aud``/``iss``/``sub``/``jti`` are required.  Signatures are
+low-S only (ECDSA's (r, n - s) twin is refused), a token may not live longer
+than the configured lifetime, and its ``dev`` must be its session's device
+(checked by ``auth.AccessTokenChecker`` against the stored session).  Revocation is
 server-side: every access token names its session family, which ``logout``
 or refresh-token reuse revokes at once.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import secrets
 import uuid
@@ -24,6 +29,43 @@ ALGORITHM = "ES256"
 TOKEN_TYPE = "at+jwt"  # noqa: S105 - a JWT typ, not a secret
 AUDIENCE = "shtalk-access"
 _REQUIRED = ["exp", "iat", "aud", "iss", "sub", "jti"]
+
+
+#: The order of P-256: an ES256 signature (r, s) has a twin (r, n - s) that verifies too.
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_HALF_ORDER = P256_ORDER // 2
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _signature_of(token: str) -> bytes | None:
+    """The raw ``r || s`` of a compact JWS, or None unless canonically encoded."""
+    segment = token.rpartition(".")[2]
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (ValueError, binascii.Error):
+        return None
+    if _b64url(raw) != segment:
+        return None  # another spelling of the same bytes: one token, one string
+    return raw
+
+
+def low_s(token: str) -> str:
+    """The same token with its signature in low-S form (s <= n/2), as we issue them."""
+    raw = _signature_of(token)
+    assert raw is not None and len(raw) == 64
+    s = int.from_bytes(raw[32:], "big")
+    if s <= _HALF_ORDER:
+        return token
+    twin = raw[:32] + (P256_ORDER - s).to_bytes(32, "big")
+    return token.rpartition(".")[0] + "." + _b64url(twin)
+
+
+def is_low_s(token: str) -> bool:
+    raw = _signature_of(token)
+    return raw is not None and len(raw) == 64 and int.from_bytes(raw[32:], "big") <= _HALF_ORDER
 
 
 class TokenError(Exception):
@@ -89,9 +131,10 @@ class TokenIssuer:
             "exp": iat + self.access_ttl,
             "jti": secrets.token_urlsafe(12),
         }
-        return jwt.encode(
+        # OpenSSL's ECDSA gives either s; only the low one is ever issued (and accepted).
+        return low_s(jwt.encode(
             claims, self._private, algorithm=ALGORITHM, headers={"typ": TOKEN_TYPE, "kid": self.kid}
-        )
+        ))
 
     def verify_access(self, token: str, now: float) -> AccessClaims:
         """Raise TokenError for anything but a well-formed, live token of ours."""
@@ -103,6 +146,10 @@ class TokenIssuer:
             raise TokenError("invalid_token", "the access token is not one of ours")
         if header.get("kid") != self.kid:
             raise TokenError("invalid_token", "the access token was signed with an unknown key")
+        if not is_low_s(token):
+            # The (r, n - s) twin of a valid token verifies as well: refuse every form but
+            # the one we issue, so a token has exactly one spelling.
+            raise TokenError("invalid_token", "the access token's signature is not canonical")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -120,6 +167,10 @@ class TokenIssuer:
         exp, iat = claims["exp"], claims["iat"]
         if not isinstance(exp, int) or not isinstance(iat, int) or iat > now + 60:
             raise TokenError("invalid_token", "the access token has bad times")
+        if not 0 < exp - iat <= self.access_ttl:
+            # Whoever could sign a longer-lived token was not us; nor is a token issued
+            # under a longer lifetime than the one configured now.
+            raise TokenError("invalid_token", "the access token lives longer than allowed")
         if exp <= now:
             raise TokenError("token_expired", "the access token expired; use the refresh token")
         try:

@@ -434,3 +434,61 @@ class ThrottleTests(Base):
         r = await self.login(p, "olga", GOOD_PASSWORD, captcha=self.solve(r["error"]["captcha"]))
         self.assertTrue(r["ok"], r)
         self.assertEqual(self.parts.security.throttle.failures(account="olga"), 0)
+
+
+class ThrottleAndRateLimitTests(Base):
+    """The failure throttle and the token buckets both apply to a login: the refusal
+    names the later of the two waits, and a throttled attempt costs no token, so
+    waiting ``retry_after`` out is enough."""
+
+    throttle = ThrottleSection(
+        free_failures=1, base_delay=8, max_delay=60, captcha_after=100,
+        address_free_failures=100, address_captcha_after=100,
+    )
+
+    def limit(self, login_account: str) -> None:
+        from shtalk.server.config import RateLimitSection
+        from shtalk.server.ratelimit import RateLimiter
+
+        self.parts.factory.limiter = RateLimiter(
+            RateLimitSection(login_account=login_account, login_address="off"),
+            self.parts.clock,
+        )
+
+    async def wait_and_login(self, p: Peer, name: str, r: dict[str, Any]) -> None:
+        self.assertEqual(r["error"]["code"], "rate_limited", r)
+        self.parts.clock.advance(r["error"]["retry_after"])
+        # (A new connection from the same address: a long wait outlasts the login deadline.)
+        p = await self.peer(p.transport.getPeer().host)
+        r = await self.login(p, name)
+        self.assertTrue(r["ok"], r)
+
+    async def test_throttled_attempts_take_no_token(self) -> None:
+        await self.active_account("paula")
+        self.limit("3/60")  # one token back every 20 s
+        p = await self.peer("192.0.2.81")
+        r = await self.login(p, "paula", "wrong-password-123")
+        self.assertEqual(r["error"]["code"], "invalid_credentials")
+        for _ in range(2):  # impatient retries while the throttle says 8 s
+            r = await self.login(p, "paula")
+            self.assertEqual(r["error"]["retry_after"], 8)
+        await self.wait_and_login(p, "paula", r)
+
+    async def test_retry_after_is_the_later_of_throttle_and_bucket(self) -> None:
+        await self.active_account("quinn")
+        self.limit("1/4")  # the bucket is back after 4 s, the throttle wants 8
+        p = await self.peer("192.0.2.82")
+        r = await self.login(p, "quinn", "wrong-password-123")
+        self.assertEqual(r["error"]["code"], "invalid_credentials")
+        r = await self.login(p, "quinn")
+        self.assertEqual(r["error"]["retry_after"], 8)
+        await self.wait_and_login(p, "quinn", r)
+
+    async def test_bucket_later_than_throttle(self) -> None:
+        await self.active_account("rosa")
+        self.limit("1/60")
+        p = await self.peer("192.0.2.83")
+        r = await self.login(p, "rosa", "wrong-password-123")
+        r = await self.login(p, "rosa")
+        self.assertEqual(r["error"]["retry_after"], 60)
+        await self.wait_and_login(p, "rosa", r)

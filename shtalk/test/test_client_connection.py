@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import tempfile
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -26,6 +25,7 @@ from shtalk.client.connection import (
     connect,
 )
 from shtalk.client.knownhosts import KnownHosts, canonical_fingerprint, fingerprints_equal
+from shtalk.testing import tempdir
 
 FP1 = ":".join(["AB"] * 32)
 FP2 = ":".join(["01"] * 32)
@@ -33,7 +33,7 @@ FP2 = ":".join(["01"] * 32)
 
 class KnownHostsTests(unittest.TestCase):
     def setUp(self) -> None:
-        self.dir = tempfile.mkdtemp()
+        self.dir = tempdir(self)
         self.path = os.path.join(self.dir, "sub", "known_hosts")
         self.kh = KnownHosts(self.path)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
-import tempfile
+import time
 from typing import Any
 
 from twisted.internet import reactor
@@ -22,6 +22,13 @@ from .test_crypto_support import fetched_bundle
 
 CHEAP = KdfParams(memory_kib=8, iterations=1, lanes=1)
 ROOM = "ops"
+
+
+def _home(case: TestCase) -> str:
+    """A directory in the test's own temporary directory (nothing is left in /tmp)."""
+    home: str = case.mktemp()
+    os.makedirs(home)
+    return home
 
 
 class Device:
@@ -83,7 +90,7 @@ class Device:
 
 class ReceiveBatchTests(TestCase):
     async def room(self) -> tuple[Device, Device]:
-        home = tempfile.mkdtemp(prefix="shtalk-e2ee-")
+        home = _home(self)
         alice, bob = Device(home, "alice"), Device(home, "bob")
         a, b = await alice.open(), await bob.open()
         self.addCleanup(lambda: Deferred.fromCoroutine(alice.close()))
@@ -91,9 +98,9 @@ class ReceiveBatchTests(TestCase):
         # What the pairwise exchange would have set up: Bob pins Alice's identity and
         # holds her sender key.
         a.rooms[ROOM] = RoomSession(ROOM, "alice", "d1")
-        dist = a.rooms[ROOM].rotate()
+        dist = a.rooms[ROOM].rotate(now=int(time.time()))
         b.rooms[ROOM] = rs = RoomSession(ROOM, "bob", "d1")
-        rs.rotate()
+        rs.rotate(now=int(time.time()))
         rs.add_distribution("alice", "d1", dist.to_bytes())
         contact = ContactDevice.first("alice", "d1", a.ident.identity_key)
         b.contacts[("alice", "d1")] = contact
@@ -247,12 +254,12 @@ class ReceiveBatchTests(TestCase):
 class SentStateTests(TestCase):
     async def sender(self) -> tuple[Device, E2EE]:
         """Alice, alone in ROOM with a sending key: sends need no server."""
-        home = tempfile.mkdtemp(prefix="shtalk-e2ee-")
+        home = _home(self)
         alice = Device(home, "alice")
         a = await alice.open()
         self.addCleanup(lambda: Deferred.fromCoroutine(alice.close()))
         a.rooms[ROOM] = RoomSession(ROOM, "alice", "d1")
-        a.rooms[ROOM].rotate()
+        a.rooms[ROOM].rotate(now=int(time.time()))
         return alice, a
 
     async def test_a_covered_room_send_leaves_before_its_commit(self) -> None:
@@ -324,7 +331,7 @@ class SentStateTests(TestCase):
 
 class DistributeTests(TestCase):
     async def test_member_without_keys_is_skipped_not_fatal(self) -> None:
-        home = tempfile.mkdtemp(prefix="shtalk-e2ee-")
+        home = _home(self)
         alice, bob = Device(home, "alice"), Device(home, "bob")
         a, b = await alice.open(), await bob.open()
         self.addCleanup(lambda: Deferred.fromCoroutine(alice.close()))
@@ -352,7 +359,7 @@ class DirectSendTests(TestCase):
     """A DM leaves before its own commit once a durable saved state covers it."""
 
     async def pair(self) -> tuple[Device, Device, list[Deferred[None]]]:
-        home = tempfile.mkdtemp(prefix="shtalk-e2ee-")
+        home = _home(self)
         alice, bob = Device(home, "alice"), Device(home, "bob")
         a, b = await alice.open(), await bob.open()
         self.addCleanup(lambda: Deferred.fromCoroutine(alice.close()))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -26,6 +25,7 @@ from shtalk.client.connection import (
 )
 from shtalk.client.knownhosts import KnownHosts
 from shtalk.client.session import AuthenticationFailed, Credentials, ServerSession
+from shtalk.testing import tempdir
 
 FP = ":".join(["AB"] * 32)
 FP_OTHER = ":".join(["CD"] * 32)
@@ -123,7 +123,7 @@ class SessionTestCase(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         self.server = ScriptedServer(self.clock)
-        self.kh = KnownHosts(os.path.join(tempfile.mkdtemp(), "known_hosts"))
+        self.kh = KnownHosts(os.path.join(tempdir(self), "known_hosts"))
         self.kh.remember("chat.example", 6697, FP)
         self.pushes: list[dict[str, Any]] = []
         self.states: list[tuple[str, str]] = []

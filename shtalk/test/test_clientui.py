@@ -37,6 +37,7 @@ from shtalk.clientui.screen import ScreenHost
 from shtalk.clientui.steps import Steps, enroll_totp
 from shtalk.clientui.themes import ATTRS, THEMES
 from shtalk.clientui.view import INPUT_ACTIONS, SCROLL_ACTIONS, ChatView, Screen, ViewCallbacks
+from shtalk.testing import tempdir
 
 T0 = 1_700_000_000_000
 
@@ -594,14 +595,13 @@ class DialogTests(unittest.TestCase):
     def test_reconnect_login_steps_are_prompts(self) -> None:
         """The reconnect loop's password login meets a TOTP or CAPTCHA demand: the app's
         ``ask_extra`` (handed to the client) prompts and answers in the session's terms."""
-        import tempfile
         from types import SimpleNamespace
 
         from twisted.internet.task import Clock
 
         from shtalk.clientui.app import App
 
-        app = App(Clock(), ClientConfig(), "chat.example", 6697, Path(tempfile.mkdtemp()))
+        app = App(Clock(), ClientConfig(), "chat.example", 6697, Path(tempdir(self)))
         app.client = SimpleNamespace(  # type: ignore[assignment]
             credentials=SimpleNamespace(username="alice"),
             session=SimpleNamespace(request_unauthenticated=lambda *a, **k: succeed({})))

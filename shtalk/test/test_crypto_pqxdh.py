@@ -143,7 +143,9 @@ class BundleValidation(SynchronousTestCase):
 class IdentityState(SynchronousTestCase):
     def test_serialisation_round_trip(self) -> None:
         ident = identity(opks=4, kem_opks=2)
-        ident.rotate_signed_prekey()
+        ident.rotate_prekeys(1_700_000_000)
+        ident.published(1_700_000_100)
+        ident.remember_initial(ident.signed_prekey[0], bytes(range(32)))
         blob = ident.to_bytes()
         again = DeviceIdentity.from_bytes(blob)
         self.assertEqual(again.to_bytes(), blob)
@@ -152,6 +154,21 @@ class IdentityState(SynchronousTestCase):
         for cut in (0, 10, len(blob) - 1):
             self.assertRaises(CryptoError, DeviceIdentity.from_bytes, blob[:cut])
         self.assertRaises(UnsupportedVersion, DeviceIdentity.from_bytes, b"\x07" + blob[1:])
+        self.assertEqual(
+            (again.prekeys_created, again.previous_retired), (1_700_000_000, 1_700_000_100)
+        )
+        self.assertEqual(again.previous_kem_last_resort, ident.previous_kem_last_resort)
+        self.assertEqual(again.seen_initials, ident.seen_initials)
+
+    def test_version_1_state_still_loads(self) -> None:
+        """A store written before rotation existed: same keys, times unknown (so due)."""
+        ident = identity(opks=2, kem_opks=1)
+        ident.remember_initial(ident.signed_prekey[0], bytes(32))
+        again = DeviceIdentity.from_bytes(_version_1_bytes(ident))
+        self.assertEqual(again.public_bundle(), ident.public_bundle())
+        self.assertEqual(again.seen_initials, ident.seen_initials)
+        self.assertEqual((again.prekeys_created, again.previous_retired), (0, 0))
+        self.assertIsNone(again.previous_kem_last_resort)
 
     def test_generate_and_remove_one_time_prekeys(self) -> None:
         ident = identity(opks=2, kem_opks=1)
@@ -238,18 +255,39 @@ class PQXDH(SynchronousTestCase):
         tampered = dataclasses.replace(msg, kem_ciphertext=bytes(ct))
         self.assertNotEqual(respond(bob, tampered)[0].root_key, keys.root_key)
 
-    def test_old_signed_prekey_still_accepted_after_rotation(self) -> None:
-        alice, bob = identity(), identity()
-        session = Session.initiate(alice, fetched_bundle(bob))
-        bob.rotate_signed_prekey()
-        _, header, ciphertext = session.encrypt(b"in flight")
+    def test_previous_prekeys_accepted_until_the_grace_period_ends(self) -> None:
+        alice, bob = identity(), identity(opks=0, kem_opks=0)
+        old = bob.public_bundle().base()  # last-resort keys only: both old ones are used
+        early = Session.initiate(alice, old)
+        bob.rotate_prekeys(now=1000)
+        self.assertNotEqual(bob.public_bundle().signed_prekey, old.signed_prekey)
+        self.assertNotEqual(bob.public_bundle().kem_last_resort, old.kem_last_resort)
+        _, header, ciphertext = early.encrypt(b"in flight")
         self.assertEqual(accept(bob, header, ciphertext)[1], b"in flight")
-        bob.rotate_signed_prekey()
-        session = Session.initiate(alice, bob.public_bundle().select(None, None))
-        bob.rotate_signed_prekey()
-        bob.rotate_signed_prekey()
-        _, header, ciphertext = session.encrypt(b"too late")
+        # The replay list outlives the rotation (no second copy during the grace period).
+        self.assertRaises(ReplayError, accept, bob, header, ciphertext)
+        # Not published yet: the old pair stays however long that takes.
+        self.assertFalse(bob.expire_previous(10**9, grace=60))
+        self.assertTrue(bob.published(2000))
+        self.assertFalse(bob.published(3000))  # the grace period starts once
+        self.assertFalse(bob.expire_previous(2059, grace=60))
+        _, header, ciphertext = Session.initiate(alice, old).encrypt(b"still in time")
+        self.assertEqual(accept(bob, header, ciphertext)[1], b"still in time")
+        self.assertTrue(bob.expire_previous(2060, grace=60))
+        self.assertIsNone(bob.previous_signed_prekey)
+        self.assertIsNone(bob.previous_kem_last_resort)
+        self.assertEqual([e[0] for e in bob.seen_initials], [])  # all named the old key
+        before = bob.to_bytes()
+        _, header, ciphertext = Session.initiate(alice, old).encrypt(b"too late")
         self.assertRaises(UnknownPreKey, accept, bob, header, ciphertext)
+        self.assertEqual(bob.to_bytes(), before)
+        # A KEM key that was rotated away is refused on its own, too.
+        mixed = dataclasses.replace(bob.public_bundle().base(), kem_last_resort=old.kem_last_resort)
+        _, header, ciphertext = Session.initiate(alice, mixed).encrypt(b"old KEM key")
+        self.assertRaises(UnknownPreKey, accept, bob, header, ciphertext)
+        self.assertEqual(bob.to_bytes(), before)
+        _, header, ciphertext = Session.initiate(alice, bob.public_bundle()).encrypt(b"new")
+        self.assertEqual(accept(bob, header, ciphertext)[1], b"new")
 
     def test_initial_message_decoding(self) -> None:
         alice, bob = identity(), identity()
@@ -262,3 +300,29 @@ class PQXDH(SynchronousTestCase):
         low = dataclasses.replace(msg, ephemeral=bytes(32))
         self.assertRaises(BadKey, InitialMessage.from_bytes, low.to_bytes())
         self.assertEqual(len(P.x25519_public_bytes(P.x25519_generate())), 32)
+
+
+def _version_1_bytes(ident: DeviceIdentity) -> bytes:
+    """``DeviceIdentity.to_bytes`` as it was before version 2 (no previous last-resort
+    key, no times, bare digests): what stores made by earlier clients hold."""
+    from shtalk.crypto.encoding import Writer
+
+    w = Writer().u8(1)
+    w.fixed(P.signing_private_bytes(ident.signing_key), 32)
+    w.fixed(P.x25519_private_bytes(ident.dh_key), 32)
+    for spk in (ident.signed_prekey, ident.previous_signed_prekey):
+        w.u8(spk is not None)
+        if spk is not None:
+            w.u32(spk[0]).fixed(spk[1], 32).fixed(spk[2], P.SIG_LEN)
+    kid, seed, sig = ident.kem_last_resort
+    w.u32(kid).fixed(seed, P.KEM_SEED_LEN).fixed(sig, P.SIG_LEN)
+    w.u32(len(ident.one_time_prekeys))
+    for kid, (priv, pub) in ident.one_time_prekeys.items():
+        w.u32(kid).fixed(priv, 32).fixed(pub, 32)
+    w.u32(len(ident.kem_one_time_prekeys))
+    for kid, (seed, sig) in ident.kem_one_time_prekeys.items():
+        w.u32(kid).fixed(seed, P.KEM_SEED_LEN).fixed(sig, P.SIG_LEN)
+    w.u32(ident.next_id).u32(len(ident.seen_initials))
+    for _, digest in ident.seen_initials:
+        w.fixed(digest, 32)
+    return w.getvalue()

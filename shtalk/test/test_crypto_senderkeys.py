@@ -170,6 +170,18 @@ class SenderKeyTests(SynchronousTestCase):
         for cut in (0, 5, len(blob) - 1):
             self.assertRaises(CryptoError, RoomSession.from_bytes, blob[:cut])
 
+    def test_epoch_start_is_kept_and_version_1_still_loads(self) -> None:
+        a = RoomSession(ROOM, "a", "d1")
+        a.rotate(now=1_700_000_000)
+        a.encrypt(b"x")
+        again = RoomSession.from_bytes(a.to_bytes())
+        self.assertEqual((again.epoch_started, again.index), (1_700_000_000, 1))
+        # Version 1 (before rotation by age): the same bytes without the u64 start.
+        v1 = b"\x01" + a.to_bytes()[1:].replace((1_700_000_000).to_bytes(8, "big"), b"", 1)
+        old = RoomSession.from_bytes(v1)
+        self.assertEqual((old.epoch, old.index, old.epoch_started), (0, 1, 0))
+        self.assertEqual(old.distribution(), a.distribution())
+
     def test_split_serialisation(self) -> None:
         """Own state and each chain apart (the client stores them as separate rows)."""
         room = Room("a", "b", "c")

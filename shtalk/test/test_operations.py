@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -29,6 +28,7 @@ from shtalk.server.ratelimit import (
     RateLimiter,
     address_key,
 )
+from shtalk.testing import tempdir
 
 
 class BucketTests(unittest.TestCase):
@@ -123,7 +123,7 @@ class FakeRedis:
         self.up = True
         self.closed = False
 
-    def take(self, keys: Any, limits: Any) -> Deferred[float]:
+    def take(self, keys: Any, limits: Any, peek: bool = False) -> Deferred[float]:
         return succeed(0.0) if self.up else fail(ConnectionError("refused"))
 
     def ping(self) -> Deferred[Any]:
@@ -165,7 +165,7 @@ class SealedLogTests(unittest.TestCase):
     def setUp(self) -> None:
         self.private_text, self.public_text = seclog.generate_keypair()
         self.private = seclog.load_private_key(self.private_text)
-        self.dir = Path(tempfile.mkdtemp())
+        self.dir = Path(tempdir(self))
 
     def observer(self, **kw: Any) -> seclog.SealedLogObserver:
         o = seclog.SealedLogObserver(
@@ -254,6 +254,37 @@ class MonitorTests(unittest.TestCase):
         m.sent(9, "newbie", clock.seconds() - 60, [10], [50])
         self.assertEqual(flag.count, 3)
 
+    def test_first_send_after_login_is_judged(self) -> None:
+        """The exact threshold: more than ``new_account_strangers`` strangers (5) raise
+        the flag at the 6th, counting the account's very first message."""
+        clock = Clock()
+        clock.advance(1_000_000)
+        m = Monitor(MonitorSection(new_account_strangers=5), clock,
+                    partners=lambda uid: succeed([]))
+        self.successResultOf(m.preload(9))  # what ChatService.avatar_for waits for
+        counts = []
+        for peer in range(10, 17):
+            m.sent(9, "newbie", clock.seconds() - 60, [peer], [50])
+            counts.append(len(m.open_flags()))
+        self.assertEqual(counts, [0, 0, 0, 0, 0, 1, 1])
+        [flag] = m.open_flags()
+        self.assertEqual((flag.signal, flag.count), ("new_account_strangers", 7))
+
+    def test_review_list_shows_the_subject_kind_in_full(self) -> None:
+        from shtalk.admin.control import render_flags
+
+        flags = [
+            {"id": 1, "status": "open", "signal": "reports", "kind": "account",
+             "label": "a" * 32, "action": "flag", "count": 3, "last": 0.0, "reason": "r"},
+            {"id": 2, "status": "open", "signal": "registrations", "kind": "address",
+             "label": "2001:db8:1234:5678::/64", "action": "captcha", "count": 6,
+             "last": 0.0, "reason": "r"},
+        ]
+        text = "\n".join(render_flags(flags))
+        self.assertIn("account:" + "a" * 32 + " ", text)
+        self.assertIn("address:2001:db8:1234:5678::/64 ", text)
+        self.assertNotIn("acco:", text)
+
     def test_registrations_per_address_and_window(self) -> None:
         m, clock, _ = self.monitor(registrations=2, window=60)
         m.registered(1, "a")
@@ -266,16 +297,42 @@ class MonitorTests(unittest.TestCase):
         self.assertEqual([f.subject for f in m.open_flags()], ["a"])
 
     def test_reports_weigh_verified_ones_and_count_reporters_once(self) -> None:
-        m, _, _ = self.monitor(reports=3)
+        m, _, acted = self.monitor(reports=3)
         self.assertIsNone(m.reported(5, "x", "r1", False, {}))
         self.assertIsNone(m.reported(5, "x", "r1", False, {}))  # same reporter again
         self.assertIsNone(m.reported(5, "x", "r2", False, {}))
         self.assertIsNotNone(m.reported(5, "x", "r3", False, {}))
         m2, _, _ = self.monitor(reports=3)
         self.assertIsNotNone(m2.reported(6, "y", "r1", True, {"envelope_id": "ab"}))
+        # A verified reporter reporting again is still one reporter of weight 3.
+        m2.reported(6, "y", "r1", True, {"envelope_id": "ab"})
+        self.assertEqual(m2.open_flags()[0].count, 3)
+        self.assertEqual(acted, [])
+
+    def test_one_report_never_suspends_and_throwaways_count_once(self) -> None:
+        m, _, acted = self.monitor()  # defaults: reports 3, quorum 3, action suspend
+        flag = m.reported(5, "x", "r1", True, {}, True, "198.51.100.1")
+        assert flag is not None
+        self.assertEqual((flag.action, acted), ("flag", []))
+        # One person's many accounts from one address: one qualifying reporter.
+        for i in range(10):
+            m.reported(5, "x", f"throwaway{i}", True, {}, True, "203.0.113.9")
+        # Verified but not qualifying (too young, or never written to): not counted.
+        for i in range(10):
+            m.reported(5, "x", f"young{i}", True, {}, False, f"192.0.2.{i}")
+        self.assertEqual((flag.action, acted), ("flag", []))
+        self.assertIn("2 of 3 qualifying", flag.reason)
+        m.reported(5, "x", "r3", True, {}, True, "198.51.100.3")
+        self.assertEqual((flag.action, acted), ("suspend", [("suspend", "reports")]))
+        m.reported(5, "x", "r4", True, {}, True, "198.51.100.4")
+        self.assertEqual(acted, [("suspend", "reports")])  # runs once
+
+    def test_quorum_below_two_is_refused(self) -> None:
+        with self.assertRaises(ConfigError):
+            ServerConfig.from_string("[monitor]\nreport_quorum = 1\n")
 
     def test_flags_persist_and_clear(self) -> None:
-        path = Path(tempfile.mkdtemp()) / "flags.json"
+        path = Path(tempdir(self)) / "flags.json"
         clock = Clock()
         m = Monitor(MonitorSection(send_rate=1), clock, path)
         m.sent(1, "a", 0.0, [], [1])

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import tempfile
 import threading
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from shtalk.sqlitethread import SQLiteThread
+from shtalk.testing import tempdir
 
 
 class SQLiteThreadTests(TestCase):
     def setUp(self) -> None:
-        self.path = os.path.join(tempfile.mkdtemp(), "t.sqlite3")
+        self.path = os.path.join(tempdir(self), "t.sqlite3")
         self.connects = 0
 
     def connect(self) -> sqlite3.Connection:

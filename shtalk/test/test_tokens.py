@@ -19,7 +19,16 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from shtalk.protocol.errors import ErrorCode, ProtocolError
 from shtalk.server.passwords import PasswordHasher, check_password_policy
-from shtalk.server.tokens import AUDIENCE, TokenError, TokenIssuer, new_refresh_token, refresh_hash
+from shtalk.server.tokens import (
+    AUDIENCE,
+    TokenError,
+    TokenIssuer,
+    low_s,
+    new_refresh_token,
+    refresh_hash,
+)
+
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
 def new_key_pem() -> bytes:
@@ -60,7 +69,7 @@ class AccessTokenTests(SynchronousTestCase):
     def sign(self, claims: dict[str, object], **headers: object) -> str:
         h: dict[str, object] = {"typ": "at+jwt", "kid": self.issuer.kid}
         h.update(headers)
-        return jwt.encode(claims, self.pem, algorithm="ES256", headers=h)
+        return low_s(jwt.encode(claims, self.pem, algorithm="ES256", headers=h))
 
     def test_round_trip(self) -> None:
         token = self.issuer.issue_access(7, "laptop", "fam", self.now)
@@ -110,6 +119,42 @@ class AccessTokenTests(SynchronousTestCase):
     def test_garbage(self) -> None:
         for junk in ("", "a.b.c", "x" * 40, "eyJ.eyJ.eyJ"):
             self.refused(junk)
+
+    def test_only_the_low_s_form_of_a_signature_is_accepted(self) -> None:
+        """ECDSA's (r, n - s) twin verifies mathematically; one of the two is refused, and
+        every token we issue is the other (OpenSSL picks either half at random)."""
+        for i in range(40):
+            token = self.issuer.issue_access(7, "laptop", f"fam{i}", self.now)
+            self.issuer.verify_access(token, self.now)
+            head, _, sig = token.rpartition(".")
+            raw = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
+            r, s = raw[:32], int.from_bytes(raw[32:], "big")
+            self.assertLessEqual(s, P256_N // 2)
+            twin = f"{head}.{b64url(r + (P256_N - s).to_bytes(32, 'big'))}"
+            # The twin is a valid ES256 signature (PyJWT alone accepts it) ...
+            jwt.decode(twin, self.issuer._public, algorithms=["ES256"], audience=AUDIENCE,
+                       options={"verify_exp": False, "verify_iat": False})
+            self.refused(twin)  # ... and shtalk does not.
+
+    def test_a_second_spelling_of_the_signature_is_refused(self) -> None:
+        token = self.issuer.issue_access(7, "laptop", "fam", self.now)
+        head, _, sig = token.rpartition(".")
+        self.refused(f"{head}.{sig}=")
+        self.refused(f"{head}.{sig[:-1]}{chr(ord(sig[-1]) ^ 1)}")
+
+    def test_lifetime_is_capped_by_the_configured_one(self) -> None:
+        now = int(self.now)
+        self.issuer.verify_access(self.sign(self.claims(exp=now + 900)), self.now)
+        for exp in (now + 901, now + 86400 * 365, now):
+            token = self.sign(self.claims(exp=exp))
+            with self.assertRaises(TokenError) as cm:
+                self.issuer.verify_access(token, self.now - 1)
+            self.assertEqual(cm.exception.code, "invalid_token")
+        # A token issued under a longer lifetime dies when the configured one shrinks.
+        token = self.issuer.issue_access(7, "laptop", "fam", self.now)
+        shorter = TokenIssuer(self.pem, issuer="shtalk-test", access_ttl=300)
+        with self.assertRaises(TokenError):
+            shorter.verify_access(token, self.now)
 
     def test_refresh_tokens_are_random_and_hashed(self) -> None:
         a, b = new_refresh_token(), new_refresh_token()
