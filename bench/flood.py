@@ -403,8 +403,8 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> str:
         "sockets wait for their handshake (the oldest are aborted first), each at most "
         "10 s from accept; a slot goes only to bytes that arrived; silent sockets never "
         "get an OpenSSL object. The flood costs the server CPU only for accepting and "
-        "aborting, and the reopening attacker, who makes it accept and abort over a "
-        "thousand sockets a second, changes nothing for the legitimate client. What RSS "
+        "aborting; the reopening attacker, who makes it accept and abort over a thousand "
+        "sockets a second, slows the logins a little, well within the target. What RSS "
         "keeps afterwards is Python's allocator (1-MiB arenas still holding a live "
         "object, 3-4 MB), reused by the next flood rather than grown.",
         "",
