@@ -1097,6 +1097,7 @@ def start_server(work: Path) -> Any:
     cfg.write_text(
         "[server]\n"
         "max_connections_per_address = 1000\n"
+        "max_pending_handshakes_per_address = 1000\n"
         "idle_timeout = 3600\n"
         "pre_auth_timeout = 600\n"
         "[accounts]\n"

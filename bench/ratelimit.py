@@ -123,7 +123,8 @@ def start(work: Path, name: str, limiter_on: bool) -> Server:
     data = work / f"{name}-data"
     cfg = work / f"{name}.ini"
     cfg.write_text(
-        "[server]\nmax_connections_per_address = 1000\nidle_timeout = 3600\n"
+        "[server]\nmax_connections_per_address = 1000\n"
+        "max_pending_handshakes_per_address = 1000\nidle_timeout = 3600\n"
         "pre_auth_timeout = 600\n"
         "[accounts]\nbcrypt_cost = 10\nrequire_email_verification = false\n"
         "require_captcha = false\n"

@@ -44,6 +44,7 @@ room names so one server can serve many tests.
 from __future__ import annotations
 
 import atexit
+import errno
 import itertools
 import json
 import os
@@ -136,6 +137,42 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set of a process, in KiB (Linux: /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise HarnessError(f"no VmRSS for process {pid}")
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors a process has open (Linux: /proc); 0 if it is gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def silent_socket(source: str, target: tuple[str, int]) -> socket.socket | None:
+    """A TCP connection from ``source`` that will never send a byte (a flood's unit).
+
+    Non-blocking: the kernel completes the TCP handshake on its own.  None if the
+    source address cannot be bound or the connect fails at once.
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.bind((source, 0))
+        err = s.connect_ex(target)
+    except OSError:
+        s.close()
+        return None
+    if err not in (0, errno.EINPROGRESS):
+        s.close()
+        return None
+    return s
 
 
 def render_ini(sections: Mapping[str, Mapping[str, object]]) -> str:

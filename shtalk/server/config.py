@@ -112,7 +112,20 @@ class ServerSection(Section):
     )
     key: str = setting("", "TLS private key (PEM) for cert; set both or neither")
     max_connections_per_address: int = setting(
-        20, "simultaneous connections allowed from one IP address", min=1
+        20, "simultaneous connections allowed from one IP address past the TLS handshake",
+        min=1,
+    )
+    handshake_timeout: int = setting(
+        10, "seconds from accept for the TLS handshake; a socket not past it is aborted",
+        min=1, max=300,
+    )
+    max_pending_handshakes: int = setting(
+        1000, "sockets not yet past the TLS handshake, all addresses; the oldest goes first",
+        min=1,
+    )
+    max_pending_handshakes_per_address: int = setting(
+        20, "sockets not yet past the TLS handshake per client address (IPv6: per /64); "
+        "the oldest goes first", min=1,
     )
     pre_auth_timeout: int = setting(30, "seconds a connection may stay unauthenticated", min=1)
     idle_timeout: int = setting(600, "seconds of silence before a connection is closed", min=1)

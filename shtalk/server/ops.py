@@ -97,7 +97,7 @@ class Operations:
             open_flags[flag.signal] = open_flags.get(flag.signal, 0) + 1
         online = sum(len(d) for d in self.chat.router.online.values())
         out: list[Sample] = [
-            ("shtalk_connections", "gauge", "open client connections",
+            ("shtalk_connections", "gauge", "client connections past the TLS handshake",
              [({}, float(sum(f.per_address.values())))]),
             ("shtalk_online_users", "gauge", "accounts with at least one device online",
              [({}, float(online))]),
@@ -117,6 +117,14 @@ class Operations:
             ("shtalk_flags_raised_total", "counter", "monitoring flags raised since start",
              [({"signal": s}, float(mon.raised.get(s, 0))) for s in SIGNALS]),
         ]
+        admission = f.admission
+        if admission is not None:
+            out.append(("shtalk_handshakes_pending", "gauge",
+                        "sockets not yet past the TLS handshake",
+                        [({}, float(len(admission.pending)))]))
+            out.append(("shtalk_handshakes_dropped_total", "counter",
+                        "sockets aborted before the end of their TLS handshake",
+                        [({"reason": r}, float(n)) for r, n in admission.dropped.items()]))
         if self.observer is not None:
             out.append(("shtalk_sealed_log_records_total", "counter", "sealed log records",
                         [({}, float(self.observer.records))]))

@@ -33,6 +33,7 @@ from shtalk.protocol.frames import Request
 from shtalk.protocol.names import clean_label
 from shtalk.protocol.schema import PRE_AUTH, PROTOCOL_VERSION
 from shtalk.server.accountproto import AccountHandlers
+from shtalk.server.admission import PendingHandshakes
 from shtalk.server.auth import (
     AccessTokenCredentials,
     AccountNotActive,
@@ -57,17 +58,16 @@ THROTTLED = frozenset({
     "register", "login", "verify_email", "password_reset_request", "password_reset",
     "password_change", "totp_confirm", "totp_disable", "totp_recovery_codes",
 })
-#: TLS handshakes in progress at once; further new connections wait, unread.
-MAX_HANDSHAKES = 2
-#: A handshake slot is given back after this long even if the peer is silent, so
-#: connections that never handshake cannot hold the door shut.
-HANDSHAKE_SLOT_SECONDS = 0.5
 # Authentication events written to the operator's log (ASVS 16.3.1), success or not.
 AUDITED = frozenset({
     "register", "login", "resume", "refresh", "logout", "verify_email", "resend_verification",
     "password_reset_request", "password_reset", "password_change", "totp_enroll",
     "totp_confirm", "totp_disable", "totp_recovery_codes", "device_remove",
 })
+
+
+class _Dropped(Exception):
+    """A request whose turn came after its connection began to close: never run."""
 
 
 def _after(d: Deferred[None]) -> Deferred[None]:
@@ -123,9 +123,13 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
         self._inflight: set[Deferred[None]] = set()
         self._peer_key = ""
         self._limited_at: deque[float] = deque()
-        self._handshaking = False  # holds one of the factory's handshake slots (or waits)
-        self._slot_timer: IDelayedCall | None = None
+        # Over TLS, true until the handshake is done (the deadline then aborts: there
+        # is no channel for an error line yet); the admission is shtalk.server.admission.
+        self._handshaking = False
         self._store_paused = False  # not reading: the store's write queue is full
+        # Set once the connection is closing or gone: requests not yet started are
+        # dropped (never run, no reply), whatever queued them.
+        self._closing = False
 
     # connection lifecycle ----------------------------------------------------
     def connectionMade(self) -> None:
@@ -134,32 +138,42 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self._peer = getattr(peer, "host", str(peer))
         self._peer_key = address_key(self._peer)
-        if not f.admit(self._peer):
-            self._send_error(
-                None,
-                ErrorCode.TOO_MANY_CONNECTIONS,
-                "too many connections from your address; close some and retry",
-            )
-            self.transport.loseConnection()  # type: ignore[union-attr]
-            return
-        self._counted = True
         nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if nodelay is not None:
             # Not every transport is TCP (tests, UNIX sockets).
             with contextlib.suppress(Exception):
                 nodelay(True)
-        # The pre-authentication deadline is fixed: partial data never extends it.
+        # The pre-authentication deadline is fixed, from accept: partial data (or a
+        # handshake that never ends) never extends it.
         self._deadline = f.clock.callLater(f.pre_auth_timeout, self._timed_out, "log in")
         self._reset_idle()
         if isinstance(self.transport, TLSMemoryBIOProtocol):
-            f.handshake_starting(self)
+            # Counted once past the handshake: before it, the admission bounds sockets,
+            # and the refusal below needs the TLS channel to be read.
+            self._handshaking = True
+        else:
+            self._admit()
 
     def handshakeCompleted(self) -> None:
-        """IHandshakeListener: the TLS handshake is done; let the next one in."""
-        self.factory.handshake_finished(self)
+        """IHandshakeListener: the TLS handshake is done."""
+        self._handshaking = False
+        self._admit()
+
+    def _admit(self) -> None:
+        """The per-address cap of our own (LimitConnectionsByPeer is broken on Twisted 26)."""
+        if self.factory.admit(self._peer):
+            self._counted = True
+            return
+        self._closing = True
+        self._send_error(
+            None,
+            ErrorCode.TOO_MANY_CONNECTIONS,
+            "too many connections from your address; close some and retry",
+        )
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self.factory.handshake_finished(self)
+        self._closing = True
         for call in (self._deadline, self._idle):
             if call is not None and call.active():
                 call.cancel()
@@ -181,6 +195,12 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             logout()
 
     def _timed_out(self, what: str) -> None:
+        self._closing = True
+        if self._handshaking:
+            # No TLS channel to say why, and Twisted's loseConnection would wait for
+            # the handshake forever once a line is queued for it.
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         self._send_error(
             None, ErrorCode.TIMEOUT, f"connection closed: no {what} in time; reconnect to go on"
         )
@@ -199,6 +219,7 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
         transport: Any = self.transport
         if transport is None or getattr(transport, "disconnecting", False):
             return
+        self._closing = True
         self._send_error(
             None,
             ErrorCode.LINE_TOO_LONG,
@@ -216,6 +237,8 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
         self._deadline = self.factory.clock.callLater(2.0, transport.abortConnection)
 
     def lineReceived(self, line: bytes) -> None:
+        if self._closing:
+            return
         if line.endswith(b"\r"):
             line = line[:-1]
         if not line.strip():
@@ -266,7 +289,13 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             self._serial = None
 
     def _run(self, request: Request) -> Deferred[None]:
-        """Run one request; the returned Deferred always succeeds (errors were replied)."""
+        """Run one request; the returned Deferred always succeeds (errors were replied).
+
+        A request whose turn comes once the connection is closing is dropped: it may
+        have queued behind the request that got the connection closed.
+        """
+        if self._closing:
+            return succeed(None)
         avatar = self.avatar
         if request.type == "ack" and avatar is not None and self.state is State.AUTHENTICATED:
             # Fast path: acks are most requests (not rate limited, not audited, no result).
@@ -282,7 +311,7 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             if gate is None:
                 d = maybeDeferred(handler, request)
             else:
-                d = gate.addCallback(lambda _: handler(request))
+                d = gate.addCallback(lambda _: self._unless_closing(handler, request))
         except ProtocolError as e:
             e.request_id = request.id
             self._audit(request, str(e.code))
@@ -291,6 +320,12 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             return succeed(None)
         d.addCallbacks(self._reply, self._failed, callbackArgs=(request,), errbackArgs=(request,))
         return d
+
+    def _unless_closing(self, handler: Callable[[Request], Any], request: Request) -> Any:
+        """The handler, unless the connection began to close while the check was pending."""
+        if self._closing:
+            raise _Dropped()
+        return handler(request)
 
     def _rate_gate(self, request: Request) -> Deferred[None] | None:
         """Rate limiting (shtalk.server.ratelimit): raises or returns a pending check."""
@@ -336,6 +371,8 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             transport: Any = self.transport
             if transport is not None:
                 self._post_reply = None
+                # The error line goes out first; nothing queued behind it runs.
+                self._closing = True
                 self.factory.clock.callLater(0, transport.loseConnection)
 
     def _check_state(self, request: Request) -> None:
@@ -389,6 +426,8 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
             post()
 
     def _failed(self, failure: Failure, request: Request) -> None:
+        if isinstance(failure.value, _Dropped):
+            return
         e = failure.value
         self._audit(request, str(getattr(e, "code", "internal_error")))
         if isinstance(e, ProtocolError):
@@ -761,49 +800,12 @@ class ShtalkServerFactory(Factory):
         self.limiter: RateLimiter | None = None
         # Account security (issue 6): set by make_chat_service; None: no checks at all.
         self.security: AccountSecurity | None = None
-        # Admission control: at most this many TLS handshakes at once; the others'
-        # sockets are not read until a slot frees, so a burst of connections (a login
-        # storm) is spread over time instead of stalling the reactor in one go.
-        self.max_handshakes = MAX_HANDSHAKES
-        self.handshaking = 0
-        self._handshake_queue: deque[ShtalkServerProtocol] = deque()
-
-    def handshake_starting(self, proto: ShtalkServerProtocol) -> None:
-        proto._handshaking = True
-        if self.handshaking < self.max_handshakes:
-            self._take_slot(proto)
-        else:
-            proto.transport.pauseProducing()  # type: ignore[union-attr]
-            self._handshake_queue.append(proto)
-
-    def handshake_finished(self, proto: ShtalkServerProtocol) -> None:
-        """Done, failed or gone: free its slot (or its place in the queue)."""
-        if not proto._handshaking:
-            return
-        proto._handshaking = False
-        timer, proto._slot_timer = proto._slot_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-        try:
-            self._handshake_queue.remove(proto)
-        except ValueError:
-            self.handshaking -= 1
-        else:
-            return
-        while self._handshake_queue and self.handshaking < self.max_handshakes:
-            nxt = self._handshake_queue.popleft()
-            self._take_slot(nxt)
-            if nxt.transport is not None:
-                nxt.transport.resumeProducing()  # type: ignore[attr-defined]
-
-    def _take_slot(self, proto: ShtalkServerProtocol) -> None:
-        self.handshaking += 1
-        proto._slot_timer = self.clock.callLater(
-            HANDSHAKE_SLOT_SECONDS, self.handshake_finished, proto
-        )
+        # Sockets not yet past the TLS handshake (shtalk.server.admission); set by
+        # make_chat_service, for the listener and the metrics.
+        self.admission: PendingHandshakes | None = None
 
     def admit(self, host: str) -> bool:
-        """Per-address cap of our own (LimitConnectionsByPeer is broken on Twisted 26)."""
+        """Count a connection past the handshake; False: the address is at its cap."""
         n = self.per_address.get(host, 0)
         if n >= self.max_per_address:
             return False

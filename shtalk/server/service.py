@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from shtalk.server.admission import PendingHandshakes
 from shtalk.server.auth import AccessTokenChecker, BcryptChecker, ChatRealm
 from shtalk.server.chat import ChatService
 from shtalk.server.config import ServerConfig, StartupError
@@ -147,6 +148,7 @@ def make_chat_service(
         idle_timeout=float(server.idle_timeout),
         max_connections_per_address=server.max_connections_per_address,
     )
+    factory.admission = PendingHandshakes.from_config(server, clock)
     top = ChatServerService()  # type: ignore[no-untyped-call]
     StoreService(store, hasher).setServiceParent(top)  # type: ignore[no-untyped-call]
     chat.setServiceParent(top)  # type: ignore[no-untyped-call]

@@ -32,10 +32,15 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from shtalk.server import tls
+from shtalk.server.admission import AdmittedTLSFactory, PendingHandshakes
 from shtalk.server.config import ConfigError, ServerConfig, StartupError, resolve_data_dir
 from shtalk.server.datadir import DEFAULT_TLS_NAMES, DataDir
 
 log = Logger()
+
+#: Listen backlog: a burst of connections waits in the kernel instead of being refused
+#: (the kernel caps it at net.core.somaxconn; Twisted's default is 50).
+BACKLOG = 1024
 
 MakeChatService = Callable[[ServerConfig, DataDir], IServiceCollection]
 
@@ -109,8 +114,9 @@ class Options(usage.Options):
             "max-connections-per-address",
             None,
             None,
-            "Simultaneous connections allowed from one IP address; raise it to benchmark "
-            "from one host [default: 20].",
+            "Simultaneous connections allowed from one IP address once past the TLS "
+            "handshake; to benchmark from one host raise it and [server] "
+            "max_pending_handshakes_per_address [default: 20].",
             _positive,
         ],
     ]
@@ -305,8 +311,9 @@ def build_service(
                 "see https://docs.twisted.org/en/stable/core/howto/endpoints.html"
             ) from None
     else:
-        endpoint = endpoints.SSL4ServerEndpoint(  # type: ignore[no-untyped-call]
-            reactor, server.port, tls_options, interface=server.interface
+        # listenSSL's set-up (TCP under Twisted's TLS), with the handshake admitted.
+        endpoint = endpoints.TCP4ServerEndpoint(  # type: ignore[no-untyped-call]
+            reactor, server.port, backlog=BACKLOG, interface=server.interface
         )
 
     if make_chat_service is None:
@@ -328,6 +335,11 @@ def build_service(
             stdout.flush()
 
     factory: IProtocolFactory = chat.factory  # type: ignore[attr-defined,union-attr]
+    if not server.listen:
+        admission = getattr(factory, "admission", None) or PendingHandshakes.from_config(
+            server, reactor
+        )
+        factory = AdmittedTLSFactory(tls_options, factory, admission, reactor)
     listener = StreamServerEndpointService(  # type: ignore[no-untyped-call]
         AnnouncingEndpoint(endpoint, announce), factory
     )

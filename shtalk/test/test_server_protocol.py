@@ -7,6 +7,7 @@ await Deferreds; protocol timers run on a Clock the tests advance.
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 from twisted.internet import reactor
@@ -141,6 +142,83 @@ class ServerProtocolTests(TestCase):
         peers[0].proto.connectionLost(None)
         again = self.peer("198.51.100.7")
         self.assertFalse(again.transport.disconnecting)
+
+    async def test_requests_behind_a_rate_limit_close_never_run(self) -> None:
+        """A connection closed for exceeding its rate limits runs nothing it had queued."""
+        from shtalk.server.config import RateLimitSection
+        from shtalk.server.ratelimit import RateLimiter
+
+        clock = self.parts.clock
+        section = RateLimitSection(send_account="1/600", send_address="off", disconnect_after=2)
+        self.parts.factory.limiter = RateLimiter(section, clock)
+        rita = await self.account("rita")
+        r = await self.reply(rita, rita.request("room_create", room="#base"))
+        self.assertTrue(r["ok"], r)
+        # One chunk, as a flooding client sends it: the first send is taken and waits for
+        # the store; the next three are refused and the third refusal closes the
+        # connection; what follows must never run, neither now nor once the send is done.
+        sends = [
+            {"id": 10 + i, "type": "send", "to": {"room": "base"}, "envelope": "aGk=",
+             "client_id": f"f{i}"}
+            for i in range(4)
+        ]
+        after = [
+            {"id": 14, "type": "ping"},
+            {"id": 15, "type": "room_create", "room": "#after"},
+            {"id": 16, "type": "room_list"},
+            {"id": 17, "type": "logout"},
+        ]
+        rita.send(b"".join(json.dumps(obj).encode() + b"\n" for obj in sends + after))
+        clock.advance(0)  # the close the third refusal asked for
+        self.assertTrue(rita.transport.disconnecting)
+        rita.proto.connectionLost(None)  # what the reactor does next
+        sent = await self.reply(rita, 10)
+        self.assertTrue(sent["ok"], sent)
+        await spin(0.05)
+        codes = [rita.find_reply(i) for i in range(11, 14)]
+        self.assertEqual([c and c["error"]["code"] for c in codes], ["rate_limited"] * 3)
+        self.assertEqual([rita.find_reply(i) for i in range(14, 18)], [None] * 4)
+        # Nothing ran: the room does not exist, and the session was not logged out.
+        other = await self.account("otto")
+        r = await self.reply(other, other.request("room_join", room="after"))
+        self.assertEqual(r["error"]["code"], "no_such_room", r)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_a_check_still_pending_at_the_close_runs_nothing(self) -> None:
+        """A request waiting on a slow (shared) limiter when the link drops is dropped."""
+        from shtalk.server.config import RateLimitSection
+        from shtalk.server.ratelimit import RateLimiter
+
+        class SlowBuckets:
+            """A shared backend (Redis) that has not answered yet."""
+
+            def __init__(self) -> None:
+                self.pending: list[Deferred[float]] = []
+
+            def take(self, keys: Any, limits: Any) -> Deferred[float]:
+                d: Deferred[float] = Deferred()
+                self.pending.append(d)
+                return d
+
+        backend = SlowBuckets()
+        sam = await self.account("sam")
+        r = await self.reply(sam, sam.request("room_create", room="#slow"))
+        self.assertTrue(r["ok"], r)
+        limiter = RateLimiter(RateLimitSection(), self.parts.clock, backend)
+        self.parts.factory.limiter = limiter
+        rid = sam.request("room_leave", room="slow")  # not limited: runs at once
+        self.assertTrue((await self.reply(sam, rid))["ok"])
+        rid = sam.request("room_join", room="slow")  # waits for the backend's answer
+        self.assertEqual(len(backend.pending), 1)
+        sam.proto.connectionLost(None)
+        backend.pending[0].callback(0.0)  # allowed, but too late
+        await spin(0.05)
+        self.assertIsNone(sam.find_reply(rid))
+        self.parts.factory.limiter = None
+        other = await self.account("olga")
+        r = await self.reply(other, other.request("room_members", room="slow"))
+        self.assertNotIn("sam", json.dumps(r), r)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     # accounts ----------------------------------------------------------------------
     async def test_register_rules(self) -> None:
@@ -384,57 +462,3 @@ class PrekeyDirectoryTests(ServerProtocolTests):
         self.assertEqual(r["error"]["code"], "not_authenticated")
         r = await self.reply(alice, alice.request("keys_fetch", user="bobn"))
         self.assertEqual(r["devices"], [])
-
-
-class HandshakeAdmissionTests(TestCase):
-    """At most MAX_HANDSHAKES TLS handshakes at once; the rest wait unread."""
-
-    class FakeTransport:
-        def __init__(self) -> None:
-            self.paused = False
-
-        def pauseProducing(self) -> None:
-            self.paused = True
-
-        def resumeProducing(self) -> None:
-            self.paused = False
-
-    def make(self) -> tuple[Any, Any, list[Any]]:
-        from twisted.internet.task import Clock
-
-        from shtalk.server.protocol import ShtalkServerFactory, ShtalkServerProtocol
-
-        clock = Clock()
-        factory = ShtalkServerFactory(None, None, clock)  # type: ignore[arg-type]
-        protos = []
-        for _ in range(5):
-            p = ShtalkServerProtocol()
-            p.transport = self.FakeTransport()  # type: ignore[assignment]
-            protos.append(p)
-        return factory, clock, protos
-
-    def test_burst_is_admitted_a_few_at_a_time(self) -> None:
-        factory, _, protos = self.make()
-        factory.max_handshakes = 2
-        for p in protos:
-            factory.handshake_starting(p)
-        self.assertEqual([p.transport.paused for p in protos], [False, False, True, True, True])
-        factory.handshake_finished(protos[0])
-        self.assertEqual([p.transport.paused for p in protos], [False, False, False, True, True])
-        factory.handshake_finished(protos[4])  # gone while waiting: frees no slot
-        factory.handshake_finished(protos[4])  # idempotent
-        self.assertEqual(factory.handshaking, 2)
-        factory.handshake_finished(protos[1])
-        self.assertFalse(protos[3].transport.paused)
-
-    def test_silent_peers_give_their_slot_back(self) -> None:
-        from shtalk.server.protocol import HANDSHAKE_SLOT_SECONDS
-
-        factory, clock, protos = self.make()
-        factory.max_handshakes = 1
-        factory.handshake_starting(protos[0])
-        factory.handshake_starting(protos[1])
-        self.assertTrue(protos[1].transport.paused)
-        clock.advance(HANDSHAKE_SLOT_SECONDS)
-        self.assertFalse(protos[1].transport.paused)
-        self.assertEqual(factory.handshaking, 1)

@@ -24,6 +24,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from shtalk.server import tap, tls
+from shtalk.server.admission import AdmittedTLSFactory
 from shtalk.server.config import ConfigError, ServerConfig, StartupError
 from shtalk.server.datadir import DataDir, DataDirError
 
@@ -133,7 +134,7 @@ class BuildServiceTests(unittest.TestCase):
         top = self.h.build()
         self.assertIsInstance(top, MultiService)
         self.assertFalse(top.running)
-        self.assertEqual(self.h.reactor.sslServers, [])  # nothing listens yet
+        self.assertEqual(self.h.reactor.tcpServers, [])  # nothing listens yet
         [chat] = self.h.made
         self.assertIn(chat, list(top))
         self.assertIsNotNone(chat.getServiceNamed("listener"))  # type: ignore[no-untyped-call]
@@ -146,9 +147,12 @@ class BuildServiceTests(unittest.TestCase):
         top = self.h.build("--port", "7001", "--interface", "127.0.0.2")
         top.startService()  # type: ignore[no-untyped-call]
         self.addCleanup(top.stopService)
-        [(port, factory, ctx, _, interface)] = self.h.reactor.sslServers
-        self.assertEqual((port, interface), (7001, "127.0.0.2"))
-        self.assertIs(factory, self.h.made[0].factory)
+        # listenSSL's shape (TLS over TCP), with the handshakes admitted.
+        [(port, factory, backlog, interface)] = self.h.reactor.tcpServers
+        self.assertEqual((port, interface, backlog), (7001, "127.0.0.2", tap.BACKLOG))
+        self.assertIsInstance(factory, AdmittedTLSFactory)
+        self.assertIs(factory.wrappedFactory, self.h.made[0].factory)
+        ctx = factory.options
         self.assertIn("ECDHE-ECDSA-AES128-GCM-SHA256", ctx._cipherString)
         self.assertNotIn(":AES128-GCM-SHA256", ctx._cipherString)
 
