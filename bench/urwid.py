@@ -26,9 +26,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -401,6 +403,7 @@ def main() -> None:
         startup_child(args.startup_child)
         return
     tmp = tempfile.mkdtemp(prefix="shtalk-bench-urwid-")
+    atexit.register(shutil.rmtree, tmp, True)
     path = os.path.join(tmp, "store.sqlite3")
     results: dict[str, Any] = {}
 

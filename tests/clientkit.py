@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +37,10 @@ class Person:
         self.port = port
         self.username = username
         self.device = device
-        self.home = home or tempfile.mkdtemp(prefix=f"shtalk-{username}-{device}-")
+        if home is None:  # a restart keeps it; the test process removes it at exit
+            home = tempfile.mkdtemp(prefix=f"shtalk-{username}-{device}-")
+            atexit.register(shutil.rmtree, home, True)
+        self.home = home
         self.events: list[Event] = []
         self.client: ShtalkClient | None = None
         self.store: LocalStore | None = None

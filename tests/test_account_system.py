@@ -8,7 +8,9 @@ server appends ``id answer`` lines to that file); a real client shows the art.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -48,6 +50,7 @@ def refused(client: JsonLineClient, rtype: str, errcode: str, **fields: Any) -> 
     assert r.get("ok") is False and r["error"]["code"] == errcode, (rtype, r)
     return r["error"]
 _TMP = Path(tempfile.mkdtemp(prefix="shtalk-acct-"))
+atexit.register(shutil.rmtree, _TMP, True)
 _CERT_PEM, _TLS = make_cert(_TMP)
 _SMTP_PORT = free_port()
 

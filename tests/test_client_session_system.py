@@ -11,7 +11,6 @@ removed device gets ``logged_out`` and logs in again; requests wait, then time o
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +22,7 @@ from twisted.trial import unittest
 from shtalk.client.connection import CertificateChanged, CertificateInvalid, RequestTimeout
 from shtalk.client.knownhosts import KnownHosts
 from shtalk.client.session import Credentials, ServerSession
+from shtalk.testing import tempdir
 from tests.harness import PASSWORD, ServerProcess, ServerTestCase, fresh_name, login_session
 
 
@@ -88,7 +88,7 @@ class SessionMixin:
 class SharedServerTests(SessionMixin, ServerTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.known_hosts = KnownHosts(os.path.join(tempfile.mkdtemp(), "known_hosts"))
+        self.known_hosts = KnownHosts(os.path.join(tempdir(self), "known_hosts"))
 
     @inlineCallbacks
     def test_tofu_first_connect_stores_fingerprint(self) -> Any:
@@ -158,7 +158,7 @@ class RestartTests(SessionMixin, unittest.TestCase):
         self.server = ServerProcess()
         self.server.start()
         self.addCleanup(self.server.cleanup)
-        self.known_hosts = KnownHosts(os.path.join(tempfile.mkdtemp(), "known_hosts"))
+        self.known_hosts = KnownHosts(os.path.join(tempdir(self), "known_hosts"))
 
     @inlineCallbacks
     def test_resume_after_server_restart(self) -> Any:
@@ -266,7 +266,7 @@ class SystemTrustTests(unittest.TestCase):
 
         from shtalk.server.tls import make_self_signed
 
-        directory = tempfile.mkdtemp()
+        directory = tempdir(self)
         ca_pem, cert_path, key_path = make_ca_and_leaf(directory)
         self.ca = Certificate.loadPEM(ca_pem)
         self.server = ServerProcess({"server": {"cert": cert_path, "key": key_path}})
