@@ -50,7 +50,7 @@ def micro_memory(n: int) -> dict[str, float]:
     from twisted.internet.task import Clock
 
     from shtalk.server.config import RateLimitSection
-    from shtalk.server.ratelimit import RateLimiter
+    from shtalk.server.ops.ratelimit import RateLimiter
 
     clock = Clock()
     huge: dict[str, Any] = dict.fromkeys(RATE_KEYS, HUGE)
@@ -81,8 +81,8 @@ def micro_redis(n: int) -> dict[str, Any]:
     from twisted.internet import reactor
     from twisted.internet.defer import gatherResults, inlineCallbacks
 
-    from shtalk.server.ratelimit import Limit
-    from shtalk.server.redisbackend import RedisBuckets
+    from shtalk.server.ops.ratelimit import Limit
+    from shtalk.server.ops.redisbackend import RedisBuckets
 
     out: dict[str, Any] = {}
     prefix = f"shtalk-bench:{time.time_ns()}:"

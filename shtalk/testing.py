@@ -14,15 +14,15 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from shtalk.server.chat import ChatService
+from shtalk.server.accounts.mailer import Mailer
+from shtalk.server.accounts.security import AccountSecurity
+from shtalk.server.chat.service import ChatService
+from shtalk.server.compose import make_factory
 from shtalk.server.config import AccountsSection, ThrottleSection
-from shtalk.server.mailer import Mailer
-from shtalk.server.passwords import PasswordHasher
-from shtalk.server.protocol import ShtalkServerFactory, ShtalkServerProtocol
-from shtalk.server.security import AccountSecurity
-from shtalk.server.service import make_factory
-from shtalk.server.store import SQLiteStore
-from shtalk.server.tokens import TokenIssuer
+from shtalk.server.cred.passwords import PasswordHasher
+from shtalk.server.cred.tokens import TokenIssuer
+from shtalk.server.net.connection import ShtalkServerFactory, ShtalkServerProtocol
+from shtalk.server.store.sqlite import SQLiteStore
 
 GOOD_PASSWORD = "tangerine-quokka-43"  # noqa: S105 - a test fixture
 

@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
-from shtalk.server.tokens import P256_ORDER, TokenIssuer
+from shtalk.server.cred.tokens import P256_ORDER, TokenIssuer
 from tests import test_operations_system as operations_system
 from tests.harness import (
     ServerProcess,
@@ -257,8 +257,8 @@ class RedisPeekTests(unittest.TestCase):
         make the request wait, without taking a token (the real Redis)."""
         from twisted.internet import reactor
 
-        from shtalk.server.ratelimit import Limit
-        from shtalk.server.redisbackend import RedisBuckets
+        from shtalk.server.ops.ratelimit import Limit
+        from shtalk.server.ops.redisbackend import RedisBuckets
         from tests.harness import fresh_name
         from tests.test_operations_system import need_redis
 

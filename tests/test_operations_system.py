@@ -29,7 +29,7 @@ from shtalk.admin import control
 from shtalk.admin.main import main as admin_main
 from shtalk.crypto.envelope import Envelope, MessageType, Recipient
 from shtalk.crypto.identity import DeviceIdentity
-from shtalk.server import seclog
+from shtalk.server.ops import seclog
 from tests.harness import (
     PASSWORD,
     ServerProcess,

@@ -28,7 +28,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
-from shtalk.server.tokens import low_s
+from shtalk.server.cred.tokens import low_s
 from tests.harness import (
     PASSWORD,
     REPO_ROOT,

@@ -95,7 +95,7 @@ class StartupErrorTests(unittest.TestCase):
 
 def _service_importable() -> bool:
     probe = subprocess.run(
-        [sys.executable, "-c", "import shtalk.server.service"],
+        [sys.executable, "-c", "import shtalk.server.compose"],
         env=env(), capture_output=True, timeout=60, check=False,
     )
     return probe.returncode == 0
@@ -106,7 +106,7 @@ class StartTests(unittest.TestCase):
 
     def setUp(self) -> None:
         if not _service_importable():
-            raise unittest.SkipTest("shtalk.server.service (the chat service) is not importable")
+            raise unittest.SkipTest("shtalk.server.compose (the chat service) is not importable")
         self.cwd = Path(self.mktemp()).absolute()
         self.cwd.mkdir()
         self.data = self.cwd / "data"

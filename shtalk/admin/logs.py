@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from shtalk.server import seclog
+from shtalk.server.ops import seclog
 
 
 def keygen(out: str, force: bool, stdout: TextIO) -> int:

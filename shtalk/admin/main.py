@@ -18,7 +18,7 @@ import sys
 from typing import TextIO
 
 from shtalk.admin import control, logs
-from shtalk.server import seclog
+from shtalk.server.ops import seclog
 
 
 def build_parser() -> argparse.ArgumentParser:

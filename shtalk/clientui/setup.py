@@ -6,7 +6,7 @@ Why it is shaped like this:
 * Every screen's Esc goes back one step; on the first screen it stays (F10 or Ctrl-Q
   quits), so a stray Esc never throws away what was typed or closes the client.
 * Cheap mistakes are caught before anything is sent: the username's form and the
-  password policy (`shtalk.protocol.passwords`) are checked here, then by the server
+  password policy (`shtalk.wire.passwords`) are checked here, then by the server
   before it draws a CAPTCHA; a refusal sends the person back to the field it concerns.
 * On a new device the account password (and TOTP code) are checked by logging in before
   the local passphrase is asked for: nobody picks a passphrase for a login that fails.
@@ -45,7 +45,7 @@ LOGIN_BACK = {"password": "username", "submit": "password", "passphrase": "passw
 
 
 def username_problem(name: str) -> str:
-    from shtalk.protocol.names import NameError_, normalise_username
+    from shtalk.wire.names import NameError_, normalise_username
 
     try:
         normalise_username(name)
@@ -215,7 +215,7 @@ class SetupFlow:
         confirmed when the server wants that).  Esc on the first field: `Cancelled`."""
         from shtalk.client.connection import ServerError
         from shtalk.client.session import Credentials
-        from shtalk.protocol.passwords import DEFAULT_MIN_LENGTH, password_problem
+        from shtalk.wire.passwords import DEFAULT_MIN_LENGTH, password_problem
 
         title = "Create an account"
         session = self.session(Credentials("", "registration"))

@@ -269,7 +269,7 @@ RATE_ACTIONS = (
 @register_section("ratelimit")
 @dataclass(frozen=True)
 class RateLimitSection(Section):
-    """Token buckets per (action, account) and (action, address) (shtalk.server.ratelimit)."""
+    """Token buckets per (action, account) and (action, address) (shtalk.server.ops.ratelimit)."""
 
     enabled: bool = setting(True, "apply the token buckets below")
     backend: str = setting("memory", "memory (one process) or redis (shared by processes)")
@@ -325,7 +325,7 @@ class RateLimitSection(Section):
 @register_section("logs")
 @dataclass(frozen=True)
 class LogsSection(Section):
-    """Sealed operator logs (shtalk.server.seclog): HPKE to the operator's public key."""
+    """Sealed operator logs (shtalk.server.ops.seclog): HPKE to the operator's public key."""
 
     public_key_file: str = setting(
         "", "operator public key from `shtalk-admin logs keygen`; empty: no sealed log"
@@ -347,7 +347,7 @@ MONITOR_ACTIONS = ("flag", "captcha", "throttle", "suspend")
 @register_section("monitor")
 @dataclass(frozen=True)
 class MonitorSection(Section):
-    """Metadata-only abuse signals (shtalk.server.monitor); each raises a flag."""
+    """Metadata-only abuse signals (shtalk.server.ops.monitor); each raises a flag."""
 
     enabled: bool = setting(True, "watch the signals below")
     window: int = setting(600, "seconds each signal counts over", min=10)
@@ -386,7 +386,7 @@ class MonitorSection(Section):
 @register_section("metrics")
 @dataclass(frozen=True)
 class MetricsSection(Section):
-    """Prometheus text metrics over HTTP on loopback (shtalk.server.metrics); off by default."""
+    """Prometheus text metrics over HTTP on loopback (shtalk.server.ops.metrics); off by default."""
 
     enabled: bool = setting(False, "serve /metrics")
     interface: str = setting("127.0.0.1", "loopback address to listen on (127.0.0.1 or ::1)")

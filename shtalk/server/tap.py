@@ -32,9 +32,9 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from shtalk.server import tls
-from shtalk.server.admission import AdmittedTLSFactory, PendingHandshakes
 from shtalk.server.config import ConfigError, ServerConfig, StartupError, resolve_data_dir
 from shtalk.server.datadir import DEFAULT_TLS_NAMES, DataDir
+from shtalk.server.net.admission import AdmittedTLSFactory, PendingHandshakes
 
 log = Logger()
 
@@ -318,7 +318,7 @@ def build_service(
 
     if make_chat_service is None:
         # Imported late: the chat service (the lead's module) pulls in the store etc.
-        service_module = importlib.import_module("shtalk.server.service")
+        service_module = importlib.import_module("shtalk.server.compose")
         make_chat_service = cast(MakeChatService, service_module.make_chat_service)
 
     chat = make_chat_service(config, datadir)

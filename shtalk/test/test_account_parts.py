@@ -17,11 +17,11 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from shtalk.server import totp
-from shtalk.server.captcha import ALPHABET, FONT, CaptchaBook, render
+from shtalk.server.accounts import totp
+from shtalk.server.accounts.captcha import ALPHABET, FONT, CaptchaBook, render
+from shtalk.server.accounts.mailer import Mailer, OutboxMailer, SmtpMailer, is_loopback
+from shtalk.server.accounts.throttle import AuthThrottle, address_key
 from shtalk.server.config import ConfigError, SmtpSection, ThrottleSection
-from shtalk.server.mailer import Mailer, OutboxMailer, SmtpMailer, is_loopback
-from shtalk.server.throttle import AuthThrottle, address_key
 from shtalk.testing import rfc6238
 
 # RFC 6238 appendix B: (time, SHA1, SHA256, SHA512), 8 digits.

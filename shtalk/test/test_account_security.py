@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from shtalk.server import totp
+from shtalk.server.accounts import totp
 from shtalk.server.config import AccountsSection, ThrottleSection
 from shtalk.testing import GOOD_PASSWORD, Peer, ServerParts, build_server
 
@@ -448,7 +448,7 @@ class ThrottleAndRateLimitTests(Base):
 
     def limit(self, login_account: str) -> None:
         from shtalk.server.config import RateLimitSection
-        from shtalk.server.ratelimit import RateLimiter
+        from shtalk.server.ops.ratelimit import RateLimiter
 
         self.parts.factory.limiter = RateLimiter(
             RateLimitSection(login_account=login_account, login_address="off"),

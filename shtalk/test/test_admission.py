@@ -1,6 +1,6 @@
 # mypy: disallow-untyped-calls=False
 # (trial's TestCase and Twisted's TLS protocol are untyped; strict otherwise.)
-"""Admission before the TLS handshake (shtalk.server.admission), on a test clock.
+"""Admission before the TLS handshake (shtalk.server.net.admission), on a test clock.
 
 Real TLS in memory: the server side is the listener's own `AdmittedTLSFactory` over a
 StringTransport, the client a pyOpenSSL connection on memory BIOs, so a "ClientHello"
@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from shtalk.server import tls
-from shtalk.server.admission import AdmittedTLSFactory, PendingHandshakes
+from shtalk.server.net.admission import AdmittedTLSFactory, PendingHandshakes
 from shtalk.testing import build_server
 
 KEY_PEM, CERT_PEM = tls.make_self_signed(["localhost"])

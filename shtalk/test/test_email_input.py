@@ -14,15 +14,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from shtalk.protocol.errors import ErrorCode, ProtocolError
-from shtalk.server import schema
+from shtalk.server.accounts.mailer import OutboxMailer
+from shtalk.server.chat.naming import check_email
 from shtalk.server.config import AccountsSection
-from shtalk.server.emailseal import EmailSeal
-from shtalk.server.mailer import OutboxMailer
-from shtalk.server.naming import check_email
+from shtalk.server.store import schema
+from shtalk.server.store.emailseal import EmailSeal
 from shtalk.test.test_account_security import Base
 from shtalk.test.test_store import KEY, StoreTestBase, async_test
 from shtalk.testing import GOOD_PASSWORD
+from shtalk.wire.errors import ErrorCode, ProtocolError
 
 
 class CheckEmailTests(SynchronousTestCase):

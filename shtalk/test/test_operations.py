@@ -15,12 +15,11 @@ from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.trial import unittest
 
 from shtalk.admin import logs as adminlogs
-from shtalk.protocol.errors import ErrorCode
-from shtalk.server import seclog
 from shtalk.server.config import ConfigError, MonitorSection, RateLimitSection, ServerConfig
-from shtalk.server.metrics import render
-from shtalk.server.monitor import Flag, Monitor
-from shtalk.server.ratelimit import (
+from shtalk.server.ops import seclog
+from shtalk.server.ops.metrics import render
+from shtalk.server.ops.monitor import Flag, Monitor
+from shtalk.server.ops.ratelimit import (
     FallbackBuckets,
     Limit,
     MemoryBuckets,
@@ -29,6 +28,7 @@ from shtalk.server.ratelimit import (
     address_key,
 )
 from shtalk.testing import tempdir
+from shtalk.wire.errors import ErrorCode
 
 
 class BucketTests(unittest.TestCase):

@@ -9,16 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from shtalk.protocol import ErrorCode, ProtocolError, parse_line
-from shtalk.protocol.frames import encode, error, ok, push
-from shtalk.protocol.names import (
+from shtalk.wire import ErrorCode, ProtocolError, parse_line
+from shtalk.wire.frames import encode, error, ok, push
+from shtalk.wire.names import (
     NameError_,
     check_device_id,
     clean_label,
     normalise_room,
     normalise_username,
 )
-from shtalk.protocol.schema import MAX_ENVELOPE_BYTES, REQUESTS
+from shtalk.wire.schema import MAX_ENVELOPE_BYTES, REQUESTS
 
 
 def line(obj: object) -> bytes:

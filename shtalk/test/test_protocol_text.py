@@ -22,10 +22,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from shtalk.protocol import ErrorCode, ProtocolError, parse_line
-from shtalk.protocol.frames import error_from, ok
-from shtalk.protocol.schema import PRE_AUTH, REQUESTS
 from shtalk.testing import GOOD_PASSWORD, Peer, ServerParts, build_server
+from shtalk.wire import ErrorCode, ProtocolError, parse_line
+from shtalk.wire.frames import error_from, ok
+from shtalk.wire.schema import PRE_AUTH, REQUESTS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 

@@ -11,9 +11,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from shtalk.protocol.errors import ErrorCode
-from shtalk.protocol.passwords import DEFAULT_MIN_LENGTH, password_problem
-from shtalk.server.captcha import (
+from shtalk.server.accounts.captcha import (
     ALPHABET,
     INK,
     CaptchaBook,
@@ -22,9 +20,11 @@ from shtalk.server.captcha import (
     render,
 )
 from shtalk.server.config import AccountsSection, RateLimitSection
-from shtalk.server.ratelimit import RateLimiter
+from shtalk.server.ops.ratelimit import RateLimiter
 from shtalk.test.test_account_security import Base
 from shtalk.testing import GOOD_PASSWORD, Peer, WallClock
+from shtalk.wire.errors import ErrorCode
+from shtalk.wire.passwords import DEFAULT_MIN_LENGTH, password_problem
 
 FIELDS = {"password": GOOD_PASSWORD}
 

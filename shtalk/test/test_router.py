@@ -7,8 +7,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from shtalk.server.records import StoredMessage
-from shtalk.server.router import LocalBus, Router
+from shtalk.server.chat.delivery import LocalBus, Router
+from shtalk.server.store.records import StoredMessage
 
 
 class FakeMind:

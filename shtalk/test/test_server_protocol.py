@@ -146,7 +146,7 @@ class ServerProtocolTests(TestCase):
     async def test_requests_behind_a_rate_limit_close_never_run(self) -> None:
         """A connection closed for exceeding its rate limits runs nothing it had queued."""
         from shtalk.server.config import RateLimitSection
-        from shtalk.server.ratelimit import RateLimiter
+        from shtalk.server.ops.ratelimit import RateLimiter
 
         clock = self.parts.clock
         section = RateLimitSection(send_account="1/600", send_address="off", disconnect_after=2)
@@ -187,7 +187,7 @@ class ServerProtocolTests(TestCase):
     async def test_a_check_still_pending_at_the_close_runs_nothing(self) -> None:
         """A request waiting on a slow (shared) limiter when the link drops is dropped."""
         from shtalk.server.config import RateLimitSection
-        from shtalk.server.ratelimit import RateLimiter
+        from shtalk.server.ops.ratelimit import RateLimiter
 
         class SlowBuckets:
             """A shared backend (Redis) that has not answered yet."""

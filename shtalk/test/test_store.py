@@ -14,9 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from shtalk.server import schema
-from shtalk.server import store as store_module
-from shtalk.server.interfaces import (
+from shtalk.server.iserver import (
     Conflict,
     CorruptStore,
     IStore,
@@ -24,8 +22,10 @@ from shtalk.server.interfaces import (
     TokenRevoked,
     TokenUnknown,
 )
-from shtalk.server.records import AppendResult, NewMessage, User
-from shtalk.server.store import (
+from shtalk.server.store import schema
+from shtalk.server.store import sqlite as store_module
+from shtalk.server.store.records import AppendResult, NewMessage, User
+from shtalk.server.store.sqlite import (
     EnvelopeDecryptError,
     SQLiteStore,
     StoreClosed,

@@ -24,9 +24,9 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from shtalk.server import tap, tls
-from shtalk.server.admission import AdmittedTLSFactory
 from shtalk.server.config import ConfigError, ServerConfig, StartupError
 from shtalk.server.datadir import DataDir, DataDirError
+from shtalk.server.net.admission import AdmittedTLSFactory
 
 
 class _Echo(protocol.Protocol):
@@ -35,7 +35,7 @@ class _Echo(protocol.Protocol):
 
 
 class FakeChat(MultiService):
-    """Stands in for ``shtalk.server.service.make_chat_service``'s result."""
+    """Stands in for ``shtalk.server.compose.make_chat_service``'s result."""
 
     def __init__(self, config: ServerConfig, datadir: DataDir) -> None:
         super().__init__()  # type: ignore[no-untyped-call]

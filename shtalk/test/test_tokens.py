@@ -17,10 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from shtalk.protocol.errors import ErrorCode, ProtocolError
-from shtalk.protocol.passwords import check_password_policy
-from shtalk.server.passwords import PasswordHasher
-from shtalk.server.tokens import (
+from shtalk.server.cred.passwords import PasswordHasher
+from shtalk.server.cred.tokens import (
     AUDIENCE,
     TokenError,
     TokenIssuer,
@@ -28,6 +26,8 @@ from shtalk.server.tokens import (
     new_refresh_token,
     refresh_hash,
 )
+from shtalk.wire.errors import ErrorCode, ProtocolError
+from shtalk.wire.passwords import check_password_policy
 
 P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 

@@ -1,0 +1,1 @@
+"""Account security: registration checks, email codes, CAPTCHA, TOTP, failure throttling, mail."""

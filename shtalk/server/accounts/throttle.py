@@ -1,0 +1,154 @@
+"""Throttling of failed authentication attempts: growing delays, then a CAPTCHA.
+
+Not a generic rate limiter (that is ``shtalk.server.ops.ratelimit``): this counts *failures*
+of secrets (password, TOTP or recovery code, emailed code) per account and per client
+address over a sliding hour, and decides before each attempt whether it may go on:
+
+* up to ``free_failures`` failures in the hour: no delay;
+* then each further attempt must wait ``base_delay * 2**k`` seconds after the last
+  failure (k = failures beyond the free ones), at most ``max_delay``;
+* from ``captcha_after`` failures on an account (``address_captcha_after`` from one
+  address) every attempt also needs a solved CAPTCHA;
+* an account never lets more than ``max_failures_per_hour`` failures through in any
+  hour (ASVS 4.0 2.2.1, NIST SP 800-63B 5.2.2); with the default delays it never gets
+  near that.
+
+Nothing here is permanent: records older than an hour fall away, so no one can lock
+someone else out for longer than ``max_delay`` (plus solving a CAPTCHA).  A success
+clears the account's record, not the address's (an attacker cannot launder an address by
+logging in to an account of their own).  Account keys are the case-folded *names*
+attempted, existing or not, so the throttle's answers reveal nothing about which
+accounts exist.  IPv6 addresses count per /64 (one subscriber's usual allocation).
+
+`require_captcha` is the seam for the monitoring: it can demand a CAPTCHA for an account
+or an address for a while, whatever the counts say.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IReactorTime
+
+from shtalk.server.config import ThrottleSection
+
+WINDOW = 3600.0
+MAX_KEYS = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What an attempt may do now: wait ``retry_after`` seconds, and/or solve a CAPTCHA."""
+
+    retry_after: float = 0.0
+    captcha: bool = False
+
+    @property
+    def wait(self) -> bool:
+        return self.retry_after > 0
+
+
+def address_key(host: str) -> str:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+class AuthThrottle:
+    def __init__(self, clock: IReactorTime, section: ThrottleSection | None = None) -> None:
+        self.clock = clock
+        self.s = section or ThrottleSection()
+        self._failures: dict[str, deque[float]] = {}
+        self._forced: dict[str, float] = {}
+
+    # -- the monitoring's seam ----------------------------------------------------------
+    def require_captcha(
+        self, *, account: str | None = None, address: str | None = None, seconds: float = WINDOW
+    ) -> None:
+        """Demand a CAPTCHA for every attempt on ``account`` (a user key) and/or from
+        ``address`` for ``seconds``."""
+        until = self.clock.seconds() + seconds
+        if account is not None:
+            self._forced["a:" + account] = until
+        if address is not None:
+            self._forced["h:" + address_key(address)] = until
+
+    def captcha_forced(self, account: str | None, address: str) -> bool:
+        now = self.clock.seconds()
+        for key in self._keys(account, address):
+            until = self._forced.get(key)
+            if until is not None:
+                if until > now:
+                    return True
+                del self._forced[key]
+        return False
+
+    # -- before and after an attempt ------------------------------------------------------
+    def check(self, account: str | None, address: str) -> Verdict:
+        now = self.clock.seconds()
+        wait = 0.0
+        captcha = self.captcha_forced(account, address)
+        for key in self._keys(account, address):
+            times = self._recent(key, now)
+            n = len(times)
+            if not n:
+                continue
+            is_account = key.startswith("a:")
+            free = self.s.free_failures if is_account else self.s.address_free_failures
+            if n >= free:
+                delay = min(float(self.s.max_delay), self.s.base_delay * 2.0 ** (n - free))
+                wait = max(wait, times[-1] + delay - now)
+            if is_account and n >= self.s.max_failures_per_hour:
+                wait = max(wait, times[-self.s.max_failures_per_hour] + WINDOW - now)
+            limit = self.s.captcha_after if is_account else self.s.address_captcha_after
+            if n >= limit:
+                captcha = True
+        return Verdict(max(0.0, wait), captcha)
+
+    def failed(self, account: str | None, address: str) -> None:
+        now = self.clock.seconds()
+        if len(self._failures) > MAX_KEYS:
+            self.prune()
+        for key in self._keys(account, address):
+            times = self._failures.setdefault(key, deque(maxlen=self.s.max_failures_per_hour))
+            times.append(now)
+
+    def succeeded(self, account: str | None) -> None:
+        if account is not None:
+            self._failures.pop("a:" + account, None)
+
+    def failures(self, account: str | None = None, address: str | None = None) -> int:
+        """Failures in the last hour (for tests and the monitoring)."""
+        key = "a:" + account if account is not None else "h:" + address_key(address or "")
+        return len(self._recent(key, self.clock.seconds()))
+
+    def prune(self) -> None:
+        now = self.clock.seconds()
+        for key in [k for k, t in self._failures.items() if not t or t[-1] <= now - WINDOW]:
+            del self._failures[key]
+        for key in [k for k, until in self._forced.items() if until <= now]:
+            del self._forced[key]
+
+    def _keys(self, account: str | None, address: str) -> list[str]:
+        keys = ["h:" + address_key(address)]
+        if account is not None:
+            keys.append("a:" + account)
+        return keys
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        times = self._failures.get(key)
+        if times is None:
+            return deque()
+        while times and times[0] <= now - WINDOW:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+        return times

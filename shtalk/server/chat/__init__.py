@@ -1,0 +1,1 @@
+"""The chat domain: avatars, rooms, presence, delivery of opaque envelopes, mailbox names."""

@@ -1,0 +1,432 @@
+"""ChatUser: what one authenticated device may do (the avatar of twisted.cred)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from zope.interface import implementer
+
+from shtalk.server.chat.delivery import mailbox_of
+from shtalk.server.chat.naming import room_key, user_key
+from shtalk.server.cred.checkers import IChatUser
+from shtalk.server.iserver import Conflict
+from shtalk.server.store.records import NewMessage, OneTimeKey, Room, User
+from shtalk.wire.errors import ErrorCode, ProtocolError
+from shtalk.wire.frames import push
+
+if TYPE_CHECKING:
+    from shtalk.server.chat.service import ChatService
+
+MODERATORS = ("owner", "admin")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+@implementer(IChatUser)
+class ChatUser:
+    def __init__(
+        self, service: ChatService, user: User, device_id: str, family: str | None, mind: Any
+    ) -> None:
+        self.service = service
+        self.user = user
+        self.device_id = device_id
+        self.family = family  # None until a password login opens one
+        self.mind = mind
+        self._send_gate: Deferred[None] | None = None
+        # Room names as this device writes them -> room keys (send's fast path).
+        self._room_keys: dict[str, str] = {}
+
+    @property
+    def store(self) -> Any:
+        return self.service.store
+
+    # rooms ------------------------------------------------------------------
+    @inlineCallbacks
+    def create_room(self, raw: str, invite_only: bool) -> Any:
+        display, key = room_key(raw)
+        try:
+            room: Room = yield self.store.create_room(display, key, self.user.id, invite_only)
+        except Conflict:
+            raise ProtocolError(
+                ErrorCode.ROOM_EXISTS, "a room with that name exists; join it or pick another"
+            ) from None
+        self.service.router.room_members[room.id] = {self.user.id: "owner"}
+        self.service.rooms_by_key[room.key] = room
+        self.service.router.room_names[room.id] = room.name
+        self.service.user_rooms.setdefault(self.user.id, set()).add(room.id)
+        return {"room": room.name, "invite_only": room.invite_only, "role": "owner"}
+
+    @inlineCallbacks
+    def join(self, raw: str) -> Any:
+        room, members = yield self.service.room(raw)
+        if self.user.id in members:
+            raise ProtocolError(ErrorCode.ALREADY_MEMBER, "you are already in that room")
+        if room.invite_only:
+            invited = yield self.store.has_invite(room.id, self.user.id)
+            if not invited:
+                raise ProtocolError(
+                    ErrorCode.INVITE_REQUIRED,
+                    "that room is invite-only; ask a member to invite you",
+                )
+        yield self.store.add_member(room.id, self.user.id, "member")
+        members[self.user.id] = "member"
+        self.service.user_rooms.setdefault(self.user.id, set()).add(room.id)
+        self.service.member_event(room, self.user.name, "joined")
+        return {
+            "room": room.name,
+            "invite_only": room.invite_only,
+            "members": self._members(members),
+        }
+
+    def _members(self, members: Mapping[int, str]) -> list[dict[str, Any]]:
+        router = self.service.router
+        return [
+            {"user": self.service.user_name(uid), "role": role, "online": router.is_online(uid)}
+            for uid, role in sorted(members.items(), key=lambda kv: self.service.user_name(kv[0]))
+        ]
+
+    def _require_member(self, members: Mapping[int, str]) -> str:
+        role = members.get(self.user.id)
+        if role is None:
+            raise ProtocolError(ErrorCode.NOT_A_MEMBER, "you are not in that room; join it first")
+        return role
+
+    @inlineCallbacks
+    def leave(self, raw: str) -> Any:
+        room, members = yield self.service.room(raw)
+        role = self._require_member(members)
+        yield self.store.remove_member(room.id, self.user.id)
+        self.service.member_event(room, self.user.name, "left")
+        del members[self.user.id]
+        self.service.user_rooms.get(self.user.id, set()).discard(room.id)
+        if role == "owner" and members:
+            # The room keeps a moderator: the first admin, else the first member.
+            heir = min(members, key=lambda uid: (members[uid] != "admin", uid))
+            yield self.store.set_role(room.id, heir, "owner")
+            members[heir] = "owner"
+            self.service.member_event(room, self.service.user_name(heir), "role", role="owner")
+        return {"room": room.name}
+
+    @inlineCallbacks
+    def invite(self, raw_room: str, raw_user: str) -> Any:
+        room, members = yield self.service.room(raw_room)
+        role = self._require_member(members)
+        if room.invite_only and role not in MODERATORS:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "only the owner and admins invite here")
+        target: User = yield self.service.user(raw_user)
+        if target.id in members:
+            raise ProtocolError(ErrorCode.ALREADY_MEMBER, f"{target.name} is already in the room")
+        yield self.store.add_invite(room.id, target.id, self.user.id)
+        self.service.router.send_to_users(
+            [target.id], push("invited", room=room.name, by=self.user.name)
+        )
+        return {"room": room.name, "user": target.name}
+
+    @inlineCallbacks
+    def kick(self, raw_room: str, raw_user: str) -> Any:
+        room, members = yield self.service.room(raw_room)
+        role = self._require_member(members)
+        target: User = yield self.service.user(raw_user)
+        target_role = members.get(target.id)
+        if target_role is None:
+            raise ProtocolError(ErrorCode.NOT_A_MEMBER, f"{target.name} is not in the room")
+        if (
+            role not in MODERATORS
+            or target_role == "owner"
+            or (role == "admin" and target_role == "admin")
+        ):
+            raise ProtocolError(ErrorCode.FORBIDDEN, "you may not kick that member")
+        yield self.store.remove_member(room.id, target.id)
+        # Tell everyone, the kicked user included, before they leave the cache.
+        self.service.member_event(room, target.name, "kicked", by=self.user.name)
+        del members[target.id]
+        self.service.user_rooms.get(target.id, set()).discard(room.id)
+        return {"room": room.name, "user": target.name}
+
+    @inlineCallbacks
+    def set_role(self, raw_room: str, raw_user: str, new_role: str) -> Any:
+        room, members = yield self.service.room(raw_room)
+        if self._require_member(members) != "owner":
+            raise ProtocolError(ErrorCode.FORBIDDEN, "only the owner changes roles")
+        target: User = yield self.service.user(raw_user)
+        if members.get(target.id) in (None, "owner"):
+            raise ProtocolError(ErrorCode.NOT_A_MEMBER, f"{target.name} is not a member")
+        yield self.store.set_role(room.id, target.id, new_role)
+        members[target.id] = new_role
+        self.service.member_event(room, target.name, "role", role=new_role)
+        return {"room": room.name, "user": target.name, "role": new_role}
+
+    @inlineCallbacks
+    def list_rooms(self) -> Any:
+        rows = yield self.store.rooms_visible_to(self.user.id)
+        return {
+            "rooms": [
+                {"room": r.name, "invite_only": r.invite_only, "members": n, "joined": joined}
+                for r, n, joined in rows
+            ]
+        }
+
+    @inlineCallbacks
+    def members(self, raw: str) -> Any:
+        room, members = yield self.service.room(raw)
+        self._require_member(members)
+        return {"room": room.name, "members": self._members(members)}
+
+    @inlineCallbacks
+    def devices(self, raw_user: str | None) -> Any:
+        user = self.user if raw_user is None else (yield self.service.user(raw_user))
+        devices = yield self.store.devices(user.id)
+        shown = yield self.service.may_see_presence(self.user.id, user.id)
+        online = self.service.router.online.get(user.id, {})
+        return {
+            "user": user.name,
+            "devices": [
+                {"id": d.device_id, "label": d.label,
+                 **({"online": d.device_id in online} if shown else {})}
+                for d in devices
+            ],
+        }
+
+    # messages -----------------------------------------------------------------
+    def send(
+        self,
+        to: Mapping[str, str],
+        envelope: bytes | None,
+        envelopes: Mapping[str, bytes] | None,
+        client_id: str,
+        expires_in: int | None,
+    ) -> Deferred[Any]:
+        # Fast path: a room send with one common envelope whose room and members are
+        # cached, and no earlier send of this device still being prepared, is queued
+        # for the store right here (still in arrival order), with one plain callback.
+        room_raw = to.get("room")
+        if self._send_gate is None and not envelopes and room_raw is not None:
+            service = self.service
+            key = self._room_keys.get(room_raw)
+            room = service.rooms_by_key.get(key) if key is not None else None
+            members = service.router.room_members.get(room.id) if room is not None else None
+            if room is not None and members is not None:
+                self._check_envelopes(envelope, None)
+                self._require_member(members)
+                message = self._message(
+                    (mailbox_of("r", room.id),), f"room:{room.name}", client_id, expires_in,
+                    envelope, {},
+                )  # fmt: skip
+                d: Deferred[Any] = service.store.append(message)
+                return d.addCallback(self._stored, message)
+        return self._send(to, envelope, envelopes, client_id, expires_in)
+
+    def _stored(self, result: Any, message: NewMessage) -> dict[str, Any]:
+        """The send is committed: deliver it, then answer the sender."""
+        if not result.duplicate:
+            publish = self.service.bus.publish
+            for stored in result.messages:
+                publish(stored)
+            if self.service.ops is not None:  # monitoring: metadata of the send
+                self.service.ops.monitor.sent(
+                    self.user.id, self.user.name, self.user.created,
+                    [int(mb[2:]) for mb in message.mailboxes if mb.startswith("u:")],
+                    [len(e) for e in (message.envelope, *message.envelopes.values()) if e],
+                )  # fmt: skip
+        return {"seq": result.seqs[0], "ts": message.ts, "duplicate": result.duplicate}
+
+    @inlineCallbacks
+    def _send(
+        self,
+        to: Mapping[str, str],
+        envelope: bytes | None,
+        envelopes: Mapping[str, bytes] | None,
+        client_id: str,
+        expires_in: int | None,
+    ) -> Any:
+        # Sends of one device are stored in the order they arrived: each waits
+        # until the previous one has been queued for commit (not committed, so
+        # group commit still batches them).  Lookups usually hit the caches,
+        # so this rarely waits at all.
+        previous, gate = self._send_gate, Deferred[None]()
+        self._send_gate = gate
+        try:
+            if previous is not None and not previous.called:
+                yield previous
+            appended = yield self._prepare_send(to, envelope, envelopes, client_id, expires_in)
+        finally:
+            gate.callback(None)
+            if self._send_gate is gate:
+                self._send_gate = None
+        message, d = appended
+        result = yield d
+        return self._stored(result, message)
+
+    @inlineCallbacks
+    def _prepare_send(
+        self,
+        to: Mapping[str, str],
+        envelope: bytes | None,
+        envelopes: Mapping[str, bytes] | None,
+        client_id: str,
+        expires_in: int | None,
+    ) -> Any:
+        """Check and resolve a send; return the message and the store's Deferred."""
+        self._check_envelopes(envelope, envelopes)
+        service = self.service
+        if "room" in to:
+            room, members = yield service.room(to["room"])
+            if len(self._room_keys) < 256:  # for the fast path in send()
+                self._room_keys[to["room"]] = room.key
+            self._require_member(members)
+            mailboxes: tuple[str, ...] = (mailbox_of("r", room.id),)
+            target = f"room:{room.name}"
+            allowed = set(members)
+        else:
+            peer: User = yield service.user(to["user"])
+            target = f"user:{peer.name}"
+            own = service.user_devices.get(self.user.id, {})
+            mine = mailbox_of("u", self.user.id)
+            if peer.id == self.user.id:
+                mailboxes = (mine,)
+            else:
+                # The sender's other devices get a copy through the sender's inbox.
+                others = len(own) > 1
+                mailboxes = (
+                    (mailbox_of("u", peer.id), mine) if others else (mailbox_of("u", peer.id),)
+                )
+            allowed = {peer.id, self.user.id}
+        per_device: dict[tuple[int, str], bytes] = {}
+        if envelopes:
+            per_device = yield self._resolve_devices(envelopes, allowed)
+        message = self._message(mailboxes, target, client_id, expires_in, envelope, per_device)
+        return message, service.store.append(message)
+
+    def _check_envelopes(
+        self, envelope: bytes | None, envelopes: Mapping[str, bytes] | None
+    ) -> None:
+        if envelope is None and not envelopes:
+            raise ProtocolError(ErrorCode.MISSING_FIELD, "give 'envelope' or 'envelopes'")
+        limit = self.service.max_envelope_bytes
+        if (envelope is not None and len(envelope) > limit) or any(
+            len(e) > limit for e in (envelopes or {}).values()
+        ):
+            raise ProtocolError(
+                ErrorCode.ENVELOPE_TOO_LARGE, f"envelopes are limited to {limit} bytes here"
+            )
+
+    def _message(
+        self,
+        mailboxes: tuple[str, ...],
+        target: str,
+        client_id: str,
+        expires_in: int | None,
+        envelope: bytes | None,
+        per_device: dict[tuple[int, str], bytes],
+    ) -> NewMessage:
+        now = self.service.now()
+        return NewMessage(
+            mailboxes=mailboxes,
+            sender_id=self.user.id,
+            sender_device=self.device_id,
+            client_id=client_id,
+            ts=int(now * 1000),
+            expires_at=now + expires_in if expires_in is not None else None,
+            target=target,
+            envelope=envelope,
+            envelopes=per_device,
+        )
+
+    @inlineCallbacks
+    def _resolve_devices(self, envelopes: Mapping[str, bytes], allowed: set[int]) -> Any:
+        out: dict[tuple[int, str], bytes] = {}
+        known: dict[str, tuple[int, set[str]]] = {}
+        for k, env in envelopes.items():
+            raw_user, _, device_id = k.partition("/")
+            _, ukey = user_key(raw_user)
+            if ukey not in known:
+                user: User = yield self.service.user(raw_user)
+                if user.id not in allowed:
+                    raise ProtocolError(
+                        ErrorCode.BAD_FIELD, f"envelopes: {user.name} is not a recipient"
+                    )
+                # Online users' devices are cached (kept in step by login and
+                # device removal): a DM to someone online costs no database read.
+                cached = self.service.user_devices.get(user.id)
+                if cached is None:
+                    devs = yield self.store.devices(user.id)
+                    known[ukey] = (user.id, {d.device_id for d in devs})
+                else:
+                    known[ukey] = (user.id, set(cached))
+            uid, device_ids = known[ukey]
+            if device_id not in device_ids:
+                raise ProtocolError(
+                    ErrorCode.NO_SUCH_DEVICE,
+                    f"envelopes: '{k}' is not a device; refresh the device list",
+                )
+            out[(uid, device_id)] = env
+        return out
+
+    # devices and keys ------------------------------------------------------------
+    @inlineCallbacks
+    def remove_device(self, device_id: str) -> Any:
+        removed = yield self.store.remove_device(self.user.id, device_id)
+        if not removed:
+            raise ProtocolError(ErrorCode.NO_SUCH_DEVICE, "you have no device with that id")
+        self.service.user_devices.get(self.user.id, {}).pop(device_id, None)
+        for dev, mind in list(self.service.router.minds_of(self.user.id)):
+            if dev == device_id:
+                mind.session_revoked("this device was removed from the account")
+        self.service.announce_keys(self.user.id, device_id, "removed")
+        return {"device": device_id}
+
+    @inlineCallbacks
+    def publish_keys(
+        self, bundle: bytes | None, one_time: Sequence[Mapping[str, Any]], replace: bool = False
+    ) -> Any:
+        keys = [OneTimeKey(k["kind"], k["id"], k["key"]) for k in one_time]
+        counts, changed = yield self.store.publish_keys(
+            self.user.id, self.device_id, bundle, keys, replace
+        )
+        if changed:  # a re-publish of the same bundle (every login) is not news
+            self.service.announce_keys(self.user.id, self.device_id, "keys")
+        return {"counts": counts}
+
+    @inlineCallbacks
+    def key_counts(self) -> Any:
+        counts = yield self.store.key_counts(self.user.id, self.device_id)
+        return {"counts": counts}
+
+    @inlineCallbacks
+    def fetch_keys(self, raw_user: str, device_id: str | None) -> Any:
+        user: User = yield self.service.user(raw_user)
+        claimed = yield self.store.claim_keys(user.id, device_id)
+        if device_id is not None and not claimed:
+            raise ProtocolError(ErrorCode.NO_SUCH_DEVICE, f"{user.name} has no such device")
+        return {
+            "user": user.name,
+            "devices": [
+                {
+                    "device": c.device_id,
+                    "bundle": b64(c.bundle),
+                    "one_time": {k.kind: {"id": k.key_id, "key": b64(k.key)} for k in c.one_time},
+                }
+                for c in claimed
+            ],
+        }
+
+    def ack(self, seqs: Sequence[int]) -> Any:
+        return self.ack_store(seqs).addCallback(lambda _: {})
+
+    def ack_store(self, seqs: Sequence[int]) -> Deferred[None]:
+        """The store's ack (fires None once committed): the protocol's fast path."""
+        d: Deferred[None] = self.store.ack(self.user.id, self.device_id, seqs)
+        return d
+
+    def pending(self) -> Any:
+        return self.store.pending(self.user.id, self.device_id)
+
+    @inlineCallbacks
+    def logout(self, family: str) -> Any:
+        yield self.store.revoke_session(family)
+        return {}

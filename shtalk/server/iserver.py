@@ -1,0 +1,181 @@
+"""Seams of the server, as zope interfaces, so a backend can be swapped.
+
+All store methods return Deferreds and never run SQL on the reactor thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+from shtalk.server.store.records import (
+    AppendResult,
+    ClaimedBundle,
+    Device,
+    Member,
+    NewMessage,
+    OneTimeKey,
+    Room,
+    Session,
+    StoredMessage,
+    User,
+)
+
+
+class StoreError(Exception):
+    """Base of the store's expected refusals (not I/O failures)."""
+
+
+class Conflict(StoreError):
+    """A unique name (user, room) is taken."""
+
+
+class TokenReuse(StoreError):
+    """A rotated refresh token came back: its family is now revoked."""
+
+    def __init__(self, message: str, family: str = "") -> None:
+        super().__init__(message)
+        self.family = family
+
+
+class TokenRevoked(StoreError):
+    """The refresh token's session was logged out or revoked after a reuse."""
+
+
+class TokenUnknown(StoreError):
+    """No such refresh token, or it expired, or its family is revoked."""
+
+
+class CorruptStore(StoreError):
+    """The database file cannot be used (not SQLite, newer schema, failed check)."""
+
+
+class IStore(Interface):
+    """Durable state of the server: accounts, sessions, rooms, queued envelopes."""
+
+    path = Attribute("Where the data lives, for messages to operators.")
+
+    def open() -> Deferred[None]:
+        """Open, migrate and check the database; fires when ready."""
+
+    def close() -> Deferred[None]:
+        """Flush pending writes and close."""
+
+    # accounts
+    def create_user(name: str, key: str, email: str, pw_hash: bytes, status: str) -> Deferred[User]:
+        """Insert; errback Conflict if the key is taken."""
+
+    def email_of(user_id: int) -> Deferred[str | None]:
+        """The account's email address (stored sealed); None if it has none."""
+
+    def user_by_key(key: str) -> Deferred[User | None]: ...
+
+    def user_by_id(user_id: int) -> Deferred[User | None]: ...
+
+    def users_by_ids(user_ids: Iterable[int]) -> Deferred[dict[int, User]]: ...
+
+    # devices
+    def upsert_device(user_id: int, device_id: str, label: str) -> Deferred[Device]:
+        """Create (cursors start after every message already stored) or relabel."""
+
+    def devices(user_id: int) -> Deferred[list[Device]]: ...
+
+    def remove_device(user_id: int, device_id: str) -> Deferred[bool]:
+        """Delete the device, its cursors, keys and sessions; False if unknown."""
+
+    # prekey directory (opaque bundles; one-time keys handed out once)
+    def publish_keys(
+        user_id: int,
+        device_id: str,
+        bundle: bytes | None,
+        one_time: Sequence[OneTimeKey],
+        replace: bool = False,
+    ) -> Deferred[tuple[dict[str, int], bool]]:
+        """Replace the bundle (if given), add one-time keys (after dropping every earlier
+        one if ``replace``); return the remaining counts by kind, and whether the device's
+        keys changed (a new or different bundle, or ``replace``)."""
+
+    def key_counts(user_id: int, device_id: str) -> Deferred[dict[str, int]]: ...
+
+    def claim_keys(user_id: int, device_id: str | None) -> Deferred[list[ClaimedBundle]]:
+        """Bundles of the user's devices (or one device), each with at most one one-time
+        key of each kind, deleted in the same transaction: never handed out twice."""
+
+    # sessions: refresh-token families
+    def create_session(
+        family: str, user_id: int, device_id: str, refresh_hash: bytes, expires: float
+    ) -> Deferred[None]: ...
+
+    def rotate_refresh(
+        old_hash: bytes, new_hash: bytes, new_expires: float, now: float
+    ) -> Deferred[Session]:
+        """Swap a live refresh token for a new one.
+
+        Errback TokenReuse (and revoke the family) if ``old_hash`` was
+        already rotated; TokenRevoked if its family is revoked; TokenUnknown
+        if unknown or expired.
+        """
+
+    def session(family: str) -> Deferred[Session | None]: ...
+
+    def revoke_session(family: str) -> Deferred[None]: ...
+
+    def revoke_user_sessions(user_id: int) -> Deferred[None]: ...
+
+    # rooms
+    def create_room(name: str, key: str, owner_id: int, invite_only: bool) -> Deferred[Room]:
+        """Insert and add the owner as member with role "owner"; Conflict if taken."""
+
+    def room_by_key(key: str) -> Deferred[Room | None]: ...
+
+    def rooms_visible_to(user_id: int) -> Deferred[list[tuple[Room, int, bool]]]:
+        """(room, member count, joined) for public rooms and rooms joined or invited to."""
+
+    def rooms_of(user_id: int) -> Deferred[list[Room]]: ...
+
+    def members(room_id: int) -> Deferred[list[Member]]: ...
+
+    def add_member(room_id: int, user_id: int, role: str) -> Deferred[None]:
+        """Add; the new member's devices start after the room's last message."""
+
+    def remove_member(room_id: int, user_id: int) -> Deferred[None]:
+        """Remove the member, their invite and their devices' cursors."""
+
+    def set_role(room_id: int, user_id: int, role: str) -> Deferred[None]: ...
+
+    def add_invite(room_id: int, user_id: int, by_id: int) -> Deferred[None]: ...
+
+    def has_invite(room_id: int, user_id: int) -> Deferred[bool]: ...
+
+    def dm_partners(user_id: int) -> Deferred[list[int]]:
+        """Users this user has exchanged direct messages with."""
+
+    def presence_readers(user_id: int) -> Deferred[list[int]]:
+        """Users this user has sent a direct message to (they may see its presence)."""
+
+    def presence_subjects(user_id: int) -> Deferred[list[int]]:
+        """Users who have sent this user a direct message (it may see their presence)."""
+
+    def has_written(writer_id: int, reader_id: int) -> Deferred[bool]:
+        """Whether ``writer_id`` has ever sent ``reader_id`` a direct message."""
+
+    # messages
+    def append(message: NewMessage) -> Deferred[AppendResult]:
+        """Store durably (group commit); fires after the commit.
+
+        A repeated (sender, sender_device, client_id) is not stored again:
+        the result has ``duplicate=True`` and the original sequence numbers.
+        Direct messages record the sender/recipient pair for dm_partners.
+        """
+
+    def pending(user_id: int, device_id: str) -> Deferred[list[StoredMessage]]:
+        """Everything stored for this device past its cursors, in seq order."""
+
+    def ack(user_id: int, device_id: str, seqs: Sequence[int]) -> Deferred[None]:
+        """Advance this device's cursor in each mailbox to the highest acked seq;
+        delete messages every device of their mailbox has acknowledged."""
+
+    def purge_expired(now: float) -> Deferred[int]:
+        """Delete messages past their expiry or the retention limit; return how many."""

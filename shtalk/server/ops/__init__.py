@@ -1,0 +1,2 @@
+"""Operations: rate limits, sealed logs, the spam monitor, moderation, metrics and
+the admin socket."""

@@ -1,0 +1,235 @@
+"""Account moderation (suspend, unsuspend, delete) and verifiable abuse reports.
+
+The SQL runs through the store's write lane (one group-committed transaction each);
+the live effects (cached account dropped, connections of the account logged out) run
+on the reactor.  A suspended account keeps its data and cannot log in (the checkers
+refuse any status but ``active``); a deleted one is a tombstone: its name stays
+reserved (nobody can take it over and inherit its contacts' trust), while its email,
+password hash, devices, keys, sessions, memberships and queued messages are gone.
+
+Reports: ``report`` names a user and a reason and may attach an envelope that user
+sent to the reporter.  The server parses the envelope with ``shtalk.crypto.envelope``
+and checks its signature against the identity key in the sending device's published
+bundle (``shtalk.crypto.identity``; the server never imports the ratchet).  An envelope
+that does not verify, or was not sent by that user to the reporter, is refused, so a
+report cannot claim a message its subject never sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import Logger
+
+from shtalk.crypto.envelope import Envelope
+from shtalk.crypto.errors import CryptoError
+from shtalk.crypto.identity import PreKeyBundle
+from shtalk.server.chat.naming import room_key, user_key
+from shtalk.server.store.records import User
+from shtalk.server.store.sqlite import Conn
+from shtalk.wire.errors import ErrorCode, ProtocolError
+
+if TYPE_CHECKING:
+    from shtalk.server.chat.service import ChatService
+    from shtalk.server.ops.monitor import Monitor
+
+log = Logger()
+
+
+def _set_status(conn: Conn, user_id: int, status: str) -> bool:
+    cur = conn.execute("UPDATE users SET status = ? WHERE id = ? AND status != 'deleted'",
+                       (status, user_id))
+    if status != "active":
+        conn.execute("UPDATE sessions SET revoked = 1 WHERE user_id = ?", (user_id,))
+    return cur.rowcount > 0
+
+
+def _delete_account(conn: Conn, user_id: int, dummy_hash: bytes) -> bool:
+    # The password hash is replaced by one of a random password (same cost), so a login
+    # attempt on a deleted account costs the same work as any other and fails.
+    cur = conn.execute(
+        "UPDATE users SET status = 'deleted', email = '', email_hash = NULL, pw_hash = ?"
+        " WHERE id = ?",
+        (dummy_hash, user_id),
+    )
+    if cur.rowcount == 0:
+        return False
+    conn.execute("UPDATE sessions SET revoked = 1 WHERE user_id = ?", (user_id,))
+    conn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
+    conn.execute("DELETE FROM members WHERE user_id = ?", (user_id,))
+    conn.execute("DELETE FROM invites WHERE user_id = ?", (user_id,))
+    conn.execute("DELETE FROM dm_partners WHERE user_id = ? OR partner_id = ?",
+                 (user_id, user_id))
+    conn.execute("DELETE FROM messages WHERE mailbox = ?", (f"u:{user_id}",))
+    return True
+
+
+def _device_bundle(conn: Conn, user_id: int, device_id: str) -> bytes | None:
+    row = conn.execute(
+        "SELECT bundle FROM device_bundles WHERE user_id = ? AND device_id = ?",
+        (user_id, device_id),
+    ).fetchone()
+    return None if row is None else bytes(row[0])
+
+
+def _member_since(conn: Conn, room_id: int, user_id: int) -> float | None:
+    row = conn.execute("SELECT joined FROM members WHERE room_id = ? AND user_id = ?",
+                       (room_id, user_id)).fetchone()
+    return None if row is None else float(row[0])
+
+
+def _queued(conn: Conn) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+
+
+def _user_by_name(conn: Conn, key: str) -> tuple[int, str, str, float] | None:
+    row = conn.execute("SELECT id, name, status, created FROM users WHERE key = ?",
+                       (key,)).fetchone()
+    return None if row is None else (int(row[0]), str(row[1]), str(row[2]), float(row[3]))
+
+
+class Moderation:
+    def __init__(self, chat: ChatService, protocol_sessions: Any = None) -> None:
+        self.chat = chat
+        self.store: Any = chat.store  # SQLiteStore: its read/write lanes
+
+    def lookup(self, name_or_id: str) -> Any:
+        """(id, name, status, created) of an account by name or ``#id``; None if unknown."""
+        if name_or_id.startswith("#") and name_or_id[1:].isdigit():
+            uid = int(name_or_id[1:])
+            d = self.store.user_by_id(uid)
+            return d.addCallback(
+                lambda u: None if u is None else (u.id, u.name, u.status, u.created))
+        try:
+            key = user_key(name_or_id)[1]
+        except ProtocolError:
+            key = name_or_id.lower()
+        return self.store._read(_user_by_name, key)
+
+    def _logout_everywhere(self, user_id: int, name: str, why: str) -> None:
+        self.chat.forget_user(user_key(name)[1] if name else "")
+        for _dev, mind in list(self.chat.router.minds_of(user_id)):
+            mind.session_revoked(why)
+
+    @inlineCallbacks
+    def set_status(self, user_id: int, status: str) -> Any:
+        user = yield self.store.user_by_id(user_id)
+        if user is None:
+            return False
+        changed = yield self.store._write(_set_status, user_id, status)
+        if changed and status != "active":
+            self._logout_everywhere(user_id, user.name, f"this account was {status}")
+        if changed:
+            self.chat.forget_user(user.key)
+            log.warn("account {user_id} is now {status}", event="moderation.status",
+                     user_id=user_id, status=status)
+        return bool(changed)
+
+    @inlineCallbacks
+    def delete(self, user_id: int) -> Any:
+        user = yield self.store.user_by_id(user_id)
+        if user is None:
+            return False
+        dummy = yield self.chat.hasher.hash(secrets.token_urlsafe(32))
+        done = yield self.store._write(_delete_account, user_id, dummy)
+        if done:
+            self._logout_everywhere(user_id, user.name, "this account was deleted")
+            self.chat.forget_user(user.key)
+            for members in self.chat.router.room_members.values():
+                members.pop(user_id, None)
+            self.chat.user_rooms.pop(user_id, None)
+            log.warn("account {user_id} deleted", event="moderation.delete", user_id=user_id)
+        return bool(done)
+
+    def queued(self) -> Any:
+        return self.store._read(_queued)
+
+    # --- reports --------------------------------------------------------------------
+    @inlineCallbacks
+    def report(
+        self, reporter: User, monitor: Monitor, raw_user: str, reason: str,
+        envelope: bytes | None, plaintext: str | None, address: str = "",
+    ) -> Any:
+        target: User = yield self.chat.user(raw_user)
+        if target.id == reporter.id:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "you cannot report yourself")
+        verified = qualifies = False
+        evidence: dict[str, Any] = {"reporter": reporter.name, "reason": reason[:500]}
+        if envelope is not None:
+            env = yield self._verify(reporter, target, envelope)
+            verified = True
+            # Toward automatic action only from an established account that the sender
+            # was in conversation with (a room message's membership was checked).
+            old_enough = reporter.created <= self.chat.now() - monitor.config.reporter_min_age
+            if env.recipient.kind == "user":
+                written = yield self.store.has_written(target.id, reporter.id)
+            else:
+                written = True
+            qualifies = old_enough and bool(written)
+            evidence.update(
+                envelope_id=env.message_id.hex(), device=env.sender_device,
+                sent_ms=env.timestamp, envelope=base64.b64encode(envelope).decode(),
+            )
+            if plaintext is not None:
+                # The reporter's claim of what the verified envelope said.
+                evidence["plaintext"] = plaintext[:4000]
+        flag = monitor.reported(target.id, target.name, reporter.name, verified, evidence,
+                                qualifies, address)
+        log.info("report against {user_id} (verified: {verified})", event="report",
+                 user_id=target.id, reporter=reporter.id, verified=verified)
+        return {"user": target.name, "verified": verified,
+                "flag": None if flag is None else flag.id}
+
+    @inlineCallbacks
+    def _verify(self, reporter: User, target: User, raw: bytes) -> Any:
+        try:
+            env = Envelope.from_bytes(raw)
+        except CryptoError:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "envelope: not a shtalk envelope") from None
+        try:
+            sender_key = user_key(env.sender_user)[1]
+        except ProtocolError:
+            sender_key = ""
+        if sender_key != target.key:
+            raise ProtocolError(ErrorCode.BAD_FIELD,
+                                "envelope: it was not sent by the reported user")
+        rcpt = env.recipient
+        if rcpt.kind == "user":
+            try:
+                to_key = user_key(rcpt.name)[1]
+            except ProtocolError:
+                to_key = ""
+            if to_key != reporter.key:
+                raise ProtocolError(ErrorCode.BAD_FIELD, "envelope: it was not sent to you")
+        else:
+            # A room message counts only from someone who was in that room when it was
+            # sent (by its signed timestamp), in a room that exists: a forwarded copy
+            # in a stranger's hands proves nothing about its sender.
+            try:
+                room_k = room_key(rcpt.name)[1]
+            except ProtocolError:
+                room_k = ""
+            room = (yield self.store.room_by_key(room_k)) if room_k else None
+            if room is None:
+                raise ProtocolError(ErrorCode.BAD_FIELD,
+                                    "envelope: it names a room that does not exist")
+            since = yield self.store._read(_member_since, room.id, reporter.id)
+            if since is None or since > env.timestamp / 1000:
+                raise ProtocolError(ErrorCode.BAD_FIELD,
+                                    "envelope: you were not in that room when it was sent")
+        bundle = yield self.store._read(_device_bundle, target.id, env.sender_device)
+        if bundle is None:
+            raise ProtocolError(ErrorCode.BAD_FIELD,
+                                "envelope: the sending device published no identity key")
+        try:
+            identity = PreKeyBundle.from_bytes(bundle).identity
+            env.verify(identity)
+        except CryptoError:
+            raise ProtocolError(
+                ErrorCode.BAD_FIELD,
+                "envelope: its signature does not verify against the sender's identity key",
+            ) from None
+        return env

@@ -1,0 +1,1 @@
+"""Durable state: the IStore backends (SQLite with group commit) and their SQL."""
