@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from shtalk.client.client import ACK_DELAY as ACK_INTERVAL
+from shtalk.wire.requests import RoomCreate, RoomJoin
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "PERFORMANCE.md"
@@ -419,9 +420,9 @@ async def setup_room(spec: dict[str, Any]) -> tuple[list[Party], dict[str, Any]]
     # Membership straight through the server (no rotation per join: nobody has a room
     # session yet), then one sender key per member, handed to the 49 others pairwise.
     t = time.monotonic()
-    await parties[0].client.session.request("room_create", room=room)
+    await parties[0].client.session.request(RoomCreate(room=room))
     for p in parties[1:]:
-        await p.client.session.request("room_join", room=room)
+        await p.client.session.request(RoomJoin(room=room))
     members = [m["user"] for m in await parties[0].client.members(room)]
     await _sleep(0.5)
     def joiner(p: Party) -> Callable[[], Any]:
@@ -620,13 +621,13 @@ async def _e2ee_room_part(spec: dict[str, Any]) -> dict[str, Any]:
     await _bounded(8, [p.register for p in local])
     await co.step("registered")
     if part == 0:
-        await local[0].client.session.request("room_create", room=room)
+        await local[0].client.session.request(RoomCreate(room=room))
         for p in local[1:]:
-            await p.client.session.request("room_join", room=room)
+            await p.client.session.request(RoomJoin(room=room))
     await co.step("created")
     if part != 0:
         for p in local:
-            await p.client.session.request("room_join", room=room)
+            await p.client.session.request(RoomJoin(room=room))
     await co.step("joined")
     members = [m["user"] for m in await local[0].client.members(room)]
     if len(members) != n:
@@ -769,7 +770,7 @@ async def _e2ee_probe(spec: dict[str, Any]) -> dict[str, Any]:
     for c in raw:
         await c.close()
     for p in (sender, receiver):
-        await p.client.session.request("room_join", room=room)
+        await p.client.session.request(RoomJoin(room=room))
     members = [m["user"] for m in await sender.client.members(room)]
     for p in (sender, receiver):
         await p.client.e2ee.joined_room(room, members)

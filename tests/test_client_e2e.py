@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ from twisted.trial.unittest import TestCase
 from shtalk.client.e2ee import IdentityNotAccepted
 from shtalk.client.events import BacklogDone, BadMessage, IdentityChanged, NewDevice
 from shtalk.client.rotation import RotationPolicy
+from shtalk.wire.pushes import MessagePush, ServerPush
 from tests.clientkit import Person, sleep
 from tests.harness import ServerProcess, fresh_name
 
@@ -129,10 +131,10 @@ class DirectMessageTests(E2ETestCase):
         await alice.client.send(f"user:{bob.username}", "m0")
         await bob.wait_messages(1)
         # Hold Bob's next pushes and hand them to his client reversed.
-        held: list[dict[str, object]] = []
+        held: list[ServerPush] = []
         real = bob.client.session.on_push
         bob.client.session.on_push = lambda push: (
-            held.append(push) if push.get("type") == "message" else real(push)
+            held.append(push) if isinstance(push, MessagePush) else real(push)
         )
         for i in (1, 2, 3):
             await alice.client.send(f"user:{bob.username}", f"m{i}")
@@ -204,11 +206,11 @@ class RoomTests(E2ETestCase):
         await alice.wait_messages(1, f"room:{room}")
         await carol.wait_messages(2, f"room:{room}")
         # Capture what the server hands Bob from now on, to replay to Carol later.
-        captured: list[dict[str, object]] = []
+        captured: list[MessagePush] = []
         real = bob.client.session.on_push
 
-        def tap(push: dict[str, object]) -> None:
-            if push.get("type") == "message":
+        def tap(push: ServerPush) -> None:
+            if isinstance(push, MessagePush):
                 captured.append(push)
             real(push)
 
@@ -224,7 +226,7 @@ class RoomTests(E2ETestCase):
         before = len(carol.received())
         for push in captured:
             carol.client.e2ee._pending_room.clear()
-            await carol.client.e2ee.receive(dict(push))
+            await carol.client.e2ee.receive(push)
         await carol.client.e2ee.expire_held()
         self.assertEqual(len(carol.received()), before)
         self.assertNotIn("carol must not read this", [m.body for m in carol.received()])
@@ -318,18 +320,16 @@ class TrustAndTamperingTests(E2ETestCase):
         assert alice.client and bob.client
         await alice.client.send(f"user:{bob.username}", "genuine")
         await bob.wait_messages(1)
-        held: list[dict[str, object]] = []
+        held: list[MessagePush] = []
         real = bob.client.session.on_push
         bob.client.session.on_push = lambda push: (
-            held.append(push) if push.get("type") == "message" else real(push)
+            held.append(push) if isinstance(push, MessagePush) else real(push)
         )
         await alice.client.send(f"user:{bob.username}", "will be tampered with")
         await bob.wait_for(lambda: held, what="the held push")
-        push = dict(held[0])
-        raw = bytearray(base64.b64decode(str(push["envelope"])))
+        raw = bytearray(base64.b64decode(held[0].envelope))
         raw[-10] ^= 0x01  # one bit of the signature
-        push["envelope"] = base64.b64encode(bytes(raw)).decode()
-        real(push)
+        real(dataclasses.replace(held[0], envelope=base64.b64encode(bytes(raw)).decode()))
         await bob.wait_for(
             lambda: any(isinstance(e, BadMessage) for e in bob.events), what="BadMessage"
         )

@@ -23,6 +23,8 @@ from shtalk.client.connection import CertificateChanged, CertificateInvalid, Req
 from shtalk.client.knownhosts import KnownHosts
 from shtalk.client.session import Credentials, ServerSession
 from shtalk.testing import tempdir
+from shtalk.wire import requests as rq
+from shtalk.wire.pushes import ServerPush
 from tests.harness import PASSWORD, ServerProcess, ServerTestCase, fresh_name, login_session
 
 
@@ -33,7 +35,7 @@ class Recorder:
     confirmed: list[str] = field(default_factory=list)
     asked: int = 0
     tokens: list[tuple[str | None, str | None]] = field(default_factory=list)
-    pushes: list[dict[str, Any]] = field(default_factory=list)
+    pushes: list[ServerPush] = field(default_factory=list)
     states: list[tuple[str, str]] = field(default_factory=list)
 
     def confirm(self, fp: str) -> Deferred[bool]:
@@ -96,7 +98,7 @@ class SharedServerTests(SessionMixin, ServerTestCase):
         self.assertEqual(rec.confirmed, [self.server.fingerprint])
         self.assertEqual(self.known_hosts.lookup("127.0.0.1", self.server.port),
                          self.server.fingerprint)
-        reply = yield s.request("room_list")
+        reply = yield s.request(rq.RoomList())
         self.assertTrue(reply["ok"])
         yield s.stop()
         # A second session: pinned, no question, resumes with the access token.
@@ -107,7 +109,8 @@ class SharedServerTests(SessionMixin, ServerTestCase):
         self.assertIn("resumed", s2.state_message)
         # start() fires with the resume reply; backlog_done follows it.
         yield until(lambda: bool(rec2.pushes))
-        self.assertEqual(rec2.pushes, [{"type": "backlog_done", "count": 0}])
+        self.assertEqual([p.to_json() for p in rec2.pushes],
+                         [{"type": "backlog_done", "count": 0}])
 
     @inlineCallbacks
     def test_invalid_access_token_uses_refresh(self) -> Any:
@@ -124,7 +127,7 @@ class SharedServerTests(SessionMixin, ServerTestCase):
         _new_access, new_refresh = rec2.tokens[0]
         self.assertNotEqual(new_refresh, old_refresh)
         self.assertEqual(creds.refresh_token, new_refresh)
-        yield s2.request("room_list")
+        yield s2.request(rq.RoomList())
 
     @inlineCallbacks
     def test_revoked_session_asks_password(self) -> Any:
@@ -137,7 +140,7 @@ class SharedServerTests(SessionMixin, ServerTestCase):
         self.assertEqual(rec2.asked, 1)
         self.assertIn("logged in", s2.state_message)
         self.assertNotEqual(dead.access_token, creds.access_token)
-        yield s2.request("room_list")
+        yield s2.request(rq.RoomList())
 
     @inlineCallbacks
     def test_removed_device_gets_logged_out_and_logs_in_again(self) -> Any:
@@ -146,8 +149,8 @@ class SharedServerTests(SessionMixin, ServerTestCase):
         self.addCleanup(other.client.disconnect)
         yield other.client.ok("device_remove", device="d1")
         yield until(lambda: rec.asked == 1 and s.state == "authenticated")
-        self.assertIn("logged_out", [p["type"] for p in rec.pushes])
-        reply = yield s.request("devices")
+        self.assertIn("logged_out", [p.NAME for p in rec.pushes])
+        reply = yield s.request(rq.Devices())
         self.assertIn("d1", [d["id"] for d in reply["devices"]])
 
 
@@ -172,7 +175,7 @@ class RestartTests(SessionMixin, unittest.TestCase):
             and s.state == "authenticated",
             timeout=30,
         )
-        reply = yield s.request("room_list", timeout=20)
+        reply = yield s.request(rq.RoomList(), timeout=20)
         self.assertTrue(reply["ok"])
         self.assertEqual(s.state, "authenticated")
         self.assertIn("resumed", s.state_message)
@@ -202,8 +205,8 @@ class RestartTests(SessionMixin, unittest.TestCase):
         s, _rec, _creds = yield self.account(self.server)
         self.server.kill()
         yield until(lambda: s.state != "authenticated")
-        yield self.assertFailure(s.request("room_list", timeout=1), RequestTimeout)
-        pending = s.request("room_list", timeout=30)
+        yield self.assertFailure(s.request(rq.RoomList(), timeout=1), RequestTimeout)
+        pending = s.request(rq.RoomList(), timeout=30)
         self.server.start()
         reply = yield pending
         self.assertTrue(reply["ok"])

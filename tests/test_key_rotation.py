@@ -13,6 +13,8 @@ import time
 from shtalk.client.events import BadMessage
 from shtalk.client.rotation import RotationPolicy
 from shtalk.crypto import Envelope, PreKeyBundle, RoomSession, Session, StateError
+from shtalk.wire.pushes import MessagePush, ServerPush
+from shtalk.wire.requests import KeysFetch
 from tests.clientkit import Person
 from tests.harness import fresh_name
 from tests.test_client_e2e import E2ETestCase
@@ -37,8 +39,7 @@ class RotationSystemTestCase(E2ETestCase):
         """The base bundle the directory hands out for ``owner``'s device now."""
         assert who.client
         reply = await who.client.session.request(
-            "keys_fetch", user=owner.username, device=owner.device
-        )
+            KeysFetch(user=owner.username, device=owner.device))
         return PreKeyBundle.from_bytes(base64.b64decode(reply["devices"][0]["bundle"]))
 
 
@@ -133,12 +134,11 @@ class RoomSenderKeyRotationTests(RotationSystemTestCase):
             "Alice's device": RoomSession.from_bytes(a_room.to_bytes()),
             "Bob's device": RoomSession.from_bytes(b_rooms[room].to_bytes()),
         }
-        pushes: list[dict[str, object]] = []
+        pushes: list[MessagePush] = []
         real = bob.client.session.on_push
 
-        def tap(push: dict[str, object]) -> None:
-            to = push.get("to")
-            if push.get("type") == "message" and isinstance(to, dict) and "room" in to:
+        def tap(push: ServerPush) -> None:
+            if isinstance(push, MessagePush) and push.to.room is not None:
                 pushes.append(push)
             real(push)
 
@@ -162,8 +162,8 @@ class RoomSenderKeyRotationTests(RotationSystemTestCase):
             self.assertEqual(read[:3], [True] * 3, holder)  # within the bound: readable
             self.assertEqual(read[3:], [False] * 3, holder)  # after it: not
 
-    def open(self, reader: RoomSession, sender: Person, push: dict[str, object]) -> bool:
-        env = Envelope.from_bytes(base64.b64decode(str(push["envelope"])))
+    def open(self, reader: RoomSession, sender: Person, push: MessagePush) -> bool:
+        env = Envelope.from_bytes(base64.b64decode(push.envelope))
         try:
             reader.decrypt(sender.username, sender.device, env.header, env.ciphertext)
         except StateError:

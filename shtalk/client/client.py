@@ -1,8 +1,10 @@
 """ShtalkClient: the facade a UI or a test drives; events come out of ``on_event``.
 
 It wires a ServerSession (connection, authentication, reconnects), a LocalStore
-(the encrypted file) and the E2EE manager, and turns server pushes into events.
-Messages are acknowledged to the server only after they are stored locally.
+(the encrypted file) and the E2EE manager, and turns server pushes (the typed records
+of `shtalk.wire.pushes`) into events.  Every request it makes is a record of
+`shtalk.wire.requests`.  Messages are acknowledged to the server only after they are
+stored locally.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from shtalk.client.e2ee import E2EE, ClientError
+from shtalk.client.authflow import amend
+from shtalk.client.e2ee import E2EE
+from shtalk.client.errors import ClientError
 from shtalk.client.events import (
     BacklogDone,
     ConnectionChanged,
@@ -29,6 +33,9 @@ from shtalk.client.knownhosts import KnownHosts
 from shtalk.client.localstore import HistoryMessage, LocalStore
 from shtalk.client.rotation import KeyTimer, RotationPolicy
 from shtalk.client.session import Credentials, ServerSession
+from shtalk.wire import pushes as ps
+from shtalk.wire import requests as rq
+from shtalk.wire.records import ClientRequest
 
 log = Logger()
 
@@ -165,12 +172,12 @@ class ShtalkClient:
             self._housekeeping = self.clock.callLater(HOUSEKEEPING, self._housekeep)
 
     async def _sync_rooms(self) -> None:
-        rooms = (await self.session.request("room_list"))["rooms"]
+        rooms = (await self.session.request(rq.RoomList()))["rooms"]
         for r in rooms:
             if not r["joined"]:
                 continue
             name = r["room"]
-            members = (await self.session.request("room_members", room=name))["members"]
+            members = (await self.session.request(rq.RoomMembers(room=name)))["members"]
             self.e2ee.room_members[name] = {m["user"] for m in members}
             rs = self.e2ee.rooms.get(name)
             if rs is None or rs.epoch is None:
@@ -199,58 +206,60 @@ class ShtalkClient:
     # captcha={"id": ..., "answer": ...} in the next call.
     async def captcha(self) -> dict[str, Any]:
         """A CAPTCHA challenge: ``{"id", "art", "length", "expires_in", "hint"}``."""
-        reply = await self.session.request_unauthenticated("captcha")
+        reply = await self.session.request_unauthenticated(rq.Captcha())
         return dict(reply["captcha"])
 
-    async def _pre_auth(self, rtype: str, **fields: Any) -> dict[str, Any]:
+    async def _pre_auth(self, request: ClientRequest, extra: dict[str, Any]) -> dict[str, Any]:
         reply: dict[str, Any] = await self.session.request_unauthenticated(
-            rtype, username=self.credentials.username, **fields
-        )
+            amend(request, extra))
+        return reply
+
+    async def _authed(self, request: ClientRequest, extra: dict[str, Any]) -> dict[str, Any]:
+        reply: dict[str, Any] = await self.session.request(amend(request, extra))
         return reply
 
     async def verify_email(self, code: str, **extra: Any) -> dict[str, Any]:
         """Activate the account with the mailed code (then ``login``)."""
-        return await self._pre_auth("verify_email", code=code, **extra)
+        return await self._pre_auth(
+            rq.VerifyEmail(username=self.credentials.username, code=code), extra)
 
     async def resend_verification(self) -> None:
         """Mail a new verification code (the server answers the same in every case)."""
-        await self._pre_auth("resend_verification")
+        await self._pre_auth(rq.ResendVerification(username=self.credentials.username), {})
 
     async def request_password_reset(self, **extra: Any) -> None:
         """Mail a reset code to the account's address (needs ``captcha=`` on most servers)."""
-        await self._pre_auth("password_reset_request", **extra)
+        await self._pre_auth(rq.PasswordResetRequest(username=self.credentials.username), extra)
 
     async def reset_password(self, code: str, new_password: str, **extra: Any) -> None:
         """Set a new password with the mailed code; every session of the account ends."""
-        await self._pre_auth("password_reset", code=code, new_password=new_password, **extra)
+        await self._pre_auth(rq.PasswordReset(username=self.credentials.username, code=code,
+                                              new_password=new_password), extra)
 
     async def change_password(self, password: str, new_password: str, **extra: Any) -> int:
         """Needs the current password; every other session ends, this device gets new
         tokens.  Returns how many sessions were revoked."""
-        reply = await self.session.request(
-            "password_change", password=password, new_password=new_password, **extra
-        )
+        reply = await self._authed(
+            rq.PasswordChange(password=password, new_password=new_password), extra)
         await self.session.adopt_tokens(reply)
         return int(reply.get("sessions_revoked", 0))
 
     async def totp_enroll(self) -> dict[str, Any]:
         """A new secret: ``{"secret", "uri", "digits", "period", "algorithm"}``; show the
         ``uri`` as a QR code, then `totp_confirm` with a first code."""
-        return dict(await self.session.request("totp_enroll"))
+        return dict(await self.session.request(rq.TotpEnroll()))
 
     async def totp_confirm(self, code: str) -> list[str]:
         """Enable TOTP with a first code; returns the ten recovery codes (shown once)."""
-        reply = await self.session.request("totp_confirm", code=code)
+        reply = await self.session.request(rq.TotpConfirm(code=code))
         return list(reply["recovery_codes"])
 
     async def totp_disable(self, password: str, code: str, **extra: Any) -> None:
         """Needs the password and a TOTP or recovery code."""
-        await self.session.request("totp_disable", password=password, code=code, **extra)
+        await self._authed(rq.TotpDisable(password=password, code=code), extra)
 
     async def new_recovery_codes(self, password: str, code: str, **extra: Any) -> list[str]:
-        reply = await self.session.request(
-            "totp_recovery_codes", password=password, code=code, **extra
-        )
+        reply = await self._authed(rq.TotpRecoveryCodes(password=password, code=code), extra)
         return list(reply["recovery_codes"])
 
     # ------------------------------------------------------------------- messages
@@ -275,38 +284,37 @@ class ShtalkClient:
 
     # ---------------------------------------------------------------------- rooms
     async def create_room(self, room: str, invite_only: bool = False) -> dict[str, Any]:
-        reply = await self.session.request("room_create", room=room, invite_only=invite_only)
+        reply = await self.session.request(rq.RoomCreate(room=room, invite_only=invite_only))
         await self.e2ee.joined_room(reply["room"], [self.credentials.username])
         return reply
 
     async def join_room(self, room: str) -> dict[str, Any]:
-        reply = await self.session.request("room_join", room=room)
+        reply = await self.session.request(rq.RoomJoin(room=room))
         await self.e2ee.joined_room(reply["room"], [m["user"] for m in reply["members"]])
         return reply
 
     async def leave_room(self, room: str) -> None:
-        reply = await self.session.request("room_leave", room=room)
+        reply = await self.session.request(rq.RoomLeave(room=room))
         await self.e2ee.left_room(reply["room"])
 
     async def invite(self, room: str, user: str) -> None:
-        await self.session.request("room_invite", room=room, user=user)
+        await self.session.request(rq.RoomInvite(room=room, user=user))
 
     async def kick(self, room: str, user: str) -> None:
-        await self.session.request("room_kick", room=room, user=user)
+        await self.session.request(rq.RoomKick(room=room, user=user))
 
     async def members(self, room: str) -> list[dict[str, Any]]:
-        reply = await self.session.request("room_members", room=room)
+        reply = await self.session.request(rq.RoomMembers(room=room))
         return list(reply["members"])
 
     async def rooms(self) -> list[dict[str, Any]]:
-        return list((await self.session.request("room_list"))["rooms"])
+        return list((await self.session.request(rq.RoomList()))["rooms"])
 
     async def devices(self, user: str | None = None) -> list[dict[str, Any]]:
-        fields = {"user": user} if user else {}
-        return list((await self.session.request("devices", **fields))["devices"])
+        return list((await self.session.request(rq.Devices(user=user or None)))["devices"])
 
     async def remove_device(self, device: str) -> None:
-        await self.session.request("device_remove", device=device)
+        await self.session.request(rq.DeviceRemove(device=device))
 
     # ---------------------------------------------------------------------- trust
     async def accept_identity(self, user: str) -> list[str]:
@@ -328,24 +336,24 @@ class ShtalkClient:
     def _on_state(self, state: str, message: str) -> None:
         self._emit(ConnectionChanged(state, message))
 
-    def _on_push(self, push: dict[str, Any]) -> None:
-        kind = push.get("type")
-        if kind == "message":
-            self._spawn(self.e2ee.receive(push))
-        elif kind == "backlog_done":
-            self._emit(BacklogDone(int(push.get("count", 0))))
-        elif kind == "member":
-            self._spawn(self._member(push))
-        elif kind == "presence":
-            self._emit(Presence(push["user"], push["status"]))
-        elif kind == "invited":
-            self._emit(Invited(push["room"], push.get("by", "")))
-        elif kind == "device":
-            self._spawn(self.e2ee.device_event(push))
+    def _on_push(self, push: ps.ServerPush) -> None:
+        match push:
+            case ps.MessagePush():
+                self._spawn(self.e2ee.receive(push))
+            case ps.BacklogDonePush():
+                self._emit(BacklogDone(push.count))
+            case ps.MemberPush():
+                self._spawn(self._member(push))
+            case ps.PresencePush():
+                self._emit(Presence(push.user, push.status))
+            case ps.InvitedPush():
+                self._emit(Invited(push.room, push.by or ""))
+            case ps.DevicePush():
+                self._spawn(self.e2ee.device_event(push))
 
-    async def _member(self, push: dict[str, Any]) -> None:
-        room, user, event = push["room"], push["user"], push["event"]
-        self._emit(MemberChanged(room, user, event, push.get("by", "")))
+    async def _member(self, push: ps.MemberPush) -> None:
+        room, user, event = push.room, push.user, push.event
+        self._emit(MemberChanged(room, user, event, push.by or ""))
         if user.casefold() == self.credentials.username.casefold():
             if event in ("left", "kicked"):
                 await self.e2ee.left_room(room)
@@ -372,7 +380,7 @@ class ShtalkClient:
         seqs, self._acks = self._acks, []
         if seqs:
             try:
-                await self.session.request("ack", seqs=seqs)
+                await self.session.request(rq.Ack(seqs=tuple(seqs)))
             except Exception as e:
                 # Unacknowledged messages come again at the next login; the store
                 # ignores a message it already has.

@@ -5,17 +5,19 @@ reconnecting, so it can be tested byte for byte over a ``StringTransport`` and r
 tools that only need one connection.  Trust is decided by the caller, who passes either
 the pinned fingerprint (`connect`) or asks for CA verification (`connect_system`).
 
-Replies are matched to requests by the ``id`` this module generates; ``ok: false`` becomes
-`ServerError` carrying the protocol's error code.  Lines without an ``id`` are pushes and
-go to ``push_handler`` in arrival order.  Nothing here logs request fields or reply
-bodies: they carry passwords and tokens.
+Requests are the typed records of `shtalk.wire.requests`, written by `shtalk.wire.frames`;
+replies are matched to them by the ``id`` this module generates, and ``ok: false``
+becomes `ServerError` carrying the protocol's error code.  Lines without an ``id`` are
+pushes: typed by `shtalk.wire.pushes` and handed to ``push_handler`` in arrival order (a
+malformed one is logged and dropped; one of a type this client does not know is
+ignored).  Nothing here logs request fields or reply bodies: they carry passwords and
+tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -38,6 +40,31 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from shtalk import tlsutil as tls
+from shtalk.client.errors import (
+    CertificateChanged,
+    CertificateInvalid,
+    ConnectionLost,
+    RequestTimeout,
+    ServerError,
+    UntrustedServer,
+)
+from shtalk.wire.errors import ErrorCode, ProtocolError
+from shtalk.wire.frames import read_server_line, reply_error, request_line
+from shtalk.wire.pushes import ServerPush, parse_push
+from shtalk.wire.records import ClientRequest
+
+__all__ = [
+    "CertificateChanged",
+    "CertificateInvalid",
+    "ClientConnection",
+    "ConnectionLost",
+    "RequestTimeout",
+    "ServerError",
+    "UntrustedServer",
+    "connect",
+    "connect_system",
+    "fetch_fingerprint",
+]
 
 log = Logger()
 
@@ -45,72 +72,6 @@ _NO_REASON = cast(Failure, None)  # Twisted's connectionLost signature has a def
 
 MAX_LINE = 1024 * 1024 + 64 * 1024
 """Longest line accepted from the server: its 1 MiB line limit plus slack for framing."""
-
-
-class ServerError(Exception):
-    """The server refused a request (``ok: false``); act on ``code``, show ``message``."""
-
-    def __init__(self, code: str, message: str, reply: dict[str, Any] | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.reply: dict[str, Any] = reply if reply is not None else {}
-
-
-class RequestTimeout(ServerError):
-    """No reply arrived in time (code ``timeout``); the request may or may not have run."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__("timeout", message)
-
-
-class ConnectionLost(ServerError):
-    """The connection ended before the reply (code ``connection_lost``)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__("connection_lost", message)
-
-
-class UntrustedServer(Exception):
-    """First contact, and the person declined the server's fingerprint."""
-
-    def __init__(self, fingerprint: str) -> None:
-        super().__init__(f"the server's certificate {fingerprint} was not trusted")
-        self.fingerprint = fingerprint
-
-
-class CertificateChanged(Exception):
-    """The server presented another certificate than the pinned one: refuse to talk.
-
-    The message says how to re-trust on purpose, since the usual cause is a reinstalled
-    server but the dangerous one is interception.
-    """
-
-    def __init__(self, host: str, port: int, expected: str, got: str,
-                 known_hosts_path: str | None = None) -> None:
-        where = f" in {known_hosts_path}" if known_hosts_path else " in the known-hosts file"
-        super().__init__(
-            f"the TLS certificate of {host}:{port} has CHANGED (pinned {expected}, server "
-            f"presented {got}); refusing to connect. Someone may be intercepting the "
-            f"connection. If the server's certificate was replaced on purpose, re-trust it "
-            f"with `shtalk-urwid --forget-server {host}:{port}` or delete the {host}:{port} "
-            f"line{where}, then connect again."
-        )
-        self.host = host
-        self.port = port
-        self.expected = expected
-        self.got = got
-        self.known_hosts_path = known_hosts_path
-
-
-class CertificateInvalid(Exception):
-    """With system trust: the certificate does not chain to a trusted CA or does not
-    name the host."""
-
-    def __init__(self, host: str, port: int, detail: str) -> None:
-        super().__init__(f"the TLS certificate of {host}:{port} failed verification: {detail}")
-        self.host = host
-        self.port = port
 
 
 def _fingerprint_of(cert: crypto.X509) -> str:
@@ -179,7 +140,7 @@ class ClientConnection(LineOnlyReceiver):
         self._pending: dict[int, tuple[str, Deferred[dict[str, Any]], IDelayedCall]] = {}
         self._closed_waiters: list[Deferred[None]] = []
         self._abort_call: IDelayedCall | None = None
-        self.push_handler: Callable[[dict[str, Any]], None] | None = None
+        self.push_handler: Callable[[ServerPush], None] | None = None
         self.orphan_handler: Callable[[dict[str, Any]], None] | None = None
         self.max_line_length: int | None = None  # the server's, from the hello reply
         self.last_error: dict[str, Any] | None = None  # last id-less error from the server
@@ -255,22 +216,22 @@ class ClientConnection(LineOnlyReceiver):
 
     # -- requests ---------------------------------------------------------------------
 
-    def request(self, rtype: str, *, timeout: float = 30.0,
-                **fields: Any) -> Deferred[dict[str, Any]]:
-        """Send ``{"id", "type": rtype, **fields}``; fires with the ``ok: true`` reply.
+    def request(self, request: ClientRequest, *,
+                timeout: float = 30.0) -> Deferred[dict[str, Any]]:
+        """Send ``request``; fires with the ``ok: true`` reply.
 
         Fails with `ServerError` (``ok: false``), `RequestTimeout` after ``timeout``
         seconds, or `ConnectionLost`.  Cancelling forgets the request (a late reply is
         dropped).
         """
+        rtype = request.NAME
         if self.closed or self.transport is None:
             return fail(ConnectionLost(f"not connected; {rtype!r} was not sent"))
         rid = next(self._ids)
-        line = json.dumps({"id": rid, "type": rtype, **fields}, separators=(",", ":"),
-                          ensure_ascii=False).encode("utf-8")
+        line = request_line(rid, request)
         if self.max_line_length is not None and len(line) > self.max_line_length:
             return fail(ServerError(
-                "line_too_long",
+                ErrorCode.LINE_TOO_LONG,
                 f"the {rtype!r} request has {len(line)} bytes; the server takes at most "
                 f"{self.max_line_length}"))
 
@@ -293,18 +254,13 @@ class ClientConnection(LineOnlyReceiver):
     # -- receiving --------------------------------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            log.warn("ignoring a line from the server that is not JSON ({n} bytes)",
+        obj = read_server_line(line)
+        if obj is None:
+            log.warn("ignoring a line from the server that is not a JSON object ({n} bytes)",
                      n=len(line))
             return
-        if not isinstance(obj, dict):
-            log.warn("ignoring a JSON line from the server that is not an object")
-            return
         if "id" not in obj:
-            if self.push_handler is not None:
-                self.push_handler(obj)
+            self._push(obj)
             return
         rid = obj["id"]
         if rid is None:
@@ -319,12 +275,19 @@ class ClientConnection(LineOnlyReceiver):
         if obj.get("ok") is True:
             d.callback(obj)
             return
-        error = obj.get("error")
-        code, message = "internal_error", "malformed error reply"
-        if isinstance(error, dict):
-            code = str(error.get("code", code))
-            message = str(error.get("message", ""))
+        code, message = reply_error(obj)
         d.errback(ServerError(code, message, obj))
+
+    def _push(self, obj: dict[str, Any]) -> None:
+        try:
+            push = parse_push(obj)
+        except ProtocolError as e:
+            # The message names the field, never its value.
+            log.warn("ignoring a malformed {ptype} push: {why}",
+                     ptype=str(obj.get("type"))[:40], why=e.message)
+            return
+        if push is not None and self.push_handler is not None:
+            self.push_handler(push)
 
     def _orphan(self, obj: dict[str, Any]) -> None:
         """An error the server could not tie to a request (framing, timeout, limits)."""

@@ -15,14 +15,15 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shtalk.client import payload as pl
-from shtalk.client.connection import ServerError
+from shtalk.client.authflow import amend
+from shtalk.client.errors import ClientError, IdentityNotAccepted, ServerError
 from shtalk.client.events import (
     BadMessage,
     Event,
@@ -53,6 +54,20 @@ from shtalk.crypto import (
     safety_number,
     seal,
 )
+from shtalk.wire.errors import ErrorCode
+from shtalk.wire.pushes import DevicePush, MessagePush
+from shtalk.wire.records import ClientRequest
+from shtalk.wire.requests import (
+    Devices,
+    KeysCount,
+    KeysFetch,
+    KeysPublish,
+    OneTimeKey,
+    Send,
+    Target,
+)
+
+__all__ = ["E2EE", "ClientError", "IdentityNotAccepted"]
 
 log = Logger()
 
@@ -65,26 +80,13 @@ PENDING_ROOM_TTL = 60.0  # seconds a room message may wait for its sender key
 MAX_PENDING_ROOM = 500
 MAX_BATCH = 200  # received messages handled per store commit
 MAX_SEND_STEPS = 3  # CAPTCHA answers tried for one send
+CAPTCHA_CODES = frozenset({ErrorCode.CAPTCHA_REQUIRED, ErrorCode.CAPTCHA_FAILED})
 
 Put = tuple[str, str, bytes | None]
 
 
-class Requester(Protocol):
-    def __call__(self, rtype: str, **fields: Any) -> Deferred[dict[str, Any]]: ...
-
-
-class ClientError(Exception):
-    """A refusal of the client itself; ``str()`` says what to do."""
-
-
-class IdentityNotAccepted(ClientError):
-    def __init__(self, user: str, devices: Iterable[str]) -> None:
-        self.user = user
-        self.devices = sorted(devices)
-        super().__init__(
-            f"{user}'s identity key changed on {', '.join(self.devices)}; compare safety "
-            f"numbers, then accept the change (/trust {user}) before sending"
-        )
+Requester = Callable[[ClientRequest], Deferred[dict[str, Any]]]
+"""Sends a request over the session, fires with the reply (`ServerSession.request`)."""
 
 
 def encode_sessions(sessions: list[Session]) -> bytes:
@@ -144,10 +146,6 @@ class _Batch:
         self.puts[(kind, key)] = value
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
 def new_client_id() -> str:
     return secrets.token_urlsafe(12)
 
@@ -185,8 +183,8 @@ class E2EE:
         self.seen: dict[str, set[str]] = {}
         #: users whose devices were listed once (that first list was the baseline)
         self.listed: set[str] = set()
-        self._pending_room: list[tuple[float, dict[str, Any], Envelope]] = []
-        self._inbox: list[tuple[dict[str, Any], Deferred[None]]] = []
+        self._pending_room: list[tuple[float, MessagePush, Envelope, str]] = []
+        self._inbox: list[tuple[MessagePush, Deferred[None]]] = []
         #: delivery states ("sent") not saved yet: they go with the next commit
         self._states: list[tuple[str, str]] = []
         self._draining = False
@@ -266,8 +264,7 @@ class E2EE:
                 log.info("new signed pre-key {id} (and last-resort ML-KEM pre-key)",
                          id=self.ident.signed_prekey[0])
             bundle = self.ident.public_bundle()
-            counts = (await self.request("keys_count"))["counts"]
-            fresh: list[dict[str, Any]] = []
+            counts = (await self.request(KeysCount()))["counts"]
             new_ec = new_pq = []
             if counts.get("ec", 0) < REPLENISH_BELOW:
                 new_ec = self.ident.generate_one_time_prekeys(REPLENISH_TO - counts.get("ec", 0))
@@ -283,18 +280,17 @@ class E2EE:
             pq = list(bundle.kem_one_time_prekeys) if first else []
             ec += [k for k in new_ec if k not in ec]
             pq += [k for k in new_pq if k not in pq]
-            fresh += [{"kind": "ec", "id": k.key_id, "key": b64(k.to_bytes())} for k in ec]
-            fresh += [{"kind": "pq", "id": k.key_id, "key": b64(k.to_bytes())} for k in pq]
+            fresh = [OneTimeKey(kind="ec", id=k.key_id, key=k.to_bytes()) for k in ec]
+            fresh += [OneTimeKey(kind="pq", id=k.key_id, key=k.to_bytes()) for k in pq]
             result: dict[str, int] = counts
             for i in range(0, max(1, len(fresh)), 100):
-                reply = await self.request(
-                    "keys_publish",
-                    bundle=b64(bundle.base().to_bytes()),
-                    one_time=fresh[i : i + 100],
+                reply = await self.request(KeysPublish(
+                    bundle=bundle.base().to_bytes(),
+                    one_time=tuple(fresh[i : i + 100]),
                     # A new identity on a device id the server knows (local state lost):
                     # the one-time keys it still holds belong to the old identity.
                     replace=first and i == 0,
-                )
+                ))
                 result = reply["counts"]
             puts: list[Put] = [("meta", "published", b"1")]
             # Initiators now fetch the new pair: the previous one's grace period starts.
@@ -332,7 +328,7 @@ class E2EE:
     # --------------------------------------------------------------- contacts
     async def device_ids(self, user: str, refresh: bool = False) -> list[str]:
         if refresh or user not in self.devices_of:
-            reply = await self.request("devices", user=user)
+            reply = await self.request(Devices(user=user))
             self.devices_of[user] = [d["id"] for d in reply["devices"]]
             if user not in self.listed:
                 # The first list of a contact's devices is the baseline, not news (our
@@ -373,14 +369,14 @@ class E2EE:
         self.seen[self.me] = set(ids) | {self.device}
         await self.store.commit(puts=[("seen", self.me, self._seen_value(self.me)())])
 
-    async def device_event(self, push: dict[str, Any]) -> None:
+    async def device_event(self, push: DevicePush) -> None:
         """A ``device`` push: a contact (or we) got a new device, or one was removed.
         A device we never knew of is announced now, once, not at its first message."""
-        user, device = str(push.get("user", "")), str(push.get("device", ""))
+        user, device = push.user, push.device
         if user.casefold() == self.me.casefold():
             user = self.me
         self.forget_devices(user)
-        if push.get("event") == "removed" or (user, device) in self.contacts:
+        if push.event == "removed" or (user, device) in self.contacts:
             return  # gone, or a known device's new keys (its identity is checked at use)
         async with self.lock:
             if not self._is_new_device(user, device):
@@ -411,7 +407,7 @@ class E2EE:
         sessions = self.sessions.get((user, device))
         if sessions:
             return sessions[0]
-        reply = await self.request("keys_fetch", user=user, device=device)
+        reply = await self.request(KeysFetch(user=user, device=device))
         if not reply["devices"]:
             return None
         entry = reply["devices"][0]
@@ -441,7 +437,7 @@ class E2EE:
         data: bytes,
         puts: list[tuple[str, str, bytes | None]],
         saves: _Saves | None = None,
-    ) -> dict[str, str]:
+    ) -> dict[str, bytes]:
         """Encrypt ``data`` for every device of ``user`` and our own other devices."""
         targets = [
             (user, d) for d in await self.device_ids(user) if (user, d) != (self.me, self.device)
@@ -455,7 +451,7 @@ class E2EE:
         ]
         if blocked:
             raise IdentityNotAccepted(user, blocked)
-        envelopes: dict[str, str] = {}
+        envelopes: dict[str, bytes] = {}
         ts = self.now_ms()
         for u, d in targets:
             session = await self._session_for(u, d, puts)
@@ -472,7 +468,7 @@ class E2EE:
                 recipient=Recipient.user(u, d),
                 timestamp=ts,
             )
-            envelopes[f"{u}/{d}"] = b64(env.to_bytes())
+            envelopes[f"{u}/{d}"] = env.to_bytes()
             puts.append(("session", f"{u}/{d}", self._save_sessions((u, d), saves)))
         return envelopes
 
@@ -512,9 +508,6 @@ class E2EE:
         async with self.lock:
             puts: list[tuple[str, str, bytes | None]] = []
             saves: _Saves | None = None
-            fields: dict[str, Any] = {"client_id": client_id}
-            if expires_in:
-                fields["expires_in"] = expires_in
             if kind == "room":
                 rs = await self._room_session(name)
                 if self.rotation.room_key_due(rs, self.clock()):
@@ -537,7 +530,8 @@ class E2EE:
                 rs.reserve_sending()
                 puts.append(("roomown", name, rs.own_to_bytes()))  # only what advanced
                 saves.rooms[name] = rs.send_mark()
-                fields.update(to={"room": name}, envelope=b64(env.to_bytes()))
+                send = Send(to=Target(room=name), envelope=env.to_bytes(),
+                            client_id=client_id, expires_in=expires_in or None)
             elif kind == "user":
                 saves = _Saves()
                 envelopes = await self._pairwise(name, text, puts, saves)
@@ -545,7 +539,8 @@ class E2EE:
                     raise ClientError(
                         f"{name} has no device that can receive encrypted messages yet"
                     )
-                fields.update(to={"user": name}, envelopes=envelopes)
+                send = Send(to=Target(user=name), envelopes=envelopes, client_id=client_id,
+                            expires_in=expires_in or None)
             else:
                 raise ClientError("conversations are 'user:NAME' or 'room:NAME'")
             record = HistoryMessage(
@@ -574,9 +569,9 @@ class E2EE:
                     raise
                 if saves is not None:
                     self._saved(None, saves)
-            sent = self.request("send", **fields)
+            sent = self.request(send)
         try:
-            await self._answer_steps(sent, fields)
+            await self._answer_steps(sent, send)
         except Exception as e:
             if saving is not None:
                 await self._settle(saving, states)
@@ -596,7 +591,7 @@ class E2EE:
         self.emit(MessageState(msg_id, conversation, "sent"))
         return msg_id
 
-    async def _answer_steps(self, sent: Deferred[dict[str, Any]], fields: dict[str, Any]) -> None:
+    async def _answer_steps(self, sent: Deferred[dict[str, Any]], send: Send) -> None:
         """Await a send; if the server wants a CAPTCHA first, ask and send it again.
 
         The same envelopes and client id go again (the ratchet already moved; the server
@@ -606,11 +601,10 @@ class E2EE:
                 await sent
                 return
             except ServerError as e:
-                if e.code not in ("captcha_required", "captcha_failed") or self.ask_extra is None:
+                if e.code not in CAPTCHA_CODES or self.ask_extra is None:
                     raise
-                error = e.reply.get("error", {}) if isinstance(e.reply, dict) else {}
-                more = await maybeDeferred(self.ask_extra, e.code, error)
-                sent = self.request("send", **{**fields, **(more or {})})
+                more = await maybeDeferred(self.ask_extra, e.code, e.detail)
+                sent = self.request(amend(send, more or {}))
         await sent
 
     async def _settle(
@@ -652,9 +646,8 @@ class E2EE:
             if kind == "user":
                 envelopes = await self._pairwise(name, data, puts)
                 await self.store.commit(puts=puts)
-                sent = self.request(
-                    "send", to={"user": name}, envelopes=envelopes, client_id=new_client_id()
-                )
+                sent = self.request(Send(to=Target(user=name), envelopes=envelopes,
+                                         client_id=new_client_id()))
             else:
                 for member in sorted(self.room_members.get(name, set())):
                     mputs: list[tuple[str, str, bytes | None]] = []
@@ -662,12 +655,8 @@ class E2EE:
                     puts += mputs
                     if envelopes:
                         await self.store.commit(puts=mputs)
-                        self.request(
-                            "send",
-                            to={"user": member},
-                            envelopes=envelopes,
-                            client_id=new_client_id(),
-                        )
+                        self.request(Send(to=Target(user=member), envelopes=envelopes,
+                                          client_id=new_client_id()))
                 await self.store.commit(puts=puts)
                 sent = None
         if sent is not None:
@@ -724,9 +713,8 @@ class E2EE:
             if puts:
                 await self.store.commit(puts=puts)
             if envelopes:
-                self.request(
-                    "send", to={"user": member}, envelopes=envelopes, client_id=new_client_id()
-                )
+                self.request(Send(to=Target(user=member), envelopes=envelopes,
+                                  client_id=new_client_id()))
 
     async def joined_room(self, room: str, members: Iterable[str]) -> None:
         """We joined or created ``room``: start a fresh sender key and hand it out."""
@@ -780,7 +768,7 @@ class E2EE:
     # batch is acked and the in-memory state is reloaded from the store, so the server's
     # redelivery finds the keys it needs.
 
-    async def receive(self, push: dict[str, Any]) -> None:
+    async def receive(self, push: MessagePush) -> None:
         """Handle one ``message`` push; fires once it is committed and acked (or refused)."""
         done: Deferred[None] = Deferred()
         self._inbox.append((push, done))
@@ -811,7 +799,7 @@ class E2EE:
             self._draining = False
 
     async def _run_batch(
-        self, taken: list[tuple[dict[str, Any], Deferred[None]]]
+        self, taken: list[tuple[MessagePush, Deferred[None]]]
     ) -> dict[int, Failure]:
         """Handle ``taken`` under the lock with one commit; the pushes that failed."""
         batch = _Batch()
@@ -879,13 +867,10 @@ class E2EE:
         self._room_rows.clear()
         await self.load()
 
-    def _bad(self, batch: _Batch, push: dict[str, Any], reason: str) -> None:
+    def _bad(self, batch: _Batch, push: MessagePush, reason: str) -> None:
         """Report and ack (after the batch's commit) a message we cannot use."""
-        sender = push.get("from", {})
-        event = BadMessage(
-            sender.get("user", "?"), sender.get("device", "?"), reason, int(push.get("seq", 0))
-        )
-        seq = int(push["seq"])
+        event = BadMessage(push.sender.user, push.sender.device, reason, push.seq)
+        seq = push.seq
 
         def report() -> None:
             self.emit(event)
@@ -893,7 +878,7 @@ class E2EE:
 
         batch.after.append(report)
 
-    def _redelivered(self, batch: _Batch, push: dict[str, Any]) -> None:
+    def _redelivered(self, batch: _Batch, push: MessagePush) -> None:
         """A message we already decrypted, signed by its pinned sender: ack it, quietly.
 
         The server delivers again whatever it was not acked for, e.g. after we were
@@ -901,19 +886,17 @@ class E2EE:
         read twice; the copy we read is in the history.  (A key the ratchet dropped
         unread looks the same: that needs MAX_SKIP-scale loss, see docs/SECURITY.md.)
         """
-        seq = int(push["seq"])
-        sender = push.get("from", {})
+        seq = push.seq
         log.info(
             "message {seq} from {user}/{device} was already received: acknowledged again",
-            seq=seq, user=sender.get("user", "?"), device=sender.get("device", "?"),
+            seq=seq, user=push.sender.user, device=push.sender.device,
         )  # fmt: skip
         batch.after.append(lambda: self.ack(seq))
 
-    def _receive(self, push: dict[str, Any], batch: _Batch) -> None:
-        sender = push["from"]
-        user, device = sender["user"], sender["device"]
+    def _receive(self, push: MessagePush, batch: _Batch) -> None:
+        user, device = push.sender.user, push.sender.device
         try:
-            env = Envelope.from_bytes(base64.b64decode(push["envelope"]))
+            env = Envelope.from_bytes(base64.b64decode(push.envelope))
         except (CryptoError, ValueError):
             self._bad(batch, push, "the envelope is malformed")
             return
@@ -921,7 +904,7 @@ class E2EE:
             self._bad(batch, push, "the envelope names another sender than the server says")
             return
         if env.type is MessageType.ROOM:
-            room = push["to"].get("room")
+            room = push.to.room
             if room is None:
                 self._bad(batch, push, "a room message outside a room")
                 return
@@ -929,7 +912,7 @@ class E2EE:
         else:
             self._receive_pairwise(push, env, batch)
 
-    def _receive_pairwise(self, push: dict[str, Any], env: Envelope, batch: _Batch) -> None:
+    def _receive_pairwise(self, push: MessagePush, env: Envelope, batch: _Batch) -> None:
         user, device = env.sender_user, env.sender_device
         if user.casefold() == self.me.casefold():
             user = self.me
@@ -1002,7 +985,7 @@ class E2EE:
 
     def _receive_room(
         self,
-        push: dict[str, Any],
+        push: MessagePush,
         env: Envelope,
         room: str,
         batch: _Batch,
@@ -1014,7 +997,7 @@ class E2EE:
         contact = self.contacts.get((user, device))
         rs = self.rooms.get(room)
         if contact is None or rs is None:
-            self._hold(push, env, since, batch)
+            self._hold(push, env, room, since, batch)
             return
         try:
             # Verify before decrypt: the envelope under the sender's pinned identity key,
@@ -1023,7 +1006,7 @@ class E2EE:
             epoch = RoomSession.header_epoch(env.header)
             plaintext = rs.decrypt(user, device, env.header, env.ciphertext)
         except StateError:
-            self._hold(push, env, since, batch)
+            self._hold(push, env, room, since, batch)
             return
         except ReplayError:
             self._redelivered(batch, push)
@@ -1058,22 +1041,22 @@ class E2EE:
         return value
 
     def _hold(
-        self, push: dict[str, Any], env: Envelope, since: float | None, batch: _Batch
+        self, push: MessagePush, env: Envelope, room: str, since: float | None, batch: _Batch
     ) -> None:
         """Wait (unacknowledged) for the sender key that decrypts this room message."""
-        self._pending_room.append((self.clock() if since is None else since, push, env))
+        self._pending_room.append((self.clock() if since is None else since, push, env, room))
         while len(self._pending_room) > MAX_PENDING_ROOM:
-            _, old, _ = self._pending_room.pop(0)
+            _, old, _, _ = self._pending_room.pop(0)
             self._bad(batch, old, "no sender key arrived for this room message")
 
     def _retry_held(self, batch: _Batch) -> None:
         held, self._pending_room = self._pending_room, []
         now = self.clock()
-        for since, push, env in held:
+        for since, push, env, room in held:
             if now - since > PENDING_ROOM_TTL:
                 self._bad(batch, push, "no sender key arrived for this room message")
                 continue
-            self._receive_room(push, env, push["to"]["room"], batch, since)
+            self._receive_room(push, env, room, batch, since)
 
     async def expire_held(self) -> None:
         async with self.lock:
@@ -1086,14 +1069,14 @@ class E2EE:
 
     def _deliver(
         self,
-        push: dict[str, Any],
+        push: MessagePush,
         user: str,
         device: str,
         body: pl.Payload,
         batch: _Batch,
         room: str | None,
     ) -> None:
-        seq = int(push["seq"])
+        seq = push.seq
         ack = self.ack
         if isinstance(body, pl.Text):
             if room is not None:
@@ -1103,10 +1086,10 @@ class E2EE:
             else:
                 conversation = f"user:{user}"
             expires_at = body.expires_at
-            if expires_at is None and push.get("expires_at"):
-                expires_at = float(push["expires_at"])
+            if expires_at is None and push.expires_at:
+                expires_at = float(push.expires_at)
             msg_id = f"{user}/{device}/{body.id}"
-            ts = int(push.get("ts", 0))
+            ts = push.ts
             batch.messages.append(
                 HistoryMessage(
                     msg_id,

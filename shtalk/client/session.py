@@ -6,16 +6,18 @@ decided to trust.  So the session owns, in one place:
 
 * trust: the certificate pin (TOFU through `KnownHosts` and a confirm callback) or, for
   servers with a CA certificate, system trust plus host-name checking;
-* authentication on every (re)connect, cheapest first: ``resume`` with the access token,
-  then ``refresh`` (which rotates the tokens; they go to ``on_tokens`` to be persisted),
-  then ``ask_password()`` and ``login``;
+* authentication on every (re)connect, cheapest first (`shtalk.client.authflow`):
+  ``resume`` with the access token, then ``refresh`` (which rotates the tokens; they go
+  to ``on_tokens`` to be persisted), then ``ask_password()`` and ``login``;
 * reconnecting with bounded exponential backoff and jitter (so a restarted server is not
   hit by every client at the same instant);
 * `request`, which waits while reconnecting (up to its timeout) instead of failing.
 
-Every push, ``backlog_done`` and ``logged_out`` included, goes to ``on_push`` in arrival
-order; after ``logged_out`` the session re-authenticates (refresh, then password).
-Tokens and passwords are never logged and never put into exception messages.
+Its state (`shtalk.client.sessionstate`) moves only by the transition table there.
+Every push, ``backlog_done`` and ``logged_out`` included, goes to ``on_push`` as a typed
+record of `shtalk.wire.pushes`, in arrival order; after ``logged_out`` the session
+re-authenticates (refresh, then password).  Tokens and passwords are never logged and
+never put into exception messages.
 """
 
 from __future__ import annotations
@@ -25,39 +27,46 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shtalk.client import connection as _connection
-from shtalk.client.connection import (
+from shtalk.client.authflow import Authenticator, amend, call
+from shtalk.client.connection import ClientConnection
+from shtalk.client.errors import (
+    OTP_REJECTED,
+    AuthenticationFailed,
     CertificateChanged,
     CertificateInvalid,
-    ClientConnection,
     ConnectionLost,
-    RequestTimeout,
     ServerError,
     UntrustedServer,
 )
 from shtalk.client.knownhosts import KnownHosts
+from shtalk.client.sessionstate import Input, SessionState, State
+from shtalk.client.waiting import WaitingRequests
+from shtalk.wire import requests as rq
+from shtalk.wire.errors import ErrorCode
+from shtalk.wire.pushes import LoggedOutPush, ServerPush
+from shtalk.wire.records import ClientRequest
+
+__all__ = ["OTP_REJECTED", "AuthenticationFailed", "Credentials", "ServerSession", "State"]
 
 log = Logger()
 
-PROTOCOL_VERSION = 1
-FATAL_CODES = frozenset({"unsupported_version", "invalid_credentials", "email_not_verified",
-                         "otp_required", "captcha_required", "captcha_failed"})
+FATAL_CODES = frozenset({
+    ErrorCode.UNSUPPORTED_VERSION, ErrorCode.INVALID_CREDENTIALS, ErrorCode.EMAIL_NOT_VERIFIED,
+    ErrorCode.OTP_REQUIRED, ErrorCode.CAPTCHA_REQUIRED, ErrorCode.CAPTCHA_FAILED,
+})  # fmt: skip
 """Server errors that no reconnect can fix: stop and tell the person."""
-OTP_REJECTED = "otp_rejected"
-"""Not a server code: ``invalid_credentials`` after the server asked for the TOTP code (so
-the password was right): the code was wrong, expired or already used."""
-EXTRA_CODES = frozenset({"otp_required", "captcha_required", "captcha_failed", OTP_REJECTED})
-"""Login refusals that ask for more (answered by ``ask_extra`` when one is given)."""
-RETRYABLE = frozenset({"ping", "devices", "room_list", "room_members", "keys_count", "ack",
-                       "send"})
+RETRYABLE = frozenset(c.NAME for c in (rq.Ping, rq.Devices, rq.RoomList, rq.RoomMembers,
+                                       rq.KeysCount, rq.Ack, rq.Send))
 """Requests safe to send again after the link dropped before their reply: reads, the
 cumulative ``ack``, and ``send`` (deduplicated by its ``client_id``)."""
+
+Extra = Callable[[str, dict[str, Any]], Deferred[dict[str, Any]] | dict[str, Any]]
 
 
 @dataclass
@@ -74,14 +83,8 @@ class Credentials:
     refresh_token: str | None = field(default=None, repr=False)
 
 
-class AuthenticationFailed(Exception):
-    """The password step could not complete (the person cancelled, or gave up after
-    repeated wrong passwords): the session stops rather than ask forever."""
-
-
 class ServerSession:
-    """See the module docstring.  ``state`` is one of ``disconnected``, ``connecting``,
-    ``connected`` (hello done, not authenticated), ``authenticated``, ``reconnecting``."""
+    """See the module docstring.  ``state`` is a `State` (a string enum)."""
 
     max_password_attempts = 3
 
@@ -95,7 +98,7 @@ class ServerSession:
         ask_password: Callable[[], Deferred[str] | str],
         credentials: Credentials,
         on_tokens: Callable[[Credentials], Deferred[None] | None],
-        on_push: Callable[[dict[str, Any]], None],
+        on_push: Callable[[ServerPush], None],
         on_state: Callable[[str, str], None] | None = None,
         backoff: tuple[float, float] = (0.5, 30.0),
         *,
@@ -105,8 +108,7 @@ class ServerSession:
         request_timeout: float = 30.0,
         client_name: str = "shtalk-client/0.1",
         rng: random.Random | None = None,
-        ask_extra: Callable[[str, dict[str, Any]], Deferred[dict[str, Any]] | dict[str, Any]]
-        | None = None,
+        ask_extra: Extra | None = None,
     ) -> None:
         if trust not in ("pin", "system"):
             raise ValueError(f"trust must be 'pin' or 'system', not {trust!r}")
@@ -125,7 +127,6 @@ class ServerSession:
         self.credentials = credentials
         self.on_tokens = on_tokens
         self.on_push = on_push
-        self.on_state = on_state
         self.backoff = backoff
         self.trust = trust
         self.trust_root = trust_root
@@ -133,8 +134,7 @@ class ServerSession:
         self.request_timeout = request_timeout
         self.client_name = client_name
         self.rng = rng or random.Random()  # jitter, not a secret
-        self.state = "disconnected"
-        self.state_message = ""
+        self._state = SessionState(on_state)
         self.server_hello: dict[str, Any] = {}
         # Test seams: how a connection is made (module functions by default).
         self.fetch_fingerprint: Callable[..., Deferred[str]] = _connection.fetch_fingerprint
@@ -142,6 +142,7 @@ class ServerSession:
         self.connect_system: Callable[..., Deferred[ClientConnection]] = (
             _connection.connect_system)
 
+        self._auth = Authenticator(self)
         self._conn: ClientConnection | None = None  # hello done
         self._authed: ClientConnection | None = None  # ... and authenticated
         self._opening: Deferred[ClientConnection] | None = None
@@ -150,10 +151,15 @@ class ServerSession:
         self._stopped = False
         self._task: Deferred[None] | None = None
         self._start_waiters: list[Deferred[None]] = []
-        # Requests waiting for an authenticated connection:
-        # (type, fields, their Deferred, deadline, timeout given, expiry timer).
-        self._waiting: list[tuple[str, dict[str, Any], Deferred[dict[str, Any]], float, float,
-                                  IDelayedCall]] = []
+        self._waiting = WaitingRequests(reactor)
+
+    @property
+    def state(self) -> State:
+        return self._state.state
+
+    @property
+    def state_message(self) -> str:
+        return self._state.message
 
     # -- public API -------------------------------------------------------------------
 
@@ -179,24 +185,21 @@ class ServerSession:
 
         ``extra`` carries what the server asked for in a previous refusal (e.g.
         ``captcha={"id": ..., "answer": ...}``)."""
-        self._stopped = False
+        try:
+            request = amend(rq.Register(username=username, password=password, email=email),
+                            extra)
+        except ServerError as e:
+            return fail(e)
+        return self.request_unauthenticated(request)
 
-        async def run() -> dict[str, Any]:
-            conn = await self._ensure_connected()
-            return await conn.request("register", timeout=self.request_timeout,
-                                      username=username, password=password, email=email,
-                                      **extra)
-
-        return Deferred.fromCoroutine(run())
-
-    def request_unauthenticated(self, rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
+    def request_unauthenticated(self, request: ClientRequest) -> Deferred[dict[str, Any]]:
         """A pre-authentication request (``verify_email``, ``captcha`` ...) on the
         unauthenticated connection, opened if needed."""
         self._stopped = False
 
         async def run() -> dict[str, Any]:
             conn = await self._ensure_connected()
-            return await conn.request(rtype, timeout=self.request_timeout, **fields)
+            return await conn.request(request, timeout=self.request_timeout)
 
         return Deferred.fromCoroutine(run())
 
@@ -210,14 +213,15 @@ class ServerSession:
 
         async def run() -> dict[str, Any]:
             conn = await self._ensure_connected()
-            reply = await self._login_with_extras(conn, password, extra)
+            reply = await self._auth.login_with_extras(conn, password, extra)
             self._running = True
             self._ensure_task()
             return reply
 
         return Deferred.fromCoroutine(run())
 
-    def request(self, rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
+    def request(self, request: ClientRequest, *,
+                timeout: float | None = None) -> Deferred[dict[str, Any]]:
         """A request on the authenticated connection; fires with the ``ok: true`` reply.
 
         While (re)connecting the request waits for the next authenticated connection, up
@@ -225,12 +229,9 @@ class ServerSession:
         the link drops fails with `ConnectionLost` (it may or may not have run; ``send``
         is safe to repeat thanks to its ``client_id``), except the types in `RETRYABLE`,
         which are sent again on the next connection.  Refusals are `ServerError`.
-        A ``timeout=`` keyword (seconds) is taken out of ``fields``: no request type has
-        a field of that name, and ``**fields: Any`` keeps callers' dict splats typed.
         """
-        timeout = fields.pop("timeout", None)
         limit = self.request_timeout if timeout is None else float(timeout)
-        return self._submit(rtype, fields, self.reactor.seconds() + limit, limit)
+        return self._submit(request, self.reactor.seconds() + limit, limit)
 
     def logout(self) -> Deferred[None]:
         """Revoke this session's tokens on the server, forget them locally, and stop."""
@@ -241,17 +242,22 @@ class ServerSession:
             error: Exception | None = None
             if conn is not None:
                 try:
-                    await conn.request("logout", timeout=self.request_timeout)
+                    await conn.request(rq.Logout(), timeout=self.request_timeout)
                 except ServerError as e:
                     error = e
             self.credentials.access_token = None
             self.credentials.refresh_token = None
-            await self._persist_tokens()
+            await self._auth.persist_tokens()
             await self.stop()
             if error is not None:
                 raise error
 
         return Deferred.fromCoroutine(run())
+
+    async def adopt_tokens(self, reply: dict[str, Any]) -> None:
+        """Take new tokens from a reply (``password_change`` gives this device a new
+        session) and persist them through ``on_tokens``."""
+        await self._auth.take_tokens(reply)
 
     def stop(self) -> Deferred[None]:
         """Stop reconnecting, fail waiting requests, close; fires when closed."""
@@ -264,7 +270,7 @@ class ServerSession:
         self._fail_waiting(ConnectionLost("the session was stopped"))
         self._fail_start(ConnectionLost("the session was stopped"))
         conn, self._conn, self._authed = self._conn, None, None
-        self._set_state("disconnected", "stopped")
+        self._state.feed(Input.STOP, "stopped")
         if conn is None:
             return succeed(None)
         conn.close()
@@ -281,14 +287,6 @@ class ServerSession:
 
     def _is_authed(self) -> bool:
         return self._authed is not None and not self._authed.closed
-
-    def _set_state(self, state: str, message: str) -> None:
-        self.state, self.state_message = state, message
-        if self.on_state is not None:
-            try:
-                self.on_state(state, message)
-            except Exception:
-                log.failure("on_state failed")
 
     def _ensure_task(self) -> None:
         if self._task is None:
@@ -342,15 +340,15 @@ class ServerSession:
             conn = await self._open_pinned()
         conn.push_handler = self._push_handler(conn)
         try:
-            hello = await conn.request("hello", timeout=self.request_timeout,
-                                       version=PROTOCOL_VERSION, client=self.client_name)
+            hello = await conn.request(rq.Hello(client=self.client_name),
+                                       timeout=self.request_timeout)
         except BaseException:
             conn.close()
             raise
         self.server_hello = hello
         limit = hello.get("max_line_length")
         conn.max_line_length = limit if isinstance(limit, int) else None
-        self._set_state("connected", f"connected to {self.host}:{self.port}")
+        self._state.feed(Input.OPENED, f"connected to {self.host}:{self.port}")
         return conn
 
     async def _open_pinned(self) -> ClientConnection:
@@ -359,7 +357,7 @@ class ServerSession:
         if pinned is None:
             seen = await self.fetch_fingerprint(self.reactor, self.host, self.port,
                                                 self.connect_timeout)
-            trusted = await _call(self.confirm_fingerprint, seen)
+            trusted = await call(self.confirm_fingerprint, seen)
             if not trusted:
                 raise UntrustedServer(seen)
             conn = await self.connect_pinned(self.reactor, self.host, self.port, seen,
@@ -378,11 +376,10 @@ class ServerSession:
         attempt = 0
         while self._running:
             try:
-                if self.state not in ("reconnecting", "authenticated"):
-                    self._set_state("connecting", f"connecting to {self.host}:{self.port}")
+                self._state.feed(Input.CONNECT, f"connecting to {self.host}:{self.port}")
                 conn = await self._ensure_connected()
                 if self._authed is not conn:
-                    conn = await self._authenticate(conn)
+                    conn = await self._auth.authenticate(conn)
                 attempt = 0
                 await conn.when_closed()
                 if self._conn is not None and not self._conn.closed:
@@ -403,7 +400,7 @@ class ServerSession:
             self._authed = None
             delay = self.backoff_delay(attempt)
             attempt += 1
-            self._set_state("reconnecting", f"{why}; reconnecting in {delay:.1f} s")
+            self._state.feed(Input.LOST, f"{why}; reconnecting in {delay:.1f} s")
             await deferLater(self.reactor, delay, lambda: None)
 
     def _fatal(self, error: Exception) -> None:
@@ -411,155 +408,43 @@ class ServerSession:
         conn, self._conn, self._authed = self._conn, None, None
         if conn is not None:
             conn.close()
-        self._set_state("disconnected", str(error))
+        self._state.feed(Input.STOP, str(error))
         self._fail_start(error)
         self._fail_waiting(ConnectionLost(f"not connected: {error}"))
 
-    # -- authenticating ---------------------------------------------------------------
-
-    async def _authenticate(self, conn: ClientConnection, *,
-                            allow_resume: bool = True) -> ClientConnection:
-        """resume -> refresh -> password; returns the (possibly new) connection."""
-        creds = self.credentials
-        if allow_resume and creds.access_token:
-            try:
-                reply = await conn.request("resume", timeout=self.request_timeout,
-                                           access_token=creds.access_token)
-            except ServerError as e:
-                if e.code == "token_revoked":
-                    creds.access_token = creds.refresh_token = None
-                    await self._persist_tokens()
-                elif e.code in ("token_expired", "invalid_token"):
-                    creds.access_token = None
-                else:
-                    raise
-            else:
-                self._authenticated(conn, reply, "resumed")
-                return conn
-        if creds.refresh_token:
-            try:
-                reply = await conn.request("refresh", timeout=self.request_timeout,
-                                           refresh_token=creds.refresh_token)
-            except ServerError as e:
-                if e.code not in ("invalid_token", "token_revoked", "token_expired"):
-                    raise
-                creds.access_token = creds.refresh_token = None
-                await self._persist_tokens()
-            else:
-                await self._take_tokens(reply)
-                self._authenticated(conn, reply, "refreshed")
-                return conn
-        return await self._password_login(conn)
-
-    async def _password_login(self, conn: ClientConnection) -> ClientConnection:
-        for _ in range(self.max_password_attempts):
-            try:
-                password = str(await _call(self.ask_password))
-            except CancelledError:
-                raise
-            except Exception as e:
-                raise AuthenticationFailed(f"no password given ({type(e).__name__})") from None
-            if conn.closed:  # e.g. the server's pre-auth timeout while the person typed
-                conn = await self._ensure_connected()
-            try:
-                await self._login_with_extras(conn, password, {})
-            except ServerError as e:
-                if e.code != "invalid_credentials":
-                    raise
-                self._set_state("connected", "wrong username or password")
-                continue
-            return conn
-        raise AuthenticationFailed(
-            f"login as {self.credentials.username!r} failed {self.max_password_attempts} times")
-
-    async def _login_request(self, conn: ClientConnection, password: str,
-                             **extra: Any) -> dict[str, Any]:
-        creds = self.credentials
-        device = {"id": creds.device_id}
-        if creds.device_label:
-            device["label"] = creds.device_label
-        reply = await conn.request("login", timeout=self.request_timeout,
-                                   username=creds.username, password=password, device=device,
-                                   **extra)
-        await self._take_tokens(reply)
-        self._authenticated(conn, reply, "logged in")
-        return reply
-
-    async def _login_with_extras(self, conn: ClientConnection, password: str,
-                                 extra: dict[str, Any]) -> dict[str, Any]:
-        """A login that answers the server's follow-up questions (TOTP code, CAPTCHA)
-        through ``ask_extra``; without it those refusals go to the caller."""
-        extra = dict(extra)
-        for _ in range(self.max_password_attempts + 1):
-            try:
-                return await self._login_request(conn, password, **extra)
-            except ServerError as e:
-                code = e.code
-                if code == "invalid_credentials" and "otp" in extra:
-                    code = OTP_REJECTED
-                if self.ask_extra is None or code not in EXTRA_CODES:
-                    raise
-                error = e.reply.get("error", {}) if isinstance(e.reply, dict) else {}
-                try:
-                    more = await _call(self.ask_extra, code, error)
-                except CancelledError:
-                    raise
-                except Exception as x:  # the person closed the prompt, like ask_password
-                    raise AuthenticationFailed(
-                        f"{code}: not answered ({type(x).__name__})") from None
-                extra.update(more or {})
-                if conn.closed:
-                    conn = await self._ensure_connected()
-        raise AuthenticationFailed("login refused; the extra steps did not succeed")
-
-    async def adopt_tokens(self, reply: dict[str, Any]) -> None:
-        """Take new tokens from a reply (``password_change`` gives this device a new
-        session) and persist them through ``on_tokens``."""
-        await self._take_tokens(reply)
-
-    async def _take_tokens(self, reply: dict[str, Any]) -> None:
-        access, refresh = reply.get("access_token"), reply.get("refresh_token")
-        if isinstance(access, str):
-            self.credentials.access_token = access
-        if isinstance(refresh, str):
-            self.credentials.refresh_token = refresh
-        await self._persist_tokens()
-
-    async def _persist_tokens(self) -> None:
-        try:
-            await _call(self.on_tokens, self.credentials)
-        except Exception:
-            # The message names no token: on_tokens failures are the caller's storage.
-            log.failure("on_tokens failed; the new tokens may not be saved")
+    # -- what the authentication flow reports ----------------------------------------
 
     def _authenticated(self, conn: ClientConnection, reply: dict[str, Any], how: str) -> None:
         self._conn = self._authed = conn
-        self._set_state("authenticated", f"{how} as {reply.get('user', '?')}"
-                        f"/{reply.get('device', '?')}")
+        self._state.feed(Input.AUTHENTICATED, f"{how} as {reply.get('user', '?')}"
+                         f"/{reply.get('device', '?')}")
         waiters, self._start_waiters = self._start_waiters, []
         for w in waiters:
             w.callback(None)
         self._flush_waiting()
 
+    def _refused(self, message: str) -> None:
+        self._state.feed(Input.REFUSED, message)
+
     # -- pushes -----------------------------------------------------------------------
 
-    def _push_handler(self, conn: ClientConnection) -> Callable[[dict[str, Any]], None]:
-        def handle(push: dict[str, Any]) -> None:
+    def _push_handler(self, conn: ClientConnection) -> Callable[[ServerPush], None]:
+        def handle(push: ServerPush) -> None:
             try:
                 self.on_push(push)
             except Exception:
-                log.failure("on_push failed for a {ptype} push", ptype=push.get("type"))
-            if push.get("type") == "logged_out" and conn is self._authed and self._running:
+                log.failure("on_push failed for a {ptype} push", ptype=push.NAME)
+            if isinstance(push, LoggedOutPush) and conn is self._authed and self._running:
                 self._authed = None
                 self.credentials.access_token = None  # the session is gone server-side
-                self._set_state("connected", f"logged out: {push.get('reason', '')}")
+                self._state.feed(Input.LOGGED_OUT, f"logged out: {push.reason or ''}")
                 Deferred.fromCoroutine(self._reauthenticate(conn))
 
         return handle
 
     async def _reauthenticate(self, conn: ClientConnection) -> None:
         try:
-            await self._authenticate(conn, allow_resume=False)
+            await self._auth.authenticate(conn, allow_resume=False)
         except CancelledError:
             pass
         except Exception as e:
@@ -570,71 +455,39 @@ class ServerSession:
 
     # -- requests waiting for a connection --------------------------------------------
 
-    def _submit(self, rtype: str, fields: dict[str, Any], deadline: float,
+    def _submit(self, request: ClientRequest, deadline: float,
                 limit: float) -> Deferred[dict[str, Any]]:
+        rtype = request.NAME
         if self._is_authed():
             assert self._authed is not None
             remaining = max(0.001, deadline - self.reactor.seconds())
-            sent = self._authed.request(rtype, timeout=remaining, **fields)
+            sent = self._authed.request(request, timeout=remaining)
             if rtype not in RETRYABLE:
                 return sent
 
             def again(f: Failure) -> Deferred[dict[str, Any]] | Failure:
                 if (isinstance(f.value, ConnectionLost) and self._running
                         and self.reactor.seconds() < deadline):
-                    return self._submit(rtype, fields, deadline, limit)
+                    return self._submit(request, deadline, limit)
                 return f
 
             sent.addErrback(again)
             return sent
         if not self._running:
             return fail(ConnectionLost(f"the session is not running; {rtype!r} not sent"))
-
-        def cancel(d: Deferred[dict[str, Any]]) -> None:
-            self._drop_waiting(d)
-
-        d: Deferred[dict[str, Any]] = Deferred(cancel)
-        timer = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()),
-                                       self._waiting_expired, d, rtype, limit)
-        self._waiting.append((rtype, fields, d, deadline, limit, timer))
-        return d
+        return self._waiting.wait(request, deadline, limit)
 
     def _flush_waiting(self) -> None:
-        waiting, self._waiting = self._waiting, []
-        for rtype, fields, d, deadline, limit, timer in waiting:
-            if timer.active():
-                timer.cancel()
-            self._submit(rtype, fields, deadline, limit).chainDeferred(d)
-
-    def _drop_waiting(self, d: Deferred[dict[str, Any]]) -> None:
-        for entry in self._waiting:
-            if entry[2] is d:
-                self._waiting.remove(entry)
-                if entry[5].active():
-                    entry[5].cancel()
-                return
-
-    def _waiting_expired(self, d: Deferred[dict[str, Any]], rtype: str, limit: float) -> None:
-        self._drop_waiting(d)
-        d.errback(RequestTimeout(
-            f"no authenticated connection within {limit:g} s; {rtype!r} was not sent"))
+        for w in self._waiting.take():
+            self._submit(w.request, w.deadline, w.limit).chainDeferred(w.done)
 
     def _fail_waiting(self, error: Exception) -> None:
-        waiting, self._waiting = self._waiting, []
-        for _rtype, _fields, d, _deadline, _limit, timer in waiting:
-            if timer.active():
-                timer.cancel()
-            d.errback(error)
+        self._waiting.fail_all(error)
 
     def _fail_start(self, error: Exception) -> None:
         waiters, self._start_waiters = self._start_waiters, []
         for w in waiters:
             w.errback(error)
-
-
-def _call(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-    """``maybeDeferred`` for callbacks that may answer with a value or a Deferred."""
-    return maybeDeferred(f, *args)
 
 
 def _is_fatal(e: BaseException) -> bool:

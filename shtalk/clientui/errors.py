@@ -9,30 +9,32 @@ from typing import Any
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.python.failure import Failure
 
+from shtalk.wire.errors import ErrorCode as E
+
 SERVER_CODES: dict[str, str] = {
-    "invalid_credentials": "Wrong username or password. Check both and try again "
+    E.INVALID_CREDENTIALS: "Wrong username or password. Check both and try again "
                            "(the server does not say which one was wrong).",
-    "username_taken": "That username is taken. Pick another one.",
-    "bad_username": "That username is not allowed: 3-32 letters, digits, _ . - "
+    E.USERNAME_TAKEN: "That username is taken. Pick another one.",
+    E.BAD_USERNAME: "That username is not allowed: 3-32 letters, digits, _ . - "
                     "(not starting or ending with . or -).",
-    "weak_password": "The server refused the password as too weak: use at least 12 "
+    E.WEAK_PASSWORD: "The server refused the password as too weak: use at least 12 "
                      "characters, not a common password.",
-    "password_too_long": "The password is too long (at most 72 bytes). Pick a shorter one.",
-    "bad_email": "That is not an email address the server accepts.",
-    "no_such_user": "There is no such user on this server. Check the spelling.",
-    "no_such_room": "There is no such room. /rooms lists them; /create makes one.",
-    "no_such_device": "There is no such device. /devices lists them.",
-    "room_exists": "A room with that name exists already: /join it, or pick another name.",
-    "not_a_member": "You (or that person) are not a member of that room. /join it first.",
-    "already_member": "Already a member of that room.",
-    "invite_required": "That room is invite-only: ask a member to /invite you.",
-    "forbidden": "Your role in that room does not allow this; ask the room's owner.",
-    "token_revoked": "This device's session was ended (logged out elsewhere or removed). "
+    E.PASSWORD_TOO_LONG: "The password is too long (at most 72 bytes). Pick a shorter one.",
+    E.BAD_EMAIL: "That is not an email address the server accepts.",
+    E.NO_SUCH_USER: "There is no such user on this server. Check the spelling.",
+    E.NO_SUCH_ROOM: "There is no such room. /rooms lists them; /create makes one.",
+    E.NO_SUCH_DEVICE: "There is no such device. /devices lists them.",
+    E.ROOM_EXISTS: "A room with that name exists already: /join it, or pick another name.",
+    E.NOT_A_MEMBER: "You (or that person) are not a member of that room. /join it first.",
+    E.ALREADY_MEMBER: "Already a member of that room.",
+    E.INVITE_REQUIRED: "That room is invite-only: ask a member to /invite you.",
+    E.FORBIDDEN: "Your role in that room does not allow this; ask the room's owner.",
+    E.TOKEN_REVOKED: "This device's session was ended (logged out elsewhere or removed). "
                      "Log in again with /login.",
-    "too_many_connections": "Too many connections from your address; close some clients.",
-    "unsupported_version": "The server speaks another protocol version: update shtalk.",
-    "internal_error": "The server failed to do that (its log says why). Try again later.",
-    "envelope_too_large": "That message is too large for the server. Send less at once.",
+    E.TOO_MANY_CONNECTIONS: "Too many connections from your address; close some clients.",
+    E.UNSUPPORTED_VERSION: "The server speaks another protocol version: update shtalk.",
+    E.INTERNAL_ERROR: "The server failed to do that (its log says why). Try again later.",
+    E.ENVELOPE_TOO_LARGE: "That message is too large for the server. Send less at once.",
 }
 
 
@@ -52,17 +54,18 @@ def describe(error: BaseException | Failure | Any) -> str:
     """One or two sentences for a person; never a traceback."""
     # Imported here, not at the top: the screen's first frame does not wait for the
     # client stack (crypto, TLS); by the time there is an error to describe, it is loaded.
-    from shtalk.client.connection import (
+    from shtalk.client.errors import (
+        AuthenticationFailed,
         CertificateChanged,
         CertificateInvalid,
+        ClientError,
         ConnectionLost,
+        IdentityNotAccepted,
         RequestTimeout,
         ServerError,
         UntrustedServer,
     )
-    from shtalk.client.e2ee import ClientError, IdentityNotAccepted
     from shtalk.client.localstore import CorruptEntry, LocalStoreError, WrongPassphrase
-    from shtalk.client.session import AuthenticationFailed
 
     if isinstance(error, Failure):
         error = error.value
@@ -94,9 +97,8 @@ def describe(error: BaseException | Failure | Any) -> str:
         return "Not connected to the server right now; shtalk keeps trying. Try again when " \
                "the status bar says online."
     if isinstance(error, ServerError):
-        if error.code == "rate_limited":
-            retry = (error.reply.get("error") or {}).get("retry_after") or \
-                error.reply.get("retry_after")
+        if error.code == E.RATE_LIMITED:
+            retry = error.detail.get("retry_after") or error.reply.get("retry_after")
             return f"The server is rate-limiting you (too many requests). Try again " \
                    f"{wait_text(retry)}."
         text = SERVER_CODES.get(error.code)

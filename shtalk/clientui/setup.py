@@ -216,11 +216,12 @@ class SetupFlow:
         from shtalk.client.connection import ServerError
         from shtalk.client.session import Credentials
         from shtalk.wire.passwords import DEFAULT_MIN_LENGTH, password_problem
+        from shtalk.wire.requests import Ping
 
         title = "Create an account"
         session = self.session(Credentials("", "registration"))
         # Connected while the form is filled in: the hello says the password policy.
-        session.request_unauthenticated("ping").addErrback(lambda _: None)
+        session.request_unauthenticated(Ping()).addErrback(lambda _: None)
         state = "username"
         try:
             while True:

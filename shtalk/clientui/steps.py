@@ -15,17 +15,19 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 
+from shtalk.client.errors import OTP_REJECTED, ServerError
 from shtalk.clientui.dialogs import Pressed
 from shtalk.clientui.qr import qr_text
+from shtalk.wire.errors import ErrorCode
 
 if TYPE_CHECKING:
-    from shtalk.client.connection import ServerError
+    from shtalk.wire.records import ClientRequest
 
 T = TypeVar("T")
 MAX_STEPS = 12
 CODE_REJECTED = ("That code was not accepted: wrong, expired or already used. Type the "
                  "current code from the app (or an unused recovery code).")
-OTP_REJECTED = "otp_rejected"  # shtalk.client.session.OTP_REJECTED (not imported: first frame)
+CAPTCHA_CODES = (ErrorCode.CAPTCHA_REQUIRED, ErrorCode.CAPTCHA_FAILED)
 
 
 class Cancelled(Exception):
@@ -45,12 +47,7 @@ class StepUI(Protocol):
     def message(self, title: str, text: Any) -> Deferred[None]: ...
 
 
-Request = Callable[..., Deferred[dict[str, Any]]]
-
-
-def error_detail(e: ServerError) -> dict[str, Any]:
-    err = e.reply.get("error") if isinstance(e.reply, dict) else None
-    return err if isinstance(err, dict) else {}
+Request = Callable[["ClientRequest"], Deferred[dict[str, Any]]]
 
 
 def captcha_text(challenge: dict[str, Any]) -> list[Any]:
@@ -88,27 +85,23 @@ class Steps:
 
     async def run(self, op: Callable[[dict[str, Any]], Awaitable[T]]) -> T:
         """``op(extra)`` until it succeeds or fails with something that is not a step."""
-        # (ServerError is imported in the functions: the app imports this module for the
-        # first frame, before the client stack.)
-        from shtalk.client.connection import ServerError
-
         extra: dict[str, Any] = {}
         for _ in range(MAX_STEPS):
             try:
                 return await op(dict(extra))
             except ServerError as e:
-                detail = error_detail(e)
-                if e.code in ("captcha_required", "captcha_failed"):
+                if e.code in CAPTCHA_CODES:
                     extra["captcha"] = await self.captcha(
-                        detail.get("captcha"), failed=e.code == "captcha_failed")
-                elif e.code == "otp_required":
+                        e.detail.get("captcha"), failed=e.code == ErrorCode.CAPTCHA_FAILED)
+                elif e.code == ErrorCode.OTP_REQUIRED:
                     extra["otp"] = await self.otp()
-                elif "otp" in extra and e.code in ("invalid_credentials", "invalid_code"):
+                elif "otp" in extra and e.code in (ErrorCode.INVALID_CREDENTIALS,
+                                                   ErrorCode.INVALID_CODE):
                     # The password was accepted (the server asked for the code): the code
                     # is what failed.
                     extra.pop("captcha", None)
                     extra["otp"] = await self.otp(retry=True)
-                elif e.code == "email_not_verified":
+                elif e.code == ErrorCode.EMAIL_NOT_VERIFIED:
                     await self.verify_email()
                 else:
                     raise
@@ -124,22 +117,25 @@ class Steps:
     async def answer(self, code: str, error: dict[str, Any]) -> dict[str, Any]:
         """What a login refusal asks for, as ServerSession's ``ask_extra`` wants it (the
         reconnect loop's password login of an account with TOTP or under a CAPTCHA)."""
-        if code in ("captcha_required", "captcha_failed"):
+        if code in CAPTCHA_CODES:
             return {"captcha": await self.captcha(error.get("captcha"),
-                                                  failed=code == "captcha_failed")}
-        if code in ("otp_required", OTP_REJECTED):
+                                                  failed=code == ErrorCode.CAPTCHA_FAILED)}
+        if code in (ErrorCode.OTP_REQUIRED, OTP_REJECTED):
             return {"otp": await self.otp(retry=code == OTP_REJECTED)}
         raise Cancelled(code)
 
     async def _challenge(self, kind: str) -> dict[str, Any]:
-        reply = await self.request("captcha", **({"kind": kind} if kind != "art" else {}))
+        # (Requests are imported where they are made: the app imports this module for
+        # the first frame, before the client stack.)
+        from shtalk.wire.requests import Captcha
+
+        reply = await self.request(Captcha(kind=kind if kind != "art" else None))
         challenge: dict[str, Any] = reply.get("captcha", reply)
         return challenge
 
     async def captcha(self, challenge: Any, failed: bool = False) -> dict[str, str]:
         """The CAPTCHA dialog, whole at 80x24: F5 draws a new one, F6 switches between the
         picture and a question in words; neither costs a registration attempt."""
-        from shtalk.client.connection import ServerError
         from shtalk.clientui.errors import describe
 
         error = "That answer was wrong or has expired; here is a new one." if failed else ""
@@ -168,7 +164,7 @@ class Steps:
 
     async def verify_email(self) -> dict[str, Any]:
         """Ask for the emailed code (empty: send it again) until the account is active."""
-        from shtalk.client.connection import ServerError
+        from shtalk.wire.requests import ResendVerification
 
         error = ""
         for _ in range(MAX_STEPS):
@@ -178,21 +174,24 @@ class Steps:
                 "here (leave it empty and press Enter to have it sent again).",
                 "Code:", error=error)).strip()
             if not code:
-                await self.request("resend_verification", username=self.username)
+                await self.request(ResendVerification(username=self.username))
                 error = "A new code is on its way."
                 continue
             try:
                 reply: dict[str, Any] = await self.run(partial(self._verify, code))
                 return reply
             except ServerError as e:
-                if e.code != "invalid_code":
+                if e.code != ErrorCode.INVALID_CODE:
                     raise
                 error = "That code is wrong or expired; check the mail or ask for a new one."
         raise Cancelled("email code")
 
     async def _verify(self, code: str, extra: dict[str, Any]) -> dict[str, Any]:
-        reply: dict[str, Any] = await self.request("verify_email", username=self.username,
-                                                   code=code, **extra)
+        from shtalk.client.authflow import amend
+        from shtalk.wire.requests import VerifyEmail
+
+        reply: dict[str, Any] = await self.request(
+            amend(VerifyEmail(username=self.username, code=code), extra))
         return reply
 
     async def after_register(self, reply: dict[str, Any]) -> None:
@@ -214,12 +213,12 @@ async def offer_totp(ui: StepUI, request: Request) -> bool:
 async def enroll_totp(ui: StepUI, request: Request) -> bool:
     """The QR code alone on the screen first (whole at 80x24: two modules per character
     cell), then the code prompt with the key to type by hand.  Esc goes back a step."""
-    from shtalk.client.connection import ServerError
+    from shtalk.wire.requests import TotpConfirm, TotpEnroll
 
     try:
-        reply = await request("totp_enroll")
+        reply = await request(TotpEnroll())
     except ServerError as e:
-        if e.code in ("unknown_type", "bad_field"):
+        if e.code in (ErrorCode.UNKNOWN_TYPE, ErrorCode.BAD_FIELD):
             await ui.message("Two-factor authentication",
                              "This server does not offer two-factor authentication.")
             return False
@@ -250,9 +249,9 @@ async def enroll_totp(ui: StepUI, request: Request) -> bool:
                 return False
             continue
         try:
-            done = await request("totp_confirm", code=code.strip())
+            done = await request(TotpConfirm(code=code.strip()))
         except ServerError as e:
-            if e.code != "invalid_code":
+            if e.code != ErrorCode.INVALID_CODE:
                 raise
             error = "That code was not accepted; check the phone's clock and try the next one."
             continue

@@ -26,6 +26,8 @@ from shtalk.client.connection import (
 )
 from shtalk.client.knownhosts import KnownHosts, canonical_fingerprint, fingerprints_equal
 from shtalk.testing import tempdir
+from shtalk.wire import requests as rq
+from shtalk.wire.pushes import ServerPush
 
 FP1 = ":".join(["AB"] * 32)
 FP2 = ":".join(["01"] * 32)
@@ -92,15 +94,15 @@ class ClientConnectionTests(unittest.TestCase):
         self.conn = ClientConnection(self.clock)
         self.transport = StringTransport()
         self.conn.makeConnection(self.transport)
-        self.pushes: list[dict[str, Any]] = []
+        self.pushes: list[ServerPush] = []
         self.conn.push_handler = self.pushes.append
 
     def feed(self, obj: dict[str, Any]) -> None:
         self.conn.dataReceived(json.dumps(obj).encode() + b"\n")
 
     def test_replies_matched_by_id_in_any_order(self) -> None:
-        d1 = self.conn.request("ping")
-        d2 = self.conn.request("room_list")
+        d1 = self.conn.request(rq.Ping())
+        d2 = self.conn.request(rq.RoomList())
         sent = lines_of(self.transport)
         self.assertEqual([s["type"] for s in sent], ["ping", "room_list"])
         self.assertNotEqual(sent[0]["id"], sent[1]["id"])
@@ -111,7 +113,7 @@ class ClientConnectionTests(unittest.TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])  # timers cancelled
 
     def test_error_reply_is_server_error_with_code(self) -> None:
-        d = self.conn.request("room_join", room="x")
+        d = self.conn.request(rq.RoomJoin(room="x"))
         rid = lines_of(self.transport)[0]["id"]
         self.feed({"id": rid, "ok": False, "error": {"code": "no_such_room", "message": "no"}})
         err = self.failureResultOf(d, ServerError).value
@@ -119,7 +121,8 @@ class ClientConnectionTests(unittest.TestCase):
         self.assertEqual(err.reply["id"], rid)
 
     def test_timeout(self) -> None:
-        d = self.conn.request("login", timeout=5, password="hunter2-secret-pw")
+        d = self.conn.request(rq.Login(username="alice", password="hunter2-secret-pw",
+                                       device=rq.DeviceInfo(id="d1")), timeout=5)
         self.clock.advance(4.9)
         self.assertNoResult(d)
         self.clock.advance(0.2)
@@ -129,35 +132,37 @@ class ClientConnectionTests(unittest.TestCase):
         self.feed({"id": 1, "ok": True})  # a late reply is dropped quietly
 
     def test_connection_lost_fails_pending(self) -> None:
-        d = self.conn.request("ping")
+        d = self.conn.request(rq.Ping())
         closed = self.conn.when_closed()
         self.assertNoResult(closed)
         self.conn.connectionLost(Failure(Exception("gone")))
         self.assertEqual(self.failureResultOf(d, ConnectionLost).value.code, "connection_lost")
         self.successResultOf(closed)
         self.successResultOf(self.conn.when_closed())
-        self.failureResultOf(self.conn.request("ping"), ConnectionLost)
+        self.failureResultOf(self.conn.request(rq.Ping()), ConnectionLost)
 
     def test_pushes_in_order_and_orphans_apart(self) -> None:
         orphans: list[dict[str, Any]] = []
         self.conn.orphan_handler = orphans.append
-        self.feed({"type": "message", "seq": 1})
+        self.feed({"type": "message", "seq": 1, "ts": 5, "from": {"user": "a", "device": "d"},
+                   "to": {"user": "b"}, "client_id": "c1", "envelope": "AQID"})
         self.feed({"id": None, "ok": False, "error": {"code": "timeout", "message": "bye"}})
         self.conn.dataReceived(b"not json\n[1,2]\n")
         self.feed({"type": "backlog_done", "count": 1})
-        self.assertEqual([p["type"] for p in self.pushes], ["message", "backlog_done"])
+        self.assertEqual([p.NAME for p in self.pushes], ["message", "backlog_done"])
         self.assertEqual(len(orphans), 1)
         self.assertEqual(self.conn.last_error, {"code": "timeout", "message": "bye"})
 
     def test_cancel_forgets_request(self) -> None:
-        d = self.conn.request("ping")
+        d = self.conn.request(rq.Ping())
         d.cancel()
         self.failureResultOf(d)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_line_too_long_refused_locally(self) -> None:
         self.conn.max_line_length = 100
-        d = self.conn.request("send", envelope="A" * 200)
+        d = self.conn.request(rq.Send(to=rq.Target(user="b"), envelope=b"A" * 200,
+                                      client_id="c1"))
         self.assertEqual(self.failureResultOf(d, ServerError).value.code, "line_too_long")
         self.assertEqual(self.transport.value(), b"")
 

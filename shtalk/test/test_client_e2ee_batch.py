@@ -17,6 +17,8 @@ from shtalk.client.events import BadMessage, Event, MessageReceived
 from shtalk.client.localstore import KdfParams, LocalStore
 from shtalk.client.trust import ContactDevice
 from shtalk.crypto import RoomSession, Session
+from shtalk.wire.pushes import MessagePush
+from shtalk.wire.records import ClientRequest
 
 from .test_crypto_support import fetched_bundle
 
@@ -57,8 +59,8 @@ class Device:
 
         self.store.commit = counted  # type: ignore[method-assign]
 
-        def request(rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
-            self.sent.append(dict(fields, type=rtype))
+        def request(req: ClientRequest) -> Deferred[dict[str, Any]]:
+            self.sent.append(req.to_json())
             return succeed({"ok": True})
 
         self.e2ee = E2EE(self.store, request, self.events.append, self.user, "d1")
@@ -123,6 +125,7 @@ class ReceiveBatchTests(TestCase):
                     "ts": 1000 + i,
                     "from": {"user": "alice", "device": "d1"},
                     "to": {"room": ROOM},
+                    "client_id": fields["client_id"],
                     "envelope": fields["envelope"],
                 }
             )
@@ -130,7 +133,7 @@ class ReceiveBatchTests(TestCase):
 
     async def deliver(self, bob: Device, pushes: list[dict[str, Any]]) -> list[Any]:
         assert bob.e2ee is not None
-        ds = [Deferred.fromCoroutine(bob.e2ee.receive(dict(p))) for p in pushes]
+        ds = [Deferred.fromCoroutine(bob.e2ee.receive(MessagePush.from_json(p))) for p in pushes]
         return list(await DeferredList(ds, consumeErrors=True))
 
     async def test_burst_is_one_commit_acked_in_order(self) -> None:
@@ -298,7 +301,9 @@ class SentStateTests(TestCase):
         sends: list[dict[str, Any]] = []
         challenge = {"id": "cap_1", "art": "#", "hint": "type it"}
 
-        def request(rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
+        def request(req: ClientRequest) -> Deferred[dict[str, Any]]:
+            fields = req.to_json()
+            del fields["type"]
             sends.append(fields)
             if "captcha" not in fields:
                 return fail(ServerError("captcha_required", "solve it", {
@@ -338,8 +343,10 @@ class DistributeTests(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(bob.close()))
         bundle = base64.b64encode(b.ident.public_bundle().base().to_bytes()).decode()
 
-        def request(rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
-            alice.sent.append(dict(fields, type=rtype))
+        def request(req: ClientRequest) -> Deferred[dict[str, Any]]:
+            fields = req.to_json()
+            rtype = fields["type"]
+            alice.sent.append(fields)
             if rtype == "devices":
                 return succeed({"devices": [{"id": "d1"}]})
             if rtype == "keys_fetch" and fields["user"] == "aaraw":
@@ -370,10 +377,11 @@ class DirectSendTests(TestCase):
         return alice, bob, gates
 
     @staticmethod
-    def push(fields: dict[str, Any], seq: int) -> dict[str, Any]:
-        return {"type": "message", "seq": seq, "ts": seq, "to": {"user": "bob"},
-                "from": {"user": "alice", "device": "d1"},
-                "envelope": fields["envelopes"]["bob/d1"]}
+    def push(fields: dict[str, Any], seq: int) -> MessagePush:
+        return MessagePush.from_json({
+            "type": "message", "seq": seq, "ts": seq, "to": {"user": "bob"},
+            "from": {"user": "alice", "device": "d1"}, "client_id": fields["client_id"],
+            "envelope": fields["envelopes"]["bob/d1"]})
 
     async def test_only_an_uncovered_send_waits_for_its_commit(self) -> None:
         alice, bob, gates = await self.pair()

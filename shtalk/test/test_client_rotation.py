@@ -35,6 +35,8 @@ from shtalk.crypto import (
     StateError,
     seal,
 )
+from shtalk.wire.pushes import MessagePush
+from shtalk.wire.records import ClientRequest
 
 from .test_localstore import raw_bytes
 
@@ -67,9 +69,11 @@ class Net:
         self.seq = 0
 
     def requester(self, user: str, device: str) -> Any:
-        def request(rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
+        def request(req: ClientRequest) -> Deferred[dict[str, Any]]:
             if self.offline:
                 return fail(ConnectionLost("offline"))
+            fields = req.to_json()  # what the server would read
+            rtype = fields.pop("type")
             return succeed(getattr(self, "on_" + rtype)((user, device), **fields))
 
         return request
@@ -109,7 +113,8 @@ class Net:
         user, device = me
         self.seq += 1
         base = {"type": "message", "seq": self.seq, "ts": int(self.clock.seconds() * 1000),
-                "from": {"user": user, "device": device}, "to": fields["to"]}
+                "from": {"user": user, "device": device}, "to": fields["to"],
+                "client_id": fields["client_id"]}
         if "room" in fields["to"]:
             push = {**base, "envelope": fields["envelope"]}
             self.room_pushes.append(push)
@@ -125,7 +130,7 @@ class Net:
     async def deliver(self) -> None:
         while self.queue:
             manager, push = self.queue.pop(0)
-            await manager.receive(push)
+            await manager.receive(MessagePush.from_json(push))
 
 
 class Devices(TestCase):
@@ -164,7 +169,7 @@ class Devices(TestCase):
 
     def first_message(
         self, bundle: PreKeyBundle, body: str, sender: str = "alice"
-    ) -> dict[str, Any]:
+    ) -> MessagePush:
         """What a client that fetched ``bundle`` (maybe long ago) sends to bob first."""
         ident = DeviceIdentity.generate(one_time_prekeys=0, kem_one_time_prekeys=0)
         session = Session.initiate(ident, bundle)
@@ -172,8 +177,10 @@ class Devices(TestCase):
         env = seal(ident, session, data, sender_user=sender, sender_device="d1",
                    recipient=Recipient.user("bob", "d1"), timestamp=1)
         self.net.seq += 1
-        return {"type": "message", "seq": self.net.seq, "ts": 1, "to": {"user": "bob"},
-                "from": {"user": sender, "device": "d1"}, "envelope": b64(env.to_bytes())}
+        return MessagePush.from_json({
+            "type": "message", "seq": self.net.seq, "ts": 1, "to": {"user": "bob"},
+            "from": {"user": sender, "device": "d1"}, "client_id": f"c{self.net.seq}",
+            "envelope": b64(env.to_bytes())})
 
     def bundle(self, user: str = "bob") -> PreKeyBundle:
         """The base bundle the directory hands out now (no one-time keys: the

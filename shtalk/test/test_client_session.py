@@ -26,6 +26,8 @@ from shtalk.client.connection import (
 from shtalk.client.knownhosts import KnownHosts
 from shtalk.client.session import AuthenticationFailed, Credentials, ServerSession
 from shtalk.testing import tempdir
+from shtalk.wire import requests as rq
+from shtalk.wire.pushes import MessagePush, ServerPush
 
 FP = ":".join(["AB"] * 32)
 FP_OTHER = ":".join(["CD"] * 32)
@@ -110,6 +112,13 @@ class ScriptedServer:
         return [r["type"] for r in self.requests]
 
 
+def message(seq: int) -> dict[str, Any]:
+    """A ``message`` push as the server writes it."""
+    return {"type": "message", "seq": seq, "ts": 1000 + seq,
+            "from": {"user": "bob", "device": "d1"}, "to": {"user": "alice"},
+            "client_id": f"c{seq}", "envelope": "AQID"}
+
+
 def error(code: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": f"{code} happened"}}
 
@@ -125,7 +134,7 @@ class SessionTestCase(unittest.TestCase):
         self.server = ScriptedServer(self.clock)
         self.kh = KnownHosts(os.path.join(tempdir(self), "known_hosts"))
         self.kh.remember("chat.example", 6697, FP)
-        self.pushes: list[dict[str, Any]] = []
+        self.pushes: list[ServerPush] = []
         self.states: list[tuple[str, str]] = []
         self.saved: list[tuple[str | None, str | None]] = []
         self.asked = 0
@@ -206,7 +215,7 @@ class TrustTests(SessionTestCase):
         self.assertIn("--forget-server", s.state_message)
         self.assertEqual(self.clock.getDelayedCalls(), [])  # no reconnect scheduled
         self.assertEqual(self.kh.lookup("chat.example", 6697), FP)
-        self.failureResultOf(s.request("ping"), ConnectionLost)
+        self.failureResultOf(s.request(rq.Ping()), ConnectionLost)
 
     def test_system_trust_skips_known_hosts(self) -> None:
         used: list[Any] = []
@@ -231,15 +240,15 @@ class TrustTests(SessionTestCase):
 
 class AuthTests(SessionTestCase):
     def test_resume_and_backlog_pushes_in_order(self) -> None:
-        self.server.after["resume"] = [{"type": "message", "seq": 1},
-                                       {"type": "message", "seq": 2},
+        self.server.after["resume"] = [message(1), message(2),
                                        {"type": "backlog_done", "count": 2}]
         s = self.make()
         d = s.start()
         self.pump()
         self.successResultOf(d)
         self.assertEqual(self.server.types(), ["hello", "resume"])
-        self.assertEqual([p.get("seq", p["type"]) for p in self.pushes], [1, 2, "backlog_done"])
+        self.assertEqual([p.seq if isinstance(p, MessagePush) else p.NAME for p in self.pushes],
+                         [1, 2, "backlog_done"])
         self.assertEqual(s.state, "authenticated")
         self.assertEqual(self.asked, 0)
         self.assertEqual(self.saved, [])
@@ -361,7 +370,7 @@ class AuthTests(SessionTestCase):
         s = self.make()
         self.successResultOf(self._started(s))
         self.server.push({"type": "logged_out", "reason": "device removed"})
-        self.assertEqual(self.pushes[-1]["type"], "logged_out")
+        self.assertEqual(self.pushes[-1].NAME, "logged_out")
         self.pump()
         self.assertEqual(self.server.types(), ["hello", "resume", "refresh", "login"])
         self.assertEqual(len(self.server.conns), 1)  # on the same connection
@@ -419,7 +428,7 @@ class ReconnectTests(SessionTestCase):
         self.server.fail_connect = [ConnectionRefusedError("refused")] * 2
         self.server.drop()
         self.assertEqual(s.state, "reconnecting")
-        waiting = s.request("room_list", timeout=60)
+        waiting = s.request(rq.RoomList(), timeout=60)
         delays = []
         for _ in range(3):
             calls = [c for c in self.clock.getDelayedCalls() if c.getTime() > self.clock.seconds()]
@@ -439,7 +448,7 @@ class ReconnectTests(SessionTestCase):
         self.successResultOf(self._start(s))
         self.server.fail_connect = [ConnectionRefusedError("refused")] * 100
         self.server.drop()
-        d = s.request("room_list", timeout=5)
+        d = s.request(rq.RoomList(), timeout=5)
         self.pump(4.9)
         self.assertNoResult(d)
         self.pump(0.2)
@@ -450,7 +459,7 @@ class ReconnectTests(SessionTestCase):
         s = self.make()
         self.successResultOf(self._start(s))
         self.server.handlers["devices"] = lambda r: None  # never answers
-        d = s.request("devices", timeout=3)
+        d = s.request(rq.Devices(), timeout=3)
         self.pump(3.1)
         self.failureResultOf(d, RequestTimeout)
 
@@ -458,7 +467,7 @@ class ReconnectTests(SessionTestCase):
         s = self.make()
         self.successResultOf(self._start(s))
         self.server.handlers["room_join"] = lambda r: error("no_such_room")
-        d = s.request("room_join", room="nope")
+        d = s.request(rq.RoomJoin(room="nope"))
         self.pump()
         self.assertEqual(self.failureResultOf(d, ServerError).value.code, "no_such_room")
 
@@ -467,8 +476,8 @@ class ReconnectTests(SessionTestCase):
         self.successResultOf(self._start(s))
         self.server.handlers["room_list"] = lambda r: None
         self.server.handlers["room_create"] = lambda r: None
-        listing = s.request("room_list", timeout=60)
-        creating = s.request("room_create", room="x", timeout=60)
+        listing = s.request(rq.RoomList(), timeout=60)
+        creating = s.request(rq.RoomCreate(room="x"), timeout=60)
         self.pump()
         self.server.handlers["room_list"] = lambda r: {"rooms": [1]}
         self.server.drop()
@@ -481,11 +490,11 @@ class ReconnectTests(SessionTestCase):
         self.successResultOf(self._start(s))
         self.server.fail_connect = [ConnectionRefusedError("refused")] * 100
         self.server.drop()
-        d = s.request("ping", timeout=30)
+        d = s.request(rq.Ping(), timeout=30)
         self.successResultOf(s.stop())
         self.failureResultOf(d, ConnectionLost)
         self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.failureResultOf(s.request("ping"), ConnectionLost)
+        self.failureResultOf(s.request(rq.Ping()), ConnectionLost)
 
     def _start(self, s: ServerSession) -> Deferred[None]:
         d = s.start()

@@ -38,6 +38,7 @@ from shtalk.clientui.steps import Steps, enroll_totp
 from shtalk.clientui.themes import ATTRS, THEMES
 from shtalk.clientui.view import INPUT_ACTIONS, SCROLL_ACTIONS, ChatView, Screen, ViewCallbacks
 from shtalk.testing import tempdir
+from shtalk.wire.records import ClientRequest
 
 T0 = 1_700_000_000_000
 
@@ -630,7 +631,9 @@ class DialogTests(unittest.TestCase):
         h = Harness()
         calls: list[tuple[str, dict[str, Any]]] = []
 
-        def request(rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
+        def request(req: ClientRequest) -> Deferred[dict[str, Any]]:
+            fields = req.to_json()
+            rtype = fields.pop("type")
             calls.append((rtype, fields))
             if rtype == "verify_email" and fields["code"] != "good":
                 raise ServerError("invalid_code", "no")
@@ -652,7 +655,9 @@ class DialogTests(unittest.TestCase):
     def test_totp_enrolment(self) -> None:
         h = Harness()
 
-        def request(rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
+        def request(req: ClientRequest) -> Deferred[dict[str, Any]]:
+            fields = req.to_json()
+            rtype = fields.pop("type")
             if rtype == "totp_enroll":
                 return succeed({"secret": "JBSWY3DPEHPK3PXP",
                                 "uri": "otpauth://totp/shtalk:alice?secret=JBSWY3DPEHPK3PXP"})

@@ -29,6 +29,7 @@ from shtalk.clientui.steps import Steps
 from shtalk.clientui.widgets import shorten_markup
 from shtalk.test.test_clientui import Harness, text_of
 from shtalk.testing import tempdir
+from shtalk.wire.records import ClientRequest
 
 ART = "\n".join(f"{i:02d}" + " #@%&$" * 11 for i in range(13))  # 13 rows, 68 columns
 
@@ -47,7 +48,8 @@ class FakeSession:
         self.register_replies: list[Any] = []
         self.login_replies: list[Any] = []
 
-    def request_unauthenticated(self, rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
+    def request_unauthenticated(self, req: ClientRequest) -> Deferred[dict[str, Any]]:
+        rtype = req.NAME
         self.log.append(rtype)
         return succeed({"captcha": {"id": "cap_new", "art": ART}} if rtype == "captcha" else {})
 
@@ -178,7 +180,9 @@ class CaptchaDialogTests(unittest.TestCase):
                            {"id": "cap_3", "kind": "words",
                             "question": "What is seven plus four?"}])
 
-        def request(rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
+        def request(req: ClientRequest) -> Deferred[dict[str, Any]]:
+            fields = req.to_json()
+            rtype = fields.pop("type")
             asked.append((rtype, fields))
             return succeed({"captcha": next(challenges)})
 

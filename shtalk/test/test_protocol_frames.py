@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from shtalk.wire import ErrorCode, ProtocolError, parse_line
-from shtalk.wire.frames import encode, error, ok, push
+from shtalk.wire.errors import ErrorCode, ProtocolError
+from shtalk.wire.frames import encode, error, ok, parse_line, push
 from shtalk.wire.names import (
     NameError_,
     check_device_id,

@@ -23,8 +23,8 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from shtalk.testing import GOOD_PASSWORD, Peer, ServerParts, build_server
-from shtalk.wire import ErrorCode, ProtocolError, parse_line
-from shtalk.wire.frames import error_from, ok
+from shtalk.wire.errors import ErrorCode, ProtocolError
+from shtalk.wire.frames import error_from, ok, parse_line
 from shtalk.wire.schema import PRE_AUTH, REQUESTS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"

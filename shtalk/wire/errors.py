@@ -53,6 +53,15 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
+_CODES = {c.value: c for c in ErrorCode}
+
+
+def code_of(text: str) -> ErrorCode | str:
+    """The member for a code read off the wire; a code this side does not know (from a
+    newer peer) stays the string it was."""
+    return _CODES.get(text, text)
+
+
 class ProtocolError(Exception):
     """A refusal that goes back to the peer as ``{"ok": false, "error": ...}``.
 

@@ -1,4 +1,9 @@
-"""JSON-lines framing: bytes of one line in, a validated Request out; replies out as bytes.
+"""JSON-lines framing for both sides of the wire.
+
+Server side: bytes of one line in, a validated `Request` out (`parse_line`); replies and
+pushes out as bytes.  Client side: a typed request out as one line (`request_line`), a
+server line in as a JSON object (`read_server_line`), a reply's error as a code and a
+message (`reply_error`); pushes are typed by `shtalk.wire.pushes.parse_push`.
 
 Sans-IO: nothing here knows about transports, so every path is testable
 with plain bytes (and fuzzed with hypothesis).
@@ -12,8 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shtalk.wire.errors import ErrorCode, ProtocolError
-from shtalk.wire.schema import MAX_ID_LENGTH, REQUESTS, check_fields
+from shtalk.wire.errors import ErrorCode, ProtocolError, code_of
+from shtalk.wire.fields import check_fields
+from shtalk.wire.limits import MAX_ID_LENGTH
+from shtalk.wire.records import ClientRequest
+from shtalk.wire.requests import REQUEST_MAP
+from shtalk.wire.schema import REQUESTS
 
 RequestId = str | int
 
@@ -23,9 +32,15 @@ _decoder = json.JSONDecoder()
 
 @dataclass(frozen=True, slots=True)
 class Request:
+    """A checked request as the server reads it: its arguments by wire name."""
+
     id: RequestId
     type: str
     args: Mapping[str, Any]
+
+    def typed(self) -> ClientRequest:
+        """The same request as its record (`shtalk.wire.requests`)."""
+        return REQUEST_MAP[self.type].from_args(self.args)
 
 
 def _reject_constant(name: str) -> Any:
@@ -159,3 +174,31 @@ def error_from(exc: ProtocolError) -> bytes:
 
 def push(ptype: str, **fields: Any) -> bytes:
     return encode({"type": ptype, **fields})
+
+
+# -- the client's side ---------------------------------------------------------------
+
+
+def request_line(request_id: int, request: ClientRequest) -> bytes:
+    """One request as the line a client writes (without its newline)."""
+    return _encoder.encode({"id": request_id, **request.to_json()}).encode("utf-8")
+
+
+def read_server_line(line: bytes) -> dict[str, Any] | None:
+    """A line from the server as a JSON object; None if it is not one (the caller says
+    so in its log, without the line: it may carry tokens)."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def reply_error(reply: Mapping[str, Any]) -> tuple[ErrorCode | str, str]:
+    """The code and the message of an ``ok: false`` reply.  A code this side does not
+    know stays a string (a newer server's); a reply without an error object is
+    ``internal_error``."""
+    error = reply.get("error")
+    if not isinstance(error, dict):
+        return ErrorCode.INTERNAL_ERROR, "malformed error reply"
+    return code_of(str(error.get("code", ErrorCode.INTERNAL_ERROR))), str(error.get("message", ""))
