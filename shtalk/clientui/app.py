@@ -453,6 +453,7 @@ class App:
 
         async def run() -> None:
             from shtalk.client.connection import ServerError
+            from shtalk.wire.errors import ErrorCode
 
             error = ""
             while True:
@@ -473,10 +474,10 @@ class App:
                 except Cancelled:
                     continue
                 except ServerError as e:
-                    if e.code not in ("invalid_credentials", "rate_limited"):
+                    if e.code not in (ErrorCode.INVALID_CREDENTIALS, ErrorCode.RATE_LIMITED):
                         raise
                     error = describe(e) + " Type the password again, or Esc to stay " \
-                        "logged out." if e.code == "invalid_credentials" else describe(e)
+                        "logged out." if e.code == ErrorCode.INVALID_CREDENTIALS else describe(e)
                     continue
                 finally:
                     client.session.ask_extra = ask_extra

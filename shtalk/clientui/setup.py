@@ -27,6 +27,7 @@ from twisted.internet.defer import fail
 
 from shtalk.clientui.errors import describe
 from shtalk.clientui.steps import Cancelled, Steps
+from shtalk.wire.errors import ErrorCode as E
 
 if TYPE_CHECKING:
     from shtalk.client.connection import ServerError
@@ -35,9 +36,9 @@ if TYPE_CHECKING:
     from shtalk.clientui.app import App
 
 FIRST_STEP = "This is the first step: F10 or Ctrl-Q quits shtalk-urwid."
-FIELD_OF = {  # server refusal -> the state of the field it is about
-    "username_taken": "username", "bad_username": "username", "weak_password": "password",
-    "password_too_long": "password", "bad_email": "email", "invalid_credentials": "password",
+FIELD_OF: dict[str, str] = {  # server refusal -> the state of the field it is about
+    E.USERNAME_TAKEN: "username", E.BAD_USERNAME: "username", E.WEAK_PASSWORD: "password",
+    E.PASSWORD_TOO_LONG: "password", E.BAD_EMAIL: "email", E.INVALID_CREDENTIALS: "password",
 }
 REGISTER_BACK = {"email": "username", "password": "email", "again": "password",
                  "submit": "again"}
@@ -274,7 +275,7 @@ class SetupFlow:
                         raise
                     state = REGISTER_BACK.get(state, "username")
                 except ServerError as e:
-                    if e.code == "rate_limited":
+                    if e.code == E.RATE_LIMITED:
                         state = "submit" if await self.retry_later(e) else "again"
                     elif e.code in FIELD_OF:
                         state = FIELD_OF[e.code]
@@ -334,7 +335,7 @@ class SetupFlow:
                     state = LOGIN_BACK.get(state, "username") if state != "passphrase_again" \
                         else "passphrase"
                 except ServerError as e:
-                    if e.code == "rate_limited":
+                    if e.code == E.RATE_LIMITED:
                         state = "submit" if await self.retry_later(e) else "password"
                     elif e.code in FIELD_OF:
                         state = FIELD_OF[e.code]

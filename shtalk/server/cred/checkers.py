@@ -22,6 +22,7 @@ from zope.interface import Attribute, Interface, implementer
 from shtalk.server.cred.passwords import PasswordHasher
 from shtalk.server.cred.tokens import TokenError, TokenIssuer
 from shtalk.server.iserver import IStore
+from shtalk.wire.errors import ErrorCode
 from shtalk.wire.names import NameError_, normalise_username
 
 if TYPE_CHECKING:
@@ -138,13 +139,13 @@ class AccessTokenChecker:
             raise TokenRefused(e.code, e.message) from None
         session = yield self.store.session(claims.family)
         if session is None or session.revoked or session.user_id != claims.user_id:
-            raise TokenRefused("token_revoked", "this session was logged out; log in again")
+            raise TokenRefused(ErrorCode.TOKEN_REVOKED, "this session was logged out; log in again")
         if session.device_id != claims.device_id:
             # A session is one login of one device: a token naming another is not ours.
-            raise TokenRefused("invalid_token", "the access token names another device")
+            raise TokenRefused(ErrorCode.INVALID_TOKEN, "the access token names another device")
         user = yield self.store.user_by_id(claims.user_id)
         if user is None or user.status != "active":
-            raise TokenRefused("token_revoked", "this account is not active")
+            raise TokenRefused(ErrorCode.TOKEN_REVOKED, "this account is not active")
         return f"{claims.user_id}/{claims.device_id}/{claims.family}".encode()
 
 

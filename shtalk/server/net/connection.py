@@ -429,7 +429,7 @@ class ShtalkServerProtocol(AccountHandlers, LineOnlyReceiver):
         if isinstance(failure.value, _Dropped):
             return
         e = failure.value
-        self._audit(request, str(getattr(e, "code", "internal_error")))
+        self._audit(request, str(getattr(e, "code", ErrorCode.INTERNAL_ERROR)))
         if isinstance(e, ProtocolError):
             self._refused(e)
             if "captcha" in e.extra:
