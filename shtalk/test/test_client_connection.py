@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import stat
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -27,7 +28,8 @@ from shtalk.client.connection import (
 from shtalk.client.knownhosts import KnownHosts, canonical_fingerprint, fingerprints_equal
 from shtalk.testing import tempdir
 from shtalk.wire import requests as rq
-from shtalk.wire.pushes import ServerPush
+from shtalk.wire.errors import ErrorCode
+from shtalk.wire.pushes import BacklogDonePush, PresencePush, ServerPush
 
 FP1 = ":".join(["AB"] * 32)
 FP2 = ":".join(["01"] * 32)
@@ -152,6 +154,37 @@ class ClientConnectionTests(unittest.TestCase):
         self.assertEqual([p.NAME for p in self.pushes], ["message", "backlog_done"])
         self.assertEqual(len(orphans), 1)
         self.assertEqual(self.conn.last_error, {"code": "timeout", "message": "bye"})
+
+    def test_pushes_are_typed_and_malformed_ones_dropped(self) -> None:
+        logged: list[str] = []
+
+        def observe(event: LogEvent) -> None:
+            logged.append(formatEvent(event))
+
+        observer = cast(Any, observe)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.feed({"type": "presence", "user": "bob", "status": "online", "new": 1})
+        self.feed({"type": "typing", "user": "bob"})  # a newer server's push: ignored
+        self.feed({"type": "member", "room": "r", "user": "secret-looking" * 9,
+                   "event": "joined"})
+        self.feed({"type": "backlog_done", "count": 0})
+        self.assertEqual(self.pushes, [PresencePush(user="bob", status="online"),
+                                       BacklogDonePush(count=0)])
+        self.assertTrue(any("malformed member push" in line and "'user'" in line
+                            for line in logged), logged)
+        self.assertFalse(any("secret-looking" in line for line in logged))
+
+    def test_codes_are_the_wire_codes(self) -> None:
+        d1, d2 = self.conn.request(rq.Ping()), self.conn.request(rq.Ping())
+        first, second = (s["id"] for s in lines_of(self.transport))
+        self.feed({"id": first, "ok": False, "error": {"code": "rate_limited", "message": "m",
+                                                       "retry_after": 4}})
+        self.feed({"id": second, "ok": False, "error": {"code": "from_the_future"}})
+        err = self.failureResultOf(d1, ServerError).value
+        self.assertIs(err.code, ErrorCode.RATE_LIMITED)
+        self.assertEqual(err.detail["retry_after"], 4)
+        self.assertEqual(self.failureResultOf(d2, ServerError).value.code, "from_the_future")
 
     def test_cancel_forgets_request(self) -> None:
         d = self.conn.request(rq.Ping())
