@@ -751,8 +751,8 @@ async def _e2ee_probe(spec: dict[str, Any]) -> dict[str, Any]:
     from twisted.internet import reactor, task
     from twisted.internet.defer import Deferred
 
+    import shtalk.client.e2ee.common as e2ee_module
     from bench.loadclient import Histogram, Run, monotonic_ns, open_room
-    from shtalk.client import e2ee as e2ee_module
     from shtalk.client.events import BadMessage
 
     # The raw load clients read a send time from every room message's client_id

@@ -225,7 +225,7 @@ class RoomTests(E2ETestCase):
         assert carol.client
         before = len(carol.received())
         for push in captured:
-            carol.client.e2ee._pending_room.clear()
+            carol.client.e2ee.inbox.held.clear()
             await carol.client.e2ee.receive(push)
         await carol.client.e2ee.expire_held()
         self.assertEqual(len(carol.received()), before)

@@ -105,7 +105,7 @@ class PrekeyRotationTests(RotationSystemTestCase):
         its first-message state (the client makes one from a fetch and keeps it)."""
         assert who.client
         e2ee = who.client.e2ee
-        e2ee._pin(owner.username, owner.device, bundle.identity)
+        e2ee.directory.pin(owner.username, owner.device, bundle.identity)
         e2ee.sessions[(owner.username, owner.device)] = [Session.initiate(e2ee.ident, bundle)]
 
 

@@ -11,7 +11,8 @@ passwords never reach a log or an exception message.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
@@ -23,7 +24,6 @@ from shtalk.wire.requests import DeviceInfo, Login, Refresh, Resume
 
 if TYPE_CHECKING:
     from shtalk.client.connection import ClientConnection
-    from shtalk.client.session import ServerSession
 
 log = Logger()
 
@@ -37,6 +37,20 @@ _DEAD_REFRESH = (ErrorCode.INVALID_TOKEN, ErrorCode.TOKEN_REVOKED, ErrorCode.TOK
 def call(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
     """``maybeDeferred`` for callbacks that may answer with a value or a Deferred."""
     return maybeDeferred(f, *args)
+
+
+@dataclass
+class Credentials:
+    """What the session needs to (re)authenticate; the caller persists it (``on_tokens``).
+
+    Tokens are kept out of ``repr`` so a logged or printed Credentials leaks nothing.
+    """
+
+    username: str
+    device_id: str
+    device_label: str = ""
+    access_token: str | None = field(default=None, repr=False)
+    refresh_token: str | None = field(default=None, repr=False)
 
 
 R = TypeVar("R", bound=ClientRequest)
@@ -53,8 +67,26 @@ def amend(request: R, extra: Mapping[str, Any]) -> R:
         raise ServerError.refused_locally(e) from None
 
 
+class Link(Protocol):
+    """What the flow needs of its session (`shtalk.client.session.ServerSession`)."""
+
+    credentials: Credentials
+    ask_password: Callable[[], Any]
+    ask_extra: Callable[[str, dict[str, Any]], Any] | None
+    on_tokens: Callable[[Credentials], Any]
+    max_password_attempts: int
+    request_timeout: float
+
+    def _ensure_connected(self) -> Deferred[ClientConnection]: ...
+
+    def _authenticated(self, conn: ClientConnection, reply: dict[str, Any],
+                       how: str) -> None: ...
+
+    def _refused(self, message: str) -> None: ...
+
+
 class Authenticator:
-    def __init__(self, session: ServerSession) -> None:
+    def __init__(self, session: Link) -> None:
         self.session = session
 
     async def authenticate(self, conn: ClientConnection, *,

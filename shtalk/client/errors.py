@@ -117,3 +117,19 @@ class IdentityNotAccepted(ClientError):
             f"{user}'s identity key changed on {', '.join(self.devices)}; compare safety "
             f"numbers, then accept the change (/trust {user}) before sending"
         )
+
+
+class LocalStoreError(Exception):
+    """Base of the local store's errors."""
+
+
+class WrongPassphrase(LocalStoreError):
+    """The passphrase does not unwrap the data key (the GCM tag did not verify)."""
+
+
+class CorruptEntry(LocalStoreError):
+    """A sealed value failed authentication: moved to another row, edited, or damaged."""
+
+
+class StoreClosed(LocalStoreError):
+    """The store was closed; open it again."""

@@ -1,9 +1,8 @@
-"""The local store's file: permissions, pragmas, tables, sealing and the SQL operations.
+"""The local store's file: permissions, pragmas, tables and the SQL operations.
 
-Split out of ``localstore.py`` (which keeps the public API, argument checks and
-threads).  Everything here that touches SQLite or seals/unseals runs in the
-store's database thread; ``derive_kek`` runs in the reactor's thread pool.
-Nothing here runs on the reactor thread except the cheap key (un)wrapping.
+``localstore.py`` keeps the public API, argument checks and threads; the keys and
+the sealing are in ``localseal.py``.  Everything here runs in the store's database
+thread.
 
 Why the tables look like this (see docs/SECURITY.md, "Client local store"):
 
@@ -22,21 +21,15 @@ Why the tables look like this (see docs/SECURITY.md, "Client local store"):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import os
 import sqlite3
-import struct
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from shtalk.client.errors import CorruptEntry, LocalStoreError, StoreClosed, WrongPassphrase
+from shtalk.client.localseal import Keys, body_ad, kv_ad, lp, state_ad, unlp
 
 T = TypeVar("T")
 Conn = sqlite3.Connection
@@ -71,10 +64,6 @@ _DDL = (
     "CREATE INDEX IF NOT EXISTS history_expiry ON history (expires_at)"
     " WHERE expires_at IS NOT NULL",
 )
-
-
-class LocalStoreError(Exception):
-    """Base of the local store's errors."""
 
 
 def create_files(path: str) -> None:
@@ -203,66 +192,8 @@ def checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
-# --- types and errors ---------------------------------------------------------
-
 #: Delivery states of a history message.
 STATES = frozenset({"sending", "sent", "failed", "received"})
-
-
-class WrongPassphrase(LocalStoreError):
-    """The passphrase does not unwrap the data key (the GCM tag did not verify)."""
-
-
-class CorruptEntry(LocalStoreError):
-    """A sealed value failed authentication: moved to another row, edited, or damaged."""
-
-
-class StoreClosed(LocalStoreError):
-    """The store was closed; open it again."""
-
-
-@dataclass(frozen=True)
-class KdfParams:
-    """Argon2id parameters, stored in the file so ``open`` needs none.
-
-    Defaults: 64 MiB, 3 passes, 4 lanes, about 0.3 s on the reference machine
-    (docs/SECURITY.md).  Above OWASP's minimum (19 MiB, t=2, p=1) and RFC 9106's
-    second recommended option (64 MiB, t=3, p=4): an unlock happens once per
-    start, so a third of a second is affordable while each offline guess costs
-    64 MiB of memory bandwidth.
-    """
-
-    memory_kib: int = 64 * 1024
-    iterations: int = 3
-    lanes: int = 4
-
-    def check(self) -> None:
-        """Refuse nonsense and (from a tampered file) denial-of-service sized values."""
-        if not 1 <= self.lanes <= 64:
-            raise LocalStoreError(f"argon2id lanes {self.lanes} out of range 1..64")
-        if not 8 * self.lanes <= self.memory_kib <= 4 * 1024 * 1024:
-            raise LocalStoreError(f"argon2id memory {self.memory_kib} KiB out of range")
-        if not 1 <= self.iterations <= 64:
-            raise LocalStoreError(f"argon2id iterations {self.iterations} out of range 1..64")
-
-    def encode(self) -> bytes:
-        return f"argon2id;m={self.memory_kib};t={self.iterations};p={self.lanes}".encode()
-
-    @classmethod
-    def decode(cls, blob: bytes) -> KdfParams:
-        try:
-            name, *fields = blob.decode("ascii").split(";")
-            values = dict(f.split("=", 1) for f in fields)
-            if name != "argon2id" or set(values) != {"m", "t", "p"}:
-                raise ValueError(name)
-            params = cls(int(values["m"]), int(values["t"]), int(values["p"]))
-        except ValueError as e:
-            raise LocalStoreError(f"unknown key derivation {blob!r}") from e
-        params.check()
-        return params
-
-
-DEFAULT_KDF = KdfParams()
 
 
 @dataclass(frozen=True)
@@ -275,122 +206,6 @@ class HistoryMessage:
     body: str
     expires_at: float | None
     state: str  # "sending" | "sent" | "failed" | "received"
-
-
-# --- keys and sealing --------------------------------------------------------
-
-_U32 = struct.Struct(">I")
-_TS = struct.Struct(">q")
-_EXP = struct.Struct(">?d")
-_SEALED_V1 = b"\x01"
-NONCE_BYTES = 12
-SALT_BYTES = 16
-_WRAP_AD = b"shtalk-localstore-v1\x00data-key\x00"
-
-
-def _lp(*parts: bytes) -> bytes:
-    """Length-prefixed concatenation: no two different tuples give the same bytes."""
-    return b"".join(_U32.pack(len(p)) + p for p in parts)
-
-
-def _unlp(blob: bytes, count: int) -> list[bytes]:
-    out: list[bytes] = []
-    pos = 0
-    for _ in range(count):
-        if pos + 4 > len(blob):
-            raise ValueError("truncated")
-        (n,) = _U32.unpack_from(blob, pos)
-        pos += 4
-        if pos + n > len(blob):
-            raise ValueError("truncated")
-        out.append(blob[pos : pos + n])
-        pos += n
-    if pos != len(blob):
-        raise ValueError("trailing bytes")
-    return out
-
-
-def _passphrase_bytes(passphrase: str) -> bytes:
-    """NFKC (NIST SP 800-63B 5.1.1.2): the same passphrase typed on another keyboard works."""
-    return unicodedata.normalize("NFKC", passphrase).encode("utf-8")
-
-
-def derive_kek(passphrase: str, salt: bytes, params: KdfParams) -> bytes:
-    """Argon2id of the passphrase: the key-encryption key.  Slow on purpose: call in a thread."""
-    kdf = Argon2id(
-        salt=salt,
-        length=32,
-        iterations=params.iterations,
-        lanes=params.lanes,
-        memory_cost=params.memory_kib,
-    )
-    return kdf.derive(_passphrase_bytes(passphrase))
-
-
-def _wrap_ad(params: KdfParams, salt: bytes) -> bytes:
-    # The parameters and salt are authenticated too: editing them is "wrong passphrase".
-    return _WRAP_AD + _lp(params.encode(), salt)
-
-
-def wrap_key(kek: bytes, data_key: bytes, params: KdfParams, salt: bytes) -> bytes:
-    nonce = os.urandom(NONCE_BYTES)
-    return nonce + AESGCM(kek).encrypt(nonce, data_key, _wrap_ad(params, salt))
-
-
-def unwrap_key(kek: bytes, wrapped: bytes, params: KdfParams, salt: bytes) -> bytes:
-    try:
-        key = AESGCM(kek).decrypt(
-            wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _wrap_ad(params, salt)
-        )
-    except InvalidTag:
-        raise WrongPassphrase("wrong passphrase for this store") from None
-    if len(key) != 32:
-        raise LocalStoreError("the wrapped data key has a wrong length")
-    return key
-
-
-class Keys:
-    """Subkeys of the data key: one seals (AES-256-GCM), one hashes names (HMAC-SHA256)."""
-
-    def __init__(self, data_key: bytes) -> None:
-        def sub(label: bytes) -> bytes:
-            hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label)
-            return hkdf.derive(data_key)
-
-        self._aead = AESGCM(sub(b"shtalk-localstore-v1 seal"))
-        self._index = sub(b"shtalk-localstore-v1 index")
-
-    def name_hash(self, domain: bytes, *parts: str) -> bytes:
-        """Keyed hash of a name: equal names match, but the file does not reveal them."""
-        msg = _lp(domain, *(p.encode("utf-8") for p in parts))
-        return hmac.new(self._index, msg, hashlib.sha256).digest()
-
-    def seal(self, plain: bytes, ad: bytes) -> bytes:
-        nonce = os.urandom(NONCE_BYTES)
-        return _SEALED_V1 + nonce + self._aead.encrypt(nonce, plain, ad)
-
-    def unseal(self, blob: bytes, ad: bytes, what: str) -> bytes:
-        if blob[:1] != _SEALED_V1 or len(blob) < 1 + NONCE_BYTES + 16:
-            raise CorruptEntry(f"{what}: not a sealed value")
-        try:
-            return self._aead.decrypt(blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :], ad)
-        except InvalidTag:
-            raise CorruptEntry(
-                f"{what}: fails authentication (moved to another row, edited, or damaged)"
-            ) from None
-
-
-def _kv_ad(kind: str, hkey: bytes) -> bytes:
-    return _lp(b"shtalk-localstore-v1", b"kv", b"value", kind.encode(), hkey)
-
-
-def _body_ad(hid: bytes, hconv: bytes, ts: int, expires_at: float | None) -> bytes:
-    exp = _EXP.pack(expires_at is not None, 0.0 if expires_at is None else expires_at)
-    return _lp(b"shtalk-localstore-v1", b"history", b"body", hid, hconv, _TS.pack(ts), exp)
-
-
-def _state_ad(hid: bytes) -> bytes:
-    return _lp(b"shtalk-localstore-v1", b"history", b"state", hid)
 
 
 # --- operations (run in the database thread) ---------------------------------
@@ -412,16 +227,16 @@ def put_kv(conn: Conn, keys: Keys, kind: str, key: str, value: bytes | None) -> 
     if value is None:
         conn.execute("DELETE FROM kv WHERE kind = ? AND hkey = ?", (kind, hkey))
         return
-    sealed = keys.seal(_lp(key.encode("utf-8"), value), _kv_ad(kind, hkey))
+    sealed = keys.seal(lp(key.encode("utf-8"), value), kv_ad(kind, hkey))
     conn.execute(
         "INSERT OR REPLACE INTO kv (kind, hkey, value) VALUES (?, ?, ?)", (kind, hkey, sealed)
     )
 
 
 def kv_value(keys: Keys, kind: str, hkey: bytes, sealed: bytes) -> tuple[str, bytes]:
-    plain = keys.unseal(sealed, _kv_ad(kind, hkey), f"{kind} entry")
+    plain = keys.unseal(sealed, kv_ad(kind, hkey), f"{kind} entry")
     try:
-        raw_key, value = _unlp(plain, 2)
+        raw_key, value = unlp(plain, 2)
         key = raw_key.decode("utf-8")
     except ValueError as e:
         raise CorruptEntry(f"{kind} entry: malformed ({e})") from e
@@ -436,9 +251,9 @@ def insert_message(conn: Conn, keys: Keys, m: HistoryMessage) -> None:
     hconv = keys.name_hash(b"conversation", m.conversation)
     fields = (m.id, m.conversation, m.sender, m.sender_device, m.body)
     body = keys.seal(
-        _lp(*(f.encode("utf-8") for f in fields)), _body_ad(hid, hconv, m.ts, m.expires_at)
+        lp(*(f.encode("utf-8") for f in fields)), body_ad(hid, hconv, m.ts, m.expires_at)
     )
-    state = keys.seal(m.state.encode(), _state_ad(hid))
+    state = keys.seal(m.state.encode(), state_ad(hid))
     conn.execute(
         "INSERT OR IGNORE INTO history (hid, hconv, ts, expires_at, body, state)"
         " VALUES (?, ?, ?, ?, ?, ?)",
@@ -449,7 +264,7 @@ def insert_message(conn: Conn, keys: Keys, m: HistoryMessage) -> None:
 def set_state(conn: Conn, keys: Keys, message_id: str, state: str) -> None:
     """Unknown ids are ignored: the message may have expired and been purged already."""
     hid = keys.name_hash(b"history-id", message_id)
-    sealed = keys.seal(state.encode(), _state_ad(hid))
+    sealed = keys.seal(state.encode(), state_ad(hid))
     conn.execute("UPDATE history SET state = ? WHERE hid = ?", (sealed, hid))
 
 
@@ -477,10 +292,10 @@ _Row = tuple[bytes, bytes, int, float | None, bytes, bytes]
 
 def row_message(keys: Keys, row: _Row) -> HistoryMessage:
     hid, hconv, ts, expires_at, body, state = row
-    plain = keys.unseal(body, _body_ad(hid, hconv, ts, expires_at), "history message")
-    raw_state = keys.unseal(state, _state_ad(hid), "history message state")
+    plain = keys.unseal(body, body_ad(hid, hconv, ts, expires_at), "history message")
+    raw_state = keys.unseal(state, state_ad(hid), "history message state")
     try:
-        mid, conv, sender, device, text = (b.decode("utf-8") for b in _unlp(plain, 5))
+        mid, conv, sender, device, text = (b.decode("utf-8") for b in unlp(plain, 5))
         st = raw_state.decode("ascii")
     except ValueError as e:
         raise CorruptEntry(f"history message: malformed ({e})") from e
@@ -559,12 +374,11 @@ def conversations(conn: Conn, keys: Keys) -> list[tuple[str, int, int]]:
     return out
 
 
-def parse_header(header: dict[str, bytes], path: str) -> tuple[KdfParams, bytes, bytes]:
-    try:
-        params = KdfParams.decode(header["kdf"])
-        salt, wrapped = header["salt"], header["wrapped_key"]
-    except KeyError as e:
-        raise LocalStoreError(f"{path}: the key header is incomplete ({e})") from None
-    if len(salt) < SALT_BYTES or len(wrapped) != NONCE_BYTES + 32 + 16:
-        raise LocalStoreError(f"{path}: the key header is malformed")
-    return params, salt, wrapped
+__all__ = [
+    "STATES",
+    "CorruptEntry",
+    "HistoryMessage",
+    "LocalStoreError",
+    "StoreClosed",
+    "WrongPassphrase",
+]

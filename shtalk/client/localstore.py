@@ -38,18 +38,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
-from shtalk.client import localschema
-from shtalk.client.localschema import (
-    DEFAULT_KDF,
-    STATES,
-    CorruptEntry,
-    HistoryMessage,
-    KdfParams,
-    LocalStoreError,
-    Put,
-    StoreClosed,
-    WrongPassphrase,
-)
+from shtalk.client import localschema, localseal
+from shtalk.client.errors import CorruptEntry, LocalStoreError, StoreClosed, WrongPassphrase
+from shtalk.client.localschema import STATES, HistoryMessage, Put
+from shtalk.client.localseal import DEFAULT_KDF, KdfParams
 from shtalk.sqlitethread import SQLiteThread
 
 __all__ = [
@@ -122,7 +114,7 @@ def _default_reactor(reactor: Any) -> Any:
 def _derive(reactor: Any, passphrase: str, salt: bytes, params: KdfParams) -> Deferred[bytes]:
     """Argon2id in the reactor's thread pool (about 0.3 s at the defaults: never inline)."""
     tp = reactor.getThreadPool()
-    return deferToThreadPool(reactor, tp, localschema.derive_kek, passphrase, salt, params)
+    return deferToThreadPool(reactor, tp, localseal.derive_kek, passphrase, salt, params)
 
 
 def _with_conn(pool: SQLiteThread, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -160,7 +152,7 @@ class LocalStore:
         self.path = path
         self._pool: SQLiteThread | None = pool
         self._data_key = data_key
-        self._keys = localschema.Keys(data_key)
+        self._keys = localseal.Keys(data_key)
         #: The file's current Argon2id parameters (kept by change_passphrase by default).
         self.kdf = params
         self._salt = salt
@@ -179,7 +171,7 @@ class LocalStore:
             _check_str(passphrase, "passphrase", empty=False)
         except (LocalStoreError, TypeError, ValueError) as e:
             return fail(e)
-        data_key, salt = os.urandom(32), os.urandom(localschema.SALT_BYTES)
+        data_key, salt = os.urandom(32), os.urandom(localseal.SALT_BYTES)
         state: dict[str, SQLiteThread] = {}
 
         async def run() -> LocalStore:
@@ -190,7 +182,7 @@ class LocalStore:
                 header = {
                     "kdf": kdf.encode(),
                     "salt": salt,
-                    "wrapped_key": localschema.wrap_key(kek, data_key, kdf, salt),
+                    "wrapped_key": localseal.wrap_key(kek, data_key, kdf, salt),
                 }
                 state["pool"] = pool = _pool(reactor, path)
                 await _with_conn(pool, localschema.create_schema, header)
@@ -218,9 +210,9 @@ class LocalStore:
             pool = _pool(reactor, path)
             try:
                 header = await _with_conn(pool, localschema.read_header, path)
-                params, salt, wrapped = localschema.parse_header(header, path)
+                params, salt, wrapped = localseal.parse_header(header, path)
                 kek = await _derive(reactor, passphrase, salt, params)
-                data_key = localschema.unwrap_key(kek, wrapped, params, salt)
+                data_key = localseal.unwrap_key(kek, wrapped, params, salt)
             except BaseException:
                 await pool.stop()
                 raise
@@ -252,18 +244,18 @@ class LocalStore:
         async def run() -> None:
             pool = self._require_pool()
             header = await _with_conn(pool, localschema.read_header, self.path)
-            _, _, wrapped = localschema.parse_header(header, self.path)
+            _, _, wrapped = localseal.parse_header(header, self.path)
             old_kek = await _derive(reactor, old, old_salt, old_params)
             if not hmac.compare_digest(
-                localschema.unwrap_key(old_kek, wrapped, old_params, old_salt), self._data_key
+                localseal.unwrap_key(old_kek, wrapped, old_params, old_salt), self._data_key
             ):
                 raise LocalStoreError("the file's data key changed under us")
-            salt = os.urandom(localschema.SALT_BYTES)
+            salt = os.urandom(localseal.SALT_BYTES)
             kek = await _derive(reactor, new, salt, params)
             new_header = {
                 "kdf": params.encode(),
                 "salt": salt,
-                "wrapped_key": localschema.wrap_key(kek, self._data_key, params, salt),
+                "wrapped_key": localseal.wrap_key(kek, self._data_key, params, salt),
             }
             await _with_conn(self._require_pool(), localschema.write_header, new_header)
             self.kdf, self._salt = params, salt

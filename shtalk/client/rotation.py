@@ -19,8 +19,9 @@ manager's clock); :class:`KeyTimer` only decides when to call back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -93,7 +94,8 @@ class RotationPolicy:
 class KeyMaintainer(Protocol):
     """What :class:`KeyTimer` drives (:class:`shtalk.client.e2ee.E2EE`)."""
 
-    clock: Any
+    @property
+    def clock(self) -> Callable[[], float]: ...
 
     def next_key_event(self) -> float: ...
 

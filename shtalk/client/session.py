@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -33,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shtalk.client import connection as _connection
-from shtalk.client.authflow import Authenticator, amend, call
+from shtalk.client.authflow import Authenticator, Credentials, amend, call
 from shtalk.client.connection import ClientConnection
 from shtalk.client.errors import (
     OTP_REJECTED,
@@ -67,20 +66,6 @@ RETRYABLE = frozenset(c.NAME for c in (rq.Ping, rq.Devices, rq.RoomList, rq.Room
 cumulative ``ack``, and ``send`` (deduplicated by its ``client_id``)."""
 
 Extra = Callable[[str, dict[str, Any]], Deferred[dict[str, Any]] | dict[str, Any]]
-
-
-@dataclass
-class Credentials:
-    """What the session needs to (re)authenticate; the caller persists it (``on_tokens``).
-
-    Tokens are kept out of ``repr`` so a logged or printed Credentials leaks nothing.
-    """
-
-    username: str
-    device_id: str
-    device_label: str = ""
-    access_token: str | None = field(default=None, repr=False)
-    refresh_token: str | None = field(default=None, repr=False)
 
 
 class ServerSession:

@@ -108,7 +108,7 @@ class ReceiveBatchTests(TestCase):
         b.contacts[("alice", "d1")] = contact
         assert bob.store is not None
         await bob.store.commit(
-            puts=[*b._room_puts(ROOM, rs), ("contact", contact.key, contact.to_bytes())]
+            puts=[*b.room_puts(ROOM, rs), ("contact", contact.key, contact.to_bytes())]
         )
         return alice, bob
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from shtalk.client import localschema
+from shtalk.client import localschema, localseal
 from shtalk.client.localstore import (
     DEFAULT_KDF,
     CorruptEntry,
@@ -200,7 +200,7 @@ class LifeCycleTests(Base):
         def boom(*args: object) -> bytes:
             raise RuntimeError("injected")
 
-        self.patch(localschema, "derive_kek", boom)
+        self.patch(localseal, "derive_kek", boom)
         with self.assertRaises(RuntimeError):
             await LocalStore.create(self.path, PASS, kdf=CHEAP)
         for suffix in localschema.SUFFIXES:
@@ -232,7 +232,7 @@ class LifeCycleTests(Base):
 
     async def test_work_stays_off_the_reactor_thread(self) -> None:
         threads: list[bool] = []
-        real_derive, real_setup = localschema.derive_kek, localschema.setup_connection
+        real_derive, real_setup = localseal.derive_kek, localschema.setup_connection
 
         def derive(*args: Any) -> bytes:
             threads.append(threading.current_thread() is threading.main_thread())
@@ -244,7 +244,7 @@ class LifeCycleTests(Base):
             )
             real_setup(conn)
 
-        self.patch(localschema, "derive_kek", derive)
+        self.patch(localseal, "derive_kek", derive)
         self.patch(localschema, "setup_connection", setup)
         store = await self.create()
         await store.commit(puts=[("meta", "a", b"b")], messages=[msg(1)])
