@@ -121,7 +121,7 @@ class ServerSession:
         self.rng = rng or random.Random()  # jitter, not a secret
         self._state = SessionState(on_state)
         self.server_hello: dict[str, Any] = {}
-        # Test seams: how a connection is made (module functions by default).
+        # How a connection is made (module functions; tests put fakes here).
         self.fetch_fingerprint: Callable[..., Deferred[str]] = _connection.fetch_fingerprint
         self.connect_pinned: Callable[..., Deferred[ClientConnection]] = _connection.connect
         self.connect_system: Callable[..., Deferred[ClientConnection]] = (
