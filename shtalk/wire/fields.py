@@ -15,7 +15,7 @@ import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from shtalk.wire.errors import ErrorCode, ProtocolError
 from shtalk.wire.limits import MAX_DEVICE_ENVELOPES, MAX_ENVELOPE_BYTES
@@ -26,6 +26,8 @@ class Field:
     """A validator; ``check`` returns the value handlers will see."""
 
     optional: bool = field(default=False, kw_only=True)
+    #: ``load`` and ``dump`` change nothing (strings, numbers, booleans)
+    plain: ClassVar[bool] = True
 
     def check(self, value: Any, where: str) -> Any:
         raise NotImplementedError
@@ -33,6 +35,10 @@ class Field:
     def load(self, value: Any) -> Any:
         """The typed form of a checked value (most values are their own)."""
         return value
+
+    def read(self, value: Any, where: str) -> Any:
+        """``load(check(value))`` in one pass (what a record's ``from_json`` runs)."""
+        return self.load(self.check(value, where))
 
     def dump(self, value: Any) -> Any:
         """The JSON form of a typed value (the inverse of ``load`` after ``check``)."""
@@ -49,15 +55,23 @@ class Str(Field):
     max_len: int = 256
     pattern: str | None = None
     pattern_help: str = ""
+    _match: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.pattern is not None:  # compiled once: this runs on every message
+            object.__setattr__(self, "_match", re.compile(self.pattern).fullmatch)
 
     def check(self, value: Any, where: str) -> str:
         if not isinstance(value, str):
             raise self.bad(where, "a string")
         if not (self.min_len <= len(value) <= self.max_len):
             raise self.bad(where, f"{self.min_len}-{self.max_len} characters long")
-        if self.pattern is not None and not re.fullmatch(self.pattern, value):
+        if self._match is not None and self._match(value) is None:
             raise self.bad(where, self.pattern_help or "in the documented form")
         return value
+
+    def read(self, value: Any, where: str) -> str:
+        return self.check(value, where)
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,9 @@ class Int(Field):
         if not (self.min <= value <= self.max):
             raise self.bad(where, f"between {self.min} and {self.max}")
         return value
+
+    def read(self, value: Any, where: str) -> int:
+        return self.check(value, where)
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,7 @@ class B64(Field):
     max_bytes: int = MAX_ENVELOPE_BYTES
     min_bytes: int = 1
     code: ErrorCode = ErrorCode.BAD_FIELD
+    plain: ClassVar[bool] = False
 
     def _too_large(self, where: str) -> ProtocolError:
         code = (ErrorCode.ENVELOPE_TOO_LARGE if self.code is ErrorCode.ENVELOPE_TOO_LARGE
@@ -121,6 +139,7 @@ class Obj(Field):
 
     fields: Mapping[str, Field]
     record: Any = None
+    plain: ClassVar[bool] = False
 
     def check(self, value: Any, where: str) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -129,6 +148,13 @@ class Obj(Field):
 
     def load(self, value: Any) -> Any:
         return value if self.record is None else self.record.from_args(value)
+
+    def read(self, value: Any, where: str) -> Any:
+        if self.record is None:
+            return self.check(value, where)
+        if not isinstance(value, dict):
+            raise self.bad(where, "an object")
+        return self.record.from_json(value, where + ".")
 
     def dump(self, value: Any) -> Any:
         return value if self.record is None else value.to_json()
@@ -139,6 +165,7 @@ class ListOf(Field):
     item: Field
     max_items: int = 256
     min_items: int = 0
+    plain: ClassVar[bool] = False
 
     def check(self, value: Any, where: str) -> list[Any]:
         if not isinstance(value, list):
@@ -158,9 +185,13 @@ class ListOf(Field):
         return [item.check(v, f"{where}[{i}]") for i, v in enumerate(value)]
 
     def load(self, value: Any) -> tuple[Any, ...]:
+        if self.item.plain:
+            return tuple(value)
         return tuple(self.item.load(v) for v in value)
 
     def dump(self, value: Any) -> list[Any]:
+        if self.item.plain:
+            return list(value)
         return [self.item.dump(v) for v in value]
 
 
@@ -169,6 +200,7 @@ class MapOf(Field):
     key: Str
     value: Field
     max_items: int = MAX_DEVICE_ENVELOPES
+    plain: ClassVar[bool] = False
 
     def check(self, value: Any, where: str) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -194,6 +226,7 @@ class OneOf(Field):
 
     choices: Mapping[str, Field]
     record: Any = None
+    plain: ClassVar[bool] = False
 
     def check(self, value: Any, where: str) -> dict[str, Any]:
         if not isinstance(value, dict) or len(value) != 1:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple, Self, cast, get_type_hints
 
 from shtalk.wire.errors import ErrorCode, ProtocolError
-from shtalk.wire.fields import Field, Obj, OneOf, check_fields
+from shtalk.wire.fields import Field, Obj, OneOf
 
 
 class Key(NamedTuple):
@@ -75,8 +75,18 @@ class Record:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], where: str = "") -> Self:
-        """Check ``obj`` field by field (keys it does not know are ignored)."""
-        return cls.from_args(check_fields(spec(cls).fields, obj, where))
+        """Check ``obj`` field by field, in the order and with the messages of
+        `check_fields` (keys it does not know are ignored), and build the record."""
+        kwargs: dict[str, Any] = {}
+        for s in spec(cls).slots:
+            value = obj.get(s.key)
+            if value is None:
+                if not s.field.optional:
+                    raise ProtocolError(ErrorCode.MISSING_FIELD,
+                                        f"field '{where}{s.key}' is required")
+                continue
+            kwargs[s.attr] = s.field.read(value, where + s.key)
+        return cls(**kwargs)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object, fields in declaration order, absent optional fields left out."""
@@ -84,7 +94,7 @@ class Record:
         for s in spec(type(self)).slots:
             value = getattr(self, s.attr)
             if value is not None:
-                out[s.key] = s.field.dump(value)
+                out[s.key] = value if s.field.plain else s.field.dump(value)
         return out
 
 
@@ -110,7 +120,7 @@ class ClientRequest(Message):
         for key in obj:
             if key not in fields and key not in ("id", "type"):
                 raise ProtocolError(ErrorCode.BAD_FIELD, f"'{cls.NAME}' has no field '{key[:40]}'")
-        return cls.from_args(check_fields(fields, obj, where))
+        return super().from_json(obj, where)
 
     def amended(self, extra: Mapping[str, Any]) -> Self:
         """This request with more wire fields (a CAPTCHA answer, a TOTP code: what a
