@@ -123,8 +123,8 @@ def report(quick: bool) -> str:
         "",
         f"For scale, same run: the server's `parse_line` of that room `send` line "
         f"{parse:,.1f} µs (the same validators as before, read off the records, their "
-        f"patterns now compiled once), {as_record:,.1f} µs with `Request.typed()` on top; sealing one 200-byte "
-        f"message {seal_us:,.0f} µs.",
+        f"patterns now compiled once), {as_record:,.1f} µs with `Request.typed()` on top; "
+        f"sealing one 200-byte message {seal_us:,.0f} µs.",
     ])
 
 
