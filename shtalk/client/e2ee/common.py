@@ -57,6 +57,10 @@ class Unreadable(Exception):
 class NotYet(Exception):
     """A room message whose sender key has not arrived: it waits, unacknowledged."""
 
+    def __init__(self, room: str) -> None:
+        super().__init__(room)
+        self.room = room
+
 
 class Saves:
     """The sending positions one commit saves (``send_mark`` per device session and per

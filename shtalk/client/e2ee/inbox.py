@@ -188,41 +188,30 @@ class Inbox:
             if room is None:
                 self._bad(batch, push, "a room message outside a room")
                 return
-            self._receive_room(push, env, room, batch)
-            return
-        try:
-            sender, plaintext = self.pairwise.decrypt(env, batch)
-        except ReplayError:
-            self._redelivered(batch, push)
-            return
-        except Unreadable as e:
-            self._bad(batch, push, str(e))
-            return
-        self._open(push, sender, env.sender_device, plaintext, batch, room=None)
+        else:
+            room = None
+        self._decrypt(push, env, room, batch)
 
-    def _receive_room(self, push: MessagePush, env: Envelope, room: str, batch: Batch,
-                      since: float | None = None) -> None:
+    def _decrypt(self, push: MessagePush, env: Envelope, room: str | None, batch: Batch,
+                 since: float | None = None) -> None:
+        """A pairwise message (``room`` None) or a room message: decrypted and delivered,
+        held for its sender key, acknowledged as a redelivery, or refused."""
         try:
-            sender, plaintext = self.room_keys.decrypt(env, room, batch)
-        except NotYet:
-            self._hold(push, env, room, since, batch)
-            return
-        except ReplayError:
-            self._redelivered(batch, push)
-            return
-        except Unreadable as e:
-            self._bad(batch, push, str(e))
-            return
-        self._open(push, sender, env.sender_device, plaintext, batch, room=room)
-
-    def _open(self, push: MessagePush, user: str, device: str, plaintext: bytes,
-              batch: Batch, room: str | None) -> None:
-        try:
+            if room is None:
+                sender, plaintext = self.pairwise.decrypt(env, batch)
+            else:
+                sender, plaintext = self.room_keys.decrypt(env, room, batch)
             body = pl.decode(plaintext)
-        except pl.PayloadError as e:
+        except NotYet as e:
+            self._hold(push, env, e.room, since, batch)
+            return
+        except ReplayError:
+            self._redelivered(batch, push)
+            return
+        except (Unreadable, pl.PayloadError) as e:
             self._bad(batch, push, str(e))
             return
-        self._deliver(push, user, device, body, batch, room)
+        self._deliver(push, sender, env.sender_device, body, batch, room)
 
     def _hold(self, push: MessagePush, env: Envelope, room: str, since: float | None,
               batch: Batch) -> None:
@@ -239,7 +228,7 @@ class Inbox:
             if now - since > PENDING_ROOM_TTL:
                 self._bad(batch, push, "no sender key arrived for this room message")
                 continue
-            self._receive_room(push, env, room, batch, since)
+            self._decrypt(push, env, room, batch, since)
 
     async def expire_held(self) -> None:
         async with self.local.lock:
