@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
@@ -17,6 +18,23 @@ from shtalk.client.rotation import RotationPolicy
 from shtalk.wire.pushes import MessagePush, ServerPush
 from tests.clientkit import Person, sleep
 from tests.harness import ServerProcess, fresh_name
+
+
+def hold_messages(person: Person) -> tuple[list[MessagePush], Callable[[ServerPush], None]]:
+    """From now on ``person``'s message pushes are kept back (the list), the others go on;
+    the second value hands a push to the client as the session would."""
+    assert person.client
+    held: list[MessagePush] = []
+    real = person.client.session.on_push
+
+    def hold(push: ServerPush) -> None:
+        if isinstance(push, MessagePush):
+            held.append(push)
+        else:
+            real(push)
+
+    person.client.session.on_push = hold
+    return held, real
 
 
 class E2ETestCase(TestCase):
@@ -131,11 +149,7 @@ class DirectMessageTests(E2ETestCase):
         await alice.client.send(f"user:{bob.username}", "m0")
         await bob.wait_messages(1)
         # Hold Bob's next pushes and hand them to his client reversed.
-        held: list[ServerPush] = []
-        real = bob.client.session.on_push
-        bob.client.session.on_push = lambda push: (
-            held.append(push) if isinstance(push, MessagePush) else real(push)
-        )
+        held, real = hold_messages(bob)
         for i in (1, 2, 3):
             await alice.client.send(f"user:{bob.username}", f"m{i}")
         await bob.wait_for(lambda: len(held) == 3, what="three held pushes")
@@ -320,11 +334,7 @@ class TrustAndTamperingTests(E2ETestCase):
         assert alice.client and bob.client
         await alice.client.send(f"user:{bob.username}", "genuine")
         await bob.wait_messages(1)
-        held: list[MessagePush] = []
-        real = bob.client.session.on_push
-        bob.client.session.on_push = lambda push: (
-            held.append(push) if isinstance(push, MessagePush) else real(push)
-        )
+        held, real = hold_messages(bob)
         await alice.client.send(f"user:{bob.username}", "will be tampered with")
         await bob.wait_for(lambda: held, what="the held push")
         raw = bytearray(base64.b64decode(held[0].envelope))
