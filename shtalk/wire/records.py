@@ -131,8 +131,7 @@ class ClientRequest(Message):
             slot = slots.get(key)
             if slot is None:
                 raise ProtocolError(ErrorCode.BAD_FIELD, f"'{self.NAME}' has no field '{key[:40]}'")
-            changes[slot.attr] = None if value is None else slot.field.load(
-                slot.field.check(value, key))
+            changes[slot.attr] = None if value is None else slot.field.read(value, key)
         return cast(Self, dataclasses.replace(cast(Any, self), **changes))
 
 
