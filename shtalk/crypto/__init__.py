@@ -6,7 +6,8 @@ object serialises to versioned bytes (``to_bytes``/``from_bytes``) that the
 client seals before storing.  All errors are :class:`CryptoError` subclasses.
 
 Modules: :mod:`.identity` (device keys, pre-key bundles), :mod:`.pqxdh`,
-:mod:`.ratchet` (Double Ratchet with header encryption), :mod:`.session`
+:mod:`.ratchet` (Double Ratchet with header encryption), :mod:`.chain` (the
+symmetric-key chain it shares with Sender Keys), :mod:`.session`
 (pairwise sessions, sealing/opening envelopes), :mod:`.envelope` (the signed
 wire envelope), :mod:`.senderkeys` (rooms), :mod:`.safety` (safety numbers),
 :mod:`.errors`, :mod:`.encoding`, :mod:`.primitives`.
