@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 
 from . import primitives as P
 from .chain import SendingChain, kdf_ck, skip_keys
-from .encoding import Reader, Writer
+from .encoding import Reader, Writer, read_whole
 from .errors import DecodeError, DecryptError, ReplayError, StateError, TooFarAhead
 
 __all__ = [
@@ -382,7 +382,4 @@ class RatchetState:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RatchetState:
-        r = Reader(data, "ratchet state")
-        state = cls.read(r)
-        r.done()
-        return state
+        return read_whole(data, "ratchet state", cls.read)
