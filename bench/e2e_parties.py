@@ -96,7 +96,7 @@ class Party:
             ask_password=lambda: succeed(PASSWORD),
             on_event=event,
         )
-        await self.client.register(PASSWORD, f"{self.username}@bench.invalid")
+        await self.client.register(PASSWORD, f"{self.username}@example.org")
         await self.client.login(PASSWORD)
 
     async def close(self) -> None:

@@ -79,7 +79,7 @@ def scenario_setup(spec: dict[str, Any]) -> Any:
         try:
             yield client.request("hello", version=1).addCallback(check)
             reply = yield client.request(
-                "register", username=name, password=PASSWORD, email=f"{name}@bench.invalid"
+                "register", username=name, password=PASSWORD, email=f"{name}@example.org"
             )
             check(reply, "username_taken")
             token = None
