@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -200,3 +202,25 @@ def tempdir(case: Any) -> str:
     path: str = os.path.abspath(case.mktemp())
     os.makedirs(path)
     return path
+
+
+# --- small helpers that unit test modules had each written for themselves --------------
+
+
+def spin(seconds: float = 0.0) -> Deferred[None]:
+    """Let the real reactor run for ``seconds``: for tests that wait on real threads
+    (bcrypt, SQLite); a test of timers uses a `Clock` instead."""
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
+    return d
+
+
+def b64(data: bytes) -> str:
+    """Standard base64, as the wire carries binary fields (written here, not taken from
+    the code under test)."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64url(data: bytes) -> str:
+    """Unpadded URL-safe base64, as in a JWT (RFC 7515)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
