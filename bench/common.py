@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -431,3 +431,40 @@ def write_section(section: str, path: Path = DOC, heading: str | None = None) ->
             "\n" + tail if tail else "")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new)
+
+
+def child_main(spec: dict[str, Any],
+               scenarios: Mapping[str, Callable[[dict[str, Any]], Any]]) -> bool:
+    """The child side of `run_child`: run ``spec``'s scenario (a Deferred or a coroutine)
+    on the reactor, bounded by ``spec["time_limit"]`` whatever happens, and print its
+    ``RESULT {...}`` line.  True if it succeeded (the caller picks the exit)."""
+    from twisted.internet import reactor
+    from twisted.python.failure import Failure
+
+    r: Any = reactor
+    outcome: dict[str, Any] = {}
+
+    def done(result: Any) -> None:
+        outcome["result"] = result
+
+    def failed(failure: Failure) -> None:
+        failure.printTraceback(file=sys.stderr)
+        outcome["error"] = failure.getErrorMessage()
+
+    def start() -> None:
+        d = defer.ensureDeferred(scenarios[spec["scenario"]](spec))
+        d.addCallbacks(done, failed)
+        d.addBoth(lambda _: r.stop())
+
+    def overrun() -> None:
+        failed(Failure(TimeoutError("time limit")))
+        r.stop()
+
+    limit = r.callLater(float(spec.get("time_limit", 600)), overrun)
+    r.callWhenRunning(start)
+    r.run()
+    if limit.active():
+        limit.cancel()
+    sys.stdout.write("RESULT " + json.dumps(outcome) + "\n")
+    sys.stdout.flush()
+    return "result" in outcome

@@ -13,11 +13,11 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from bench.common import bounded, sleep
+from bench.common import bounded, child_main, sleep
 from bench.e2e_parties import (
     ClosedLoop,
     Coordinator,
@@ -440,37 +440,9 @@ def worker() -> None:
     spec = json.loads(sys.stdin.readline())  # the first line (more may follow: GO lines)
     if spec.get("client_sync"):
         client_sync_experiment(spec["client_sync"])
-    from twisted.internet import reactor
-    from twisted.python.failure import Failure
-
-    r = cast(Any, reactor)
-    outcome: dict[str, Any] = {}
-
-    def done(result: Any) -> None:
-        outcome["result"] = result
-
-    def failed(failure: Failure) -> None:
-        failure.printTraceback(file=sys.stderr)
-        outcome["error"] = failure.getErrorMessage()
-
-    def start() -> None:
-        d = Deferred.fromCoroutine(SCENARIOS[spec["scenario"]](spec))
-        d.addCallbacks(done, failed)
-        d.addBoth(lambda _: r.stop())
-
-    def overrun() -> None:
-        failed(Failure(TimeoutError("time limit")))
-        r.stop()
-
-    limit = r.callLater(float(spec["time_limit"]), overrun)
-    r.callWhenRunning(start)
-    r.run()
-    if limit.active():
-        limit.cancel()
-    sys.stdout.write("RESULT " + json.dumps(outcome) + "\n")
-    sys.stdout.flush()
+    ok = child_main(spec, SCENARIOS)
     # Do not wait for adbapi threads of an aborted run.
-    os._exit(0 if "result" in outcome else 1)
+    os._exit(0 if ok else 1)
 
 
 __all__ = ["SCENARIOS", "Party", "worker"]

@@ -48,9 +48,8 @@ from typing import Any, cast
 
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.python.failure import Failure
 
-from bench.common import CpuWindow, bounded, sleep
+from bench.common import CpuWindow, bounded, child_main, sleep
 from bench.loadproto import (
     ACK_INTERVAL,
     Histogram,
@@ -321,35 +320,7 @@ SCENARIOS: dict[str, Callable[[dict[str, Any]], Deferred[Any]]] = {
 
 def main() -> None:
     spec = json.loads(sys.stdin.read())
-    from twisted.internet import reactor
-
-    outcome: dict[str, Any] = {}
-
-    def done(result: Any) -> None:
-        outcome["result"] = result
-
-    def failed(failure: Failure) -> None:
-        failure.printTraceback(file=sys.stderr)
-        outcome["error"] = failure.getErrorMessage()
-
-    def start() -> None:
-        d = SCENARIOS[spec["scenario"]](spec)
-        d.addCallbacks(done, failed)
-        d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
-
-    def overrun() -> None:
-        failed(Failure(TimeoutError("time limit")))
-        reactor.stop()  # type: ignore[attr-defined]
-
-    # Bounded: whatever happens, the process ends.
-    limit = reactor.callLater(float(spec.get("time_limit", 600)), overrun)  # type: ignore[attr-defined]
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
-    if limit.active():
-        limit.cancel()
-    sys.stdout.write("RESULT " + json.dumps(outcome) + "\n")
-    sys.stdout.flush()
-    sys.exit(0 if "result" in outcome else 1)
+    sys.exit(0 if child_main(spec, SCENARIOS) else 1)
 
 
 if __name__ == "__main__":

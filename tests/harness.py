@@ -89,7 +89,7 @@ DEFAULT_CONFIG: dict[str, dict[str, object]] = {
 that are active at once (no email code, no CAPTCHA: the closed-deployment switches).
 The account-security tests (tests/test_account_system.py) turn both back on."""
 
-# Rate limiting (issue 7) is off under the system tests of other features, which
+# Rate limiting is off under the system tests of other features, which
 # register and send from one address far faster than people do; the operations
 # tests (tests/test_operations_system.py) turn it on with their own limits.
 DEFAULT_CONFIG["ratelimit"] = {"enabled": False}
