@@ -11,7 +11,7 @@ server and temporary directories):
    directory, ``max_connections_per_address = 1000``, ``bcrypt_cost = 10``; the rate
    limits and the abuse monitor off: they would throttle exactly this load).
 2. Two parties, a direct message from Alice to Bob:
-   * baseline: two raw JSON clients (`bench.loadclient.LoadClient`) sending plaintext
+   * baseline: two raw JSON clients (`bench.loadproto.LoadClient`) sending plaintext
      200-byte envelopes to ``{"user": bob}``;
    * E2EE: two `ShtalkClient`s (real LocalStore, Argon2id cheap for set-up only, PQXDH
      session, Double Ratchet, ECDSA-signed envelopes, SQLite commit per message).
