@@ -44,6 +44,10 @@ for each scenario, ONE fresh client process holding every client of that scenari
 Twisted reactor (the E2EE clients' SQLite stores each have their own adbapi thread). The
 machine has 2 cores shared by both processes; the CPU of each (and of the client process's
 reactor thread alone) is measured from /proc over the measured window.
+
+This module is the orchestrator; the client process is bench/e2e_worker.py (its E2EE
+clients and ways of sending: bench/e2e_parties.py), the server and the client processes
+as seen from here are bench/e2e_procs.py, the report is bench/e2e_report.py.
 """
 
 from __future__ import annotations
