@@ -15,12 +15,15 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -400,6 +403,27 @@ def revision() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() or "unknown"
+
+
+@contextmanager
+def workdir(prefix: str) -> Iterator[Path]:
+    """A directory under /tmp for one run's servers and stores, removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def record(results: dict[str, Any], json_path: Path | None, section: str, doc: Path | None,
+           log: Callable[[str], None]) -> None:
+    """What a finished run leaves: every figure in ``json_path`` and its section of
+    ``doc`` (each only if given)."""
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if doc is not None:
+        write_section(section, doc)
+        log(f"wrote {section.split(chr(10), 1)[0][3:]} in {doc}")
 
 
 def write_section(section: str, path: Path = DOC, heading: str | None = None) -> None:

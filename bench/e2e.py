@@ -54,10 +54,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -69,8 +67,9 @@ from bench.common import (
     fingerprint,
     logger,
     machine,
+    record,
     wait_idle,
-    write_section,
+    workdir,
 )
 from bench.e2e_procs import go, read_step, run_worker, spawn_worker, start_server
 from bench.e2e_report import build_report
@@ -362,21 +361,14 @@ def main() -> None:
     if args.from_json:
         results = json.loads(args.from_json.read_text())
     else:
-        work = Path(tempfile.mkdtemp(prefix="shtalk-bench-e2e-"))
         started = time.monotonic()
-        try:
+        with workdir("shtalk-bench-e2e-") as work:
             results = run(args, work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
         results["wall_s"] = round(time.monotonic() - started, 1)
         log(f"done in {results['wall_s']} s")
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
     section = build_report(results)
     print(section)
-    if args.write:
-        write_section(section, args.write)
-        log(f"wrote the section of {args.write}")
+    record(results, None if args.from_json else args.json, section, args.write, log)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,14 @@ DMs a week; a sender key every 100 messages).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import fingerprint, machine, sleep, write_section
+from bench.common import fingerprint, machine, record, sleep, workdir
 from bench.e2e_parties import Party, Window, body, count_messages, log, setup_room
 from bench.e2e_procs import run_worker, start_server
 
@@ -241,22 +242,11 @@ def report(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    import json
-    import shutil
-    import tempfile
-
     if args.from_json:
         results = json.loads(args.from_json.read_text())
     else:
-        work = Path(tempfile.mkdtemp(prefix="shtalk-bench-rotation-"))
-        try:
+        with workdir("shtalk-bench-rotation-") as work:
             results = run(args, work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
     section = report(results)
     print(section)
-    if args.write:
-        write_section(section, args.write)
-        log(f"wrote the section of {args.write}")
+    record(results, None if args.from_json else args.json, section, args.write, log)

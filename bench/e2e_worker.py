@@ -35,7 +35,7 @@ from bench.e2e_parties import (
     setup_room,
     until,
 )
-from bench.loadproto import ACK_INTERVAL, Histogram, LoadClient, Run, monotonic_ns
+from bench.loadproto import ACK_INTERVAL, Histogram, LoadClient, Run, monotonic_ns, recorded
 
 # -- raw plaintext two-party -----------------------------------------------------------
 
@@ -86,13 +86,7 @@ async def raw_pair(spec: dict[str, Any]) -> dict[str, Any]:
     acker.start(ACK_INTERVAL, now=False)  # as ShtalkClient acks
     run.closed_loop = run.sending = True
     alice.send_one()
-    await sleep(spec["warmup"])
-    win = Window(spec["server_pid"])
-    run.hist.t0 = monotonic_ns()
-    run.recording = True
-    await sleep(spec["duration"])
-    run.recording = False
-    cpu = win.stop()
+    cpu = await recorded(run, spec, Window)
     run.sending = False
     await until(lambda: not alice.inflight, 5, 0.02)
     await sleep(0.1)

@@ -42,7 +42,6 @@ from typing import Any
 
 from bench.common import (
     DOC,
-    REPO,
     TWISTD,
     BenchError,
     Server,
@@ -52,9 +51,9 @@ from bench.common import (
     least_disturbed,
     logger,
     machine,
+    record,
     run_child,
     wait_idle,
-    write_section,
 )
 from bench.fanout_report import (
     ACK_BATCH,
@@ -62,7 +61,6 @@ from bench.fanout_report import (
     DEFAULT_DURATION,
     DEFAULT_N,
     QUICK_DURATION,
-    SECTION,
     build_report,
     storm_factor,
 )
@@ -437,11 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         results["notes"] = args.notes.read_text()
     term, md = build_report(args, results)
     print(term)
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    if not args.no_docs:
-        write_section(md)
-        log(f"wrote {DOC.relative_to(REPO)} ({SECTION[3:]})")
+    record(results, args.json, md, None if args.no_docs else DOC, log)
     if work is not None and not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    DOC,
     LIFTED_LIMITS,
     REPO,
     Server,
@@ -61,9 +62,9 @@ from bench.common import (
     logger,
     machine,
     other_processes_cpu,
+    record,
     terminate,
     wait_idle,
-    write_section,
 )
 from tests.harness import open_fds, rss_kib
 
@@ -429,10 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     results["finished"] = time.strftime("%Y-%m-%d %H:%M")
     md = report(args, results)
     print(md)
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    if not args.no_docs:
-        write_section(md)
+    record(results, args.json, md, None if args.no_docs else DOC, log)
     return 0 if results["current"]["met"] else 1
 
 

@@ -58,6 +58,7 @@ from bench.loadproto import (
     check,
     connect,
     monotonic_ns,
+    recorded,
 )
 
 PASSWORD = "bench-tangerine-quokka-43"
@@ -233,13 +234,8 @@ def scenario_fanout(spec: dict[str, Any]) -> Any:
 
     @inlineCallbacks
     def phases(run: Run) -> Any:
-        yield sleep(spec["warmup"])
-        cpu = CpuWindow(spec["server_pid"])
-        run.hist.t0 = monotonic_ns()
-        run.recording = True
-        yield sleep(spec["duration"])
-        run.recording = False
-        return {"cpu": cpu.stop()}
+        cpu = yield recorded(run, spec)
+        return {"cpu": cpu}
 
     out = yield drive(spec, run, clients, phases)
     cpu = out.pop("cpu")
@@ -274,13 +270,7 @@ def scenario_storm(spec: dict[str, Any]) -> Any:
 
     @inlineCallbacks
     def phases(run: Run) -> Any:
-        yield sleep(spec["warmup"])
-        cpu = CpuWindow(spec["server_pid"])
-        run.hist.t0 = monotonic_ns()
-        run.recording = True
-        yield sleep(spec["duration"])
-        run.recording = False
-        baseline = traffic_summary(run, spec["n"], cpu.stop())
+        baseline = traffic_summary(run, spec["n"], (yield recorded(run, spec)))
         # The storm: every login starts now, the chat goes on.
         run.hist, run.delivered, run.sends_acked, run.sends_written = Histogram(), 0, 0, 0
         run.acks_written = 0

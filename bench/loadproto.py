@@ -14,6 +14,7 @@ import json
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
+from bench.common import CpuWindow, sleep
 from shtalk.client.client import ACK_BATCH as CLIENT_ACK_BATCH
 from shtalk.client.client import ACK_DELAY as CLIENT_ACK_DELAY
 from shtalk.server.tls import client_options_pinned
@@ -260,6 +262,20 @@ class LoadClient(Protocol):
         if self.run.recording:
             self.run.acks_written += 1
         self.transport.write(b'{"type":"ack","id":%d,"seqs":[%s]}\n' % (rid, seqs))
+
+
+@inlineCallbacks
+def recorded(run: Run, spec: dict[str, Any],
+             window: Callable[[int], Any] = CpuWindow) -> Any:
+    """After ``spec["warmup"]`` seconds, ``spec["duration"]`` seconds recorded into
+    ``run``; the CPU of that window (``window(server pid).stop()``)."""
+    yield sleep(spec["warmup"])
+    cpu = window(spec["server_pid"])
+    run.hist.t0 = monotonic_ns()
+    run.recording = True
+    yield sleep(spec["duration"])
+    run.recording = False
+    return cpu.stop()
 
 
 def check(reply: dict[str, Any], *allowed: str) -> dict[str, Any]:

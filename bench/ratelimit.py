@@ -21,10 +21,8 @@ import argparse
 import dataclasses
 import json
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,6 @@ from typing import Any
 from bench.common import (
     DOC,
     HUGE_RATE,
-    REPO,
     Server,
     bench_config,
     fingerprint,
@@ -40,7 +37,9 @@ from bench.common import (
     lifted_limits,
     logger,
     machine,
+    record,
     wait_idle,
+    workdir,
     write_section,
 )
 from bench.fanout import load
@@ -276,20 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     log("micro: Redis backend ...")
     res["redis"] = micro_redis(2000)
     log(f"  {res['redis']}")
-    work = Path(tempfile.mkdtemp(prefix="shtalk-ratelimit-", dir="/tmp"))
-    try:
+    with workdir("shtalk-ratelimit-") as work:
         res["fanout"] = run_fanout(args, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     res["finished"] = time.strftime("%Y-%m-%d %H:%M")
     res.update(n=args.n, rounds=args.rounds, duration=args.duration)
     md = build_report(args, res)
     print(md)
-    if args.json is not None:
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
-    if not args.no_docs:
-        write_section(md)
-        log(f"wrote {DOC.relative_to(REPO)} ({SECTION[3:]})")
+    record(res, args.json, md, None if args.no_docs else DOC, log)
     return 0
 
 
