@@ -10,6 +10,10 @@ the network session: about half of the start-up's imports) is loaded.  `App.load
 imports that stack once the first screen (the passphrase prompt, or the status window on
 a first run) is on the terminal; the functions that use the client import its names
 locally, which costs nothing once it is loaded.
+
+The set-up screens are `shtalk.clientui.setup`'s, the account commands of a running
+client (/login, /passphrase ...) `shtalk.clientui.account`'s; this module builds the
+parts, runs the loop and connects the client.
 """
 
 from __future__ import annotations
