@@ -22,16 +22,18 @@ from shtalk.server.iserver import (
     TokenRevoked,
     TokenUnknown,
 )
-from shtalk.server.store import schema
+from shtalk.server.store import groupcommit, schema
 from shtalk.server.store import sqlite as store_module
 from shtalk.server.store.records import AppendResult, NewMessage, User
-from shtalk.server.store.sqlite import (
+from shtalk.server.store.sealing import (
     EnvelopeDecryptError,
+    decode_envelopes,
+    encode_envelopes,
+)
+from shtalk.server.store.sqlite import (
     SQLiteStore,
     StoreClosed,
     check_database_file,
-    decode_envelopes,
-    encode_envelopes,
 )
 
 KEY = bytes(range(32))
@@ -728,7 +730,7 @@ class AckSweepTests(MessageTestBase):
 
     @async_test
     async def test_overload_is_reported_until_the_queue_drains(self) -> None:
-        self.patch(store_module, "BACKLOG_HIGH", 3)
+        self.patch(groupcommit, "BACKLOG_HIGH", 3)
         store, alice, _, rid = await self.setup_room()
         first = store.append(msg((f"r:{rid}",), alice, "a1", "c0"))  # in flight
         self.assertFalse(store.overloaded())
@@ -747,7 +749,7 @@ class AckSweepTests(MessageTestBase):
         bob = await self.user(store, "Bob", "b1")
         r = await store.append(msg((f"u:{bob.id}",), alice, "a1", "dm", target="user:bob"))
         await store.ack(bob.id, "b1", r.seqs)
-        store._unswept.clear()  # as if killed before the sweep
+        store._book.unswept.clear()  # as if killed before the sweep
         await store.close()
         self.assertEqual(self.raw("SELECT COUNT(*) FROM messages"), [(1,)])
         again = await self.open_store(sweep_interval=60)
