@@ -11,7 +11,8 @@ Why it looks like this:
   `shtalk.server.store.sql`, one module per group of tables.
 * One row per sent message per mailbox; per-device cursors say what each device has
   acknowledged, and also which devices read which mailbox.
-* ``secure_delete`` zeroes what is deleted; the files are private (0600).
+* ``secure_delete`` zeroes what is deleted; the files are private (0600)
+  (`shtalk.server.store.connections`).
 
 This module is the facade: the life cycle (open, migrate, close) and the IStore
 methods, each one op on the write lane or one read on a reader.
@@ -19,7 +20,6 @@ methods, each one op on the write lane or one read on a reader.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from shtalk.server.iserver import CorruptStore, IStore, StoreError
-from shtalk.server.store import schema
+from shtalk.server.store import connections, schema
 from shtalk.server.store.acks import AckingGroupCommit, CursorBook
 from shtalk.server.store.codes import SQLiteCodeStore
 from shtalk.server.store.groupcommit import GroupedOp
@@ -74,31 +74,6 @@ ACK_DELAY = 0.005
 
 class StoreClosed(StoreError):
     """The store is not open (never opened, or closing)."""
-
-
-def _setup_writer(conn: Conn) -> None:
-    conn.execute("PRAGMA busy_timeout = 10000")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA secure_delete = ON")
-
-
-def _connect_writer(path: str) -> Conn:
-    conn = sqlite3.connect(
-        path, isolation_level=None, check_same_thread=False, cached_statements=256
-    )
-    _setup_writer(conn)
-    return conn
-
-
-def _setup_reader(conn: Conn) -> None:
-    conn.execute("PRAGMA busy_timeout = 10000")
-    conn.execute("PRAGMA query_only = ON")
-
-
-def _checkpoint(conn: Conn) -> None:
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 class _AppendOp(GroupedOp):
@@ -185,24 +160,27 @@ class SQLiteStore:
             "cp_noisy": False,
         }
         self._wpool = adbapi.ConnectionPool(  # type: ignore[no-untyped-call]
-            "sqlite3", self.path, cp_min=1, cp_max=1, cp_openfun=_setup_writer, **common
+            "sqlite3", self.path, cp_min=1, cp_max=1,
+            cp_openfun=connections.setup_writer, **common,
         )
         self._rpool = adbapi.ConnectionPool(  # type: ignore[no-untyped-call]
-            "sqlite3", self.path, cp_min=1, cp_max=READERS, cp_openfun=_setup_reader, **common
+            "sqlite3", self.path, cp_min=1, cp_max=READERS,
+            cp_openfun=connections.setup_reader, **common,
         )
         self._wpool.start()
         self._rpool.start()
         self._open_waiters = []
-        d = deferToThreadPool(self._reactor, self._wpool.threadpool, self._prepare_file)
+        d = deferToThreadPool(
+            self._reactor, self._wpool.threadpool, connections.prepare_file, self.path
+        )
         d.addCallback(lambda _: self._wpool.runWithConnection(schema.migrate, self.path))
         d.addCallback(
             lambda _: self._wpool.runWithConnection(accounts.seal_clear_emails, self.emails)
         )
 
         def opened(_: object) -> None:
-            self._writes.start(SQLiteThread(
-                self._reactor, partial(_connect_writer, self.path), "shtalk-sqlite-writer"
-            ))
+            connect = partial(connections.connect_writer, self.path)
+            self._writes.start(SQLiteThread(self._reactor, connect, "shtalk-sqlite-writer"))
             self._release_open_waiters(None)
             # Acks committed before a crash may not have been swept: do it now.
             self._write(messages.sweep_all).addErrback(
@@ -225,22 +203,6 @@ class SQLiteStore:
         d.addCallbacks(opened, failed)
         return d
 
-    def _prepare_file(self) -> None:
-        """Refuse a bad file; create a missing one 0600 before SQLite can (0644)."""
-        check_database_file(self.path)
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            for suffix in ("", "-wal", "-shm"):
-                try:
-                    mode = os.stat(self.path + suffix).st_mode
-                except FileNotFoundError:
-                    continue
-                if mode & 0o077:
-                    os.chmod(self.path + suffix, 0o600)
-        else:
-            os.close(fd)
-
     def close(self) -> Deferred[None]:
         """Refuse new work, let queued writes commit, checkpoint, close."""
         if self._wpool is None:
@@ -256,8 +218,8 @@ class SQLiteStore:
             self._rpool.close()
             self._rpool = None
             if not self._writes.started:
-                return cast(Deferred[None], self._wpool.runWithConnection(_checkpoint))
-            return self._writes.run(_checkpoint)
+                return cast(Deferred[None], self._wpool.runWithConnection(connections.checkpoint))
+            return self._writes.run(connections.checkpoint)
 
         def stop_writer(result: object) -> object:
             return self._writes.stop().addCallback(lambda _: result)
