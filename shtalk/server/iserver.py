@@ -49,6 +49,10 @@ class TokenUnknown(StoreError):
     """No such refresh token, or it expired, or its family is revoked."""
 
 
+class StoreClosed(StoreError):
+    """The store is not open (never opened, or closing)."""
+
+
 class CorruptStore(StoreError):
     """The database file cannot be used (not SQLite, newer schema, failed check)."""
 

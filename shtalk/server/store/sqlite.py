@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from shtalk.server.iserver import CorruptStore, IStore, StoreError
+from shtalk.server.iserver import CorruptStore, IStore, StoreClosed, StoreError
 from shtalk.server.store import connections, schema
 from shtalk.server.store.acks import AckingGroupCommit, CursorBook
 from shtalk.server.store.codes import SQLiteCodeStore
@@ -70,10 +70,6 @@ PURGE_STEP = 2000
 SWEEP_INTERVAL = 0.5
 #: Seconds an ack waits, when the writer is idle, for a transaction to ride on.
 ACK_DELAY = 0.005
-
-
-class StoreClosed(StoreError):
-    """The store is not open (never opened, or closing)."""
 
 
 class _AppendOp(GroupedOp):
