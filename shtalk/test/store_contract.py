@@ -15,15 +15,28 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
 
 from shtalk.server.iserver import (
     Conflict,
+    ICodeStore,
+    IStore,
     TokenReuse,
     TokenRevoked,
     TokenUnknown,
 )
 from shtalk.server.store.memory import MemoryStore
-from shtalk.server.store.records import AppendResult, NewMessage, User
+from shtalk.server.store.records import (
+    CODE_NONE,
+    CODE_OK,
+    CODE_WRONG,
+    AppendResult,
+    NewMessage,
+    OneTimeKey,
+    TotpRecord,
+    User,
+)
+from shtalk.server.store.sql.prekeys import MAX_ONE_TIME_KEYS
 from shtalk.server.store.sqlite import SQLiteStore
 
 NOW = 1_800_000_000.0
@@ -478,5 +491,256 @@ class MessageContract(StoreHelpers):
         self.assertTrue(acked.called)
 
 
-class StoreContract(AccountContract, RoomContract, MessageContract):
+class DirectoryContract(StoreHelpers):
+    """The interfaces, devices going, the prekey directory, presence, moderation."""
+
+    @async_test
+    async def test_provides_the_interfaces(self) -> None:
+        store = await self.open_store()
+        self.assertTrue(verifyObject(IStore, store))
+        self.assertTrue(verifyObject(ICodeStore, store.codes))
+
+    @async_test
+    async def test_email_of(self) -> None:
+        store = await self.open_store()
+        alice = await store.create_user("Alice", "alice", "Alice@Example.org", b"h", "active")
+        self.assertEqual(await store.email_of(alice.id), "Alice@Example.org")
+        self.assertIsNone(await store.email_of(9999))
+
+    @async_test
+    async def test_failed_writes_change_nothing(self) -> None:
+        store = await self.open_store()
+        alice = await self.user(store, "Alice", "a1")
+        await store.create_session("fam", alice.id, "a1", b"t1", NOW + DAY)
+        await store.create_session("other", alice.id, "a1", b"u1", NOW + DAY)
+        await self.failure_of(store.create_session("fam", alice.id, "a1", b"t9", NOW), Conflict)
+        await self.failure_of(store.create_session("f9", alice.id, "a1", b"t1", NOW), Conflict)
+        # The new token exists already: refused, and t1 was not burnt by the attempt.
+        await self.failure_of(store.rotate_refresh(b"t1", b"u1", NOW + DAY, NOW), Conflict)
+        s = await store.rotate_refresh(b"t1", b"t2", NOW + DAY, NOW)
+        self.assertEqual((s.family, s.revoked), ("fam", False))
+        stats = await store.stats()
+        self.assertEqual((stats["sessions"], stats["refresh_tokens"]), (2, 3))
+        await store.create_room("Lobby", "lobby", alice.id, False)
+        await self.failure_of(store.create_room("lobby", "lobby", alice.id, True), Conflict)
+        self.assertEqual((await store.stats())["rooms"], 1)
+
+    @async_test
+    async def test_remove_device(self) -> None:
+        store, alice, bob, rid = await self.setup_room()
+        await store.create_session("f1", bob.id, "b1", b"t1", NOW + DAY)
+        await store.publish_keys(bob.id, "b1", b"bundle", [OneTimeKey("ec", 1, b"k")])
+        await store.append(msg((f"r:{rid}",), alice, "a1", "c1"))
+        cursors = (await store.stats())["cursors"]
+        self.assertTrue(await store.remove_device(bob.id, "b1"))
+        self.assertFalse(await store.remove_device(bob.id, "b1"))
+        self.assertEqual(await store.devices(bob.id), [])
+        self.assertEqual(await store.pending(bob.id, "b1"), [])
+        self.assertEqual((await store.stats())["cursors"], cursors - 2)  # u:bob, r:lobby
+        self.assertEqual(await store.claim_keys(bob.id, None), [])
+        self.assertIsNone(await store.device_bundle(bob.id, "b1"))
+        session = await store.session("f1")
+        assert session is not None
+        self.assertTrue(session.revoked)
+        # The same device id made anew starts with no history and no keys.
+        await store.upsert_device(bob.id, "b1", "again")
+        self.assertEqual(await store.pending(bob.id, "b1"), [])
+        self.assertEqual(await store.key_counts(bob.id, "b1"), {"ec": 0, "pq": 0})
+
+    @async_test
+    async def test_one_time_keys_handed_out_once(self) -> None:
+        store = await self.open_store()
+        alice = await self.user(store, "Alice", "a1", "a2")
+        keys = [OneTimeKey("ec", i, b"ec%d" % i) for i in (3, 1, 2)] + [OneTimeKey("pq", 7, b"pq")]
+        counts, changed = await store.publish_keys(alice.id, "a1", b"B1", keys)
+        self.assertEqual((counts, changed), ({"ec": 3, "pq": 1}, True))
+        self.assertEqual(await store.publish_keys(alice.id, "a1", b"B1", []),
+                         ({"ec": 3, "pq": 1}, False))  # same bundle: unchanged
+        await store.publish_keys(alice.id, "a2", b"B2", [OneTimeKey("ec", 1, b"other")])
+        self.assertEqual(await store.device_bundle(alice.id, "a1"), b"B1")
+        first = await store.claim_keys(alice.id, None)
+        self.assertEqual(
+            [(c.device_id, c.bundle, c.one_time) for c in first],
+            [("a1", b"B1", (OneTimeKey("ec", 1, b"ec1"), OneTimeKey("pq", 7, b"pq"))),
+             ("a2", b"B2", (OneTimeKey("ec", 1, b"other"),))],
+        )
+        (second,) = await store.claim_keys(alice.id, "a1")
+        self.assertEqual(second.one_time, (OneTimeKey("ec", 2, b"ec2"),))
+        self.assertEqual(await store.key_counts(alice.id, "a1"), {"ec": 1, "pq": 0})
+        # A claimed id published again is not handed out again.
+        counts, _ = await store.publish_keys(alice.id, "a1", None, [OneTimeKey("ec", 1, b"x")])
+        self.assertEqual(counts, {"ec": 1, "pq": 0})
+        (third,) = await store.claim_keys(alice.id, "a1")
+        self.assertEqual(third.one_time, (OneTimeKey("ec", 3, b"ec3"),))
+        (empty,) = await store.claim_keys(alice.id, "a1")
+        self.assertEqual((empty.bundle, empty.one_time), (b"B1", ()))
+        self.assertEqual(await store.claim_keys(alice.id, "nope"), [])
+        # replace: the old keys (claimed or not) go, even without a new bundle.
+        fresh = [OneTimeKey("ec", 1, b"new1")]
+        self.assertEqual(await store.publish_keys(alice.id, "a1", None, fresh, replace=True),
+                         ({"ec": 1, "pq": 0}, True))
+        (after,) = await store.claim_keys(alice.id, "a1")
+        self.assertEqual(after.one_time, (OneTimeKey("ec", 1, b"new1"),))
+
+    @async_test
+    async def test_one_time_keys_are_bounded(self) -> None:
+        store = await self.open_store()
+        alice = await self.user(store, "Alice", "a1")
+        many = [OneTimeKey("pq", i, b"k") for i in range(MAX_ONE_TIME_KEYS + 5)]
+        counts, _ = await store.publish_keys(alice.id, "a1", b"B", many)
+        self.assertEqual(counts, {"ec": 0, "pq": MAX_ONE_TIME_KEYS})
+
+    @async_test
+    async def test_presence_follows_who_wrote(self) -> None:
+        store = await self.open_store()
+        alice = await self.user(store, "Alice", "a1")
+        bob = await self.user(store, "Bob", "b1")
+        carol = await self.user(store, "Carol", "c1")
+        boxes = (f"u:{bob.id}", f"u:{alice.id}")
+        await store.append(msg(boxes, alice, "a1", "dm", target="user:bob"))
+        self.assertEqual(await store.presence_readers(alice.id), [bob.id])
+        self.assertEqual(await store.presence_subjects(bob.id), [alice.id])
+        self.assertEqual(await store.presence_readers(bob.id), [])
+        self.assertTrue(await store.has_written(alice.id, bob.id))
+        self.assertFalse(await store.has_written(bob.id, alice.id))
+        await store.append(msg((f"u:{alice.id}", f"u:{bob.id}"), bob, "b1", "re",
+                               target="user:alice"))
+        await store.append(msg((f"u:{alice.id}",), carol, "c1", "hi", target="user:alice"))
+        self.assertTrue(await store.has_written(bob.id, alice.id))
+        self.assertEqual(sorted(await store.presence_subjects(alice.id)), [bob.id, carol.id])
+        self.assertEqual(await store.dm_partners(alice.id), [bob.id, carol.id])
+
+    @async_test
+    async def test_status_and_deletion(self) -> None:
+        store, alice, bob, rid = await self.setup_room()
+        await store.create_session("fb", bob.id, "b1", b"t1", NOW + DAY)
+        self.assertEqual(await store.member_since(rid, bob.id), NOW)
+        self.assertIsNone(await store.member_since(rid, 9999))
+        self.assertTrue(await store.set_status(bob.id, "suspended"))
+        bob_now = await store.user_by_id(bob.id)
+        assert bob_now is not None
+        self.assertEqual(bob_now.status, "suspended")
+        await self.failure_of(store.rotate_refresh(b"t1", b"t2", NOW + DAY, NOW), TokenRevoked)
+        self.assertFalse(await store.set_status(9999, "active"))
+        await store.append(msg((f"u:{bob.id}", f"u:{alice.id}"), alice, "a1", "dm",
+                               target="user:bob"))
+        await store.append(msg((f"r:{rid}",), alice, "a1", "room"))
+        queued = await store.queued()
+        self.assertTrue(await store.delete_account(bob.id, b"dummy"))
+        gone = await store.user_by_key("bob")
+        assert gone is not None
+        self.assertEqual((gone.status, gone.pw_hash), ("deleted", b"dummy"))
+        self.assertIsNone(await store.email_of(bob.id))
+        self.assertEqual(await store.devices(bob.id), [])
+        self.assertEqual([m.user_id for m in await store.members(rid)], [alice.id])
+        self.assertEqual(await store.dm_partners(alice.id), [])
+        self.assertEqual(await store.queued(), queued - 1)  # his inbox copy
+        self.assertFalse(await store.set_status(bob.id, "active"))  # a tombstone stays
+        await self.failure_of(store.create_user("BOB", "bob", "", b"", "active"), Conflict)
+        self.assertFalse(await store.delete_account(9999, b"dummy"))
+
+
+class CodeContract(StoreHelpers):
+    """Emailed codes, TOTP steps, recovery codes, unverified accounts (store.codes)."""
+
+    @async_test
+    async def test_email_codes(self) -> None:
+        store = await self.open_store()
+        bob = await store.create_user("Bob", "bob", "b@example.org", b"h", "pending")
+        codes = store.codes
+        self.assertTrue(await codes.put_email_code(bob.id, "verify", b"c1", NOW + 600, NOW, 60))
+        # Too soon for another mail; the first code lives on.
+        self.assertFalse(await codes.put_email_code(bob.id, "verify", b"c2", NOW + 600, NOW, 60))
+        self.assertEqual(await codes.check_email_code(bob.id, "verify", b"c2", NOW, 3), CODE_WRONG)
+        self.assertEqual(await codes.check_email_code(bob.id, "other", b"c1", NOW, 3), CODE_NONE)
+        self.assertEqual(await codes.check_email_code(bob.id, "verify", b"c1", NOW, 3), CODE_OK)
+        bob_now = await store.user_by_id(bob.id)
+        assert bob_now is not None
+        self.assertEqual(bob_now.status, "active")
+        # Used once; a wrong guess did not reset the resend interval.
+        self.assertEqual(await codes.check_email_code(bob.id, "verify", b"c1", NOW, 3), CODE_NONE)
+        self.assertFalse(await codes.put_email_code(bob.id, "verify", b"c3", NOW + 660, NOW + 59,
+                                                    60))
+        self.assertTrue(await codes.put_email_code(bob.id, "verify", b"c3", NOW + 660, NOW + 60,
+                                                   60))
+        for _ in range(3):
+            self.assertEqual(await codes.check_email_code(bob.id, "verify", b"x", NOW, 3),
+                             CODE_WRONG)
+        # Out of attempts: even the right code is refused now.
+        self.assertEqual(await codes.check_email_code(bob.id, "verify", b"c3", NOW, 3), CODE_NONE)
+        self.assertTrue(await codes.put_email_code(bob.id, "reset", b"r1", NOW + 10, NOW, 60))
+        self.assertEqual(await codes.check_email_code(bob.id, "reset", b"r1", NOW + 10, 3),
+                         CODE_NONE)  # expired
+
+    @async_test
+    async def test_reset_and_password_revoke_sessions(self) -> None:
+        store = await self.open_store()
+        alice = await self.user(store, "Alice", "a1", "a2")
+        await store.create_session("f1", alice.id, "a1", b"t1", NOW + DAY)
+        await store.create_session("f2", alice.id, "a2", b"t2", NOW + DAY)
+        codes = store.codes
+        await codes.put_email_code(alice.id, "reset", b"r", NOW + 600, NOW, 60)
+        self.assertEqual(await codes.reset_with_code(alice.id, b"bad", NOW, 5, b"new"),
+                         (CODE_WRONG, []))
+        outcome, families = await codes.reset_with_code(alice.id, b"r", NOW, 5, b"new")
+        self.assertEqual((outcome, sorted(families)), (CODE_OK, ["f1", "f2"]))
+        user = await store.user_by_id(alice.id)
+        assert user is not None
+        self.assertEqual(user.pw_hash, b"new")
+        await self.failure_of(store.rotate_refresh(b"t1", b"t3", NOW + DAY, NOW), TokenRevoked)
+        await store.create_session("f3", alice.id, "a1", b"t3", NOW + DAY)
+        self.assertEqual(await codes.set_password(alice.id, b"newer"), ["f3"])
+
+    @async_test
+    async def test_totp_steps_and_recovery_codes(self) -> None:
+        store = await self.open_store()
+        alice = await self.user(store, "Alice", "a1")
+        codes = store.codes
+        self.assertIsNone(await codes.totp(alice.id))
+        self.assertTrue(await codes.put_pending_totp(alice.id, b"sealed", NOW))
+        self.assertEqual(await codes.totp(alice.id), TotpRecord(alice.id, b"sealed", False, 0))
+        self.assertFalse(await codes.accept_step(alice.id, 5))  # not enabled yet
+        self.assertTrue(await codes.enable_totp(alice.id, 10, [b"r1", b"r2"]))
+        self.assertFalse(await codes.enable_totp(alice.id, 11, [b"r3"]))
+        self.assertFalse(await codes.put_pending_totp(alice.id, b"other", NOW))
+        self.assertFalse(await codes.accept_step(alice.id, 10))  # the enrolling code's step
+        self.assertTrue(await codes.accept_step(alice.id, 11))
+        self.assertFalse(await codes.accept_step(alice.id, 11))  # replayed
+        self.assertFalse(await codes.accept_step(alice.id, 9))  # older
+        self.assertEqual(await codes.totp(alice.id), TotpRecord(alice.id, b"sealed", True, 11))
+        self.assertEqual(await codes.recovery_left(alice.id), 2)
+        self.assertTrue(await codes.use_recovery(alice.id, b"r1"))
+        self.assertFalse(await codes.use_recovery(alice.id, b"r1"))
+        self.assertEqual(await codes.recovery_left(alice.id), 1)
+        await codes.replace_recovery(alice.id, [b"n1", b"n2", b"n3"])
+        self.assertFalse(await codes.use_recovery(alice.id, b"r2"))
+        self.assertEqual(await codes.recovery_left(alice.id), 3)
+        await codes.disable_totp(alice.id)
+        self.assertIsNone(await codes.totp(alice.id))
+        self.assertEqual(await codes.recovery_left(alice.id), 0)
+        self.assertTrue(await codes.put_pending_totp(alice.id, b"again", NOW))
+
+    @async_test
+    async def test_unverified_accounts_purged(self) -> None:
+        store = await self.open_store()
+        old = await store.create_user("Old", "old", "o@example.org", b"h", "pending")
+        await store.upsert_device(old.id, "o1", "phone")
+        await store.create_session("fo", old.id, "o1", b"t", NOW + DAY)
+        await store.codes.put_email_code(old.id, "verify", b"c", NOW + 600, NOW, 60)
+        active = await self.user(store, "Active", "x1")
+        self.clock.advance(100)
+        young = await store.create_user("Young", "young", "y@example.org", b"h", "pending")
+        self.assertEqual(await store.codes.purge_pending(NOW + 50), 1)
+        self.assertIsNone(await store.user_by_key("old"))
+        self.assertIsNotNone(await store.user_by_id(young.id))
+        self.assertIsNotNone(await store.user_by_id(active.id))
+        stats = await store.stats()
+        self.assertEqual((stats["users"], stats["devices"], stats["sessions"]), (2, 1, 0))
+        # The name is free again.
+        await store.create_user("OLD", "old", "o2@example.org", b"h", "pending")
+
+
+class StoreContract(
+    AccountContract, RoomContract, MessageContract, DirectoryContract, CodeContract
+):
     """Every behaviour an IStore promises (mix into a backend's TestCase)."""
