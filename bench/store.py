@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -195,17 +194,6 @@ def report(args: argparse.Namespace) -> str:
     ])
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the section under SECTION (up to the next ``## `` heading) or append it."""
-    text = path.read_text() if path.exists() else "# Performance\n"
-    pattern = re.compile(re.escape(SECTION) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -226,7 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     section = report(args)
     print(section)
     if args.write:
-        write_section(args.write, section)
+        from bench.crypto import write_section
+
+        write_section(args.write, section, heading=SECTION)
 
 
 if __name__ == "__main__":

@@ -126,23 +126,7 @@ class MemoryStore:
 
     @answered
     def delete_account(self, user_id: int, dummy_hash: bytes) -> bool:
-        t = self.tables
-        user = t.users.get(user_id)
-        if user is None:
-            return False
-        t.users[user_id] = dataclasses.replace(user, status="deleted", pw_hash=dummy_hash)
-        t.emails[user_id] = None
-        t.revoke_sessions(user_id)
-        for uid, dev in [k for k in t.devices if k[0] == user_id]:
-            t.drop_device(uid, dev)
-        for members in t.members.values():
-            members.pop(user_id, None)
-        for invite in [k for k in t.invites if k[1] == user_id]:
-            del t.invites[invite]
-        for pair in [k for k in t.partners if user_id in k]:
-            del t.partners[pair]
-        t.drop_inbox(user_id)
-        return True
+        return self.tables.tombstone(user_id, dummy_hash)
 
     # --- devices and the prekey directory ---
 
@@ -416,14 +400,14 @@ class MemoryStore:
         rows = []
         for mailbox in m.mailboxes:
             t.last_seq += 1
-            row = MessageRow(
+            row = MessageRow(StoredMessage(
                 t.last_seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-                m.expires_at, m.target, m.envelope, dict(m.envelopes), devices,
-            )  # fmt: skip
-            t.messages.setdefault(mailbox, {})[row.seq] = row
-            t.seq_mailbox[row.seq] = mailbox
+                m.expires_at, m.target, m.envelope, dict(m.envelopes),
+            ), devices)  # fmt: skip
+            t.messages.setdefault(mailbox, {})[t.last_seq] = row
+            t.seq_mailbox[t.last_seq] = mailbox
             rows.append(row)
-        seqs = tuple(r.seq for r in rows)
+        seqs = tuple(r.message.seq for r in rows)
         t.client_ids[key] = (seqs, t.now())
         if m.target.startswith("user:"):
             for p in {inbox_owner(mb) for mb in m.mailboxes} - {m.sender_id, None}:
@@ -435,7 +419,7 @@ class MemoryStore:
         # Rows no other device reads (e.g. the sender's own inbox when it has one
         # device) are not kept; their seqs are still reported.
         for r in rows:
-            t.sweep(r.mailbox, r.seq - 1, r.seq)
+            t.sweep(r.message.mailbox, r.message.seq - 1, r.message.seq)
         return AppendResult(seqs, duplicate=False, messages=stored)
 
     @answered
@@ -449,15 +433,9 @@ class MemoryStore:
             acked = readers.get(me)
             if acked is None:
                 continue
-            out.extend(
-                r for seq, r in t.messages.get(mailbox, {}).items()
-                if seq > acked
-                and not (r.sender_id == user_id and r.sender_device == device_id)
-                and (r.expires_at is None or r.expires_at > now)
-                and r.ts >= cutoff_ms
-                and (r.devices is None or me in r.devices)
-            )  # fmt: skip
-        return [r.stored() for r in sorted(out, key=lambda r: r.seq)]
+            rows = t.messages.get(mailbox, {}).items()
+            out.extend(r for seq, r in rows if seq > acked and r.for_reader(me, now, cutoff_ms))
+        return [r.stored() for r in sorted(out, key=lambda r: r.message.seq)]
 
     @answered
     def ack(self, user_id: int, device_id: str, seqs: Sequence[int]) -> None:
@@ -477,24 +455,7 @@ class MemoryStore:
 
     @answered
     def purge_expired(self, now: float) -> int:
-        t = self.tables
-        cutoff_ms = int((now - self.retention) * 1000)
-        deleted = 0
-        for rows in t.messages.values():
-            gone = [
-                s for s, r in rows.items()
-                if (r.expires_at is not None and r.expires_at <= now) or r.ts < cutoff_ms
-            ]  # fmt: skip
-            for seq in gone:
-                del rows[seq]
-            deleted += len(gone)
-        forget_before = now - self.retention
-        for key in [k for k, (_, created) in t.client_ids.items() if created < forget_before]:
-            del t.client_ids[key]
-        # An expired family can no longer rotate; its hashes need not be kept.
-        for family in [f for f, s in t.sessions.items() if s.expires <= now]:
-            t.drop_session(family)
-        return deleted
+        return self.tables.purge(now, self.retention)
 
     @answered
     def queued(self) -> int:

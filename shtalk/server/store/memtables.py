@@ -10,6 +10,7 @@ and checks before it changes anything, so a refusal leaves the tables as they we
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, Protocol, TypeVar
@@ -32,27 +33,28 @@ class MissingRow(StoreError):
     the same write with a foreign-key IntegrityError)."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class MessageRow:
-    seq: int
-    mailbox: str
-    sender_id: int
-    sender_device: str
-    client_id: str
-    ts: int
-    expires_at: float | None
-    target: str
-    envelope: bytes | None
-    envelopes: dict[tuple[int, str], bytes]
+    """A stored message and whom it is for."""
+
+    message: StoredMessage
     #: The devices it is for, when it has no common envelope (None: every reader).
     devices: frozenset[tuple[int, str]] | None
 
     def stored(self) -> StoredMessage:
         """A copy for the caller (nothing it holds aliases the tables)."""
-        return StoredMessage(
-            self.seq, self.mailbox, self.sender_id, self.sender_device, self.client_id,
-            self.ts, self.expires_at, self.target, self.envelope, dict(self.envelopes),
-        )  # fmt: skip
+        return dataclasses.replace(self.message, envelopes=dict(self.message.envelopes))
+
+    def for_reader(self, reader: tuple[int, str], now: float, cutoff_ms: int) -> bool:
+        """Whether a device reading its mailbox is to be given it: not its sender, an
+        envelope for it, not expired, not past the retention time."""
+        m = self.message
+        return (
+            (m.sender_id, m.sender_device) != reader
+            and (self.devices is None or reader in self.devices)
+            and (m.expires_at is None or m.expires_at > now)
+            and m.ts >= cutoff_ms
+        )
 
 
 @dataclass(slots=True)
@@ -199,8 +201,46 @@ class Tables:
                 s.revoked = True
         return live
 
-    def drop_inbox(self, user_id: int) -> None:
+    def tombstone(self, user_id: int, dummy_hash: bytes) -> bool:
+        """Delete an account but its name (see ``IStore.delete_account``)."""
+        user = self.users.get(user_id)
+        if user is None:
+            return False
+        self.users[user_id] = dataclasses.replace(user, status="deleted", pw_hash=dummy_hash)
+        self.emails[user_id] = None
+        self.revoke_sessions(user_id)
+        for uid, dev in [k for k in self.devices if k[0] == user_id]:
+            self.drop_device(uid, dev)
+        for members in self.members.values():
+            members.pop(user_id, None)
+        for invite in [k for k in self.invites if k[1] == user_id]:
+            del self.invites[invite]
+        for pair in [k for k in self.partners if user_id in k]:
+            del self.partners[pair]
         self.messages.pop(user_mailbox(user_id), None)
+        return True
+
+    def purge(self, now: float, retention: float) -> int:
+        """Messages expired or older than ``retention`` (how many), client ids older
+        than that, sessions expired."""
+        cutoff_ms = int((now - retention) * 1000)
+        deleted = 0
+        for rows in self.messages.values():
+            gone = [
+                s for s, r in rows.items()
+                if (r.message.expires_at is not None and r.message.expires_at <= now)
+                or r.message.ts < cutoff_ms
+            ]  # fmt: skip
+            for seq in gone:
+                del rows[seq]
+            deleted += len(gone)
+        forget_before = now - retention
+        for key in [k for k, (_, made) in self.client_ids.items() if made < forget_before]:
+            del self.client_ids[key]
+        # An expired family can no longer rotate; its hashes need not be kept.
+        for family in [f for f, s in self.sessions.items() if s.expires <= now]:
+            self.drop_session(family)
+        return deleted
 
     # --- cursors and the sweep ---
 
@@ -214,10 +254,11 @@ class Tables:
     def waited_for(self, row: MessageRow) -> bool:
         """Whether some device it is for has not acknowledged it (the sender's own
         device never holds it back)."""
-        for (user_id, device_id), acked in self.cursors.get(row.mailbox, {}).items():
-            if acked >= row.seq:
+        m = row.message
+        for (user_id, device_id), acked in self.cursors.get(m.mailbox, {}).items():
+            if acked >= m.seq:
                 continue
-            if user_id == row.sender_id and device_id == row.sender_device:
+            if user_id == m.sender_id and device_id == m.sender_device:
                 continue
             if row.devices is None or (user_id, device_id) in row.devices:
                 return True
