@@ -8,8 +8,8 @@ commits many writes together rather than one per request.
   arrived during the previous fsync.
 * Each op runs inside a SAVEPOINT of its own, so one refusal (Conflict, ...) does not
   undo its neighbours.  An I/O-level error (disk full, corruption) fails the batch.
-* Consecutive `GroupedOp`\\ s (the appends of messages) share one savepoint and are
-  stored together by their ``run_many`` (few ``executemany`` statements for the run).
+* Consecutive grouped ops (`GroupedOp`: the appends of messages) share one savepoint
+  and are stored together by their ``run_many`` (few ``executemany`` statements).
 * Each op's Deferred fires on the reactor thread once the transaction holding it has
   committed; the next transaction is started before those callbacks run, so the
   writer works while the reactor answers the senders.
@@ -39,7 +39,7 @@ BACKLOG_HIGH = 1000
 
 
 class GroupedOp:
-    """An op that `run_batch` runs together with the like ops queued right after it."""
+    """An op that `_run_batch` runs together with the like ops queued right after it."""
 
     __slots__ = ()
 
