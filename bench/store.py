@@ -12,7 +12,8 @@ each on a fresh database file in a temporary directory.
 The workload, all through the public IStore methods: a room of ``members`` accounts of
 one device each; every member sends in a closed loop (the next append once the previous
 committed), and every other member acknowledges each message as soon as its append
-committed (acks coalesce).  Then a burst: ``burst`` appends queued at once.  Figures:
+committed (acks coalesce).  Then a burst: ``burst`` appends queued at once.  Last, the
+reactor thread's CPU for one ``ack()`` call while acks are only buffered (best of 5).  Figures:
 CPU time of the child process (all threads) per message sent, wall time per message,
 write transactions, and the largest batch.  The ratio is working tree / baseline,
 median of the rounds; the spread is (max - min) / median of one side's rounds.
@@ -35,7 +36,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Store write path (bench/store)"
-DEFAULT_BASELINE = "9db595a"  # the layout commit before the store was split
+DEFAULT_BASELINE = "9db595a"
+ACK_CALLS = 20000  # the layout commit before the store was split
 
 
 def child(members: int, each: int, burst: int) -> dict[str, Any]:
@@ -94,6 +96,15 @@ def child(members: int, each: int, burst: int) -> dict[str, Any]:
         out["burst_wall"] = time.perf_counter() - t0
         out["burst_tx"] = store.write_transactions - tx0
         out["max_batch"] = store.max_batch
+        # The cost of one ack() on the reactor thread, buffered (no transaction).
+        store.ack_delay = 3600.0
+        best = float("inf")
+        for _ in range(5):
+            r0 = time.thread_time()
+            for k in range(ACK_CALLS):
+                store.ack(users[1].id, "d", (k,))
+            best = min(best, time.thread_time() - r0)
+        out["ack_call"] = best
         await store.close()
 
     def done(result: object) -> None:
@@ -166,6 +177,7 @@ def report(args: argparse.Namespace) -> str:
     figure("burst: CPU µs per append", "burst_cpu", burst)
     figure("burst: reactor thread CPU µs per append", "burst_reactor", burst)
     figure("burst: wall µs per append", "burst_wall", burst)
+    figure("one ack() call, buffered: reactor thread ns", "ack_call", ACK_CALLS, 1e9)
     tx = [(statistics.median(r["loop_tx"] for r in runs[k]),
            statistics.median(r["burst_tx"] for r in runs[k]),
            max(r["max_batch"] for r in runs[k])) for k in ("base", "new")]
