@@ -33,10 +33,6 @@ def marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-def execute(conn: Conn, sql: str, *params: object) -> None:
-    conn.execute(sql, params)
-
-
 def exists(conn: Conn, sql: str, *params: object) -> bool:
     return conn.execute(sql, params).fetchone() is not None
 
