@@ -74,14 +74,14 @@ log = logger("fanout")
 def install_store_probe(out_path: str) -> None:
     """Run inside the shtalk server (``--store-probe``): time every write transaction.
 
-    Wraps ``shtalk.server.store.sqlite._run_batch`` (looked up at call time by the store) and
+    Wraps ``shtalk.server.store.groupcommit._run_batch`` (looked up at call time by the store) and
     writes, at exit, the batch sizes, the wall time of each transaction in the writer
     thread and the CPU time that thread spent in it; wall minus CPU is time the writer
     waited (for the GIL, or for the disk in COMMIT).
     """
     import atexit
 
-    from shtalk.server.store import sqlite as store
+    from shtalk.server.store import groupcommit as store
     original = store._run_batch
     samples: list[tuple[int, float, float, float]] = []
 
