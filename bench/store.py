@@ -226,9 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     section = report(args)
     print(section)
     if args.write:
-        from bench.crypto import write_section
+        from bench.common import write_section
 
-        write_section(args.write, section, heading=SECTION)
+        write_section(section, args.write, heading=SECTION)
 
 
 if __name__ == "__main__":
