@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.crypto import write_section
+from bench.common import write_section
 from shtalk.crypto import DeviceIdentity, PreKeyBundle, Recipient, Session, seal
 from shtalk.wire import frames
 from shtalk.wire.pushes import parse_push
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     section = report(args.quick)
     print(section)
     if args.write:
-        write_section(args.write, section, SECTION)
+        write_section(section, args.write)
 
 
 if __name__ == "__main__":

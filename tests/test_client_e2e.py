@@ -16,8 +16,8 @@ from shtalk.client.e2ee import IdentityNotAccepted
 from shtalk.client.events import BacklogDone, BadMessage, IdentityChanged, NewDevice
 from shtalk.client.rotation import RotationPolicy
 from shtalk.wire.pushes import MessagePush, ServerPush
-from tests.clientkit import Person, sleep
-from tests.harness import ServerProcess, fresh_name
+from tests.clientkit import Person
+from tests.harness import ServerProcess, fresh_name, sleep
 
 
 def hold_messages(person: Person) -> tuple[list[MessagePush], Callable[[ServerPush], None]]:

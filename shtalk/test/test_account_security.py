@@ -10,21 +10,14 @@ import time
 from typing import Any
 
 import pyotp
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from shtalk.server.accounts import totp
 from shtalk.server.config import AccountsSection, ThrottleSection
-from shtalk.testing import GOOD_PASSWORD, Peer, ServerParts, build_server
+from shtalk.testing import GOOD_PASSWORD, Peer, ServerParts, build_server, spin
 
 NEW_PASSWORD = "marmalade-pangolin-77"
-
-
-def spin(seconds: float = 0.0) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
-    return d
 
 
 class Base(TestCase):

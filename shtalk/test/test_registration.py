@@ -261,6 +261,6 @@ class PresenceSnapshotTests(Base):
         ])
 
     async def wait(self) -> None:
-        from shtalk.test.test_account_security import spin
+        from shtalk.testing import spin
 
         await spin(0.005)

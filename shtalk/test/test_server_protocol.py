@@ -10,17 +10,10 @@ import base64
 import json
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from shtalk.testing import GOOD_PASSWORD, Peer, ServerParts, build_server
-
-
-def spin(seconds: float = 0.0) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
-    return d
+from shtalk.testing import GOOD_PASSWORD, Peer, ServerParts, build_server, spin
 
 
 class ServerProtocolTests(TestCase):

@@ -33,8 +33,7 @@ from shtalk.server.accounts.mailer import Mailer
 from shtalk.server.accounts.throttle import AuthThrottle, Verdict
 from shtalk.server.config import AccountsSection, ThrottleSection
 from shtalk.server.cred.passwords import PasswordHasher
-from shtalk.server.store.accounts import CODE_OK, AccountStore, TotpRecord
-from shtalk.server.store.records import User
+from shtalk.server.store.records import CODE_OK, TotpRecord, User
 from shtalk.wire.errors import ErrorCode, ProtocolError
 from shtalk.wire.names import NameError_, normalise_username
 from shtalk.wire.passwords import check_password_policy
@@ -97,8 +96,8 @@ class AccountSecurity(Service):
         throttle: ThrottleSection | None = None,
         captcha_answers: str | None = None,
     ) -> None:
-        self.store = store  # the IStore (users) that also has run_read/run_write
-        self.codes = AccountStore(store)
+        self.store = store
+        self.codes = store.codes
         self.hasher = hasher
         self.mailer = mailer
         self.clock = clock
