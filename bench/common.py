@@ -492,3 +492,17 @@ def child_main(spec: dict[str, Any],
     sys.stdout.write("RESULT " + json.dumps(outcome) + "\n")
     sys.stdout.flush()
     return "result" in outcome
+
+
+def report_main(doc: str | None, report: Callable[[bool], str],
+                argv: list[str] | None = None) -> None:
+    """The command line of an in-process benchmark: ``--quick`` for fewer iterations,
+    ``--write FILE`` to put its section (``report``'s markdown) into that file."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    parser.add_argument("--write", type=Path, help="update this markdown file's section")
+    args = parser.parse_args(argv)
+    section = report(args.quick)
+    print(section)
+    if args.write:
+        write_section(section, args.write)

@@ -29,12 +29,10 @@ garbage collector paused during a batch, in microseconds per operation.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
-from bench.common import write_section
+from bench.common import report_main
 from bench.crypto_batches import (
     Batch,
     add_floors,
@@ -215,14 +213,7 @@ def _version(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="fewer iterations")
-    parser.add_argument("--write", type=Path, help="update this markdown file's E2EE section")
-    args = parser.parse_args(argv)
-    section = report(args.quick)
-    print(section)
-    if args.write:
-        write_section(section, args.write)
+    report_main(__doc__, report, argv)
 
 
 if __name__ == "__main__":

@@ -14,17 +14,15 @@ the same ``send`` line (unchanged by the records), and the E2EE seal and open of
 
 from __future__ import annotations
 
-import argparse
 import base64
 import gc
 import json
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from bench.common import write_section
+from bench.common import report_main
 from shtalk.crypto import DeviceIdentity, PreKeyBundle, Recipient, Session, seal
 from shtalk.wire import frames
 from shtalk.wire.pushes import parse_push
@@ -129,14 +127,7 @@ def report(quick: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="fewer iterations")
-    parser.add_argument("--write", type=Path, help="update this markdown file's section")
-    args = parser.parse_args(argv)
-    section = report(args.quick)
-    print(section)
-    if args.write:
-        write_section(section, args.write)
+    report_main(__doc__, report, argv)
 
 
 if __name__ == "__main__":
