@@ -14,14 +14,14 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from shtalk.server import compose
 from shtalk.server.accounts.mailer import Mailer
-from shtalk.server.accounts.security import AccountSecurity
-from shtalk.server.chat.service import ChatService
-from shtalk.server.compose import make_factory
-from shtalk.server.config import AccountsSection, ThrottleSection
+from shtalk.server.config import AccountsSection, ServerConfig, ServerSection, ThrottleSection
 from shtalk.server.cred.passwords import PasswordHasher
 from shtalk.server.cred.tokens import TokenIssuer
+from shtalk.server.iserver import IStore
 from shtalk.server.net.connection import ShtalkServerFactory, ShtalkServerProtocol
+from shtalk.server.ops.ratelimit import RateLimiter
 from shtalk.server.store.sqlite import SQLiteStore
 
 GOOD_PASSWORD = "tangerine-quokka-43"  # noqa: S105 - a test fixture
@@ -65,66 +65,83 @@ class MemoryMailer(Mailer):
 
 @dataclass
 class ServerParts:
-    store: SQLiteStore
-    hasher: PasswordHasher
-    chat: ChatService
-    factory: ShtalkServerFactory
+    """A server built by shtalk.server.compose for unit tests, and what they poke at."""
+
+    server: compose.Server
     clock: WallClock
-    security: AccountSecurity
     mailer: MemoryMailer
 
+    @property
+    def store(self) -> Any:
+        return self.server.store
+
+    @property
+    def factory(self) -> ShtalkServerFactory:
+        return self.server.factory
+
+    @property
+    def security(self) -> Any:
+        return self.server.security
+
+    def limit(self, limiter: RateLimiter | None) -> None:
+        """Rate limits from now on (None: none), as if the server had been built so."""
+        self.server.factory.limits.limiter = limiter
+
     async def close(self) -> None:
-        self.security.stopService()
-        self.chat.stopService()
-        self.hasher.stop()
-        await self.store.close()
+        self.server.security.stopService()
+        self.server.chat.stopService()
+        self.server.hasher.stop()
+        await self.server.store.close()
 
 
 async def build_server(
     directory: str,
     *,
+    store: IStore | None = None,
     max_per_address: int = 20,
     pre_auth: float = 30.0,
     idle: float = 600.0,
     accounts: AccountsSection | None = None,
     throttle: ThrottleSection | None = None,
+    limiter: Any = None,
 ) -> ServerParts:
-    """The real service objects over a real SQLite file, with protocol timers
-    on a test clock (bcrypt and SQLite still run in real threads).
+    """The server's objects as shtalk.server.compose connects them, over ``store`` (by
+    default a real SQLite file, opened here), with protocol timers on a test clock
+    (bcrypt and SQLite still run in real threads).
 
     Account security is on, but by default without email verification and CAPTCHA
-    (``accounts`` turns them on); mail goes to a `MemoryMailer` (``parts.mailer``)."""
+    (``accounts`` turns them on); mail goes to a `MemoryMailer` (``parts.mailer``).
+    ``limiter``: a RateLimiter, or a function of the clock that makes one (None: no
+    rate limits)."""
     os.makedirs(directory, exist_ok=True)
     clock = WallClock()
-    store = SQLiteStore(os.path.join(directory, "db.sqlite3"), os.urandom(32), reactor=reactor)
+    if store is None:
+        store = SQLiteStore(
+            os.path.join(directory, "db.sqlite3"), os.urandom(32), reactor=reactor
+        )
     await store.open()
     hasher = PasswordHasher(reactor, cost=4, threads=1)  # type: ignore[arg-type]
     hasher.start()
     pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    issuer = TokenIssuer(pem)
-    chat = ChatService(store, hasher, issuer, clock)
     if accounts is None:
         accounts = AccountsSection(require_email_verification=False, require_captcha=False)
+    config = ServerConfig(sections={
+        "server": ServerSection(
+            pre_auth_timeout=int(pre_auth), idle_timeout=int(idle),
+            max_connections_per_address=max_per_address,
+        ),
+        "accounts": accounts,
+        "throttle": throttle or ThrottleSection(),
+    })
+    if limiter is not None and not isinstance(limiter, RateLimiter):
+        limiter = limiter(clock)
     mailer = MemoryMailer(clock)
-    security = AccountSecurity(
-        store, hasher, mailer, clock, os.urandom(32), accounts, throttle or ThrottleSection()
+    server = compose.build(
+        config, store, hasher, TokenIssuer(pem), mailer, clock, os.urandom(32), limiter=limiter
     )
-    security.attach_chat(chat)
-    chat.new_account_status = "pending" if accounts.require_email_verification else "active"
-    factory = make_factory(
-        chat,
-        store,
-        hasher,
-        issuer,
-        security,
-        clock,
-        pre_auth_timeout=pre_auth,
-        idle_timeout=idle,
-        max_connections_per_address=max_per_address,
-    )
-    return ServerParts(store, hasher, chat, factory, clock, security, mailer)
+    return ServerParts(server, clock, mailer)
 
 
 class Peer:

@@ -58,7 +58,7 @@ class Base(TestCase):
         return p
 
     def solve(self, challenge: dict[str, Any]) -> dict[str, str]:
-        answer = self.parts.security.captchas.answer_for_tests(challenge["id"])
+        answer = self.parts.security.gates.captchas.answer_for_tests(challenge["id"])
         return {"id": challenge["id"], "answer": answer.lower()}
 
     async def captcha(self, peer: Peer) -> dict[str, str]:
@@ -135,7 +135,9 @@ class EmailVerificationTests(Base):
         code = self.parts.mailer.last_code()
         # The store's clock is the real one: move the code's expiry into the past.
         self.parts.clock.advance(0)
-        self.parts.security.clock = _Shifted(self.parts.clock, 601)  # type: ignore[assignment]
+        self.parts.security.verification.clock = _Shifted(  # type: ignore[assignment]
+            self.parts.clock, 601
+        )
         r = await self.call(p, "verify_email", username="carol", code=code)
         self.assertEqual(r["error"]["code"], "invalid_code")
 
@@ -221,7 +223,7 @@ class CaptchaGateTests(Base):
         # expired
         sol = await self.captcha(p)
         # (the book's clock only: the protocol's pre-auth deadline would close p)
-        self.parts.security.captchas.clock = _Shifted(  # type: ignore[assignment]
+        self.parts.security.gates.captchas.clock = _Shifted(  # type: ignore[assignment]
             self.parts.clock, self.accounts.captcha_ttl + 1
         )
         r = await self.call(p, "register", username="hal3", captcha=sol, **fields)
@@ -230,7 +232,7 @@ class CaptchaGateTests(Base):
     async def test_monitor_seam(self) -> None:
         await self.active_account("ivan")
         p = await self.peer("192.0.2.40")
-        self.parts.chat.require_captcha(address="192.0.2.40")
+        self.parts.server.demands.require(address="192.0.2.40")
         r = await self.login(p, "ivan")
         self.assertEqual(r["error"]["code"], "captcha_required")
         r = await self.login(p, "ivan", captcha=self.solve(r["error"]["captcha"]))
@@ -240,7 +242,7 @@ class CaptchaGateTests(Base):
         r = await self.login(q, "ivan")
         self.assertTrue(r["ok"], r)
         # the throttle's own seam, by account name
-        self.parts.security.throttle.require_captcha(account="ivan", seconds=60)
+        self.parts.security.gates.throttle.require_captcha(account="ivan", seconds=60)
         q = await self.peer("192.0.2.41")
         r = await self.login(q, "ivan")
         self.assertEqual(r["error"]["code"], "captcha_required")
@@ -255,8 +257,8 @@ class CaptchaGateTests(Base):
         send = {"to": {"user": "judy"}, "envelope": "aGk=", "client_id": "c-1"}
         r = await self.call(p, "send", **send)
         self.assertTrue(r["ok"], r)
-        uid = self.parts.chat.users_by_key["judy"].id
-        self.parts.chat.require_captcha(account_id=uid)
+        uid = self.parts.server.users.by_key["judy"].id
+        self.parts.server.demands.require(account_id=uid)
         r = await self.call(p, "send", **dict(send, client_id="c-2"))
         self.assertEqual(r["error"]["code"], "captcha_required")
         challenge = r["error"]["captcha"]
@@ -433,7 +435,7 @@ class ThrottleTests(Base):
         self.assertEqual(r["error"]["code"], "captcha_required")
         r = await self.login(p, "olga", GOOD_PASSWORD, captcha=self.solve(r["error"]["captcha"]))
         self.assertTrue(r["ok"], r)
-        self.assertEqual(self.parts.security.throttle.failures(account="olga"), 0)
+        self.assertEqual(self.parts.security.gates.throttle.failures(account="olga"), 0)
 
 
 class ThrottleAndRateLimitTests(Base):
@@ -450,10 +452,10 @@ class ThrottleAndRateLimitTests(Base):
         from shtalk.server.config import RateLimitSection
         from shtalk.server.ops.ratelimit import RateLimiter
 
-        self.parts.factory.limiter = RateLimiter(
+        self.parts.limit(RateLimiter(
             RateLimitSection(login_account=login_account, login_address="off"),
             self.parts.clock,
-        )
+        ))
 
     async def wait_and_login(self, p: Peer, name: str, r: dict[str, Any]) -> None:
         self.assertEqual(r["error"]["code"], "rate_limited", r)

@@ -150,7 +150,7 @@ class ServerProtocolTests(TestCase):
 
         clock = self.parts.clock
         section = RateLimitSection(send_account="1/600", send_address="off", disconnect_after=2)
-        self.parts.factory.limiter = RateLimiter(section, clock)
+        self.parts.limit(RateLimiter(section, clock))
         rita = await self.account("rita")
         r = await self.reply(rita, rita.request("room_create", room="#base"))
         self.assertTrue(r["ok"], r)
@@ -205,7 +205,7 @@ class ServerProtocolTests(TestCase):
         r = await self.reply(sam, sam.request("room_create", room="#slow"))
         self.assertTrue(r["ok"], r)
         limiter = RateLimiter(RateLimitSection(), self.parts.clock, backend)
-        self.parts.factory.limiter = limiter
+        self.parts.limit(limiter)
         rid = sam.request("room_leave", room="slow")  # not limited: runs at once
         self.assertTrue((await self.reply(sam, rid))["ok"])
         rid = sam.request("room_join", room="slow")  # waits for the backend's answer
@@ -214,7 +214,7 @@ class ServerProtocolTests(TestCase):
         backend.pending[0].callback(0.0)  # allowed, but too late
         await spin(0.05)
         self.assertIsNone(sam.find_reply(rid))
-        self.parts.factory.limiter = None
+        self.parts.limit(None)
         other = await self.account("olga")
         r = await self.reply(other, other.request("room_members", room="slow"))
         self.assertNotIn("sam", json.dumps(r), r)

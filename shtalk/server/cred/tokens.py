@@ -25,6 +25,10 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from shtalk.wire.errors import ErrorCode
+
+INVALID, EXPIRED = ErrorCode.INVALID_TOKEN, ErrorCode.TOKEN_EXPIRED
+
 ALGORITHM = "ES256"
 TOKEN_TYPE = "at+jwt"  # noqa: S105 - a JWT typ, not a secret
 AUDIENCE = "shtalk-access"
@@ -69,9 +73,9 @@ def is_low_s(token: str) -> bool:
 
 
 class TokenError(Exception):
-    """``code`` is the protocol error code: invalid_token or token_expired."""
+    """``code``: INVALID_TOKEN or TOKEN_EXPIRED (the checker tells the two apart)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -141,15 +145,15 @@ class TokenIssuer:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise TokenError("invalid_token", "the access token is malformed") from None
+            raise TokenError(INVALID, "the access token is malformed") from None
         if header.get("alg") != ALGORITHM or header.get("typ") != TOKEN_TYPE:
-            raise TokenError("invalid_token", "the access token is not one of ours")
+            raise TokenError(INVALID, "the access token is not one of ours")
         if header.get("kid") != self.kid:
-            raise TokenError("invalid_token", "the access token was signed with an unknown key")
+            raise TokenError(INVALID, "the access token was signed with an unknown key")
         if not is_low_s(token):
             # The (r, n - s) twin of a valid token verifies as well: refuse every form but
             # the one we issue, so a token has exactly one spelling.
-            raise TokenError("invalid_token", "the access token's signature is not canonical")
+            raise TokenError(INVALID, "the access token's signature is not canonical")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -162,25 +166,25 @@ class TokenIssuer:
                 leeway=0,
             )
         except jwt.PyJWTError:
-            raise TokenError("invalid_token", "the access token did not verify") from None
+            raise TokenError(INVALID, "the access token did not verify") from None
         # Expiry against our injected clock, so tests can drive time.
         exp, iat = claims["exp"], claims["iat"]
         if not isinstance(exp, int) or not isinstance(iat, int) or iat > now + 60:
-            raise TokenError("invalid_token", "the access token has bad times")
+            raise TokenError(INVALID, "the access token has bad times")
         if not 0 < exp - iat <= self.access_ttl:
             # Whoever could sign a longer-lived token was not us; nor is a token issued
             # under a longer lifetime than the one configured now.
-            raise TokenError("invalid_token", "the access token lives longer than allowed")
+            raise TokenError(INVALID, "the access token lives longer than allowed")
         if exp <= now:
-            raise TokenError("token_expired", "the access token expired; use the refresh token")
+            raise TokenError(EXPIRED, "the access token expired; use the refresh token")
         try:
             uid = int(claims["sub"])
             dev = claims["dev"]
             sid = claims["sid"]
         except (KeyError, ValueError, TypeError):
-            raise TokenError("invalid_token", "the access token lacks its session") from None
+            raise TokenError(INVALID, "the access token lacks its session") from None
         if not isinstance(dev, str) or not isinstance(sid, str):
-            raise TokenError("invalid_token", "the access token lacks its session")
+            raise TokenError(INVALID, "the access token lacks its session")
         return AccessClaims(uid, dev, sid, exp)
 
     def public_key_pem(self) -> bytes:
