@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 USER = "u"
 ROOM = "r"
+#: What a room's mailbox is before its id, for SQL that builds it (``? || room_id``).
+ROOM_PREFIX = ROOM + ":"
 
 
 def user_mailbox(user_id: int) -> str:

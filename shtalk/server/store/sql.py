@@ -10,6 +10,7 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar, cast
 
+from shtalk.server.chat.mailbox import ROOM_PREFIX, room_mailbox, user_mailbox
 from shtalk.server.iserver import Conflict, TokenReuse, TokenRevoked, TokenUnknown
 from shtalk.server.store.records import Device, Member, Room, Session, User
 
@@ -153,12 +154,12 @@ def upsert_device(conn: Conn, user_id: int, device_id: str, label: str, now: flo
     top = top_seq(conn)
     conn.execute(
         "INSERT INTO cursors (user_id, device_id, mailbox, acked_seq) VALUES (?, ?, ?, ?)",
-        (user_id, device_id, f"u:{user_id}", top),
+        (user_id, device_id, user_mailbox(user_id), top),
     )
     conn.execute(
         "INSERT INTO cursors (user_id, device_id, mailbox, acked_seq)"
-        " SELECT ?, ?, 'r:' || room_id, ? FROM members WHERE user_id = ?",
-        (user_id, device_id, top, user_id),
+        " SELECT ?, ?, ? || room_id, ? FROM members WHERE user_id = ?",
+        (user_id, device_id, ROOM_PREFIX, top, user_id),
     )
     return Device(user_id, device_id, label, now)
 
@@ -259,7 +260,7 @@ def create_room(
         "INSERT INTO members (room_id, user_id, role, joined) VALUES (?, ?, 'owner', ?)",
         (room_id, owner_id, now),
     )
-    add_cursors(conn, owner_id, f"r:{room_id}")
+    add_cursors(conn, owner_id, room_mailbox(room_id))
     return Room(room_id, name, key, owner_id, invite_only, now)
 
 
@@ -312,11 +313,11 @@ def add_member(conn: Conn, room_id: int, user_id: int, role: str, now: float) ->
         " ON CONFLICT (room_id, user_id) DO NOTHING",
         (room_id, user_id, role, now),
     )
-    add_cursors(conn, user_id, f"r:{room_id}")  # late joiners get no history
+    add_cursors(conn, user_id, room_mailbox(room_id))  # late joiners get no history
 
 
 def remove_member(conn: Conn, room_id: int, user_id: int) -> None:
-    mailbox = f"r:{room_id}"
+    mailbox = room_mailbox(room_id)
     conn.execute("DELETE FROM members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
     conn.execute("DELETE FROM invites WHERE room_id = ? AND user_id = ?", (room_id, user_id))
     lowest = conn.execute(

@@ -49,6 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from shtalk.server.chat.mailbox import users_of
 from shtalk.server.iserver import (
     CorruptStore,
     IStore,
@@ -926,9 +927,7 @@ class SQLiteStore:
                 (m.sender_id, m.sender_device, m.client_id, ",".join(map(str, seqs)), op.now)
             )
             if m.target.startswith("user:"):
-                partners = {
-                    int(mb[2:]) for mb in m.mailboxes if mb.startswith("u:") and mb[2:].isdigit()
-                } - {m.sender_id}
+                partners = set(users_of(m.mailboxes)) - {m.sender_id}
                 wrote_rows.extend((m.sender_id, p) for p in partners)
                 partner_rows.extend((p, m.sender_id) for p in partners)
             results.append(AppendResult(tuple(seqs), duplicate=False, messages=tuple(stored)))
