@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from shtalk.server import compose
 from shtalk.server.accounts.mailer import Mailer
@@ -22,9 +26,10 @@ from shtalk.server.cred.tokens import TokenIssuer
 from shtalk.server.iserver import IStore
 from shtalk.server.net.connection import ShtalkServerFactory, ShtalkServerProtocol
 from shtalk.server.ops.ratelimit import RateLimiter
-from shtalk.server.store.sqlite import SQLiteStore
+from shtalk.server.store.sqlite import READERS, SQLiteStore
 
 GOOD_PASSWORD = "tangerine-quokka-43"  # noqa: S105 - a test fixture
+T = TypeVar("T")
 
 
 class WallClock(Clock):
@@ -87,6 +92,17 @@ class ServerParts:
         """Rate limits from now on (None: none), as if the server had been built so."""
         self.server.factory.limits.limiter = limiter
 
+    async def settle(self) -> None:
+        """Let what the server already started in the store's threads finish, with its
+        callbacks (the pushes and mails that follow a reply): a barrier through every
+        reader thread, then the writer.  A store that answers at once needs none."""
+        store = self.server.store
+        if not isinstance(store, SQLiteStore):
+            return
+        barrier = threading.Barrier(READERS, timeout=30)
+        await gatherResults([store.run_read(lambda _: barrier.wait()) for _ in range(READERS)])
+        await store.run_write(lambda _: None)
+
     async def close(self) -> None:
         self.server.security.stopService()
         self.server.chat.stopService()
@@ -144,20 +160,40 @@ async def build_server(
     return ServerParts(server, clock, mailer)
 
 
+class _Transport(StringTransport):
+    """A StringTransport that tells its Peer about each write."""
+
+    def __init__(self, written: Callable[[], None], peer: IPv4Address) -> None:
+        super().__init__(peerAddress=peer)
+        self._written = written
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self._written()
+
+
 class Peer:
-    """One client connection over a StringTransport; lines in, parsed JSON out."""
+    """One client connection over a StringTransport; lines in, parsed JSON out.
+
+    `reply` and `pushed` return Deferreds that fire when the awaited lines have been
+    written (checked after each write, on the next reactor turn so the server's call
+    chain completes first): tests wait for events, never poll."""
+
+    timeout = 30.0  # generous: a reply that never comes fails the test, loudly
 
     def __init__(self, factory: ShtalkServerFactory, host: str = "192.0.2.1") -> None:
-        self.transport: StringTransport = StringTransport(
-            peerAddress=IPv4Address("TCP", host, 40000)
+        self.transport: StringTransport = _Transport(
+            self._written, IPv4Address("TCP", host, 40000)
         )
+        self._seen: int = 0
+        self.received: list[dict[str, Any]] = []
+        self._next_id: int = 0
+        self._waiters: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+        self._check_queued = False
         proto = factory.buildProtocol(self.transport.getPeer())
         assert isinstance(proto, ShtalkServerProtocol)
         self.proto: ShtalkServerProtocol = proto
         self.proto.makeConnection(self.transport)
-        self._seen: int = 0
-        self.received: list[dict[str, Any]] = []
-        self._next_id: int = 0
 
     def send(self, obj: dict[str, Any] | bytes) -> None:
         data = obj if isinstance(obj, bytes) else json.dumps(obj).encode() + b"\n"
@@ -181,12 +217,57 @@ class Peer:
         self.lines()
         return [ln for ln in self.received if ln.get("type") == ptype and "id" not in ln]
 
-    def find_reply(self, rid: int) -> dict[str, Any] | None:
+    def find_reply(self, rid: Any) -> dict[str, Any] | None:
         self.lines()
         for ln in self.received:
             if "id" in ln and ln["id"] == rid:
                 return ln
         return None
+
+    # waiting for lines -------------------------------------------------------------
+    def until(self, found: Callable[[], T | None], what: str) -> Deferred[T]:
+        """Fires with ``found()`` once it is not None (``what`` names it on a timeout)."""
+        value = found()
+        if value is not None:
+            return succeed(value)
+        d: Deferred[T] = Deferred()
+        self._waiters.append((found, d))
+
+        def timed_out(failure: Failure) -> Failure:
+            failure.trap(CancelledError)
+            raise AssertionError(f"no {what} within {self.timeout} s")
+
+        d.addTimeout(self.timeout, reactor)  # type: ignore[arg-type]
+        return d.addErrback(timed_out)
+
+    def reply(self, rid: Any) -> Deferred[dict[str, Any]]:
+        return self.until(lambda: self.find_reply(rid), f"reply to {rid!r}")
+
+    def pushed(self, ptype: str, count: int = 1) -> Deferred[list[dict[str, Any]]]:
+        """Fires once ``count`` pushes of that type have come (with all of them)."""
+
+        def enough() -> list[dict[str, Any]] | None:
+            got = self.pushes(ptype)
+            return got if len(got) >= count else None
+
+        return self.until(enough, f"{count} {ptype!r} push(es)")
+
+    def _written(self) -> None:
+        if self._waiters and not self._check_queued:
+            self._check_queued = True
+            reactor.callLater(0, self._check)  # type: ignore[attr-defined]
+
+    def _check(self) -> None:
+        self._check_queued = False
+        waiting, self._waiters = self._waiters, []
+        for found, d in waiting:
+            if d.called:
+                continue
+            value = found()
+            if value is None:
+                self._waiters.append((found, d))
+            else:
+                d.callback(value)
 
     @property
     def closed(self) -> bool:

@@ -249,18 +249,10 @@ class PresenceSnapshotTests(Base):
         ida.proto.connectionLost(None)
         gil.proto.connectionLost(None)
         again = await logged_in("gil", register=False)
-        for _ in range(200):
-            if sum(1 for x in again.lines() + again.received if x.get("type") == "presence"):
-                break
-            await self.wait()
+        await again.pushed("presence")  # after the backlog, all in one go
         got = [x for x in again.received if "id" not in x and x.get("type") != "message"]
         done = next(i for i, x in enumerate(got) if x.get("type") == "backlog_done")
         self.assertEqual(got[done + 1:], [
             {"type": "presence", "user": "hal", "status": "online"},
             {"type": "presence", "user": "ida", "status": "offline"},
         ])
-
-    async def wait(self) -> None:
-        from shtalk.test.test_account_security import spin
-
-        await spin(0.005)

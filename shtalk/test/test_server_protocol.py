@@ -1,7 +1,8 @@
 """The server's line protocol over StringTransport; timers on a test clock.
 
-The store and bcrypt are real (SQLite file, thread pool), so these tests
-await Deferreds; protocol timers run on a Clock the tests advance.
+The store and bcrypt are real (SQLite file, thread pool), so these tests await the
+lines they expect (``Peer.reply``, ``Peer.pushed``: events, no polling); protocol
+timers run on a Clock the tests advance.
 """
 
 from __future__ import annotations
@@ -10,17 +11,10 @@ import base64
 import json
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from shtalk.testing import GOOD_PASSWORD, Peer, ServerParts, build_server
-
-
-def spin(seconds: float = 0.0) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
-    return d
 
 
 class ServerProtocolTests(TestCase):
@@ -35,16 +29,8 @@ class ServerProtocolTests(TestCase):
     def tearDown(self) -> Deferred[None]:  # type: ignore[override]
         return Deferred.fromCoroutine(self.parts.close())
 
-    async def reply(self, peer: Peer, rid: int, timeout: float = 5.0) -> dict[str, Any]:
-        """Wait (spinning the real reactor for the store) for the reply to ``rid``."""
-        waited = 0.0
-        while waited < timeout:
-            line = peer.find_reply(rid)
-            if line is not None:
-                return line
-            await spin(0.01)
-            waited += 0.01
-        self.fail(f"no reply to {rid}")
+    async def reply(self, peer: Peer, rid: int) -> dict[str, Any]:
+        return await peer.reply(rid)
 
     def peer(self, host: str | None = None) -> Peer:
         """A new connection; by default from an address of its own (the cap is 3)."""
@@ -174,7 +160,7 @@ class ServerProtocolTests(TestCase):
         rita.proto.connectionLost(None)  # what the reactor does next
         sent = await self.reply(rita, 10)
         self.assertTrue(sent["ok"], sent)
-        await spin(0.05)
+        await self.parts.settle()
         codes = [rita.find_reply(i) for i in range(11, 14)]
         self.assertEqual([c and c["error"]["code"] for c in codes], ["rate_limited"] * 3)
         self.assertEqual([rita.find_reply(i) for i in range(14, 18)], [None] * 4)
@@ -212,7 +198,7 @@ class ServerProtocolTests(TestCase):
         self.assertEqual(len(backend.pending), 1)
         sam.proto.connectionLost(None)
         backend.pending[0].callback(0.0)  # allowed, but too late
-        await spin(0.05)
+        await self.parts.settle()
         self.assertIsNone(sam.find_reply(rid))
         self.parts.limit(None)
         other = await self.account("olga")
@@ -318,7 +304,7 @@ class ServerProtocolTests(TestCase):
             alice.request("send", to={"room": "general"}, envelope="aGk=", client_id="m1"),
         )
         self.assertEqual((r2["seq"], r2["duplicate"]), (r["seq"], True))
-        await spin(0.05)
+        await self.parts.settle()
         got = bob.pushes("message")
         self.assertEqual([(m["seq"], m["envelope"]) for m in got], [(r["seq"], "aGk=")])
         self.assertEqual(carol.pushes("message"), [])
@@ -348,7 +334,7 @@ class ServerProtocolTests(TestCase):
             ben2,
             ben2.request("login", username="ben", password=GOOD_PASSWORD, device={"id": "d1"}),
         )
-        await spin(0.1)
+        await ben2.pushed("presence")  # the last line: after the backlog
         self.assertEqual([m["seq"] for m in ben2.pushes("message")], seqs)
         # The backlog, then where ben's contacts are: amy (a DM partner) is online.
         self.assertEqual(ben2.received[-2:], [{"type": "backlog_done", "count": 3},
@@ -363,7 +349,7 @@ class ServerProtocolTests(TestCase):
             ben3,
             ben3.request("login", username="ben", password=GOOD_PASSWORD, device={"id": "d1"}),
         )
-        await spin(0.1)
+        await ben3.pushed("presence")
         self.assertEqual([m["seq"] for m in ben3.pushes("message")], seqs[2:])
         # amy left: the snapshot now says so (DM partners show offline too).
         self.assertEqual(ben3.received[-1], {"type": "presence", "user": "amy",
@@ -438,7 +424,7 @@ class PrekeyDirectoryTests(ServerProtocolTests):
         await self.reply(alice, alice.request("room_create", room="keys"))
         await self.reply(bob, bob.request("room_join", room="keys"))
         await self.publish(bob, 1)
-        await spin(0.05)
+        await self.parts.settle()
         self.assertIn(
             {"type": "device", "user": "bobn", "device": "d1", "event": "keys"},
             alice.pushes("device"),
@@ -446,12 +432,12 @@ class PrekeyDirectoryTests(ServerProtocolTests):
         # The same bundle again (a client publishes at every login): not news.
         seen = len(alice.pushes("device"))
         await self.publish(bob, 1)
-        await spin(0.05)
+        await self.parts.settle()
         self.assertEqual(len(alice.pushes("device")), seen)
         # A different bundle is announced.
         r = await self.reply(bob, bob.request("keys_publish", bundle="b3RoZXI=", one_time=[]))
         self.assertTrue(r["ok"], r)
-        await spin(0.05)
+        await self.parts.settle()
         self.assertEqual(len(alice.pushes("device")), seen + 1)
         r = await self.reply(bob, bob.request("device_remove", device="nope"))
         self.assertEqual(r["error"]["code"], "no_such_device")
