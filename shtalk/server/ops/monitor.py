@@ -14,8 +14,8 @@ Signals (thresholds in ``[monitor]``, each counted over a sliding window):
   reporters from distinct addresses agree (before that: a flag for review).
 
 A signal raises a `Flag` (subject, signal, reason, counts) and runs its configured
-action once per flag: ``flag`` (nothing more), ``captcha`` (the account-security seam
-``ChatService.require_captcha``), ``throttle`` (the account's rate-limit buckets shrink
+action once per flag: ``flag`` (nothing more), ``captcha`` (a demand of the account gates,
+``CaptchaDemands.require``), ``throttle`` (the account's rate-limit buckets shrink
 to 1/``throttle_factor`` for ``throttle_seconds``) or ``suspend`` (the account is
 suspended pending review: its sessions end and it cannot log in).  Flags are kept in
 ``flags.json`` in the data directory and reviewed with ``shtalk-admin review``.
