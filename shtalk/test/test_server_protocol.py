@@ -287,6 +287,43 @@ class ServerProtocolTests(TestCase):
         r = await self.reply(w, w.request("resume", access_token=fresh["access_token"]))
         self.assertEqual(r["error"]["code"], "token_revoked")
 
+    async def test_revocations_reach_every_connection_of_the_session(self) -> None:
+        """A logout, and the reuse of a rotated refresh token, end the session on every
+        connection bound to it (and on no other session's)."""
+        p = await self.account("fay")
+        login = p.find_reply(3)
+        assert login is not None
+        q = self.peer()
+        await self.hello(q)
+        r = await self.reply(q, q.request("resume", access_token=login["access_token"]))
+        self.assertTrue(r["ok"], r)
+        other = await self.account("fay", "d2")  # a session of its own
+        r = await self.reply(p, p.request("logout"))
+        self.assertTrue(r["ok"], r)
+        self.assertEqual([x["reason"] for x in q.pushes("logged_out")],
+                         ["this session was logged out on another connection"])
+        self.assertEqual(p.pushes("logged_out"), [])  # it asked: a reply, not a push
+        r = await self.reply(q, q.request("room_list"))
+        self.assertEqual(r["error"]["code"], "not_authenticated")
+        self.assertEqual(other.pushes("logged_out"), [])
+        # The other session: refresh once, then the old token comes back (a thief).
+        first = other.find_reply(3)
+        assert first is not None
+        s = self.peer()
+        await self.hello(s)
+        r = await self.reply(s, s.request("refresh", refresh_token=first["refresh_token"]))
+        self.assertTrue(r["ok"], r)
+        t = self.peer()
+        await self.hello(t)
+        r = await self.reply(t, t.request("refresh", refresh_token=first["refresh_token"]))
+        self.assertEqual(r["error"]["code"], "token_revoked")
+        for conn in (other, s):
+            self.assertEqual([x["reason"] for x in conn.pushes("logged_out")],
+                             ["this session was revoked: its refresh token was reused"])
+        r = await self.reply(t, t.request("login", username="fay", password=GOOD_PASSWORD,
+                                          device={"id": "d3"}))
+        self.assertTrue(r["ok"], r)  # the connection that was refused may log in
+
     # routing ---------------------------------------------------------------------------
     async def test_room_message_reaches_members_once(self) -> None:
         alice = await self.account("alice")

@@ -15,6 +15,10 @@ ROOM = "r"
 ROOM_PREFIX = ROOM + ":"
 
 
+def _is_id(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 def user_mailbox(user_id: int) -> str:
     """A user's own inbox: direct messages to any of their devices."""
     return f"u:{user_id}"
@@ -27,14 +31,14 @@ def room_mailbox(room_id: int) -> str:
 def parse(mailbox: str) -> tuple[str, int]:
     """(``USER`` or ``ROOM``, id); ValueError for anything else."""
     kind, sep, ident = mailbox.partition(":")
-    if not sep or kind not in (USER, ROOM) or not ident.isdigit():
+    if not sep or kind not in (USER, ROOM) or not _is_id(ident):
         raise ValueError(f"not a mailbox: {mailbox[:40]!r}")
     return kind, int(ident)
 
 
 def user_of(mailbox: str) -> int | None:
     """The user id of a user mailbox; None for a room's (or anything else)."""
-    if mailbox.startswith("u:") and mailbox[2:].isdigit():
+    if mailbox.startswith("u:") and _is_id(mailbox[2:]):
         return int(mailbox[2:])
     return None
 
