@@ -18,7 +18,8 @@ from shtalk.server.chat.rooms import Rooms
 from shtalk.server.chat.users import Users
 from shtalk.server.iserver import IStore
 from shtalk.server.net import errors
-from shtalk.server.net.connection import ShtalkServerProtocol, dispatch_table
+from shtalk.server.net.connection import ShtalkServerProtocol
+from shtalk.server.net.dispatch import dispatch_table
 from shtalk.server.net.states import (
     ACCEPTS,
     KINDS,
@@ -102,7 +103,7 @@ class DispatchTests(SynchronousTestCase):
         ]
 
     def test_every_request_type_has_one_handler(self) -> None:
-        table = dispatch_table(self.handlers())
+        table = dispatch_table(ShtalkServerProtocol, self.handlers())
         self.assertEqual(set(table), set(REQUESTS))
         # The connection's own requests come first (the first stage of the dispatch).
         self.assertIs(table["hello"], ShtalkServerProtocol.on_hello)
@@ -111,9 +112,9 @@ class DispatchTests(SynchronousTestCase):
     def test_a_missing_or_second_handler_is_a_wiring_error(self) -> None:
         handlers = self.handlers()
         with self.assertRaises(ValueError):
-            dispatch_table(handlers[1:])
+            dispatch_table(ShtalkServerProtocol, handlers[1:])
         with self.assertRaises(ValueError):
-            dispatch_table([*handlers, handlers[1]])
+            dispatch_table(ShtalkServerProtocol, [*handlers, handlers[1]])
 
 
 class RefusalCodeTests(SynchronousTestCase):

@@ -33,6 +33,7 @@ from shtalk.server.chat.presence import Presence
 from shtalk.server.iserver import IChatMind, IChatUser, SessionEnded
 from shtalk.server.net.admission import PendingHandshakes
 from shtalk.server.net.audit import Audit
+from shtalk.server.net.dispatch import Handler, dispatch_table
 from shtalk.server.net.errors import to_wire
 from shtalk.server.net.limits import RequestLimits
 from shtalk.server.net.ordering import RequestOrder
@@ -41,11 +42,9 @@ from shtalk.server.ops.ratelimit import address_key
 from shtalk.wire import frames
 from shtalk.wire.errors import ErrorCode, ProtocolError
 from shtalk.wire.frames import Request
-from shtalk.wire.schema import PROTOCOL_VERSION, REQUESTS
+from shtalk.wire.schema import PROTOCOL_VERSION
 
 log = Logger()
-
-Handler = Callable[[Any, Request], Any]
 
 
 class _Dropped(Exception):
@@ -437,20 +436,6 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         self.machine.fire(Input.LOGGED_OUT)
 
 
-def dispatch_table(handlers: Iterable[object]) -> dict[str, Handler]:
-    """Each request type to its one handler: the connection's own ``on_<type>``, else
-    the handler object's.  A type with none, or with two, is a wiring error."""
-    table: dict[str, Handler] = {}
-    for rtype in REQUESTS:
-        name = "on_" + rtype
-        found = [getattr(ShtalkServerProtocol, name)] if hasattr(ShtalkServerProtocol, name) else []
-        found += [getattr(h, name) for h in handlers if hasattr(h, name)]
-        if len(found) != 1:
-            raise ValueError(f"request {rtype!r} has {len(found)} handlers; it needs one")
-        table[rtype] = found[0]
-    return table
-
-
 class ShtalkServerFactory(Factory):
     """What every connection shares: its handlers, limits, audit, and the counts."""
 
@@ -474,7 +459,7 @@ class ShtalkServerFactory(Factory):
         captcha_ttl: float = 600.0,
     ) -> None:
         self.clock = clock
-        self.handlers = dispatch_table(handlers)
+        self.handlers = dispatch_table(ShtalkServerProtocol, handlers)
         self.limits = limits
         self.audit = audit
         self.presence = presence
