@@ -21,6 +21,7 @@ from shtalk.server.cred.sessions import Sessions
 from shtalk.server.iserver import IStore, SessionEnded
 from shtalk.server.net.connection import ShtalkServerProtocol
 from shtalk.server.net.limits import RequestLimits
+from shtalk.server.net.login import tokens
 from shtalk.wire.frames import Request
 
 Conn = ShtalkServerProtocol
@@ -104,12 +105,7 @@ class AccountHandlers:
             raise SessionEnded("logged out meanwhile")
         family, access, refresh = yield self.sessions.start(uid, avatar.device_id)
         conn.bind_family(family)
-        return {
-            "access_token": access,
-            "refresh_token": refresh,
-            "expires_in": self.sessions.access_ttl,
-            "sessions_revoked": len(families),
-        }
+        return {**tokens(self.sessions, access, refresh), "sessions_revoked": len(families)}
 
     def on_totp_enroll(self, conn: Conn, request: Request) -> Deferred[Any]:
         d: Deferred[Any] = self.security.two_factor.enroll(conn.me.user.id)

@@ -43,6 +43,11 @@ from shtalk.wire.names import clean_label
 log = Logger()
 
 
+def tokens(sessions: Sessions, access: str, refresh: str) -> dict[str, Any]:
+    """The fields of a reply that hands out a session's tokens."""
+    return {"access_token": access, "refresh_token": refresh, "expires_in": sessions.access_ttl}
+
+
 class LoginHandlers:
     def __init__(
         self, portal: Portal, sessions: Sessions, presence: Presence, gates: Gates,
@@ -67,13 +72,8 @@ class LoginHandlers:
         self.gates.succeeded(key)
         family, access, refresh = yield self.sessions.start(avatar.user.id, avatar.device_id)
         self._logged_in(conn, family)
-        return {
-            "user": avatar.user.name,
-            "device": avatar.device_id,
-            "access_token": access,
-            "refresh_token": refresh,
-            "expires_in": self.sessions.access_ttl,
-        }
+        return {"user": avatar.user.name, "device": avatar.device_id,
+                **tokens(self.sessions, access, refresh)}
 
     @inlineCallbacks
     def on_resume(self, conn: Conn, request: Request) -> Any:
@@ -116,13 +116,8 @@ class LoginHandlers:
         d = self._portal_login(conn, AccessTokenCredentials(access))
         avatar: IChatUser = yield d.addErrback(self._failed, conn)
         self._logged_in(conn, avatar.family)
-        return {
-            "user": avatar.user.name,
-            "device": avatar.device_id,
-            "access_token": access,
-            "refresh_token": refresh,
-            "expires_in": self.sessions.access_ttl,
-        }
+        return {"user": avatar.user.name, "device": avatar.device_id,
+                **tokens(self.sessions, access, refresh)}
 
     @inlineCallbacks
     def on_logout(self, conn: Conn, request: Request) -> Any:
