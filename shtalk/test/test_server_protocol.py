@@ -324,6 +324,43 @@ class ServerProtocolTests(TestCase):
                                           device={"id": "d3"}))
         self.assertTrue(r["ok"], r)  # the connection that was refused may log in
 
+    async def test_a_sender_is_not_read_while_the_store_is_overloaded(self) -> None:
+        """Back-pressure: a send that finds the store's write queue full pauses reading
+        that connection until the queue has gone into a transaction."""
+        from shtalk.server.net.chathandlers import ChatHandlers
+        from shtalk.wire.frames import Request
+
+        class Queue:
+            """The store's overload signal, as a test drives it."""
+
+            def __init__(self) -> None:
+                self.full = True
+                self.drained: list[Deferred[None]] = []
+
+            def overloaded(self) -> bool:
+                return self.full
+
+            def when_drained(self) -> Deferred[None]:
+                d: Deferred[None] = Deferred()
+                self.drained.append(d)
+                return d
+
+        queue = Queue()
+        server = self.parts.server
+        handlers = ChatHandlers(queue, server.security.gates, server.demands)  # type: ignore[arg-type]
+        gus = await self.account("gus")
+        transport = gus.transport
+        send = Request(90, "send", {"to": {"user": "gus"}, "envelope": b"hi", "client_id": "bp"})
+        d = handlers.on_send(gus.proto, send)
+        self.assertEqual(transport.producerState, "paused")
+        handlers.on_send(gus.proto, Request(91, "send", dict(send.args, client_id="bp2")))
+        self.assertEqual(len(queue.drained), 1)  # paused once, not once per send
+        self.assertTrue((await d)["seq"])
+        self.assertEqual(transport.producerState, "paused")
+        queue.full = False
+        queue.drained[0].callback(None)
+        self.assertEqual(transport.producerState, "producing")
+
     # routing ---------------------------------------------------------------------------
     async def test_room_message_reaches_members_once(self) -> None:
         alice = await self.account("alice")

@@ -93,7 +93,7 @@ class ChatHandlers:
         overloaded = self._overloaded
         if overloaded is not None and self._drained is not None and overloaded():
             # Stop reading this sender until the queue has gone into a transaction.
-            conn.pause_until(self._drained())
+            conn.pause_until(self._drained)
         return d
 
     def on_ack(self, conn: Conn, request: Request) -> Deferred[Any]:

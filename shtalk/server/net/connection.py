@@ -382,8 +382,8 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         if logout is not None:
             logout()
 
-    def pause_until(self, resumed: Deferred[None]) -> None:
-        """Back-pressure: stop reading this peer until ``resumed`` fires (TCP then slows
+    def pause_until(self, resumed: Callable[[], Deferred[None]]) -> None:
+        """Back-pressure: stop reading this peer until ``resumed()`` fires (TCP then slows
         it down); once per pause."""
         transport: Any = self.transport
         if self._store_paused or transport is None:
@@ -397,7 +397,7 @@ class ShtalkServerProtocol(LineOnlyReceiver):
             if t is not None and self.connected and not getattr(t, "disconnecting", False):
                 t.resumeProducing()
 
-        resumed.addCallback(resume)
+        resumed().addCallback(resume)
 
     def captcha_shown(self) -> None:
         """A person was just shown a CAPTCHA: solving it takes time, so an unauthenticated
