@@ -164,7 +164,7 @@ def measure(tree: Path, n: int, k: int, what: str, work: Path, callgrind: bool) 
     if callgrind:
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}",
                "--collect-atstart=no", "--toggle-collect=builtin_eval", *cmd]
-    env = dict(os.environ, PYTHONPATH=str(tree))
+    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED="0")  # the same dict layouts
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600,
                           cwd=REPO)
     result = next((json.loads(line[7:]) for line in proc.stdout.splitlines()

@@ -208,7 +208,7 @@ class ShtalkServerProtocol(LineOnlyReceiver):
                 self._acked, self._failed, callbackArgs=(request.id,), errbackArgs=(request,)
             )
             return d
-        refusal = self.machine.refusal(request.type)
+        refusal = self.machine.refusals[request.type]
         try:
             if refusal is not None:
                 raise ProtocolError(*refusal)

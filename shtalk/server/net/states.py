@@ -108,23 +108,32 @@ ACCEPTS: dict[State, dict[Kind, Refusal | None]] = {
 del S, In
 
 
+#: The same, by request type: one look-up per request (enum keys hash in Python).
+REFUSALS: dict[State, dict[str, Refusal | None]] = {
+    state: {rtype: row[kind] for rtype, kind in KINDS.items()} for state, row in ACCEPTS.items()
+}
+
+
 class InvalidTransition(Exception):
     """An input the table does not allow in the current state (a server bug)."""
 
 
 class ConnectionState:
-    __slots__ = ("state",)
+    __slots__ = ("refusals", "state")
 
     def __init__(self) -> None:
         self.state = State.NEW
+        #: request type -> why it may not run now (None: it may)
+        self.refusals = REFUSALS[self.state]
 
     def fire(self, event: Input) -> State:
         try:
             self.state = TRANSITIONS[self.state][event]
         except KeyError:
             raise InvalidTransition(f"{event.value} in state {self.state.value}") from None
+        self.refusals = REFUSALS[self.state]
         return self.state
 
     def refusal(self, rtype: str) -> Refusal | None:
         """Why a request of this type may not run now (None: it may)."""
-        return ACCEPTS[self.state][KINDS[rtype]]
+        return self.refusals[rtype]
