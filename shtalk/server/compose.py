@@ -28,6 +28,7 @@ from shtalk.server.accounts.mailer import Mailer, make_mailer
 from shtalk.server.accounts.newpassword import NewPassword
 from shtalk.server.accounts.registration import Registration
 from shtalk.server.accounts.security import AccountSecurity
+from shtalk.server.accounts.shared import Shared
 from shtalk.server.accounts.throttle import AuthThrottle
 from shtalk.server.accounts.twofactor import TwoFactor
 from shtalk.server.accounts.verification import EmailVerification
@@ -191,15 +192,16 @@ def build_security(
         AuthThrottle(clock, config.section(ThrottleSection)),
         demands, users, accounts, captcha_answers,
     )
-    mailed = MailedCodes(store, codes, mailer, clock, accounts)
+    shared = Shared(store, codes, gates, users, hasher, clock, accounts)
+    mailed = MailedCodes(shared, mailer)
     status = "pending" if accounts.require_email_verification else "active"
     return AccountSecurity(
+        shared,
         Registration(store, hasher, accounts.min_password_length, status),
-        gates,
-        EmailVerification(store, codes, mailed, gates, users, clock, accounts),
-        NewPassword(store, codes, mailed, gates, users, hasher, clock, accounts),
-        TwoFactor(store, codes, totp.SecretBox(storage_key), gates, hasher, clock, accounts),
-        codes, mailer, clock, accounts,
+        EmailVerification(shared, mailed),
+        NewPassword(shared, mailed),
+        TwoFactor(shared, totp.SecretBox(storage_key)),
+        mailer,
     )
 
 

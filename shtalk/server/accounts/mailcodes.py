@@ -11,14 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from shtalk.server.accounts import totp
 from shtalk.server.accounts.mailer import Mailer
-from shtalk.server.config import AccountsSection
-from shtalk.server.iserver import IStore
-from shtalk.server.store.accounts import AccountStore
+from shtalk.server.accounts.shared import AccountPart, Shared
 from shtalk.server.store.records import User
 
 log = Logger()
@@ -27,20 +24,10 @@ VERIFY = "verify"
 RESET = "reset"
 
 
-class MailedCodes:
-    def __init__(
-        self,
-        store: IStore,
-        codes: AccountStore,
-        mailer: Mailer,
-        clock: IReactorTime,
-        settings: AccountsSection,
-    ) -> None:
-        self.store = store
-        self.codes = codes
+class MailedCodes(AccountPart):
+    def __init__(self, shared: Shared, mailer: Mailer) -> None:
+        super().__init__(shared)
         self.mailer = mailer
-        self.clock = clock
-        self.s = settings
 
     @inlineCallbacks
     def issue(self, user: User, purpose: str, resend_interval: float | None = None) -> Any:

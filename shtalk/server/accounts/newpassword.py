@@ -12,43 +12,24 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from shtalk.server.accounts import totp
-from shtalk.server.accounts.gates import NO_ACCOUNT, Gates, account_key
+from shtalk.server.accounts.gates import NO_ACCOUNT, account_key
 from shtalk.server.accounts.mailcodes import RESET, MailedCodes
-from shtalk.server.chat.users import Users
-from shtalk.server.config import AccountsSection
-from shtalk.server.cred.passwords import PasswordHasher
-from shtalk.server.iserver import InvalidCode, InvalidCredentials, IStore
-from shtalk.server.store.accounts import CODE_OK, AccountStore
+from shtalk.server.accounts.shared import AccountPart, Shared
+from shtalk.server.iserver import InvalidCode, InvalidCredentials
+from shtalk.server.store.accounts import CODE_OK
 from shtalk.server.store.records import User
 from shtalk.wire.passwords import check_password_policy
 
 log = Logger()
 
 
-class NewPassword:
-    def __init__(
-        self,
-        store: IStore,
-        codes: AccountStore,
-        mailed: MailedCodes,
-        gates: Gates,
-        users: Users,
-        hasher: PasswordHasher,
-        clock: IReactorTime,
-        settings: AccountsSection,
-    ) -> None:
-        self.store = store
-        self.codes = codes
+class NewPassword(AccountPart):
+    def __init__(self, shared: Shared, mailed: MailedCodes) -> None:
+        super().__init__(shared)
         self.mailed = mailed
-        self.gates = gates
-        self.users = users
-        self.hasher = hasher
-        self.clock = clock
-        self.s = settings
 
     @inlineCallbacks
     def reset_request(

@@ -23,47 +23,39 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from shtalk.server.accounts.gates import Gates
 from shtalk.server.accounts.mailer import Mailer
 from shtalk.server.accounts.newpassword import NewPassword
 from shtalk.server.accounts.registration import Registration
+from shtalk.server.accounts.shared import AccountPart, Shared
 from shtalk.server.accounts.twofactor import TwoFactor
 from shtalk.server.accounts.verification import EmailVerification
-from shtalk.server.config import AccountsSection
-from shtalk.server.store.accounts import AccountStore
 
 log = Logger()
 
 PURGE_INTERVAL = 3600.0
 
 
-class AccountSecurity(Service):
+class AccountSecurity(AccountPart, Service):
     name = "security"
 
     def __init__(
         self,
+        shared: Shared,
         registration: Registration,
-        gates: Gates,
         verification: EmailVerification,
         new_password: NewPassword,
         two_factor: TwoFactor,
-        codes: AccountStore,
         mailer: Mailer,
-        clock: IReactorTime,
-        settings: AccountsSection,
     ) -> None:
+        super().__init__(shared)
         self.registration = registration
-        self.gates = gates
         self.verification = verification
         self.new_password = new_password
         self.two_factor = two_factor
-        self.codes = codes
         self.mailer = mailer
-        self.clock = clock
-        self.s = settings
         self._purge: IDelayedCall | None = None
 
     def startService(self) -> None:

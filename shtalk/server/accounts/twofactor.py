@@ -12,45 +12,22 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from shtalk.server.accounts import totp
-from shtalk.server.accounts.gates import Gates
-from shtalk.server.config import AccountsSection
+from shtalk.server.accounts.shared import AccountPart, Shared
 from shtalk.server.cred.checkers import Factor
-from shtalk.server.cred.passwords import PasswordHasher
-from shtalk.server.iserver import (
-    InvalidCode,
-    InvalidCredentials,
-    IStore,
-    TotpEnabled,
-    TotpNotEnabled,
-)
-from shtalk.server.store.accounts import AccountStore, TotpRecord
+from shtalk.server.iserver import InvalidCode, InvalidCredentials, TotpEnabled, TotpNotEnabled
+from shtalk.server.store.accounts import TotpRecord
 from shtalk.server.store.records import User
 
 log = Logger()
 
 
-class TwoFactor:
-    def __init__(
-        self,
-        store: IStore,
-        codes: AccountStore,
-        box: totp.SecretBox,
-        gates: Gates,
-        hasher: PasswordHasher,
-        clock: IReactorTime,
-        settings: AccountsSection,
-    ) -> None:
-        self.store = store
-        self.codes = codes
+class TwoFactor(AccountPart):
+    def __init__(self, shared: Shared, box: totp.SecretBox) -> None:
+        super().__init__(shared)
         self.box = box
-        self.gates = gates
-        self.hasher = hasher
-        self.clock = clock
-        self.s = settings
 
     @inlineCallbacks
     def enroll(self, user_id: int) -> Any:
