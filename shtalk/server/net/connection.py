@@ -2,11 +2,10 @@
 
 The LineOnlyReceiver only frames and enforces limits; parsing and validation are
 shtalk.wire's (sans-IO), the state is the table in `states`, the order requests run
-in is `ordering`'s, and the work is the request handlers' (`login`, `chathandlers`,
-`account`), which call the avatar.  Dispatch has two stages, as Synapse's
-``handle_command``: the connection's own ``on_<type>`` (hello, ping), then the handler
-object that has one; the factory resolves each type to its one handler at start-up.
-Timers run on an injected clock so unit tests drive them.
+in is `ordering`'s, which code runs a request is `dispatch`'s (the connection's own
+``on_hello``/``on_ping``, else a handler object's: `login`, `chathandlers`,
+`account`), and the work is the avatar's.  Refusals become wire errors through
+`errors`.  Timers run on an injected clock so unit tests drive them.
 """
 
 from __future__ import annotations
