@@ -12,7 +12,9 @@ SOURCES := $(shell find shtalk twisted -name '*.py' -o -name '*.txt' -o -name '*
 $(BIN)/.installed: $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	rm -rf build  # a stale setuptools build dir would ship modules that were moved away
 	$(BIN)/python -m pip install -q '.[test,dev]'
+	rm -rf build
 	touch $@
 
 run: $(BIN)/.installed

@@ -25,23 +25,16 @@ DMs a week; a sender key every 100 messages).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import (
-    Party,
-    Window,
-    _body,
-    _sleep,
-    count_messages,
-    log,
-    run_worker,
-    setup_room,
-    start_server,
-)
+from bench.common import fingerprint, machine, record, sleep, workdir
+from bench.e2e_parties import Party, Window, body, count_messages, log, setup_room
+from bench.e2e_procs import run_worker, start_server
 
 SECTION = "## Key rotation through the server (bench/e2e --rotation)"
 WEEK_OF_DMS = 100  # messages a device sends and receives in a week: a light user
@@ -74,7 +67,7 @@ async def _until(predicate: Callable[[], bool], what: str, limit: float = 60.0) 
     while not predicate():
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
-        await _sleep(0.005)
+        await sleep(0.005)
 
 
 def _at_least(counter: list[int], target: int) -> Callable[[], bool]:
@@ -97,15 +90,15 @@ async def _dms_and_prekeys(spec: dict[str, Any]) -> dict[str, Any]:
     received = count_messages([alice, bob])
     conv = "user:rotbob"
     # A session both ways first (not measured), as in any conversation after its start.
-    await alice.client.send(conv, _body(0))
+    await alice.client.send(conv, body(0))
     await _until(_at_least(received, 1), "the first DM")
-    await bob.client.send("user:rotalice", _body(0))
+    await bob.client.send("user:rotalice", body(0))
     await _until(_at_least(received, 2), "the answer")
     out: dict[str, Any] = {}
     n = spec["messages"]
     win = Window(spec["server_pid"])
     for i in range(n):
-        await alice.client.send(conv, _body(i))
+        await alice.client.send(conv, body(i))
         await _until(_at_least(received, 3 + i), "a DM")
     out["dm"] = _per_op(win.stop(), n)
     e2ee = bob.client.e2ee
@@ -139,7 +132,7 @@ async def _room_and_sender_keys(spec: dict[str, Any]) -> dict[str, Any]:
     win = Window(spec["server_pid"])
     for i in range(m):
         target = received[0] + n - 1
-        await parties[i % n].client.send(conv, _body(i))
+        await parties[i % n].client.send(conv, body(i))
         await _until(_at_least(received, target), "a room message's receipts")
     out["room_message"] = _per_op(win.stop(), m)
     k = spec["room_rotations"]
@@ -167,11 +160,9 @@ async def e2ee_rotation(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from bench import fanout
-
     server = start_server(work)
     try:
-        fp = fanout.fingerprint(work / "e2e-data")
+        fp = fingerprint(work / "e2e-data")
         spec = {
             "scenario": "e2ee_rotation", "port": server.port, "fingerprint": fp,
             "server_pid": server.pid, "home": str(work / "rotation"), "room": "rotroom",
@@ -184,7 +175,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         result = run_worker(spec, 900)
     finally:
         server.stop()
-    return {"machine": fanout.machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
+    return {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "room_n": args.room_n, "quick": args.quick, **result}
 
 
@@ -251,24 +242,11 @@ def report(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    import json
-    import shutil
-    import tempfile
-
-    from bench.crypto import write_section
-
     if args.from_json:
         results = json.loads(args.from_json.read_text())
     else:
-        work = Path(tempfile.mkdtemp(prefix="shtalk-bench-rotation-"))
-        try:
+        with workdir("shtalk-bench-rotation-") as work:
             results = run(args, work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
     section = report(results)
     print(section)
-    if args.write:
-        write_section(args.write, section, SECTION)
-        log(f"wrote the section of {args.write}")
+    record(results, None if args.from_json else args.json, section, args.write, log)

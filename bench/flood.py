@@ -24,7 +24,7 @@ What it does (everything on 127.0.0.1 and 127.0.0.2-101, bounded in time):
    same run, and writes the section "Pre-handshake flood (bench/flood)" of
    ``docs/PERFORMANCE.md`` (unless ``--no-docs``).
 
-Targets (issue 16): p99 of TLS + login <= 1 s over the tries, and the RSS after within
+Targets: p99 of TLS + login <= 1 s over the tries, and the RSS after within
 10 % of the RSS before.  The machine is shared: the CPU used by every other process
 during the flood is measured and reported; a run where it is high was disturbed.
 """
@@ -48,63 +48,50 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.fanout import (
+from bench.common import (
+    DOC,
     LIFTED_LIMITS,
     REPO,
     Server,
+    cpu_seconds_of,
+    extract,
+    fingerprint,
+    grown,
+    launch_shtalk,
     least_disturbed,
-    log,
+    logger,
     machine,
+    other_processes_cpu,
+    record,
     terminate,
+    wait_idle,
 )
-from bench.fanout import write_section as write_doc_section
-from bench.loadclient import _grown, cpu_seconds_of, other_processes_cpu
 from tests.harness import open_fds, rss_kib
 
 SECTION = "## Pre-handshake flood (bench/flood)"
-#: The server before the flood defences (issue 16, items 1 and 3).
+#: The server before the flood defences (the handshake slots and the per-address cap).
 BASELINE = "61e3044"
 PASSWORD = "tangerine-quokka-43"
 P99_TARGET = 1.0
 RSS_TARGET = 0.10
 TRY_TIMEOUT = 10.0
+log = logger("flood")
 
 
 # --- the server ---------------------------------------------------------------------------
 
 
-def server_config(path: Path) -> None:
+def start_server(work: Path, name: str, repo: Path) -> Server:
     """Defaults for all the flood is about; account set-up and limits the tries would hit
     (50 logins from 127.0.0.1 in a minute) lifted, as bench/fanout does."""
-    path.write_text(
+    cfg = (
         "[accounts]\n"
         "bcrypt_cost = 12\n"
         "require_email_verification = false\n"
         "require_captcha = false\n"
         + LIFTED_LIMITS
     )
-
-
-def start_server(work: Path, name: str, repo: Path) -> Server:
-    cfg = work / f"{name}.ini"
-    server_config(cfg)
-    argv = [
-        sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-        "-n", "--pidfile=", "--logfile", str(work / f"{name}-twistd.log"),
-        "shtalk", "--port", "0", "--data-dir", str(work / f"{name}-data"), "--config", str(cfg),
-    ]
-    return Server(name, argv, r"shtalk listening on [^:]+:(\d+)", work / f"{name}.stderr",
-                  pythonpath=repo)
-
-
-def wait_quiet(pid: int, limit: float = 60.0) -> None:
-    """Until the server uses under 5 % of a core over half a second."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        before = cpu_seconds_of(pid)
-        time.sleep(0.5)
-        if cpu_seconds_of(pid) - before < 0.025:
-            return
+    return launch_shtalk(work, name, cfg, repo=repo)
 
 
 # --- the legitimate client ----------------------------------------------------------------
@@ -225,12 +212,11 @@ def scenario(args: argparse.Namespace, work: Path, name: str, repo: Path,
     result: dict[str, Any] = {"name": name, "reopen_delay": reopen}
     try:
         pid = server.pid
-        fingerprint = fingerprint_of(work / f"{name}-data")
-        legit = Legit(server.port, fingerprint, "floodbench")
+        legit = Legit(server.port, fingerprint(work / f"{name}-data"), "floodbench")
         legit.register()
         for i in range(5):  # warm-up: code paths, bcrypt threads, the store
             legit.login(i)
-        wait_quiet(pid)
+        wait_idle(pid, 60)
         result["rss_before_kib"] = rss_kib(pid)
         result["fds_before"] = base_fds = open_fds(pid)
         log(f"{name}: RSS before {result['rss_before_kib'] / 1024:.1f} MiB, {base_fds} fds")
@@ -262,7 +248,7 @@ def scenario(args: argparse.Namespace, work: Path, name: str, repo: Path,
             result["flood_s"] = round(elapsed, 1)
             result["server_cpu_cores"] = round((cpu_seconds_of(pid) - cpu0) / elapsed, 3)
             others = other_processes_cpu({pid, attack.proc.pid, os.getpid()})
-            result["other_processes_cores"] = round(_grown(others0, others) / elapsed, 3)
+            result["other_processes_cores"] = round(grown(others0, others) / elapsed, 3)
             result["attacker_end"] = dict(attack.last)
             result["server_fds_at_end"] = open_fds(pid) - base_fds
             result["rss_peak_kib"] = peak
@@ -279,13 +265,13 @@ def scenario(args: argparse.Namespace, work: Path, name: str, repo: Path,
             # The flood is over: no new sockets, but the attacker keeps what it has.
             attack.stop_opening()
             result["reclaim_s"] = wait_fds(pid, base_fds, args.settle)
-            wait_quiet(pid, 10)
+            wait_idle(pid, 10)
             result["rss_after_held_kib"] = rss_kib(pid)
             result["attacker_after"] = dict(attack.last)
         finally:
             attack.close()
         result["closed_s"] = wait_fds(pid, base_fds, 30.0)
-        wait_quiet(pid, 10)
+        wait_idle(pid, 10)
         result["rss_after_kib"] = rss_kib(pid)
         worst = max(result["rss_after_held_kib"], result["rss_after_kib"])
         result["rss_growth"] = worst / result["rss_before_kib"] - 1
@@ -307,21 +293,6 @@ def wait_fds(pid: int, base: int, limit: float) -> float | None:
             return round(time.monotonic() - started, 1)
         time.sleep(0.25)
     return None
-
-
-def fingerprint_of(data_dir: Path) -> str:
-    from shtalk.server.tls import cert_fingerprint
-
-    return cert_fingerprint((data_dir / "tls-cert.pem").read_bytes())
-
-
-def extract(rev: str, into: Path) -> Path:
-    """The tree of ``rev`` (``git archive``: no worktree, no change to the repository)."""
-    into.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", rev], cwd=str(REPO), capture_output=True,
-                             check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
 
 
 # --- report -------------------------------------------------------------------------------
@@ -447,21 +418,19 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_baseline:
             old = extract(args.baseline, work / "baseline-tree")
             results["baseline"] = least_disturbed(
-                args, lambda i: scenario(args, work, f"baseline{i}", old))
+                args, lambda i: scenario(args, work, f"baseline{i}", old), log)
         results["current"] = least_disturbed(
-            args, lambda i: scenario(args, work, f"current{i}", REPO))
+            args, lambda i: scenario(args, work, f"current{i}", REPO), log)
         if not args.no_reopen:
             results["reopen"] = least_disturbed(
-                args, lambda i: scenario(args, work, f"reopen{i}", REPO, args.reopen_delay))
+                args, lambda i: scenario(args, work, f"reopen{i}", REPO, args.reopen_delay),
+                log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M")
     md = report(args, results)
     print(md)
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    if not args.no_docs:
-        write_doc_section(md, SECTION)
+    record(results, args.json, md, None if args.no_docs else DOC, log)
     return 0 if results["current"]["met"] else 1
 
 

@@ -33,385 +33,35 @@ What is measured, and how:
 * CPU: the load generator's own user+system time (``os.times``) and the server's
   (``/proc/PID/stat``, all threads) over the window, as a share of one core.
 
-Hot-path parsing is byte slicing, not JSON: the push layout (``{"type":"message","seq":N,
-...,"client_id":"...",...}``) is shtalk's fixed key order.  Control requests (hello,
-resume, login, rooms) use ``json``.
+The connection itself (byte slicing on the hot path, JSON for control requests) and the
+histogram are `bench.loadproto`'s.
 """
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
 
-from twisted.internet import defer, endpoints, task
+from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 
-from shtalk.client.client import ACK_BATCH as CLIENT_ACK_BATCH
-from shtalk.client.client import ACK_DELAY as CLIENT_ACK_DELAY
-from shtalk.server.tls import client_options_pinned
+from bench.common import CpuWindow, bounded, child_main, sleep
+from bench.loadproto import (
+    ACK_INTERVAL,
+    Histogram,
+    LoadClient,
+    Run,
+    check,
+    connect,
+    monotonic_ns,
+    recorded,
+)
 
-MSG_PREFIX = b'{"type":"message","seq":'
-MSG_SEQ_AT = len(MSG_PREFIX)
-SEND_PREFIX = b'{"type":"send"'
-CID_KEY = b'"client_id":"'
-CEILING_OK = b'{"ok":true}'
-# Acknowledge like ShtalkClient does (the product's client is what the load models).
-ACK_BATCH = CLIENT_ACK_BATCH
-ACK_INTERVAL = CLIENT_ACK_DELAY
-BUCKET_US = 10
-BUCKETS = 200_000  # 10 us x 200,000 = 2 s; later ones land in the last bucket
 PASSWORD = "bench-tangerine-quokka-43"
-
-SEND = 1
-ACK = 2
-
-monotonic_ns = time.monotonic_ns
-
-
-class Histogram:
-    """Latency counts in 10 us buckets, and the worst latency of every 100 ms (timeline)."""
-
-    def __init__(self) -> None:
-        self.counts = [0] * (BUCKETS + 1)
-        self.n = 0
-        self.max_ns = 0
-        self.t0 = monotonic_ns()
-        self.timeline: dict[int, int] = {}
-
-    def add(self, ns: int, now: int) -> None:
-        b = ns // (BUCKET_US * 1000)
-        self.counts[b if b < BUCKETS else BUCKETS] += 1
-        self.n += 1
-        if ns > self.max_ns:
-            self.max_ns = ns
-        slot = (now - self.t0) // 100_000_000
-        if ns > self.timeline.get(slot, 0):
-            self.timeline[slot] = ns
-
-    def percentile(self, p: float) -> float | None:
-        """The p-th percentile in milliseconds (upper edge of its bucket)."""
-        if self.n == 0:
-            return None
-        rank = max(1, round(self.n * p / 100.0 + 0.4999))
-        seen = 0
-        for b, c in enumerate(self.counts):
-            seen += c
-            if seen >= rank:
-                return min((b + 1) * BUCKET_US / 1000.0, self.max_ns / 1e6)
-        return self.max_ns / 1e6
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "samples": self.n,
-            "p50_ms": self.percentile(50),
-            "p90_ms": self.percentile(90),
-            "p99_ms": self.percentile(99),
-            "p999_ms": self.percentile(99.9),
-            "max_ms": round(self.max_ns / 1e6, 3) if self.n else None,
-            # worst latency (ms) in each 100 ms of the window, in order
-            "timeline_max_ms": [
-                round(self.timeline.get(i, 0) / 1e6, 1)
-                for i in range(max(self.timeline, default=-1) + 1)
-            ],
-        }
-
-
-@dataclass
-class Run:
-    """State shared by all connections of one scenario."""
-
-    ceiling: bool
-    hist: Histogram = field(default_factory=Histogram)
-    recording: bool = False
-    sending: bool = False
-    closed_loop: bool = True
-    delivered: int = 0  # in the window
-    sends_acked: int = 0  # in the window
-    sends_written: int = 0  # in the window
-    total_delivered: int = 0
-    total_sends_acked: int = 0
-    total_sends_written: int = 0
-    acks_written: int = 0  # ack requests, in the window
-    errors: int = 0
-    first_error: str = ""
-
-    def error(self, what: str) -> None:
-        self.errors += 1
-        if not self.first_error:
-            self.first_error = what[:300]
-
-
-class LoadClient(Protocol):
-    """One connection: control requests over JSON, the hot path over byte slicing."""
-
-    ack_batch = ACK_BATCH
-
-    def __init__(self, run: Run, index: int, room: str) -> None:
-        self.run = run
-        self.index = index
-        self._buf = b""
-        self._next_id = 1
-        self._kinds: dict[int, int] = {}  # shtalk: request id -> SEND/ACK
-        self._fifo: deque[int] = deque()  # ceiling: replies come in order
-        self._waiting: dict[int, Deferred[dict[str, Any]]] = {}
-        self.acks: list[bytes] = []
-        self.inflight = 0
-        self.sent = 0
-        self.to = json.dumps({"room": room}, separators=(",", ":")).encode()
-        self.envelope = base64.b64encode(os.urandom(200))
-        self.connected_d: Deferred[None] = Deferred()
-        self.lost_d: Deferred[None] = Deferred()
-        self.backlog_d: Deferred[None] = Deferred()
-        self._fake_seq = 0
-        self.live = run.ceiling  # shtalk: after backlog_done
-
-    # connection ------------------------------------------------------------
-    def connectionMade(self) -> None:
-        nodelay = getattr(self.transport, "setTcpNoDelay", None)
-        if nodelay is not None:
-            nodelay(True)
-        self.connected_d.callback(None)
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        for d in self._waiting.values():
-            d.errback(ConnectionError("connection lost"))
-        self._waiting.clear()
-        if not self.lost_d.called:
-            self.lost_d.callback(None)
-
-    def close(self) -> Deferred[None]:
-        if self.transport is not None and not self.lost_d.called:
-            self.transport.loseConnection()
-        return self.lost_d
-
-    # control requests ---------------------------------------------------------
-    def request(self, rtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
-        rid = self._next_id
-        self._next_id += 1
-        d: Deferred[dict[str, Any]] = Deferred()
-        self._waiting[rid] = d
-        line = json.dumps({"id": rid, "type": rtype, **fields}, separators=(",", ":"))
-        self.transport.write(line.encode() + b"\n")  # type: ignore[union-attr]
-        return d
-
-    # hot path -----------------------------------------------------------------
-    def dataReceived(self, data: bytes) -> None:
-        now = monotonic_ns()
-        if self._buf:
-            data = self._buf + data
-        lines = data.split(b"\n")
-        self._buf = lines.pop()
-        run = self.run
-        for line in lines:
-            if line.startswith(MSG_PREFIX) or line.startswith(SEND_PREFIX):
-                i = line.find(CID_KEY) + len(CID_KEY)
-                j = line.find(b'"', i)
-                sent_at = int(line[line.rfind(b".", i, j) + 1 : j])
-                if self.live:  # not a replay of an earlier run's unacknowledged messages
-                    run.total_delivered += 1
-                if run.recording:
-                    run.delivered += 1
-                    run.hist.add(now - sent_at, now)
-                if run.ceiling:
-                    self._fake_seq += 1
-                    self.acks.append(b"%d" % self._fake_seq)
-                else:
-                    self.acks.append(line[MSG_SEQ_AT : line.find(b",", MSG_SEQ_AT)])
-                if len(self.acks) >= self.ack_batch:
-                    self.flush_acks()
-            elif run.ceiling and line == CEILING_OK:
-                self._reply(self._fifo.popleft(), line)
-            elif line.startswith(b'{"id":'):
-                end = line.find(b",", 6)
-                try:
-                    rid = int(line[6:end])
-                except ValueError:
-                    run.error(line.decode("utf-8", "replace"))
-                    continue
-                kind = self._kinds.pop(rid, 0)
-                if kind:
-                    self._reply(kind, line)
-                else:
-                    d = self._waiting.pop(rid, None)
-                    if d is None:
-                        run.error("unexpected reply " + line.decode("utf-8", "replace"))
-                    else:
-                        d.callback(json.loads(line))
-            elif line.startswith(b'{"type":"backlog_done"') and not self.backlog_d.called:
-                self.live = True
-                self.backlog_d.callback(None)
-            # presence / member / invited pushes: not part of the measurement
-
-    def _reply(self, kind: int, line: bytes) -> None:
-        run = self.run
-        if not run.ceiling and b'"ok":true' not in line[:40]:
-            run.error(line.decode("utf-8", "replace"))
-        if kind == SEND:
-            self.inflight -= 1
-            run.total_sends_acked += 1
-            if run.recording:
-                run.sends_acked += 1
-            if run.sending and run.closed_loop:
-                self.send_one()
-
-    def send_one(self) -> None:
-        rid = self._next_id
-        self._next_id += 1
-        self.sent += 1
-        if self.run.ceiling:
-            self._fifo.append(SEND)
-        else:
-            self._kinds[rid] = SEND
-        self.inflight += 1
-        line = b'{"type":"send","id":%d,"to":%s,"envelope":"%s","client_id":"%d.%d.%d"}\n' % (
-            rid, self.to, self.envelope, self.index, self.sent, monotonic_ns()
-        )
-        self.transport.write(line)  # type: ignore[union-attr]
-        run = self.run
-        run.total_sends_written += 1
-        if run.recording:
-            run.sends_written += 1
-
-    def flush_acks(self) -> None:
-        if not self.acks or self.transport is None:
-            return
-        rid = self._next_id
-        self._next_id += 1
-        if self.run.ceiling:
-            self._fifo.append(ACK)
-        else:
-            self._kinds[rid] = ACK
-        seqs, self.acks = b",".join(self.acks), []
-        if self.run.recording:
-            self.run.acks_written += 1
-        self.transport.write(b'{"type":"ack","id":%d,"seqs":[%s]}\n' % (rid, seqs))
-
-
-# helpers -------------------------------------------------------------------------------
-
-
-def cpu_seconds_of(pid: int, tid: int | None = None) -> float:
-    """User + system CPU seconds of a process (all its threads), or of one thread."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    try:
-        with open(path) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_cpu() -> tuple[float, float, float]:
-    """Seconds of (busy, steal, all) CPU time of the whole machine, from /proc/stat."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    hz = os.sysconf("SC_CLK_TCK")
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    steal = ticks[7] if len(ticks) > 7 else 0
-    total = sum(ticks[:8])
-    return (total - idle - steal) / hz, steal / hz, total / hz
-
-
-def other_processes_cpu(exclude: set[int]) -> dict[int, float]:
-    """CPU seconds used so far by every process on the machine except `exclude`, by pid.
-
-    The machine may be shared (other people's tests and benchmarks): the growth over the
-    window says how much CPU went to processes that are not part of this benchmark.
-    """
-    return {
-        int(entry): cpu_seconds_of(int(entry))
-        for entry in os.listdir("/proc")
-        if entry.isdigit() and int(entry) not in exclude
-    }
-
-
-def _grown(start: dict[int, float], end: dict[int, float]) -> float:
-    """CPU used between two samples; processes that ended meanwhile count as 0 (unknown),
-    processes that started meanwhile count in full."""
-    return sum(t - start.get(pid, 0.0) for pid, t in end.items())
-
-
-def own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-class CpuWindow:
-    def __init__(self, server_pid: int) -> None:
-        self.server_pid = server_pid
-        self.start = self._sample()
-
-    def _sample(self) -> tuple[Any, ...]:
-        pid = self.server_pid
-        # The main thread's id is the process id: that is the reactor thread.
-        return (time.monotonic(), own_cpu_seconds(), cpu_seconds_of(pid),
-                cpu_seconds_of(pid, pid), *machine_cpu(),
-                other_processes_cpu({pid, os.getpid(), os.getppid()}))
-
-    def stop(self) -> dict[str, float]:
-        end = self._sample()
-        elapsed = end[0] - self.start[0]
-        return {
-            "elapsed_s": round(elapsed, 3),
-            "loadgen_cpu": round((end[1] - self.start[1]) / elapsed, 3),
-            "server_cpu": round((end[2] - self.start[2]) / elapsed, 3),
-            "server_reactor_cpu": round((end[3] - self.start[3]) / elapsed, 3),
-            # Whole machine, in cores (2.0 = both busy), and time stolen by the hypervisor.
-            "machine_busy_cores": round((end[4] - self.start[4]) / elapsed, 3),
-            "machine_steal_cores": round((end[5] - self.start[5]) / elapsed, 3),
-            # Other processes (not this server, not the load generator), in cores.
-            "other_processes_cores": round(_grown(self.start[7], end[7]) / elapsed, 3),
-        }
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    from twisted.internet import reactor
-
-    return task.deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
-
-
-def _check(reply: dict[str, Any], *allowed: str) -> dict[str, Any]:
-    if reply.get("ok"):
-        return reply
-    code = reply.get("error", {}).get("code")
-    if code in allowed:
-        return reply
-    raise RuntimeError(f"request refused: {reply}")
-
-
-@inlineCallbacks
-def connect(spec: dict[str, Any], run: Run, index: int, room: str = "") -> Any:
-    from twisted.internet import reactor
-
-    options = client_options_pinned(spec["fingerprint"], "127.0.0.1")
-    endpoint = endpoints.SSL4ClientEndpoint(  # type: ignore[no-untyped-call]
-        reactor, "127.0.0.1", spec["port"], options, timeout=30
-    )
-    client = LoadClient(run, index, room)
-    client.ack_batch = int(spec.get("ack_batch", ACK_BATCH))
-    yield endpoints.connectProtocol(endpoint, client)
-    return client
-
-
-@inlineCallbacks
-def bounded(n: int, jobs: list[Callable[[], Deferred[Any]]]) -> Any:
-    """Run jobs with at most n in flight; results in order."""
-    sem = defer.DeferredSemaphore(n)
-    results = yield defer.gatherResults(
-        [sem.run(job) for job in jobs], consumeErrors=True
-    )
-    return results
 
 
 # scenarios -----------------------------------------------------------------------------
@@ -427,17 +77,17 @@ def scenario_setup(spec: dict[str, Any]) -> Any:
     def one(i: int, name: str) -> Any:
         client = yield connect(spec, run, i)
         try:
-            yield client.request("hello", version=1).addCallback(_check)
+            yield client.request("hello", version=1).addCallback(check)
             reply = yield client.request(
-                "register", username=name, password=PASSWORD, email=f"{name}@bench.invalid"
+                "register", username=name, password=PASSWORD, email=f"{name}@example.org"
             )
-            _check(reply, "username_taken")
+            check(reply, "username_taken")
             token = None
             if login:
                 reply = yield client.request(
                     "login", username=name, password=PASSWORD, device={"id": "bench"}
                 )
-                token = _check(reply)["access_token"]
+                token = check(reply)["access_token"]
             return name, token
         finally:
             yield client.close()
@@ -463,18 +113,18 @@ def open_room(spec: dict[str, Any], run: Run, room: str) -> Any:
     def one(i: int) -> Any:
         client = yield connect(spec, run, i, room)
         if not ceiling:
-            yield client.request("hello", version=1).addCallback(_check)
+            yield client.request("hello", version=1).addCallback(check)
             token = spec["tokens"][i]
-            yield client.request("resume", access_token=token).addCallback(_check)
+            yield client.request("resume", access_token=token).addCallback(check)
             yield client.backlog_d
         return client
 
     jobs: list[Callable[[], Deferred[Any]]] = [partial(one, i) for i in range(n)]
     clients: list[LoadClient] = yield bounded(50, jobs)
     if not ceiling:
-        yield clients[0].request("room_create", room=room).addCallback(_check, "room_exists")
+        yield clients[0].request("room_create", room=room).addCallback(check, "room_exists")
         joins = [
-            c.request("room_join", room=room).addCallback(_check, "already_member")
+            c.request("room_join", room=room).addCallback(check, "already_member")
             for c in clients[1:]
         ]
         yield defer.gatherResults(joins, consumeErrors=True)
@@ -584,13 +234,8 @@ def scenario_fanout(spec: dict[str, Any]) -> Any:
 
     @inlineCallbacks
     def phases(run: Run) -> Any:
-        yield sleep(spec["warmup"])
-        cpu = CpuWindow(spec["server_pid"])
-        run.hist.t0 = monotonic_ns()
-        run.recording = True
-        yield sleep(spec["duration"])
-        run.recording = False
-        return {"cpu": cpu.stop()}
+        cpu = yield recorded(run, spec)
+        return {"cpu": cpu}
 
     out = yield drive(spec, run, clients, phases)
     cpu = out.pop("cpu")
@@ -614,24 +259,18 @@ def scenario_storm(spec: dict[str, Any]) -> Any:
         t0 = time.monotonic()
         client = yield connect(spec, storm_run, 10_000 + i)
         try:
-            yield client.request("hello", version=1).addCallback(_check)
+            yield client.request("hello", version=1).addCallback(check)
             reply = yield client.request(
                 "login", username=name, password=PASSWORD, device={"id": "storm"}
             )
-            _check(reply)
+            check(reply)
             return time.monotonic() - t0
         finally:
             yield client.close()
 
     @inlineCallbacks
     def phases(run: Run) -> Any:
-        yield sleep(spec["warmup"])
-        cpu = CpuWindow(spec["server_pid"])
-        run.hist.t0 = monotonic_ns()
-        run.recording = True
-        yield sleep(spec["duration"])
-        run.recording = False
-        baseline = traffic_summary(run, spec["n"], cpu.stop())
+        baseline = traffic_summary(run, spec["n"], (yield recorded(run, spec)))
         # The storm: every login starts now, the chat goes on.
         run.hist, run.delivered, run.sends_acked, run.sends_written = Histogram(), 0, 0, 0
         run.acks_written = 0
@@ -671,35 +310,7 @@ SCENARIOS: dict[str, Callable[[dict[str, Any]], Deferred[Any]]] = {
 
 def main() -> None:
     spec = json.loads(sys.stdin.read())
-    from twisted.internet import reactor
-
-    outcome: dict[str, Any] = {}
-
-    def done(result: Any) -> None:
-        outcome["result"] = result
-
-    def failed(failure: Failure) -> None:
-        failure.printTraceback(file=sys.stderr)
-        outcome["error"] = failure.getErrorMessage()
-
-    def start() -> None:
-        d = SCENARIOS[spec["scenario"]](spec)
-        d.addCallbacks(done, failed)
-        d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
-
-    def overrun() -> None:
-        failed(Failure(TimeoutError("time limit")))
-        reactor.stop()  # type: ignore[attr-defined]
-
-    # Bounded: whatever happens, the process ends.
-    limit = reactor.callLater(float(spec.get("time_limit", 600)), overrun)  # type: ignore[attr-defined]
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
-    if limit.active():
-        limit.cancel()
-    sys.stdout.write("RESULT " + json.dumps(outcome) + "\n")
-    sys.stdout.flush()
-    sys.exit(0 if "result" in outcome else 1)
+    sys.exit(0 if child_main(spec, SCENARIOS) else 1)
 
 
 if __name__ == "__main__":

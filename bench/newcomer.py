@@ -191,10 +191,10 @@ def render(r: dict[str, Any]) -> list[str]:
         f"{r['cpu_clients']:.1f} s / {r['cpu_server']:.1f} s |",
         "",
         "This is the machine's share of a newcomer's way in; the rest is reading and typing. "
-        "Before issue 12 a person needed 286 s and six CAPTCHAs for the first account and "
-        "558 s and a server restart for the second (the CAPTCHA's connection timed out "
-        "under the person reading it, and the default limits allowed 10 registrations an "
-        "hour per address).",
+        "Before the set-up screens of shtalk/clientui/setup.py a person needed 286 s and "
+        "six CAPTCHAs for the first account and 558 s and a server restart for the second "
+        "(the CAPTCHA's connection timed out under the person reading it, and the default "
+        "limits allowed 10 registrations an hour per address).",
     ]
 
 

@@ -21,26 +21,38 @@ import argparse
 import dataclasses
 import json
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench import fanout
-from bench.fanout import Server, fingerprint, load, log, wait_idle
+from bench.common import (
+    DOC,
+    HUGE_RATE,
+    Server,
+    bench_config,
+    fingerprint,
+    launch_shtalk,
+    lifted_limits,
+    logger,
+    machine,
+    record,
+    wait_idle,
+    workdir,
+    write_section,
+)
+from bench.fanout import load
 
-REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "PERFORMANCE.md"
 SECTION = "## Rate limiting (bench/ratelimit)"
 TARGET_DROP = 0.10
-HUGE = "100000000/1"
-RATE_KEYS = [f"{a}_{s}" for a in ("register", "login", "verify", "send", "prekey_fetch",
-                                  "join", "report") for s in ("account", "address")]
+HUGE = HUGE_RATE
+#: every limit and every monitor threshold: this benchmark is about all of them
+RATE_KEYS = tuple(f"{a}_{s}" for a in ("register", "login", "verify", "send", "prekey_fetch",
+                                       "join", "report") for s in ("account", "address"))
 MONITOR_KEYS = ("send_rate", "strangers", "new_account_strangers", "registrations",
                 "same_size", "reports")
+log = logger("ratelimit")
 
 
 # --- micro ------------------------------------------------------------------------------
@@ -120,26 +132,8 @@ def micro_redis(n: int) -> dict[str, Any]:
 
 def start(work: Path, name: str, limiter_on: bool) -> Server:
     """Like bench.fanout.start_shtalk, but with the rate limiter switched on or off."""
-    data = work / f"{name}-data"
-    cfg = work / f"{name}.ini"
-    cfg.write_text(
-        "[server]\nmax_connections_per_address = 1000\n"
-        "max_pending_handshakes_per_address = 1000\nidle_timeout = 3600\n"
-        "pre_auth_timeout = 600\n"
-        "[accounts]\nbcrypt_cost = 10\nrequire_email_verification = false\n"
-        "require_captcha = false\n"
-        "[tokens]\naccess_ttl = 7200\n"
-        "[ratelimit]\n"
-        f"enabled = {'true' if limiter_on else 'false'}\n"
-        + "".join(f"{key} = {HUGE}\n" for key in RATE_KEYS)
-        + "[monitor]\n" + "".join(f"{key} = 100000000\n" for key in MONITOR_KEYS)
-    )
-    argv = [
-        sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-        "-n", "--pidfile=", "--logfile", str(work / f"{name}-twistd.log"),
-        "shtalk", "--port", "0", "--data-dir", str(data), "--config", str(cfg),
-    ]
-    return Server(name, argv, r"shtalk listening on [^:]+:(\d+)", work / f"{name}.stderr")
+    limits = lifted_limits(limiter_on, RATE_KEYS, MONITOR_KEYS)
+    return launch_shtalk(work, name, bench_config(10, limits=limits))
 
 
 def run_fanout(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -165,7 +159,7 @@ def run_fanout(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         "warmup": args.warmup, "duration": args.duration, "window": 1,
                         "ack_interval": 0.010, "ack_batch": 50}
                 r = load(spec, timeout=args.warmup + args.duration + 120)
-                r["drain_s"] = wait_idle(server)
+                r["drain_s"] = wait_idle(server.pid)
                 runs[mode].append(r)
                 log(f"round {rnd + 1} limiter {mode}: {r['delivered_per_s']:.0f} delivered/s, "
                     f"p99 {r['latency']['p99_ms']} ms, errors {r['errors']}, other processes "
@@ -248,22 +242,6 @@ def build_report(args: argparse.Namespace, res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(section: str) -> None:
-    """Replace (or add) only this benchmark's section of docs/PERFORMANCE.md."""
-    text = DOC.read_text() if DOC.exists() else "# Performance\n"
-    lines = text.split("\n")
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        tail = "\n".join(lines[end:])
-        new = "\n".join(lines[:start]).rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n" + (
-            "\n" + tail if tail else "")
-    DOC.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ratelimit",
                                 description=__doc__.split("\n\n")[0])
@@ -289,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_docs:
             write_section(md)
         return 0
-    res = {"machine": f"{platform.machine()}, {fanout.machine().get('cpu', '')}"
+    res = {"machine": f"{platform.machine()}, {machine().get('cpu', '')}"
                            .rstrip(", ")}
     log("micro: memory backend ...")
     res["memory"] = micro_memory(200_000)
@@ -297,20 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     log("micro: Redis backend ...")
     res["redis"] = micro_redis(2000)
     log(f"  {res['redis']}")
-    work = Path(tempfile.mkdtemp(prefix="shtalk-ratelimit-", dir="/tmp"))
-    try:
+    with workdir("shtalk-ratelimit-") as work:
         res["fanout"] = run_fanout(args, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     res["finished"] = time.strftime("%Y-%m-%d %H:%M")
     res.update(n=args.n, rounds=args.rounds, duration=args.duration)
     md = build_report(args, res)
     print(md)
-    if args.json is not None:
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
-    if not args.no_docs:
-        write_section(md)
-        log(f"wrote {DOC.relative_to(REPO)} ({SECTION[3:]})")
+    record(res, args.json, md, None if args.no_docs else DOC, log)
     return 0
 
 

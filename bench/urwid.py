@@ -42,8 +42,6 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-REPO = Path(__file__).resolve().parent.parent
-DOCS = REPO / "docs" / "PERFORMANCE.md"
 SECTION = "## Terminal client (bench/urwid)"
 PASSPHRASE = "bench passphrase"
 BIG, SMALL = 10_000, 1_000
@@ -212,6 +210,8 @@ def startup_child(path: str) -> None:
 
 
 def measure_startup(path: str, runs: int = 5) -> dict[str, float]:
+    from bench.common import REPO  # not at the top: the start-up child imports this module
+
     results = []
     for _ in range(runs):
         env = {**os.environ, "PYTHONPATH": str(REPO), "BENCH_T0": repr(time.time())}
@@ -330,17 +330,6 @@ async def memory_after_scroll(path: str, conv: str, reactor: Any) -> dict[str, A
     return result
 
 
-def write_docs(text: str) -> None:
-    doc = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Performance\n"
-    start = doc.find(SECTION)
-    if start >= 0:
-        nxt = doc.find("\n## ", start + len(SECTION))
-        doc = doc[:start] + text.rstrip() + "\n" + (doc[nxt:] if nxt >= 0 else "")
-    else:
-        doc = doc.rstrip() + "\n\n" + text.rstrip() + "\n"
-    DOCS.write_text(doc, encoding="utf-8")
-
-
 def render_section(r: dict[str, Any]) -> str:
     s = r["startup"]
     lines = [
@@ -443,10 +432,12 @@ def _finish(results: dict[str, Any], no_docs: bool) -> None:
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} " \
         f"CPUs, Python {platform.python_version()}; load average during the run " \
         f"{os.getloadavg()[0]:.1f} (a shared machine: other engineers' tests were running)"
+    from bench.common import write_section
+
     text = render_section(results)
     print(text)
     if not no_docs:
-        write_docs(text)
+        write_section(text)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
@@ -14,9 +15,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from shtalk.server import compose
 from shtalk.server.accounts.mailer import Mailer
@@ -298,3 +302,57 @@ def tempdir(case: Any) -> str:
     path: str = os.path.abspath(case.mktemp())
     os.makedirs(path)
     return path
+
+
+# --- small helpers that unit test modules had each written for themselves --------------
+
+
+def spin(seconds: float = 0.0) -> Deferred[None]:
+    """Let the real reactor run for ``seconds``: for tests that wait on real threads
+    (bcrypt, SQLite); a test of timers uses a `Clock` instead."""
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
+    return d
+
+
+def b64(data: bytes) -> str:
+    """Standard base64, as the wire carries binary fields (written here, not taken from
+    the code under test)."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64url(data: bytes) -> str:
+    """Unpadded URL-safe base64, as in a JWT (RFC 7515)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class Echo(Protocol):
+    """Writes back what it receives: a server end for tests of the transport (TLS)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+@implementer(IHandshakeListener)
+class TLSLineClient(Protocol):
+    """Sends ``line`` once the TLS handshake completed and hangs up after a whole line
+    came back; ``done`` fires with what came back (or fails: nothing came)."""
+
+    def __init__(self, line: bytes = b"ping\n") -> None:
+        self.line = line
+        self.done: Deferred[bytes] = Deferred()
+        self.received = b""
+
+    def handshakeCompleted(self) -> None:
+        self.transport.write(self.line)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.received.endswith(b"\n"):
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.received:
+            self.done.callback(self.received)
+        else:
+            self.done.errback(reason)

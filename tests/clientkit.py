@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import succeed
 
 from shtalk.client.client import ShtalkClient
 from shtalk.client.events import Event, MessageReceived
@@ -18,16 +18,11 @@ from shtalk.client.knownhosts import KnownHosts
 from shtalk.client.localstore import KdfParams, LocalStore
 from shtalk.client.rotation import RotationPolicy
 from shtalk.client.session import Credentials
+from tests.harness import wait_until
 
 PASSWORD = "tangerine-quokka-43"
 PASSPHRASE = "local passphrase for tests"
 CHEAP_KDF = KdfParams(memory_kib=8192, iterations=1, lanes=1)
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
-    return d
 
 
 class Person:
@@ -116,14 +111,8 @@ class Person:
     async def wait_for(
         self, predicate: Callable[[], Any], timeout: float = 10.0, what: str = "event"
     ) -> Any:
-        waited = 0.0
-        while waited < timeout:
-            value = predicate()
-            if value:
-                return value
-            await sleep(0.02)
-            waited += 0.02
-        raise AssertionError(f"{self.username}/{self.device}: timed out waiting for {what}")
+        return await wait_until(predicate, timeout, 0.02,
+                                f"{self.username}/{self.device}: timed out waiting for {what}")
 
     async def wait_messages(
         self, n: int, conversation: str | None = None, timeout: float = 10.0

@@ -57,7 +57,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -89,7 +89,7 @@ DEFAULT_CONFIG: dict[str, dict[str, object]] = {
 that are active at once (no email code, no CAPTCHA: the closed-deployment switches).
 The account-security tests (tests/test_account_system.py) turn both back on."""
 
-# Rate limiting (issue 7) is off under the system tests of other features, which
+# Rate limiting is off under the system tests of other features, which
 # register and send from one address far faster than people do; the operations
 # tests (tests/test_operations_system.py) turn it on with their own limits.
 DEFAULT_CONFIG["ratelimit"] = {"enabled": False}
@@ -750,6 +750,49 @@ def unb64(text: str) -> bytes:
     import base64
 
     return base64.b64decode(text, validate=True)
+
+
+def b64url(data: bytes) -> str:
+    """Unpadded URL-safe base64, as in a JWT (RFC 7515)."""
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def unb64url(text: str) -> bytes:
+    import base64
+
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def jwt_parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A JWT's header and claims, read without checking anything (to forge variants)."""
+    head, body, _ = token.split(".")
+    return json.loads(unb64url(head)), json.loads(unb64url(body))
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(_reactor(), seconds, lambda: None)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.05,
+               what: str = "condition not reached in time") -> Deferred[Any]:
+    """Poll ``predicate`` on the real reactor until it returns something true (that is
+    the result); an AssertionError saying ``what`` after ``timeout`` seconds.  For a
+    real server over the network: a unit test advances a Clock instead."""
+
+    async def poll() -> Any:
+        waited = 0.0
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if waited > timeout:
+                raise AssertionError(what)
+            await sleep(step)
+            waited += step
+
+    return Deferred.fromCoroutine(poll())
 
 
 def fresh_client_id() -> str:

@@ -29,7 +29,6 @@ from tests.accountkit import (
     make_cert,
     totp_code,
 )
-from tests.clientkit import sleep
 from tests.harness import (
     PASSWORD,
     JsonLineClient,
@@ -38,6 +37,7 @@ from tests.harness import (
     connect,
     free_port,
     fresh_name,
+    sleep,
 )
 
 WRONG = "definitely-not-it-42"

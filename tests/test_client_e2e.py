@@ -13,8 +13,8 @@ from twisted.trial.unittest import TestCase
 from shtalk.client.e2ee import IdentityNotAccepted
 from shtalk.client.events import BacklogDone, BadMessage, IdentityChanged, NewDevice
 from shtalk.client.rotation import RotationPolicy
-from tests.clientkit import Person, sleep
-from tests.harness import ServerProcess, fresh_name
+from tests.clientkit import Person
+from tests.harness import ServerProcess, fresh_name, sleep
 
 
 class E2ETestCase(TestCase):

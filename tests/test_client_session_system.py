@@ -16,14 +16,20 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from shtalk.client.connection import CertificateChanged, CertificateInvalid, RequestTimeout
 from shtalk.client.knownhosts import KnownHosts
 from shtalk.client.session import Credentials, ServerSession
 from shtalk.testing import tempdir
-from tests.harness import PASSWORD, ServerProcess, ServerTestCase, fresh_name, login_session
+from tests.harness import (
+    PASSWORD,
+    ServerProcess,
+    ServerTestCase,
+    fresh_name,
+    login_session,
+    wait_until,
+)
 
 
 @dataclass
@@ -46,20 +52,6 @@ class Recorder:
 
     def on_tokens(self, c: Credentials) -> None:
         self.tokens.append((c.access_token, c.refresh_token))
-
-
-def wait(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
-@inlineCallbacks
-def until(predicate: Any, timeout: float = 10.0) -> Any:
-    waited = 0.0
-    while not predicate():
-        if waited > timeout:
-            raise AssertionError("condition not reached in time")
-        yield wait(0.05)
-        waited += 0.05
 
 
 class SessionMixin:
@@ -106,7 +98,7 @@ class SharedServerTests(SessionMixin, ServerTestCase):
         self.assertEqual(rec2.asked, 0)
         self.assertIn("resumed", s2.state_message)
         # start() fires with the resume reply; backlog_done follows it.
-        yield until(lambda: bool(rec2.pushes))
+        yield wait_until(lambda: bool(rec2.pushes))
         self.assertEqual(rec2.pushes, [{"type": "backlog_done", "count": 0}])
 
     @inlineCallbacks
@@ -145,7 +137,7 @@ class SharedServerTests(SessionMixin, ServerTestCase):
         other = yield login_session(self.server, creds.username, "d2")
         self.addCleanup(other.client.disconnect)
         yield other.client.ok("device_remove", device="d1")
-        yield until(lambda: rec.asked == 1 and s.state == "authenticated")
+        yield wait_until(lambda: rec.asked == 1 and s.state == "authenticated")
         self.assertIn("logged_out", [p["type"] for p in rec.pushes])
         reply = yield s.request("devices")
         self.assertIn("d1", [d["id"] for d in reply["devices"]])
@@ -167,7 +159,7 @@ class RestartTests(SessionMixin, unittest.TestCase):
         self.server.restart(kill=True)
         # on_state records every transition, so a reconnect faster than our polling
         # (the backoff here is 50 ms) is still seen.
-        yield until(
+        yield wait_until(
             lambda: any(st == "reconnecting" for st, _ in rec.states[seen:])
             and s.state == "authenticated",
             timeout=30,
@@ -201,7 +193,7 @@ class RestartTests(SessionMixin, unittest.TestCase):
     def test_requests_wait_then_time_out_while_down(self) -> Any:
         s, _rec, _creds = yield self.account(self.server)
         self.server.kill()
-        yield until(lambda: s.state != "authenticated")
+        yield wait_until(lambda: s.state != "authenticated")
         yield self.assertFailure(s.request("room_list", timeout=1), RequestTimeout)
         pending = s.request("room_list", timeout=30)
         self.server.start()

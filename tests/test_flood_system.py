@@ -29,7 +29,6 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.trial import unittest
 
-from tests.clientkit import sleep
 from tests.harness import (
     PASSWORD,
     ServerProcess,
@@ -39,6 +38,7 @@ from tests.harness import (
     open_fds,
     rss_kib,
     silent_socket,
+    sleep,
 )
 
 SOCKETS = 2000

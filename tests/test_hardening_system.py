@@ -5,8 +5,6 @@ cannot be turned into a weapon."""
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from typing import Any
 
@@ -18,10 +16,13 @@ from tests import test_operations_system as operations_system
 from tests.harness import (
     ServerProcess,
     b64,
+    b64url,
     connect,
     expect_error,
     fresh_client_id,
+    jwt_parts,
     register_and_login,
+    unb64url,
 )
 
 
@@ -272,19 +273,6 @@ class RedisPeekTests(unittest.TestCase):
             w = yield buckets.take(["k"], lim, peek)
             waits.append(w > 0)
         self.assertEqual(waits, [False, False, False, False, False, True, True])
-
-
-def unb64url(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def jwt_parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    head, body, _ = token.split(".")
-    return json.loads(unb64url(head)), json.loads(unb64url(body))
 
 
 def server_flags(server: ServerProcess) -> list[dict[str, Any]]:

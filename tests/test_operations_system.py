@@ -22,7 +22,6 @@ from typing import Any
 
 import pyotp
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from shtalk.admin import control
@@ -40,6 +39,7 @@ from tests.harness import (
     fresh_client_id,
     fresh_name,
     register_and_login,
+    sleep,
 )
 
 REDIS = ("127.0.0.1", 6379)
@@ -67,10 +67,6 @@ def need_redis(test: unittest.TestCase) -> None:
     if os.environ.get("SHTALK_REQUIRE_REDIS") == "1":
         test.fail(f"{why}, and SHTALK_REQUIRE_REDIS=1 requires it")
     raise unittest.SkipTest(f"{why} (start redis-server; CI sets SHTALK_REQUIRE_REDIS=1)")
-
-
-def sleep(seconds: float) -> Any:
-    return deferLater(_reactor(), seconds, lambda: None)
 
 
 class _Servers(unittest.TestCase):

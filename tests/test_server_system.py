@@ -9,7 +9,6 @@ exact reply fields and error codes, who receives which push, exactly once.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -25,7 +24,6 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from shtalk.server.cred.tokens import low_s
@@ -35,11 +33,13 @@ from tests.harness import (
     JsonLineClient,
     ServerTestCase,
     Session,
-    _reactor,
     b64,
+    b64url,
     expect_error,
     fresh_client_id,
     fresh_name,
+    jwt_parts,
+    sleep,
     unb64,
 )
 
@@ -56,10 +56,6 @@ def next_member_push(s: Session, timeout: float = 5.0) -> Any:
         push = yield s.client.next_push("member", timeout=timeout)
         if (push.get("user"), push.get("event")) != (s.user, "joined"):
             return push
-
-
-def sleep(seconds: float) -> Any:
-    return deferLater(_reactor(), seconds, lambda: None)
 
 
 class RoomTests(ServerTestCase):
@@ -520,17 +516,6 @@ class SessionTests(ServerTestCase):
         self.assertEqual(again["user"], s.user)
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unverified_parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    header_b64, payload_b64, _ = token.split(".")
-    pad = lambda s: s + "=" * (-len(s) % 4)  # noqa: E731
-    return (json.loads(base64.urlsafe_b64decode(pad(header_b64))),
-            json.loads(base64.urlsafe_b64decode(pad(payload_b64))))
-
-
 class TokenAttackTests(ServerTestCase):
     """Forged access tokens against the real server.  Each forgery changes one thing
     in an otherwise valid token, and a control re-signed with the real key passes, so
@@ -540,7 +525,7 @@ class TokenAttackTests(ServerTestCase):
     def setUp(self) -> Any:  # type: ignore[override]  # trial waits for a Deferred
         super().setUp()
         self.s: Session = yield self.session()
-        self.header, self.claims = _unverified_parts(self.s.login["access_token"])
+        self.header, self.claims = jwt_parts(self.s.login["access_token"])
         key = serialization.load_pem_private_key(self.server.jwt_private_key_pem(), None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         self.key = key
@@ -579,16 +564,16 @@ class TokenAttackTests(ServerTestCase):
 
     def test_alg_none(self) -> Any:
         header = dict(self.header, alg="none")
-        token = ".".join([_b64url(json.dumps(header).encode()),
-                          _b64url(json.dumps(self.fresh_claims()).encode()), ""])
+        token = ".".join([b64url(json.dumps(header).encode()),
+                          b64url(json.dumps(self.fresh_claims()).encode()), ""])
         return self.resume(token, "invalid_token")
 
     def test_hs256_with_public_key_as_secret(self) -> Any:
         header = dict(self.header, alg="HS256")
-        signing_input = ".".join([_b64url(json.dumps(header).encode()),
-                                  _b64url(json.dumps(self.fresh_claims()).encode())])
+        signing_input = ".".join([b64url(json.dumps(header).encode()),
+                                  b64url(json.dumps(self.fresh_claims()).encode())])
         mac = hmac.new(self.public_pem, signing_input.encode("ascii"), hashlib.sha256)
-        return self.resume(signing_input + "." + _b64url(mac.digest()), "invalid_token")
+        return self.resume(signing_input + "." + b64url(mac.digest()), "invalid_token")
 
     def test_no_exp(self) -> Any:
         claims = self.fresh_claims()
@@ -612,7 +597,7 @@ class TokenAttackTests(ServerTestCase):
     def test_tampered_payload(self) -> Any:
         h, _, sig = self.s.login["access_token"].split(".")
         claims = dict(self.claims, sub="1" if self.claims["sub"] != "1" else "2")
-        token = ".".join([h, _b64url(json.dumps(claims).encode()), sig])
+        token = ".".join([h, b64url(json.dumps(claims).encode()), sig])
         return self.resume(token, "invalid_token")
 
 
@@ -847,8 +832,8 @@ class ErrorCodeTests(ServerTestCase):
                            "refresh_token": s.login["access_token"]}, "invalid_token")
         yield self.bad(c, {"id": 4, "type": "resume",
                            "access_token": s.login["refresh_token"]}, "invalid_token")
-        _, claims = _unverified_parts(s.login["access_token"])
-        header, _ = _unverified_parts(s.login["access_token"])
+        _, claims = jwt_parts(s.login["access_token"])
+        header, _ = jwt_parts(s.login["access_token"])
         key = serialization.load_pem_private_key(self.server.jwt_private_key_pem(), None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         now = int(time.time())

@@ -10,17 +10,18 @@ the network session: about half of the start-up's imports) is loaded.  `App.load
 imports that stack once the first screen (the passphrase prompt, or the status window on
 a first run) is on the terminal; the functions that use the client import its names
 locally, which costs nothing once it is loaded.
+
+The set-up screens are `shtalk.clientui.setup`'s, the account commands of a running
+client (/login, /passphrase ...) `shtalk.clientui.account`'s; this module builds the
+parts, runs the loop and connects the client.
 """
 
 from __future__ import annotations
 
-import re
-import secrets
-import socket
 import sys
 import time
 from collections.abc import Coroutine
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,14 +30,16 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from shtalk.clientui.account import AccountCommands
 from shtalk.clientui.config import ClientConfig
 from shtalk.clientui.controller import Controller
+from shtalk.clientui.device import CLIENT_NAME, store_file
 from shtalk.clientui.errors import describe
 from shtalk.clientui.history import LineRenderer
 from shtalk.clientui.model import STATUS, ChatModel
 from shtalk.clientui.screen import ScreenHost
 from shtalk.clientui.setup import NewDevice, SetupFlow
-from shtalk.clientui.steps import Cancelled, Steps, enroll_totp, offer_totp
+from shtalk.clientui.steps import Cancelled, Steps, offer_totp
 from shtalk.clientui.themes import THEMES
 from shtalk.clientui.view import ChatView, Screen, ViewCallbacks
 
@@ -51,32 +54,12 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-CLIENT_NAME = "shtalk-urwid/0.1"
-TEST_KDF_ENV = "SHTALK_URWID_TEST_KDF"
-
-
-def test_kdf() -> KdfParams:
-    """For tests only (``SHTALK_URWID_TEST_KDF=1``): an Argon2id that takes milliseconds."""
-    from shtalk.client.localstore import KdfParams
-
-    return KdfParams(memory_kib=8192, iterations=1, lanes=1)
-
 
 def load_client() -> None:
     """Import the client stack: the local store, the end-to-end crypto, TLS and the
     network session (see the module's docstring)."""
     import shtalk.client.client
     import shtalk.clientui.backend  # noqa: F401
-
-
-def store_file(data_dir: Path, host: str, port: int) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", host)
-    return data_dir / f"{safe}_{port}.sqlite3"
-
-
-def new_device_id() -> str:
-    base = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname() or "device")[:40].strip("-")
-    return f"{base or 'device'}-{secrets.token_hex(3)}"
 
 
 class App:
@@ -109,11 +92,10 @@ class App:
         self.model = ChatModel(self._history, page=100, cap=500)
         self.model.status.server = f"{host}:{port}"
         self.model.listeners.append(lambda what: self.mark_dirty())
+        self.account = AccountCommands(self)
         self.controller = Controller(
             self.model, None, self.ui, config.notifications, clock=reactor.seconds,
-            account_actions={"login": self.cmd_login, "logout": self.cmd_logout,
-                             "register": self.cmd_register, "passphrase": self.cmd_passphrase,
-                             "2fa": self.cmd_2fa},
+            account_actions=self.account.actions(),
             later=lambda delay, f: reactor.callLater(delay, f))
         c = self.controller
         self.view = ChatView(self.model, self.keymap,
@@ -391,19 +373,6 @@ class App:
         self.controller.handle_event(event)
         self.mark_dirty()
 
-    async def ask_field(self, title: str, text: Any, label: str, *, mask: bool = False,
-                        error: str = "", default: str = "") -> str:
-        answer = await self.ui.ask(title, text, label, mask=mask, error=error, default=default)
-        if answer is None:
-            raise Cancelled(title)
-        return answer
-
-    async def _login(self, client: ShtalkClient, password: str,
-                     extra: dict[str, Any]) -> None:
-        await self.progress("Logging in", f"Logging in to {self.host}:{self.port} and "
-                            "publishing this device's keys\u2026",
-                            Deferred.fromCoroutine(client.login(password, **extra)), 2.0)
-
     # ------------------------------------------------------------------ the chat
     async def enter_chat(self, client: ShtalkClient) -> None:
         from shtalk.clientui.backend import ClientBackend
@@ -441,126 +410,5 @@ class App:
         if registered:
             await offer_totp(self.ui, client.session.request)
 
-    # ------------------------------------------------------------ account commands
-    def cmd_login(self) -> None:
-        client = self.client
-        if client is None:
-            self.controller.notice("finish the set-up first", error=True)
-            return
-        if self.model.status.connection == "authenticated":
-            self.controller.notice("already logged in")
-            return
 
-        async def run() -> None:
-            from shtalk.client.connection import ServerError
-
-            error = ""
-            while True:
-                password = await self.ui.ask(
-                    "Log in", f"The password of {client.credentials.username}:",
-                    "Password:", mask=True, error=error)
-                if password is None:
-                    self.controller.notice("not logged in; /login to try again",
-                                           conversation=STATUS)
-                    return
-                steps = Steps(self.ui, client.session.request_unauthenticated,
-                              client.credentials.username)
-                # These steps answer the code or CAPTCHA themselves (Esc: back to the
-                # password); the session's ask_extra is for its reconnect loop.
-                ask_extra, client.session.ask_extra = client.session.ask_extra, None
-                try:
-                    await steps.run(partial(self._login, client, password))
-                except Cancelled:
-                    continue
-                except ServerError as e:
-                    if e.code not in ("invalid_credentials", "rate_limited"):
-                        raise
-                    error = describe(e) + " Type the password again, or Esc to stay " \
-                        "logged out." if e.code == "invalid_credentials" else describe(e)
-                    continue
-                finally:
-                    client.session.ask_extra = ask_extra
-                self.controller.notice("logged in again", conversation=STATUS)
-                return
-
-        self.spawn(run())
-
-    def cmd_logout(self) -> None:
-        client = self.client
-        if client is None:
-            return
-
-        async def run() -> None:
-            await client.logout()
-            self.controller.notice("logged out: this device's session is ended on the server. "
-                                   "/login to log in again, /quit to leave.")
-
-        self.spawn(run())
-
-    def cmd_register(self) -> None:
-        self.controller.notice(
-            "This device already belongs to an account. To create another, run shtalk-urwid "
-            "with another --data-dir.", error=True)
-
-    def cmd_2fa(self) -> None:
-        client = self.client
-        if client is None:
-            return
-        self.spawn(enroll_totp(self.ui, client.session.request))
-
-    def cmd_passphrase(self) -> None:
-        store = self.store
-        if store is None:
-            return
-
-        async def run() -> None:
-            from shtalk.client.localstore import WrongPassphrase
-
-            title, steps = "Change the local passphrase", ("old", "new", "again")
-            texts = {"old": "The current passphrase:", "new": "The new passphrase:",
-                     "again": "The new passphrase again:"}
-            answers: dict[str, str] = {}
-            error, i = "", 0
-            while i < len(steps):  # Esc goes back one step; on the first, closes
-                answer = await self.ui.ask(title, texts[steps[i]], "Passphrase:", mask=True,
-                                           error=error)
-                error = ""
-                if answer is None:
-                    if i == 0:
-                        return
-                    i -= 1
-                    continue
-                answers[steps[i]] = answer
-                if steps[i] == "new" and not answer:
-                    error = "The passphrase cannot be empty."
-                    continue
-                if steps[i] == "again" and answer != answers["new"]:
-                    error, i = "The two passphrases differ; type the new one again.", 1
-                    continue
-                if steps[i] == "again":
-                    try:
-                        await self.progress("Changing the passphrase", "Argon2id, twice\u2026",
-                                            store.change_passphrase(answers["old"], answer),
-                                            2.0)
-                    except WrongPassphrase as e:
-                        error, i = describe(e), 0
-                        continue
-                i += 1
-            self.controller.notice("the local passphrase is changed", conversation=STATUS)
-
-        self.spawn(run())
-
-
-def forget_server(data_dir: Path, host: str, port: int) -> str:
-    from shtalk.client.knownhosts import KnownHosts
-
-    kh = KnownHosts(str(data_dir / "known_hosts"))
-    known = kh.lookup(host, port)
-    kh.forget(host, port)
-    if known:
-        return (f"Forgot the certificate of {host}:{port} ({known}). The next connection "
-                "asks you to check and trust the new one.")
-    return f"No certificate was pinned for {host}:{port} in {kh.path}."
-
-
-__all__ = ["TEST_KDF_ENV", "App", "forget_server", "load_client", "test_kdf"]
+__all__ = ["App", "load_client"]

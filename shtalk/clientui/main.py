@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     data_dir = Path(args.data_dir) if args.data_dir else data_home()
-    from shtalk.clientui.app import TEST_KDF_ENV, App, forget_server, test_kdf
+    from shtalk.clientui.app import App
+    from shtalk.clientui.device import TEST_KDF_ENV, forget_server, test_kdf
 
     try:
         config = ClientConfig.load(args.config)

@@ -21,18 +21,21 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 
+from shtalk.clientui.device import CLIENT_NAME, new_device_id
 from shtalk.clientui.errors import describe
+from shtalk.clientui.screen import ScreenHost
 from shtalk.clientui.steps import Cancelled, Steps
 
 if TYPE_CHECKING:
     from shtalk.client.connection import ServerError
-    from shtalk.client.localstore import LocalStore
+    from shtalk.client.knownhosts import KnownHosts
+    from shtalk.client.localstore import KdfParams, LocalStore
     from shtalk.client.session import Credentials, ServerSession
-    from shtalk.clientui.app import App
 
 FIRST_STEP = "This is the first step: F10 or Ctrl-Q quits shtalk-urwid."
 FIELD_OF = {  # server refusal -> the state of the field it is about
@@ -82,8 +85,29 @@ class NewDevice:
     registered: bool
 
 
+class SetupHost(Protocol):
+    """What the set-up uses of the application (`shtalk.clientui.app.App`)."""
+
+    reactor: Any
+    host: str
+    port: int
+    trust: str
+    data_dir: Path
+    store_path: Path
+    kdf: KdfParams | None
+
+    @property
+    def ui(self) -> ScreenHost: ...
+    @property
+    def known_hosts(self) -> KnownHosts: ...
+    def load_client(self) -> None: ...
+    def confirm_fingerprint(self, fingerprint: str) -> Deferred[bool]: ...
+    async def progress(self, title: str, text: str, work: Deferred[Any],
+                       expected: float = 1.0) -> Any: ...
+
+
 class SetupFlow:
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: SetupHost) -> None:
         self.app = app
         self.ui = app.ui
         self.where = f"{app.host}:{app.port}"
@@ -165,7 +189,6 @@ class SetupFlow:
         """Welcome -> register or log in -> local passphrase.  ``credentials`` and
         ``store``: this device has its store (after /logout); only the login is needed."""
         from shtalk.client.session import Credentials
-        from shtalk.clientui.app import new_device_id
 
         await self.trust_server()
         note = ""
@@ -200,7 +223,6 @@ class SetupFlow:
     def session(self, creds: Credentials) -> ServerSession:
         """An unauthenticated session for the set-up (its pushes are not wanted yet)."""
         from shtalk.client.session import ServerSession
-        from shtalk.clientui.app import CLIENT_NAME
 
         app = self.app
         return ServerSession(

@@ -5,8 +5,10 @@ comes from ``os.urandom`` and ``cryptography``'s key generation.  Every state
 object serialises to versioned bytes (``to_bytes``/``from_bytes``) that the
 client seals before storing.  All errors are :class:`CryptoError` subclasses.
 
-Modules: :mod:`.identity` (device keys, pre-key bundles), :mod:`.pqxdh`,
-:mod:`.ratchet` (Double Ratchet with header encryption), :mod:`.session`
+Modules: :mod:`.identity` (device keys, pre-keys), :mod:`.bundle` (the public
+keys a device publishes), :mod:`.pqxdh`,
+:mod:`.ratchet` (Double Ratchet with header encryption), :mod:`.chain` (the
+symmetric-key chain it shares with Sender Keys), :mod:`.session`
 (pairwise sessions, sealing/opening envelopes), :mod:`.envelope` (the signed
 wire envelope), :mod:`.senderkeys` (rooms), :mod:`.safety` (safety numbers),
 :mod:`.errors`, :mod:`.encoding`, :mod:`.primitives`.
@@ -14,6 +16,7 @@ wire envelope), :mod:`.senderkeys` (rooms), :mod:`.safety` (safety numbers),
 The design and the byte layouts: docs/SECURITY.md and docs/PROTOCOL-E2EE.md.
 """
 
+from .bundle import IdentityKey, KemPreKey, OneTimePreKey, PreKeyBundle, SignedPreKey
 from .envelope import Envelope, MessageType, Recipient
 from .errors import (
     BadBundle,
@@ -32,14 +35,7 @@ from .errors import (
     UnknownPreKey,
     UnsupportedVersion,
 )
-from .identity import (
-    DeviceIdentity,
-    IdentityKey,
-    KemPreKey,
-    OneTimePreKey,
-    PreKeyBundle,
-    SignedPreKey,
-)
+from .identity import DeviceIdentity
 from .pqxdh import InitialMessage
 from .safety import safety_number, safety_number_digits
 from .senderkeys import RoomSession, SenderKeyDistribution

@@ -14,10 +14,14 @@ or trailing bytes raise :class:`~shtalk.crypto.errors.DecodeError`.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import TypeVar
 
 from .errors import DecodeError, UnsupportedVersion
 
-__all__ = ["MAX_BLOB", "Reader", "Writer"]
+__all__ = ["MAX_BLOB", "Reader", "Writer", "read_whole"]
+
+_T = TypeVar("_T")
 
 #: Upper bound on any single length-prefixed item (1 MiB): far above anything
 #: legitimate, low enough that a hostile length cannot make us allocate much.
@@ -189,3 +193,12 @@ class Reader:
     def done(self) -> None:
         if self._pos != len(self._data):
             raise DecodeError(f"{self._what}: trailing bytes")
+
+
+def read_whole(data: bytes, what: str, read: Callable[[Reader], _T]) -> _T:
+    """``read`` over all of ``data``: a value followed by anything else is refused, so
+    one value keeps exactly one encoding."""
+    r = Reader(data, what)
+    value = read(r)
+    r.done()
+    return value

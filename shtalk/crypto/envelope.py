@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from . import primitives as P
+from .bundle import IdentityKey
 from .encoding import Reader
 from .errors import DecodeError, UnsupportedVersion
-from .identity import DeviceIdentity, IdentityKey
+from .identity import DeviceIdentity
 
 __all__ = [
     "ENVELOPE_VERSION",

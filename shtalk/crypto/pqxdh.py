@@ -34,9 +34,10 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from . import primitives as P
-from .encoding import Reader, Writer
+from .bundle import IdentityKey, KemPreKey, PreKeyBundle
+from .encoding import Reader, Writer, read_whole
 from .errors import ReplayError, UnknownPreKey
-from .identity import DeviceIdentity, IdentityKey, KemPreKey, PreKeyBundle
+from .identity import DeviceIdentity
 
 __all__ = ["INFO", "InitialMessage", "SharedKeys", "consume", "derive", "initiate", "respond"]
 
@@ -85,10 +86,7 @@ class InitialMessage:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> InitialMessage:
-        r = Reader(data, "PQXDH initial message")
-        msg = cls.read(r)
-        r.done()
-        return msg
+        return read_whole(data, "PQXDH initial message", cls.read)
 
     def digest(self) -> bytes:
         return hashlib.sha256(self.to_bytes()).digest()

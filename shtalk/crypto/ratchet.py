@@ -21,12 +21,8 @@ the state only after the AEAD tag verified.  A failed message (bad tag, bad
 header, replay, over the limit) leaves :meth:`RatchetState.to_bytes` unchanged.
 
 Saving ahead (:meth:`RatchetState.reserve_sending`): the saved state may put the
-sending chain up to ``SEND_RESERVE`` message numbers ahead of the one in use, so a
-client can send the next messages without waiting for a commit and a crash still
-never reuses a message key: the restored state starts past every number that was
-sent (the peer sees a gap, i.e. a few skipped keys).  :meth:`RatchetState.send_mark`
-and :meth:`RatchetState.covered_by` let the caller check, before encrypting, that a
-durably saved state covers the next number of the same chain.
+sending chain up to ``SEND_RESERVE`` message numbers ahead of the one in use (see
+:class:`shtalk.crypto.chain.SendingChain`, which Sender Keys use too).
 
 This module does no PQXDH: :mod:`shtalk.crypto.session` creates the state with
 :meth:`RatchetState.init_initiator` / :meth:`RatchetState.init_responder`.
@@ -40,8 +36,9 @@ import struct
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from . import primitives as P
-from .encoding import Reader, Writer
-from .errors import DecryptError, ReplayError, StateError, TooFarAhead
+from .chain import SendingChain, kdf_ck, skip_keys
+from .encoding import Reader, Writer, read_whole
+from .errors import DecodeError, DecryptError, ReplayError, StateError, TooFarAhead
 
 __all__ = [
     "ENC_HEADER_LEN",
@@ -50,7 +47,6 @@ __all__ = [
     "MAX_SKIPPED_CHAINS",
     "SEND_RESERVE",
     "RatchetState",
-    "chain_ahead",
     "kdf_ck",
     "kdf_rk",
     "message_keys",
@@ -65,7 +61,6 @@ HEADER_LEN = 40
 ENC_HEADER_LEN = P.NONCE_LEN + HEADER_LEN + P.TAG_LEN
 _INFO_RK = b"shtalk/v1 ratchet"
 _INFO_MK = b"shtalk/v1 message"
-_ONE, _TWO = b"\x01", b"\x02"
 
 
 def kdf_rk(rk: bytes, dh_out: bytes) -> tuple[bytes, bytes, bytes]:
@@ -74,31 +69,10 @@ def kdf_rk(rk: bytes, dh_out: bytes) -> tuple[bytes, bytes, bytes]:
     return out[:32], out[32:64], out[64:]
 
 
-def kdf_ck(ck: bytes) -> tuple[bytes, bytes]:
-    """``(next chain key, message key)``."""
-    return P.hmac_sha256_pair(ck, _TWO, _ONE)
-
-
 def message_keys(mk: bytes) -> tuple[bytes, bytes, bytes]:
     """``(AES key, nonce, header nonce)`` from a message key."""
     out = P.hkdf(mk, None, _INFO_MK, 56)
     return out[:32], out[32:44], out[44:]
-
-
-def chain_ahead(
-    saved: tuple[int, bytes], n: int, reserve: int
-) -> tuple[int, bytes] | None:
-    """A symmetric chain (this KDF_CK; Sender Keys use the same) saved ahead: from the
-    saved ``(number, chain key)``, at or past the number ``n`` in use, the position
-    ``reserve`` steps past ``n``; None while the saved one still has half of that left."""
-    at, ck = saved
-    target = min(n + reserve, 0xFFFFFFFF)
-    if at >= n + reserve // 2 or at >= target:
-        return None
-    while at < target:
-        ck, _ = kdf_ck(ck)
-        at += 1
-    return at, ck
 
 
 _COUNTERS = struct.Struct(">II")
@@ -112,9 +86,8 @@ class RatchetState:
     """One side of a Double Ratchet session (with header encryption)."""
 
     __slots__ = (
-        "_aeads", "_ahead", "ad", "ckr", "cks", "dhr", "dhs", "dhs_pub", "hkr", "hks",
-        "max_skip", "max_skipped", "n_skipped", "nhkr", "nhks", "nr", "ns", "pn", "rk",
-        "skipped",
+        "_aeads", "ad", "ckr", "dhr", "dhs", "dhs_pub", "hkr", "hks", "max_skip",
+        "max_skipped", "n_skipped", "nhkr", "nhks", "nr", "pn", "rk", "sending", "skipped",
     )
 
     def __init__(self, dhs: x25519.X25519PrivateKey, rk: bytes, ad: bytes) -> None:
@@ -122,13 +95,14 @@ class RatchetState:
         self.dhs_pub = P.x25519_public_bytes(dhs)
         self.dhr: bytes | None = None
         self.rk = rk
-        self.cks: bytes | None = None
+        #: CKs and Ns (None: no sending chain yet, the responder must receive first)
+        self.sending: SendingChain | None = None
         self.ckr: bytes | None = None
         self.hks: bytes | None = None
         self.hkr: bytes | None = None
         self.nhks: bytes | None = None
         self.nhkr: bytes | None = None
-        self.ns = self.nr = self.pn = 0
+        self.nr = self.pn = 0
         self.ad = ad
         self.max_skip = MAX_SKIP
         self.max_skipped = MAX_SKIPPED
@@ -136,9 +110,16 @@ class RatchetState:
         self.skipped: dict[bytes, dict[int, bytes]] = {}
         self.n_skipped = 0
         self._aeads: dict[bytes, P.Aead] = {}
-        #: (n, chain key at n) of the current sending chain, n >= ns: the sending
-        #: position to_bytes writes (None: the current one)
-        self._ahead: tuple[int, bytes] | None = None
+
+    @property
+    def cks(self) -> bytes | None:
+        """The sending chain key (``CKs``)."""
+        return None if self.sending is None else self.sending.key
+
+    @property
+    def ns(self) -> int:
+        """The next sending message number (``Ns``)."""
+        return 0 if self.sending is None else self.sending.index
 
     # ------------------------------------------------------------------ init
 
@@ -155,7 +136,8 @@ class RatchetState:
         """Alice: ``RatchetInitAliceHE``.  ``ratchet_key`` is for test vectors only."""
         state = cls(ratchet_key or P.x25519_generate(), sk, ad)
         state.dhr = remote_ratchet
-        state.rk, state.cks, state.nhks = kdf_rk(sk, P.dh(state.dhs, remote_ratchet))
+        state.rk, cks, state.nhks = kdf_rk(sk, P.dh(state.dhs, remote_ratchet))
+        state.sending = SendingChain(state.dhs_pub, cks)
         state.hks = shared_hka
         state.nhkr = shared_nhkb
         return state
@@ -231,26 +213,18 @@ class RatchetState:
                 self._forget(oldest)
             self.n_skipped -= 1
 
-    def _skip(self, ck: bytes, start: int, until: int) -> tuple[bytes, list[tuple[int, bytes]]]:
-        keys = []
-        for n in range(start, until):
-            ck, mk = kdf_ck(ck)
-            keys.append((n, mk))
-        return ck, keys
-
     # ------------------------------------------------------------- encrypt
 
     def encrypt(self, plaintext: bytes) -> tuple[bytes, bytes]:
         """Return ``(encrypted header, ciphertext)``."""
-        cks, hks, ns = self.cks, self.hks, self.ns
-        if cks is None or hks is None:
+        sending, hks = self.sending, self.hks
+        if sending is None or hks is None:
             raise StateError("no sending chain yet: the responder must receive first")
-        if ns >= 0xFFFFFFFF:
+        if sending.exhausted:
             raise StateError("sending chain exhausted")
-        cks, mk = kdf_ck(cks)
+        ns, mk = sending.step()
         key, nonce, hnonce = message_keys(mk)
         header = hnonce + self._aead(hks).encrypt(hnonce, _header(self.dhs_pub, self.pn, ns), b"")
-        self.cks, self.ns = cks, ns + 1
         return header, P.aead_encrypt(key, nonce, plaintext, self.ad + header)
 
     # ------------------------------------------------------------- decrypt
@@ -312,7 +286,7 @@ class RatchetState:
             raise TooFarAhead("message counter too far ahead")
         if ckr is None:
             raise DecryptError("no receiving chain")
-        ck, keys = self._skip(ckr, nr, n)
+        ck, keys = skip_keys(ckr, nr, n)
         ck, mk = kdf_ck(ck)
         plaintext = self._open(mk, header, ciphertext)
         # commit
@@ -327,66 +301,47 @@ class RatchetState:
         P.check_x25519_public(dh_pub)
         old_keys: list[tuple[int, bytes]] = []
         if self.ckr is not None:
-            _ck, old_keys = self._skip(self.ckr, self.nr, pn)
+            _ck, old_keys = skip_keys(self.ckr, self.nr, pn)
         rk, ckr, nhkr = kdf_rk(self.rk, P.dh(self.dhs, dh_pub))
         dhs = P.x25519_generate()
         rk, cks, nhks = kdf_rk(rk, P.dh(dhs, dh_pub))
-        ckr, new_keys = self._skip(ckr, 0, n)
+        ckr, new_keys = skip_keys(ckr, 0, n)
         ckr, mk = kdf_ck(ckr)
         assert self.nhkr is not None
         plaintext = self._open(mk, header, ciphertext)
         # commit
         if self.hkr is not None:
             self._store(self.hkr, old_keys)
-        self.pn, self.ns, self.nr = self.ns, 0, n + 1
+        self.pn, self.nr = self.ns, n + 1
         self.hks, self.hkr = self.nhks, self.nhkr
         self.dhr, self.rk, self.ckr, self.nhkr = dh_pub, rk, ckr, nhkr
-        self.dhs, self.dhs_pub, self.cks, self.nhks = dhs, P.x25519_public_bytes(dhs), cks, nhks
-        self._ahead = None  # a new sending chain
+        self.dhs, self.dhs_pub, self.nhks = dhs, P.x25519_public_bytes(dhs), nhks
+        self.sending = SendingChain(self.dhs_pub, cks)
         self._store(self.hkr, new_keys)
         self._aeads.clear()
         return plaintext
 
     # ------------------------------------------------------------ persistence
 
-    def _saved_sending(self) -> tuple[int, bytes | None]:
-        """The sending position and chain key that :meth:`to_bytes` writes."""
-        ahead = self._ahead
-        if ahead is not None and ahead[0] >= self.ns:
-            return ahead
-        return self.ns, self.cks
-
     def reserve_sending(self, reserve: int = SEND_RESERVE) -> None:
         """Let the next :meth:`to_bytes` save the sending chain up to ``reserve`` numbers
-        ahead (refreshed once less than half is left: about one HMAC per message sent).
-
-        The skipped chain keys are never written, so a restored copy cannot derive the
-        keys of messages sent from this object; it can only send later numbers."""
-        n, ck = self._saved_sending()
-        if ck is None or reserve <= 0:
-            return
-        self._ahead = chain_ahead((n, ck), self.ns, reserve) or self._ahead
+        ahead (:meth:`SendingChain.reserve`)."""
+        if self.sending is not None:
+            self.sending.reserve(reserve)
 
     def send_mark(self) -> tuple[bytes, int] | None:
         """``(sending chain id, number)`` as :meth:`to_bytes` saves it now; once that
         state is durable, messages below the number may be sent without saving again."""
-        if self.cks is None:
-            return None
-        return self.dhs_pub, self._saved_sending()[0]
+        return None if self.sending is None else self.sending.mark()
 
     def covered_by(self, mark: tuple[bytes, int] | None) -> bool:
         """True if a durable state with ``mark`` is past the next message's number in
         this same sending chain (so a crash after sending it cannot reuse its key)."""
-        return (
-            mark is not None
-            and self.cks is not None
-            and self.ns < mark[1]
-            and hmac.compare_digest(mark[0], self.dhs_pub)
-        )
+        return self.sending is not None and self.sending.covered_by(mark)
 
     def to_bytes(self) -> bytes:
         """Versioned private state (secret!); the sending chain as reserved."""
-        ns, cks = self._saved_sending()
+        ns, cks = (0, None) if self.sending is None else self.sending.saved()
         w = Writer().u8(STATE_VERSION)
         w.fixed(P.x25519_private_bytes(self.dhs), 32).fixed(self.rk, 32)
         for value in (self.dhr, cks, self.ckr, self.hks, self.hkr, self.nhks, self.nhkr):
@@ -409,8 +364,12 @@ class RatchetState:
         opts = [r.fixed(32) if r.flag() else None for _ in range(7)]
         ns, nr, pn, max_skip, max_skipped = (r.u32() for _ in range(5))
         state = cls(dhs, rk, r.short())
-        state.dhr, state.cks, state.ckr, state.hks, state.hkr, state.nhks, state.nhkr = opts
-        state.ns, state.nr, state.pn = ns, nr, pn
+        state.dhr, cks, state.ckr, state.hks, state.hkr, state.nhks, state.nhkr = opts
+        if cks is not None:
+            state.sending = SendingChain(state.dhs_pub, cks, ns)
+        elif ns:
+            raise DecodeError("ratchet state: a sending number without a sending chain")
+        state.nr, state.pn = nr, pn
         state.max_skip, state.max_skipped = max_skip, max_skipped
         for _ in range(r.u16()):
             hk = r.fixed(32)
@@ -423,7 +382,4 @@ class RatchetState:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RatchetState:
-        r = Reader(data, "ratchet state")
-        state = cls.read(r)
-        r.done()
-        return state
+        return read_whole(data, "ratchet state", cls.read)

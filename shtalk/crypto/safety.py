@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 
-from .identity import IdentityKey
+from .bundle import IdentityKey
 
 __all__ = ["ITERATIONS", "safety_number", "safety_number_digits"]
 

@@ -28,9 +28,10 @@ earlier message.  Sender Keys have no post-compromise security within an epoch:
 rotating is the recovery, so the client also rotates its own key after a number of
 messages or a time (``epoch_started``, ``index``: see ``shtalk.client.rotation``).
 
-Saving ahead, as in :mod:`shtalk.crypto.ratchet`: :meth:`RoomSession.reserve_sending`
-lets the saved own state run up to ``SEND_RESERVE`` indexes ahead, so a room message
-can leave before its commit and a crash never reuses an index (members skip the gap).
+Saving ahead, with the Double Ratchet's :class:`shtalk.crypto.chain.SendingChain`:
+:meth:`RoomSession.reserve_sending` lets the saved own state run up to
+``SEND_RESERVE`` indexes ahead, so a room message can leave before its commit and a
+crash never reuses an index (members skip the gap).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import primitives as P
+from .chain import SendingChain, kdf_ck, skip_keys
 from .encoding import Reader, Writer
 from .errors import DecodeError, ReplayError, StateError, TooFarAhead
-from .ratchet import SEND_RESERVE, chain_ahead
+from .ratchet import SEND_RESERVE
 
 __all__ = ["MAX_JUMP", "MAX_SKIPPED", "RoomSession", "SenderKeyDistribution"]
 
@@ -55,12 +57,6 @@ KEEP_EPOCHS = 2  #: epochs kept per sender (the current one and the previous)
 _LABEL = b"shtalk/v1 room\x00"
 _DIST_LABEL_VERSION = 1
 _INFO = b"shtalk/v1 room message"
-_ONE, _TWO = b"\x01", b"\x02"
-
-
-def _step(ck: bytes) -> tuple[bytes, bytes]:
-    return P.hmac_sha256_pair(ck, _TWO, _ONE)
-
 
 def _keys(mk: bytes) -> tuple[bytes, bytes]:
     out = P.hkdf(mk, None, _INFO, 44)
@@ -113,23 +109,31 @@ class RoomSession:
     """This device's Sender Keys state for one room: its own key and everyone else's."""
 
     __slots__ = (
-        "_ahead", "chains", "ck", "device", "epoch", "epoch_started", "index", "room",
-        "signing_key", "user",
+        "chains", "device", "epoch", "epoch_started", "own", "room", "signing_key", "user",
     )
 
     def __init__(self, room: str, user: str, device: str) -> None:
         self.room, self.user, self.device = room, user, device
         self.epoch: int | None = None
-        self.ck = b""
-        self.index = 0  #: also how many messages this epoch has sent (a crash skips some)
+        #: the own chain of this epoch, named by its signing key (None before rotate)
+        self.own: SendingChain | None = None
         #: Unix seconds when the own epoch started (0: unknown)
         self.epoch_started = 0
         self.signing_key: ec.EllipticCurvePrivateKey | None = None
         #: (user, device) -> {epoch -> chain}
         self.chains: dict[tuple[str, str], dict[int, _Chain]] = {}
-        #: (index, chain key at it) of the own chain, index >= self.index: what
-        #: to_bytes saves (None: the current position)
-        self._ahead: tuple[int, bytes] | None = None
+
+    @property
+    def index(self) -> int:
+        """The own chain's next index: also how many messages this epoch has sent
+        (a crash skips some)."""
+        return 0 if self.own is None else self.own.index
+
+    def _begin(
+        self, epoch: int, signing_key: ec.EllipticCurvePrivateKey, ck: bytes, index: int = 0
+    ) -> None:
+        self.epoch, self.signing_key = epoch, signing_key
+        self.own = SendingChain(P.signing_public_bytes(signing_key), ck, index)
 
     # ------------------------------------------------------------ sending
 
@@ -142,61 +146,44 @@ class RoomSession:
             raise StateError("epochs only move forward")
         if epoch > 0xFFFFFFFF:
             raise StateError("epoch out of range")
-        self.epoch, self.ck, self.index = epoch, P.random_bytes(32), 0
+        self._begin(epoch, P.signing_generate(), P.random_bytes(32))
         self.epoch_started = now
-        self.signing_key = P.signing_generate()
-        self._ahead = None
         return self.distribution()
 
     def distribution(self) -> SenderKeyDistribution:
         """The current sender key from the current index (earlier messages stay sealed)."""
-        if self.epoch is None or self.signing_key is None:
+        own = self.own
+        if self.epoch is None or own is None:
             raise StateError("no sender key yet: call rotate()")
-        return SenderKeyDistribution(
-            self.room, self.epoch, self.index, self.ck, P.signing_public_bytes(self.signing_key)
-        )
+        return SenderKeyDistribution(self.room, self.epoch, own.index, own.key, own.ident)
 
     def encrypt(self, plaintext: bytes) -> tuple[bytes, bytes]:
         """Return ``(header, ciphertext)`` for a room envelope."""
-        if self.epoch is None or self.signing_key is None:
+        own = self.own
+        if self.epoch is None or own is None or self.signing_key is None:
             raise StateError("no sender key yet: call rotate()")
-        if self.index >= 0xFFFFFFFF:
+        if own.exhausted:
             raise StateError("sender chain exhausted: rotate()")
-        header = Writer().u8(VERSION).u32(self.epoch).u32(self.index).getvalue()
-        self.ck, mk = _step(self.ck)
-        self.index += 1
+        index, mk = own.step()
+        header = Writer().u8(VERSION).u32(self.epoch).u32(index).getvalue()
         key, nonce = _keys(mk)
         ad = _ad(self.room, self.user, self.device, header)
         body = P.aead_encrypt(key, nonce, plaintext, ad)
         return header, body + P.sign(self.signing_key, ad + body)
 
-    def _saved_sending(self) -> tuple[int, bytes]:
-        ahead = self._ahead
-        if ahead is not None and ahead[0] >= self.index:
-            return ahead
-        return self.index, self.ck
-
     def reserve_sending(self, reserve: int = SEND_RESERVE) -> None:
         """Let :meth:`to_bytes` save the own chain up to ``reserve`` indexes ahead
-        (refreshed once less than half is left); the keys in between are never saved."""
-        if self.epoch is None or reserve <= 0:
-            return
-        self._ahead = chain_ahead(self._saved_sending(), self.index, reserve) or self._ahead
+        (:meth:`SendingChain.reserve`); the keys in between are never saved."""
+        if self.own is not None:
+            self.own.reserve(reserve)
 
     def send_mark(self) -> tuple[bytes, int] | None:
         """``(own chain id, index)`` as :meth:`to_bytes` saves it now."""
-        if self.signing_key is None:
-            return None
-        return P.signing_public_bytes(self.signing_key), self._saved_sending()[0]
+        return None if self.own is None else self.own.mark()
 
     def covered_by(self, mark: tuple[bytes, int] | None) -> bool:
         """True if a durable state with ``mark`` is past the next index of this chain."""
-        return (
-            mark is not None
-            and self.signing_key is not None
-            and self.index < mark[1]
-            and P.signing_public_bytes(self.signing_key) == mark[0]
-        )
+        return self.own is not None and self.own.covered_by(mark)
 
     # ---------------------------------------------------------- receiving
 
@@ -248,11 +235,8 @@ class RoomSession:
             return plaintext
         if index - chain.index > MAX_JUMP:
             raise TooFarAhead("room message index too far ahead")
-        ck, skipped = chain.chain_key, []
-        for i in range(chain.index, index):
-            ck, mk = _step(ck)
-            skipped.append((i, mk))
-        ck, mk = _step(ck)
+        ck, skipped = skip_keys(chain.chain_key, chain.index, index)
+        ck, mk = kdf_ck(ck)
         key, nonce = _keys(mk)
         plaintext = P.aead_decrypt(key, nonce, body, ad)
         # commit
@@ -267,8 +251,8 @@ class RoomSession:
     def to_bytes(self) -> bytes:
         w = Writer().u8(STATE_VERSION).text(self.room).text(self.user).text(self.device)
         w.u8(self.epoch is not None)
-        if self.epoch is not None and self.signing_key is not None:
-            index, ck = self._saved_sending()
+        if self.epoch is not None and self.own is not None and self.signing_key is not None:
+            index, ck = self.own.saved()
             w.u32(self.epoch).u32(index).fixed(ck, 32)
             w.fixed(P.signing_private_bytes(self.signing_key), 32).u64(self.epoch_started)
         w.u32(len(self.chains))
@@ -353,8 +337,8 @@ class RoomSession:
         version = r.version(VERSION, STATE_VERSION)
         state = cls(r.text(256), r.text(256), r.text(256))
         if r.flag():
-            state.epoch, state.index, state.ck = r.u32(), r.u32(), r.fixed(32)
-            state.signing_key = P.signing_private_from_bytes(r.fixed(32))
+            epoch, index, ck = r.u32(), r.u32(), r.fixed(32)
+            state._begin(epoch, P.signing_private_from_bytes(r.fixed(32)), ck, index)
             state.epoch_started = r.u64() if version == STATE_VERSION else 0
         count = r.u32()
         if count > r.remaining:

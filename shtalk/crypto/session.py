@@ -33,10 +33,11 @@ import hmac
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from . import pqxdh
+from .bundle import IdentityKey, PreKeyBundle
 from .encoding import Reader, Writer
 from .envelope import Envelope, MessageType, Recipient
 from .errors import CryptoError, StateError
-from .identity import DeviceIdentity, IdentityKey, PreKeyBundle
+from .identity import DeviceIdentity
 from .ratchet import ENC_HEADER_LEN, RatchetState
 
 __all__ = [

@@ -70,7 +70,6 @@ from shtalk.server.ops.ratelimit import FallbackBuckets, MemoryBuckets, RateLimi
 from shtalk.server.ops.redisbackend import RedisBuckets
 from shtalk.server.ops.service import Operations, OperationsService
 from shtalk.server.services import ChatServerService, StoreService
-from shtalk.server.store.accounts import AccountStore
 from shtalk.server.store.sqlite import SQLiteStore, check_database_file
 from shtalk.server.testclock import ENV as TEST_CLOCK_ENV
 from shtalk.server.testclock import clock_from_environment
@@ -186,13 +185,12 @@ def build_security(
 ) -> AccountSecurity:
     """Registration, email codes, CAPTCHA gates, TOTP and throttling, over one store."""
     accounts = config.accounts
-    codes = AccountStore(store)  # type: ignore[arg-type]
     gates = Gates(
         CaptchaBook(clock, ttl=float(accounts.captcha_ttl)),
         AuthThrottle(clock, config.section(ThrottleSection)),
         demands, users, accounts, captcha_answers,
     )
-    shared = Shared(store, codes, gates, users, hasher, clock, accounts)
+    shared = Shared(store, store.codes, gates, users, hasher, clock, accounts)
     mailed = MailedCodes(shared, mailer)
     status = "pending" if accounts.require_email_verification else "active"
     return AccountSecurity(

@@ -1,10 +1,11 @@
 """The server's seams and its refusals, in one module (as twisted.words' iwords/ewords).
 
-Interfaces (zope): the store (`IStore`: every method returns a Deferred and never runs
-SQL on the reactor thread), the avatar (`IChatUser`) and the connection as the avatar's
-mind (`IChatMind`), the registry of live connections (`IPresence`) and the bus that
-carries committed messages to them (`IDeliveryBus`).  Each can be swapped (a memory
-store in tests, a cross-process bus) without touching the code on the other side.
+Interfaces (zope): the store (`IStore`, with its account-security tables `ICodeStore`:
+every method returns a Deferred and never runs SQL on the reactor thread), the avatar
+(`IChatUser`) and the connection as the avatar's mind (`IChatMind`), the registry of
+live connections (`IPresence`) and the bus that carries committed messages to them
+(`IDeliveryBus`).  Each can be swapped (a memory store in tests, a cross-process bus)
+without touching the code on the other side.
 
 Errors: what a request can be refused for, in the server's own terms (`Refused` and
 its kinds).  They carry the sentence the person will read, never a wire code: the
@@ -31,6 +32,7 @@ from shtalk.server.store.records import (
     Room,
     Session,
     StoredMessage,
+    TotpRecord,
     User,
 )
 
@@ -59,6 +61,10 @@ class TokenUnknown(StoreError):
     """No such refresh token, or it expired, or its family is revoked."""
 
 
+class StoreClosed(StoreError):
+    """The store is not open (never opened, or closing)."""
+
+
 class CorruptStore(StoreError):
     """The database file cannot be used (not SQLite, newer schema, failed check)."""
 
@@ -67,6 +73,7 @@ class IStore(Interface):
     """Durable state of the server: accounts, sessions, rooms, queued envelopes."""
 
     path = Attribute("Where the data lives, for messages to operators.")
+    codes = Attribute("The account-security tables of this store (an ICodeStore).")
 
     def open() -> Deferred[None]:
         """Open, migrate and check the database; fires when ready."""
@@ -86,6 +93,15 @@ class IStore(Interface):
     def user_by_id(user_id: int) -> Deferred[User | None]: ...
 
     def users_by_ids(user_ids: Iterable[int]) -> Deferred[dict[int, User]]: ...
+
+    def set_status(user_id: int, status: str) -> Deferred[bool]:
+        """Set an account's status (any but "active" revokes its sessions); False if the
+        account is unknown or deleted."""
+
+    def delete_account(user_id: int, dummy_hash: bytes) -> Deferred[bool]:
+        """Leave a tombstone (name kept, status "deleted", password hash replaced by
+        ``dummy_hash``): email, sessions, devices, memberships, invites, direct-message
+        partners and inbox go.  False if the account is unknown."""
 
     # devices
     def upsert_device(user_id: int, device_id: str, label: str) -> Deferred[Device]:
@@ -113,6 +129,9 @@ class IStore(Interface):
     def claim_keys(user_id: int, device_id: str | None) -> Deferred[list[ClaimedBundle]]:
         """Bundles of the user's devices (or one device), each with at most one one-time
         key of each kind, deleted in the same transaction: never handed out twice."""
+
+    def device_bundle(user_id: int, device_id: str) -> Deferred[bytes | None]:
+        """The device's published bundle (its identity key), without claiming anything."""
 
     # sessions: refresh-token families
     def create_session(
@@ -147,6 +166,9 @@ class IStore(Interface):
     def rooms_of(user_id: int) -> Deferred[list[Room]]: ...
 
     def members(room_id: int) -> Deferred[list[Member]]: ...
+
+    def member_since(room_id: int, user_id: int) -> Deferred[float | None]:
+        """When the user joined the room; None if not a member."""
 
     def add_member(room_id: int, user_id: int, role: str) -> Deferred[None]:
         """Add; the new member's devices start after the room's last message."""
@@ -191,6 +213,61 @@ class IStore(Interface):
     def purge_expired(now: float) -> Deferred[int]:
         """Delete messages past their expiry or the retention limit; return how many."""
 
+    def queued() -> Deferred[int]:
+        """How many messages are stored, waiting for some device's acknowledgement."""
+
+
+class ICodeStore(Interface):
+    """The account-security tables: emailed codes, TOTP enrolment, recovery codes.
+
+    Codes arrive hashed and TOTP secrets sealed; each check that consumes something
+    is atomic, so two concurrent attempts with one code cannot both succeed.
+    """
+
+    def put_email_code(
+        user_id: int, purpose: str, code_hash: bytes, expires: float, now: float,
+        min_interval: float,
+    ) -> Deferred[bool]:
+        """Replace the account's code for ``purpose``; False (and nothing stored) if the
+        last one was sent less than ``min_interval`` seconds ago."""
+
+    def check_email_code(
+        user_id: int, purpose: str, code_hash: bytes, now: float, max_attempts: int
+    ) -> Deferred[str]:
+        """CODE_OK (consumed; a "verify" code also activates a pending account),
+        CODE_WRONG (attempt counted) or CODE_NONE (none live)."""
+
+    def reset_with_code(
+        user_id: int, code_hash: bytes, now: float, max_attempts: int, pw_hash: bytes
+    ) -> Deferred[tuple[str, list[str]]]:
+        """Consume a "reset" code and set the password at once; the outcome and the
+        session families revoked."""
+
+    def set_password(user_id: int, pw_hash: bytes) -> Deferred[list[str]]:
+        """New password hash; every live session revoked; their families returned."""
+
+    def purge_pending(cutoff: float) -> Deferred[int]:
+        """Delete accounts still pending (never verified) created before ``cutoff``."""
+
+    def totp(user_id: int) -> Deferred[TotpRecord | None]: ...
+
+    def put_pending_totp(user_id: int, sealed: bytes, now: float) -> Deferred[bool]:
+        """A new, not yet confirmed secret; False if TOTP is already enabled."""
+
+    def enable_totp(user_id: int, step: int, code_hashes: list[bytes]) -> Deferred[bool]:
+        """Confirm the pending secret with a code of ``step``, and set recovery codes."""
+
+    def replace_recovery(user_id: int, code_hashes: list[bytes]) -> Deferred[None]: ...
+
+    def accept_step(user_id: int, step: int) -> Deferred[bool]:
+        """Record ``step`` as used; False if it (or a later one) was accepted before."""
+
+    def use_recovery(user_id: int, code_hash: bytes) -> Deferred[bool]:
+        """Consume a recovery code; False if it is not (or no longer) one."""
+
+    def disable_totp(user_id: int) -> Deferred[None]: ...
+
+    def recovery_left(user_id: int) -> Deferred[int]: ...
 
 # --- the chat side: avatar, mind, presence, delivery ---------------------------------------
 

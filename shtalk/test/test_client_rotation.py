@@ -35,6 +35,7 @@ from shtalk.crypto import (
     StateError,
     seal,
 )
+from shtalk.testing import b64
 
 from .test_localstore import raw_bytes
 
@@ -42,10 +43,6 @@ CHEAP = KdfParams(memory_kib=8, iterations=1, lanes=1)
 T0 = 1_750_000_000.0
 ROOM = "ops"
 POLICY = RotationPolicy()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 class Net:

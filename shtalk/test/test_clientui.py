@@ -28,6 +28,7 @@ from shtalk.clientui.config import ClientConfig, ConfigError, parse_server
 from shtalk.clientui.controller import Controller
 from shtalk.clientui.errors import describe
 from shtalk.clientui.fakeclient import FakeBackend
+from shtalk.clientui.handlers import CommandHandlers
 from shtalk.clientui.history import LineRenderer
 from shtalk.clientui.keys import KEY_BINDINGS, KeyConfigError, KeyMap
 from shtalk.clientui.main import build_parser
@@ -267,7 +268,7 @@ class CommandTests(unittest.TestCase):
 
     def test_every_command_has_a_handler(self) -> None:
         for c in cmds.COMMANDS:
-            self.assertTrue(hasattr(Controller, "cmd_" + c.name.replace("-", "_")), c.name)
+            self.assertTrue(hasattr(CommandHandlers, "cmd_" + c.name.replace("-", "_")), c.name)
 
     def test_completion(self) -> None:
         names = {"user": ["bob", "bobby", "carol"], "room": ["general", "games"],

@@ -360,7 +360,7 @@ class PassphraseCommandTests(unittest.TestCase):
             for ch in [*text, "enter"]:
                 app.screen.keypress(size, ch)
 
-        app.cmd_passphrase()
+        app.account.passphrase()
         line("wrong")
         line("new one")
         app.screen.keypress(size, "esc")  # back to the new passphrase

@@ -41,7 +41,7 @@ class RatchetBasics(SynchronousTestCase):
     def test_responder_cannot_send_first(self) -> None:
         pair = Pair()
         fresh = Session.from_bytes(pair.sb.to_bytes())
-        fresh.ratchet.cks = None
+        fresh.ratchet.sending = None
         self.assertRaises(StateError, fresh.encrypt, b"x")
 
     def test_out_of_order_within_and_across_chains(self) -> None:

@@ -30,6 +30,7 @@ from shtalk.crypto import (
     seal,
 )
 from shtalk.crypto import primitives as P
+from shtalk.crypto.chain import SendingChain
 from shtalk.crypto.pqxdh import initiate
 
 VECTORS = Path(__file__).parent / "data" / "crypto_vectors.json"
@@ -70,9 +71,11 @@ def _compute(v: dict[str, Any]) -> dict[str, Any]:
         )
     # Sender Keys: a fixed chain key and signing key.
     room = RoomSession("#vectors", "alice", "laptop")
-    room.epoch, room.index = 7, 0
-    room.ck = bytes.fromhex(v["room_chain_key"])
+    room.rotate(7)  # then the fixed keys in place of the fresh ones
     room.signing_key = P.signing_private_from_bytes(bytes.fromhex(v["room_signing_private"]))
+    room.own = SendingChain(
+        P.signing_public_bytes(room.signing_key), bytes.fromhex(v["room_chain_key"])
+    )
     out["room"] = {
         "distribution": room.distribution().to_bytes().hex(),
         "messages": [[h.hex(), c.hex()] for h, c in (room.encrypt(b"room 0"), room.encrypt(b""))],

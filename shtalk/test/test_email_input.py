@@ -18,7 +18,7 @@ from shtalk.server.accounts.mailer import OutboxMailer
 from shtalk.server.chat.naming import check_email
 from shtalk.server.config import AccountsSection
 from shtalk.server.store import schema
-from shtalk.server.store.emailseal import EmailSeal
+from shtalk.server.store.sealing import EmailSeal
 from shtalk.test.test_account_security import Base
 from shtalk.test.test_store import KEY, StoreTestBase, async_test
 from shtalk.testing import GOOD_PASSWORD

@@ -18,11 +18,10 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from shtalk.testing import GOOD_PASSWORD, Peer, ServerParts, build_server
+from shtalk.testing import GOOD_PASSWORD, Peer, ServerParts, build_server, spin
 from shtalk.wire import ErrorCode, ProtocolError, parse_line
 from shtalk.wire.frames import error_from, ok
 from shtalk.wire.schema import PRE_AUTH, REQUESTS
@@ -192,12 +191,6 @@ class ParserTextTests(SynchronousTestCase):
         # A surrogate *pair* is one non-BMP character: fine.
         r = parse_line(b'{"id":6,"type":"hello","version":1,"client":"\\ud83d\\ude00"}')
         self.assertEqual(r.args["client"], "\U0001f600")
-
-
-def spin(seconds: float = 0.0) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
-    return d
 
 
 #: What the server-level test puts in each field: in place of the value and after it.

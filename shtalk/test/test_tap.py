@@ -17,21 +17,15 @@ from typing import Any
 from twisted.application.service import IServiceCollection, MultiService
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.testing import MemoryReactor, RaisingMemoryReactor
 from twisted.python import usage
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from shtalk.server import tap, tls
 from shtalk.server.config import ConfigError, ServerConfig, StartupError
 from shtalk.server.datadir import DataDir, DataDirError
 from shtalk.server.net.admission import AdmittedTLSFactory
-
-
-class _Echo(protocol.Protocol):
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
+from shtalk.testing import Echo, TLSLineClient
 
 
 class FakeChat(MultiService):
@@ -41,7 +35,7 @@ class FakeChat(MultiService):
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self.datadir = datadir
-        self.factory = protocol.Factory.forProtocol(_Echo)
+        self.factory = protocol.Factory.forProtocol(Echo)
 
 
 class Harness:
@@ -257,26 +251,6 @@ class MakeServiceTests(unittest.TestCase):
                          f"shtalk: error: {ini}: [server] port: 'many' is not a whole number\n")
 
 
-@implementer(IHandshakeListener)
-class _Client(protocol.Protocol):
-    def __init__(self) -> None:
-        self.done: defer.Deferred[bytes] = defer.Deferred()
-        self.received = b""
-
-    def handshakeCompleted(self) -> None:
-        self.transport.write(b"hello\n")  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        self.transport.loseConnection()  # type: ignore[union-attr]
-
-    def connectionLost(self, reason: Any = None) -> None:
-        if self.received:
-            self.done.callback(self.received)
-        else:
-            self.done.errback(reason)
-
-
 class RealReactorTests(unittest.TestCase):
     """The built tree on the real reactor: listen on a free port, connect with the pin."""
 
@@ -293,7 +267,7 @@ class RealReactorTests(unittest.TestCase):
         assert match is not None, out
         port = int(match.group(1))
         fingerprint = re.search(r"fingerprint: (\S+)", out).group(1)  # type: ignore[union-attr]
-        client = _Client()
+        client = TLSLineClient(b"hello\n")
         ep = endpoints.wrapClientTLS(
             tls.client_options_pinned(fingerprint, "localhost"),
             endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port),

@@ -15,11 +15,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL
 from twisted.internet import defer, endpoints, protocol
-from twisted.internet.interfaces import IHandshakeListener
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from shtalk.server import tls
+from shtalk.testing import Echo, TLSLineClient
 
 KEY_PEM, CERT_PEM = tls.make_self_signed(["localhost", "127.0.0.1"])
 FINGERPRINT = tls.cert_fingerprint(CERT_PEM)
@@ -227,32 +226,6 @@ class FingerprintTests(unittest.TestCase):
         self.assertEqual(tls.normalize_fingerprint(raw.hex().upper()), raw)
 
 
-@implementer(IHandshakeListener)
-class _Client(protocol.Protocol):
-    def __init__(self) -> None:
-        self.done: defer.Deferred[bytes] = defer.Deferred()
-        self.received = b""
-
-    def handshakeCompleted(self) -> None:
-        self.transport.write(b"ping\n")  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        if self.received.endswith(b"\n"):
-            self.transport.loseConnection()  # type: ignore[union-attr]
-
-    def connectionLost(self, reason: Any = None) -> None:
-        if self.received:
-            self.done.callback(self.received)
-        else:
-            self.done.errback(reason)
-
-
-class _Echo(protocol.Protocol):
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
-
-
 class LoopbackTests(unittest.TestCase):
     """Our server options on a real SSL4ServerEndpoint; the pinned client over TCP."""
 
@@ -263,12 +236,12 @@ class LoopbackTests(unittest.TestCase):
         server = endpoints.SSL4ServerEndpoint(  # type: ignore[no-untyped-call]
             reactor, 0, tls.server_options(CERT_PEM, KEY_PEM), interface="127.0.0.1"
         )
-        port = yield server.listen(protocol.Factory.forProtocol(_Echo))
+        port = yield server.listen(protocol.Factory.forProtocol(Echo))
         self.addCleanup(port.stopListening)
         address = port.getHost()
 
         def connect(fingerprint: str) -> defer.Deferred[bytes]:
-            client = _Client()
+            client = TLSLineClient()
             ep = endpoints.wrapClientTLS(
                 tls.client_options_pinned(fingerprint, "localhost"),
                 endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", address.port),

@@ -26,6 +26,7 @@ from shtalk.server.cred.tokens import (
     new_refresh_token,
     refresh_hash,
 )
+from shtalk.testing import b64url
 from shtalk.wire.errors import ErrorCode, ProtocolError
 from shtalk.wire.passwords import check_password_policy
 
@@ -36,10 +37,6 @@ def new_key_pem() -> bytes:
     return ec.generate_private_key(ec.SECP256R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 class AccessTokenTests(SynchronousTestCase):

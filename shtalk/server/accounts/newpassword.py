@@ -19,8 +19,7 @@ from shtalk.server.accounts.gates import NO_ACCOUNT, account_key
 from shtalk.server.accounts.mailcodes import RESET, MailedCodes
 from shtalk.server.accounts.shared import AccountPart, Shared
 from shtalk.server.iserver import InvalidCode, InvalidCredentials
-from shtalk.server.store.accounts import CODE_OK
-from shtalk.server.store.records import User
+from shtalk.server.store.records import CODE_OK, User
 from shtalk.wire.passwords import check_password_policy
 
 log = Logger()

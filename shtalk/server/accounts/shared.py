@@ -17,14 +17,13 @@ from shtalk.server.accounts.gates import Gates
 from shtalk.server.chat.users import Users
 from shtalk.server.config import AccountsSection
 from shtalk.server.cred.passwords import PasswordHasher
-from shtalk.server.iserver import IStore
-from shtalk.server.store.accounts import AccountStore
+from shtalk.server.iserver import ICodeStore, IStore
 
 
 @dataclass(frozen=True)
 class Shared:
     store: IStore
-    codes: AccountStore
+    codes: ICodeStore
     gates: Gates
     users: Users
     hasher: PasswordHasher

@@ -18,8 +18,7 @@ from shtalk.server.accounts import totp
 from shtalk.server.accounts.shared import AccountPart, Shared
 from shtalk.server.cred.checkers import Factor
 from shtalk.server.iserver import InvalidCode, InvalidCredentials, TotpEnabled, TotpNotEnabled
-from shtalk.server.store.accounts import TotpRecord
-from shtalk.server.store.records import User
+from shtalk.server.store.records import TotpRecord, User
 
 log = Logger()
 

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from shtalk.server.chat import mailbox, pushes
+from shtalk.server.chat import pushes
 from shtalk.server.chat.audience import Audience
 from shtalk.server.chat.naming import room_key, user_key
 from shtalk.server.chat.presence import Presence
@@ -40,6 +40,7 @@ from shtalk.server.iserver import (
     RoomExists,
 )
 from shtalk.server.ops.monitor import Monitor
+from shtalk.server.store.mailbox import inbox_owner, room_mailbox, user_mailbox
 from shtalk.server.store.records import NewMessage, OneTimeKey, Room, User
 
 MODERATORS = ("owner", "admin")
@@ -241,7 +242,7 @@ class ChatUser:
                 self._check_envelopes(envelope, None)
                 self._require_member(members)
                 message = self._message(
-                    (mailbox.room_mailbox(room.id),), pushes.room_target(room.name), client_id,
+                    (room_mailbox(room.id),), pushes.room_target(room.name), client_id,
                     expires_in, envelope, {},
                 )  # fmt: skip
                 d: Deferred[Any] = self.store.append(message)
@@ -258,7 +259,7 @@ class ChatUser:
             if monitor is not None:  # metadata of the send
                 monitor.sent(
                     self.user.id, self.user.name, self.user.created,
-                    mailbox.users_of(message.mailboxes),
+                    [u for u in map(inbox_owner, message.mailboxes) if u is not None],
                     [len(e) for e in (message.envelope, *message.envelopes.values()) if e],
                 )  # fmt: skip
         return {"seq": result.seqs[0], "ts": message.ts, "duplicate": result.duplicate}
@@ -306,19 +307,19 @@ class ChatUser:
             if len(self._room_keys) < 256:  # for the fast path in send()
                 self._room_keys[to["room"]] = room.key
             self._require_member(members)
-            mailboxes: tuple[str, ...] = (mailbox.room_mailbox(room.id),)
+            mailboxes: tuple[str, ...] = (room_mailbox(room.id),)
             target = pushes.room_target(room.name)
             allowed = set(members)
         else:
             peer: User = yield self.users.user(to["user"])
             target = pushes.user_target(peer.name)
             own = self.users.devices_of(self.user.id) or {}
-            mine = mailbox.user_mailbox(self.user.id)
+            mine = user_mailbox(self.user.id)
             if peer.id == self.user.id:
                 mailboxes = (mine,)
             else:
                 # The sender's other devices get a copy through the sender's inbox.
-                theirs = mailbox.user_mailbox(peer.id)
+                theirs = user_mailbox(peer.id)
                 mailboxes = (theirs, mine) if len(own) > 1 else (theirs,)
             allowed = {peer.id, self.user.id}
         per_device: dict[tuple[int, str], bytes] = {}

@@ -14,12 +14,13 @@ from typing import Any
 
 from zope.interface import implementer
 
-from shtalk.server.chat import mailbox, pushes
+from shtalk.server.chat import pushes
 from shtalk.server.chat.fanout import FanOutCache
 from shtalk.server.chat.presence import Presence
 from shtalk.server.chat.rooms import Rooms
 from shtalk.server.chat.users import Users
 from shtalk.server.iserver import IDeliveryBus
+from shtalk.server.store.mailbox import inbox_owner, room_of
 from shtalk.server.store.records import StoredMessage
 
 
@@ -35,10 +36,11 @@ class LocalBus:
         self.delivered = 0
 
     def recipients(self, box: str) -> Iterable[int]:
-        kind, ident = mailbox.parse(box)
-        if kind == mailbox.USER:
-            return (ident,)
-        members = self.rooms.members.get(ident)
+        owner = inbox_owner(box)
+        if owner is not None:
+            return (owner,)
+        room = room_of(box)
+        members = self.rooms.members.get(room) if room is not None else None
         return members.keys() if members is not None else ()
 
     def connections(self, box: str) -> tuple[Any, ...]:

@@ -1,6 +1,6 @@
 """Account moderation (suspend, unsuspend, delete) and verifiable abuse reports.
 
-The SQL runs through the store's write lane (one group-committed transaction each);
+The store changes the account (one write each, ``IStore.set_status``/``delete_account``);
 the live effects (cached account dropped, connections of the account logged out) run
 on the reactor.  A suspended account keeps its data and cannot log in (the checkers
 refuse any status but ``active``); a deleted one is a tombstone: its name stays
@@ -28,79 +28,25 @@ from twisted.logger import Logger
 from shtalk.crypto.envelope import Envelope
 from shtalk.crypto.errors import CryptoError
 from shtalk.crypto.identity import PreKeyBundle
-from shtalk.server.chat.mailbox import user_mailbox
 from shtalk.server.chat.naming import room_key, user_key
 from shtalk.server.chat.presence import Presence
 from shtalk.server.chat.rooms import Rooms
 from shtalk.server.chat.users import Users
 from shtalk.server.cred.passwords import PasswordHasher
-from shtalk.server.iserver import BadRequest
+from shtalk.server.iserver import BadRequest, IStore
 from shtalk.server.ops.monitor import Monitor
 from shtalk.server.store.records import User
-from shtalk.server.store.sqlite import Conn
 from shtalk.wire.errors import ProtocolError
 
 log = Logger()
 
 
-def _set_status(conn: Conn, user_id: int, status: str) -> bool:
-    cur = conn.execute("UPDATE users SET status = ? WHERE id = ? AND status != 'deleted'",
-                       (status, user_id))
-    if status != "active":
-        conn.execute("UPDATE sessions SET revoked = 1 WHERE user_id = ?", (user_id,))
-    return cur.rowcount > 0
-
-
-def _delete_account(conn: Conn, user_id: int, dummy_hash: bytes) -> bool:
-    # The password hash is replaced by one of a random password (same cost), so a login
-    # attempt on a deleted account costs the same work as any other and fails.
-    cur = conn.execute(
-        "UPDATE users SET status = 'deleted', email = '', email_hash = NULL, pw_hash = ?"
-        " WHERE id = ?",
-        (dummy_hash, user_id),
-    )
-    if cur.rowcount == 0:
-        return False
-    conn.execute("UPDATE sessions SET revoked = 1 WHERE user_id = ?", (user_id,))
-    conn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
-    conn.execute("DELETE FROM members WHERE user_id = ?", (user_id,))
-    conn.execute("DELETE FROM invites WHERE user_id = ?", (user_id,))
-    conn.execute("DELETE FROM dm_partners WHERE user_id = ? OR partner_id = ?",
-                 (user_id, user_id))
-    conn.execute("DELETE FROM messages WHERE mailbox = ?", (user_mailbox(user_id),))
-    return True
-
-
-def _device_bundle(conn: Conn, user_id: int, device_id: str) -> bytes | None:
-    row = conn.execute(
-        "SELECT bundle FROM device_bundles WHERE user_id = ? AND device_id = ?",
-        (user_id, device_id),
-    ).fetchone()
-    return None if row is None else bytes(row[0])
-
-
-def _member_since(conn: Conn, room_id: int, user_id: int) -> float | None:
-    row = conn.execute("SELECT joined FROM members WHERE room_id = ? AND user_id = ?",
-                       (room_id, user_id)).fetchone()
-    return None if row is None else float(row[0])
-
-
-def _queued(conn: Conn) -> int:
-    return int(conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
-
-
-def _user_by_name(conn: Conn, key: str) -> tuple[int, str, str, float] | None:
-    row = conn.execute("SELECT id, name, status, created FROM users WHERE key = ?",
-                       (key,)).fetchone()
-    return None if row is None else (int(row[0]), str(row[1]), str(row[2]), float(row[3]))
-
-
 class Moderation:
     def __init__(
-        self, store: Any, hasher: PasswordHasher, users: Users, presence: Presence,
+        self, store: IStore, hasher: PasswordHasher, users: Users, presence: Presence,
         rooms: Rooms, clock: IReactorTime,
     ) -> None:
-        self.store = store  # SQLiteStore: its read/write lanes
+        self.store = store
         self.hasher = hasher
         self.users = users
         self.presence = presence
@@ -118,7 +64,8 @@ class Moderation:
             key = user_key(name_or_id)[1]
         except ProtocolError:
             key = name_or_id.lower()
-        return self.store._read(_user_by_name, key)
+        return self.store.user_by_key(key).addCallback(
+            lambda u: None if u is None else (u.id, u.name, u.status, u.created))
 
     def _logout_everywhere(self, user_id: int, name: str, why: str) -> None:
         self.users.forget(user_key(name)[1] if name else "")
@@ -129,7 +76,7 @@ class Moderation:
         user = yield self.store.user_by_id(user_id)
         if user is None:
             return False
-        changed = yield self.store._write(_set_status, user_id, status)
+        changed = yield self.store.set_status(user_id, status)
         if changed and status != "active":
             self._logout_everywhere(user_id, user.name, f"this account was {status}")
         if changed:
@@ -144,7 +91,7 @@ class Moderation:
         if user is None:
             return False
         dummy = yield self.hasher.hash(secrets.token_urlsafe(32))
-        done = yield self.store._write(_delete_account, user_id, dummy)
+        done = yield self.store.delete_account(user_id, dummy)
         if done:
             self._logout_everywhere(user_id, user.name, "this account was deleted")
             self.users.forget(user.key)
@@ -153,7 +100,7 @@ class Moderation:
         return bool(done)
 
     def queued(self) -> Any:
-        return self.store._read(_queued)
+        return self.store.queued()
 
     # --- reports --------------------------------------------------------------------
     @inlineCallbacks
@@ -222,10 +169,10 @@ class Moderation:
             room = (yield self.store.room_by_key(room_k)) if room_k else None
             if room is None:
                 raise BadRequest("envelope: it names a room that does not exist")
-            since = yield self.store._read(_member_since, room.id, reporter.id)
+            since = yield self.store.member_since(room.id, reporter.id)
             if since is None or since > env.timestamp / 1000:
                 raise BadRequest("envelope: you were not in that room when it was sent")
-        bundle = yield self.store._read(_device_bundle, target.id, env.sender_device)
+        bundle = yield self.store.device_bundle(target.id, env.sender_device)
         if bundle is None:
             raise BadRequest("envelope: the sending device published no identity key")
         try:

@@ -113,3 +113,19 @@ class ClaimedBundle:
     device_id: str
     bundle: bytes
     one_time: tuple[OneTimeKey, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TotpRecord:
+    """An account's TOTP enrolment: the sealed secret, and the last step accepted."""
+
+    user_id: int
+    sealed: bytes
+    enabled: bool
+    last_step: int
+
+
+# Outcomes of checking an emailed code.
+CODE_OK = "ok"
+CODE_WRONG = "wrong"  # counted; the code lives on until its attempts run out
+CODE_NONE = "none"  # no live code (never sent, used, expired or out of attempts)

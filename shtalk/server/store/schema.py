@@ -152,7 +152,7 @@ MIGRATIONS: list[Migration] = [
             FOREIGN KEY (user_id, device_id)
                 REFERENCES devices(user_id, device_id) ON DELETE CASCADE)""",
     ),
-    # 3: account security (shtalk.server.store.accounts).  Emailed codes and recovery
+    # 3: account security (shtalk.server.store.sql.security).  Emailed codes and recovery
     # codes are stored only as SHA-256 hashes; the TOTP secret is AES-256-GCM sealed.
     (
         """CREATE TABLE email_codes (
@@ -179,7 +179,7 @@ MIGRATIONS: list[Migration] = [
     # partner_id (only that shows user_id's presence to partner_id; rows from before
     # are 0, so presence between DM partners comes back with their next message).
     # users.email_hash: a keyed hash of the address, which is sealed in users.email
-    # (store.EmailSeal; rows still in clear are sealed when the store opens).
+    # (sealing.EmailSeal; rows still in clear are sealed when the store opens).
     (
         "ALTER TABLE dm_partners ADD COLUMN wrote INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE users ADD COLUMN email_hash BLOB",

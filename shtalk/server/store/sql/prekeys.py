@@ -1,23 +1,21 @@
-"""The prekey directory's SQL: run on the store's single writer, so a claim is atomic.
+"""The prekey directory: run on the store's single writer, so a claim is atomic.
 
 Bundles and one-time keys are opaque bytes to the server; clients verify the
-identity-key signatures inside them.  A one-time key is deleted in the same
-transaction that hands it out (blanked and marked), so two concurrent fetches can never get the
-same one (the writer runs one transaction at a time), and its id stays
+identity-key signatures inside them.  A one-time key is handed out in the same
+transaction that marks it claimed and blanks it, so two concurrent fetches can never
+get the same one (the writer runs one transaction at a time), and its id stays
 recorded so a client that re-publishes it cannot make it be handed out twice.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 
 from shtalk.server.store.records import ClaimedBundle, OneTimeKey
+from shtalk.server.store.sql.common import Conn
 
 KINDS = ("ec", "pq")
 MAX_ONE_TIME_KEYS = 200  # per device and kind: bounds what one device can park on us
-
-Conn = sqlite3.Connection
 
 
 def counts(conn: Conn, user_id: int, device_id: str) -> dict[str, int]:
@@ -108,12 +106,9 @@ def claim(conn: Conn, user_id: int, device_id: str | None, now: float) -> list[C
     return out
 
 
-def remove_device(conn: Conn, user_id: int, device_id: str) -> bool:
-    cur = conn.execute(
-        "DELETE FROM devices WHERE user_id = ? AND device_id = ?", (user_id, device_id)
-    )
-    conn.execute(
-        "UPDATE sessions SET revoked = 1 WHERE user_id = ? AND device_id = ?",
+def device_bundle(conn: Conn, user_id: int, device_id: str) -> bytes | None:
+    row = conn.execute(
+        "SELECT bundle FROM device_bundles WHERE user_id = ? AND device_id = ?",
         (user_id, device_id),
-    )
-    return cur.rowcount > 0
+    ).fetchone()
+    return None if row is None else bytes(row[0])

@@ -1,0 +1,59 @@
+"""The devices table: a device is created with a cursor in every mailbox its user reads."""
+
+from __future__ import annotations
+
+from shtalk.server.store.mailbox import ROOM_PREFIX, user_mailbox
+from shtalk.server.store.records import Device
+from shtalk.server.store.sql.common import Conn, top_seq
+
+
+def upsert_device(conn: Conn, user_id: int, device_id: str, label: str, now: float) -> Device:
+    row = conn.execute(
+        "SELECT label, created FROM devices WHERE user_id = ? AND device_id = ?",
+        (user_id, device_id),
+    ).fetchone()
+    if row is not None:
+        if row[0] != label:
+            conn.execute(
+                "UPDATE devices SET label = ? WHERE user_id = ? AND device_id = ?",
+                (label, user_id, device_id),
+            )
+        return Device(user_id, device_id, label, float(row[1]))
+    conn.execute(
+        "INSERT INTO devices (user_id, device_id, label, created) VALUES (?, ?, ?, ?)",
+        (user_id, device_id, label, now),
+    )
+    # A new device starts after everything already stored: it gets no history.
+    top = top_seq(conn)
+    conn.execute(
+        "INSERT INTO cursors (user_id, device_id, mailbox, acked_seq) VALUES (?, ?, ?, ?)",
+        (user_id, device_id, user_mailbox(user_id), top),
+    )
+    conn.execute(
+        "INSERT INTO cursors (user_id, device_id, mailbox, acked_seq)"
+        " SELECT ?, ?, ? || room_id, ? FROM members WHERE user_id = ?",
+        (user_id, device_id, ROOM_PREFIX, top, user_id),
+    )
+    return Device(user_id, device_id, label, now)
+
+
+def devices(conn: Conn, user_id: int) -> list[Device]:
+    rows = conn.execute(
+        "SELECT user_id, device_id, label, created FROM devices WHERE user_id = ?"
+        " ORDER BY created, device_id",
+        (user_id,),
+    )
+    return [Device(int(r[0]), r[1], r[2], float(r[3])) for r in rows]
+
+
+def remove_device(conn: Conn, user_id: int, device_id: str) -> bool:
+    """Its cursors, bundle and one-time keys go with it (foreign keys); its sessions
+    are revoked (kept, so a replayed refresh token is still recognised)."""
+    cur = conn.execute(
+        "DELETE FROM devices WHERE user_id = ? AND device_id = ?", (user_id, device_id)
+    )
+    conn.execute(
+        "UPDATE sessions SET revoked = 1 WHERE user_id = ? AND device_id = ?",
+        (user_id, device_id),
+    )
+    return cur.rowcount > 0

@@ -1,0 +1,296 @@
+"""Messages and cursors: one row per sent message per mailbox, one cursor per
+(device, mailbox it reads) saying how far that device has acknowledged.
+
+Appends are stored in runs (`append_many`): one duplicate look-up, then one
+``executemany`` per table for the whole run, with seqs assigned here (the writer is
+the only one), so a send costs few statements and few GIL hand-offs in the writer.
+A message is deleted by `sweep` once no device it is for still waits for it; only the
+range a cursor moved over can have become deletable, so a sweep never scans a table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+from shtalk.server.store.mailbox import inbox_owner
+from shtalk.server.store.records import AppendResult, NewMessage, StoredMessage
+from shtalk.server.store.sealing import encode_envelopes
+from shtalk.server.store.sql.common import CHUNK, Conn, chunks, marks, top_seq
+
+
+class Appending(Protocol):
+    """An append waiting in the writer's queue."""
+
+    message: NewMessage
+    now: float
+
+
+SWEEP_SQL = """
+DELETE FROM messages WHERE seq IN (
+  SELECT m.seq FROM messages m
+  WHERE m.mailbox = ? AND m.seq > ? AND m.seq <= ?
+    AND NOT EXISTS (
+      SELECT 1 FROM cursors c
+      WHERE c.mailbox = m.mailbox AND c.acked_seq < m.seq
+        AND NOT (c.user_id = m.sender_id AND c.device_id = m.sender_device)
+        AND (m.for_all = 1 OR EXISTS (
+          SELECT 1 FROM message_devices d
+          WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id))))
+"""
+
+
+def sweep(conn: Conn, mailbox: str, lo: int, hi: int) -> int:
+    """Delete messages of ``mailbox`` in (lo, hi] that no device still waits for.
+
+    Only that range can have become deletable (it is what the cursor moved
+    over), so an ack costs O(acked range), never a table scan.  The sending
+    device and devices without an envelope do not hold a message back.
+    """
+    return int(conn.execute(SWEEP_SQL, (mailbox, lo, hi)).rowcount)
+
+
+def add_cursors(conn: Conn, user_id: int, mailbox: str) -> None:
+    """Give each of the user's devices a cursor past everything stored so far."""
+    conn.execute(
+        "INSERT INTO cursors (user_id, device_id, mailbox, acked_seq)"
+        " SELECT user_id, device_id, ?, ? FROM devices WHERE user_id = ?"
+        " ON CONFLICT (user_id, device_id, mailbox) DO NOTHING",
+        (mailbox, top_seq(conn), user_id),
+    )
+
+
+def drop_cursors(conn: Conn, user_id: int, mailbox: str) -> None:
+    """The user's devices stop reading ``mailbox``; what only they held back goes."""
+    lowest = conn.execute(
+        "SELECT MIN(acked_seq) FROM cursors WHERE user_id = ? AND mailbox = ?",
+        (user_id, mailbox),
+    ).fetchone()[0]
+    conn.execute("DELETE FROM cursors WHERE user_id = ? AND mailbox = ?", (user_id, mailbox))
+    if lowest is not None:
+        sweep(conn, mailbox, int(lowest), top_seq(conn))
+
+
+def cursor(conn: Conn, user_id: int, device_id: str, mailbox: str) -> int | None:
+    """How far the device has acknowledged ``mailbox``; None if it does not read it."""
+    row = conn.execute(
+        "SELECT acked_seq FROM cursors WHERE user_id = ? AND device_id = ? AND mailbox = ?",
+        (user_id, device_id, mailbox),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def move_cursors(conn: Conn, updates: list[tuple[int, int, str, str, int]]) -> None:
+    """(seq, user, device, mailbox, seq) rows; never moves a cursor back (a cached
+    position may be stale after a re-join)."""
+    conn.executemany(
+        "UPDATE cursors SET acked_seq = ?"
+        " WHERE user_id = ? AND device_id = ? AND mailbox = ? AND acked_seq < ?",
+        updates,
+    )
+
+
+def last_seq_by_mailbox(conn: Conn, seqs: Sequence[int]) -> Iterable[tuple[str, int]]:
+    """(mailbox, highest of ``seqs`` stored in it), for seqs still stored."""
+    for chunk in chunks(seqs):
+        sql = (
+            "SELECT mailbox, MAX(seq) FROM messages"  # noqa: S608 (only ?s)
+            f" WHERE seq IN ({marks(len(chunk))}) GROUP BY mailbox"
+        )
+        for mailbox, seq in conn.execute(sql, tuple(chunk)):
+            yield mailbox, int(seq)
+
+
+def append_many(
+    conn: Conn,
+    ops: Sequence[Appending],
+    seal: Callable[[str, NewMessage, bytes], tuple[bytes, bytes]],
+    seq_mailbox: dict[int, str],
+) -> list[AppendResult]:
+    """Store a run of appends with one statement per table (writer thread).
+
+    ``seal`` encrypts a row's envelopes; ``seq_mailbox`` learns the mailbox of every
+    new seq (acks then need no look-up).
+    """
+    keys = [(op.message.sender_id, op.message.sender_device, op.message.client_id)
+            for op in ops]
+    known: dict[tuple[int, str, str], tuple[int, ...]] = {}
+    for chunk in chunks(keys, CHUNK // 3):
+        sql = (
+            f"WITH k(a, b, c) AS (VALUES {','.join(['(?,?,?)'] * len(chunk))})"  # noqa: S608
+            " SELECT t.sender_id, t.sender_device, t.client_id, t.seqs"
+            " FROM k JOIN client_ids t"
+            " ON t.sender_id = k.a AND t.sender_device = k.b AND t.client_id = k.c"
+        )
+        for sid, sdev, cid, seqs_text in conn.execute(sql, [v for k in chunk for v in k]):
+            known[(int(sid), sdev, cid)] = tuple(int(x) for x in seqs_text.split(",") if x)
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    top = int(row[0]) if row is not None else 0
+    rows: list[tuple[object, ...]] = []
+    device_rows: list[tuple[int, int, str]] = []
+    client_rows: list[tuple[object, ...]] = []
+    partner_rows: list[tuple[int, int]] = []
+    wrote_rows: list[tuple[int, int]] = []
+    ranges: dict[str, tuple[int, int]] = {}
+    results: list[AppendResult] = []
+    for op, key in zip(ops, keys, strict=True):
+        m = op.message
+        earlier = known.get(key)
+        if earlier is not None:
+            results.append(AppendResult(earlier, duplicate=True))
+            continue
+        plain = encode_envelopes(m.envelope, m.envelopes)
+        for_all = int(m.envelope is not None)
+        seqs: list[int] = []
+        stored: list[StoredMessage] = []
+        for mailbox in m.mailboxes:
+            top += 1
+            seq = top
+            nonce, body = seal(mailbox, m, plain)
+            rows.append((
+                seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
+                m.expires_at, m.target, for_all, nonce, body,
+            ))  # fmt: skip
+            if not for_all and m.envelopes:
+                device_rows.extend((seq, uid, dev) for uid, dev in m.envelopes)
+            lo_hi = ranges.get(mailbox)
+            ranges[mailbox] = (seq - 1, seq) if lo_hi is None else (lo_hi[0], seq)
+            seq_mailbox[seq] = mailbox
+            seqs.append(seq)
+            stored.append(
+                StoredMessage(
+                    seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
+                    m.expires_at, m.target, m.envelope, dict(m.envelopes),
+                )
+            )  # fmt: skip
+        known[key] = tuple(seqs)
+        client_rows.append(
+            (m.sender_id, m.sender_device, m.client_id, ",".join(map(str, seqs)), op.now)
+        )
+        if m.target.startswith("user:"):
+            partners = {
+                p for p in map(inbox_owner, m.mailboxes) if p is not None and p != m.sender_id
+            }
+            wrote_rows.extend((m.sender_id, p) for p in partners)
+            partner_rows.extend((p, m.sender_id) for p in partners)
+        results.append(AppendResult(tuple(seqs), duplicate=False, messages=tuple(stored)))
+    if rows:
+        conn.executemany(
+            "INSERT INTO messages (seq, mailbox, sender_id, sender_device, client_id, ts,"
+            " expires_at, target, for_all, nonce, body) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
+    if device_rows:
+        conn.executemany(
+            "INSERT INTO message_devices (seq, user_id, device_id) VALUES (?, ?, ?)",
+            device_rows,
+        )
+    if client_rows:
+        conn.executemany(
+            "INSERT INTO client_ids (sender_id, sender_device, client_id, seqs, created)"
+            " VALUES (?, ?, ?, ?, ?)",
+            client_rows,
+        )
+    if wrote_rows:
+        # The sender has written to the recipient (which shows the sender's presence
+        # to them); the recipient is merely a partner of the sender.
+        conn.executemany(
+            "INSERT INTO dm_partners (user_id, partner_id, wrote) VALUES (?, ?, 1)"
+            " ON CONFLICT (user_id, partner_id) DO UPDATE SET wrote = 1"
+            " WHERE dm_partners.wrote = 0",
+            wrote_rows,
+        )
+    if partner_rows:
+        conn.executemany(
+            "INSERT INTO dm_partners (user_id, partner_id) VALUES (?, ?)"
+            " ON CONFLICT (user_id, partner_id) DO NOTHING",
+            partner_rows,
+        )
+    # Rows no other device reads (e.g. the sender's own inbox when it has one
+    # device) are not kept; their seqs are still reported.
+    for mailbox, (lo, hi) in ranges.items():
+        sweep(conn, mailbox, lo, hi)
+    return results
+
+
+PENDING_SQL = """
+SELECT m.seq, m.mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
+       m.expires_at, m.target, m.nonce, m.body
+FROM cursors c JOIN messages m ON m.mailbox = c.mailbox AND m.seq > c.acked_seq
+WHERE c.user_id = ? AND c.device_id = ?
+  AND NOT (m.sender_id = c.user_id AND m.sender_device = c.device_id)
+  AND (m.expires_at IS NULL OR m.expires_at > ?)
+  AND m.ts >= ?
+  AND (m.for_all = 1 OR EXISTS (
+    SELECT 1 FROM message_devices d
+    WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id))
+ORDER BY m.seq
+"""
+
+
+def pending(
+    conn: Conn, user_id: int, device_id: str, now: float, cutoff_ms: int,
+    open_row: Callable[[Any], StoredMessage],
+) -> list[StoredMessage]:
+    rows = conn.execute(PENDING_SQL, (user_id, device_id, now, cutoff_ms)).fetchall()
+    return [open_row(row) for row in rows]
+
+
+def sweep_all(conn: Conn) -> int:
+    """Sweep every mailbox over all it holds up to its furthest cursor (at start-up)."""
+    deleted = 0
+    rows = conn.execute(
+        "SELECT m.mailbox, MIN(m.seq), (SELECT MAX(c.acked_seq) FROM cursors c"
+        " WHERE c.mailbox = m.mailbox) FROM messages m GROUP BY m.mailbox"
+    ).fetchall()
+    for mailbox, lo, hi in rows:
+        if hi is not None and hi >= lo:
+            deleted += sweep(conn, mailbox, int(lo) - 1, int(hi))
+    return deleted
+
+
+def purge_step(
+    conn: Conn, now: float, cutoff_ms: int, forget_before: float, limit: int
+) -> tuple[int, bool]:
+    """Delete up to ``limit`` rows of each kind; return (messages deleted, more left?)."""
+    expired = conn.execute(
+        "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages"
+        " WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)",
+        (now, limit),
+    ).rowcount
+    too_old = conn.execute(
+        "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE ts < ? LIMIT ?)",
+        (cutoff_ms, limit),
+    ).rowcount
+    forgotten = conn.execute(
+        "DELETE FROM client_ids WHERE rowid IN"
+        " (SELECT rowid FROM client_ids WHERE created < ? LIMIT ?)",
+        (forget_before, limit),
+    ).rowcount
+    # An expired family can no longer rotate; its hashes need not be kept.
+    ended = conn.execute(
+        "DELETE FROM sessions WHERE family IN"
+        " (SELECT family FROM sessions WHERE expires <= ? LIMIT ?)",
+        (now, limit),
+    ).rowcount
+    more = max(expired, too_old, forgotten, ended) >= limit
+    return int(expired) + int(too_old), more
+
+
+def queued(conn: Conn) -> int:
+    """Messages stored and not yet acknowledged by every device they are for."""
+    return int(conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+
+
+TABLES = (
+    "users", "devices", "sessions", "refresh_tokens", "rooms", "members", "invites",
+    "dm_partners", "messages", "message_devices", "cursors", "client_ids",
+)  # fmt: skip
+
+
+def stats(conn: Conn) -> dict[str, int]:
+    # Table names come from the constant above, never from input.
+    return {
+        t: int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])  # noqa: S608
+        for t in TABLES
+    }

@@ -1,0 +1,160 @@
+"""The account-security tables: emailed codes, TOTP enrolment, recovery codes.
+
+Secrets never reach these tables in clear: emailed and recovery codes arrive as
+SHA-256 hashes, the TOTP secret as an AES-GCM sealed blob (``shtalk.server.accounts.totp``).
+Every check that consumes something (a code, a TOTP step) is one write op, so two
+concurrent attempts with the same code cannot both succeed.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from shtalk.server.store.records import CODE_NONE, CODE_OK, CODE_WRONG, TotpRecord
+from shtalk.server.store.sql.common import Conn
+
+
+def put_email_code(
+    conn: Conn, user_id: int, purpose: str, code_hash: bytes, expires: float, now: float,
+    min_interval: float,
+) -> bool:
+    """Store a new code (replacing the old one) unless one was sent too recently."""
+    row = conn.execute(
+        "SELECT sent FROM email_codes WHERE user_id = ? AND purpose = ?", (user_id, purpose)
+    ).fetchone()
+    if row is not None and now - float(row[0]) < min_interval:
+        return False
+    conn.execute(
+        "INSERT INTO email_codes (user_id, purpose, code_hash, expires, attempts, sent)"
+        " VALUES (?, ?, ?, ?, 0, ?) ON CONFLICT (user_id, purpose) DO UPDATE SET"
+        " code_hash = excluded.code_hash, expires = excluded.expires, attempts = 0,"
+        " sent = excluded.sent",
+        (user_id, purpose, code_hash, expires, now),
+    )
+    return True
+
+
+def check_email_code(
+    conn: Conn, user_id: int, purpose: str, code_hash: bytes, now: float, max_attempts: int
+) -> str:
+    row = conn.execute(
+        "SELECT code_hash, expires, attempts FROM email_codes WHERE user_id = ? AND purpose = ?",
+        (user_id, purpose),
+    ).fetchone()
+    if row is None or float(row[1]) <= now or int(row[2]) >= max_attempts:
+        return CODE_NONE
+    if not hmac.compare_digest(bytes(row[0]), code_hash):
+        # The row's `sent` stays, so a failed guess cannot be used to skip the resend wait.
+        conn.execute(
+            "UPDATE email_codes SET attempts = attempts + 1 WHERE user_id = ? AND purpose = ?",
+            (user_id, purpose),
+        )
+        return CODE_WRONG
+    # Single use: the code goes, but `sent` must keep limiting mails, so expire it instead.
+    conn.execute(
+        "UPDATE email_codes SET expires = 0, code_hash = x'' WHERE user_id = ? AND purpose = ?",
+        (user_id, purpose),
+    )
+    if purpose == "verify":
+        conn.execute(
+            "UPDATE users SET status = 'active' WHERE id = ? AND status = 'pending'", (user_id,)
+        )
+    return CODE_OK
+
+
+def reset_with_code(
+    conn: Conn, user_id: int, code_hash: bytes, now: float, max_attempts: int, pw_hash: bytes
+) -> tuple[str, list[str]]:
+    outcome = check_email_code(conn, user_id, "reset", code_hash, now, max_attempts)
+    if outcome != CODE_OK:
+        return outcome, []
+    return outcome, set_password(conn, user_id, pw_hash)
+
+
+def set_password(conn: Conn, user_id: int, pw_hash: bytes) -> list[str]:
+    """New password hash; every session of the account revoked; their families returned."""
+    families = [
+        r[0]
+        for r in conn.execute(
+            "SELECT family FROM sessions WHERE user_id = ? AND revoked = 0", (user_id,)
+        )
+    ]
+    conn.execute("UPDATE users SET pw_hash = ? WHERE id = ?", (pw_hash, user_id))
+    conn.execute("UPDATE sessions SET revoked = 1 WHERE user_id = ?", (user_id,))
+    return families
+
+
+def purge_pending(conn: Conn, cutoff: float) -> int:
+    cur = conn.execute("DELETE FROM users WHERE status = 'pending' AND created < ?", (cutoff,))
+    return int(cur.rowcount)
+
+
+def totp(conn: Conn, user_id: int) -> TotpRecord | None:
+    row = conn.execute(
+        "SELECT sealed, enabled, last_step FROM totp WHERE user_id = ?", (user_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    return TotpRecord(user_id, bytes(row[0]), bool(row[1]), int(row[2]))
+
+
+def put_pending_totp(conn: Conn, user_id: int, sealed: bytes, now: float) -> bool:
+    """A new, not yet confirmed secret; False if TOTP is already enabled."""
+    row = conn.execute("SELECT enabled FROM totp WHERE user_id = ?", (user_id,)).fetchone()
+    if row is not None and row[0]:
+        return False
+    conn.execute(
+        "INSERT INTO totp (user_id, sealed, enabled, last_step, created) VALUES (?, ?, 0, 0, ?)"
+        " ON CONFLICT (user_id) DO UPDATE SET sealed = excluded.sealed, enabled = 0,"
+        " last_step = 0, created = excluded.created",
+        (user_id, sealed, now),
+    )
+    return True
+
+
+def enable_totp(conn: Conn, user_id: int, step: int, code_hashes: list[bytes]) -> bool:
+    cur = conn.execute(
+        "UPDATE totp SET enabled = 1, last_step = ? WHERE user_id = ? AND enabled = 0"
+        " AND last_step < ?",
+        (step, user_id, step),
+    )
+    if cur.rowcount != 1:
+        return False
+    replace_recovery(conn, user_id, code_hashes)
+    return True
+
+
+def replace_recovery(conn: Conn, user_id: int, code_hashes: list[bytes]) -> None:
+    conn.execute("DELETE FROM recovery_codes WHERE user_id = ?", (user_id,))
+    conn.executemany(
+        "INSERT INTO recovery_codes (user_id, code_hash) VALUES (?, ?)",
+        [(user_id, h) for h in code_hashes],
+    )
+
+
+def accept_step(conn: Conn, user_id: int, step: int) -> bool:
+    """Record ``step`` as used; False if it (or a later one) was accepted before."""
+    cur = conn.execute(
+        "UPDATE totp SET last_step = ? WHERE user_id = ? AND enabled = 1 AND last_step < ?",
+        (step, user_id, step),
+    )
+    return cur.rowcount == 1
+
+
+def use_recovery(conn: Conn, user_id: int, code_hash: bytes) -> bool:
+    cur = conn.execute(
+        "DELETE FROM recovery_codes WHERE user_id = ? AND code_hash = ?", (user_id, code_hash)
+    )
+    return cur.rowcount == 1
+
+
+def disable_totp(conn: Conn, user_id: int) -> None:
+    conn.execute("DELETE FROM totp WHERE user_id = ?", (user_id,))
+    conn.execute("DELETE FROM recovery_codes WHERE user_id = ?", (user_id,))
+
+
+def recovery_left(conn: Conn, user_id: int) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM recovery_codes WHERE user_id = ?", (user_id,)
+    ).fetchone()
+    return int(row[0])
