@@ -27,15 +27,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "PERFORMANCE.md"
 SECTION = "## Server message path (bench/msgpath)"
 DEFAULT_BASE = "9db595a"
 
@@ -147,14 +144,6 @@ def child_main(argv: list[str]) -> None:
 # --- the parent ------------------------------------------------------------------------
 
 
-def export(commit: str, into: Path) -> Path:
-    data = subprocess.run(["git", "-C", str(REPO), "archive", commit], check=True,
-                          capture_output=True).stdout
-    with tarfile.open(fileobj=BytesIO(data)) as tar:
-        tar.extractall(into, filter="data")
-    return into
-
-
 def measure(tree: Path, n: int, k: int, what: str, work: Path, callgrind: bool) -> float:
     """Instructions (callgrind) or CPU seconds for ``k`` requests."""
     run_dir = Path(tempfile.mkdtemp(dir=work))
@@ -199,9 +188,12 @@ def main() -> None:
     callgrind = shutil.which("valgrind") is not None
     unit = "instructions" if callgrind else "µs of CPU"
     rows = []
-    with tempfile.TemporaryDirectory(prefix="shtalk-msgpath-") as tmp:
-        work = Path(tmp)
-        base = export(args.base, work / "base")
+    # Not at the top: the child runs this file with another tree first on its path,
+    # one that may have no bench.common.
+    from bench import common
+
+    with common.workdir("shtalk-msgpath-") as work:
+        base = common.extract(args.base, work / "base")
         trees = {"base": base, "this": REPO}
         for what in ("send", "ack"):
             got: dict[str, list[float]] = {"base": [], "this": []}
@@ -222,13 +214,13 @@ def main() -> None:
 
 def write_docs(args: argparse.Namespace, rows: list[tuple[str, float, float, str]],
                unit: str) -> None:
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True).stdout.strip()
+    from bench import common
+
     lines = [
         SECTION, "",
         f"`.venv/bin/python -m bench.msgpath --base {args.base} --n {args.n} --k {args.k}`"
         f" on {platform.machine()}, Python {platform.python_version()}, "
-        f"{time.strftime('%Y-%m-%d')}; this tree at {head} (plus any uncommitted change).",
+        f"{time.strftime('%Y-%m-%d')}; this tree at {common.revision()}.",
         "",
         f"One room of {args.n} members, in one process; the store answers at once, so this"
         " is the server's own work per request: one `send` (parse, dispatch, avatar, fan-out"
@@ -241,15 +233,7 @@ def write_docs(args: argparse.Namespace, rows: list[tuple[str, float, float, str
     ]
     for what, b, t, spread in rows:
         lines.append(f"| `{what}` | {b:,.0f} | {t:,.0f} | {t / b:.3f}{spread} |")
-    text = DOC.read_text(encoding="utf-8")
-    block = "\n".join(lines) + "\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + block + ("\n" + text[nxt + 1:] if nxt != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    DOC.write_text(text, encoding="utf-8")
+    common.write_section("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
