@@ -30,6 +30,7 @@ from shtalk.server.cred.tokens import TokenIssuer
 from shtalk.server.iserver import IStore
 from shtalk.server.net.connection import ShtalkServerFactory, ShtalkServerProtocol
 from shtalk.server.ops.ratelimit import RateLimiter
+from shtalk.server.store.memory import MemoryStore
 from shtalk.server.store.sqlite import READERS, SQLiteStore
 
 GOOD_PASSWORD = "tangerine-quokka-43"  # noqa: S105 - a test fixture
@@ -117,7 +118,7 @@ class ServerParts:
 async def build_server(
     directory: str,
     *,
-    store: IStore | None = None,
+    store: IStore | str | None = None,
     max_per_address: int = 20,
     pre_auth: float = 30.0,
     idle: float = 600.0,
@@ -126,8 +127,9 @@ async def build_server(
     limiter: Any = None,
 ) -> ServerParts:
     """The server's objects as shtalk.server.compose connects them, over ``store`` (by
-    default a real SQLite file, opened here), with protocol timers on a test clock
-    (bcrypt and SQLite still run in real threads).
+    default the in-memory store, which answers at once on the test clock; ``"sqlite"``:
+    a real SQLite file in ``directory``, its work in real threads), opened here, with
+    protocol timers on the test clock (bcrypt still runs in real threads).
 
     Account security is on, but by default without email verification and CAPTCHA
     (``accounts`` turns them on); mail goes to a `MemoryMailer` (``parts.mailer``).
@@ -136,6 +138,9 @@ async def build_server(
     os.makedirs(directory, exist_ok=True)
     clock = WallClock()
     if store is None:
+        store = MemoryStore(clock)
+    elif isinstance(store, str):
+        assert store == "sqlite", store
         store = SQLiteStore(
             os.path.join(directory, "db.sqlite3"), os.urandom(32), reactor=reactor
         )
