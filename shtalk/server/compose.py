@@ -1,102 +1,226 @@
-"""Wiring: config and data directory in, the chat service tree out.
+"""Wiring: the only place the server's objects are built and connected.
 
-Nothing here does I/O beyond reading what the data directory already made
-sure of; the store opens, and the bcrypt pool starts, in startService.
+Every object takes its collaborators in its constructor; nothing is attached or
+assigned after construction, so reading `build` top to bottom shows the whole server
+(as magic-wormhole's ``_build_workers``).  `make_chat_service` adds what only a real
+run has (the SQLite store, the bcrypt pool, keys from the data directory, the mailer,
+the rate-limit backend, the operations service) and the service tree.
+
+Nothing here does I/O beyond reading what the data directory already made sure of;
+the store opens, and the bcrypt pool starts, in startService.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
-from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from shtalk.server.accounts.security import AccountSecurity, make_account_security
+from shtalk.server.accounts import totp
+from shtalk.server.accounts.captcha import CaptchaBook
+from shtalk.server.accounts.gates import CaptchaDemands, Gates
+from shtalk.server.accounts.mailcodes import MailedCodes
+from shtalk.server.accounts.mailer import Mailer, make_mailer
+from shtalk.server.accounts.newpassword import NewPassword
+from shtalk.server.accounts.registration import Registration
+from shtalk.server.accounts.security import AccountSecurity
+from shtalk.server.accounts.shared import Shared
+from shtalk.server.accounts.throttle import AuthThrottle
+from shtalk.server.accounts.twofactor import TwoFactor
+from shtalk.server.accounts.verification import EmailVerification
+from shtalk.server.chat.audience import Audience
+from shtalk.server.chat.avatar import ChatParts
+from shtalk.server.chat.delivery import LocalBus
+from shtalk.server.chat.fanout import FanOutCache
+from shtalk.server.chat.presence import Presence
+from shtalk.server.chat.rooms import Rooms
 from shtalk.server.chat.service import ChatService
-from shtalk.server.config import ServerConfig, StartupError
-from shtalk.server.cred.checkers import AccessTokenChecker, BcryptChecker, ChatRealm
+from shtalk.server.chat.users import Users
+from shtalk.server.config import (
+    MonitorSection,
+    RateLimitSection,
+    ServerConfig,
+    SmtpSection,
+    StartupError,
+    ThrottleSection,
+)
+from shtalk.server.cred.checkers import AccessTokenChecker, BcryptChecker
 from shtalk.server.cred.passwords import PasswordHasher
+from shtalk.server.cred.realm import ChatRealm
+from shtalk.server.cred.sessions import Sessions
 from shtalk.server.cred.tokens import TokenIssuer
 from shtalk.server.datadir import DataDir
 from shtalk.server.iserver import CorruptStore, IStore
+from shtalk.server.net.account import AccountHandlers
 from shtalk.server.net.admission import PendingHandshakes
+from shtalk.server.net.audit import Audit
+from shtalk.server.net.backlog import Backlog
+from shtalk.server.net.chathandlers import ChatHandlers
 from shtalk.server.net.connection import ShtalkServerFactory
-from shtalk.server.ops.service import install_operations
+from shtalk.server.net.limits import RequestLimits
+from shtalk.server.net.login import LoginHandlers
+from shtalk.server.ops.actions import MonitorActions
+from shtalk.server.ops.moderation import Moderation
+from shtalk.server.ops.monitor import Monitor
+from shtalk.server.ops.ratelimit import FallbackBuckets, MemoryBuckets, RateLimiter
+from shtalk.server.ops.redisbackend import RedisBuckets
+from shtalk.server.ops.service import Operations, OperationsService
+from shtalk.server.services import ChatServerService, StoreService
 from shtalk.server.store.sqlite import SQLiteStore, check_database_file
 from shtalk.server.testclock import ENV as TEST_CLOCK_ENV
 from shtalk.server.testclock import clock_from_environment
 
 log = Logger()
 
-
-class StoreService(Service):
-    """Opens the store when the service tree starts and closes it last."""
-
-    name = "store"
-
-    def __init__(self, store: IStore, hasher: PasswordHasher) -> None:
-        self.store = store
-        self.hasher = hasher
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        self.hasher.start()
-        d = self.store.open()
-        d.addErrback(self._failed)
-
-    def _failed(self, failure: Any) -> None:
-        from twisted.internet import reactor
-
-        log.failure("the database could not be opened", failure)
-        reactor.stop()  # type: ignore[attr-defined]
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()  # type: ignore[no-untyped-call]
-        self.hasher.stop()
-        return self.store.close()
+CAPTCHA_ANSWERS_ENV = "SHTALK_TEST_CAPTCHA_ANSWERS"
 
 
-class ChatServerService(MultiService):
-    """The whole server minus its listener; ``factory`` is what the listener serves."""
+@dataclass(frozen=True)
+class Server:
+    """Everything the server is made of, connected (the listener serves ``factory``)."""
 
-    factory: ShtalkServerFactory
-    chat: ChatService
     store: IStore
-    startup_notes: list[str]
+    hasher: PasswordHasher
+    clock: IReactorTime
+    users: Users
+    rooms: Rooms
+    presence: Presence
+    chat: ChatService
+    sessions: Sessions
+    demands: CaptchaDemands
+    security: AccountSecurity
+    factory: ShtalkServerFactory
+    limiter: RateLimiter | None = None
+    monitor: Monitor | None = None
+    moderation: Moderation | None = None
 
 
-def make_factory(
-    chat: ChatService,
+def build(
+    config: ServerConfig,
     store: IStore,
     hasher: PasswordHasher,
     issuer: TokenIssuer,
-    security: AccountSecurity,
+    mailer: Mailer,
     clock: IReactorTime,
-    **limits: Any,
-) -> ShtalkServerFactory:
-    """The portal (password and token checkers, the chat realm) and the protocol
-    factory over it; ``limits`` are ShtalkServerFactory's keyword arguments."""
+    storage_key: bytes,
+    *,
+    limiter: RateLimiter | None = None,
+    flags: Path | None = None,
+    admission: PendingHandshakes | None = None,
+    captcha_answers: str | None = None,
+) -> Server:
+    """The server's objects over a store that is not yet open.
+
+    ``limiter`` None: requests are not rate limited.  ``flags`` (where the monitor keeps
+    its flags) None: no monitoring, no moderation, no reports."""
+    server, storage = config.server, config.storage
+    fanout = FanOutCache()
+    users = Users(store)
+    rooms = Rooms(store, users, fanout)
+    presence = Presence(fanout)
+    audience = Audience(store, presence, rooms, users)
+    bus = LocalBus(presence, rooms, users, fanout)
+    demands = CaptchaDemands()
+    sessions = Sessions(store, issuer, clock)
+
+    moderation: Moderation | None = None
+    monitor: Monitor | None = None
+    if flags is not None:
+        if limiter is None:
+            limiter = RateLimiter(config.section(RateLimitSection), clock)
+        moderation = Moderation(store, hasher, users, presence, rooms, clock)
+        watch = config.section(MonitorSection)
+        actions = MonitorActions(demands, limiter, moderation, watch)
+        monitor = Monitor(watch, clock, flags, partners=store.dm_partners, actions=actions.table())
+
+    parts = ChatParts(
+        store, users, rooms, presence, audience, bus, clock, storage.max_envelope_bytes, monitor
+    )
+    security = build_security(
+        config, store, hasher, mailer, clock, storage_key, users, demands, captcha_answers
+    )
     portal = Portal(
-        ChatRealm(chat),
+        ChatRealm(parts),
         [
-            BcryptChecker(store, hasher, security.second_factor),
+            BcryptChecker(store, hasher, security.two_factor.second_factor),
             AccessTokenChecker(store, issuer, clock.seconds),
         ],
     )
-    factory = ShtalkServerFactory(chat, portal, clock, **limits)
-    factory.security = security
-    return factory
+    limits = RequestLimits(limiter, security.gates, clock)
+    handlers = [
+        LoginHandlers(portal, sessions, presence, security.gates, Backlog(users, audience)),
+        ChatHandlers(store, security.gates, demands, moderation, monitor),
+        AccountHandlers(store, security, sessions, presence, limits),
+    ]
+    factory = ShtalkServerFactory(
+        clock, handlers, limits, Audit(monitor), presence, admission,
+        max_line_length=server.max_line_length,
+        pre_auth_timeout=float(server.pre_auth_timeout),
+        idle_timeout=float(server.idle_timeout),
+        max_connections_per_address=server.max_connections_per_address,
+        max_envelope_bytes=storage.max_envelope_bytes,
+        min_password_length=config.accounts.min_password_length,
+        captcha_ttl=float(config.accounts.captcha_ttl),
+    )
+    return Server(
+        store, hasher, clock, users, rooms, presence, ChatService(store, clock), sessions,
+        demands, security, factory, limiter, monitor, moderation,
+    )
+
+
+def build_security(
+    config: ServerConfig,
+    store: IStore,
+    hasher: PasswordHasher,
+    mailer: Mailer,
+    clock: IReactorTime,
+    storage_key: bytes,
+    users: Users,
+    demands: CaptchaDemands,
+    captcha_answers: str | None = None,
+) -> AccountSecurity:
+    """Registration, email codes, CAPTCHA gates, TOTP and throttling, over one store."""
+    accounts = config.accounts
+    gates = Gates(
+        CaptchaBook(clock, ttl=float(accounts.captcha_ttl)),
+        AuthThrottle(clock, config.section(ThrottleSection)),
+        demands, users, accounts, captcha_answers,
+    )
+    shared = Shared(store, store.codes, gates, users, hasher, clock, accounts)
+    mailed = MailedCodes(shared, mailer)
+    status = "pending" if accounts.require_email_verification else "active"
+    return AccountSecurity(
+        shared,
+        Registration(store, hasher, accounts.min_password_length, status),
+        EmailVerification(shared, mailed),
+        NewPassword(shared, mailed),
+        TwoFactor(shared, totp.SecretBox(storage_key)),
+        mailer,
+    )
+
+
+def make_limiter(config: RateLimitSection, clock: IReactorTime) -> RateLimiter:
+    """The limiter the config asks for (Redis wrapped in the memory fallback)."""
+    if not config.enabled or config.backend == "memory":
+        return RateLimiter(config, clock)
+    redis = RedisBuckets(
+        config.redis_url, config.redis_prefix, clock, timeout=config.redis_timeout
+    )
+    backend = FallbackBuckets(redis, MemoryBuckets(clock), clock, config.redis_retry)
+    return RateLimiter(config, clock, backend)
 
 
 def make_chat_service(
     config: ServerConfig, datadir: DataDir, clock: IReactorTime | None = None
 ) -> ChatServerService:
-    if clock is None:
-        from twisted.internet import reactor
+    """``twistd shtalk``'s server: everything but the listener, as a service tree."""
+    from twisted.internet import reactor
 
+    if clock is None:
         clock = clock_from_environment(reactor)
         if clock is not reactor:
             log.warn("INSECURE test hook: the server's clock is shifted by the seconds in "
@@ -107,12 +231,7 @@ def make_chat_service(
         check_database_file(db_path)
     except CorruptStore as e:
         raise StartupError(str(e)) from None
-    server, accounts, tokens, storage = (
-        config.server,
-        config.accounts,
-        config.tokens,
-        config.storage,
-    )
+    accounts, tokens, storage = config.accounts, config.tokens, config.storage
     store = SQLiteStore(
         db_path, datadir.storage_key(), clock=clock, retention=float(storage.retention)
     )
@@ -125,38 +244,28 @@ def make_chat_service(
         access_ttl=tokens.access_ttl,
         refresh_ttl=tokens.refresh_ttl,
     )
-    chat = ChatService(
-        store,
-        hasher,
-        issuer,
-        clock,
-        min_password_length=accounts.min_password_length,
-        retention=float(storage.retention),
-        max_envelope_bytes=storage.max_envelope_bytes,
+    mailer = make_mailer(config.section(SmtpSection), datadir.outbox_dir, clock, reactor,
+                         keep_for=float(accounts.email_code_ttl))
+    answers = os.environ.get(CAPTCHA_ANSWERS_ENV) or None
+    if answers:
+        log.warn("INSECURE test hook: CAPTCHA answers are written to {path}", path=answers)
+    limiter = make_limiter(config.section(RateLimitSection), clock)
+    parts = build(
+        config, store, hasher, issuer, mailer, clock, datadir.storage_key(),
+        limiter=limiter, flags=datadir.path / "flags.json",
+        admission=PendingHandshakes.from_config(config.server, clock), captcha_answers=answers,
     )
-    # Account security (issue 6): email codes, CAPTCHA, TOTP, throttling.
-    security = make_account_security(config, datadir, store, hasher, chat, clock)
-    factory = make_factory(
-        chat,
-        store,
-        hasher,
-        issuer,
-        security,
-        clock,
-        max_line_length=server.max_line_length,
-        pre_auth_timeout=float(server.pre_auth_timeout),
-        idle_timeout=float(server.idle_timeout),
-        max_connections_per_address=server.max_connections_per_address,
+    assert parts.monitor is not None and parts.moderation is not None
+    operations = Operations(
+        parts.factory, parts.presence, parts.users, limiter, parts.monitor, parts.moderation,
+        config,
     )
-    factory.admission = PendingHandshakes.from_config(server, clock)
-    top = ChatServerService()  # type: ignore[no-untyped-call]
-    StoreService(store, hasher).setServiceParent(top)  # type: ignore[no-untyped-call]
-    chat.setServiceParent(top)  # type: ignore[no-untyped-call]
-    security.setServiceParent(top)  # type: ignore[no-untyped-call]
-    top.startup_notes = [security.mailer.description]
-    # Operations (issue 7): rate limits, sealed log, monitor, metrics, admin socket.
-    install_operations(top, config, datadir, chat, factory, clock)
-    top.factory = factory
-    top.chat = chat
-    top.store = store
+    top = ChatServerService(parts.factory, store, [mailer.description])
+    for service in (
+        StoreService(store, hasher),
+        parts.chat,
+        parts.security,
+        OperationsService(operations, datadir, clock),
+    ):
+        service.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

@@ -1,12 +1,24 @@
-"""Seams of the server, as zope interfaces, so a backend can be swapped.
+"""The server's seams and its refusals, in one module (as twisted.words' iwords/ewords).
 
-All store methods return Deferreds and never run SQL on the reactor thread.
+Interfaces (zope): the store (`IStore`, with its account-security tables `ICodeStore`:
+every method returns a Deferred and never runs SQL on the reactor thread), the avatar
+(`IChatUser`) and the connection as the avatar's mind (`IChatMind`), the registry of
+live connections (`IPresence`) and the bus that carries committed messages to them
+(`IDeliveryBus`).  Each can be swapped (a memory store in tests, a cross-process bus)
+without touching the code on the other side.
+
+Errors: what a request can be refused for, in the server's own terms (`Refused` and
+its kinds).  They carry the sentence the person will read, never a wire code: the
+connection maps each kind to its code (``shtalk.server.net.errors``), so the chat and
+account code does not speak the wire and one table shows every refusal.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
@@ -256,3 +268,250 @@ class ICodeStore(Interface):
     def disable_totp(user_id: int) -> Deferred[None]: ...
 
     def recovery_left(user_id: int) -> Deferred[int]: ...
+
+# --- the chat side: avatar, mind, presence, delivery ---------------------------------------
+
+
+class IChatUser(Interface):
+    """The avatar: what one authenticated device may do (twisted.cred hands it out).
+
+    Request handlers call it; each method checks what the request means (names,
+    membership, roles), raises a `Refused` kind when it may not, and returns the reply's
+    fields once every write it made is committed."""
+
+    user = Attribute("The account (a store.records.User).")
+    device_id = Attribute("The device this avatar acts for.")
+    family = Attribute("The session (refresh-token family) it belongs to; None until bound.")
+
+    def create_room(raw: str, invite_only: bool) -> Deferred[dict[str, Any]]: ...
+
+    def join(raw: str) -> Deferred[dict[str, Any]]: ...
+
+    def leave(raw: str) -> Deferred[dict[str, Any]]: ...
+
+    def invite(raw_room: str, raw_user: str) -> Deferred[dict[str, Any]]: ...
+
+    def kick(raw_room: str, raw_user: str) -> Deferred[dict[str, Any]]: ...
+
+    def set_role(raw_room: str, raw_user: str, new_role: str) -> Deferred[dict[str, Any]]: ...
+
+    def list_rooms() -> Deferred[dict[str, Any]]: ...
+
+    def members(raw: str) -> Deferred[dict[str, Any]]: ...
+
+    def devices(raw_user: str | None) -> Deferred[dict[str, Any]]: ...
+
+    def send(
+        to: Mapping[str, str],
+        envelope: bytes | None,
+        envelopes: Mapping[str, bytes] | None,
+        client_id: str,
+        expires_in: int | None,
+    ) -> Deferred[dict[str, Any]]:
+        """Store durably, then deliver to every online device it is for, then reply."""
+
+    def remove_device(device_id: str) -> Deferred[dict[str, Any]]: ...
+
+    def publish_keys(
+        bundle: bytes | None, one_time: Sequence[Mapping[str, Any]], replace: bool
+    ) -> Deferred[dict[str, Any]]: ...
+
+    def key_counts() -> Deferred[dict[str, Any]]: ...
+
+    def fetch_keys(raw_user: str, device_id: str | None) -> Deferred[dict[str, Any]]: ...
+
+    def ack(seqs: Sequence[int]) -> Deferred[None]:
+        """Advance this device's cursors; fires once committed (the reply has no fields)."""
+
+    def pending() -> Deferred[list[StoredMessage]]:
+        """What the store holds for this device: the backlog replayed at login."""
+
+    def logout(family: str) -> Deferred[None]:
+        """Revoke the session family in the store."""
+
+
+class IChatMind(Interface):
+    """The connection, as the avatar's mind: it receives what happens elsewhere."""
+
+    device_id = Attribute("The device a password login names (the realm registers it).")
+    device_label = Attribute("That device's label, as the login request gave it.")
+
+    def send_bytes(data: bytes) -> None:
+        """Write one already-encoded line."""
+
+    def deliver(seq: int, line: bytes) -> None:
+        """A message push; the mind may hold it while it replays the backlog."""
+
+    def session_revoked(reason: str) -> None:
+        """The session ended elsewhere (logout, password change, device removed, account
+        suspended): tell the peer why, then drop authentication."""
+
+
+class IPresence(Interface):
+    """The one registry of live connections: per user and device, and per session family.
+
+    Every revocation goes through it, so whatever ends a session (logout, refresh-token
+    reuse, password change or reset, device removal, suspension, deletion) reaches the
+    same connections the same way."""
+
+    def attach(user_id: int, device_id: str, mind: IChatMind) -> bool:
+        """Register a logged-in connection; True if it is the user's first."""
+
+    def detach(mind: IChatMind) -> tuple[int, bool] | None:
+        """Forget a connection: (its user, whether that user has none left), or None if
+        it was not registered."""
+
+    def bind_family(mind: IChatMind, family: str) -> None:
+        """The connection now belongs to this session family (and to no other)."""
+
+    def is_online(user_id: int) -> bool: ...
+
+    def minds_of(user_id: int) -> Iterable[tuple[str, IChatMind]]:
+        """(device, connection) for every live connection of the user."""
+
+    def send_to_users(user_ids: Iterable[int], line: bytes) -> None:
+        """Write one line to every live connection of these users."""
+
+    def revoke_families(families: Iterable[str], reason: str, keep: object = None) -> None:
+        """End these sessions on every connection bound to them (but ``keep``)."""
+
+    def revoke_device(user_id: int, device_id: str, reason: str) -> None: ...
+
+    def revoke_user(user_id: int, reason: str) -> None: ...
+
+
+class IDeliveryBus(Interface):
+    def publish(message: StoredMessage) -> None:
+        """Deliver a committed message to every online device it is for."""
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+
+class Refused(Exception):
+    """A request refused for what it means (its shape was the wire's to check).
+
+    ``message`` goes to the peer: it says what to do, never holds a secret, and echoes
+    nothing the peer sent beyond names.  ``extra`` are further fields of the error
+    (a new CAPTCHA, ``retry_after``)."""
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+
+class BadRequest(Refused):
+    """A field that is well-formed but cannot be used (not a recipient, a bad report)."""
+
+
+class MissingEnvelope(Refused):
+    """A send with neither a common envelope nor per-device ones."""
+
+
+class EnvelopeTooLarge(Refused):
+    """An envelope over this server's limit."""
+
+
+class UsernameTaken(Refused):
+    """The name (in its canonical form) belongs to an account."""
+
+
+class InvalidCredentials(Refused):
+    """A wrong password, code or account: the same refusal for each."""
+
+
+class InvalidCode(Refused):
+    """A wrong, expired or used email or TOTP code."""
+
+
+class CaptchaRequired(Refused):
+    """Solve the CAPTCHA in ``extra["captcha"]`` and send the request again."""
+
+
+class CaptchaFailed(Refused):
+    """A wrong, expired or used answer; ``extra["captcha"]`` is a new challenge."""
+
+
+class Throttled(Refused):
+    """Too many failures of a secret: wait ``extra["retry_after"]`` seconds."""
+
+
+class TotpEnabled(Refused):
+    """TOTP is on already (enrolling again needs it off first)."""
+
+
+class TotpNotEnabled(Refused):
+    """No TOTP to confirm, disable or use."""
+
+
+class NoSuchUser(Refused):
+    """No active account of that name."""
+
+
+class NoSuchRoom(Refused):
+    """No room of that name."""
+
+
+class NoSuchDevice(Refused):
+    """Not a device of that account (any more)."""
+
+
+class RoomExists(Refused):
+    """The room name is taken."""
+
+
+class NotAMember(Refused):
+    """The person (oneself or another) is not in the room."""
+
+
+class AlreadyMember(Refused):
+    """The person is in the room already."""
+
+
+class InviteRequired(Refused):
+    """The room is invite-only and no invitation is waiting."""
+
+
+class Forbidden(Refused):
+    """The role (or this server) does not allow it."""
+
+
+class SessionEnded(Refused):
+    """The session ended while the request ran (logged out elsewhere)."""
+
+
+# Refusals of twisted.cred's checkers: portal.login fails with these (all are
+# UnauthorizedLogin, so cred's own handling still applies).
+
+
+class OtpRequired(UnauthorizedLogin):
+    """The password was right; the account has TOTP and no code was given."""
+
+
+class AccountNotActive(UnauthorizedLogin):
+    """The password was right; the account is pending verification, suspended or deleted."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class AccessRefused(UnauthorizedLogin):
+    """An access token that cannot be used; ``message`` says why and what to do."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class AccessInvalid(AccessRefused):
+    """Not a token of ours for this device: log in again."""
+
+
+class AccessExpired(AccessRefused):
+    """Our token, past its time: refresh."""
+
+
+class AccessRevoked(AccessRefused):
+    """The token's session was logged out or its account is no longer active."""

@@ -38,7 +38,7 @@ class LimitedBase(Base):
         d = super().setUp()
 
         def limit(_: object) -> None:
-            self.parts.factory.limiter = RateLimiter(self.limits, self.parts.clock)
+            self.parts.limit(RateLimiter(self.limits, self.parts.clock))
 
         return d.addCallback(limit)
 
@@ -50,7 +50,7 @@ class LimitedBase(Base):
         return await self.call(peer, "register", **fields)
 
     def tokens_taken(self) -> float:
-        limiter = self.parts.factory.limiter
+        limiter = self.parts.factory.limits.limiter
         assert limiter is not None
         bucket = limiter.backend.buckets.get("register:ip:192.0.2.10")
         return 0.0 if bucket is None else 2.0 - bucket[0]
@@ -63,7 +63,7 @@ class CheapChecksFirstTests(LimitedBase):
         self.assertEqual(r["error"]["code"], "captcha_required")
         r = await self.ask(p, "taken", self.solve(r["error"]["captcha"]))
         self.assertTrue(r["ok"], r)
-        issued = self.parts.security.captchas.issued
+        issued = self.parts.security.gates.captchas.issued
         cases = [
             ({"username": "Taken"}, "username_taken"),
             ({"username": "x"}, "bad_username"),
@@ -77,7 +77,7 @@ class CheapChecksFirstTests(LimitedBase):
             self.assertEqual(r["error"]["code"], code, over)
             self.assertNotIn("captcha", r["error"])
         # No challenge drawn, and only the first registration's token taken.
-        self.assertEqual(self.parts.security.captchas.issued, issued)
+        self.assertEqual(self.parts.security.gates.captchas.issued, issued)
         self.assertEqual(self.tokens_taken(), 1.0)
 
 
@@ -154,7 +154,7 @@ class WordsCaptchaTests(Base):
         self.assertEqual(q["kind"], "words")
         self.assertRegex(q["question"], r"^What is [a-z -]+ (plus|minus) [a-z -]+\?$")
         self.assertNotIn("art", q)
-        answer = self.parts.security.captchas.answer_for_tests(q["id"])
+        answer = self.parts.security.gates.captchas.answer_for_tests(q["id"])
         r = await self.call(p, "register", username="eve", email="e@example.org",
                             captcha={"id": q["id"], "answer": number_words(int(answer))},
                             **FIELDS)
@@ -249,18 +249,10 @@ class PresenceSnapshotTests(Base):
         ida.proto.connectionLost(None)
         gil.proto.connectionLost(None)
         again = await logged_in("gil", register=False)
-        for _ in range(200):
-            if sum(1 for x in again.lines() + again.received if x.get("type") == "presence"):
-                break
-            await self.wait()
+        await again.pushed("presence")  # after the backlog, all in one go
         got = [x for x in again.received if "id" not in x and x.get("type") != "message"]
         done = next(i for i, x in enumerate(got) if x.get("type") == "backlog_done")
         self.assertEqual(got[done + 1:], [
             {"type": "presence", "user": "hal", "status": "online"},
             {"type": "presence", "user": "ida", "status": "offline"},
         ])
-
-    async def wait(self) -> None:
-        from shtalk.testing import spin
-
-        await spin(0.005)

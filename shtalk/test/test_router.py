@@ -1,13 +1,22 @@
-"""The router with fake minds: who gets which bytes, encoded how often."""
+"""Delivery with fake minds: who gets which bytes, encoded how often.
+
+Presence, the room caches and the bus are the real ones (shtalk.server.chat), sharing
+one fan-out cache as compose connects them; the minds record what they are given.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from shtalk.server.chat.delivery import LocalBus, Router
+from shtalk.server.chat.delivery import LocalBus
+from shtalk.server.chat.fanout import FanOutCache
+from shtalk.server.chat.presence import Presence
+from shtalk.server.chat.rooms import Rooms
+from shtalk.server.chat.users import Users
+from shtalk.server.iserver import IStore
 from shtalk.server.store.records import StoredMessage
 
 
@@ -45,14 +54,26 @@ def message(
 
 class RouterTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.router = Router({1: "alice", 2: "bob", 3: "carol"}.__getitem__)
-        self.bus = LocalBus(self.router)
+        fanout = FanOutCache()
+        no_store = cast(IStore, None)  # every look-up here hits the caches
+        users = Users(no_store)
+        for uid, name in {1: "alice", 2: "bob", 3: "carol"}.items():
+            users.learn(uid, name)
+        self.presence = Presence(fanout)
+        self.rooms = Rooms(no_store, users, fanout)
+        self.bus = LocalBus(self.presence, self.rooms, users, fanout)
         self.minds: dict[tuple[int, str], FakeMind] = {}
         for uid, dev in ((1, "a1"), (1, "a2"), (2, "b1"), (3, "c1")):
             mind = FakeMind()
             self.minds[(uid, dev)] = mind
-            self.router.attach(uid, dev, mind)  # type: ignore[arg-type]
-        self.router.room_members[10] = {1: "owner", 2: "member"}
+            self.presence.attach(uid, dev, mind)  # type: ignore[arg-type]
+        self.rooms.members[10] = {1: "owner", 2: "member"}
+
+    def last_gone(self, mind: FakeMind) -> bool:
+        """Detach; whether that was the user's last connection."""
+        gone = self.presence.detach(mind)  # type: ignore[arg-type]
+        assert gone is not None
+        return gone[1]
 
     def got(self, uid: int, dev: str) -> list[dict[str, Any]]:
         return [json.loads(line) for _, line in self.minds[(uid, dev)].lines]
@@ -82,23 +103,23 @@ class RouterTests(SynchronousTestCase):
 
     def test_presence_bookkeeping(self) -> None:
         mind = self.minds[(1, "a1")]
-        self.assertFalse(self.router.detach(1, "a1", mind))  # type: ignore[arg-type]
-        self.assertTrue(self.router.detach(1, "a2", self.minds[(1, "a2")]))  # type: ignore[arg-type]
-        self.assertFalse(self.router.is_online(1))
-        self.assertTrue(self.router.attach(1, "a1", mind))  # type: ignore[arg-type]
+        self.assertFalse(self.last_gone(mind))
+        self.assertTrue(self.last_gone(self.minds[(1, "a2")]))
+        self.assertFalse(self.presence.is_online(1))
+        self.assertTrue(self.presence.attach(1, "a1", mind))  # type: ignore[arg-type]
 
     def test_fanout_follows_membership_and_presence_changes(self) -> None:
         """The cached fan-out list is rebuilt after every change, never stale."""
         self.bus.publish(message(20, "r:10"))
-        members = self.router.room_members[10]
+        members = self.rooms.members[10]
         members[3] = "member"  # carol joins
         self.bus.publish(message(21, "r:10"))
         del members[2]  # bob is kicked
         self.bus.publish(message(22, "r:10"))
-        self.router.detach(1, "a2", self.minds[(1, "a2")])  # type: ignore[arg-type]
+        self.presence.detach(self.minds[(1, "a2")])  # type: ignore[arg-type]
         self.bus.publish(message(23, "r:10"))
         late = FakeMind()
-        self.router.attach(3, "c2", late)  # type: ignore[arg-type]
+        self.presence.attach(3, "c2", late)  # type: ignore[arg-type]
         members.pop(1)  # alice leaves
         self.bus.publish(message(24, "r:10", sender=(3, "c1")))
         seqs = {k: [m["seq"] for m in self.got(*k)] for k in self.minds}
@@ -111,10 +132,10 @@ class RouterTests(SynchronousTestCase):
     def test_member_maps_refuse_bulk_changes(self) -> None:
         # Bulk changes would bypass the fan-out cache's change count.
         with self.assertRaises(TypeError):
-            self.router.room_members[10].update({3: "member"})
+            self.rooms.members[10].update({3: "member"})
         with self.assertRaises(TypeError):
-            self.router.room_members.setdefault(11, {1: "owner"})
+            self.rooms.members.setdefault(11, {1: "owner"})
         # A room dropped from the cache is no longer a fan-out target.
-        self.router.room_members.pop(10)
+        self.rooms.members.pop(10)
         self.bus.publish(message(30, "r:10"))
         self.assertEqual(self.got(2, "b1"), [])

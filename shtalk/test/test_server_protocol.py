@@ -1,7 +1,8 @@
 """The server's line protocol over StringTransport; timers on a test clock.
 
-The store and bcrypt are real (SQLite file, thread pool), so these tests
-await Deferreds; protocol timers run on a Clock the tests advance.
+The store and bcrypt are real (SQLite file, thread pool), so these tests await the
+lines they expect (``Peer.reply``, ``Peer.pushed``: events, no polling); protocol
+timers run on a Clock the tests advance.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from shtalk.testing import GOOD_PASSWORD, Peer, ServerParts, build_server, spin
+from shtalk.testing import GOOD_PASSWORD, Peer, ServerParts, build_server
 
 
 class ServerProtocolTests(TestCase):
@@ -28,16 +29,8 @@ class ServerProtocolTests(TestCase):
     def tearDown(self) -> Deferred[None]:  # type: ignore[override]
         return Deferred.fromCoroutine(self.parts.close())
 
-    async def reply(self, peer: Peer, rid: int, timeout: float = 5.0) -> dict[str, Any]:
-        """Wait (spinning the real reactor for the store) for the reply to ``rid``."""
-        waited = 0.0
-        while waited < timeout:
-            line = peer.find_reply(rid)
-            if line is not None:
-                return line
-            await spin(0.01)
-            waited += 0.01
-        self.fail(f"no reply to {rid}")
+    async def reply(self, peer: Peer, rid: int) -> dict[str, Any]:
+        return await peer.reply(rid)
 
     def peer(self, host: str | None = None) -> Peer:
         """A new connection; by default from an address of its own (the cap is 3)."""
@@ -143,7 +136,7 @@ class ServerProtocolTests(TestCase):
 
         clock = self.parts.clock
         section = RateLimitSection(send_account="1/600", send_address="off", disconnect_after=2)
-        self.parts.factory.limiter = RateLimiter(section, clock)
+        self.parts.limit(RateLimiter(section, clock))
         rita = await self.account("rita")
         r = await self.reply(rita, rita.request("room_create", room="#base"))
         self.assertTrue(r["ok"], r)
@@ -167,7 +160,7 @@ class ServerProtocolTests(TestCase):
         rita.proto.connectionLost(None)  # what the reactor does next
         sent = await self.reply(rita, 10)
         self.assertTrue(sent["ok"], sent)
-        await spin(0.05)
+        await self.parts.settle()
         codes = [rita.find_reply(i) for i in range(11, 14)]
         self.assertEqual([c and c["error"]["code"] for c in codes], ["rate_limited"] * 3)
         self.assertEqual([rita.find_reply(i) for i in range(14, 18)], [None] * 4)
@@ -198,16 +191,16 @@ class ServerProtocolTests(TestCase):
         r = await self.reply(sam, sam.request("room_create", room="#slow"))
         self.assertTrue(r["ok"], r)
         limiter = RateLimiter(RateLimitSection(), self.parts.clock, backend)
-        self.parts.factory.limiter = limiter
+        self.parts.limit(limiter)
         rid = sam.request("room_leave", room="slow")  # not limited: runs at once
         self.assertTrue((await self.reply(sam, rid))["ok"])
         rid = sam.request("room_join", room="slow")  # waits for the backend's answer
         self.assertEqual(len(backend.pending), 1)
         sam.proto.connectionLost(None)
         backend.pending[0].callback(0.0)  # allowed, but too late
-        await spin(0.05)
+        await self.parts.settle()
         self.assertIsNone(sam.find_reply(rid))
-        self.parts.factory.limiter = None
+        self.parts.limit(None)
         other = await self.account("olga")
         r = await self.reply(other, other.request("room_members", room="slow"))
         self.assertNotIn("sam", json.dumps(r), r)
@@ -294,6 +287,80 @@ class ServerProtocolTests(TestCase):
         r = await self.reply(w, w.request("resume", access_token=fresh["access_token"]))
         self.assertEqual(r["error"]["code"], "token_revoked")
 
+    async def test_revocations_reach_every_connection_of_the_session(self) -> None:
+        """A logout, and the reuse of a rotated refresh token, end the session on every
+        connection bound to it (and on no other session's)."""
+        p = await self.account("fay")
+        login = p.find_reply(3)
+        assert login is not None
+        q = self.peer()
+        await self.hello(q)
+        r = await self.reply(q, q.request("resume", access_token=login["access_token"]))
+        self.assertTrue(r["ok"], r)
+        other = await self.account("fay", "d2")  # a session of its own
+        r = await self.reply(p, p.request("logout"))
+        self.assertTrue(r["ok"], r)
+        self.assertEqual([x["reason"] for x in q.pushes("logged_out")],
+                         ["this session was logged out on another connection"])
+        self.assertEqual(p.pushes("logged_out"), [])  # it asked: a reply, not a push
+        r = await self.reply(q, q.request("room_list"))
+        self.assertEqual(r["error"]["code"], "not_authenticated")
+        self.assertEqual(other.pushes("logged_out"), [])
+        # The other session: refresh once, then the old token comes back (a thief).
+        first = other.find_reply(3)
+        assert first is not None
+        s = self.peer()
+        await self.hello(s)
+        r = await self.reply(s, s.request("refresh", refresh_token=first["refresh_token"]))
+        self.assertTrue(r["ok"], r)
+        t = self.peer()
+        await self.hello(t)
+        r = await self.reply(t, t.request("refresh", refresh_token=first["refresh_token"]))
+        self.assertEqual(r["error"]["code"], "token_revoked")
+        for conn in (other, s):
+            self.assertEqual([x["reason"] for x in conn.pushes("logged_out")],
+                             ["this session was revoked: its refresh token was reused"])
+        r = await self.reply(t, t.request("login", username="fay", password=GOOD_PASSWORD,
+                                          device={"id": "d3"}))
+        self.assertTrue(r["ok"], r)  # the connection that was refused may log in
+
+    async def test_a_sender_is_not_read_while_the_store_is_overloaded(self) -> None:
+        """Back-pressure: a send that finds the store's write queue full pauses reading
+        that connection until the queue has gone into a transaction."""
+        from shtalk.server.net.chathandlers import ChatHandlers
+        from shtalk.wire.frames import Request
+
+        class Queue:
+            """The store's overload signal, as a test drives it."""
+
+            def __init__(self) -> None:
+                self.full = True
+                self.drained: list[Deferred[None]] = []
+
+            def overloaded(self) -> bool:
+                return self.full
+
+            def when_drained(self) -> Deferred[None]:
+                d: Deferred[None] = Deferred()
+                self.drained.append(d)
+                return d
+
+        queue = Queue()
+        server = self.parts.server
+        handlers = ChatHandlers(queue, server.security.gates, server.demands)  # type: ignore[arg-type]
+        gus = await self.account("gus")
+        transport = gus.transport
+        send = Request(90, "send", {"to": {"user": "gus"}, "envelope": b"hi", "client_id": "bp"})
+        d = handlers.on_send(gus.proto, send)
+        self.assertEqual(transport.producerState, "paused")
+        handlers.on_send(gus.proto, Request(91, "send", dict(send.args, client_id="bp2")))
+        self.assertEqual(len(queue.drained), 1)  # paused once, not once per send
+        self.assertTrue((await d)["seq"])
+        self.assertEqual(transport.producerState, "paused")
+        queue.full = False
+        queue.drained[0].callback(None)
+        self.assertEqual(transport.producerState, "producing")
+
     # routing ---------------------------------------------------------------------------
     async def test_room_message_reaches_members_once(self) -> None:
         alice = await self.account("alice")
@@ -311,7 +378,7 @@ class ServerProtocolTests(TestCase):
             alice.request("send", to={"room": "general"}, envelope="aGk=", client_id="m1"),
         )
         self.assertEqual((r2["seq"], r2["duplicate"]), (r["seq"], True))
-        await spin(0.05)
+        await self.parts.settle()
         got = bob.pushes("message")
         self.assertEqual([(m["seq"], m["envelope"]) for m in got], [(r["seq"], "aGk=")])
         self.assertEqual(carol.pushes("message"), [])
@@ -341,7 +408,7 @@ class ServerProtocolTests(TestCase):
             ben2,
             ben2.request("login", username="ben", password=GOOD_PASSWORD, device={"id": "d1"}),
         )
-        await spin(0.1)
+        await ben2.pushed("presence")  # the last line: after the backlog
         self.assertEqual([m["seq"] for m in ben2.pushes("message")], seqs)
         # The backlog, then where ben's contacts are: amy (a DM partner) is online.
         self.assertEqual(ben2.received[-2:], [{"type": "backlog_done", "count": 3},
@@ -356,7 +423,7 @@ class ServerProtocolTests(TestCase):
             ben3,
             ben3.request("login", username="ben", password=GOOD_PASSWORD, device={"id": "d1"}),
         )
-        await spin(0.1)
+        await ben3.pushed("presence")
         self.assertEqual([m["seq"] for m in ben3.pushes("message")], seqs[2:])
         # amy left: the snapshot now says so (DM partners show offline too).
         self.assertEqual(ben3.received[-1], {"type": "presence", "user": "amy",
@@ -431,7 +498,7 @@ class PrekeyDirectoryTests(ServerProtocolTests):
         await self.reply(alice, alice.request("room_create", room="keys"))
         await self.reply(bob, bob.request("room_join", room="keys"))
         await self.publish(bob, 1)
-        await spin(0.05)
+        await self.parts.settle()
         self.assertIn(
             {"type": "device", "user": "bobn", "device": "d1", "event": "keys"},
             alice.pushes("device"),
@@ -439,12 +506,12 @@ class PrekeyDirectoryTests(ServerProtocolTests):
         # The same bundle again (a client publishes at every login): not news.
         seen = len(alice.pushes("device"))
         await self.publish(bob, 1)
-        await spin(0.05)
+        await self.parts.settle()
         self.assertEqual(len(alice.pushes("device")), seen)
         # A different bundle is announced.
         r = await self.reply(bob, bob.request("keys_publish", bundle="b3RoZXI=", one_time=[]))
         self.assertTrue(r["ok"], r)
-        await spin(0.05)
+        await self.parts.settle()
         self.assertEqual(len(alice.pushes("device")), seen + 1)
         r = await self.reply(bob, bob.request("device_remove", device="nope"))
         self.assertEqual(r["error"]["code"], "no_such_device")

@@ -18,7 +18,8 @@ someone else out for longer than ``max_delay`` (plus solving a CAPTCHA).  A succ
 clears the account's record, not the address's (an attacker cannot launder an address by
 logging in to an account of their own).  Account keys are the case-folded *names*
 attempted, existing or not, so the throttle's answers reveal nothing about which
-accounts exist.  IPv6 addresses count per /64 (one subscriber's usual allocation).
+accounts exist.  IPv6 addresses count per /64 (one subscriber's usual allocation), keyed as
+the rate limits key them (`shtalk.server.ops.ratelimit.address_key`).
 
 `require_captcha` is the seam for the monitoring: it can demand a CAPTCHA for an account
 or an address for a while, whatever the counts say.
@@ -26,13 +27,15 @@ or an address for a while, whatever the counts say.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import deque
 from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
 
 from shtalk.server.config import ThrottleSection
+from shtalk.server.ops.ratelimit import address_key
+
+__all__ = ["AuthThrottle", "Verdict", "address_key"]
 
 WINDOW = 3600.0
 MAX_KEYS = 200_000
@@ -48,18 +51,6 @@ class Verdict:
     @property
     def wait(self) -> bool:
         return self.retry_after > 0
-
-
-def address_key(host: str) -> str:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
-        return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
 
 
 class AuthThrottle:

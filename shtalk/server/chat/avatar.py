@@ -1,24 +1,47 @@
-"""ChatUser: what one authenticated device may do (the avatar of twisted.cred)."""
+"""ChatUser: what one authenticated device may do (the avatar of twisted.cred).
+
+Each method checks what a request means (names, membership, roles) against the caches,
+writes through the store, updates the caches through their one writer (rooms, users)
+once the store committed, and tells the people concerned through presence.  Refusals
+are `shtalk.server.iserver.Refused` kinds; the connection turns them into wire errors.
+"""
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from shtalk.server.chat.delivery import mailbox_of
+from shtalk.server.chat import pushes
+from shtalk.server.chat.audience import Audience
 from shtalk.server.chat.naming import room_key, user_key
-from shtalk.server.cred.checkers import IChatUser
-from shtalk.server.iserver import Conflict
+from shtalk.server.chat.presence import Presence
+from shtalk.server.chat.rooms import Rooms
+from shtalk.server.chat.users import Users
+from shtalk.server.iserver import (
+    AlreadyMember,
+    BadRequest,
+    Conflict,
+    EnvelopeTooLarge,
+    Forbidden,
+    IChatMind,
+    IChatUser,
+    IDeliveryBus,
+    InviteRequired,
+    IStore,
+    MissingEnvelope,
+    NoSuchDevice,
+    NotAMember,
+    RoomExists,
+)
+from shtalk.server.ops.monitor import Monitor
+from shtalk.server.store.mailbox import inbox_owner, room_mailbox, user_mailbox
 from shtalk.server.store.records import NewMessage, OneTimeKey, Room, User
-from shtalk.wire.errors import ErrorCode, ProtocolError
-from shtalk.wire.frames import push
-
-if TYPE_CHECKING:
-    from shtalk.server.chat.service import ChatService
 
 MODERATORS = ("owner", "admin")
 
@@ -27,12 +50,30 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+@dataclass(frozen=True)
+class ChatParts:
+    """What every avatar works with (built once, in shtalk.server.compose)."""
+
+    store: IStore
+    users: Users
+    rooms: Rooms
+    presence: Presence
+    audience: Audience
+    bus: IDeliveryBus
+    clock: IReactorTime
+    max_envelope_bytes: int
+    monitor: Monitor | None = None  # metadata signals of each send; None: not monitored
+
+
 @implementer(IChatUser)
 class ChatUser:
     def __init__(
-        self, service: ChatService, user: User, device_id: str, family: str | None, mind: Any
+        self, parts: ChatParts, user: User, device_id: str, family: str | None, mind: IChatMind
     ) -> None:
-        self.service = service
+        self.parts = parts
+        self.store = parts.store
+        self.rooms = parts.rooms
+        self.users = parts.users
         self.user = user
         self.device_id = device_id
         self.family = family  # None until a password login opens one
@@ -41,9 +82,8 @@ class ChatUser:
         # Room names as this device writes them -> room keys (send's fast path).
         self._room_keys: dict[str, str] = {}
 
-    @property
-    def store(self) -> Any:
-        return self.service.store
+    def _tell_room(self, room: Room, line: bytes) -> None:
+        self.parts.presence.send_to_users(self.rooms.members.get(room.id, {}), line)
 
     # rooms ------------------------------------------------------------------
     @inlineCallbacks
@@ -52,31 +92,22 @@ class ChatUser:
         try:
             room: Room = yield self.store.create_room(display, key, self.user.id, invite_only)
         except Conflict:
-            raise ProtocolError(
-                ErrorCode.ROOM_EXISTS, "a room with that name exists; join it or pick another"
-            ) from None
-        self.service.router.room_members[room.id] = {self.user.id: "owner"}
-        self.service.rooms_by_key[room.key] = room
-        self.service.router.room_names[room.id] = room.name
-        self.service.user_rooms.setdefault(self.user.id, set()).add(room.id)
+            raise RoomExists("a room with that name exists; join it or pick another") from None
+        self.rooms.created(room, self.user.id)
         return {"room": room.name, "invite_only": room.invite_only, "role": "owner"}
 
     @inlineCallbacks
     def join(self, raw: str) -> Any:
-        room, members = yield self.service.room(raw)
+        room, members = yield self.rooms.room(raw)
         if self.user.id in members:
-            raise ProtocolError(ErrorCode.ALREADY_MEMBER, "you are already in that room")
+            raise AlreadyMember("you are already in that room")
         if room.invite_only:
             invited = yield self.store.has_invite(room.id, self.user.id)
             if not invited:
-                raise ProtocolError(
-                    ErrorCode.INVITE_REQUIRED,
-                    "that room is invite-only; ask a member to invite you",
-                )
+                raise InviteRequired("that room is invite-only; ask a member to invite you")
         yield self.store.add_member(room.id, self.user.id, "member")
-        members[self.user.id] = "member"
-        self.service.user_rooms.setdefault(self.user.id, set()).add(room.id)
-        self.service.member_event(room, self.user.name, "joined")
+        self.rooms.joined(room, self.user.id)
+        self._tell_room(room, pushes.member(room.name, self.user.name, "joined"))
         return {
             "room": room.name,
             "invite_only": room.invite_only,
@@ -84,81 +115,78 @@ class ChatUser:
         }
 
     def _members(self, members: Mapping[int, str]) -> list[dict[str, Any]]:
-        router = self.service.router
+        name, online = self.users.name, self.parts.presence.online
         return [
-            {"user": self.service.user_name(uid), "role": role, "online": router.is_online(uid)}
-            for uid, role in sorted(members.items(), key=lambda kv: self.service.user_name(kv[0]))
+            {"user": name(uid), "role": role, "online": uid in online}
+            for uid, role in sorted(members.items(), key=lambda kv: name(kv[0]))
         ]
 
     def _require_member(self, members: Mapping[int, str]) -> str:
         role = members.get(self.user.id)
         if role is None:
-            raise ProtocolError(ErrorCode.NOT_A_MEMBER, "you are not in that room; join it first")
+            raise NotAMember("you are not in that room; join it first")
         return role
 
     @inlineCallbacks
     def leave(self, raw: str) -> Any:
-        room, members = yield self.service.room(raw)
+        room, members = yield self.rooms.room(raw)
         role = self._require_member(members)
         yield self.store.remove_member(room.id, self.user.id)
-        self.service.member_event(room, self.user.name, "left")
-        del members[self.user.id]
-        self.service.user_rooms.get(self.user.id, set()).discard(room.id)
+        self._tell_room(room, pushes.member(room.name, self.user.name, "left"))
+        self.rooms.left(room, self.user.id)
         if role == "owner" and members:
             # The room keeps a moderator: the first admin, else the first member.
             heir = min(members, key=lambda uid: (members[uid] != "admin", uid))
             yield self.store.set_role(room.id, heir, "owner")
-            members[heir] = "owner"
-            self.service.member_event(room, self.service.user_name(heir), "role", role="owner")
+            self.rooms.role_set(room, heir, "owner")
+            self._tell_room(room, pushes.member(room.name, self.users.name(heir), "role",
+                                                role="owner"))
         return {"room": room.name}
 
     @inlineCallbacks
     def invite(self, raw_room: str, raw_user: str) -> Any:
-        room, members = yield self.service.room(raw_room)
+        room, members = yield self.rooms.room(raw_room)
         role = self._require_member(members)
         if room.invite_only and role not in MODERATORS:
-            raise ProtocolError(ErrorCode.FORBIDDEN, "only the owner and admins invite here")
-        target: User = yield self.service.user(raw_user)
+            raise Forbidden("only the owner and admins invite here")
+        target: User = yield self.users.user(raw_user)
         if target.id in members:
-            raise ProtocolError(ErrorCode.ALREADY_MEMBER, f"{target.name} is already in the room")
+            raise AlreadyMember(f"{target.name} is already in the room")
         yield self.store.add_invite(room.id, target.id, self.user.id)
-        self.service.router.send_to_users(
-            [target.id], push("invited", room=room.name, by=self.user.name)
-        )
+        self.parts.presence.send_to_users([target.id], pushes.invited(room.name, self.user.name))
         return {"room": room.name, "user": target.name}
 
     @inlineCallbacks
     def kick(self, raw_room: str, raw_user: str) -> Any:
-        room, members = yield self.service.room(raw_room)
+        room, members = yield self.rooms.room(raw_room)
         role = self._require_member(members)
-        target: User = yield self.service.user(raw_user)
+        target: User = yield self.users.user(raw_user)
         target_role = members.get(target.id)
         if target_role is None:
-            raise ProtocolError(ErrorCode.NOT_A_MEMBER, f"{target.name} is not in the room")
+            raise NotAMember(f"{target.name} is not in the room")
         if (
             role not in MODERATORS
             or target_role == "owner"
             or (role == "admin" and target_role == "admin")
         ):
-            raise ProtocolError(ErrorCode.FORBIDDEN, "you may not kick that member")
+            raise Forbidden("you may not kick that member")
         yield self.store.remove_member(room.id, target.id)
         # Tell everyone, the kicked user included, before they leave the cache.
-        self.service.member_event(room, target.name, "kicked", by=self.user.name)
-        del members[target.id]
-        self.service.user_rooms.get(target.id, set()).discard(room.id)
+        self._tell_room(room, pushes.member(room.name, target.name, "kicked", by=self.user.name))
+        self.rooms.left(room, target.id)
         return {"room": room.name, "user": target.name}
 
     @inlineCallbacks
     def set_role(self, raw_room: str, raw_user: str, new_role: str) -> Any:
-        room, members = yield self.service.room(raw_room)
+        room, members = yield self.rooms.room(raw_room)
         if self._require_member(members) != "owner":
-            raise ProtocolError(ErrorCode.FORBIDDEN, "only the owner changes roles")
-        target: User = yield self.service.user(raw_user)
+            raise Forbidden("only the owner changes roles")
+        target: User = yield self.users.user(raw_user)
         if members.get(target.id) in (None, "owner"):
-            raise ProtocolError(ErrorCode.NOT_A_MEMBER, f"{target.name} is not a member")
+            raise NotAMember(f"{target.name} is not a member")
         yield self.store.set_role(room.id, target.id, new_role)
-        members[target.id] = new_role
-        self.service.member_event(room, target.name, "role", role=new_role)
+        self.rooms.role_set(room, target.id, new_role)
+        self._tell_room(room, pushes.member(room.name, target.name, "role", role=new_role))
         return {"room": room.name, "user": target.name, "role": new_role}
 
     @inlineCallbacks
@@ -173,16 +201,16 @@ class ChatUser:
 
     @inlineCallbacks
     def members(self, raw: str) -> Any:
-        room, members = yield self.service.room(raw)
+        room, members = yield self.rooms.room(raw)
         self._require_member(members)
         return {"room": room.name, "members": self._members(members)}
 
     @inlineCallbacks
     def devices(self, raw_user: str | None) -> Any:
-        user = self.user if raw_user is None else (yield self.service.user(raw_user))
+        user = self.user if raw_user is None else (yield self.users.user(raw_user))
         devices = yield self.store.devices(user.id)
-        shown = yield self.service.may_see_presence(self.user.id, user.id)
-        online = self.service.router.online.get(user.id, {})
+        shown = yield self.parts.audience.may_see_presence(self.user.id, user.id)
+        online = self.parts.presence.devices_online(user.id)
         return {
             "user": user.name,
             "devices": [
@@ -206,31 +234,32 @@ class ChatUser:
         # for the store right here (still in arrival order), with one plain callback.
         room_raw = to.get("room")
         if self._send_gate is None and not envelopes and room_raw is not None:
-            service = self.service
+            rooms = self.rooms
             key = self._room_keys.get(room_raw)
-            room = service.rooms_by_key.get(key) if key is not None else None
-            members = service.router.room_members.get(room.id) if room is not None else None
+            room = rooms.by_key.get(key) if key is not None else None
+            members = rooms.members.get(room.id) if room is not None else None
             if room is not None and members is not None:
                 self._check_envelopes(envelope, None)
                 self._require_member(members)
                 message = self._message(
-                    (mailbox_of("r", room.id),), f"room:{room.name}", client_id, expires_in,
-                    envelope, {},
+                    (room_mailbox(room.id),), pushes.room_target(room.name), client_id,
+                    expires_in, envelope, {},
                 )  # fmt: skip
-                d: Deferred[Any] = service.store.append(message)
+                d: Deferred[Any] = self.store.append(message)
                 return d.addCallback(self._stored, message)
         return self._send(to, envelope, envelopes, client_id, expires_in)
 
     def _stored(self, result: Any, message: NewMessage) -> dict[str, Any]:
         """The send is committed: deliver it, then answer the sender."""
         if not result.duplicate:
-            publish = self.service.bus.publish
+            publish = self.parts.bus.publish
             for stored in result.messages:
                 publish(stored)
-            if self.service.ops is not None:  # monitoring: metadata of the send
-                self.service.ops.monitor.sent(
+            monitor = self.parts.monitor
+            if monitor is not None:  # metadata of the send
+                monitor.sent(
                     self.user.id, self.user.name, self.user.created,
-                    [int(mb[2:]) for mb in message.mailboxes if mb.startswith("u:")],
+                    [u for u in map(inbox_owner, message.mailboxes) if u is not None],
                     [len(e) for e in (message.envelope, *message.envelopes.values()) if e],
                 )  # fmt: skip
         return {"seq": result.seqs[0], "ts": message.ts, "duplicate": result.duplicate}
@@ -273,47 +302,42 @@ class ChatUser:
     ) -> Any:
         """Check and resolve a send; return the message and the store's Deferred."""
         self._check_envelopes(envelope, envelopes)
-        service = self.service
         if "room" in to:
-            room, members = yield service.room(to["room"])
+            room, members = yield self.rooms.room(to["room"])
             if len(self._room_keys) < 256:  # for the fast path in send()
                 self._room_keys[to["room"]] = room.key
             self._require_member(members)
-            mailboxes: tuple[str, ...] = (mailbox_of("r", room.id),)
-            target = f"room:{room.name}"
+            mailboxes: tuple[str, ...] = (room_mailbox(room.id),)
+            target = pushes.room_target(room.name)
             allowed = set(members)
         else:
-            peer: User = yield service.user(to["user"])
-            target = f"user:{peer.name}"
-            own = service.user_devices.get(self.user.id, {})
-            mine = mailbox_of("u", self.user.id)
+            peer: User = yield self.users.user(to["user"])
+            target = pushes.user_target(peer.name)
+            own = self.users.devices_of(self.user.id) or {}
+            mine = user_mailbox(self.user.id)
             if peer.id == self.user.id:
                 mailboxes = (mine,)
             else:
                 # The sender's other devices get a copy through the sender's inbox.
-                others = len(own) > 1
-                mailboxes = (
-                    (mailbox_of("u", peer.id), mine) if others else (mailbox_of("u", peer.id),)
-                )
+                theirs = user_mailbox(peer.id)
+                mailboxes = (theirs, mine) if len(own) > 1 else (theirs,)
             allowed = {peer.id, self.user.id}
         per_device: dict[tuple[int, str], bytes] = {}
         if envelopes:
             per_device = yield self._resolve_devices(envelopes, allowed)
         message = self._message(mailboxes, target, client_id, expires_in, envelope, per_device)
-        return message, service.store.append(message)
+        return message, self.store.append(message)
 
     def _check_envelopes(
         self, envelope: bytes | None, envelopes: Mapping[str, bytes] | None
     ) -> None:
         if envelope is None and not envelopes:
-            raise ProtocolError(ErrorCode.MISSING_FIELD, "give 'envelope' or 'envelopes'")
-        limit = self.service.max_envelope_bytes
+            raise MissingEnvelope("give 'envelope' or 'envelopes'")
+        limit = self.parts.max_envelope_bytes
         if (envelope is not None and len(envelope) > limit) or any(
             len(e) > limit for e in (envelopes or {}).values()
         ):
-            raise ProtocolError(
-                ErrorCode.ENVELOPE_TOO_LARGE, f"envelopes are limited to {limit} bytes here"
-            )
+            raise EnvelopeTooLarge(f"envelopes are limited to {limit} bytes here")
 
     def _message(
         self,
@@ -324,7 +348,7 @@ class ChatUser:
         envelope: bytes | None,
         per_device: dict[tuple[int, str], bytes],
     ) -> NewMessage:
-        now = self.service.now()
+        now = self.parts.clock.seconds()
         return NewMessage(
             mailboxes=mailboxes,
             sender_id=self.user.id,
@@ -345,14 +369,12 @@ class ChatUser:
             raw_user, _, device_id = k.partition("/")
             _, ukey = user_key(raw_user)
             if ukey not in known:
-                user: User = yield self.service.user(raw_user)
+                user: User = yield self.users.user(raw_user)
                 if user.id not in allowed:
-                    raise ProtocolError(
-                        ErrorCode.BAD_FIELD, f"envelopes: {user.name} is not a recipient"
-                    )
+                    raise BadRequest(f"envelopes: {user.name} is not a recipient")
                 # Online users' devices are cached (kept in step by login and
                 # device removal): a DM to someone online costs no database read.
-                cached = self.service.user_devices.get(user.id)
+                cached = self.users.devices_of(user.id)
                 if cached is None:
                     devs = yield self.store.devices(user.id)
                     known[ukey] = (user.id, {d.device_id for d in devs})
@@ -360,10 +382,7 @@ class ChatUser:
                     known[ukey] = (user.id, set(cached))
             uid, device_ids = known[ukey]
             if device_id not in device_ids:
-                raise ProtocolError(
-                    ErrorCode.NO_SUCH_DEVICE,
-                    f"envelopes: '{k}' is not a device; refresh the device list",
-                )
+                raise NoSuchDevice(f"envelopes: '{k}' is not a device; refresh the device list")
             out[(uid, device_id)] = env
         return out
 
@@ -372,12 +391,12 @@ class ChatUser:
     def remove_device(self, device_id: str) -> Any:
         removed = yield self.store.remove_device(self.user.id, device_id)
         if not removed:
-            raise ProtocolError(ErrorCode.NO_SUCH_DEVICE, "you have no device with that id")
-        self.service.user_devices.get(self.user.id, {}).pop(device_id, None)
-        for dev, mind in list(self.service.router.minds_of(self.user.id)):
-            if dev == device_id:
-                mind.session_revoked("this device was removed from the account")
-        self.service.announce_keys(self.user.id, device_id, "removed")
+            raise NoSuchDevice("you have no device with that id")
+        self.users.device_removed(self.user.id, device_id)
+        self.parts.presence.revoke_device(
+            self.user.id, device_id, "this device was removed from the account"
+        )
+        self.parts.audience.announce_keys(self.user.id, device_id, "removed")
         return {"device": device_id}
 
     @inlineCallbacks
@@ -389,7 +408,7 @@ class ChatUser:
             self.user.id, self.device_id, bundle, keys, replace
         )
         if changed:  # a re-publish of the same bundle (every login) is not news
-            self.service.announce_keys(self.user.id, self.device_id, "keys")
+            self.parts.audience.announce_keys(self.user.id, self.device_id, "keys")
         return {"counts": counts}
 
     @inlineCallbacks
@@ -399,10 +418,10 @@ class ChatUser:
 
     @inlineCallbacks
     def fetch_keys(self, raw_user: str, device_id: str | None) -> Any:
-        user: User = yield self.service.user(raw_user)
+        user: User = yield self.users.user(raw_user)
         claimed = yield self.store.claim_keys(user.id, device_id)
         if device_id is not None and not claimed:
-            raise ProtocolError(ErrorCode.NO_SUCH_DEVICE, f"{user.name} has no such device")
+            raise NoSuchDevice(f"{user.name} has no such device")
         return {
             "user": user.name,
             "devices": [
@@ -415,18 +434,13 @@ class ChatUser:
             ],
         }
 
-    def ack(self, seqs: Sequence[int]) -> Any:
-        return self.ack_store(seqs).addCallback(lambda _: {})
-
-    def ack_store(self, seqs: Sequence[int]) -> Deferred[None]:
-        """The store's ack (fires None once committed): the protocol's fast path."""
+    def ack(self, seqs: Sequence[int]) -> Deferred[None]:
         d: Deferred[None] = self.store.ack(self.user.id, self.device_id, seqs)
         return d
 
     def pending(self) -> Any:
         return self.store.pending(self.user.id, self.device_id)
 
-    @inlineCallbacks
-    def logout(self, family: str) -> Any:
-        yield self.store.revoke_session(family)
-        return {}
+    def logout(self, family: str) -> Deferred[None]:
+        d: Deferred[None] = self.store.revoke_session(family)
+        return d

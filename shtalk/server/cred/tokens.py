@@ -27,11 +27,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from shtalk.wire.errors import ErrorCode
 
+INVALID, EXPIRED = ErrorCode.INVALID_TOKEN, ErrorCode.TOKEN_EXPIRED
+
 ALGORITHM = "ES256"
 TOKEN_TYPE = "at+jwt"  # noqa: S105 - a JWT typ, not a secret
 AUDIENCE = "shtalk-access"
 _REQUIRED = ["exp", "iat", "aud", "iss", "sub", "jti"]
-_INVALID, _EXPIRED = ErrorCode.INVALID_TOKEN, ErrorCode.TOKEN_EXPIRED
 
 
 #: The order of P-256: an ES256 signature (r, s) has a twin (r, n - s) that verifies too.
@@ -72,9 +73,9 @@ def is_low_s(token: str) -> bool:
 
 
 class TokenError(Exception):
-    """``code`` is the protocol error code: invalid_token or token_expired."""
+    """``code``: INVALID_TOKEN or TOKEN_EXPIRED (the checker tells the two apart)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -144,15 +145,15 @@ class TokenIssuer:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise TokenError(_INVALID, "the access token is malformed") from None
+            raise TokenError(INVALID, "the access token is malformed") from None
         if header.get("alg") != ALGORITHM or header.get("typ") != TOKEN_TYPE:
-            raise TokenError(_INVALID, "the access token is not one of ours")
+            raise TokenError(INVALID, "the access token is not one of ours")
         if header.get("kid") != self.kid:
-            raise TokenError(_INVALID, "the access token was signed with an unknown key")
+            raise TokenError(INVALID, "the access token was signed with an unknown key")
         if not is_low_s(token):
             # The (r, n - s) twin of a valid token verifies as well: refuse every form but
             # the one we issue, so a token has exactly one spelling.
-            raise TokenError(_INVALID, "the access token's signature is not canonical")
+            raise TokenError(INVALID, "the access token's signature is not canonical")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -165,25 +166,25 @@ class TokenIssuer:
                 leeway=0,
             )
         except jwt.PyJWTError:
-            raise TokenError(_INVALID, "the access token did not verify") from None
+            raise TokenError(INVALID, "the access token did not verify") from None
         # Expiry against our injected clock, so tests can drive time.
         exp, iat = claims["exp"], claims["iat"]
         if not isinstance(exp, int) or not isinstance(iat, int) or iat > now + 60:
-            raise TokenError(_INVALID, "the access token has bad times")
+            raise TokenError(INVALID, "the access token has bad times")
         if not 0 < exp - iat <= self.access_ttl:
             # Whoever could sign a longer-lived token was not us; nor is a token issued
             # under a longer lifetime than the one configured now.
-            raise TokenError(_INVALID, "the access token lives longer than allowed")
+            raise TokenError(INVALID, "the access token lives longer than allowed")
         if exp <= now:
-            raise TokenError(_EXPIRED, "the access token expired; use the refresh token")
+            raise TokenError(EXPIRED, "the access token expired; use the refresh token")
         try:
             uid = int(claims["sub"])
             dev = claims["dev"]
             sid = claims["sid"]
         except (KeyError, ValueError, TypeError):
-            raise TokenError(_INVALID, "the access token lacks its session") from None
+            raise TokenError(INVALID, "the access token lacks its session") from None
         if not isinstance(dev, str) or not isinstance(sid, str):
-            raise TokenError(_INVALID, "the access token lacks its session")
+            raise TokenError(INVALID, "the access token lacks its session")
         return AccessClaims(uid, dev, sid, exp)
 
     def public_key_pem(self) -> bytes:

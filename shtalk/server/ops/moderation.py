@@ -19,29 +19,39 @@ from __future__ import annotations
 
 import base64
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from shtalk.crypto.envelope import Envelope
 from shtalk.crypto.errors import CryptoError
 from shtalk.crypto.identity import PreKeyBundle
 from shtalk.server.chat.naming import room_key, user_key
+from shtalk.server.chat.presence import Presence
+from shtalk.server.chat.rooms import Rooms
+from shtalk.server.chat.users import Users
+from shtalk.server.cred.passwords import PasswordHasher
+from shtalk.server.iserver import BadRequest, IStore
+from shtalk.server.ops.monitor import Monitor
 from shtalk.server.store.records import User
-from shtalk.wire.errors import ErrorCode, ProtocolError
-
-if TYPE_CHECKING:
-    from shtalk.server.chat.service import ChatService
-    from shtalk.server.ops.monitor import Monitor
+from shtalk.wire.errors import ProtocolError
 
 log = Logger()
 
 
 class Moderation:
-    def __init__(self, chat: ChatService, protocol_sessions: Any = None) -> None:
-        self.chat = chat
-        self.store: Any = chat.store
+    def __init__(
+        self, store: IStore, hasher: PasswordHasher, users: Users, presence: Presence,
+        rooms: Rooms, clock: IReactorTime,
+    ) -> None:
+        self.store = store
+        self.hasher = hasher
+        self.users = users
+        self.presence = presence
+        self.rooms = rooms
+        self.clock = clock
 
     def lookup(self, name_or_id: str) -> Any:
         """(id, name, status, created) of an account by name or ``#id``; None if unknown."""
@@ -58,9 +68,8 @@ class Moderation:
             lambda u: None if u is None else (u.id, u.name, u.status, u.created))
 
     def _logout_everywhere(self, user_id: int, name: str, why: str) -> None:
-        self.chat.forget_user(user_key(name)[1] if name else "")
-        for _dev, mind in list(self.chat.router.minds_of(user_id)):
-            mind.session_revoked(why)
+        self.users.forget(user_key(name)[1] if name else "")
+        self.presence.revoke_user(user_id, why)
 
     @inlineCallbacks
     def set_status(self, user_id: int, status: str) -> Any:
@@ -71,7 +80,7 @@ class Moderation:
         if changed and status != "active":
             self._logout_everywhere(user_id, user.name, f"this account was {status}")
         if changed:
-            self.chat.forget_user(user.key)
+            self.users.forget(user.key)
             log.warn("account {user_id} is now {status}", event="moderation.status",
                      user_id=user_id, status=status)
         return bool(changed)
@@ -81,14 +90,12 @@ class Moderation:
         user = yield self.store.user_by_id(user_id)
         if user is None:
             return False
-        dummy = yield self.chat.hasher.hash(secrets.token_urlsafe(32))
+        dummy = yield self.hasher.hash(secrets.token_urlsafe(32))
         done = yield self.store.delete_account(user_id, dummy)
         if done:
             self._logout_everywhere(user_id, user.name, "this account was deleted")
-            self.chat.forget_user(user.key)
-            for members in self.chat.router.room_members.values():
-                members.pop(user_id, None)
-            self.chat.user_rooms.pop(user_id, None)
+            self.users.forget(user.key)
+            self.rooms.account_deleted(user_id)
             log.warn("account {user_id} deleted", event="moderation.delete", user_id=user_id)
         return bool(done)
 
@@ -101,9 +108,9 @@ class Moderation:
         self, reporter: User, monitor: Monitor, raw_user: str, reason: str,
         envelope: bytes | None, plaintext: str | None, address: str = "",
     ) -> Any:
-        target: User = yield self.chat.user(raw_user)
+        target: User = yield self.users.user(raw_user)
         if target.id == reporter.id:
-            raise ProtocolError(ErrorCode.BAD_FIELD, "you cannot report yourself")
+            raise BadRequest("you cannot report yourself")
         verified = qualifies = False
         evidence: dict[str, Any] = {"reporter": reporter.name, "reason": reason[:500]}
         if envelope is not None:
@@ -111,7 +118,7 @@ class Moderation:
             verified = True
             # Toward automatic action only from an established account that the sender
             # was in conversation with (a room message's membership was checked).
-            old_enough = reporter.created <= self.chat.now() - monitor.config.reporter_min_age
+            old_enough = reporter.created <= self.clock.seconds() - monitor.config.reporter_min_age
             if env.recipient.kind == "user":
                 written = yield self.store.has_written(target.id, reporter.id)
             else:
@@ -136,14 +143,13 @@ class Moderation:
         try:
             env = Envelope.from_bytes(raw)
         except CryptoError:
-            raise ProtocolError(ErrorCode.BAD_FIELD, "envelope: not a shtalk envelope") from None
+            raise BadRequest("envelope: not a shtalk envelope") from None
         try:
             sender_key = user_key(env.sender_user)[1]
         except ProtocolError:
             sender_key = ""
         if sender_key != target.key:
-            raise ProtocolError(ErrorCode.BAD_FIELD,
-                                "envelope: it was not sent by the reported user")
+            raise BadRequest("envelope: it was not sent by the reported user")
         rcpt = env.recipient
         if rcpt.kind == "user":
             try:
@@ -151,7 +157,7 @@ class Moderation:
             except ProtocolError:
                 to_key = ""
             if to_key != reporter.key:
-                raise ProtocolError(ErrorCode.BAD_FIELD, "envelope: it was not sent to you")
+                raise BadRequest("envelope: it was not sent to you")
         else:
             # A room message counts only from someone who was in that room when it was
             # sent (by its signed timestamp), in a room that exists: a forwarded copy
@@ -162,22 +168,18 @@ class Moderation:
                 room_k = ""
             room = (yield self.store.room_by_key(room_k)) if room_k else None
             if room is None:
-                raise ProtocolError(ErrorCode.BAD_FIELD,
-                                    "envelope: it names a room that does not exist")
+                raise BadRequest("envelope: it names a room that does not exist")
             since = yield self.store.member_since(room.id, reporter.id)
             if since is None or since > env.timestamp / 1000:
-                raise ProtocolError(ErrorCode.BAD_FIELD,
-                                    "envelope: you were not in that room when it was sent")
+                raise BadRequest("envelope: you were not in that room when it was sent")
         bundle = yield self.store.device_bundle(target.id, env.sender_device)
         if bundle is None:
-            raise ProtocolError(ErrorCode.BAD_FIELD,
-                                "envelope: the sending device published no identity key")
+            raise BadRequest("envelope: the sending device published no identity key")
         try:
             identity = PreKeyBundle.from_bytes(bundle).identity
             env.verify(identity)
         except CryptoError:
-            raise ProtocolError(
-                ErrorCode.BAD_FIELD,
+            raise BadRequest(
                 "envelope: its signature does not verify against the sender's identity key",
             ) from None
         return env

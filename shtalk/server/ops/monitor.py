@@ -14,8 +14,8 @@ Signals (thresholds in ``[monitor]``, each counted over a sliding window):
   reporters from distinct addresses agree (before that: a flag for review).
 
 A signal raises a `Flag` (subject, signal, reason, counts) and runs its configured
-action once per flag: ``flag`` (nothing more), ``captcha`` (the account-security seam
-``ChatService.require_captcha``), ``throttle`` (the account's rate-limit buckets shrink
+action once per flag: ``flag`` (nothing more), ``captcha`` (a demand of the account gates,
+``CaptchaDemands.require``), ``throttle`` (the account's rate-limit buckets shrink
 to 1/``throttle_factor`` for ``throttle_seconds``) or ``suspend`` (the account is
 suspended pending review: its sessions end and it cannot log in).  Flags are kept in
 ``flags.json`` in the data directory and reviewed with ``shtalk-admin review``.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,7 @@ class Monitor:
         clock: IReactorTime,
         path: Path | None = None,
         partners: Callable[[int], Any] | None = None,
+        actions: Mapping[str, Action] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -118,7 +119,7 @@ class Monitor:
         self.qualifying: dict[str, dict[str, str]] = {}
         self.contacted: dict[int, set[int]] = {}
         self._loading: dict[int, list[tuple[int, str, float, int]]] = {}
-        self.actions: dict[str, Action] = {}
+        self.actions: Mapping[str, Action] = actions or {}  # flag.action -> what it does
         self.routed = 0
         self.raised: Counter[str] = Counter()
         self._load()

@@ -13,6 +13,8 @@ server processes share each bucket).  `FallbackBuckets` wraps Redis: when Redis 
 or answers too slowly it logs a warning and answers from memory (limits become per
 process, never an outage) until a probe finds Redis again.
 
+The limiter is built over its backend by shtalk.server.compose (``[ratelimit] backend``).
+
 `RateLimiter.check` returns ``None`` when the request may go on at once (memory), raises
 `RateLimited` when it may not, or returns a Deferred (Redis) that fires with ``None`` or
 fails with `RateLimited`.  The fast path creates no Deferred at all.
@@ -24,7 +26,6 @@ import ipaddress
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -32,11 +33,17 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from shtalk.server.config import RATE_ACTIONS, RateLimitSection
+from shtalk.server.ops.limit import Limit
 from shtalk.wire.errors import ErrorCode, ProtocolError
 
 log = Logger()
 
-# Request type -> action.  The account-security requests (issue 6) that check a code,
+__all__ = [
+    "REQUEST_ACTIONS", "Buckets", "FallbackBuckets", "Limit", "MemoryBuckets", "RateLimited",
+    "RateLimiter", "address_key",
+]
+
+# Request type -> action.  The account-security requests that check a code,
 # a CAPTCHA answer or a TOTP are "verify"; unknown types are not limited here.
 REQUEST_ACTIONS: dict[str, str] = {
     # Each register request is a check (name, password, email); the "register" bucket
@@ -49,7 +56,7 @@ REQUEST_ACTIONS: dict[str, str] = {
     "keys_fetch": "prekey_fetch",
     "room_join": "join",
     "report": "report",
-    # Account security (issue 6): codes, CAPTCHAs, TOTP, password reset and change.
+    # Account security: codes, CAPTCHAs, TOTP, password reset and change.
     "verify_email": "verify",
     "resend_verification": "verify",
     "captcha": "verify",
@@ -61,30 +68,6 @@ REQUEST_ACTIONS: dict[str, str] = {
     "totp_disable": "verify",
     "totp_recovery_codes": "verify",
 }
-
-
-@dataclass(frozen=True)
-class Limit:
-    """A bucket's shape: ``capacity`` tokens, refilled at ``rate`` tokens per second."""
-
-    capacity: float
-    rate: float
-
-    @classmethod
-    def of(cls, spec: tuple[float, float] | None) -> Limit | None:
-        if spec is None:
-            return None
-        capacity, seconds = spec
-        return cls(capacity, capacity / seconds)
-
-    def scaled(self, factor: float) -> Limit:
-        """A throttled bucket: 1/factor of the capacity and of the rate."""
-        return Limit(max(1.0, self.capacity / factor), self.rate / factor)
-
-    @property
-    def ttl(self) -> float:
-        """Seconds after which an untouched bucket is full again (and can be forgotten)."""
-        return self.capacity / self.rate
 
 
 class RateLimited(ProtocolError):
@@ -366,16 +349,3 @@ class RateLimiter:
         if wait:
             self.hits[action] += 1
             raise RateLimited(action, wait)
-
-
-def make_limiter(config: RateLimitSection, clock: IReactorTime) -> RateLimiter:
-    """The limiter the config asks for (Redis wrapped in the memory fallback)."""
-    if not config.enabled or config.backend == "memory":
-        return RateLimiter(config, clock)
-    from shtalk.server.ops.redisbackend import RedisBuckets
-
-    redis = RedisBuckets(
-        config.redis_url, config.redis_prefix, clock, timeout=config.redis_timeout
-    )
-    backend = FallbackBuckets(redis, MemoryBuckets(clock), clock, config.redis_retry)
-    return RateLimiter(config, clock, backend)

@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from shtalk.server.ops.ratelimit import Limit
+from shtalk.server.ops.limit import Limit
 
 log = Logger()
 

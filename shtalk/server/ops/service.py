@@ -1,8 +1,8 @@
-"""Operations wiring (issue 7): rate limiter, sealed log, monitor, metrics, admin socket.
+"""The operations service: sealed log, limiter sweeps, monitor sweeps, metrics, admin socket.
 
-`install_operations` is the one call ``make_chat_service`` makes; everything it builds
-starts and stops with `OperationsService` (nothing is opened or bound before
-``startService``).
+`Operations` answers the metrics page and the admin socket; `OperationsService` starts
+and stops what they need with the tree (nothing is opened or bound before
+``startService``).  Both are built by shtalk.server.compose.
 
 The admin socket (``[admin] socket``, by default ``<data_dir>/admin.sock``, mode 0600
 in the 0700 data directory, so only the server's own user can connect) speaks one JSON
@@ -27,62 +27,37 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.basic import LineOnlyReceiver
 
-from shtalk.server.config import (
-    AdminSection,
-    LogsSection,
-    MetricsSection,
-    MonitorSection,
-    RateLimitSection,
-    ServerConfig,
-)
+from shtalk.server.chat.presence import Presence
+from shtalk.server.chat.users import Users
+from shtalk.server.config import AdminSection, LogsSection, MetricsSection, ServerConfig
 from shtalk.server.datadir import DataDir
+from shtalk.server.net.connection import ShtalkServerFactory
 from shtalk.server.ops.metrics import MetricsResource, Sample
 from shtalk.server.ops.moderation import Moderation
-from shtalk.server.ops.monitor import SIGNALS, Flag, Monitor
-from shtalk.server.ops.ratelimit import RateLimiter, make_limiter
+from shtalk.server.ops.monitor import SIGNALS, Monitor
+from shtalk.server.ops.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
-    from shtalk.server.chat.service import ChatService
-    from shtalk.server.net.connection import ShtalkServerFactory
     from shtalk.server.ops.seclog import SealedLogObserver
 
 log = Logger()
 
 
 class Operations:
-    """What the rest of the server reaches: ``chat.ops``."""
+    """What the metrics page and the admin socket read and do."""
 
     def __init__(
-        self, chat: ChatService, factory: ShtalkServerFactory, limiter: RateLimiter,
-        monitor: Monitor, moderation: Moderation, config: ServerConfig,
+        self, factory: ShtalkServerFactory, presence: Presence, users: Users,
+        limiter: RateLimiter, monitor: Monitor, moderation: Moderation, config: ServerConfig,
     ) -> None:
-        self.chat = chat
         self.factory = factory
+        self.presence = presence
+        self.users = users
         self.limiter = limiter
         self.monitor = monitor
         self.moderation = moderation
         self.config = config
         self.observer: SealedLogObserver | None = None
-
-    # --- monitor actions ------------------------------------------------------------
-    def act_captcha(self, flag: Flag) -> None:
-        if flag.kind == "account":
-            self.chat.require_captcha(account_id=int(flag.subject))
-        else:
-            self.chat.require_captcha(address=flag.subject)
-
-    def act_throttle(self, flag: Flag) -> None:
-        cfg = self.config.section(MonitorSection)
-        if flag.kind == "account":
-            self.limiter.throttle(flag.subject, cfg.throttle_factor, cfg.throttle_seconds)
-        else:
-            self.act_captcha(flag)
-
-    def act_suspend(self, flag: Flag) -> None:
-        if flag.kind == "account":
-            self.moderation.set_status(int(flag.subject), "suspended")
-        else:
-            self.act_captcha(flag)
 
     # --- metrics ----------------------------------------------------------------------
     @inlineCallbacks
@@ -95,7 +70,7 @@ class Operations:
         open_flags: dict[str, int] = dict.fromkeys(SIGNALS, 0)
         for flag in mon.open_flags():
             open_flags[flag.signal] = open_flags.get(flag.signal, 0) + 1
-        online = sum(len(d) for d in self.chat.router.online.values())
+        online = sum(len(d) for d in self.presence.online.values())
         out: list[Sample] = [
             ("shtalk_connections", "gauge", "client connections past the TLS handshake",
              [({}, float(sum(f.per_address.values())))]),
@@ -140,7 +115,7 @@ class Operations:
             return {
                 "metrics": {name: values for name, _, _, values in samples},
                 "top_senders": [
-                    {"user": self.chat.user_name(uid), "sends": len(q)} for uid, q in top if q
+                    {"user": self.users.name(uid), "sends": len(q)} for uid, q in top if q
                 ],
                 "window": self.monitor.config.window,
                 "ratelimit_backend": getattr(self.limiter.backend, "name", "?"),
@@ -293,23 +268,3 @@ class OperationsService(Service):
 
             return gatherResults(ds).addCallback(lambda _: None)
         return succeed(None)
-
-
-def install_operations(
-    top: Any, config: ServerConfig, datadir: DataDir, chat: ChatService,
-    factory: ShtalkServerFactory, clock: IReactorTime,
-) -> Operations:
-    """Build the operations layer and hang its service under ``top``."""
-    limiter = make_limiter(config.section(RateLimitSection), clock)
-    monitor = Monitor(
-        config.section(MonitorSection), clock, datadir.path / "flags.json",
-        partners=chat.store.dm_partners,
-    )
-    ops = Operations(chat, factory, limiter, monitor, Moderation(chat), config)
-    monitor.actions = {
-        "captcha": ops.act_captcha, "throttle": ops.act_throttle, "suspend": ops.act_suspend,
-    }
-    factory.limiter = limiter
-    chat.ops = ops
-    OperationsService(ops, datadir, clock).setServiceParent(top)  # type: ignore[no-untyped-call]
-    return ops

@@ -25,3 +25,10 @@ def inbox_owner(mailbox: str) -> int | None:
     if mailbox.startswith(USER_PREFIX) and mailbox[2:].isdigit():
         return int(mailbox[2:])
     return None
+
+
+def room_of(mailbox: str) -> int | None:
+    """The room whose mailbox ``mailbox`` is; None for an inbox or a malformed name."""
+    if mailbox.startswith(ROOM_PREFIX) and mailbox[2:].isdigit():
+        return int(mailbox[2:])
+    return None

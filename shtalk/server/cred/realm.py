@@ -1,0 +1,72 @@
+"""The chat realm: builds the avatar of a device that authenticated.
+
+The avatar id the checkers return names the principal: ``b"<user id>"`` after a
+password (the device is the one the login request names, which the mind carries; it
+is registered here), ``b"<user id>/<device>/<session family>"`` after an access token
+(the token binds all three).  Before handing the avatar out, the realm loads what the
+device's requests will need at once (its devices, its rooms and their members, the
+monitor's view of its contacts) and registers the connection as online; the logout
+callable it returns is what the connection calls when it drops the avatar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred, inlineCallbacks
+from zope.interface import implementer
+
+from shtalk.server.chat.avatar import ChatParts, ChatUser
+from shtalk.server.iserver import IChatMind, IChatUser, InvalidCredentials, NoSuchDevice
+from shtalk.server.store.records import User
+
+
+@implementer(IRealm)
+class ChatRealm:
+    def __init__(self, parts: ChatParts) -> None:
+        self.parts = parts
+
+    def requestAvatar(
+        self, avatarId: bytes | tuple[()], mind: object, *interfaces: Any
+    ) -> Deferred[tuple[Any, object, Callable[[], None]]]:
+        if IChatUser not in interfaces:
+            raise NotImplementedError("shtalk only hands out IChatUser avatars")
+        assert isinstance(avatarId, bytes)
+        uid, _, rest = avatarId.decode("ascii").partition("/")
+        device, _, family = rest.partition("/")
+        d: Deferred[tuple[Any, object, Callable[[], None]]] = self._login(
+            int(uid), device or None, family or None, IChatMind(mind)
+        )
+        return d
+
+    @inlineCallbacks
+    def _login(
+        self, user_id: int, device_id: str | None, family: str | None, mind: IChatMind
+    ) -> Any:
+        parts = self.parts
+        user: User | None = yield parts.store.user_by_id(user_id)
+        if user is None:
+            raise InvalidCredentials("no such account")
+        parts.users.learn(user.id, user.name)
+        if device_id is None:
+            device_id = mind.device_id
+            yield parts.store.upsert_device(user.id, device_id, mind.device_label)
+        devices = yield parts.users.load_devices(user.id)
+        if device_id not in devices:
+            raise NoSuchDevice("this device was removed; log in again with a password")
+        yield parts.rooms.load_user(user.id)
+        if parts.monitor is not None:
+            # The monitor knows whom this account talked to before its first send.
+            yield parts.monitor.preload(user.id)
+        avatar = ChatUser(parts, user, device_id, family, mind)
+        if parts.presence.attach(user.id, device_id, mind):
+            yield parts.audience.announce_presence(user.id, True)
+
+        def logout() -> None:
+            gone = parts.presence.detach(mind)
+            if gone is not None and gone[1]:
+                parts.audience.announce_presence(user.id, False)
+
+        return IChatUser, avatar, logout

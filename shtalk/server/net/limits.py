@@ -1,0 +1,89 @@
+"""Limits asked before a request runs: the rate limiter's buckets and the failure throttle.
+
+The throttle is asked first so that one refusal names the later of the two waits (a
+retry after ``retry_after`` then finds both open).  A connection refused with
+``rate_limited`` more than ``[ratelimit] disconnect_after`` times within a minute is
+closed: that is no longer a person retrying.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from shtalk.server.accounts.gates import Gates, account_key
+from shtalk.server.chat.naming import user_key
+from shtalk.server.ops.ratelimit import REQUEST_ACTIONS, RateLimiter
+from shtalk.wire.errors import ProtocolError
+from shtalk.wire.frames import Request
+
+#: Requests that pass the failure throttle (Gates.gate), i.e. wait while it says so.
+THROTTLED = frozenset({
+    "register", "login", "verify_email", "password_reset_request", "password_reset",
+    "password_change", "totp_confirm", "totp_disable", "totp_recovery_codes",
+})
+
+
+def _account_of(username: object) -> str | None:
+    """The rate-limit account key of a username in a pre-login request (None: none)."""
+    if not isinstance(username, str):
+        return None
+    try:
+        return "n:" + user_key(username)[1]
+    except ProtocolError:
+        return "n:" + username[:64].lower()
+
+
+class RequestLimits:
+    def __init__(
+        self, limiter: RateLimiter | None, gates: Gates | None, clock: IReactorTime
+    ) -> None:
+        self.limiter = limiter  # None: not rate limited
+        self.gates = gates  # None: no failure throttle
+        self.clock = clock
+
+    def check(self, request: Request, user: Any, peer: str, peer_key: str) -> Deferred[None] | None:
+        """Raises `RateLimited`, or returns a pending check (a shared backend), or None
+        when the request may run at once.  ``user``: the logged-in account, or None."""
+        limiter = self.limiter
+        if limiter is None:
+            return None
+        action = REQUEST_ACTIONS.get(request.type)
+        if action is None:
+            return None
+        if user is not None:
+            account: str | None = str(user.id)
+        else:
+            account = _account_of(request.args.get("username"))
+        return limiter.check(action, account, peer_key, self._throttled_for(request, user, peer))
+
+    def _throttled_for(self, request: Request, user: Any, peer: str) -> float:
+        """Seconds the failure throttle will make this request wait (0: none)."""
+        gates = self.gates
+        if gates is None or request.type not in THROTTLED:
+            return 0.0
+        if user is not None:
+            account: str | None = user.key
+        elif request.type == "register":
+            account = None
+        else:
+            account = account_key(request.args["username"])
+        return float(gates.throttle.check(account, peer).retry_after)
+
+    def pay_register(self, username: str, peer_key: str) -> Deferred[None] | None:
+        """One ``register`` token (per name tried and per address) for a new attempt."""
+        if self.limiter is None:
+            return None
+        return self.limiter.check("register", "n:" + account_key(username), peer_key)
+
+    def too_many(self, refused_at: deque[float]) -> bool:
+        """Count one ``rate_limited`` refusal; True when the connection should close."""
+        now = self.clock.seconds()
+        refused_at.append(now)
+        while refused_at and refused_at[0] < now - 60.0:
+            refused_at.popleft()
+        limiter = self.limiter
+        return limiter is not None and len(refused_at) > limiter.config.disconnect_after
