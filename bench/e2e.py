@@ -61,16 +61,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    REPO,
-    BenchError,
-    fingerprint,
-    logger,
-    machine,
-    record,
-    wait_idle,
-    workdir,
-)
+from bench.common import REPO, BenchError, fingerprint, logger, machine, record, workdir
+from bench.cpu import wait_idle
 from bench.e2e_procs import go, read_step, run_worker, spawn_worker, start_server
 from bench.e2e_report import build_report
 from bench.fanout import load

@@ -19,7 +19,8 @@ from typing import Any, cast
 
 from twisted.internet.defer import Deferred, gatherResults
 
-from bench.common import CpuWindow, bounded, cpu_seconds_of, logger, sleep
+from bench.common import bounded, logger, sleep
+from bench.cpu import CpuWindow, cpu_seconds_of
 from bench.loadproto import Histogram, monotonic_ns
 from shtalk.wire.requests import RoomCreate, RoomJoin
 

@@ -48,13 +48,12 @@ from bench.common import (
     bench_config,
     fingerprint,
     launch_shtalk,
-    least_disturbed,
     logger,
     machine,
     record,
     run_child,
-    wait_idle,
 )
+from bench.cpu import least_disturbed, wait_idle
 from bench.fanout_report import (
     ACK_BATCH,
     ACK_INTERVAL,

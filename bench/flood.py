@@ -53,19 +53,15 @@ from bench.common import (
     LIFTED_LIMITS,
     REPO,
     Server,
-    cpu_seconds_of,
     extract,
     fingerprint,
-    grown,
     launch_shtalk,
-    least_disturbed,
     logger,
     machine,
-    other_processes_cpu,
     record,
     terminate,
-    wait_idle,
 )
+from bench.cpu import cpu_seconds_of, grown, least_disturbed, other_processes_cpu, wait_idle
 from tests.harness import open_fds, rss_kib
 
 SECTION = "## Pre-handshake flood (bench/flood)"

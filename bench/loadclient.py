@@ -49,7 +49,8 @@ from typing import Any, cast
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from bench.common import CpuWindow, bounded, child_main, sleep
+from bench.common import bounded, child_main, sleep
+from bench.cpu import CpuWindow
 from bench.loadproto import (
     ACK_INTERVAL,
     Histogram,

@@ -23,7 +23,8 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
-from bench.common import CpuWindow, sleep
+from bench.common import sleep
+from bench.cpu import CpuWindow
 from shtalk.client.client import ACK_BATCH as CLIENT_ACK_BATCH
 from shtalk.client.client import ACK_DELAY as CLIENT_ACK_DELAY
 from shtalk.server.tls import client_options_pinned

@@ -38,10 +38,10 @@ from bench.common import (
     logger,
     machine,
     record,
-    wait_idle,
     workdir,
     write_section,
 )
+from bench.cpu import wait_idle
 from bench.fanout import load
 
 SECTION = "## Rate limiting (bench/ratelimit)"

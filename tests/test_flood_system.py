@@ -1,6 +1,6 @@
 # mypy: disallow-untyped-calls=False
 # (trial and Twisted's task helpers are partly untyped; strict otherwise.)
-"""A connection flood before the TLS handshake, against the real server (issue 16).
+"""A connection flood before the TLS handshake, against the real server.
 
 The full scale of the issue, as bench/flood runs it: 2,000 TCP sockets from 100
 loopback addresses (127.0.0.2 ... 127.0.0.101) that never send a ClientHello, held

@@ -2,7 +2,7 @@
 
 Bob's device is moved forward in time by its E2EE manager's clock (the one the schedule
 reads): nothing waits a week.  The schedule itself (timer, grace period, deletion from
-the store's files) is unit-tested on a test clock in shtalk/test/test_client_rotation.py.
+the store's files) is unit-tested on a test clock in shtalk/test/client/test_client_rotation.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 # mypy: disallow-untyped-calls=False
-"""Operations (issue 7) against the real ``twistd -n shtalk``: rate limits (memory and the
+"""Operations against the real ``twistd -n shtalk``: rate limits (memory and the
 real Redis at 127.0.0.1:6379), sealed logs, reports, monitor flags, admin, metrics.
 
 Tests that need Redis skip with the reason when it is absent, and fail instead when

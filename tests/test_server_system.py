@@ -641,8 +641,8 @@ NOT_PROVOKED = {
     "rate_limited": "provoked in test_operations_system.RateLimitTests",
     "internal_error": "a server failure",
 }
-# Account security (issue 6): provoked by tests/test_account_system.py against the real
-# server (and shtalk/test/test_account_security.py over the protocol objects).
+# Account security: provoked by tests/test_account_system.py against the real
+# server (and shtalk/test/server/test_account_security.py over the protocol objects).
 PROVOKED_ELSEWHERE = {
     "email_not_verified": "test_account_system.EmailTests",
     "invalid_code": "test_account_system.EmailTests",

@@ -54,7 +54,8 @@ from shtalk.server.cred.realm import ChatRealm
 from shtalk.server.cred.sessions import Sessions
 from shtalk.server.cred.tokens import TokenIssuer
 from shtalk.server.datadir import DataDir
-from shtalk.server.iserver import CorruptStore, IStore
+from shtalk.server.eserver import CorruptStore
+from shtalk.server.iserver import IStore
 from shtalk.server.net.account import AccountHandlers
 from shtalk.server.net.admission import PendingHandshakes
 from shtalk.server.net.audit import Audit

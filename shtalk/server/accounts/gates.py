@@ -21,7 +21,7 @@ from shtalk.server.accounts.captcha import CaptchaBook
 from shtalk.server.accounts.throttle import AuthThrottle, Verdict
 from shtalk.server.chat.users import Users
 from shtalk.server.config import AccountsSection
-from shtalk.server.iserver import BadRequest, CaptchaFailed, CaptchaRequired, Throttled
+from shtalk.server.eserver import BadRequest, CaptchaFailed, CaptchaRequired, Throttled
 from shtalk.wire.names import NameError_, normalise_username
 
 log = Logger()

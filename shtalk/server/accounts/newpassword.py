@@ -18,7 +18,7 @@ from shtalk.server.accounts import totp
 from shtalk.server.accounts.gates import NO_ACCOUNT, account_key
 from shtalk.server.accounts.mailcodes import RESET, MailedCodes
 from shtalk.server.accounts.shared import AccountPart, Shared
-from shtalk.server.iserver import InvalidCode, InvalidCredentials
+from shtalk.server.eserver import InvalidCode, InvalidCredentials
 from shtalk.server.store.records import CODE_OK, User
 from shtalk.wire.passwords import check_password_policy
 

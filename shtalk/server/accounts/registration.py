@@ -16,7 +16,8 @@ from twisted.logger import Logger
 
 from shtalk.server.chat.naming import check_email, user_key
 from shtalk.server.cred.passwords import PasswordHasher
-from shtalk.server.iserver import Conflict, IStore, UsernameTaken
+from shtalk.server.eserver import Conflict, UsernameTaken
+from shtalk.server.iserver import IStore
 from shtalk.wire.passwords import check_password_policy
 
 log = Logger()

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from shtalk.server.accounts import totp
 from shtalk.server.accounts.shared import AccountPart, Shared
 from shtalk.server.cred.checkers import Factor
-from shtalk.server.iserver import InvalidCode, InvalidCredentials, TotpEnabled, TotpNotEnabled
+from shtalk.server.eserver import InvalidCode, InvalidCredentials, TotpEnabled, TotpNotEnabled
 from shtalk.server.store.records import TotpRecord, User
 
 log = Logger()

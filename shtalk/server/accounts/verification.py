@@ -16,7 +16,7 @@ from shtalk.server.accounts import totp
 from shtalk.server.accounts.gates import NO_ACCOUNT, account_key
 from shtalk.server.accounts.mailcodes import VERIFY, MailedCodes
 from shtalk.server.accounts.shared import AccountPart, Shared
-from shtalk.server.iserver import InvalidCode
+from shtalk.server.eserver import InvalidCode
 from shtalk.server.store.records import CODE_OK, User
 
 log = Logger()

@@ -3,7 +3,7 @@
 Each method checks what a request means (names, membership, roles) against the caches,
 writes through the store, updates the caches through their one writer (rooms, users)
 once the store committed, and tells the people concerned through presence.  Refusals
-are `shtalk.server.iserver.Refused` kinds; the connection turns them into wire errors.
+are `shtalk.server.eserver.Refused` kinds; the connection turns them into wire errors.
 """
 
 from __future__ import annotations
@@ -23,22 +23,19 @@ from shtalk.server.chat.naming import room_key, user_key
 from shtalk.server.chat.presence import Presence
 from shtalk.server.chat.rooms import Rooms
 from shtalk.server.chat.users import Users
-from shtalk.server.iserver import (
+from shtalk.server.eserver import (
     AlreadyMember,
     BadRequest,
     Conflict,
     EnvelopeTooLarge,
     Forbidden,
-    IChatMind,
-    IChatUser,
-    IDeliveryBus,
     InviteRequired,
-    IStore,
     MissingEnvelope,
     NoSuchDevice,
     NotAMember,
     RoomExists,
 )
+from shtalk.server.iserver import IChatMind, IChatUser, IDeliveryBus, IStore
 from shtalk.server.ops.monitor import Monitor
 from shtalk.server.store.mailbox import inbox_owner, room_mailbox, user_mailbox
 from shtalk.server.store.records import NewMessage, OneTimeKey, Room, User

@@ -18,7 +18,8 @@ from twisted.internet.defer import inlineCallbacks
 from shtalk.server.chat.fanout import FanOutCache
 from shtalk.server.chat.naming import room_key
 from shtalk.server.chat.users import Users
-from shtalk.server.iserver import IStore, NoSuchRoom
+from shtalk.server.eserver import NoSuchRoom
+from shtalk.server.iserver import IStore
 from shtalk.server.store.records import Room
 
 

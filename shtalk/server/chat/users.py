@@ -15,7 +15,8 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 
 from shtalk.server.chat.naming import user_key
-from shtalk.server.iserver import IStore, NoSuchUser
+from shtalk.server.eserver import NoSuchUser
+from shtalk.server.iserver import IStore
 from shtalk.server.store.records import Device, User
 
 

@@ -20,14 +20,14 @@ from zope.interface import Attribute, implementer
 
 from shtalk.server.cred.passwords import PasswordHasher
 from shtalk.server.cred.tokens import TokenError, TokenIssuer
-from shtalk.server.iserver import (
+from shtalk.server.eserver import (
     AccessExpired,
     AccessInvalid,
     AccessRevoked,
     AccountNotActive,
-    IStore,
     OtpRequired,
 )
+from shtalk.server.iserver import IStore
 from shtalk.wire.errors import ErrorCode
 from shtalk.wire.names import NameError_, normalise_username
 

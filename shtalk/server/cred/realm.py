@@ -19,7 +19,8 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from zope.interface import implementer
 
 from shtalk.server.chat.avatar import ChatParts, ChatUser
-from shtalk.server.iserver import IChatMind, IChatUser, InvalidCredentials, NoSuchDevice
+from shtalk.server.eserver import InvalidCredentials, NoSuchDevice
+from shtalk.server.iserver import IChatMind, IChatUser
 from shtalk.server.store.records import User
 
 

@@ -18,7 +18,8 @@ from shtalk.server.accounts.gates import account_key
 from shtalk.server.accounts.security import AccountSecurity
 from shtalk.server.chat.presence import Presence
 from shtalk.server.cred.sessions import Sessions
-from shtalk.server.iserver import IStore, SessionEnded
+from shtalk.server.eserver import SessionEnded
+from shtalk.server.iserver import IStore
 from shtalk.server.net.connection import ShtalkServerProtocol
 from shtalk.server.net.limits import RequestLimits
 from shtalk.server.net.login import tokens

@@ -29,7 +29,8 @@ from shtalk import __version__
 from shtalk.server.accounts.gates import RegisterAttempt
 from shtalk.server.chat import pushes
 from shtalk.server.chat.presence import Presence
-from shtalk.server.iserver import IChatMind, IChatUser, SessionEnded
+from shtalk.server.eserver import SessionEnded
+from shtalk.server.iserver import IChatMind, IChatUser
 from shtalk.server.net.admission import PendingHandshakes
 from shtalk.server.net.audit import Audit
 from shtalk.server.net.dispatch import Handler, dispatch_table

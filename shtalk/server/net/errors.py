@@ -1,6 +1,6 @@
 """The wire code of each refusal: the server's domain errors mapped to the protocol's.
 
-The chat, account and cred code raise `shtalk.server.iserver.Refused` kinds (and cred's
+The chat, account and cred code raise `shtalk.server.eserver.Refused` kinds (and cred's
 refusals); only here do they become ``{"ok": false, "error": {"code": ...}}``.  A
 refusal without an entry is a bug: the peer gets ``internal_error`` and the operator
 the traceback.
@@ -8,7 +8,7 @@ the traceback.
 
 from __future__ import annotations
 
-from shtalk.server import iserver as e
+from shtalk.server import eserver as e
 from shtalk.wire.errors import ErrorCode, ProtocolError
 
 CODES: dict[type[e.Refused], ErrorCode] = {

@@ -24,15 +24,15 @@ from shtalk.server.accounts.gates import Gates, account_key
 from shtalk.server.chat.presence import Presence
 from shtalk.server.cred.checkers import AccessTokenCredentials, PasswordCredentials
 from shtalk.server.cred.sessions import Sessions
-from shtalk.server.iserver import (
+from shtalk.server.eserver import (
     AccessRefused,
     AccountNotActive,
-    IChatUser,
     OtpRequired,
     TokenReuse,
     TokenRevoked,
     TokenUnknown,
 )
+from shtalk.server.iserver import IChatUser
 from shtalk.server.net.backlog import Backlog
 from shtalk.server.net.connection import ShtalkServerProtocol as Conn
 from shtalk.server.net.errors import ACCESS_CODES, to_wire

@@ -33,7 +33,8 @@ from shtalk.server.chat.presence import Presence
 from shtalk.server.chat.rooms import Rooms
 from shtalk.server.chat.users import Users
 from shtalk.server.cred.passwords import PasswordHasher
-from shtalk.server.iserver import BadRequest, IStore
+from shtalk.server.eserver import BadRequest
+from shtalk.server.iserver import IStore
 from shtalk.server.ops.monitor import Monitor
 from shtalk.server.store.records import User
 from shtalk.wire.errors import ProtocolError

@@ -13,7 +13,8 @@ import hmac
 
 from zope.interface import implementer
 
-from shtalk.server.iserver import ICodeStore, StoreError
+from shtalk.server.eserver import StoreError
+from shtalk.server.iserver import ICodeStore
 from shtalk.server.store.memtables import CodeRow, Tables, TotpRow, answered
 from shtalk.server.store.records import CODE_NONE, CODE_OK, CODE_WRONG, TotpRecord
 

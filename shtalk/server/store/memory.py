@@ -9,7 +9,7 @@ already-fired Deferred; time comes from the clock it is given::
 
     store = MemoryStore(clock=Clock())
 
-The shared contract tests (``shtalk.test.store_contract``) run against this store and
+The shared contract tests (``shtalk.test.server.store_contract``) run against this store and
 the SQLite one alike.  Differences that no IStore caller can see: an acknowledged
 message is deleted at once (SQLite sweeps every ``sweep_interval``), and a write that
 names a missing account, device or room fails with `MissingRow` (SQLite: a foreign-key
@@ -25,7 +25,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from shtalk.server.iserver import Conflict, IStore, TokenReuse, TokenRevoked, TokenUnknown
+from shtalk.server.eserver import Conflict, TokenReuse, TokenRevoked, TokenUnknown
+from shtalk.server.iserver import IStore
 from shtalk.server.store.mailbox import inbox_owner, room_mailbox, user_mailbox
 from shtalk.server.store.memcodes import MemoryCodeStore
 from shtalk.server.store.memtables import (

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Concatenate, ParamSpec, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 
-from shtalk.server.iserver import StoreClosed, StoreError
+from shtalk.server.eserver import StoreClosed, StoreError
 from shtalk.server.store.mailbox import user_mailbox
 from shtalk.server.store.records import Device, Room, StoredMessage, User
 

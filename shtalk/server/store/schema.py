@@ -17,7 +17,7 @@ import os
 import sqlite3
 import stat
 
-from shtalk.server.iserver import CorruptStore
+from shtalk.server.eserver import CorruptStore
 
 #: "shtk": marks the database file as a shtalk store.
 APPLICATION_ID = 0x7368746B

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from shtalk.server.iserver import CorruptStore
+from shtalk.server.eserver import CorruptStore
 from shtalk.server.store.records import NewMessage, StoredMessage
 
 __all__ = [

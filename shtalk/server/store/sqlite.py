@@ -33,7 +33,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from shtalk.server.iserver import CorruptStore, IStore, StoreClosed, StoreError
+from shtalk.server.eserver import CorruptStore, StoreClosed, StoreError
+from shtalk.server.iserver import IStore
 from shtalk.server.store import connections, schema
 from shtalk.server.store.acks import AckingGroupCommit, CursorBook
 from shtalk.server.store.codes import SQLiteCodeStore

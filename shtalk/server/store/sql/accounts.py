@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, cast
 
-from shtalk.server.iserver import Conflict
+from shtalk.server.eserver import Conflict
 from shtalk.server.store.mailbox import user_mailbox
 from shtalk.server.store.records import User
 from shtalk.server.store.sealing import EmailSeal

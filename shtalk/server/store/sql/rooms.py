@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, cast
 
-from shtalk.server.iserver import Conflict
+from shtalk.server.eserver import Conflict
 from shtalk.server.store.mailbox import room_mailbox
 from shtalk.server.store.records import Member, Room
 from shtalk.server.store.sql.common import Conn, exists

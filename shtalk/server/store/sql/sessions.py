@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from shtalk.server.iserver import Conflict, TokenReuse, TokenRevoked, TokenUnknown
+from shtalk.server.eserver import Conflict, TokenReuse, TokenRevoked, TokenUnknown
 from shtalk.server.store.records import Session
 from shtalk.server.store.sql.common import Conn, KeepWrites
 

@@ -16,9 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from shtalk.crypto import BadSignature, CryptoError, Envelope
 from shtalk.crypto import primitives as P
 from shtalk.crypto.ratchet import RatchetState
-
-from .test_crypto_parsers import _mutate
-from .test_crypto_support import Pair
+from shtalk.test.crypto.test_crypto_parsers import _mutate
+from shtalk.test.crypto.test_crypto_support import Pair
 
 _N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 

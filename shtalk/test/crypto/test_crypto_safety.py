@@ -5,8 +5,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from shtalk.crypto import safety_number, safety_number_digits
-
-from .test_crypto_support import identity
+from shtalk.test.crypto.test_crypto_support import identity
 
 
 class SafetyNumberTests(SynchronousTestCase):

@@ -24,8 +24,7 @@ from shtalk.crypto import (
     accept,
 )
 from shtalk.crypto.ratchet import RatchetState
-
-from .test_crypto_support import Pair, identity
+from shtalk.test.crypto.test_crypto_support import Pair, identity
 
 _PAIR = Pair()
 _PAIR.open_at_alice(_PAIR.seal_from_bob(b"ack"))

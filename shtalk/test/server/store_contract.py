@@ -1,7 +1,7 @@
 """The contract of IStore: one suite of test methods run against every backend.
 
-``StoreContract`` is a mixin: ``shtalk.test.test_store`` runs it on the SQLite store
-(real files, real threads), ``shtalk.test.test_store_memory`` on the in-memory one.  A
+``StoreContract`` is a mixin: ``shtalk.test.server.test_store`` runs it on the SQLite store
+(real files, real threads), ``shtalk.test.server.test_store_memory`` on the in-memory one.  A
 behaviour a caller can see belongs here, so the two stores cannot drift apart; what
 only one backend has (group commit, files, encryption at rest) is tested beside it.
 """
@@ -17,14 +17,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from shtalk.server.iserver import (
-    Conflict,
-    ICodeStore,
-    IStore,
-    TokenReuse,
-    TokenRevoked,
-    TokenUnknown,
-)
+from shtalk.server.eserver import Conflict, TokenReuse, TokenRevoked, TokenUnknown
+from shtalk.server.iserver import ICodeStore, IStore
 from shtalk.server.store.memory import MemoryStore
 from shtalk.server.store.records import (
     CODE_NONE,

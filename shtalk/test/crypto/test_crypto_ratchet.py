@@ -9,8 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from shtalk.crypto import CryptoError, DecryptError, MessageType, ReplayError, Session
 from shtalk.crypto.errors import StateError, TooFarAhead
 from shtalk.crypto.ratchet import ENC_HEADER_LEN, SEND_RESERVE, kdf_ck, message_keys
-
-from .test_crypto_support import Pair
+from shtalk.test.crypto.test_crypto_support import Pair
 
 
 def _ratchets() -> tuple[Session, Session]:

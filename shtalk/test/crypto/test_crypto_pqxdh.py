@@ -31,8 +31,7 @@ from shtalk.crypto import (
 from shtalk.crypto import primitives as P
 from shtalk.crypto.identity import KEM_LAST_RESORT, KemPreKey, OneTimePreKey, SignedPreKey
 from shtalk.crypto.pqxdh import InitialMessage, initiate, respond
-
-from .test_crypto_support import fetched_bundle, identity
+from shtalk.test.crypto.test_crypto_support import fetched_bundle, identity
 
 _P = 2**255 - 19
 

@@ -19,10 +19,9 @@ from shtalk.client.errors import ServerError
 from shtalk.client.knownhosts import KnownHosts
 from shtalk.client.session import Credentials, ServerSession
 from shtalk.client.sessionstate import TRANSITIONS, Input, SessionState, State
+from shtalk.test.client.test_client_session import FP, ScriptedServer, error, tokens
 from shtalk.testing import tempdir
 from shtalk.wire import requests as rq
-
-from .test_client_session import FP, ScriptedServer, error, tokens
 
 
 class TableTests(SynchronousTestCase):

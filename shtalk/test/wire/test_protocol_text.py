@@ -26,7 +26,7 @@ from shtalk.wire.errors import ErrorCode, ProtocolError
 from shtalk.wire.frames import error_from, ok, parse_line
 from shtalk.wire.schema import PRE_AUTH, REQUESTS
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "PROTOCOL.md"
 
 
 def documented_codes() -> set[str]:

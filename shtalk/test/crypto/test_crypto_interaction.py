@@ -23,8 +23,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from shtalk.crypto import CryptoError, Envelope, Session
-
-from .test_crypto_support import Pair
+from shtalk.test.crypto.test_crypto_support import Pair
 
 SIDES = st.sampled_from(["a", "b"])
 OPS = st.one_of(

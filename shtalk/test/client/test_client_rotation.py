@@ -35,11 +35,10 @@ from shtalk.crypto import (
     StateError,
     seal,
 )
+from shtalk.test.client.test_localstore import raw_bytes
 from shtalk.testing import b64
 from shtalk.wire.pushes import MessagePush
 from shtalk.wire.records import ClientRequest
-
-from .test_localstore import raw_bytes
 
 CHEAP = KdfParams(memory_kib=8, iterations=1, lanes=1)
 T0 = 1_750_000_000.0
@@ -403,7 +402,7 @@ class EncryptionConfigTests(SynchronousTestCase):
     """The ``[encryption]`` section of the client configuration (conf/client.ini)."""
 
     def test_example_file_documents_the_defaults(self) -> None:
-        path = Path(__file__).resolve().parents[2] / "conf" / "client.ini"
+        path = Path(__file__).resolve().parents[3] / "conf" / "client.ini"
         text = path.read_text(encoding="utf-8")
         section = text.split("[encryption]\n", 1)[1].split("\n[", 1)[0]
         settings = [line[2:] for line in section.splitlines() if " = " in line]

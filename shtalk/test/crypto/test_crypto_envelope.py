@@ -20,8 +20,7 @@ from shtalk.crypto import (
     open_envelope,
     prekey_identity,
 )
-
-from .test_crypto_support import Pair, identity
+from shtalk.test.crypto.test_crypto_support import Pair, identity
 
 _N = ecdsa.NIST256p.order
 

@@ -17,10 +17,9 @@ from shtalk.client.events import BadMessage, Event, MessageReceived
 from shtalk.client.localstore import KdfParams, LocalStore
 from shtalk.client.trust import ContactDevice
 from shtalk.crypto import RoomSession, Session
+from shtalk.test.crypto.test_crypto_support import fetched_bundle
 from shtalk.wire.pushes import MessagePush
 from shtalk.wire.records import ClientRequest
-
-from .test_crypto_support import fetched_bundle
 
 CHEAP = KdfParams(memory_kib=8, iterations=1, lanes=1)
 ROOM = "ops"

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from shtalk.server import iserver
+from shtalk.server import eserver
 from shtalk.server.chat.fanout import FanOutCache
 from shtalk.server.chat.presence import Presence
 from shtalk.server.chat.rooms import Rooms
@@ -120,8 +120,8 @@ class DispatchTests(SynchronousTestCase):
 class RefusalCodeTests(SynchronousTestCase):
     def test_every_refusal_has_its_wire_code(self) -> None:
         kinds = [
-            v for v in vars(iserver).values()
-            if isinstance(v, type) and issubclass(v, iserver.Refused) and v is not iserver.Refused
+            v for v in vars(eserver).values()
+            if isinstance(v, type) and issubclass(v, eserver.Refused) and v is not eserver.Refused
         ]
         self.assertGreater(len(kinds), 15)
         for kind in kinds:
@@ -129,14 +129,14 @@ class RefusalCodeTests(SynchronousTestCase):
             assert e is not None, kind
             self.assertEqual((e.code, e.message, e.extra), (errors.CODES[kind], "why",
                                                               {"retry_after": 3}))
-        access = [iserver.AccessInvalid, iserver.AccessExpired, iserver.AccessRevoked]
+        access = [eserver.AccessInvalid, eserver.AccessExpired, eserver.AccessRevoked]
         self.assertEqual(set(errors.ACCESS_CODES), set(access))
 
     def test_protocol_errors_pass_and_anything_else_is_not_a_refusal(self) -> None:
         p = ProtocolError(ErrorCode.BAD_FIELD, "x")
         self.assertIs(errors.to_wire(p), p)
         self.assertIsNone(errors.to_wire(KeyError("boom")))
-        self.assertIsNone(errors.to_wire(iserver.Refused("a kind of its own")))
+        self.assertIsNone(errors.to_wire(eserver.Refused("a kind of its own")))
 
 
 class Mind:

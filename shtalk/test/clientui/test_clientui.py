@@ -194,7 +194,7 @@ class KeyTableTests(unittest.TestCase):
 
 class ConfigTests(unittest.TestCase):
     def test_example_file_parses(self) -> None:
-        with open(Path(__file__).resolve().parents[2] / "conf" / "client.ini",
+        with open(Path(__file__).resolve().parents[3] / "conf" / "client.ini",
                   encoding="utf-8") as f:
             text = f.read()
         config = ClientConfig.from_string(text)

@@ -11,11 +11,11 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from shtalk.server.iserver import Conflict, StoreClosed
+from shtalk.server.eserver import Conflict, StoreClosed
 from shtalk.server.store.memory import MemoryStore, MissingRow
 from shtalk.server.store.records import OneTimeKey, User
 from shtalk.server.store.sqlite import SQLiteStore
-from shtalk.test.store_contract import NOW, StoreContract, StoreHelpers, async_test, msg
+from shtalk.test.server.store_contract import NOW, StoreContract, StoreHelpers, async_test, msg
 
 
 class MemoryTestBase(StoreHelpers, TestCase):

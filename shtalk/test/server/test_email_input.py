@@ -19,8 +19,8 @@ from shtalk.server.chat.naming import check_email
 from shtalk.server.config import AccountsSection
 from shtalk.server.store import schema
 from shtalk.server.store.sealing import EmailSeal
-from shtalk.test.test_account_security import Base
-from shtalk.test.test_store import KEY, StoreTestBase, async_test
+from shtalk.test.server.test_account_security import Base
+from shtalk.test.server.test_store import KEY, StoreTestBase, async_test
 from shtalk.testing import GOOD_PASSWORD
 from shtalk.wire.errors import ErrorCode, ProtocolError
 

@@ -7,7 +7,7 @@ decapsulation of the recorded ciphertext is checked), a fixed first ratchet key
 RFC 6979 nonces is deterministic).  A refactor that changes any byte on the wire
 fails here.  Regenerate only for a deliberate format change, with a version bump:
 
-    PYTHONPATH=. .venv/bin/python -m shtalk.test.test_crypto_vectors --regenerate
+    PYTHONPATH=. .venv/bin/python -m shtalk.test.crypto.test_crypto_vectors --regenerate
 """
 
 from __future__ import annotations

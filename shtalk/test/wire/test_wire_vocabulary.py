@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from shtalk.wire.errors import ErrorCode
 
-PACKAGE = Path(__file__).resolve().parents[1]
+PACKAGE = Path(__file__).resolve().parents[2]
 CODES = {c.value for c in ErrorCode}
 
 #: Strings equal to a code that are not one: (file under shtalk/, string) -> why.

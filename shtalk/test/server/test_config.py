@@ -25,7 +25,7 @@ from shtalk.server.config import (
     setting,
 )
 
-EXAMPLE_INI = Path(__file__).resolve().parents[2] / "conf" / "shtalk.ini"
+EXAMPLE_INI = Path(__file__).resolve().parents[3] / "conf" / "shtalk.ini"
 
 
 class DefaultsTests(unittest.TestCase):

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from shtalk.test.wire.test_protocol_text import SAMPLES
 from shtalk.wire import frames
 from shtalk.wire import pushes as ps
 from shtalk.wire import requests as rq
@@ -25,9 +26,7 @@ from shtalk.wire.errors import ErrorCode, ProtocolError
 from shtalk.wire.limits import PROTOCOL_VERSION
 from shtalk.wire.schema import PRE_AUTH, REQUESTS
 
-from .test_protocol_text import SAMPLES
-
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "PROTOCOL.md"
 B64 = base64.b64encode(b"envelope").decode()
 
 

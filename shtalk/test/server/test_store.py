@@ -1,6 +1,6 @@
 """Tests of the SQLite store, on real database files (adbapi threads spin the reactor).
 
-The behaviour every IStore shares is in ``shtalk.test.store_contract`` (run here as
+The behaviour every IStore shares is in ``shtalk.test.server.store_contract`` (run here as
 `SQLiteContractTests`); this module adds what only the SQLite store has: the file, its
 schema and modes, the group commit, the timed sweep, encryption at rest.
 """
@@ -17,7 +17,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from shtalk.server.iserver import CorruptStore, IStore
+from shtalk.server.eserver import CorruptStore
+from shtalk.server.iserver import IStore
 from shtalk.server.store import groupcommit, schema
 from shtalk.server.store import sqlite as store_module
 from shtalk.server.store.sealing import (
@@ -30,7 +31,7 @@ from shtalk.server.store.sqlite import (
     StoreClosed,
     check_database_file,
 )
-from shtalk.test.store_contract import (
+from shtalk.test.server.store_contract import (
     DAY,
     NOW,
     StoreContract,

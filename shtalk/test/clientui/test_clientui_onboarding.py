@@ -27,7 +27,7 @@ from shtalk.clientui.model import STATUS, Line
 from shtalk.clientui.setup import Form, SetupFlow
 from shtalk.clientui.steps import Steps
 from shtalk.clientui.widgets import shorten_markup
-from shtalk.test.test_clientui import Harness, text_of
+from shtalk.test.clientui.test_clientui import Harness, text_of
 from shtalk.testing import tempdir
 from shtalk.wire.records import ClientRequest
 

@@ -11,8 +11,7 @@ from shtalk.crypto import primitives as P
 from shtalk.crypto.chain import LAST_INDEX, SendingChain, kdf_ck, skip_keys
 from shtalk.crypto.encoding import Reader, Writer
 from shtalk.crypto.ratchet import RatchetState
-
-from .test_crypto_ratchet import _ratchets
+from shtalk.test.crypto.test_crypto_ratchet import _ratchets
 
 CK = bytes(range(32))
 

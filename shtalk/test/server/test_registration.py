@@ -21,7 +21,7 @@ from shtalk.server.accounts.captcha import (
 )
 from shtalk.server.config import AccountsSection, RateLimitSection
 from shtalk.server.ops.ratelimit import RateLimiter
-from shtalk.test.test_account_security import Base
+from shtalk.test.server.test_account_security import Base
 from shtalk.testing import GOOD_PASSWORD, Peer, WallClock
 from shtalk.wire.errors import ErrorCode
 from shtalk.wire.passwords import DEFAULT_MIN_LENGTH, password_problem

@@ -1,0 +1,1 @@
+"""Unit tests of shtalk-urwid: model, view, controller, set-up forms."""

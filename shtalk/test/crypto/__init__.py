@@ -1,0 +1,1 @@
+"""Unit tests of shtalk.crypto: primitives, PQXDH, the Double Ratchet, Sender Keys."""

@@ -1,0 +1,1 @@
+"""Unit tests of the server: connection, handlers, store, accounts, operations."""

@@ -1,0 +1,1 @@
+"""Unit tests of shtalk.wire: framing, records, the shared vocabulary."""
