@@ -42,6 +42,7 @@ from typing import Any
 
 from bench.common import (
     DOC,
+    REPO,
     TWISTD,
     BenchError,
     Server,
@@ -124,7 +125,7 @@ def summarize_probe(path: Path) -> dict[str, Any]:
 
 def start_shtalk(
     work: Path, name: str, bcrypt_cost: int, switch_interval: float | None = None,
-    probe: Path | None = None, bcrypt_nice: int | None = None,
+    probe: Path | None = None, bcrypt_nice: int | None = None, tree: Path | None = None,
 ) -> Server:
     boot = TWISTD
     if switch_interval is not None:  # an experiment, off by default
@@ -132,7 +133,7 @@ def start_shtalk(
     if probe is not None:  # an experiment, off by default
         boot = f"import bench.fanout as b; b.install_store_probe({str(probe)!r}); " + boot
     return launch_shtalk(work, name, bench_config(bcrypt_cost, bcrypt_nice=bcrypt_nice),
-                         boot=boot)
+                         boot=boot, repo=tree or REPO)
 
 
 def start_ceiling(work: Path, data_dir: Path) -> Server:
@@ -192,7 +193,7 @@ def servers_stopped(servers: list[Server]) -> Iterator[None]:
 def run_fanout(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
     probe = work / "store-probe.json" if args.store_probe else None
     shtalk = start_shtalk(work, "fanout", bcrypt_cost=10, switch_interval=args.switch_interval,
-                          probe=probe)
+                          probe=probe, tree=args.server_tree)
     servers = [shtalk]
     with servers_stopped(servers):
         data_dir = work / "fanout-data"
@@ -392,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--no-docs", action="store_true", help="do not write PERFORMANCE.md")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--server-tree", type=Path, default=None,
+                        help="run the fan-out server from this source tree (e.g. an older "
+                        "revision extracted by bench.beforeafter) instead of this checkout")
     args = parser.parse_args(argv)
     if args.n is None:
         args.n = [10, 50] if args.quick else DEFAULT_N
