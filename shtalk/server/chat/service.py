@@ -8,38 +8,38 @@ reactor thread); the timer starts and stops with the tree, so nothing runs befor
 
 from __future__ import annotations
 
+from dataclasses import field
+
 from twisted.application.service import Service
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
+from shtalk.collaborators import collaborators
 from shtalk.server.iserver import IStore
+from shtalk.server.repeating import Repeating
 
-log = Logger()
 
-
+@collaborators
 class ChatService(Service):
     name = "chat"
 
-    def __init__(self, store: IStore, clock: IReactorTime, purge_interval: float = 60.0) -> None:
-        self.store = store
-        self.clock = clock
-        self.purge_interval = purge_interval
-        self._purge: IDelayedCall | None = None
+    store: IStore
+    clock: IReactorTime
+    purge_interval: float = 60.0
+    _purge: Repeating | None = field(default=None, init=False)
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        self._schedule_purge()
+        self._purge = Repeating(
+            self.clock, self.purge_interval, self._purge_now, "purging expired messages failed"
+        )
+        self._purge.start()
 
     def stopService(self) -> None:
-        if self._purge is not None and self._purge.active():
-            self._purge.cancel()
+        if self._purge is not None:
+            self._purge.stop()
         self._purge = None
         super().stopService()  # type: ignore[no-untyped-call]
 
-    def _schedule_purge(self) -> None:
-        def purge() -> None:
-            d = self.store.purge_expired(self.clock.seconds())
-            d.addErrback(lambda f: log.failure("purging expired messages failed", f))
-            d.addBoth(lambda _: self._schedule_purge() if self.running else None)
-
-        self._purge = self.clock.callLater(self.purge_interval, purge)
+    def _purge_now(self) -> Deferred[int]:
+        return self.store.purge_expired(self.clock.seconds())

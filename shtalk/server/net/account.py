@@ -14,7 +14,8 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from shtalk.server.accounts.gates import account_key
+from shtalk.collaborators import collaborators
+from shtalk.server.accounts.gates import Gates, account_key
 from shtalk.server.accounts.security import AccountSecurity
 from shtalk.server.chat.presence import Presence
 from shtalk.server.cred.sessions import Sessions
@@ -28,17 +29,17 @@ from shtalk.wire.frames import Request
 Conn = ShtalkServerProtocol
 
 
+@collaborators
 class AccountHandlers:
-    def __init__(
-        self, store: IStore, security: AccountSecurity, sessions: Sessions, presence: Presence,
-        limits: RequestLimits,
-    ) -> None:
-        self.store = store
-        self.security = security
-        self.gates = security.gates
-        self.sessions = sessions
-        self.presence = presence
-        self.limits = limits
+    store: IStore
+    security: AccountSecurity
+    sessions: Sessions
+    presence: Presence
+    limits: RequestLimits
+
+    @property
+    def gates(self) -> Gates:
+        return self.security.gates
 
     @inlineCallbacks
     def on_register(self, conn: Conn, request: Request) -> Any:

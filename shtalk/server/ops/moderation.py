@@ -25,6 +25,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from shtalk.collaborators import collaborators
 from shtalk.crypto.envelope import Envelope
 from shtalk.crypto.errors import CryptoError
 from shtalk.crypto.identity import PreKeyBundle
@@ -42,17 +43,14 @@ from shtalk.wire.errors import ProtocolError
 log = Logger()
 
 
+@collaborators
 class Moderation:
-    def __init__(
-        self, store: IStore, hasher: PasswordHasher, users: Users, presence: Presence,
-        rooms: Rooms, clock: IReactorTime,
-    ) -> None:
-        self.store = store
-        self.hasher = hasher
-        self.users = users
-        self.presence = presence
-        self.rooms = rooms
-        self.clock = clock
+    store: IStore
+    hasher: PasswordHasher
+    users: Users
+    presence: Presence
+    rooms: Rooms
+    clock: IReactorTime
 
     def lookup(self, name_or_id: str) -> Any:
         """(id, name, status, created) of an account by name or ``#id``; None if unknown."""
