@@ -11,12 +11,17 @@ than between runs, so the services share this instead:
   so runs never overlap however slow the store is;
 * a failure is logged with ``what`` and the next run still comes;
 * `stop` cancels what is scheduled, and nothing is scheduled after it.
+
+It is a service of its own (as Twisted's ``TimerService``): a service whose job is its
+upkeep (`ChatService`, `AccountSecurity`) is one, and starts and stops with the tree;
+other owners call `start` and `stop`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.application.service import Service
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -24,7 +29,7 @@ from twisted.logger import Logger
 log = Logger()
 
 
-class Repeating:
+class Repeating(Service):
     def __init__(
         self,
         clock: IReactorTime,
@@ -33,30 +38,38 @@ class Repeating:
         what: str,
         first: float | None = None,
     ) -> None:
-        self.clock = clock
-        self.interval = interval
-        self.work = work
-        self.what = what
-        self.first = interval if first is None else first
+        self._timer_clock = clock
+        self._interval = interval
+        self._work = work
+        self._what = what
+        self._first = interval if first is None else first
         self._call: IDelayedCall | None = None
-        self._running = False
+        self._repeating = False
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.start()
+
+    def stopService(self) -> None:
+        self.stop()
+        super().stopService()  # type: ignore[no-untyped-call]
 
     def start(self) -> None:
-        self._running = True
-        self._call = self.clock.callLater(self.first, self._run)
+        self._repeating = True
+        self._call = self._timer_clock.callLater(self._first, self._run)
 
     def stop(self) -> None:
-        self._running = False
+        self._repeating = False
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
 
     def _run(self) -> None:
         self._call = None
-        d = maybeDeferred(self.work)
-        d.addErrback(lambda f: log.failure(self.what, f))
+        d = maybeDeferred(self._work)
+        d.addErrback(lambda f: log.failure(self._what, f))
         d.addBoth(self._again)
 
     def _again(self, _: object) -> None:
-        if self._running and self._call is None:
-            self._call = self.clock.callLater(self.interval, self._run)
+        if self._repeating and self._call is None:
+            self._call = self._timer_clock.callLater(self._interval, self._run)

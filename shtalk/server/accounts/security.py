@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
@@ -38,7 +37,7 @@ log = Logger()
 PURGE_INTERVAL = 3600.0
 
 
-class AccountSecurity(AccountPart, Service):
+class AccountSecurity(AccountPart, Repeating):
     name = "security"
 
     def __init__(
@@ -50,27 +49,16 @@ class AccountSecurity(AccountPart, Service):
         two_factor: TwoFactor,
         mailer: Mailer,
     ) -> None:
-        super().__init__(shared)
+        AccountPart.__init__(self, shared)
+        Repeating.__init__(
+            self, shared.clock, PURGE_INTERVAL, self._purge_now,
+            "purging unverified accounts failed", first=60.0,
+        )
         self.registration = registration
         self.verification = verification
         self.new_password = new_password
         self.two_factor = two_factor
         self.mailer = mailer
-        self._purge: Repeating | None = None
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        self._purge = Repeating(
-            self.clock, PURGE_INTERVAL, self._purge_now, "purging unverified accounts failed",
-            first=60.0,
-        )
-        self._purge.start()
-
-    def stopService(self) -> None:
-        if self._purge is not None:
-            self._purge.stop()
-        self._purge = None
-        super().stopService()  # type: ignore[no-untyped-call]
 
     def _purge_now(self) -> Any:
         self.gates.throttle.prune()

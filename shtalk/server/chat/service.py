@@ -8,38 +8,20 @@ reactor thread); the timer starts and stops with the tree, so nothing runs befor
 
 from __future__ import annotations
 
-from dataclasses import field
-
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from shtalk.collaborators import collaborators
 from shtalk.server.iserver import IStore
 from shtalk.server.repeating import Repeating
 
 
-@collaborators
-class ChatService(Service):
+class ChatService(Repeating):
     name = "chat"
 
-    store: IStore
-    clock: IReactorTime
-    purge_interval: float = 60.0
-    _purge: Repeating | None = field(default=None, init=False)
+    def __init__(self, store: IStore, clock: IReactorTime, purge_interval: float = 60.0) -> None:
+        super().__init__(clock, purge_interval, self._purge, "purging expired messages failed")
+        self.store = store
+        self.clock = clock
 
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        self._purge = Repeating(
-            self.clock, self.purge_interval, self._purge_now, "purging expired messages failed"
-        )
-        self._purge.start()
-
-    def stopService(self) -> None:
-        if self._purge is not None:
-            self._purge.stop()
-        self._purge = None
-        super().stopService()  # type: ignore[no-untyped-call]
-
-    def _purge_now(self) -> Deferred[int]:
+    def _purge(self) -> Deferred[int]:
         return self.store.purge_expired(self.clock.seconds())
