@@ -312,14 +312,6 @@ def tempdir(case: Any) -> str:
 # --- small helpers that unit test modules had each written for themselves --------------
 
 
-def spin(seconds: float = 0.0) -> Deferred[None]:
-    """Let the real reactor run for ``seconds``: for tests that wait on real threads
-    (bcrypt, SQLite); a test of timers uses a `Clock` instead."""
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
-    return d
-
-
 def b64(data: bytes) -> str:
     """Standard base64, as the wire carries binary fields (written here, not taken from
     the code under test)."""
