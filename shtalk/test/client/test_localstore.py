@@ -23,6 +23,7 @@ from shtalk.client.localstore import (
     WrongPassphrase,
 )
 from shtalk.sqlitefiles import SUFFIXES
+from shtalk.testing import assert_private_files
 
 #: Argon2id's cheapest legal setting: the tests exercise the store, not the KDF.
 CHEAP = KdfParams(memory_kib=8, iterations=1, lanes=1)
@@ -214,9 +215,7 @@ class LifeCycleTests(Base):
             await store.commit(puts=[("meta", "a", b"b")])
         finally:
             os.umask(old)
-        for suffix in SUFFIXES:
-            mode = stat.S_IMODE(os.stat(self.path + suffix).st_mode)
-            self.assertEqual(mode, 0o600, suffix)
+        assert_private_files(self, self.path)
         await store.close()
         os.chmod(self.path, 0o644)
         await self.open()

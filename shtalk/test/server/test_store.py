@@ -39,6 +39,7 @@ from shtalk.test.server.store_contract import (
     async_test,
     msg,
 )
+from shtalk.testing import assert_private_files
 
 KEY = bytes(range(32))
 MARKER = b"MARKER-" * 10
@@ -186,9 +187,7 @@ class FileTests(StoreTestBase):
     async def test_files_are_private(self) -> None:
         store = await self.open_store()
         await self.user(store, "Alice")
-        for suffix in ("", "-wal", "-shm"):
-            mode = stat.S_IMODE(os.stat(self.path + suffix).st_mode)
-            self.assertEqual(mode, 0o600, suffix)
+        assert_private_files(self, self.path)
         await store.close()
         os.chmod(self.path, 0o644)
         await self.open_store()
