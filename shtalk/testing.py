@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from shtalk.server.net.connection import ShtalkServerFactory, ShtalkServerProtoc
 from shtalk.server.ops.ratelimit import RateLimiter
 from shtalk.server.store.memory import MemoryStore
 from shtalk.server.store.sqlite import READERS, SQLiteStore
+from shtalk.sqlitefiles import SUFFIXES
 
 GOOD_PASSWORD = "tangerine-quokka-43"  # noqa: S105 - a test fixture
 T = TypeVar("T")
@@ -312,12 +314,12 @@ def tempdir(case: Any) -> str:
 # --- small helpers that unit test modules had each written for themselves --------------
 
 
-def spin(seconds: float = 0.0) -> Deferred[None]:
-    """Let the real reactor run for ``seconds``: for tests that wait on real threads
-    (bcrypt, SQLite); a test of timers uses a `Clock` instead."""
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
-    return d
+def assert_private_files(case: Any, path: str) -> None:
+    """Each of the SQLite database's files at ``path`` exists and is 0600 (both stores
+    promise it, whatever the umask)."""
+    for suffix in SUFFIXES:
+        mode = stat.S_IMODE(os.stat(path + suffix).st_mode)
+        case.assertEqual(mode, 0o600, suffix)
 
 
 def b64(data: bytes) -> str:

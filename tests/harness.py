@@ -952,3 +952,13 @@ class ServerTestCase(unittest.TestCase):
         s = yield register_and_login(self.server, user, device, register=register)
         self.addCleanup(s.client.disconnect)
         return s
+
+    @inlineCallbacks
+    def room(self, owner: Session, *members: Session) -> Any:
+        """A room of a fresh name that ``owner`` created and ``members`` joined, in that
+        order; returns the name."""
+        room = fresh_name("r")
+        yield owner.client.ok("room_create", room=room)
+        for s in members:
+            yield s.client.ok("room_join", room=room)
+        return room

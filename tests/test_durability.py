@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.python.failure import Failure
 
-from tests.harness import ServerTestCase, b64, fresh_name, unb64
+from tests.harness import ServerTestCase, b64, unb64
 
 TOTAL = 500
 WINDOW = 20
@@ -38,9 +38,7 @@ class DurabilityTests(ServerTestCase):
     def test_sigkill_loses_nothing_acknowledged(self) -> Any:
         alice = yield self.session()
         bob = yield self.session()
-        room = fresh_name("r")
-        yield alice.client.ok("room_create", room=room)
-        yield bob.client.ok("room_join", room=room)
+        room = yield self.room(alice, bob)
         yield bob.client.disconnect()  # offline during the load: all of it is queued
 
         client = alice.client

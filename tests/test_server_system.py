@@ -133,9 +133,7 @@ class RoomTests(ServerTestCase):
         """The kick also holds for an offline kicked user's queue."""
         alice = yield self.session()
         carol = yield self.session()
-        room = fresh_name("r")
-        yield alice.client.ok("room_create", room=room)
-        yield carol.client.ok("room_join", room=room)
+        room = yield self.room(alice, carol)
         yield carol.client.disconnect()
         yield alice.client.ok("room_kick", room=room, user=carol.user)
         yield alice.client.send_room(room, b"secret plans")
@@ -177,10 +175,7 @@ class RoomTests(ServerTestCase):
         bob = yield self.session()
         carol = yield self.session()
         dave = yield self.session()
-        room = fresh_name("r")
-        yield alice.client.ok("room_create", room=room)
-        for s in (bob, carol, dave):
-            yield s.client.ok("room_join", room=room)
+        room = yield self.room(alice, bob, carol, dave)
         r = yield alice.client.ok("room_role", room=room, user=bob.user, role="admin")
         self.assertEqual((r["room"], r["user"], r["role"]), (room, bob.user, "admin"))
         push = yield next_member_push(carol)
@@ -206,10 +201,7 @@ class RoomTests(ServerTestCase):
         bob = yield self.session()
         bob2 = yield self.session(bob.user, "phone", register=False)
         carol = yield self.session()
-        room = fresh_name("r")
-        yield alice.client.ok("room_create", room=room)
-        yield bob.client.ok("room_join", room=room)
-        yield carol.client.ok("room_join", room=room)
+        room = yield self.room(alice, bob, carol)
         envelope = secrets.token_bytes(300)
         cid = fresh_client_id()
         sent = yield alice.client.send_room(room, envelope, cid)
@@ -233,9 +225,7 @@ class RoomTests(ServerTestCase):
         """Pipelined sends from one connection are delivered in the order sent."""
         alice = yield self.session()
         bob = yield self.session()
-        room = fresh_name("r")
-        yield alice.client.ok("room_create", room=room)
-        yield bob.client.ok("room_join", room=room)
+        room = yield self.room(alice, bob)
         ids = [f"o-{i}" for i in range(30)]
         from twisted.internet.defer import gatherResults
 
@@ -359,9 +349,7 @@ class MessagingTests(ServerTestCase):
     def test_room_ack_is_cumulative_and_per_device(self) -> Any:
         alice = yield self.session()
         bob = yield self.session()
-        room = fresh_name("r")
-        yield alice.client.ok("room_create", room=room)
-        yield bob.client.ok("room_join", room=room)
+        room = yield self.room(alice, bob)
         yield self.session(bob.user, "phone", register=False)  # registers the device
         yield bob.client.disconnect()
         self.flushLoggedErrors()
@@ -420,9 +408,7 @@ class MessagingTests(ServerTestCase):
     def test_presence_to_room_co_members(self) -> Any:
         alice = yield self.session()
         carol = yield self.session()
-        room = fresh_name("r")
-        yield alice.client.ok("room_create", room=room)
-        yield carol.client.ok("room_join", room=room)
+        yield self.room(alice, carol)
         yield carol.client.disconnect()
         push = yield alice.client.next_push("presence")
         self.assertEqual(push, {"type": "presence", "user": carol.user, "status": "offline"})
@@ -983,11 +969,18 @@ class TLSPolicyTests(ServerTestCase):
             self.assertEqual(json.loads(tls.recv(4096)), {"id": 1, "ok": True})
             return version, cipher[0] if cipher else None
 
-    def context(self) -> ssl.SSLContext:
+    def context(
+        self, *, minimum: ssl.TLSVersion | None = None, maximum: ssl.TLSVersion | None = None,
+        ciphers: str = "ALL:@SECLEVEL=0",  # let the client offer what the server must refuse
+    ) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE  # the pin is checked below, by fingerprint
-        ctx.set_ciphers("ALL:@SECLEVEL=0")  # let the client offer what the server must refuse
+        ctx.set_ciphers(ciphers)
+        if minimum is not None:
+            ctx.minimum_version = minimum
+        if maximum is not None:
+            ctx.maximum_version = maximum
         return ctx
 
     def refused(self, ctx: ssl.SSLContext) -> ssl.SSLError:
@@ -998,15 +991,12 @@ class TLSPolicyTests(ServerTestCase):
         self.fail("the handshake succeeded")
 
     def test_tls13_accepted(self) -> None:
-        ctx = self.context()
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        version, _ = self.handshake(ctx)
+        version, _ = self.handshake(self.context(minimum=ssl.TLSVersion.TLSv1_3))
         self.assertEqual(version, "TLSv1.3")
 
     def test_tls12_ecdhe_accepted(self) -> None:
-        ctx = self.context()
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")
+        ctx = self.context(maximum=ssl.TLSVersion.TLSv1_2,
+                           ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")
         version, cipher = self.handshake(ctx)
         self.assertEqual((version, cipher), ("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256"))
 
@@ -1021,25 +1011,20 @@ class TLSPolicyTests(ServerTestCase):
                          self.server.fingerprint)
 
     def test_tls11_refused(self) -> None:
-        ctx = self.context()
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_1
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_1
-        err = self.refused(ctx)
+        tls11 = ssl.TLSVersion.TLSv1_1
+        err = self.refused(self.context(minimum=tls11, maximum=tls11))
         # The server's alert, not the client failing to offer TLS 1.1 at all.
         self.assertIn("PROTOCOL_VERSION", str(err).upper(), err)
 
     def test_non_ecdhe_suite_refused(self) -> None:
-        ctx = self.context()
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_ciphers("AES128-GCM-SHA256:@SECLEVEL=0")
-        err = self.refused(ctx)
-        self.assertIn("HANDSHAKE_FAILURE", str(err).upper(), err)
+        self.assertSuitesRefused("AES128-GCM-SHA256:@SECLEVEL=0")
 
     def test_non_aead_ecdhe_suite_refused(self) -> None:
-        ctx = self.context()
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA:@SECLEVEL=0")
-        err = self.refused(ctx)
+        self.assertSuitesRefused("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA:@SECLEVEL=0")
+
+    def assertSuitesRefused(self, ciphers: str) -> None:
+        """A TLS 1.2 client offering only ``ciphers`` gets the server's handshake alert."""
+        err = self.refused(self.context(maximum=ssl.TLSVersion.TLSv1_2, ciphers=ciphers))
         self.assertIn("HANDSHAKE_FAILURE", str(err).upper(), err)
 
 

@@ -30,6 +30,7 @@ from typing import TypeVar, cast
 
 from shtalk.client.errors import CorruptEntry, LocalStoreError, StoreClosed, WrongPassphrase
 from shtalk.client.localseal import Keys, body_ad, kv_ad, lp, state_ad, unlp
+from shtalk.sqlitefiles import SUFFIXES, tighten_modes
 
 T = TypeVar("T")
 Conn = sqlite3.Connection
@@ -37,7 +38,6 @@ Put = tuple[str, str, bytes | None]
 
 #: Bumped when the layout changes; open() refuses a file of another format.
 FORMAT = 1
-SUFFIXES = ("", "-wal", "-shm")
 
 _DDL = (
     """CREATE TABLE IF NOT EXISTS header (
@@ -108,13 +108,7 @@ def check_files(path: str) -> None:
         raise LocalStoreError(f"{path}: no such store; create it first")
     if os.path.islink(path) or not os.path.isfile(path):
         raise LocalStoreError(f"{path}: not a regular file")
-    for suffix in SUFFIXES:
-        try:
-            mode = os.stat(path + suffix).st_mode
-        except FileNotFoundError:
-            continue
-        if mode & 0o077:
-            os.chmod(path + suffix, 0o600)
+    tighten_modes(path)
 
 
 def setup_connection(conn: sqlite3.Connection) -> None:

@@ -49,33 +49,16 @@ class DataDir:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        # What lives in it:
+        self.storage_key_path = self.path / "storage.key"
+        self.jwt_key_path = self.path / "jwt-signing-key.pem"
+        self.cert_path = self.path / "tls-cert.pem"
+        self.key_path = self.path / "tls-key.pem"
+        self.db_path = self.path / "shtalk.sqlite3"
+        self.outbox_dir = self.path / "outbox"
 
     def __repr__(self) -> str:
         return f"DataDir({str(self.path)!r})"
-
-    @property
-    def storage_key_path(self) -> Path:
-        return self.path / "storage.key"
-
-    @property
-    def jwt_key_path(self) -> Path:
-        return self.path / "jwt-signing-key.pem"
-
-    @property
-    def cert_path(self) -> Path:
-        return self.path / "tls-cert.pem"
-
-    @property
-    def key_path(self) -> Path:
-        return self.path / "tls-key.pem"
-
-    @property
-    def db_path(self) -> Path:
-        return self.path / "shtalk.sqlite3"
-
-    @property
-    def outbox_dir(self) -> Path:
-        return self.path / "outbox"
 
     def ensure(self, tls_names: Sequence[str] | None = DEFAULT_TLS_NAMES) -> None:
         """Create what is missing, then check everything is private and loadable.

@@ -10,12 +10,11 @@ one never reaches client code.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from shtalk.wire.fields import Int, Str, opt
 from shtalk.wire.limits import MAX_ENVELOPE_BYTES, MAX_SEQ
-from shtalk.wire.records import Key, ServerPush, nested, one_of
+from shtalk.wire.records import Key, ServerPush, nested, one_of, record
 from shtalk.wire.shapes import CLIENT_ID, DEVICE_ID, ROOM, USER, Sender, Target
 
 __all__ = [
@@ -28,7 +27,7 @@ _WORD = Str(1, 32)
 _B64_TEXT = Str(0, (MAX_ENVELOPE_BYTES + 2) // 3 * 4)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class MessagePush(ServerPush):
     """A stored message for this device.  ``envelope`` stays base64 text: decoding it
     is the receiver's work, so a broken one is reported (and acknowledged) as a bad
@@ -44,7 +43,7 @@ class MessagePush(ServerPush):
     expires_at: Annotated[int | None, opt(Int(0))] = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class BacklogDonePush(ServerPush):
     """Every message queued while the device was away has been pushed."""
 
@@ -52,14 +51,14 @@ class BacklogDonePush(ServerPush):
     count: Annotated[int, Int(0)]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class PresencePush(ServerPush):
     NAME = "presence"
     user: Annotated[str, USER]
     status: Annotated[str, _WORD]  # online | offline
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class MemberPush(ServerPush):
     NAME = "member"
     room: Annotated[str, ROOM]
@@ -69,14 +68,14 @@ class MemberPush(ServerPush):
     role: Annotated[str | None, opt(_WORD)] = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class InvitedPush(ServerPush):
     NAME = "invited"
     room: Annotated[str, ROOM]
     by: Annotated[str | None, opt(USER)] = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class DevicePush(ServerPush):
     """A contact (or this account) published keys for a device or removed one."""
 
@@ -86,7 +85,7 @@ class DevicePush(ServerPush):
     event: Annotated[str, _WORD]  # keys | removed
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class LoggedOutPush(ServerPush):
     """The session ended elsewhere; the connection is unauthenticated again."""
 

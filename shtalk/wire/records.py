@@ -6,14 +6,23 @@ run, so the typed path and the plain-argument path cannot disagree.  A field who
 name is not a Python name (``from``) adds ``Key("from")``.
 
 Records are plain values: no I/O, no defaults beyond "absent" (None) for optional fields.
-Every record class is declared ``@dataclass(frozen=True, slots=True, kw_only=True)``.
+Every record class is declared with `record` (a frozen, slotted, keyword-only dataclass).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar, NamedTuple, Self, cast, get_type_hints
+from typing import (
+    Any,
+    ClassVar,
+    NamedTuple,
+    Self,
+    TypeVar,
+    cast,
+    dataclass_transform,
+    get_type_hints,
+)
 
 from shtalk.wire.errors import ErrorCode, ProtocolError
 from shtalk.wire.fields import Field, Obj, OneOf
@@ -60,6 +69,16 @@ def _read_spec(cls: type) -> Spec:
         key = next((m.name for m in meta if isinstance(m, Key)), attr)
         slots.append(_Slot(attr, key, check))
     return Spec(tuple(slots), {s.key: s.field for s in slots}, {s.key: s for s in slots})
+
+
+R = TypeVar("R", bound="Record")
+
+
+@dataclass_transform(frozen_default=True, kw_only_default=True)
+def record(cls: type[R]) -> type[R]:
+    """``cls`` as a wire record: frozen (a record is a value), slotted (requests and
+    pushes are made per message) and keyword-only (fields are named as on the wire)."""
+    return dataclasses.dataclass(frozen=True, slots=True, kw_only=True)(cls)
 
 
 class Record:

@@ -9,7 +9,6 @@ client building a request and a server reading it cannot disagree on its shape.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 from shtalk.wire.errors import ErrorCode
@@ -23,7 +22,7 @@ from shtalk.wire.limits import (
     MAX_SEQ,
     PROTOCOL_VERSION,
 )
-from shtalk.wire.records import ClientRequest, nested, one_of
+from shtalk.wire.records import ClientRequest, nested, one_of, record
 from shtalk.wire.shapes import (
     CAPTCHA,
     CLIENT_ID,
@@ -53,19 +52,19 @@ _ENVELOPE = B64(code=ErrorCode.ENVELOPE_TOO_LARGE)
 # -- session -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class Hello(ClientRequest):
     NAME = "hello"
     version: Annotated[int, Int(0, 2**31)] = PROTOCOL_VERSION
     client: Annotated[str | None, opt(Str(0, 128))] = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class Ping(ClientRequest):
     NAME = "ping"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class Register(ClientRequest):
     NAME = "register"
     username: Username
@@ -74,7 +73,7 @@ class Register(ClientRequest):
     captcha: Captcha_ = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class Login(ClientRequest):
     NAME = "login"
     username: Username
@@ -84,19 +83,19 @@ class Login(ClientRequest):
     captcha: Captcha_ = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class Resume(ClientRequest):
     NAME = "resume"
     access_token: Annotated[str, TOKEN]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class Refresh(ClientRequest):
     NAME = "refresh"
     refresh_token: Annotated[str, TOKEN]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class Logout(ClientRequest):
     NAME = "logout"
 
@@ -104,14 +103,14 @@ class Logout(ClientRequest):
 # -- account security (shtalk.server.accounts.security) ----------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class Captcha(ClientRequest):
     NAME = "captcha"
     kind: Annotated[str | None, opt(Str(3, 5, pattern="art|words",
                                         pattern_help='"art" or "words"'))] = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class VerifyEmail(ClientRequest):
     NAME = "verify_email"
     username: Username
@@ -119,20 +118,20 @@ class VerifyEmail(ClientRequest):
     captcha: Captcha_ = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class ResendVerification(ClientRequest):
     NAME = "resend_verification"
     username: Username
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class PasswordResetRequest(ClientRequest):
     NAME = "password_reset_request"
     username: Username
     captcha: Captcha_ = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class PasswordReset(ClientRequest):
     NAME = "password_reset"
     username: Username
@@ -141,7 +140,7 @@ class PasswordReset(ClientRequest):
     captcha: Captcha_ = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class PasswordChange(ClientRequest):
     NAME = "password_change"
     password: Password
@@ -149,18 +148,18 @@ class PasswordChange(ClientRequest):
     captcha: Captcha_ = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class TotpEnroll(ClientRequest):
     NAME = "totp_enroll"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class TotpConfirm(ClientRequest):
     NAME = "totp_confirm"
     code: Code
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class TotpDisable(ClientRequest):
     NAME = "totp_disable"
     password: Password
@@ -168,7 +167,7 @@ class TotpDisable(ClientRequest):
     captcha: Captcha_ = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class TotpRecoveryCodes(ClientRequest):
     NAME = "totp_recovery_codes"
     password: Password
@@ -179,52 +178,52 @@ class TotpRecoveryCodes(ClientRequest):
 # -- devices and rooms -------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class Devices(ClientRequest):
     NAME = "devices"
     user: Annotated[str | None, opt(USER)] = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class DeviceRemove(ClientRequest):
     NAME = "device_remove"
     device: Annotated[str, DEVICE_ID]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class RoomCreate(ClientRequest):
     NAME = "room_create"
     room: Roomname
     invite_only: Annotated[bool | None, opt(Bool())] = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class RoomJoin(ClientRequest):
     NAME = "room_join"
     room: Roomname
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class RoomLeave(ClientRequest):
     NAME = "room_leave"
     room: Roomname
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class RoomInvite(ClientRequest):
     NAME = "room_invite"
     room: Roomname
     user: Username
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class RoomKick(ClientRequest):
     NAME = "room_kick"
     room: Roomname
     user: Username
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class RoomRole(ClientRequest):
     NAME = "room_role"
     room: Roomname
@@ -232,12 +231,12 @@ class RoomRole(ClientRequest):
     role: Annotated[str, Str(1, 16, r"admin|member")]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class RoomList(ClientRequest):
     NAME = "room_list"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class RoomMembers(ClientRequest):
     NAME = "room_members"
     room: Roomname
@@ -246,7 +245,7 @@ class RoomMembers(ClientRequest):
 # -- messages ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class Send(ClientRequest):
     """``envelope`` goes to every recipient device without one of its own in
     ``envelopes`` (keyed ``"user/device"``); the server parses neither."""
@@ -260,14 +259,14 @@ class Send(ClientRequest):
     captcha: Captcha_ = None  # only when the server asked (captcha_required)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class Ack(ClientRequest):
     NAME = "ack"
     seqs: Annotated[tuple[int, ...], ListOf(Int(1, MAX_SEQ), max_items=MAX_ACK_BATCH,
                                             min_items=1)]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class Report(ClientRequest):
     """A verifiable abuse report (docs/PROTOCOL.md, "report")."""
 
@@ -281,7 +280,7 @@ class Report(ClientRequest):
 # -- the prekey directory ----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class KeysPublish(ClientRequest):
     NAME = "keys_publish"
     bundle: Annotated[bytes | None, opt(B64(max_bytes=MAX_BUNDLE_BYTES))] = None
@@ -292,12 +291,12 @@ class KeysPublish(ClientRequest):
     ] = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class KeysCount(ClientRequest):
     NAME = "keys_count"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class KeysFetch(ClientRequest):
     NAME = "keys_fetch"
     user: Username

@@ -7,12 +7,11 @@ Names are only length-checked here; the server applies the full normalisation ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 from shtalk.wire.fields import B64, Int, Str, opt
 from shtalk.wire.limits import MAX_ID_LENGTH, MAX_ONE_TIME_KEY_BYTES
-from shtalk.wire.records import Record, nested
+from shtalk.wire.records import Record, nested, record
 
 USER = Str(1, 64)
 ROOM = Str(1, 65)
@@ -24,7 +23,7 @@ CODE = Str(1, 64)
 PASSWORD = Str(1, 1024)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class Target(Record):
     """Where a message goes: exactly one of a user (a direct message) or a room."""
 
@@ -32,7 +31,7 @@ class Target(Record):
     room: Annotated[str | None, opt(ROOM)] = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class DeviceInfo(Record):
     """The device a login is for: a stable id chosen by the client, a label for people."""
 
@@ -40,7 +39,7 @@ class DeviceInfo(Record):
     label: Annotated[str | None, opt(Str(0, 256))] = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class CaptchaAnswer(Record):
     """The answer to a challenge the server showed (``error.captcha``)."""
 
@@ -48,7 +47,7 @@ class CaptchaAnswer(Record):
     answer: Annotated[str, Str(0, 64)]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class OneTimeKey(Record):
     """A one-time pre-key (``ec``: X25519, ``pq``: ML-KEM-768), signed inside."""
 
@@ -57,7 +56,7 @@ class OneTimeKey(Record):
     key: Annotated[bytes, B64(max_bytes=MAX_ONE_TIME_KEY_BYTES)]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record
 class Sender(Record):
     """Who sent a message, as the server authenticated it."""
 

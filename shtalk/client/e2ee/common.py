@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, DeferredLock
 from shtalk.client.events import Event
 from shtalk.client.localstore import HistoryMessage, LocalStore
 from shtalk.client.rotation import RotationPolicy
+from shtalk.collaborators import collaborators
 from shtalk.crypto import DeviceIdentity
 from shtalk.wire.errors import ErrorCode
 from shtalk.wire.records import ClientRequest
@@ -116,27 +117,20 @@ class Batch:
         self.puts[(kind, key)] = value
 
 
+@collaborators
 class Local:
     """This device as every part sees it.  ``request``, ``emit``, ``ack`` and
     ``ask_extra`` are read at the time of use: the client (or a test) may swap them."""
 
-    def __init__(
-        self,
-        store: LocalStore,
-        request: Requester,
-        emit: Callable[[Event], None],
-        me: str,
-        device: str,
-        clock: Callable[[], float],
-        rotation: RotationPolicy,
-    ) -> None:
-        self.store = store
-        self.request = request
-        self.emit = emit
-        self.me = me
-        self.device = device
-        self.clock = clock
-        self.rotation = rotation
+    store: LocalStore
+    request: Requester
+    emit: Callable[[Event], None]
+    me: str
+    device: str
+    clock: Callable[[], float]
+    rotation: RotationPolicy
+
+    def __post_init__(self) -> None:
         self.lock = DeferredLock()
         self.identity: DeviceIdentity | None = None
         self.ack: Callable[[int], None] = lambda seq: None

@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from twisted.internet.defer import DeferredLock
-
 from shtalk.client.e2ee.common import Local, Put, Requester
 from shtalk.client.e2ee.contacts import Directory
 from shtalk.client.e2ee.inbox import Inbox
@@ -154,28 +152,12 @@ class E2EE:
         self.local.me = name
 
     @property
-    def device(self) -> str:
-        return self.local.device
-
-    @property
-    def store(self) -> LocalStore:
-        return self.local.store
-
-    @property
     def clock(self) -> Callable[[], float]:
         return self.local.clock
 
     @clock.setter
     def clock(self, clock: Callable[[], float]) -> None:
         self.local.clock = clock
-
-    @property
-    def lock(self) -> DeferredLock:
-        return self.local.lock
-
-    @property
-    def identity(self) -> DeviceIdentity | None:
-        return self.local.identity
 
     @property
     def ident(self) -> DeviceIdentity:

@@ -24,17 +24,18 @@ from shtalk.client.e2ee.rooms import RoomKeys
 from shtalk.client.errors import ClientError, ServerError
 from shtalk.client.events import MessageState, TimerChanged
 from shtalk.client.localstore import HistoryMessage
+from shtalk.collaborators import collaborators
 from shtalk.crypto import Envelope, MessageType, Recipient
 from shtalk.wire.requests import Send, Target
 
 log = Logger()
 
 
+@collaborators
 class Outbox:
-    def __init__(self, local: Local, pairwise: Pairwise, room_keys: RoomKeys) -> None:
-        self.local = local
-        self.pairwise = pairwise
-        self.room_keys = room_keys
+    local: Local
+    pairwise: Pairwise
+    room_keys: RoomKeys
 
     def _expiry(self, conversation: str) -> tuple[int | None, float | None]:
         seconds = self.local.timers.get(conversation, 0)

@@ -23,11 +23,13 @@ from __future__ import annotations
 import math
 import secrets
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from random import Random
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+
+from shtalk.collaborators import collaborators
 
 ALPHABET = "ACDEFHJKMNPRTUVWXY3479"
 
@@ -178,6 +180,7 @@ class _Challenge:
     kind: str = "art"
 
 
+@collaborators
 class CaptchaBook:
     """Outstanding challenges: issue, then check once.
 
@@ -187,24 +190,15 @@ class CaptchaBook:
     for challenges cannot exhaust memory.
     """
 
-    def __init__(
-        self,
-        clock: IReactorTime,
-        ttl: float = 120.0,
-        length: int = 5,
-        per_owner: int = 3,
-        max_total: int = 20000,
-        rng: Random | None = None,
-    ) -> None:
-        self.clock = clock
-        self.ttl = ttl
-        self.length = length
-        self.per_owner = per_owner
-        self.max_total = max_total
-        self.rng: Random = rng if rng is not None else secrets.SystemRandom()
-        self._live: OrderedDict[str, _Challenge] = OrderedDict()
-        self.issued = 0
-        self.solved = 0
+    clock: IReactorTime
+    ttl: float = 120.0
+    length: int = 5
+    per_owner: int = 3
+    max_total: int = 20000
+    rng: Random = field(default_factory=secrets.SystemRandom)
+    _live: OrderedDict[str, _Challenge] = field(default_factory=OrderedDict, init=False)
+    issued: int = field(default=0, init=False)
+    solved: int = field(default=0, init=False)
 
     def issue(self, owner: str, kind: str = "art") -> dict[str, Any]:
         """A new challenge for ``owner``: ``kind`` "art" (drawn) or "words" (a question)."""

@@ -17,6 +17,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
+from shtalk.collaborators import collaborators
 from shtalk.server.accounts.captcha import CaptchaBook
 from shtalk.server.accounts.throttle import AuthThrottle, Verdict
 from shtalk.server.chat.users import Users
@@ -81,27 +82,19 @@ class CaptchaDemands:
 Demand = tuple[set[Any], Any]
 
 
+@collaborators
 class Gates:
-    def __init__(
-        self,
-        captchas: CaptchaBook,
-        throttle: AuthThrottle,
-        demands: CaptchaDemands,
-        users: Users,
-        settings: AccountsSection,
-        captcha_answers: str | None = None,
-    ) -> None:
-        self.captchas = captchas
-        self.throttle = throttle
-        self.demands = demands
-        self.users = users
-        self.s = settings
-        # Test hook (SHTALK_TEST_CAPTCHA_ANSWERS): system tests read answers there.
-        self.captcha_answers = captcha_answers
+    captchas: CaptchaBook
+    throttle: AuthThrottle
+    demands: CaptchaDemands
+    users: Users
+    settings: AccountsSection
+    # Test hook (SHTALK_TEST_CAPTCHA_ANSWERS): system tests read answers there.
+    captcha_answers: str | None = None
 
     # -- CAPTCHAs -----------------------------------------------------------------------
     def new_captcha(self, owner: str, kind: str = "art") -> dict[str, Any]:
-        if kind == "words" and not self.s.captcha_words:
+        if kind == "words" and not self.settings.captcha_words:
             raise BadRequest(
                 'this server offers only the drawn CAPTCHA ([accounts] captcha_words = false)'
             )
@@ -175,7 +168,7 @@ class Gates:
         if not attempt.paid:
             yield pay()
             attempt.paid, attempt.misses = True, 0
-        if verdict.captcha or self.s.require_captcha or monitor:
+        if verdict.captcha or self.settings.require_captcha or monitor:
             kind = self.captchas.kind_of(captcha)
             try:
                 self._captcha(owner, captcha)

@@ -16,7 +16,8 @@ from twisted.logger import Logger
 from shtalk.server.accounts import totp
 from shtalk.server.accounts.mailer import Mailer
 from shtalk.server.accounts.shared import AccountPart, Shared
-from shtalk.server.store.records import User
+from shtalk.server.eserver import InvalidCode
+from shtalk.server.store.records import CODE_OK, User
 
 log = Logger()
 
@@ -41,6 +42,17 @@ class MailedCodes(AccountPart):
         )
         if stored:
             self._mail(user, code, purpose)
+
+    def settle(self, outcome: str, key: str, address: str, what: str, again: str) -> None:
+        """The end of a check of a mailed code (``outcome`` from the code store): a wrong
+        code is a failure at the gates, and the error names ``again``, the request that
+        mails a new one; a right one clears the failures and drops the cached account,
+        whose status or password it changed."""
+        if outcome != CODE_OK:
+            self.gates.failed(key, address, what)
+            raise InvalidCode(f"wrong, expired or already used code; {again} mails a new one")
+        self.gates.succeeded(key)
+        self.users.forget(key)
 
     def _mail(self, user: User, code: str, purpose: str) -> None:
         minutes = max(1, self.s.email_code_ttl // 60)

@@ -18,8 +18,8 @@ from shtalk.server.accounts import totp
 from shtalk.server.accounts.gates import NO_ACCOUNT, account_key
 from shtalk.server.accounts.mailcodes import RESET, MailedCodes
 from shtalk.server.accounts.shared import AccountPart, Shared
-from shtalk.server.eserver import InvalidCode, InvalidCredentials
-from shtalk.server.store.records import CODE_OK, User
+from shtalk.server.eserver import InvalidCredentials
+from shtalk.server.store.records import User
 from shtalk.wire.passwords import check_password_policy
 
 log = Logger()
@@ -56,13 +56,7 @@ class NewPassword(AccountPart):
         outcome, families = yield self.codes.reset_with_code(
             uid, totp.code_hash(code), self.clock.seconds(), self.s.email_code_attempts, pw_hash
         )
-        if outcome != CODE_OK:
-            self.gates.failed(key, address, "password reset")
-            raise InvalidCode(
-                "wrong, expired or already used code; password_reset_request mails a new one"
-            )
-        self.gates.succeeded(key)
-        self.users.forget(key)
+        self.mailed.settle(outcome, key, address, "password reset", "password_reset_request")
         log.info("password reset by email code; every session revoked", user_id=uid)
         return {"user": user.name}, families
 

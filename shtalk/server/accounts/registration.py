@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
+from shtalk.collaborators import collaborators
 from shtalk.server.chat.naming import check_email, user_key
 from shtalk.server.cred.passwords import PasswordHasher
 from shtalk.server.eserver import Conflict, UsernameTaken
@@ -23,18 +24,12 @@ from shtalk.wire.passwords import check_password_policy
 log = Logger()
 
 
+@collaborators
 class Registration:
-    def __init__(
-        self,
-        store: IStore,
-        hasher: PasswordHasher,
-        min_password_length: int = 12,
-        new_account_status: str = "active",
-    ) -> None:
-        self.store = store
-        self.hasher = hasher
-        self.min_password_length = min_password_length
-        self.new_account_status = new_account_status
+    store: IStore
+    hasher: PasswordHasher
+    min_password_length: int = 12
+    new_account_status: str = "active"
 
     @inlineCallbacks
     def check(self, username: str, password: str, email: str) -> Any:

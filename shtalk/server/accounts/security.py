@@ -21,9 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from shtalk.server.accounts.mailer import Mailer
@@ -32,13 +30,14 @@ from shtalk.server.accounts.registration import Registration
 from shtalk.server.accounts.shared import AccountPart, Shared
 from shtalk.server.accounts.twofactor import TwoFactor
 from shtalk.server.accounts.verification import EmailVerification
+from shtalk.server.repeating import Repeating
 
 log = Logger()
 
 PURGE_INTERVAL = 3600.0
 
 
-class AccountSecurity(AccountPart, Service):
+class AccountSecurity(AccountPart, Repeating):
     name = "security"
 
     def __init__(
@@ -50,31 +49,21 @@ class AccountSecurity(AccountPart, Service):
         two_factor: TwoFactor,
         mailer: Mailer,
     ) -> None:
-        super().__init__(shared)
+        AccountPart.__init__(self, shared)
+        Repeating.__init__(
+            self, shared.clock, PURGE_INTERVAL, self._purge_now,
+            "purging unverified accounts failed", first=60.0,
+        )
         self.registration = registration
         self.verification = verification
         self.new_password = new_password
         self.two_factor = two_factor
         self.mailer = mailer
-        self._purge: IDelayedCall | None = None
 
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        self._purge = self.clock.callLater(60.0, self._purge_now)
-
-    def stopService(self) -> None:
-        if self._purge is not None and self._purge.active():
-            self._purge.cancel()
-        self._purge = None
-        super().stopService()  # type: ignore[no-untyped-call]
-
-    def _purge_now(self) -> None:
+    def _purge_now(self) -> Any:
         self.gates.throttle.prune()
         self.mailer.sweep()  # outbox files whose codes expired (also those of a past run)
-        d = self.purge_pending()
-        d.addErrback(lambda f: log.failure("purging unverified accounts failed", f))
-        if self.running:
-            self._purge = self.clock.callLater(PURGE_INTERVAL, self._purge_now)
+        return self.purge_pending()
 
     @inlineCallbacks
     def purge_pending(self) -> Any:

@@ -16,8 +16,7 @@ from shtalk.server.accounts import totp
 from shtalk.server.accounts.gates import NO_ACCOUNT, account_key
 from shtalk.server.accounts.mailcodes import VERIFY, MailedCodes
 from shtalk.server.accounts.shared import AccountPart, Shared
-from shtalk.server.eserver import InvalidCode
-from shtalk.server.store.records import CODE_OK, User
+from shtalk.server.store.records import User
 
 log = Logger()
 
@@ -41,13 +40,7 @@ class EmailVerification(AccountPart):
         outcome = yield self.codes.check_email_code(
             uid, VERIFY, totp.code_hash(code), self.clock.seconds(), self.s.email_code_attempts
         )
-        if outcome != CODE_OK:
-            self.gates.failed(key, address, "email verification")
-            raise InvalidCode(
-                "wrong, expired or already used code; resend_verification mails a new one"
-            )
-        self.gates.succeeded(key)
-        self.users.forget(key)
+        self.mailed.settle(outcome, key, address, "email verification", "resend_verification")
         log.info("email verified; account active", user_id=uid)
         return {"user": user.name, "status": "active"}
 

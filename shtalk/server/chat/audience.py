@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
+from shtalk.collaborators import collaborators
 from shtalk.server.chat import pushes
 from shtalk.server.chat.presence import Presence
 from shtalk.server.chat.rooms import Rooms
@@ -21,12 +22,12 @@ from shtalk.server.chat.users import Users
 from shtalk.server.iserver import IStore
 
 
+@collaborators
 class Audience:
-    def __init__(self, store: IStore, presence: Presence, rooms: Rooms, users: Users) -> None:
-        self.store = store
-        self.presence = presence
-        self.rooms = rooms
-        self.users = users
+    store: IStore
+    presence: Presence
+    rooms: Rooms
+    users: Users
 
     def _online_with(self, user_id: int, others: Iterable[int]) -> set[int]:
         """``others`` and the members of ``user_id``'s rooms, those online."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
@@ -45,6 +45,16 @@ MODERATORS = ("owner", "admin")
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+class _Outgoing(NamedTuple):
+    """A send as `ChatUser.send` was given it, on its way through the slow path."""
+
+    to: Mapping[str, str]
+    envelope: bytes | None
+    envelopes: Mapping[str, bytes] | None
+    client_id: str
+    expires_in: int | None
 
 
 @dataclass(frozen=True)
@@ -244,7 +254,7 @@ class ChatUser:
                 )  # fmt: skip
                 d: Deferred[Any] = self.store.append(message)
                 return d.addCallback(self._stored, message)
-        return self._send(to, envelope, envelopes, client_id, expires_in)
+        return self._send(_Outgoing(to, envelope, envelopes, client_id, expires_in))
 
     def _stored(self, result: Any, message: NewMessage) -> dict[str, Any]:
         """The send is committed: deliver it, then answer the sender."""
@@ -262,14 +272,7 @@ class ChatUser:
         return {"seq": result.seqs[0], "ts": message.ts, "duplicate": result.duplicate}
 
     @inlineCallbacks
-    def _send(
-        self,
-        to: Mapping[str, str],
-        envelope: bytes | None,
-        envelopes: Mapping[str, bytes] | None,
-        client_id: str,
-        expires_in: int | None,
-    ) -> Any:
+    def _send(self, out: _Outgoing) -> Any:
         # Sends of one device are stored in the order they arrived: each waits
         # until the previous one has been queued for commit (not committed, so
         # group commit still batches them).  Lookups usually hit the caches,
@@ -279,7 +282,7 @@ class ChatUser:
         try:
             if previous is not None and not previous.called:
                 yield previous
-            appended = yield self._prepare_send(to, envelope, envelopes, client_id, expires_in)
+            appended = yield self._prepare_send(out)
         finally:
             gate.callback(None)
             if self._send_gate is gate:
@@ -289,15 +292,9 @@ class ChatUser:
         return self._stored(result, message)
 
     @inlineCallbacks
-    def _prepare_send(
-        self,
-        to: Mapping[str, str],
-        envelope: bytes | None,
-        envelopes: Mapping[str, bytes] | None,
-        client_id: str,
-        expires_in: int | None,
-    ) -> Any:
+    def _prepare_send(self, out: _Outgoing) -> Any:
         """Check and resolve a send; return the message and the store's Deferred."""
+        to, envelope, envelopes, client_id, expires_in = out
         self._check_envelopes(envelope, envelopes)
         if "room" in to:
             room, members = yield self.rooms.room(to["room"])

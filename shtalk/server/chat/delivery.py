@@ -10,10 +10,12 @@ this process.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import field
 from typing import Any
 
 from zope.interface import implementer
 
+from shtalk.collaborators import collaborators
 from shtalk.server.chat import pushes
 from shtalk.server.chat.fanout import FanOutCache
 from shtalk.server.chat.presence import Presence
@@ -25,15 +27,15 @@ from shtalk.server.store.records import StoredMessage
 
 
 @implementer(IDeliveryBus)
+@collaborators
 class LocalBus:
     """Delivers within this process: one encoding per distinct envelope."""
 
-    def __init__(self, presence: Presence, rooms: Rooms, users: Users, fanout: FanOutCache) -> None:
-        self.presence = presence
-        self.rooms = rooms
-        self.users = users
-        self.fanout = fanout
-        self.delivered = 0
+    presence: Presence
+    rooms: Rooms
+    users: Users
+    fanout: FanOutCache
+    delivered: int = field(default=0, init=False)
 
     def recipients(self, box: str) -> Iterable[int]:
         owner = inbox_owner(box)

@@ -25,9 +25,14 @@ class ConfigError(StartupError):
     """The configuration file or a command-line option is missing, unreadable or invalid."""
 
 
-def setting(default: Any, help: str, *, min: int | None = None, max: int | None = None) -> Any:
-    """A dataclass field with its documentation and (for integers) inclusive bounds."""
-    return field(default=default, metadata={"help": help, "min": min, "max": max})
+def setting(
+    default: Any, help: str, *, min: int | None = None, max: int | None = None,
+    secret: bool = False,
+) -> Any:
+    """A dataclass field with its documentation and (for integers) inclusive bounds;
+    a ``secret`` one stays out of the section's repr (and so out of any log line)."""
+    return field(default=default, repr=not secret,
+                 metadata={"help": help, "min": min, "max": max})
 
 
 class Section:

@@ -97,7 +97,7 @@ class SmtpSection(Section):
     port: int = setting(587, "SMTP relay port (submission)", min=1, max=65535)
     sender: str = setting("shtalk@localhost", "envelope and From address of the mails")
     username: str = setting("", "SMTP AUTH user name; empty sends without AUTH")
-    password: str = setting("", "SMTP AUTH password (keep this file private)")
+    password: str = setting("", "SMTP AUTH password (keep this file private)", secret=True)
     require_starttls: bool = setting(
         True, "refuse to send unless the relay offers STARTTLS; false only for a loopback relay"
     )

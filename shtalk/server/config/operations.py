@@ -40,7 +40,9 @@ class RateLimitSection(Section):
 
     enabled: bool = setting(True, "apply the token buckets below")
     backend: str = setting("memory", "memory (one process) or redis (shared by processes)")
-    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis for backend = redis")
+    redis_url: str = setting(
+        "redis://127.0.0.1:6379/0", "Redis for backend = redis", secret=True  # may hold a password
+    )
     redis_prefix: str = setting("shtalk:rl:", "prefix of the bucket keys in Redis")
     redis_timeout: float = setting(0.5, "seconds a Redis answer may take before falling back")
     redis_retry: float = setting(5.0, "seconds between reconnection probes while degraded")

@@ -18,6 +18,7 @@ from twisted.cred.credentials import ICredentials, IUsernamePassword
 from twisted.internet.defer import Deferred, inlineCallbacks
 from zope.interface import Attribute, implementer
 
+from shtalk.collaborators import collaborators
 from shtalk.server.cred.passwords import PasswordHasher
 from shtalk.server.cred.tokens import TokenError, TokenIssuer
 from shtalk.server.eserver import (
@@ -63,19 +64,14 @@ class AccessTokenCredentials:
 
 
 @implementer(ICredentialsChecker)
+@collaborators
 class BcryptChecker:
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(
-        self,
-        store: IStore,
-        hasher: PasswordHasher,
-        second_factor: Callable[[int, str | None], Deferred[Factor]] | None = None,
-    ) -> None:
-        self.store = store
-        self.hasher = hasher
-        # (user id, code) -> Factor; None: passwords only.
-        self.second_factor = second_factor
+    store: IStore
+    hasher: PasswordHasher
+    # (user id, code) -> Factor; None: passwords only.
+    second_factor: Callable[[int, str | None], Deferred[Factor]] | None = None
 
     @inlineCallbacks
     def requestAvatarId(self, credentials: Any) -> Any:
@@ -101,13 +97,13 @@ class BcryptChecker:
 
 
 @implementer(ICredentialsChecker)
+@collaborators
 class AccessTokenChecker:
     credentialInterfaces = (IAccessToken,)
 
-    def __init__(self, store: IStore, issuer: TokenIssuer, now: Callable[[], float]) -> None:
-        self.store = store
-        self.issuer = issuer
-        self.now = now
+    store: IStore
+    issuer: TokenIssuer
+    now: Callable[[], float]
 
     @inlineCallbacks
     def requestAvatarId(self, credentials: Any) -> Any:

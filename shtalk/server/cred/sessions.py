@@ -13,15 +13,16 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 
+from shtalk.collaborators import collaborators
 from shtalk.server.cred.tokens import TokenIssuer, new_family, new_refresh_token, refresh_hash
 from shtalk.server.iserver import IStore
 
 
+@collaborators
 class Sessions:
-    def __init__(self, store: IStore, issuer: TokenIssuer, clock: IReactorTime) -> None:
-        self.store = store
-        self.issuer = issuer
-        self.clock = clock
+    store: IStore
+    issuer: TokenIssuer
+    clock: IReactorTime
 
     @property
     def access_ttl(self) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
+from shtalk.collaborators import collaborators
 from shtalk.server.accounts.gates import account_key
 from shtalk.server.accounts.security import AccountSecurity
 from shtalk.server.chat.presence import Presence
@@ -28,17 +29,13 @@ from shtalk.wire.frames import Request
 Conn = ShtalkServerProtocol
 
 
+@collaborators
 class AccountHandlers:
-    def __init__(
-        self, store: IStore, security: AccountSecurity, sessions: Sessions, presence: Presence,
-        limits: RequestLimits,
-    ) -> None:
-        self.store = store
-        self.security = security
-        self.gates = security.gates
-        self.sessions = sessions
-        self.presence = presence
-        self.limits = limits
+    store: IStore
+    security: AccountSecurity
+    sessions: Sessions
+    presence: Presence
+    limits: RequestLimits
 
     @inlineCallbacks
     def on_register(self, conn: Conn, request: Request) -> Any:
@@ -48,7 +45,9 @@ class AccountHandlers:
         yield registration.check(a["username"], a["password"], a["email"])
         attempt = conn.register_attempt
         pay = partial(self.limits.pay_register, a["username"], conn.peer_key)
-        yield self.gates.register_gate(conn.conn_token, conn.peer, a.get("captcha"), attempt, pay)
+        yield self.security.gates.register_gate(
+            conn.conn_token, conn.peer, a.get("captcha"), attempt, pay
+        )
         reply = yield registration.register(a["username"], a["password"], a["email"])
         attempt.used()
         if reply.get("status") == "pending":
@@ -58,27 +57,25 @@ class AccountHandlers:
         return reply
 
     def on_captcha(self, conn: Conn, request: Request) -> dict[str, Any]:
-        challenge = self.gates.new_captcha(conn.conn_token, request.args.get("kind", "art"))
+        gates = self.security.gates
+        challenge = gates.new_captcha(conn.conn_token, request.args.get("kind", "art"))
         conn.captcha_shown()
         return {"captcha": challenge}
 
     def on_verify_email(self, conn: Conn, request: Request) -> Deferred[Any]:
         a = request.args
-        d: Deferred[Any] = self.security.verification.verify_email(
+        return self.security.verification.verify_email(
             conn.conn_token, conn.peer, a["username"], a["code"], a.get("captcha")
         )
-        return d
 
     def on_resend_verification(self, conn: Conn, request: Request) -> Deferred[Any]:
-        d: Deferred[Any] = self.security.verification.resend(request.args["username"])
-        return d
+        return self.security.verification.resend(request.args["username"])
 
     def on_password_reset_request(self, conn: Conn, request: Request) -> Deferred[Any]:
         a = request.args
-        d: Deferred[Any] = self.security.new_password.reset_request(
+        return self.security.new_password.reset_request(
             conn.conn_token, conn.peer, a["username"], a.get("captcha")
         )
-        return d
 
     @inlineCallbacks
     def on_password_reset(self, conn: Conn, request: Request) -> Any:
@@ -109,27 +106,23 @@ class AccountHandlers:
         return {**tokens(self.sessions, access, refresh), "sessions_revoked": len(families)}
 
     def on_totp_enroll(self, conn: Conn, request: Request) -> Deferred[Any]:
-        d: Deferred[Any] = self.security.two_factor.enroll(conn.me.user.id)
-        return d
+        return self.security.two_factor.enroll(conn.me.user.id)
 
     def on_totp_confirm(self, conn: Conn, request: Request) -> Deferred[Any]:
-        d: Deferred[Any] = self.security.two_factor.confirm(
+        return self.security.two_factor.confirm(
             conn.conn_token, conn.peer, conn.me.user.id, request.args["code"]
         )
-        return d
 
     def on_totp_disable(self, conn: Conn, request: Request) -> Deferred[Any]:
         a = request.args
-        d: Deferred[Any] = self.security.two_factor.disable(
+        return self.security.two_factor.disable(
             conn.conn_token, conn.peer, conn.me.user.id, a["password"], a["code"],
             a.get("captcha"),
         )
-        return d
 
     def on_totp_recovery_codes(self, conn: Conn, request: Request) -> Deferred[Any]:
         a = request.args
-        d: Deferred[Any] = self.security.two_factor.new_recovery_codes(
+        return self.security.two_factor.new_recovery_codes(
             conn.conn_token, conn.peer, conn.me.user.id, a["password"], a["code"],
             a.get("captcha"),
         )
-        return d

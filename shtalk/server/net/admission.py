@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from shtalk.collaborators import collaborators
 from shtalk.server.config import ServerSection
 from shtalk.server.ops.ratelimit import address_key
 
@@ -71,24 +72,18 @@ def _malloc_trim() -> Any:
     return trim
 
 
+@collaborators
 class PendingHandshakes:
     """The sockets not yet past the TLS handshake, oldest first; see the module doc."""
 
-    def __init__(
-        self,
-        clock: IReactorTime,
-        timeout: float = 10.0,
-        max_pending: int = 1000,
-        max_per_address: int = 20,
-        steps_per_turn: int = STEPS_PER_TURN,
-        trim_after: int = TRIM_AFTER,
-    ) -> None:
-        self.clock = clock
-        self.timeout = timeout
-        self.max_pending = max_pending
-        self.max_per_address = max_per_address
-        self.steps_per_turn = steps_per_turn
-        self.trim_after = trim_after
+    clock: IReactorTime
+    timeout: float = 10.0
+    max_pending: int = 1000
+    max_per_address: int = 20
+    steps_per_turn: int = STEPS_PER_TURN
+    trim_after: int = TRIM_AFTER
+
+    def __post_init__(self) -> None:
         # Insertion order is accept order: the first entry is the oldest.
         self.pending: dict[AdmittedTLSProtocol, float] = {}
         self.by_address: dict[str, dict[AdmittedTLSProtocol, None]] = {}

@@ -44,42 +44,33 @@ class ChatHandlers:
         user = request.args.get("user")
         if user is not None:
             user_key(user)
-        d: Deferred[Any] = conn.me.devices(user)
-        return d
+        return conn.me.devices(user)
 
     def on_room_create(self, conn: Conn, request: Request) -> Deferred[Any]:
         a = request.args
-        d: Deferred[Any] = conn.me.create_room(a["room"], bool(a.get("invite_only", False)))
-        return d
+        return conn.me.create_room(a["room"], bool(a.get("invite_only", False)))
 
     def on_room_join(self, conn: Conn, request: Request) -> Deferred[Any]:
-        d: Deferred[Any] = conn.me.join(request.args["room"])
-        return d
+        return conn.me.join(request.args["room"])
 
     def on_room_leave(self, conn: Conn, request: Request) -> Deferred[Any]:
-        d: Deferred[Any] = conn.me.leave(request.args["room"])
-        return d
+        return conn.me.leave(request.args["room"])
 
     def on_room_invite(self, conn: Conn, request: Request) -> Deferred[Any]:
-        d: Deferred[Any] = conn.me.invite(request.args["room"], request.args["user"])
-        return d
+        return conn.me.invite(request.args["room"], request.args["user"])
 
     def on_room_kick(self, conn: Conn, request: Request) -> Deferred[Any]:
-        d: Deferred[Any] = conn.me.kick(request.args["room"], request.args["user"])
-        return d
+        return conn.me.kick(request.args["room"], request.args["user"])
 
     def on_room_role(self, conn: Conn, request: Request) -> Deferred[Any]:
         a = request.args
-        d: Deferred[Any] = conn.me.set_role(a["room"], a["user"], a["role"])
-        return d
+        return conn.me.set_role(a["room"], a["user"], a["role"])
 
     def on_room_list(self, conn: Conn, request: Request) -> Deferred[Any]:
-        d: Deferred[Any] = conn.me.list_rooms()
-        return d
+        return conn.me.list_rooms()
 
     def on_room_members(self, conn: Conn, request: Request) -> Deferred[Any]:
-        d: Deferred[Any] = conn.me.members(request.args["room"])
-        return d
+        return conn.me.members(request.args["room"])
 
     def on_send(self, conn: Conn, request: Request) -> Deferred[Any]:
         a = request.args
@@ -98,35 +89,29 @@ class ChatHandlers:
         return d
 
     def on_ack(self, conn: Conn, request: Request) -> Deferred[Any]:
-        d: Deferred[Any] = conn.me.ack(request.args["seqs"])
-        return d
+        return conn.me.ack(request.args["seqs"])
 
     def on_device_remove(self, conn: Conn, request: Request) -> Deferred[Any]:
-        d: Deferred[Any] = conn.me.remove_device(request.args["device"])
-        return d
+        return conn.me.remove_device(request.args["device"])
 
     def on_keys_publish(self, conn: Conn, request: Request) -> Deferred[Any]:
         a = request.args
-        d: Deferred[Any] = conn.me.publish_keys(
+        return conn.me.publish_keys(
             a.get("bundle"), a.get("one_time") or [], bool(a.get("replace", False))
         )
-        return d
 
     def on_keys_count(self, conn: Conn, request: Request) -> Deferred[Any]:
-        d: Deferred[Any] = conn.me.key_counts()
-        return d
+        return conn.me.key_counts()
 
     def on_keys_fetch(self, conn: Conn, request: Request) -> Deferred[Any]:
         a = request.args
-        d: Deferred[Any] = conn.me.fetch_keys(a["user"], a.get("device"))
-        return d
+        return conn.me.fetch_keys(a["user"], a.get("device"))
 
     def on_report(self, conn: Conn, request: Request) -> Deferred[Any]:
         a = request.args
         if self.moderation is None or self.monitor is None:
             raise Forbidden("reports are not taken by this server")
-        d: Deferred[Any] = self.moderation.report(
+        return self.moderation.report(
             conn.me.user, self.monitor, a["user"], a["reason"], a.get("envelope"),
             a.get("plaintext"), conn.peer_key,
         )
-        return d

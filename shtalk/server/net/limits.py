@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from shtalk.collaborators import collaborators
 from shtalk.server.accounts.gates import Gates, account_key
 from shtalk.server.chat.naming import user_key
 from shtalk.server.ops.ratelimit import REQUEST_ACTIONS, RateLimiter
@@ -37,13 +38,11 @@ def _account_of(username: object) -> str | None:
         return "n:" + username[:64].lower()
 
 
+@collaborators
 class RequestLimits:
-    def __init__(
-        self, limiter: RateLimiter | None, gates: Gates | None, clock: IReactorTime
-    ) -> None:
-        self.limiter = limiter  # None: not rate limited
-        self.gates = gates  # None: no failure throttle
-        self.clock = clock
+    limiter: RateLimiter | None  # None: not rate limited
+    gates: Gates | None  # None: no failure throttle
+    clock: IReactorTime
 
     def check(self, request: Request, user: Any, peer: str, peer_key: str) -> Deferred[None] | None:
         """Raises `RateLimited`, or returns a pending check (a shared backend), or None

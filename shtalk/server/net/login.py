@@ -20,6 +20,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from shtalk.collaborators import collaborators
 from shtalk.server.accounts.gates import Gates, account_key
 from shtalk.server.chat.presence import Presence
 from shtalk.server.cred.checkers import AccessTokenCredentials, PasswordCredentials
@@ -48,16 +49,13 @@ def tokens(sessions: Sessions, access: str, refresh: str) -> dict[str, Any]:
     return {"access_token": access, "refresh_token": refresh, "expires_in": sessions.access_ttl}
 
 
+@collaborators
 class LoginHandlers:
-    def __init__(
-        self, portal: Portal, sessions: Sessions, presence: Presence, gates: Gates,
-        backlog: Backlog,
-    ) -> None:
-        self.portal = portal
-        self.sessions = sessions
-        self.presence = presence
-        self.gates = gates
-        self.backlog = backlog
+    portal: Portal
+    sessions: Sessions
+    presence: Presence
+    gates: Gates
+    backlog: Backlog
 
     @inlineCallbacks
     def on_login(self, conn: Conn, request: Request) -> Any:

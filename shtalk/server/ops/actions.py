@@ -7,6 +7,7 @@ makes sense for one (throttle, suspend) asks an address for a CAPTCHA instead.
 
 from __future__ import annotations
 
+from shtalk.collaborators import collaborators
 from shtalk.server.accounts.gates import CaptchaDemands
 from shtalk.server.config import MonitorSection
 from shtalk.server.ops.moderation import Moderation
@@ -14,15 +15,12 @@ from shtalk.server.ops.monitor import Action, Flag
 from shtalk.server.ops.ratelimit import RateLimiter
 
 
+@collaborators
 class MonitorActions:
-    def __init__(
-        self, demands: CaptchaDemands, limiter: RateLimiter, moderation: Moderation,
-        config: MonitorSection,
-    ) -> None:
-        self.demands = demands
-        self.limiter = limiter
-        self.moderation = moderation
-        self.config = config
+    demands: CaptchaDemands
+    limiter: RateLimiter
+    moderation: Moderation
+    config: MonitorSection
 
     def table(self) -> dict[str, Action]:
         """flag.action -> what it does (the monitor's ``actions``)."""

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import base64
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from shtalk.collaborators import collaborators
 from shtalk.crypto.envelope import Envelope
 from shtalk.crypto.errors import CryptoError
 from shtalk.crypto.identity import PreKeyBundle
@@ -42,17 +44,23 @@ from shtalk.wire.errors import ProtocolError
 log = Logger()
 
 
+def _key_or_none(normalise: Callable[[str], tuple[str, str]], name: str) -> str | None:
+    """The key of a name an envelope carries, or None when it is no valid name (so it
+    matches no account and no room)."""
+    try:
+        return normalise(name)[1]
+    except ProtocolError:
+        return None
+
+
+@collaborators
 class Moderation:
-    def __init__(
-        self, store: IStore, hasher: PasswordHasher, users: Users, presence: Presence,
-        rooms: Rooms, clock: IReactorTime,
-    ) -> None:
-        self.store = store
-        self.hasher = hasher
-        self.users = users
-        self.presence = presence
-        self.rooms = rooms
-        self.clock = clock
+    store: IStore
+    hasher: PasswordHasher
+    users: Users
+    presence: Presence
+    rooms: Rooms
+    clock: IReactorTime
 
     def lookup(self, name_or_id: str) -> Any:
         """(id, name, status, created) of an account by name or ``#id``; None if unknown."""
@@ -145,29 +153,18 @@ class Moderation:
             env = Envelope.from_bytes(raw)
         except CryptoError:
             raise BadRequest("envelope: not a shtalk envelope") from None
-        try:
-            sender_key = user_key(env.sender_user)[1]
-        except ProtocolError:
-            sender_key = ""
-        if sender_key != target.key:
+        if _key_or_none(user_key, env.sender_user) != target.key:
             raise BadRequest("envelope: it was not sent by the reported user")
         rcpt = env.recipient
         if rcpt.kind == "user":
-            try:
-                to_key = user_key(rcpt.name)[1]
-            except ProtocolError:
-                to_key = ""
-            if to_key != reporter.key:
+            if _key_or_none(user_key, rcpt.name) != reporter.key:
                 raise BadRequest("envelope: it was not sent to you")
         else:
             # A room message counts only from someone who was in that room when it was
             # sent (by its signed timestamp), in a room that exists: a forwarded copy
             # in a stranger's hands proves nothing about its sender.
-            try:
-                room_k = room_key(rcpt.name)[1]
-            except ProtocolError:
-                room_k = ""
-            room = (yield self.store.room_by_key(room_k)) if room_k else None
+            room_k = _key_or_none(room_key, rcpt.name)
+            room = (yield self.store.room_by_key(room_k)) if room_k is not None else None
             if room is None:
                 raise BadRequest("envelope: it names a room that does not exist")
             since = yield self.store.member_since(room.id, reporter.id)

@@ -26,14 +26,17 @@ import ipaddress
 import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import field
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from shtalk.collaborators import collaborators
 from shtalk.server.config import RATE_ACTIONS, RateLimitSection
 from shtalk.server.ops.limit import Limit
+from shtalk.server.repeating import Repeating
 from shtalk.wire.errors import ErrorCode, ProtocolError
 
 log = Logger()
@@ -143,19 +146,17 @@ class MemoryBuckets:
         return len(full)
 
 
+@collaborators
 class FallbackBuckets:
     """Redis first; on an error or a slow answer, memory, with a warning, until Redis is back."""
 
-    def __init__(
-        self, primary: Any, fallback: MemoryBuckets, clock: IReactorTime, retry: float
-    ) -> None:
-        self.primary = primary
-        self.fallback = fallback
-        self.clock = clock
-        self.retry = retry
-        self.degraded = False
-        self.degradations = 0
-        self._probe: Any = None
+    primary: Any
+    fallback: MemoryBuckets
+    clock: IReactorTime
+    retry: float
+    degraded: bool = field(default=False, init=False)
+    degradations: int = field(default=0, init=False)
+    _probe: Any = field(default=None, init=False)
 
     @property
     def name(self) -> str:
@@ -244,31 +245,28 @@ class RateLimiter:
         self.checks = 0
         # Accounts the monitor throttled: account -> (factor, until).
         self.throttled: dict[str, tuple[float, float]] = {}
-        self._sweeper: Any = None
+        self._sweeper: Repeating | None = None
 
     def start(self) -> None:
         if isinstance(self.backend, MemoryBuckets) or isinstance(
             getattr(self.backend, "fallback", None), MemoryBuckets
         ):
-            self._schedule_sweep()
+            self._sweeper = Repeating(self.clock, 60.0, self._sweep, "rate-limit sweep failed")
+            self._sweeper.start()
 
-    def _schedule_sweep(self) -> None:
-        def sweep() -> None:
-            memory = self.backend if isinstance(self.backend, MemoryBuckets) else (
-                self.backend.fallback
-            )
-            memory.sweep()
-            now = self.clock.seconds()
-            for account, (_, until) in list(self.throttled.items()):
-                if until <= now:
-                    del self.throttled[account]
-            self._schedule_sweep()
-
-        self._sweeper = self.clock.callLater(60.0, sweep)
+    def _sweep(self) -> None:
+        memory = self.backend if isinstance(self.backend, MemoryBuckets) else (
+            self.backend.fallback
+        )
+        memory.sweep()
+        now = self.clock.seconds()
+        for account, (_, until) in list(self.throttled.items()):
+            if until <= now:
+                del self.throttled[account]
 
     def stop(self) -> None:
-        if self._sweeper is not None and self._sweeper.active():
-            self._sweeper.cancel()
+        if self._sweeper is not None:
+            self._sweeper.stop()
         self._sweeper = None
         close = getattr(self.backend, "close", None)
         if close is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.basic import LineOnlyReceiver
 
+from shtalk.collaborators import collaborators
 from shtalk.server.chat.presence import Presence
 from shtalk.server.chat.users import Users
 from shtalk.server.config import AdminSection, LogsSection, MetricsSection, ServerConfig
@@ -36,6 +37,7 @@ from shtalk.server.ops.metrics import MetricsResource, Sample
 from shtalk.server.ops.moderation import Moderation
 from shtalk.server.ops.monitor import SIGNALS, Monitor
 from shtalk.server.ops.ratelimit import RateLimiter
+from shtalk.server.repeating import Repeating
 
 if TYPE_CHECKING:
     from shtalk.server.ops.seclog import SealedLogObserver
@@ -43,21 +45,18 @@ if TYPE_CHECKING:
 log = Logger()
 
 
+@collaborators
 class Operations:
     """What the metrics page and the admin socket read and do."""
 
-    def __init__(
-        self, factory: ShtalkServerFactory, presence: Presence, users: Users,
-        limiter: RateLimiter, monitor: Monitor, moderation: Moderation, config: ServerConfig,
-    ) -> None:
-        self.factory = factory
-        self.presence = presence
-        self.users = users
-        self.limiter = limiter
-        self.monitor = monitor
-        self.moderation = moderation
-        self.config = config
-        self.observer: SealedLogObserver | None = None
+    factory: ShtalkServerFactory
+    presence: Presence
+    users: Users
+    limiter: RateLimiter
+    monitor: Monitor
+    moderation: Moderation
+    config: ServerConfig
+    observer: SealedLogObserver | None = field(default=None, init=False)
 
     # --- metrics ----------------------------------------------------------------------
     @inlineCallbacks
@@ -182,13 +181,14 @@ class OperationsService(Service):
         self.datadir = datadir
         self.clock = clock
         self._ports: list[Any] = []
-        self._sweep: Any = None
+        self._sweep: Repeating | None = None
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._start_log()
         self.ops.limiter.start()
-        self._schedule_sweep()
+        self._sweep = Repeating(self.clock, 60.0, self.ops.monitor.sweep, "monitor sweep failed")
+        self._sweep.start()
         from twisted.internet import reactor
 
         config = self.ops.config
@@ -244,17 +244,11 @@ class OperationsService(Service):
         globalLogPublisher.addObserver(observer)
         log.info("sealed log started", event="seclog.start")
 
-    def _schedule_sweep(self) -> None:
-        def sweep() -> None:
-            self.ops.monitor.sweep()
-            self._schedule_sweep()
-
-        self._sweep = self.clock.callLater(60.0, sweep)
-
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
-        if self._sweep is not None and self._sweep.active():
-            self._sweep.cancel()
+        if self._sweep is not None:
+            self._sweep.stop()
+        self._sweep = None
         self.ops.limiter.stop()
         ports, self._ports = self._ports, []
         ds = [maybeDeferred(p.stopListening) for p in ports]

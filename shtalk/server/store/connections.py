@@ -14,6 +14,7 @@ import sqlite3
 
 from shtalk.server.store.schema import check_database_file
 from shtalk.server.store.sql.common import Conn
+from shtalk.sqlitefiles import tighten_modes
 
 
 def setup_writer(conn: Conn) -> None:
@@ -47,12 +48,6 @@ def prepare_file(path: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                mode = os.stat(path + suffix).st_mode
-            except FileNotFoundError:
-                continue
-            if mode & 0o077:
-                os.chmod(path + suffix, 0o600)
+        tighten_modes(path)
     else:
         os.close(fd)

@@ -177,6 +177,12 @@ class SessionTestCase(unittest.TestCase):
         for _ in range(20):
             self.clock.advance(0)
 
+    def started(self, s: ServerSession) -> Deferred[None]:
+        """``s.start()`` with the scripted server's answers pumped through."""
+        d = s.start()
+        self.pump()
+        return d
+
     def assert_no_secrets(self, *texts: str) -> None:
         for text in [*texts, *self.log]:
             for secret in (ACCESS, REFRESH, PASSWORD, "new-access", "new-refresh"):
@@ -187,8 +193,7 @@ class TrustTests(SessionTestCase):
     def test_first_contact_confirmed_then_pinned(self) -> None:
         self.kh.forget("chat.example", 6697)
         s = self.make()
-        d = s.start()
-        self.pump()
+        d = self.started(s)
         self.successResultOf(d)
         self.assertEqual(self.confirmed, [FP])
         self.assertEqual(self.kh.lookup("chat.example", 6697), FP)
@@ -196,8 +201,7 @@ class TrustTests(SessionTestCase):
     def test_first_contact_declined(self) -> None:
         self.kh.forget("chat.example", 6697)
         s = self.make(confirm=False)
-        d = s.start()
-        self.pump()
+        d = self.started(s)
         self.assertEqual(self.failureResultOf(d, UntrustedServer).value.fingerprint, FP)
         self.assertIsNone(self.kh.lookup("chat.example", 6697))
         self.assertEqual(self.server.conns, [])
@@ -205,8 +209,7 @@ class TrustTests(SessionTestCase):
     def test_certificate_changed_stops_for_good(self) -> None:
         s = self.make()
         self.server.fail_connect.append(CertificateChanged("chat.example", 6697, FP, FP_OTHER))
-        d = s.start()
-        self.pump()
+        d = self.started(s)
         err = self.failureResultOf(d, CertificateChanged).value
         self.assertEqual((err.expected, err.got), (FP, FP_OTHER))
         self.assertIn(self.kh.path, str(err))
@@ -230,8 +233,7 @@ class TrustTests(SessionTestCase):
 
         s.connect_system = system
         self.addCleanup(self._stop, s)
-        d = s.start()
-        self.pump()
+        d = self.started(s)
         self.successResultOf(d)
         self.assertEqual(used, ["ROOT"])
         self.assertRaises(ValueError, ServerSession, self.clock, "h", 1, None, lambda f: True,
@@ -243,8 +245,7 @@ class AuthTests(SessionTestCase):
         self.server.after["resume"] = [message(1), message(2),
                                        {"type": "backlog_done", "count": 2}]
         s = self.make()
-        d = s.start()
-        self.pump()
+        d = self.started(s)
         self.successResultOf(d)
         self.assertEqual(self.server.types(), ["hello", "resume"])
         self.assertEqual([p.seq if isinstance(p, MessagePush) else p.NAME for p in self.pushes],
@@ -257,8 +258,7 @@ class AuthTests(SessionTestCase):
         self.server.handlers["resume"] = lambda r: error("token_expired")
         self.server.handlers["refresh"] = lambda r: tokens(1)
         s = self.make()
-        d = s.start()
-        self.pump()
+        d = self.started(s)
         self.successResultOf(d)
         self.assertEqual(self.server.types(), ["hello", "resume", "refresh"])
         self.assertEqual(self.server.requests[2]["refresh_token"], REFRESH)
@@ -270,8 +270,7 @@ class AuthTests(SessionTestCase):
         self.server.handlers["resume"] = lambda r: error("token_revoked")
         self.server.handlers["login"] = lambda r: tokens(2)
         s = self.make()
-        d = s.start()
-        self.pump()
+        d = self.started(s)
         self.successResultOf(d)
         self.assertEqual(self.server.types(), ["hello", "resume", "login"])  # no refresh
         login = self.server.requests[2]
@@ -287,8 +286,7 @@ class AuthTests(SessionTestCase):
         self.server.handlers["login"] = lambda r: tokens(3)
         s = self.make()
         self.pump()
-        d = s.start()
-        self.pump()
+        d = self.started(s)
         self.successResultOf(d)
         self.assertEqual(self.server.types(), ["hello", "resume", "refresh", "login"])
 
@@ -296,8 +294,7 @@ class AuthTests(SessionTestCase):
         self.creds.access_token = self.creds.refresh_token = None
         self.server.handlers["login"] = lambda r: error("invalid_credentials")
         s = self.make()
-        d = s.start()
-        self.pump()
+        d = self.started(s)
         self.failureResultOf(d, AuthenticationFailed)
         self.assertEqual(self.asked, 3)
         self.assertEqual(s.state, "disconnected")
@@ -307,8 +304,7 @@ class AuthTests(SessionTestCase):
         self.creds.access_token = self.creds.refresh_token = None
         s = self.make()
         s.ask_password = lambda: fail(RuntimeError("the person closed the prompt"))  # type: ignore[assignment]
-        d = s.start()
-        self.pump()
+        d = self.started(s)
         self.failureResultOf(d, AuthenticationFailed)
 
     def test_second_factor_asked_in_the_reconnect_loop(self) -> None:
@@ -324,8 +320,7 @@ class AuthTests(SessionTestCase):
             return {"otp": "123456"}
 
         s = self.make(ask_extra=ask_extra)
-        d = s.start()
-        self.pump()
+        d = self.started(s)
         self.successResultOf(d)
         self.assertEqual(asked, ["otp_required"])
         self.assertEqual([r.get("otp") for r in self.server.requests
@@ -349,8 +344,7 @@ class AuthTests(SessionTestCase):
         passwords: list[int] = []
         s = self.make(ask_extra=ask_extra)
         s.ask_password = lambda: passwords.append(1) or "pw"  # type: ignore[assignment,func-returns-value]
-        d = s.start()
-        self.pump()
+        d = self.started(s)
         self.successResultOf(d)
         self.assertEqual(asked, ["otp_required", "otp_rejected"])
         self.assertEqual(len(passwords), 1)
@@ -359,8 +353,7 @@ class AuthTests(SessionTestCase):
         self.creds.access_token = self.creds.refresh_token = None
         self.server.handlers["login"] = lambda r: error("otp_required")
         s = self.make(ask_extra=lambda code, err: fail(RuntimeError("closed")))
-        d = s.start()
-        self.pump()
+        d = self.started(s)
         self.failureResultOf(d, AuthenticationFailed)
         self.assertEqual(self.server.types().count("login"), 1)
 
@@ -368,7 +361,7 @@ class AuthTests(SessionTestCase):
         self.server.handlers["refresh"] = lambda r: error("token_revoked")
         self.server.handlers["login"] = lambda r: tokens(4)
         s = self.make()
-        self.successResultOf(self._started(s))
+        self.successResultOf(self.started(s))
         self.server.push({"type": "logged_out", "reason": "device removed"})
         self.assertEqual(self.pushes[-1].NAME, "logged_out")
         self.pump()
@@ -397,18 +390,13 @@ class AuthTests(SessionTestCase):
     def test_logout_forgets_tokens(self) -> None:
         self.server.handlers["logout"] = lambda r: {}
         s = self.make()
-        self.successResultOf(self._started(s))
+        self.successResultOf(self.started(s))
         d = s.logout()
         self.pump()
         self.successResultOf(d)
         self.assertEqual(self.saved[-1], (None, None))
         self.assertEqual(s.state, "disconnected")
         self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def _started(self, s: ServerSession) -> Deferred[None]:
-        d = s.start()
-        self.pump()
-        return d
 
 
 class ReconnectTests(SessionTestCase):
@@ -422,8 +410,7 @@ class ReconnectTests(SessionTestCase):
 
     def test_reconnects_with_backoff_and_resumes(self) -> None:
         s = self.make()
-        d = s.start()
-        self.pump()
+        d = self.started(s)
         self.successResultOf(d)
         self.server.fail_connect = [ConnectionRefusedError("refused")] * 2
         self.server.drop()
@@ -445,7 +432,7 @@ class ReconnectTests(SessionTestCase):
 
     def test_waiting_request_times_out(self) -> None:
         s = self.make()
-        self.successResultOf(self._start(s))
+        self.successResultOf(self.started(s))
         self.server.fail_connect = [ConnectionRefusedError("refused")] * 100
         self.server.drop()
         d = s.request(rq.RoomList(), timeout=5)
@@ -457,7 +444,7 @@ class ReconnectTests(SessionTestCase):
 
     def test_request_timeout_on_live_connection(self) -> None:
         s = self.make()
-        self.successResultOf(self._start(s))
+        self.successResultOf(self.started(s))
         self.server.handlers["devices"] = lambda r: None  # never answers
         d = s.request(rq.Devices(), timeout=3)
         self.pump(3.1)
@@ -465,7 +452,7 @@ class ReconnectTests(SessionTestCase):
 
     def test_server_error_is_server_error(self) -> None:
         s = self.make()
-        self.successResultOf(self._start(s))
+        self.successResultOf(self.started(s))
         self.server.handlers["room_join"] = lambda r: error("no_such_room")
         d = s.request(rq.RoomJoin(room="nope"))
         self.pump()
@@ -473,7 +460,7 @@ class ReconnectTests(SessionTestCase):
 
     def test_retryable_request_resent_others_fail(self) -> None:
         s = self.make()
-        self.successResultOf(self._start(s))
+        self.successResultOf(self.started(s))
         self.server.handlers["room_list"] = lambda r: None
         self.server.handlers["room_create"] = lambda r: None
         listing = s.request(rq.RoomList(), timeout=60)
@@ -487,7 +474,7 @@ class ReconnectTests(SessionTestCase):
 
     def test_stop_fails_waiting_and_stops_timers(self) -> None:
         s = self.make()
-        self.successResultOf(self._start(s))
+        self.successResultOf(self.started(s))
         self.server.fail_connect = [ConnectionRefusedError("refused")] * 100
         self.server.drop()
         d = s.request(rq.Ping(), timeout=30)
@@ -495,8 +482,3 @@ class ReconnectTests(SessionTestCase):
         self.failureResultOf(d, ConnectionLost)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.failureResultOf(s.request(rq.Ping()), ConnectionLost)
-
-    def _start(self, s: ServerSession) -> Deferred[None]:
-        d = s.start()
-        self.pump()
-        return d

@@ -22,6 +22,8 @@ from shtalk.client.localstore import (
     StoreClosed,
     WrongPassphrase,
 )
+from shtalk.sqlitefiles import SUFFIXES
+from shtalk.testing import assert_private_files
 
 #: Argon2id's cheapest legal setting: the tests exercise the store, not the KDF.
 CHEAP = KdfParams(memory_kib=8, iterations=1, lanes=1)
@@ -52,7 +54,7 @@ def msg(
 
 def raw_bytes(path: str) -> bytes:
     out = b""
-    for suffix in localschema.SUFFIXES:
+    for suffix in SUFFIXES:
         try:
             with open(path + suffix, "rb") as f:
                 out += f.read()
@@ -203,7 +205,7 @@ class LifeCycleTests(Base):
         self.patch(localseal, "derive_kek", boom)
         with self.assertRaises(RuntimeError):
             await LocalStore.create(self.path, PASS, kdf=CHEAP)
-        for suffix in localschema.SUFFIXES:
+        for suffix in SUFFIXES:
             self.assertFalse(os.path.exists(self.path + suffix), suffix)
 
     async def test_permissions_0600_whatever_the_umask(self) -> None:
@@ -213,9 +215,7 @@ class LifeCycleTests(Base):
             await store.commit(puts=[("meta", "a", b"b")])
         finally:
             os.umask(old)
-        for suffix in localschema.SUFFIXES:
-            mode = stat.S_IMODE(os.stat(self.path + suffix).st_mode)
-            self.assertEqual(mode, 0o600, suffix)
+        assert_private_files(self, self.path)
         await store.close()
         os.chmod(self.path, 0o644)
         await self.open()

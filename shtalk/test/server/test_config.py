@@ -16,9 +16,11 @@ from shtalk.server.config import (
     SECTIONS,
     AccountsSection,
     ConfigError,
+    RateLimitSection,
     Section,
     ServerConfig,
     ServerSection,
+    SmtpSection,
     default_data_dir,
     register_section,
     resolve_data_dir,
@@ -50,6 +52,15 @@ class DefaultsTests(unittest.TestCase):
 
     def test_empty_string_is_defaults(self) -> None:
         self.assertEqual(ServerConfig.from_string("").server, ServerSection())
+
+    def test_secrets_stay_out_of_reprs(self) -> None:
+        config = ServerConfig.from_string(
+            "[smtp]\npassword = hunter2-smtp\n"
+            "[ratelimit]\nredis_url = redis://:hunter2-redis@127.0.0.1:6379/0\n"
+        )
+        for text in (repr(config.section(SmtpSection)), repr(config.section(RateLimitSection))):
+            self.assertNotIn("hunter2", text)
+        self.assertIn("require_starttls=True", repr(config.section(SmtpSection)))
 
     def test_frozen(self) -> None:
         c = ServerConfig()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -90,29 +91,27 @@ class RefusalTests(unittest.TestCase):
         self.dd = DataDir(self.mktemp())
         self.dd.ensure()
 
-    def assertOneLine(self, e: DataDirError, *parts: str) -> None:
-        msg = str(e)
+    def assertRefused(self, *parts: str, action: Callable[[], object] | None = None) -> None:
+        """``action`` (the data directory's ``ensure`` unless given) fails with a one-line
+        `DataDirError` that says each of ``parts``."""
+        with self.assertRaises(DataDirError) as e:
+            (action or self.dd.ensure)()
+        msg = str(e.exception)
         self.assertNotIn("\n", msg)
         for part in parts:
             self.assertIn(part, msg)
 
     def test_group_writable_dir(self) -> None:
         os.chmod(self.dd.path, 0o770)  # noqa: S103 - the point of the test
-        with self.assertRaises(DataDirError) as e:
-            self.dd.ensure()
-        self.assertOneLine(e.exception, str(self.dd.path), "chmod 700")
+        self.assertRefused(str(self.dd.path), "chmod 700")
 
     def test_world_readable_secret(self) -> None:
         os.chmod(self.dd.storage_key_path, 0o644)
-        with self.assertRaises(DataDirError) as e:
-            self.dd.ensure()
-        self.assertOneLine(e.exception, str(self.dd.storage_key_path), "chmod 600")
+        self.assertRefused(str(self.dd.storage_key_path), "chmod 600")
 
     def test_loose_cert(self) -> None:
         os.chmod(self.dd.cert_path, 0o640)
-        with self.assertRaises(DataDirError) as e:
-            self.dd.ensure()
-        self.assertOneLine(e.exception, str(self.dd.cert_path))
+        self.assertRefused(str(self.dd.cert_path))
 
     def test_symlinked_secret_refused(self) -> None:
         target = Path(self.mktemp())
@@ -120,41 +119,29 @@ class RefusalTests(unittest.TestCase):
         os.chmod(target, 0o600)
         self.dd.storage_key_path.unlink()
         self.dd.storage_key_path.symlink_to(target)
-        with self.assertRaises(DataDirError) as e:
-            self.dd.ensure()
-        self.assertOneLine(e.exception, str(self.dd.storage_key_path))
+        self.assertRefused(str(self.dd.storage_key_path))
 
     def test_corrupt_cert(self) -> None:
         self.dd.cert_path.write_bytes(b"-----BEGIN CERTIFICATE-----\nnope\n")
-        with self.assertRaises(DataDirError) as e:
-            self.dd.tls_server_options()
-        self.assertOneLine(e.exception, str(self.dd.cert_path), "delete it")
+        self.assertRefused(str(self.dd.cert_path), "delete it", action=self.dd.tls_server_options)
 
     def test_corrupt_tls_key(self) -> None:
         self.dd.key_path.write_bytes(b"garbage")
-        with self.assertRaises(DataDirError) as e:
-            self.dd.tls_server_options()
-        self.assertOneLine(e.exception, str(self.dd.key_path), "delete it")
+        self.assertRefused(str(self.dd.key_path), "delete it", action=self.dd.tls_server_options)
 
     def test_mismatched_pair(self) -> None:
         other = DataDir(self.mktemp())
         other.ensure()
         self.dd.key_path.write_bytes(other.key_path.read_bytes())
-        with self.assertRaises(DataDirError) as e:
-            self.dd.tls_server_options()
-        self.assertOneLine(e.exception, "does not belong")
+        self.assertRefused("does not belong", action=self.dd.tls_server_options)
 
     def test_half_a_pair(self) -> None:
         self.dd.key_path.unlink()
-        with self.assertRaises(DataDirError) as e:
-            self.dd.ensure()
-        self.assertOneLine(e.exception, str(self.dd.key_path), "missing")
+        self.assertRefused(str(self.dd.key_path), "missing")
 
     def test_corrupt_jwt_key(self) -> None:
         self.dd.jwt_key_path.write_bytes(b"not pem")
-        with self.assertRaises(DataDirError) as e:
-            self.dd.ensure()
-        self.assertOneLine(e.exception, str(self.dd.jwt_key_path), "delete it")
+        self.assertRefused(str(self.dd.jwt_key_path), "delete it")
 
     def test_wrong_curve_jwt_key(self) -> None:
         self.dd.jwt_key_path.write_bytes(
@@ -163,27 +150,19 @@ class RefusalTests(unittest.TestCase):
                 serialization.NoEncryption(),
             )
         )
-        with self.assertRaises(DataDirError) as e:
-            self.dd.ensure()
-        self.assertOneLine(e.exception, "P-256")
+        self.assertRefused("P-256")
 
     def test_truncated_storage_key(self) -> None:
         self.dd.storage_key_path.write_bytes(b"short")
-        with self.assertRaises(DataDirError) as e:
-            self.dd.ensure()
-        self.assertOneLine(e.exception, str(self.dd.storage_key_path), "backup")
+        self.assertRefused(str(self.dd.storage_key_path), "backup")
 
     def test_not_a_directory(self) -> None:
         path = Path(self.mktemp())
         path.write_text("x")
-        with self.assertRaises(DataDirError) as e:
-            DataDir(path).ensure()
-        self.assertOneLine(e.exception, str(path), "--data-dir")
+        self.assertRefused(str(path), "--data-dir", action=DataDir(path).ensure)
 
     def test_unreadable_secret(self) -> None:
         if os.geteuid() == 0:
             raise unittest.SkipTest("root reads mode-000 files")
         os.chmod(self.dd.jwt_key_path, 0o000)
-        with self.assertRaises(DataDirError) as e:
-            self.dd.ensure()
-        self.assertOneLine(e.exception, str(self.dd.jwt_key_path))
+        self.assertRefused(str(self.dd.jwt_key_path))

@@ -41,9 +41,14 @@ class ServerProtocolTests(TestCase):
         r = await self.reply(peer, peer.request("hello", version=1))
         self.assertTrue(r["ok"], r)
 
-    async def account(self, name: str, device: str = "d1") -> Peer:
-        peer = self.peer()
+    async def greeted(self, host: str | None = None) -> Peer:
+        """A new connection past ``hello``."""
+        peer = self.peer(host)
         await self.hello(peer)
+        return peer
+
+    async def account(self, name: str, device: str = "d1") -> Peer:
+        peer = await self.greeted()
         r = await self.reply(
             peer,
             peer.request(
@@ -72,8 +77,7 @@ class ServerProtocolTests(TestCase):
         self.assertEqual(r["error"]["code"], "not_authenticated")
 
     async def test_bad_lines_keep_the_connection(self) -> None:
-        p = self.peer()
-        await self.hello(p)
+        p = await self.greeted()
         for raw, code in (
             (b"{oops\n", "bad_json"),
             (b"[]\n", "not_an_object"),
@@ -208,8 +212,7 @@ class ServerProtocolTests(TestCase):
 
     # accounts ----------------------------------------------------------------------
     async def test_register_rules(self) -> None:
-        p = self.peer()
-        await self.hello(p)
+        p = await self.greeted()
         cases = [
             ({"username": "x", "password": GOOD_PASSWORD}, "bad_username"),
             ({"username": "carla", "password": "short"}, "weak_password"),
@@ -232,8 +235,7 @@ class ServerProtocolTests(TestCase):
 
     async def test_login_failures_look_the_same(self) -> None:
         await self.account("dora")
-        p = self.peer()
-        await self.hello(p)
+        p = await self.greeted()
         replies = []
         for user, pw in (("dora", "wrong-password-1"), ("nobody-here", GOOD_PASSWORD)):
             r = await self.reply(
@@ -249,8 +251,7 @@ class ServerProtocolTests(TestCase):
         self.assertEqual(r["error"]["code"], "invalid_credentials")
 
     async def test_resume_refresh_logout(self) -> None:
-        p = self.peer()
-        await self.hello(p)
+        p = await self.greeted()
         await self.reply(
             p, p.request("register", username="erin", password=GOOD_PASSWORD, email="e@e.org")
         )
@@ -258,32 +259,26 @@ class ServerProtocolTests(TestCase):
             p, p.request("login", username="erin", password=GOOD_PASSWORD, device={"id": "t"})
         )
         self.assertTrue(login["ok"], login)
-        q = self.peer()
-        await self.hello(q)
+        q = await self.greeted()
         r = await self.reply(q, q.request("resume", access_token=login["access_token"]))
         self.assertEqual((r["ok"], r["user"], r["device"]), (True, "erin", "t"))
         # Refresh rotates; the old refresh token is then dead and its reuse kills the family.
-        s = self.peer()
-        await self.hello(s)
+        s = await self.greeted()
         r1 = await self.reply(s, s.request("refresh", refresh_token=login["refresh_token"]))
         self.assertTrue(r1["ok"], r1)
-        t = self.peer()
-        await self.hello(t)
+        t = await self.greeted()
         r2 = await self.reply(t, t.request("refresh", refresh_token=login["refresh_token"]))
         self.assertEqual(r2["error"]["code"], "token_revoked")
-        u = self.peer()
-        await self.hello(u)
+        u = await self.greeted()
         r3 = await self.reply(u, u.request("refresh", refresh_token=r1["refresh_token"]))
         self.assertFalse(r3["ok"], r3)
         # Logout revokes the access token at once.
-        v = self.peer()
-        await self.hello(v)
+        v = await self.greeted()
         fresh = await self.reply(
             v, v.request("login", username="erin", password=GOOD_PASSWORD, device={"id": "t"})
         )
         await self.reply(v, v.request("logout"))
-        w = self.peer()
-        await self.hello(w)
+        w = await self.greeted()
         r = await self.reply(w, w.request("resume", access_token=fresh["access_token"]))
         self.assertEqual(r["error"]["code"], "token_revoked")
 
@@ -293,8 +288,7 @@ class ServerProtocolTests(TestCase):
         p = await self.account("fay")
         login = p.find_reply(3)
         assert login is not None
-        q = self.peer()
-        await self.hello(q)
+        q = await self.greeted()
         r = await self.reply(q, q.request("resume", access_token=login["access_token"]))
         self.assertTrue(r["ok"], r)
         other = await self.account("fay", "d2")  # a session of its own
@@ -309,12 +303,10 @@ class ServerProtocolTests(TestCase):
         # The other session: refresh once, then the old token comes back (a thief).
         first = other.find_reply(3)
         assert first is not None
-        s = self.peer()
-        await self.hello(s)
+        s = await self.greeted()
         r = await self.reply(s, s.request("refresh", refresh_token=first["refresh_token"]))
         self.assertTrue(r["ok"], r)
-        t = self.peer()
-        await self.hello(t)
+        t = await self.greeted()
         r = await self.reply(t, t.request("refresh", refresh_token=first["refresh_token"]))
         self.assertEqual(r["error"]["code"], "token_revoked")
         for conn in (other, s):
@@ -402,8 +394,7 @@ class ServerProtocolTests(TestCase):
                 alice.request("send", to={"user": "ben"}, envelope="aGk=", client_id=f"q{i}"),
             )
             seqs.append(r["seq"])
-        ben2 = self.peer()
-        await self.hello(ben2)
+        ben2 = await self.greeted()
         await self.reply(
             ben2,
             ben2.request("login", username="ben", password=GOOD_PASSWORD, device={"id": "d1"}),
@@ -417,8 +408,7 @@ class ServerProtocolTests(TestCase):
         alice.proto.connectionLost(None)
         await self.reply(ben2, ben2.request("ack", seqs=seqs[:2]))
         ben2.proto.connectionLost(None)
-        ben3 = self.peer()
-        await self.hello(ben3)
+        ben3 = await self.greeted()
         await self.reply(
             ben3,
             ben3.request("login", username="ben", password=GOOD_PASSWORD, device={"id": "d1"}),

@@ -39,6 +39,7 @@ from shtalk.test.server.store_contract import (
     async_test,
     msg,
 )
+from shtalk.testing import assert_private_files
 
 KEY = bytes(range(32))
 MARKER = b"MARKER-" * 10
@@ -186,9 +187,7 @@ class FileTests(StoreTestBase):
     async def test_files_are_private(self) -> None:
         store = await self.open_store()
         await self.user(store, "Alice")
-        for suffix in ("", "-wal", "-shm"):
-            mode = stat.S_IMODE(os.stat(self.path + suffix).st_mode)
-            self.assertEqual(mode, 0o600, suffix)
+        assert_private_files(self, self.path)
         await store.close()
         os.chmod(self.path, 0o644)
         await self.open_store()
@@ -328,13 +327,17 @@ class AckSweepTests(StoreTestBase):
         self.assertFalse(store.overloaded())
         await gatherResults(queued)
 
-    @async_test
-    async def test_open_sweeps_what_a_crash_left(self) -> None:
-        store = await self.open_store(sweep_interval=60)
+    async def acked_dm(self, store: SQLiteStore) -> None:
+        """Alice writes to Bob, who acknowledges it: the row waits for a sweep."""
         alice = await self.user(store, "Alice", "a1")
         bob = await self.user(store, "Bob", "b1")
         r = await store.append(msg((f"u:{bob.id}",), alice, "a1", "dm", target="user:bob"))
         await store.ack(bob.id, "b1", r.seqs)
+
+    @async_test
+    async def test_open_sweeps_what_a_crash_left(self) -> None:
+        store = await self.open_store(sweep_interval=60)
+        await self.acked_dm(store)
         store._book.unswept.clear()  # as if killed before the sweep
         await store.close()
         self.assertEqual(self.raw("SELECT COUNT(*) FROM messages"), [(1,)])
@@ -345,10 +348,7 @@ class AckSweepTests(StoreTestBase):
     @async_test
     async def test_close_sweeps(self) -> None:
         store = await self.open_store(sweep_interval=60)
-        alice = await self.user(store, "Alice", "a1")
-        bob = await self.user(store, "Bob", "b1")
-        r = await store.append(msg((f"u:{bob.id}",), alice, "a1", "dm", target="user:bob"))
-        await store.ack(bob.id, "b1", r.seqs)
+        await self.acked_dm(store)
         await store.close()
         self.assertEqual(self.raw("SELECT COUNT(*) FROM messages"), [(0,)])
 

@@ -110,6 +110,16 @@ def plain_client(min_version: int, max_version: int, ciphers: bytes | None = Non
 
 
 class ServerPolicyTests(unittest.TestCase):
+    def assertServerRefuses(
+        self, client: SSL.Connection, server: SSL.Connection | None = None
+    ) -> HandshakeFailed:
+        """The server's side ends ``client``'s handshake (not the client giving up)."""
+        with self.assertRaises(HandshakeFailed) as e:
+            pump(client, server if server is not None else server_conn())
+        failed: HandshakeFailed = e.exception
+        self.assertEqual(failed.side, "server")
+        return failed
+
     def test_tls13_works(self) -> None:
         client, server = plain_client(SSL.TLS1_3_VERSION, SSL.TLS1_3_VERSION), server_conn()
         pump(client, server)
@@ -132,18 +142,14 @@ class ServerPolicyTests(unittest.TestCase):
     def test_tls11_refused_by_server(self) -> None:
         # SECLEVEL=0 so that *this client* really offers TLS 1.1; the server must refuse.
         client = plain_client(SSL.TLS1_1_VERSION, SSL.TLS1_1_VERSION, b"ALL:@SECLEVEL=0")
-        with self.assertRaises(HandshakeFailed) as e:
-            pump(client, server_conn())
-        self.assertEqual(e.exception.side, "server")
+        self.assertServerRefuses(client)
 
     def test_non_ecdhe_tls12_suite_refused(self) -> None:
         # With an RSA certificate, Twisted's default cipher list would accept this suite.
         for rsa in (False, True):
             client = plain_client(SSL.TLS1_2_VERSION, SSL.TLS1_2_VERSION, b"AES128-GCM-SHA256")
-            with self.assertRaises(HandshakeFailed) as e:
-                pump(client, server_conn(rsa=rsa))
-            self.assertEqual(e.exception.side, "server")
-            self.assertIn("no shared cipher", str(e.exception))
+            failed = self.assertServerRefuses(client, server_conn(rsa=rsa))
+            self.assertIn("no shared cipher", str(failed))
 
     def test_rsa_certificate_ecdhe_works(self) -> None:
         client = plain_client(SSL.TLS1_2_VERSION, SSL.TLS1_2_VERSION,
@@ -154,18 +160,14 @@ class ServerPolicyTests(unittest.TestCase):
 
     def test_cbc_suite_refused(self) -> None:
         client = plain_client(SSL.TLS1_2_VERSION, SSL.TLS1_2_VERSION, b"ECDHE-ECDSA-AES128-SHA")
-        with self.assertRaises(HandshakeFailed) as e:
-            pump(client, server_conn())
-        self.assertEqual(e.exception.side, "server")
+        self.assertServerRefuses(client)
 
     def test_groups(self) -> None:
         for group in (b"X25519", b"P-256", b"P-384"):
             client = plain_client(SSL.TLS1_3_VERSION, SSL.TLS1_3_VERSION, groups=group)
             pump(client, server_conn())
         client = plain_client(SSL.TLS1_3_VERSION, SSL.TLS1_3_VERSION, groups=b"P-521")
-        with self.assertRaises(HandshakeFailed) as e:
-            pump(client, server_conn())
-        self.assertEqual(e.exception.side, "server")
+        self.assertServerRefuses(client)
 
     def test_mismatched_key_rejected(self) -> None:
         other_key, _ = tls.make_self_signed(["localhost"])

@@ -25,6 +25,11 @@ def line(obj: object) -> bytes:
     return json.dumps(obj).encode()
 
 
+def send_line(**fields: object) -> bytes:
+    """A ``send`` to room "g" with client id "c", but for what ``fields`` give."""
+    return line({"id": 1, "type": "send", "to": {"room": "g"}, "client_id": "c", **fields})
+
+
 class ParseTests(SynchronousTestCase):
     def code(self, raw: bytes) -> tuple[ErrorCode, object]:
         try:
@@ -77,71 +82,18 @@ class ParseTests(SynchronousTestCase):
 
     def test_send_shapes(self) -> None:
         env = base64.b64encode(b"\x00" * 10).decode()
-        r = parse_line(
-            line({"id": 1, "type": "send", "to": {"room": "g"}, "envelope": env, "client_id": "c"})
-        )
+        r = parse_line(send_line(envelope=env))
         self.assertEqual(r.args["envelope"], b"\x00" * 10)
         for to in ({}, {"room": "a", "user": "b"}, {"planet": "x"}, "room"):
-            self.assertEqual(
-                self.code(
-                    line({"id": 1, "type": "send", "to": to, "envelope": env, "client_id": "c"})
-                )[0],
-                ErrorCode.BAD_FIELD,
-            )
-        self.assertEqual(
-            self.code(
-                line(
-                    {
-                        "id": 1,
-                        "type": "send",
-                        "to": {"room": "g"},
-                        "envelope": "not base64!",
-                        "client_id": "c",
-                    }
-                )
-            )[0],
-            ErrorCode.BAD_FIELD,
-        )
+            self.assertEqual(self.code(send_line(to=to, envelope=env))[0], ErrorCode.BAD_FIELD)
+        self.assertEqual(self.code(send_line(envelope="not base64!"))[0], ErrorCode.BAD_FIELD)
         big = base64.b64encode(b"\x00" * (MAX_ENVELOPE_BYTES + 1)).decode()
-        self.assertEqual(
-            self.code(
-                line(
-                    {
-                        "id": 1,
-                        "type": "send",
-                        "to": {"room": "g"},
-                        "envelope": big,
-                        "client_id": "c",
-                    }
-                )
-            )[0],
-            ErrorCode.ENVELOPE_TOO_LARGE,
-        )
+        self.assertEqual(self.code(send_line(envelope=big))[0], ErrorCode.ENVELOPE_TOO_LARGE)
         per_device = {"bob/phone": env, "bob/laptop": env}
-        r = parse_line(
-            line(
-                {
-                    "id": 1,
-                    "type": "send",
-                    "to": {"user": "bob"},
-                    "envelopes": per_device,
-                    "client_id": "c",
-                }
-            )
-        )
+        r = parse_line(send_line(to={"user": "bob"}, envelopes=per_device))
         self.assertEqual(set(r.args["envelopes"]), {"bob/phone", "bob/laptop"})
         self.assertEqual(
-            self.code(
-                line(
-                    {
-                        "id": 1,
-                        "type": "send",
-                        "to": {"user": "bob"},
-                        "envelopes": {"bob": env},
-                        "client_id": "c",
-                    }
-                )
-            )[0],
+            self.code(send_line(to={"user": "bob"}, envelopes={"bob": env}))[0],
             ErrorCode.BAD_FIELD,
         )
 
