@@ -67,10 +67,10 @@ def fanout_figures(tree: Path | None, work: Path, tag: str) -> dict[str, float]:
             "--skip-storm", "--no-docs", "--json", str(out)]
     if tree is not None:
         argv += ["--server-tree", str(tree)]
-    subprocess.run(argv, cwd=str(REPO), check=True, timeout=1800)
+    subprocess.run(argv, cwd=str(REPO), check=True, timeout=1800, stdout=subprocess.DEVNULL)
     results = json.loads(out.read_text())
     closed = results["closed"]["50"]
-    paced = next(iter(results["paced"].values()))
+    paced = max(results["paced"].values(), key=lambda r: r["shtalk"]["rate"])
     shtalk, ceiling = closed["shtalk"], closed["ceiling"]
     return {
         "closed: delivered/s": shtalk["delivered_per_s"],
@@ -78,9 +78,10 @@ def fanout_figures(tree: Path | None, work: Path, tag: str) -> dict[str, float]:
         "closed: server CPU µs per delivery":
             shtalk["server_cpu"] / max(shtalk["delivered_per_s"], 1) * 1e6,
         "closed: p50 ms": shtalk["latency"]["p50_ms"],
-        "paced 2,000/s: server CPU %": paced["shtalk"]["server_cpu"] * 100,
-        "paced 2,000/s: p50 ms": paced["shtalk"]["latency"]["p50_ms"],
-        "paced 2,000/s: p99 ms": paced["shtalk"]["latency"]["p99_ms"],
+        "paced (highest rate): sends/s": paced["shtalk"]["rate"],
+        "paced (highest rate): server CPU %": paced["shtalk"]["server_cpu"] * 100,
+        "paced (highest rate): p50 ms": paced["shtalk"]["latency"]["p50_ms"],
+        "paced (highest rate): p99 ms": paced["shtalk"]["latency"]["p99_ms"],
     }
 
 
