@@ -20,6 +20,7 @@ from zope.interface import Attribute, Interface
 
 from shtalk.server.store.records import (
     AppendResult,
+    ChainLink,
     ClaimedBundle,
     Device,
     Member,
@@ -134,11 +135,13 @@ class IStore(Interface):
     def member_since(room_id: int, user_id: int) -> Deferred[float | None]:
         """When the user joined the room; None if not a member."""
 
-    def add_member(room_id: int, user_id: int, role: str) -> Deferred[None]:
-        """Add; the new member's devices start after the room's last message."""
+    def add_member(room_id: int, user_id: int, role: str) -> Deferred[ChainLink]:
+        """Add; the new member's devices start after the room's last message.  The
+        change takes its place in the room mailbox's chain (the link returned)."""
 
-    def remove_member(room_id: int, user_id: int) -> Deferred[None]:
-        """Remove the member, their invite and their devices' cursors."""
+    def remove_member(room_id: int, user_id: int) -> Deferred[ChainLink]:
+        """Remove the member, their invite and their devices' cursors; the change takes
+        its place in the room mailbox's chain (the link returned)."""
 
     def set_role(room_id: int, user_id: int, role: str) -> Deferred[None]: ...
 
@@ -166,6 +169,14 @@ class IStore(Interface):
         the result has ``duplicate=True`` and the original sequence numbers.
         Direct messages record the sender/recipient pair for dm_partners.
         """
+
+    def mailbox_heads(mailboxes: Sequence[str]) -> Deferred[dict[str, int]]:
+        """The seq of the last change (message or membership) of each mailbox; 0 if it
+        has none.  What a process subscribing to a mailbox starts its chain from."""
+
+    def messages_between(mailbox: str, after: int, upto: int) -> Deferred[list[StoredMessage]]:
+        """The mailbox's stored messages with ``after < seq <= upto``, in seq order
+        (with their ``prev_seq``): how a receiver fills a gap in the chain."""
 
     def pending(user_id: int, device_id: str) -> Deferred[list[StoredMessage]]:
         """Everything stored for this device past its cursors, in seq order."""

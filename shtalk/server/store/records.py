@@ -85,6 +85,9 @@ class StoredMessage:
     target: str
     envelope: bytes | None
     envelopes: dict[tuple[int, str], bytes]
+    # The seq of the mailbox's previous change (message or membership), 0 if none: the
+    # chain a receiver on another process applies in order, and finds gaps in.
+    prev_seq: int = 0
 
     def envelope_for(self, user_id: int, device_id: str) -> bytes | None:
         return self.envelopes.get((user_id, device_id), self.envelope)
@@ -97,6 +100,18 @@ class AppendResult:
     seqs: tuple[int, ...]
     duplicate: bool
     messages: tuple[StoredMessage, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ChainLink:
+    """A membership change's place in its room mailbox's chain of changes.
+
+    A kick takes a seq in ``r:<room>`` like a message does, under the same per-mailbox
+    lock, so every process applies it before any message committed after it."""
+
+    mailbox: str
+    seq: int
+    prev_seq: int
 
 
 @dataclass(frozen=True, slots=True)
