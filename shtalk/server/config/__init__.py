@@ -32,6 +32,7 @@ from shtalk.server.config.base import (
     register_section,
     setting,
 )
+from shtalk.server.config.cluster import ClusterSection
 from shtalk.server.config.core import (
     AccountsSection,
     ServerSection,
@@ -58,6 +59,7 @@ __all__ = [
     "SECTIONS",
     "AccountsSection",
     "AdminSection",
+    "ClusterSection",
     "ConfigError",
     "FieldError",
     "LogsSection",
