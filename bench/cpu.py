@@ -125,3 +125,76 @@ def least_disturbed(args: argparse.Namespace, attempt: Callable[[int], dict[str,
             between()
     assert best is not None
     return best
+
+
+def _title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def postgres_pids(database: str | None) -> list[int]:
+    """The PostgreSQL processes of one database (its backends, autovacuum on it), or with
+    ``database=None`` the server-wide ones (postmaster, WAL writer, checkpointer, ...),
+    which work for every database on the server, other people's included.
+
+    Read from the process titles (``postgres: 15/main: USER DB HOST(PORT) STATE``), so no
+    connection is needed and nothing is added to what is measured."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() != "postgres":
+                    continue
+        except OSError:
+            continue
+        words = _title(int(entry)).split()
+        is_backend = any((w.endswith(")") and "(" in w) or w == "[local]" for w in words)
+        if database is None:
+            if not is_backend and "worker" not in words:
+                found.append(int(entry))
+        elif database in words:
+            found.append(int(entry))
+    return found
+
+
+class GroupCpuWindow:
+    """The CPU of named groups of processes (each group's pids are looked up at both ends:
+    a database's backends come and go), of this process, of the machine and of every
+    other process, between construction and `stop`.  A process that ended in the window
+    counts 0, one that started in it counts in full (`grown`)."""
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self.groups = groups
+        self.start = self._sample()
+
+    def _sample(self) -> tuple[float, float, dict[str, dict[int, float]], tuple[float, ...],
+                               dict[int, float]]:
+        per_group = {name: {pid: cpu_seconds_of(pid) for pid in pids()}
+                     for name, pids in self.groups.items()}
+        mine = {os.getpid(), os.getppid()}.union(*(set(g) for g in per_group.values()))
+        return (time.monotonic(), own_cpu_seconds(), per_group, machine_cpu(),
+                other_processes_cpu(mine))
+
+    def stop(self) -> dict[str, Any]:
+        end = self._sample()
+        elapsed = end[0] - self.start[0]
+        # A pid in a group at one end only is still not "other" at the other end.
+        ours = set().union(*(set(g) for g in end[2].values()),
+                           *(set(g) for g in self.start[2].values()))
+        other = grown({p: t for p, t in self.start[4].items() if p not in ours},
+                      {p: t for p, t in end[4].items() if p not in ours})
+        return {
+            "elapsed_s": round(elapsed, 3),
+            "loadgen_cpu": round((end[1] - self.start[1]) / elapsed, 3),
+            # In cores, per group of processes.
+            "groups_cpu": {name: round(grown(self.start[2][name], end[2][name]) / elapsed, 4)
+                           for name in self.groups},
+            "machine_busy_cores": round((end[3][0] - self.start[3][0]) / elapsed, 3),
+            "machine_steal_cores": round((end[3][1] - self.start[3][1]) / elapsed, 3),
+            "other_processes_cores": round(other / elapsed, 3),
+        }

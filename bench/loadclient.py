@@ -159,7 +159,8 @@ def drive(
                 c.send_one()
     else:
         start = monotonic_ns()
-        senders = clients
+        # ``senders``: the indices of the connections that send (default: all).
+        senders = [clients[i] for i in spec.get("senders", range(len(clients)))]
         per_ns = rate / 1e9
 
         def tick() -> None:

@@ -142,6 +142,8 @@ class LoadClient(Protocol):
         self.backlog_d: Deferred[None] = Deferred()
         self._fake_seq = 0
         self.live = run.ceiling  # shtalk: after backlog_done
+        #: a second histogram for this recipient's deliveries (bench.cluster: local/remote)
+        self.group: Histogram | None = None
 
     # connection ------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -190,6 +192,8 @@ class LoadClient(Protocol):
                 if run.recording:
                     run.delivered += 1
                     run.hist.add(now - sent_at, now)
+                    if self.group is not None:
+                        self.group.add(now - sent_at, now)
                 if run.ceiling:
                     self._fake_seq += 1
                     self.acks.append(b"%d" % self._fake_seq)
@@ -288,13 +292,22 @@ def check(reply: dict[str, Any], *allowed: str) -> dict[str, Any]:
     raise RuntimeError(f"request refused: {reply}")
 
 
+def port_of(spec: dict[str, Any], index: int) -> int:
+    """The port connection ``index`` uses: ``spec["port"]``, or with ``placement`` (one
+    process index per connection) that process's of ``spec["ports"]``."""
+    placement = spec.get("placement")
+    if placement is None:
+        return int(spec["port"])
+    return int(spec["ports"][placement[index % len(placement)]])
+
+
 @inlineCallbacks
 def connect(spec: dict[str, Any], run: Run, index: int, room: str = "") -> Any:
     from twisted.internet import reactor
 
     options = client_options_pinned(spec["fingerprint"], "127.0.0.1")
     endpoint = endpoints.SSL4ClientEndpoint(  # type: ignore[no-untyped-call]
-        reactor, "127.0.0.1", spec["port"], options, timeout=30
+        reactor, "127.0.0.1", port_of(spec, index), options, timeout=30
     )
     client = LoadClient(run, index, room)
     client.ack_batch = int(spec.get("ack_batch", ACK_BATCH))

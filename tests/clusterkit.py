@@ -143,11 +143,23 @@ class Cluster:
         *,
         extra_args: tuple[str, ...] = (),
         test: unittest.TestCase | None = None,
+        bus: bool = True,
+        base_dir: Path | None = None,
     ) -> None:
+        """``bus=False``: no Redis and no ``[cluster]`` section, i.e. processes that only
+        share the database (one such process is the single-process PostgreSQL set-up a
+        benchmark compares with).  ``base_dir``: an empty directory to hold the processes'
+        data directories and logs (default: a new one under the system's temp directory);
+        `cleanup` removes it either way."""
         need_postgres(test)
-        self.redis = PrivateRedis(need_redis_server(test))
+        self.bus = bus
+        self.redis = PrivateRedis(need_redis_server(test) if bus else "redis-server")
         self.database = TestDatabase()
-        self.base_dir = Path(tempfile.mkdtemp(prefix="shtalk-cluster-"))
+        if base_dir is None:
+            base_dir = Path(tempfile.mkdtemp(prefix="shtalk-cluster-"))
+        else:
+            base_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.base_dir = base_dir
         self.prefix = f"shtalk-t-{secrets.token_hex(4)}:"
         self.n = n
         self.user_config = config
@@ -155,20 +167,18 @@ class Cluster:
         self.servers: list[ServerProcess] = []
 
     def config(self, index: int) -> dict[str, dict[str, object]]:
-        return merge_config(
-            {
-                "store": {"url": self.database.url},
-                "cluster": {
-                    "redis_url": self.redis.url, "prefix": self.prefix,
-                    "node_name": f"node{index}", "heartbeat_interval": 0.5,
-                    "node_timeout": 2.0,
-                },
-            },
-            self.user_config,
-        )
+        own: dict[str, dict[str, object]] = {"store": {"url": self.database.url}}
+        if self.bus:
+            own["cluster"] = {
+                "redis_url": self.redis.url, "prefix": self.prefix,
+                "node_name": f"node{index}", "heartbeat_interval": 0.5,
+                "node_timeout": 2.0,
+            }
+        return merge_config(own, self.user_config)
 
     def start(self) -> Cluster:
-        self.redis.start()
+        if self.bus:
+            self.redis.start()
         self.database.create()
         keys = DataDir(self.base_dir / "keys")
         keys.ensure()

@@ -1,0 +1,296 @@
+"""The report of bench/cluster: figures per set-up (median of the rounds and their spread),
+cross-process latency and bus CPU against their targets, what the figures predict for N
+processes on N cores, and the section of docs/PERFORMANCE.md.
+
+Apart from the runs so that a saved run (``--from-json``) renders without starting
+anything.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+SECTION = "## Several processes (bench/cluster)"
+DEFAULT: dict[str, Any] = {"rounds": 3, "duration": 8.0, "warmup": 2.0, "time_budget": 240.0}
+QUICK: dict[str, Any] = {"rounds": 2, "duration": 3.0, "warmup": 1.0, "time_budget": 60.0}
+TARGET_P50_MS = 1.0
+TARGET_P99_MS = 5.0
+TARGET_BUS_US = 25.0
+TITLES = {
+    "sqlite-1": "1 process, SQLite",
+    "pg-1": "1 process, PostgreSQL",
+    "pg-2": "2 processes, PostgreSQL + Redis",
+}
+
+Figure = Callable[[dict[str, Any]], float | None]
+
+
+def per(r: dict[str, Any], group: str, unit: str) -> float | None:
+    """µs of ``group``'s CPU per delivery or per message (acknowledged send)."""
+    cores = r["groups_cpu"].get(group)
+    count = r["delivered_per_s"] if unit == "delivery" else r["sends_acked_per_s"]
+    if cores is None or not count:
+        return None
+    return float(cores) / float(count) * 1e6
+
+
+def total_per(r: dict[str, Any], unit: str) -> float | None:
+    parts = [per(r, g, unit) for g in ("shtalk", "postgres", "redis")]
+    return sum(p for p in parts if p is not None) if parts[0] is not None else None
+
+
+def lat(r: dict[str, Any], group: str | None, p: str) -> float | None:
+    d = r["latency"] if group is None else r["group_latency"][group]
+    v = d.get(f"{p}_ms")
+    return None if v is None else float(v)
+
+
+def values(runs: list[dict[str, Any]], fig: Figure) -> list[float]:
+    return [v for v in (fig(r) for r in runs) if v is not None]
+
+
+def med(vs: list[float]) -> float | None:
+    return statistics.median(vs) if vs else None
+
+
+def spread(vs: list[float]) -> float | None:
+    """(max - min) / |median|: how far the rounds moved this figure."""
+    m = med(vs)
+    return (max(vs) - min(vs)) / abs(m) if len(vs) > 1 and m else None
+
+
+def fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def cell(runs: list[dict[str, Any]], fig: Figure, digits: int = 2) -> str:
+    """The median over the rounds, with their spread."""
+    vs = values(runs, fig)
+    s = spread(vs)
+    return fmt(med(vs), digits) + ("" if s is None else f" (±{s / 2:.0%})")
+
+
+def diffs(a: list[dict[str, Any]], b: list[dict[str, Any]], fig: Figure) -> list[float]:
+    """Per round, ``fig`` of ``b`` minus that of ``a`` (rounds where both have it)."""
+    out = []
+    for ra, rb in zip(a, b, strict=False):
+        va, vb = fig(ra), fig(rb)
+        if va is not None and vb is not None:
+            out.append(vb - va)
+    return out
+
+
+def far_minus_near(r: dict[str, Any], p: str) -> float | None:
+    near, far = lat(r, "near", p), lat(r, "far", p)
+    return None if near is None or far is None else far - near
+
+
+def rounds_text(vs: list[float], unit: str, digits: int = 2) -> str:
+    return ", ".join(f"{v:+,.{digits}f}" for v in vs) + f" {unit}"
+
+
+def verdict(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def build_report(results: dict[str, Any]) -> tuple[str, str]:
+    """(terminal text, markdown section)."""
+    args = results["args"]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = results.get("runs", {})
+    names = [n for n in TITLES if n in runs]
+    n, rate = args["n"], args["rate"]
+    rounds = max((len(runs[s]["paced"]) for s in names), default=0)
+
+    closed = [
+        "| set-up | delivered/s | p50 ms | p99 ms | shtalk CPU, cores | shtalk µs per "
+        "delivery | PostgreSQL µs per delivery (its database's backends) | PostgreSQL "
+        "server-wide, cores | Redis µs per delivery | all µs per delivery | load generator, "
+        "cores | machine busy, cores | other processes, cores |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in names:
+        rs = runs[s]["closed"]
+        closed.append(
+            f"| {TITLES[s]} | {cell(rs, lambda r: r['delivered_per_s'], 0)} "
+            f"| {cell(rs, lambda r: lat(r, None, 'p50'))} "
+            f"| {cell(rs, lambda r: lat(r, None, 'p99'))} "
+            f"| {cell(rs, lambda r: r['groups_cpu']['shtalk'])} "
+            f"| {cell(rs, lambda r: per(r, 'shtalk', 'delivery'))} "
+            f"| {cell(rs, lambda r: per(r, 'postgres', 'delivery'))} "
+            f"| {cell(rs, lambda r: r['groups_cpu'].get('postgres_shared'))} "
+            f"| {cell(rs, lambda r: per(r, 'redis', 'delivery'))} "
+            f"| {cell(rs, lambda r: total_per(r, 'delivery'))} "
+            f"| {cell(rs, lambda r: r['loadgen_cpu'])} "
+            f"| {cell(rs, lambda r: r['machine_busy_cores'])} "
+            f"| {cell(rs, lambda r: r['other_processes_cores'])} |")
+    paced = [
+        "| set-up | sends/s | delivered/s | first half p50 / p99 ms | second half p50 / p99 ms "
+        "| shtalk µs per message | PostgreSQL µs per message | Redis µs per message "
+        "| shtalk CPU, cores | other processes, cores |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in names:
+        rs = runs[s]["paced"]
+        paced.append(
+            f"| {TITLES[s]} | {cell(rs, lambda r: r['sends_acked_per_s'], 0)} "
+            f"| {cell(rs, lambda r: r['delivered_per_s'], 0)} "
+            f"| {cell(rs, lambda r: lat(r, 'near', 'p50'))} / "
+            f"{cell(rs, lambda r: lat(r, 'near', 'p99'))} "
+            f"| {cell(rs, lambda r: lat(r, 'far', 'p50'))} / "
+            f"{cell(rs, lambda r: lat(r, 'far', 'p99'))} "
+            f"| {cell(rs, lambda r: per(r, 'shtalk', 'message'), 1)} "
+            f"| {cell(rs, lambda r: per(r, 'postgres', 'message'), 1)} "
+            f"| {cell(rs, lambda r: per(r, 'redis', 'message'), 1)} "
+            f"| {cell(rs, lambda r: r['groups_cpu']['shtalk'])} "
+            f"| {cell(rs, lambda r: r['other_processes_cores'])} |")
+
+    verdicts, model = targets(runs, n, rate)
+    problems = check(runs)
+    cmd = ".venv/bin/python -m bench.cluster" + (" --quick" if args.get("quick") else "")
+    m = results["machine"]
+    md = [
+        SECTION, "",
+        f"Measured {results.get('finished', '?')} ({results.get('seconds', '?')} s) on "
+        f"{m['nproc']} cores, {m['cpu']}, Linux {m['kernel']}, Python {m['python']}, Twisted "
+        f"{m['twisted']}, shtalk at `{m['revision']}`; {rounds} rounds of "
+        f"{args['duration']:g} s windows after {args['warmup']:g} s of warm-up. Rerun with:",
+        "", "```", cmd, "```", "",
+        "### Set-up", "",
+        "- Three set-ups running side by side for the whole run, each measured in turn, the "
+        "order rotating by round: one `twistd shtalk` on SQLite (the default), one on a "
+        "fresh PostgreSQL 15 database, and two on another fresh database with a private "
+        "`redis-server` as the bus (`tests/clusterkit.py`, as the system tests start "
+        "them). PostgreSQL, Redis, the servers and the load generator share the 2 cores. "
+        "Rate limiter and abuse monitor off on all three (in a cluster the limiter's buckets "
+        "are in Redis: their round trips would count as bus).",
+        f"- Closed loop: {n} members in one room, every one sending with one send "
+        "outstanding (bench/fanout's closed loop); on two processes the members alternate "
+        "between them.",
+        f"- Paced: {rate:g} sends/s in total from the first {n // 2} members (process 0) into "
+        f"the {n}-member room; the other {n - n // 2} members are on process 1 of the "
+        "two-process set-up, on the same process elsewhere. Latency, send -> receipt in the "
+        "load generator (one machine, one clock), is kept per half: the second half minus "
+        "the first half on two processes is what crossing processes costs; on one process "
+        "the same difference is the control.",
+        "- CPU from /proc over each window: all shtalk processes together; the PostgreSQL "
+        "backends of the set-up's database; PostgreSQL's server-wide processes (WAL writer, "
+        "checkpointer, ...: they work for every database on the machine's server, so "
+        "they are shown apart and left out of the per-delivery sums); the private Redis. "
+        "Cells are the median of the rounds (± half their max - min spread, relative).",
+        "", f"### Closed loop, N = {n}", "", *closed, "",
+        f"### Paced, {rate:g} sends/s into {n} members", "", *paced, "",
+        "### Targets", "", *verdicts, "",
+        "### What it predicts for N processes on N cores", "", *model, "",
+    ]
+    if problems:
+        md += ["### Problems seen in this run", "", *[f"- {p}" for p in problems], ""]
+    md += ["<!-- analysis -->", ""]
+    term = "\n".join([*closed, "", *paced, "", *verdicts, "", *model, "", *problems])
+    return term, "\n".join(md)
+
+
+def targets(runs: dict[str, dict[str, list[dict[str, Any]]]], n: int, rate: float
+            ) -> tuple[list[str], list[str]]:
+    verdicts: list[str] = []
+    model: list[str] = []
+    two = runs.get("pg-2", {}).get("paced", [])
+    one = runs.get("pg-1", {}).get("paced", [])
+    if two:
+        for p, target in (("p50", TARGET_P50_MS), ("p99", TARGET_P99_MS)):
+            vs = values(two, lambda r, p=p: far_minus_near(r, p))  # type: ignore[misc]
+            ctl = values(one, lambda r, p=p: far_minus_near(r, p))  # type: ignore[misc]
+            m = med(vs)
+            verdicts.append(
+                f"- Cross-process delivery, {p}: the second half (process 1) minus the first "
+                f"half (process 0, the senders') at {rate:g} sends/s into {n} members: "
+                f"{fmt(m)} ms, the median of rounds {rounds_text(vs, 'ms')}"
+                + (f" (control, both halves on one PostgreSQL process: {rounds_text(ctl, 'ms')})"
+                   if ctl else "")
+                + f" (target <= +{target:g} ms): {verdict(m is not None and m <= target)}.")
+    if two and one:
+        bus = diffs(one, two, lambda r: per(r, "shtalk", "message"))
+        redis = values(two, lambda r: per(r, "redis", "message"))
+        m = med(bus)
+        verdicts.append(
+            f"- Bus CPU per message: shtalk CPU per message with half the recipients on a "
+            f"second process minus with all on one (both PostgreSQL, same round, same "
+            f"{rate:g} sends/s): {fmt(m, 1)} µs, the median of rounds "
+            f"{rounds_text(bus, 'µs', 1)}; measured as that difference, not by a counter "
+            f"inside the bus. Redis's own CPU, on top: {fmt(med(redis), 1)} µs per message "
+            f"(target <= {TARGET_BUS_US:g} µs): {verdict(m is not None and m <= TARGET_BUS_US)}.")
+        model = predict(runs, n, m, med(redis))
+    return verdicts, model
+
+
+def predict(runs: dict[str, dict[str, list[dict[str, Any]]]], n: int, bus: float | None,
+            redis: float | None) -> list[str]:
+    """Server CPU per message, measured, extrapolated to N processes on N cores."""
+    one = runs["pg-1"]["closed"]
+    d = med(values(one, lambda r: per(r, "shtalk", "delivery")))
+    pg = med(values(one, lambda r: per(r, "postgres", "delivery")))
+    two = med(values(runs.get("pg-2", {}).get("closed", []),
+                     lambda r: per(r, "shtalk", "delivery")))
+    if d is None or bus is None:
+        return ["Not enough figures for a prediction in this run."]
+    fan = n - 1
+    msg = fan * d
+    lines = [
+        f"One PostgreSQL process spends {d:.2f} µs of shtalk CPU per delivery at saturation "
+        f"(closed loop), {msg:,.0f} µs per message into {n} members; a second process that "
+        f"holds members of the room adds the bus's {bus:.1f} µs per message"
+        + (f" (check: two processes measured {two:.2f} µs per delivery, the model says "
+           f"{(msg + bus) / fan:.2f})" if two is not None else "")
+        + f". PostgreSQL's backends took {fmt(pg)} µs per delivery "
+        f"({fmt(None if pg is None else pg * fan, 0)} µs per message) and Redis "
+        f"{fmt(redis, 1)} µs per message with two processes subscribed. On N cores for N processes "
+        "(PostgreSQL and Redis on other cores, the clients elsewhere), with every process "
+        "holding members of every room (the worst case for the bus; a room whose members "
+        "are all on one process costs no bus):",
+        "",
+        "| N processes | deliveries/s (rooms of 50 on every process) | deliveries/s "
+        "(no room crosses processes) | PostgreSQL cores needed | Redis cores needed |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for k in (1, 2, 4, 8, 16):
+        spread_msg = msg + (k - 1) * bus
+        cross = k * 1e6 / spread_msg * fan
+        local = k * 1e6 / d
+        pg_cores = None if pg is None else cross * pg / 1e6
+        # Redis's cost was measured with two processes subscribed: scaled by k / 2.
+        redis_cores = None if redis is None or k == 1 else cross / fan * redis * k / 2 / 1e6
+        lines.append(f"| {k} | {cross:,.0f} | {local:,.0f} | {fmt(pg_cores)} "
+                     f"| {fmt(redis_cores)} |")
+    lines += [
+        "",
+        "Per-message costs are assumed constant (no contention: one hot room's messages "
+        "all take one `mailbox_heads` row lock, which bounds that room at the database's "
+        "single-mailbox rate however many processes there are). On this machine two "
+        "processes do not double throughput: PostgreSQL, Redis and the load generator take "
+        "the same 2 cores.",
+    ]
+    return lines
+
+
+def check(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
+    problems = []
+    for s, by_key in runs.items():
+        for key, rs in by_key.items():
+            for i, r in enumerate(rs):
+                where = f"{s} {key} round {i + 1}"
+                if r["errors"]:
+                    problems.append(f"{where}: {r['errors']} errors, first: "
+                                    f"`{r['first_error']}`")
+                if r["total_delivered"] != r["expected_deliveries"]:
+                    problems.append(
+                        f"{where}: {r['total_delivered']} deliveries for "
+                        f"{r['total_sends_acked']} acknowledged sends (expected "
+                        f"{r['expected_deliveries']})")
+                if r.get("drain_s", 0) > 1:
+                    problems.append(f"{where}: still busy {r['drain_s']} s after the load "
+                                    "stopped")
+                if r["other_processes_cores"] > 0.25:
+                    problems.append(f"{where}: other processes on the machine used "
+                                    f"{r['other_processes_cores']:.2f} cores")
+    return problems

@@ -1,0 +1,92 @@
+"""The cluster benchmark's load generator: bench.loadclient's fan-out with each connection
+placed on one process of a cluster, latency also kept per group of recipients, and CPU
+per group of processes (shtalk's, the database's backends, PostgreSQL's server-wide
+processes, Redis).
+
+Run by `bench.cluster` as ``python -m bench.clusterload`` with a JSON spec on stdin, like
+`bench.loadclient` (whose connections, scenarios' set-up and traffic it reuses); besides
+that scenario's keys the spec has:
+
+``ports`` and ``placement``
+    one port per process, and for each connection the index of the process it uses.
+``senders``
+    (open loop) the connections that send, round-robin; default all.
+``groups``
+    ``{name: [connection indices]}``: a latency histogram per group of recipients, e.g.
+    ``local`` and ``remote`` to the senders' process.
+``cpu``
+    ``{name: {"pids": [...]} | {"postgres": DATABASE} | {"postgres": null}}``: the groups
+    of processes whose CPU is reported (cores over the window) as ``groups_cpu``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, inlineCallbacks
+
+from bench.common import child_main
+from bench.cpu import GroupCpuWindow, postgres_pids
+from bench.loadclient import drive, open_room, scenario_setup, traffic_summary
+from bench.loadproto import Histogram, LoadClient, Run, recorded
+
+
+def pid_groups(spec: dict[str, Any]) -> dict[str, Callable[[], list[int]]]:
+    groups: dict[str, Callable[[], list[int]]] = {}
+    for name, what in spec.get("cpu", {}).items():
+        if "postgres" in what:
+            groups[name] = partial(postgres_pids, what["postgres"])
+        else:
+            groups[name] = partial(list, what["pids"])
+    return groups
+
+
+@inlineCallbacks
+def scenario_placed(spec: dict[str, Any]) -> Any:
+    """N connections (on the processes ``placement`` says) in one room: a closed loop
+    (``rate`` 0, all send) or an open loop from ``senders``; bench.loadclient's figures,
+    plus latency per recipient group and CPU per process group."""
+    run = Run(ceiling=False)
+    clients: list[LoadClient] = yield open_room(spec, run, spec["room"])
+    hists = {name: Histogram() for name in spec.get("groups", {})}
+    for name, members in spec.get("groups", {}).items():
+        for i in members:
+            clients[i].group = hists[name]
+    groups = pid_groups(spec)
+
+    def window(_pid: int) -> GroupCpuWindow:
+        return GroupCpuWindow(groups)
+
+    @inlineCallbacks
+    def phases(run: Run) -> Any:
+        cpu = yield recorded(run, spec, window=window)
+        return {"cpu": cpu}
+
+    out = yield drive(spec, run, clients, phases)
+    cpu = out.pop("cpu")
+    yield defer.gatherResults([c.close() for c in clients])
+    result = {**traffic_summary(run, spec["n"], cpu), **out}
+    result["group_latency"] = {name: h.summary() for name, h in hists.items()}
+    for lat in (result["latency"], *result["group_latency"].values()):
+        lat.pop("timeline_max_ms", None)  # per-100 ms worst: not reported here
+    return result
+
+
+SCENARIOS: dict[str, Callable[[dict[str, Any]], Deferred[Any]]] = {
+    "setup": scenario_setup,
+    "placed": scenario_placed,
+}
+
+
+def main() -> None:
+    spec = json.loads(sys.stdin.read())
+    sys.exit(0 if child_main(spec, SCENARIOS) else 1)
+
+
+if __name__ == "__main__":
+    main()
