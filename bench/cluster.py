@@ -96,6 +96,8 @@ class Setup:
 
     def cpu_groups(self) -> dict[str, dict[str, Any]]:
         groups: dict[str, dict[str, Any]] = {"shtalk": {"pids": self.pids}}
+        if len(self.pids) > 1:  # and each process alone
+            groups.update({f"shtalk{i}": {"pids": [pid]} for i, pid in enumerate(self.pids)})
         if self.cluster is not None:
             groups["postgres"] = {"postgres": self.cluster.database.name}
             groups["postgres_shared"] = {"postgres": None}

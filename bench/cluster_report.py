@@ -14,7 +14,7 @@ from typing import Any
 
 SECTION = "## Several processes (bench/cluster)"
 DEFAULT: dict[str, Any] = {"rounds": 3, "duration": 8.0, "warmup": 2.0, "time_budget": 240.0}
-QUICK: dict[str, Any] = {"rounds": 2, "duration": 3.0, "warmup": 1.0, "time_budget": 60.0}
+QUICK: dict[str, Any] = {"rounds": 2, "duration": 2.5, "warmup": 1.0, "time_budget": 60.0}
 TARGET_P50_MS = 1.0
 TARGET_P99_MS = 5.0
 TARGET_BUS_US = 25.0
