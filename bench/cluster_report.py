@@ -220,6 +220,15 @@ def targets(runs: dict[str, dict[str, list[dict[str, Any]]]], n: int, rate: floa
             f"{rounds_text(bus, 'µs', 1)}; measured as that difference, not by a counter "
             f"inside the bus. Redis's own CPU, on top: {fmt(med(redis), 1)} µs per message "
             f"(target <= {TARGET_BUS_US:g} µs): {verdict(m is not None and m <= TARGET_BUS_US)}.")
+        procs = [med(values(two, lambda r, i=i: per(r, f"shtalk{i}", "message")))  # type: ignore[misc]
+                 for i in (0, 1)]
+        whole = med(values(one, lambda r: per(r, "shtalk", "message")))
+        half = n // 2
+        verdicts.append(
+            f"- Where it goes on two processes: process 0 (the senders, {half - 1} "
+            f"recipients, publishes) {fmt(procs[0], 1)} µs per message, process 1 "
+            f"({n - half} recipients, every message from the bus) {fmt(procs[1], 1)} µs; "
+            f"one process with all {n - 1} recipients: {fmt(whole, 1)} µs.")
         model = predict(runs, n, m, med(redis))
     return verdicts, model
 
