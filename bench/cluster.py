@@ -193,6 +193,7 @@ def run(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
         for name in args.configs:
             log(f"starting {name}")
             setups.append(start_setup(name, work))
+        log("registering the members on each set-up (bcrypt cost 10)")
         users = [f"bench{i:03d}" for i in range(args.n)]
         with ThreadPoolExecutor(len(setups)) as pool:  # each in its own child process
             list(pool.map(lambda setup: register(setup, users), setups))
@@ -205,6 +206,8 @@ def run(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
                 break
             order = setups[rnd % len(setups):] + setups[:rnd % len(setups)]
             for key in ("closed", "paced"):
+                if key == "closed" and rnd >= args.closed_rounds:
+                    continue
                 for setup in order:
                     log(f"round {rnd + 1}: {key} on {setup.name} ...")
                     runs[setup.name][key].append(measure(args, setup, key, rnd))
@@ -229,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=500.0, help="paced sends/s [500]")
     parser.add_argument("--rounds", type=int, default=None,
                         help=f"rounds [{DEFAULT['rounds']}; quick: {QUICK['rounds']}]")
+    parser.add_argument("--closed-rounds", type=int, default=None,
+                        help=f"rounds with a closed loop [{DEFAULT['closed_rounds']}; quick: "
+                        f"{QUICK['closed_rounds']}]")
     parser.add_argument("--duration", type=float, default=None,
                         help=f"measured seconds per window [{DEFAULT['duration']:g}; quick: "
                         f"{QUICK['duration']:g}]")
@@ -241,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="do not write PERFORMANCE.md")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else DEFAULT
-    for key in ("rounds", "duration", "warmup", "time_budget"):
+    for key in ("rounds", "closed_rounds", "duration", "warmup", "time_budget"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     unknown = set(args.configs) - set(CONFIGS)

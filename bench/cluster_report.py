@@ -13,8 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 SECTION = "## Several processes (bench/cluster)"
-DEFAULT: dict[str, Any] = {"rounds": 3, "duration": 8.0, "warmup": 2.0, "time_budget": 240.0}
-QUICK: dict[str, Any] = {"rounds": 2, "duration": 2.5, "warmup": 1.0, "time_budget": 60.0}
+DEFAULT: dict[str, Any] = {"rounds": 3, "closed_rounds": 3, "duration": 8.0, "warmup": 2.0,
+                           "time_budget": 240.0}
+#: quick: the paced runs (the targets) twice, for a spread; the closed loop once
+QUICK: dict[str, Any] = {"rounds": 2, "closed_rounds": 1, "duration": 2.5, "warmup": 1.0,
+                         "time_budget": 60.0}
 TARGET_P50_MS = 1.0
 TARGET_P99_MS = 5.0
 TARGET_BUS_US = 25.0
@@ -243,12 +246,16 @@ def predict(runs: dict[str, dict[str, list[dict[str, Any]]]], n: int, bus: float
                      lambda r: per(r, "shtalk", "delivery")))
     if d is None or bus is None:
         return ["Not enough figures for a prediction in this run."]
+    noise = ""
+    if bus < 0:
+        noise = (f" (measured {bus:.1f} µs: below the rounds' noise, so the model takes 0)")
+        bus = 0.0
     fan = n - 1
     msg = fan * d
     lines = [
         f"One PostgreSQL process spends {d:.2f} µs of shtalk CPU per delivery at saturation "
         f"(closed loop), {msg:,.0f} µs per message into {n} members; a second process that "
-        f"holds members of the room adds the bus's {bus:.1f} µs per message"
+        f"holds members of the room adds the bus's {bus:.1f} µs per message{noise}"
         + (f" (check: two processes measured {two:.2f} µs per delivery, the model says "
            f"{(msg + bus) / fan:.2f})" if two is not None else "")
         + f". PostgreSQL's backends took {fmt(pg)} µs per delivery "
