@@ -56,6 +56,7 @@ from tests.harness import ServerProcess
 log = logger("cluster")
 
 CONFIGS = ("sqlite-1", "pg-1", "pg-2")
+PROBE_FILE = "bus-probe.json"  # in each process's directory (its working directory)
 
 #: every set-up's server: many connections from one address, sessions that last the run,
 #: accounts usable at once; the rate limiter and the abuse monitor off (in a cluster the
@@ -81,6 +82,8 @@ class Setup:
     servers: list[ServerProcess]
     cluster: Cluster | None = None
     tokens: list[str] = field(default_factory=list)
+    #: what `bench.busprobe` wrote in each process at exit (two-process set-up)
+    probes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ports(self) -> list[int]:
@@ -108,7 +111,14 @@ class Setup:
 
     def stop(self) -> None:
         if self.cluster is not None:
-            self.cluster.cleanup()
+            try:
+                for s in self.servers:
+                    s.stop()
+                    probe = s.base_dir / PROBE_FILE
+                    if probe.exists():
+                        self.probes.append(json.loads(probe.read_text()))
+            finally:
+                self.cluster.cleanup()
         else:
             for s in self.servers:
                 s.cleanup()
@@ -126,8 +136,10 @@ def start_setup(name: str, work: Path) -> Setup:
             raise
         return Setup(name, [server])
     n = int(name.split("-")[1])
+    # The bus's own CPU, counted inside each process of the two-process set-up.
+    boot = f"import bench.busprobe as p; p.install({PROBE_FILE!r})" if n > 1 else ""
     try:
-        cluster = Cluster(n, BENCH_CONFIG, bus=n > 1, base_dir=work / name)
+        cluster = Cluster(n, BENCH_CONFIG, bus=n > 1, base_dir=work / name, boot=boot)
     except SkipTest as e:
         raise BenchError(f"{name} needs PostgreSQL and redis-server: {e}") from e
     try:
@@ -218,6 +230,8 @@ def run(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
                 setup.stop()
             except Exception as e:  # one failed stop must not leave the others running
                 log(f"stopping {setup.name}: {e}")
+            if setup.probes:
+                results.setdefault("bus_probe", {})[setup.name] = setup.probes
 
 
 def main(argv: list[str] | None = None) -> int:

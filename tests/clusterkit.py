@@ -145,12 +145,14 @@ class Cluster:
         test: unittest.TestCase | None = None,
         bus: bool = True,
         base_dir: Path | None = None,
+        boot: str = "",
     ) -> None:
         """``bus=False``: no Redis and no ``[cluster]`` section, i.e. processes that only
         share the database (one such process is the single-process PostgreSQL set-up a
         benchmark compares with).  ``base_dir``: an empty directory to hold the processes'
         data directories and logs (default: a new one under the system's temp directory);
-        `cleanup` removes it either way."""
+        `cleanup` removes it either way.  ``boot``: Python each process runs before
+        twistd (a benchmark's probe)."""
         need_postgres(test)
         self.bus = bus
         self.redis = PrivateRedis(need_redis_server(test) if bus else "redis-server")
@@ -164,6 +166,7 @@ class Cluster:
         self.n = n
         self.user_config = config
         self.extra_args = extra_args
+        self.boot = boot
         self.servers: list[ServerProcess] = []
 
     def config(self, index: int) -> dict[str, dict[str, object]]:
@@ -184,7 +187,7 @@ class Cluster:
         keys.ensure()
         for i in range(self.n):
             server = ServerProcess(self.config(i), extra_args=self.extra_args,
-                                   base_dir=str(self.base_dir / f"node{i}"))
+                                   base_dir=str(self.base_dir / f"node{i}"), boot=self.boot)
             server.base_dir.mkdir(mode=0o700)
             server.data_dir.mkdir(mode=0o700)
             for name in SHARED_FILES:

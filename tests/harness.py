@@ -212,8 +212,11 @@ class ServerProcess:
         host: str = "127.0.0.1",
         startup_timeout: float = 30.0,
         base_dir: str | None = None,
+        boot: str = "",
     ) -> None:
         self.config = merge_config(DEFAULT_CONFIG, config)
+        # Python run before twistd in the server process (a benchmark's probe).
+        self.boot = boot
         self.extra_args = list(extra_args)
         self.host = host
         self.startup_timeout = startup_timeout
@@ -228,8 +231,9 @@ class ServerProcess:
     # -- life cycle ------------------------------------------------------------------
 
     def command(self) -> list[str]:
+        twistd = [*TWISTD[:-1], f"{self.boot}\n{TWISTD[-1]}"] if self.boot else TWISTD
         return [
-            *TWISTD, "-n", "--pidfile=", "shtalk",
+            *twistd, "-n", "--pidfile=", "shtalk",
             "--interface", self.host,
             "--port", str(self.port),
             "--data-dir", str(self.data_dir),
