@@ -810,6 +810,22 @@ class ConcurrencyContract(StoreHelpers):
                          CODE_NONE)
 
     @async_test
+    async def test_concurrent_code_requests_send_one_mail(self) -> None:
+        store = await self.open_store()
+        bob = await store.create_user("Bob", "bob", "b@example.org", b"h", "pending")
+        outcomes = self.succeeded(await self.all_of(
+            [store.codes.put_email_code(bob.id, "verify", b"c%d" % i, NOW + 600, NOW, 60)
+             for i in range(self.N)]
+        ))
+        self.assertEqual(outcomes.count(True), 1)
+        # The code stored is the one whose request was granted.
+        mailed = outcomes.index(True)
+        self.assertEqual(
+            await store.codes.check_email_code(bob.id, "verify", b"c%d" % mailed, NOW, 5),
+            CODE_OK,
+        )
+
+    @async_test
     async def test_concurrent_upserts_of_one_device_make_one_device(self) -> None:
         store, alice, _, rid = await self.setup_room()
         outcomes = self.succeeded(await self.all_of(

@@ -71,6 +71,29 @@ class SteppedConnection:
         return self._conn.executemany(sql, params)
 
 
+class Interrupted:
+    """A connection that runs ``between`` (on another connection) just before its
+    statement number ``at`` (counted from 0): one fixed interleaving, in one thread."""
+
+    def __init__(self, conn: sqlite3.Connection, at: int, between: Callable[[], None]) -> None:
+        self._conn = conn
+        self._at = at
+        self._between = between
+        self._n = 0
+
+    def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        if self._n == self._at:
+            self._between()
+        self._n += 1
+        return self._conn.execute(sql, params)
+
+    def finish(self) -> None:
+        """Run ``between`` now if the op ended before statement ``at``."""
+        if self._n <= self._at:
+            self._n = self._at + 1
+            self._between()
+
+
 def read_then_write_claim(conn: Conn, user_id: int, device_id: str, now: float) -> list[int]:
     """A claim as a read then an unguarded write: the ids of the ec keys it got."""
     row = conn.execute(
@@ -116,6 +139,35 @@ def read_then_insert_device(conn: Conn, user_id: int, device_id: str, now: float
         (user_id, device_id, now),
     )
     return "created"
+
+
+def read_then_put_code(conn: Conn, user_id: int, code_hash: bytes, now: float) -> bool:
+    """A code stored after a read of when the last one was sent (interval 60 s)."""
+    row = conn.execute(
+        "SELECT sent FROM email_codes WHERE user_id = ? AND purpose = 'reset'", (user_id,)
+    ).fetchone()
+    if row is not None and now - float(row[0]) < 60:
+        return False
+    conn.execute(
+        "INSERT INTO email_codes (user_id, purpose, code_hash, expires, attempts, sent)"
+        " VALUES (?, 'reset', ?, ?, 0, ?) ON CONFLICT (user_id, purpose) DO UPDATE SET"
+        " code_hash = excluded.code_hash, sent = excluded.sent",
+        (user_id, code_hash, now + 600, now),
+    )
+    return True
+
+
+def read_then_put_totp(conn: Conn, user_id: int, sealed: bytes, now: float) -> bool:
+    """A pending TOTP secret stored after a read of whether TOTP is enabled."""
+    row = conn.execute("SELECT enabled FROM totp WHERE user_id = ?", (user_id,)).fetchone()
+    if row is not None and row[0]:
+        return False
+    conn.execute(
+        "INSERT INTO totp (user_id, sealed, enabled, last_step, created) VALUES (?, ?, 0, 0, ?)"
+        " ON CONFLICT (user_id) DO UPDATE SET sealed = excluded.sealed, enabled = 0",
+        (user_id, sealed, now),
+    )
+    return True
 
 
 class TwoConnectionRaceTests(StoreTestBase):
@@ -199,6 +251,45 @@ class TwoConnectionRaceTests(StoreTestBase):
         self.assertEqual(
             self.raw("SELECT mailbox FROM cursors WHERE device_id = 'd3'"), [(f"u:{uid}",)]
         )
+
+    @async_test
+    async def test_email_code_interval(self) -> None:
+        uid = await self.prepared()
+        self.assertEqual(self.race(lambda c: read_then_put_code(c, uid, b"r1", NOW)),
+                         [True, True])  # two mails where the interval allows one
+        self.raw_write("DELETE FROM email_codes")
+        got = self.race(
+            lambda c: security.put_email_code(c, uid, "reset", b"r2", NOW + 600, NOW, 60)
+        )
+        self.assertEqual(sorted(got), [False, True])
+
+    @async_test
+    async def test_pending_totp_never_overwrites_an_enable(self) -> None:
+        uid = await self.prepared()
+
+        def enabled_after(op: Callable[[Conn], bool], at: int) -> int:
+            """Run ``op`` with an enable committed before its statement ``at`` (or after
+            it, when it has fewer): is TOTP on in the end?"""
+            self.raw_write("DELETE FROM totp")
+            self.raw_write("INSERT INTO totp (user_id, sealed, enabled, last_step, created)"
+                           " VALUES (?, x'01', 0, 0, ?)", uid, NOW)
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=TIMEOUT)
+            interrupted = Interrupted(conn, at, lambda: self.raw_write(
+                "UPDATE totp SET enabled = 1, last_step = 5"))
+            try:
+                op(cast(Conn, interrupted))
+                interrupted.finish()
+            finally:
+                conn.close()
+            return int(self.raw("SELECT enabled FROM totp")[0][0])
+
+        # The enable lands between the read and the write: TOTP silently off again.
+        self.assertEqual(enabled_after(lambda c: read_then_put_totp(c, uid, b"x", NOW), 1), 0)
+        # One guarded statement: wherever the enable lands, it stays enabled.
+        for at in (0, 1):
+            self.assertEqual(
+                enabled_after(lambda c: security.put_pending_totp(c, uid, b"x", NOW), at), 1
+            )
 
     def raw_write(self, sql: str, *params: object) -> None:
         conn = sqlite3.connect(self.path)

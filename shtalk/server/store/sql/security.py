@@ -19,20 +19,19 @@ def put_email_code(
     conn: Conn, user_id: int, purpose: str, code_hash: bytes, expires: float, now: float,
     min_interval: float,
 ) -> bool:
-    """Store a new code (replacing the old one) unless one was sent too recently."""
-    row = conn.execute(
-        "SELECT sent FROM email_codes WHERE user_id = ? AND purpose = ?", (user_id, purpose)
-    ).fetchone()
-    if row is not None and now - float(row[0]) < min_interval:
-        return False
-    conn.execute(
+    """Store a new code (replacing the old one) unless one was sent too recently.
+
+    One guarded upsert (the interval in its WHERE): two concurrent requests cannot
+    both pass the interval and both send a mail.
+    """
+    stored = conn.execute(
         "INSERT INTO email_codes (user_id, purpose, code_hash, expires, attempts, sent)"
         " VALUES (?, ?, ?, ?, 0, ?) ON CONFLICT (user_id, purpose) DO UPDATE SET"
         " code_hash = excluded.code_hash, expires = excluded.expires, attempts = 0,"
-        " sent = excluded.sent",
-        (user_id, purpose, code_hash, expires, now),
-    )
-    return True
+        " sent = excluded.sent WHERE excluded.sent - email_codes.sent >= ? RETURNING 1",
+        (user_id, purpose, code_hash, expires, now, min_interval),
+    ).fetchall()
+    return bool(stored)
 
 
 def check_email_code(
@@ -114,17 +113,17 @@ def totp(conn: Conn, user_id: int) -> TotpRecord | None:
 
 
 def put_pending_totp(conn: Conn, user_id: int, sealed: bytes, now: float) -> bool:
-    """A new, not yet confirmed secret; False if TOTP is already enabled."""
-    row = conn.execute("SELECT enabled FROM totp WHERE user_id = ?", (user_id,)).fetchone()
-    if row is not None and row[0]:
-        return False
-    conn.execute(
+    """A new, not yet confirmed secret; False if TOTP is already enabled.
+
+    One guarded upsert: a concurrent enable is never overwritten by a pending secret.
+    """
+    stored = conn.execute(
         "INSERT INTO totp (user_id, sealed, enabled, last_step, created) VALUES (?, ?, 0, 0, ?)"
         " ON CONFLICT (user_id) DO UPDATE SET sealed = excluded.sealed, enabled = 0,"
-        " last_step = 0, created = excluded.created",
+        " last_step = 0, created = excluded.created WHERE totp.enabled = 0 RETURNING 1",
         (user_id, sealed, now),
-    )
-    return True
+    ).fetchall()
+    return bool(stored)
 
 
 def enable_totp(conn: Conn, user_id: int, step: int, code_hashes: list[bytes]) -> bool:
