@@ -2,14 +2,12 @@
 
 Secrets never reach these tables in clear: emailed and recovery codes arrive as
 SHA-256 hashes, the TOTP secret as an AES-GCM sealed blob (``shtalk.server.accounts.totp``).
-Every check that consumes something (a code, a TOTP step) is decided by a guarded
-statement (the condition in its WHERE), so two concurrent attempts with the same code
-cannot both succeed, even where writers run side by side.
+Every check that consumes something (a code, a TOTP step) is one guarded statement
+(the condition in its WHERE), so two concurrent attempts with the same code cannot both
+succeed, even where writers run side by side.
 """
 
 from __future__ import annotations
-
-import hmac
 
 from shtalk.server.store.records import CODE_NONE, CODE_OK, CODE_WRONG, TotpRecord
 from shtalk.server.store.sql.common import Conn
@@ -39,28 +37,20 @@ def check_email_code(
 ) -> str:
     """Use the code: CODE_OK once, CODE_WRONG while guesses are left, else CODE_NONE.
 
-    The outcome is decided by a guarded UPDATE whose WHERE holds the whole condition
+    Each outcome is decided by ONE guarded UPDATE whose WHERE holds the whole condition
     (live, attempts left, and for CODE_OK the hash), so of concurrent uses of a code only
     one consumes it and concurrent wrong guesses cannot exceed ``max_attempts``, even
-    where writers run side by side.  The read before it only lets the hash be compared
-    in constant time (a SHA-256 of a short code: a prefix would give the code away); the
-    UPDATE compares it again only once it is known to match.
+    where writers run side by side.  The database compares the hash, as it does for
+    refresh tokens and recovery codes: it is the SHA-256 of a 140-bit random code, so
+    the comparison's timing tells a guesser nothing.
     """
-    row = conn.execute(
-        "SELECT code_hash, expires, attempts FROM email_codes WHERE user_id = ? AND purpose = ?",
-        (user_id, purpose),
-    ).fetchone()
-    if row is None or float(row[1]) <= now or int(row[2]) >= max_attempts:
-        return CODE_NONE
-    if hmac.compare_digest(bytes(row[0]), code_hash):
-        # Single use: the code goes, but `sent` must keep limiting mails: expire it instead.
-        used = conn.execute(
-            "UPDATE email_codes SET expires = 0, code_hash = x'' WHERE user_id = ?"
-            " AND purpose = ? AND code_hash = ? AND expires > ? AND attempts < ? RETURNING 1",
-            (user_id, purpose, code_hash, now, max_attempts),
-        ).fetchall()
-        if not used:
-            return CODE_NONE  # a concurrent use (or a new code) came first
+    # Single use: the code goes, but `sent` must keep limiting mails, so expire it instead.
+    used = conn.execute(
+        "UPDATE email_codes SET expires = 0, code_hash = x'' WHERE user_id = ? AND purpose = ?"
+        " AND code_hash = ? AND expires > ? AND attempts < ? RETURNING 1",
+        (user_id, purpose, code_hash, now, max_attempts),
+    ).fetchall()
+    if used:
         if purpose == "verify":
             conn.execute(
                 "UPDATE users SET status = 'active' WHERE id = ? AND status = 'pending'",
