@@ -6,7 +6,9 @@ interleave, each statement seeing what the other committed before it.  Two autoc
 SQLite connections held in lockstep (each waits before every statement until the other
 reaches its own) interleave exactly so.  Each test runs a read-then-write version of an
 op (the pattern a guarded statement must replace) to show the harness really provokes the
-race, then the store's op to show its guarded statement holds.
+race, then the store's op to show its guarded statement holds.  Where the two sides run
+different ops, one fixed interleaving (``Interrupted``) puts the other's commit between
+the read and the write.
 """
 
 from __future__ import annotations
