@@ -139,6 +139,8 @@ def v2_header(
     if source is None:
         return V2_SIGNATURE + bytes([0x20, 0x00]) + len(tlvs).to_bytes(2, "big") + tlvs
     src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+    if src.version != dst.version:
+        raise ValueError("source and destination of one family")
     family = _INET if src.version == 4 else _INET6
     body = (src.packed + dst.packed + source[1].to_bytes(2, "big")
             + destination[1].to_bytes(2, "big") + tlvs)
