@@ -196,7 +196,7 @@ class HeaderTests(unittest.TestCase):
 class ChatBehindProxyTests(unittest.TestCase):
     """The chat protocol's own per-address cap, behind one proxy."""
 
-    def setUp(self) -> Deferred[None]:
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]
         async def go() -> None:
             self.parts = await build_server(self.mktemp(), max_per_address=1)
 

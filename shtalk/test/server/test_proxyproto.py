@@ -26,8 +26,11 @@ ports = st.integers(0, 65535)
 tlvs = st.binary(max_size=64)
 
 
+Made = tuple[bytes, tuple[str, int], tuple[str, int]]
+
+
 @st.composite
-def v2_headers(draw: st.DrawFn) -> tuple[bytes, tuple[str, int], tuple[str, int]]:
+def v2_headers(draw: st.DrawFn) -> Made:
     hosts = draw(st.sampled_from([ipv4, ipv6]))
     src, dst = (draw(hosts), draw(ports)), (draw(hosts), draw(ports))
     return v2_header(src, dst, draw(tlvs)), src, dst
@@ -80,16 +83,15 @@ class V2Tests(unittest.TestCase):
 
     @settings(max_examples=300, deadline=None)
     @given(v2_headers(), st.binary(max_size=32))
-    def test_roundtrip_and_what_follows_is_left(self, made: object, rest: bytes) -> None:
-        raw, src, dst = made  # type: ignore[misc]
+    def test_roundtrip_and_what_follows_is_left(self, made: Made, rest: bytes) -> None:
+        raw, src, dst = made
         header = parse(raw + rest)
         self.assertEqual(header, ProxyHeader(2, src, dst, len(raw)))
 
     @settings(max_examples=300, deadline=None)
     @given(v2_headers(), st.data())
-    def test_a_truncated_header_waits_for_more(self, made: object, data: st.DataObject
-                                               ) -> None:
-        raw = made[0]  # type: ignore[index]
+    def test_a_truncated_header_waits_for_more(self, made: Made, data: st.DataObject) -> None:
+        raw = made[0]
         cut = data.draw(st.integers(0, len(raw) - 1))
         self.assertIsNone(parse(raw[:cut]))
 
@@ -123,8 +125,9 @@ class V1Tests(unittest.TestCase):
 
     @settings(max_examples=200, deadline=None)
     @given(st.sampled_from([("TCP4", ipv4), ("TCP6", ipv6)]), st.data())
-    def test_roundtrip_and_truncation(self, kind: object, data: st.DataObject) -> None:
-        proto, hosts = kind  # type: ignore[misc]
+    def test_roundtrip_and_truncation(self, kind: tuple[str, st.SearchStrategy[str]],
+                                      data: st.DataObject) -> None:
+        proto, hosts = kind
         src = (data.draw(hosts), data.draw(ports))
         dst = (data.draw(hosts), data.draw(ports))
         raw = v1_header(proto, src, dst)
