@@ -189,11 +189,12 @@ class ProxyHeaderFactory(WrappingFactory):
         if now < self._quiet_until:
             self._unreported += 1
             return
+        more = self._unreported
         log.warn(
-            "closed a connection from {address}: {why} ({unreported} more closed for a "
-            "missing, invalid or untrusted PROXY header since the last such line)",
+            "closed a connection from {address}: {why}{more}",
             event="proxy.refused", address=getattr(peer, "host", str(peer)), why=why,
-            unreported=self._unreported,
+            unreported=more, more=f" (and {more} more without a believed PROXY header "
+            f"since the last such line)" if more else "",
         )
         self._unreported = 0
         self._quiet_until = now + REPORT_EVERY

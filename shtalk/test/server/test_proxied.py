@@ -190,6 +190,8 @@ class HeaderTests(unittest.TestCase):
         second = [e for e in events if e.get("event") == "proxy.refused"][1]
         self.assertEqual(second["unreported"], 2)
         self.assertIn("not a trusted proxy", formatEvent(second))
+        self.assertIn("and 2 more", formatEvent(second))
+        self.assertNotIn("more", formatEvent(first))
         self.assertEqual(factory.refusals, 4)
 
 
