@@ -108,6 +108,10 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             return
         self.wrappedProtocol = inner
         self.factory.registerProtocol(self)  # type: ignore[no-untyped-call]
+        # From now on this layer only relays: bytes each way go straight through (a
+        # bound method per direction instead of a call and a test per chunk).
+        self.dataReceived = inner.dataReceived  # type: ignore[method-assign]
+        self.write = self.transport.write  # type: ignore[method-assign,union-attr]
         inner.makeConnection(self)
         if rest and self.wrappedProtocol is not None:
             inner.dataReceived(rest)
@@ -139,6 +143,8 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self._cancel_deadline()
         self._buffer = b""
         inner, self.wrappedProtocol = self.wrappedProtocol, None
+        self.__dict__.pop("dataReceived", None)  # no cycle left through the bound methods
+        self.__dict__.pop("write", None)
         if inner is not None:
             self.factory.unregisterProtocol(self)  # type: ignore[no-untyped-call]
             inner.connectionLost(reason)

@@ -20,7 +20,7 @@ from OpenSSL import SSL
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionAborted
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
@@ -234,14 +234,33 @@ class ChatBehindProxyTests(unittest.TestCase):
         self.assertEqual(self.parts.factory.per_address, {})
 
 
-class StringTransportPeer(unittest.TestCase):
-    def test_transport_methods_reach_the_real_transport(self) -> None:
-        factory = ProxyHeaderFactory(Factory.forProtocol(Protocol), TRUSTED, Clock())
+class Recorder(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+
+
+class RelayTests(unittest.TestCase):
+    def test_bytes_each_way_and_the_close_reach_the_other_side(self) -> None:
+        factory = ProxyHeaderFactory(Factory.forProtocol(Recorder), TRUSTED, Clock())
         transport = StringTransport(peerAddress=IPv4Address("TCP", PROXY, 1))
         proto: Any = factory.buildProtocol(transport.getPeer())
         proto.makeConnection(transport)
         proto.dataReceived(v2_header(("192.0.2.1", 2)) + b"after")
+        proto.dataReceived(b" and more")
         inner = proto.wrappedProtocol
+        self.assertEqual(inner.data, b"after and more")
         inner.transport.write(b"out")
         inner.transport.pauseProducing()
         self.assertEqual((transport.value(), transport.producerState), (b"out", "paused"))
+        self.assertEqual(list(factory.protocols), [proto])
+        proto.connectionLost(Failure(ConnectionAborted()))
+        self.assertTrue(inner.lost)
+        self.assertEqual(factory.protocols, {})
+        self.assertIsNone(proto.wrappedProtocol)
