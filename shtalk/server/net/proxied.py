@@ -41,8 +41,13 @@ REPORT_EVERY = 60.0
 
 
 def _address(host: str, port: int) -> IPv4Address | IPv6Address:
+    """A header's address as Twisted's; an IPv4 client a dual-stack proxy wrote as
+    ``::ffff:a.b.c.d`` is the IPv4 client it is."""
     if ":" in host:
-        return IPv6Address("TCP", host, port)
+        mapped = ipaddress.IPv6Address(host).ipv4_mapped
+        if mapped is None:
+            return IPv6Address("TCP", host, port)
+        host = str(mapped)
     return IPv4Address("TCP", host, port)
 
 

@@ -118,6 +118,13 @@ class HeaderTests(unittest.TestCase):
         shake(pieces, clock)
         self.assertEqual(pieces.app.peer.host, "198.51.100.9")
 
+    def test_an_ipv4_client_of_a_dual_stack_proxy_is_an_ipv4_client(self) -> None:
+        factory, _, clock = self.make()
+        link = ProxiedLink(factory, "::ffff:203.0.113.7")
+        link.send_header()
+        shake(link, clock)
+        self.assertEqual(link.app.peer, IPv4Address("TCP", "203.0.113.7", 40000))
+
     def test_a_local_header_leaves_the_proxy_address(self) -> None:
         factory, _, clock = self.make()
         link = ProxiedLink(factory, None)
