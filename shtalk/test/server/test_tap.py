@@ -370,3 +370,16 @@ class RealReactorTests(unittest.TestCase):
         # Spread by a hash of the client's port: all 24 on one side is a 2**-23 chance.
         self.assertEqual(len(served[0]) + len(served[1]), 24)
         self.assertTrue(served[0] and served[1], [len(x) for x in served])
+
+    def test_reuse_port_cannot_listen_is_one_line(self) -> None:
+        from twisted.internet import reactor
+
+        top = Harness(self).build("--reuse-port", "--interface", "192.0.2.1", "--port", "7006",
+                                  reactor=reactor)
+        top.stderr = stderr = io.StringIO()
+        with self.assertRaises(SystemExit):
+            top.startService()  # type: ignore[no-untyped-call]
+        self.assertEqual(stderr.getvalue().count("\n"), 1)
+        self.assertIn("cannot listen on 192.0.2.1:7006: Cannot assign requested address",
+                      stderr.getvalue())
+        self.flushLoggedErrors(CannotListenError)
