@@ -75,7 +75,7 @@ class ChatHandlers:
     def on_send(self, conn: Conn, request: Request) -> Deferred[Any]:
         a = request.args
         demands = self.demands
-        if demands.accounts or demands.addresses:
+        if demands:
             # The monitoring flagged someone: a flagged sender proves to be a person
             # before the next message goes out (the CAPTCHA is in the error).
             self.gates.monitor_gate(conn.conn_token, conn.me.user.id, conn.peer, a.get("captcha"))

@@ -57,20 +57,25 @@ class RequestLimits:
             account: str | None = str(user.id)
         else:
             account = _account_of(request.args.get("username"))
-        return limiter.check(action, account, peer_key, self._throttled_for(request, user, peer))
-
-    def _throttled_for(self, request: Request, user: Any, peer: str) -> float:
-        """Seconds the failure throttle will make this request wait (0: none)."""
         gates = self.gates
         if gates is None or request.type not in THROTTLED:
-            return 0.0
+            return limiter.check(action, account, peer_key)
+        # The throttle answers first (from Redis in a cluster): its wait decides how the
+        # buckets are asked.
+        held = self._throttled_for(gates, request, user, peer)
+        return held.addCallback(lambda wait: limiter.check(action, account, peer_key, wait))
+
+    @staticmethod
+    def _throttled_for(gates: Gates, request: Request, user: Any, peer: str) -> Deferred[float]:
+        """Seconds the failure throttle will make this request wait (0: none)."""
         if user is not None:
             account: str | None = user.key
         elif request.type == "register":
             account = None
         else:
             account = account_key(request.args["username"])
-        return float(gates.throttle.check(account, peer).retry_after)
+        d = gates.throttle.check(account, peer)
+        return d.addCallback(lambda verdict: float(verdict.retry_after))
 
     def pay_register(self, username: str, peer_key: str) -> Deferred[None] | None:
         """One ``register`` token (per name tried and per address) for a new attempt."""
