@@ -402,10 +402,12 @@ class ICaptchaDemands(Interface):
     def now() -> float:
         """The clock the ``until`` values are on."""
 
-    def require(account_id: int | None = None, address: str | None = None) -> None: ...
+    def require(account_id: int | None = None, address: str | None = None) -> Deferred[None]:
+        """Demand a CAPTCHA of these subjects (known here at once; the Deferred fires once
+        every process can know it, and never fails)."""
 
-    def satisfied(account_id: int | None = None, address: str | None = None) -> None:
-        """A CAPTCHA was solved: the demand on these subjects goes."""
+    def satisfied(account_id: int | None = None, address: str | None = None) -> Deferred[None]:
+        """A CAPTCHA was solved: the demand on these subjects goes (as ``require``)."""
 
     def current() -> Deferred[None]:
         """Fires once ``accounts``/``addresses`` hold the demands of every process."""

@@ -89,18 +89,24 @@ class CaptchaDemands:
     def _until(self) -> float:
         return self.now() + self.ttl if self.clock is not None else math.inf
 
-    def require(self, account_id: int | None = None, address: str | None = None) -> None:
+    def require(
+        self, account_id: int | None = None, address: str | None = None
+    ) -> Deferred[None]:
         until = self._until()
         if account_id is not None:
             self.accounts[account_id] = until
         if address is not None:
             self.addresses[address] = until
+        return succeed(None)
 
-    def satisfied(self, account_id: int | None = None, address: str | None = None) -> None:
+    def satisfied(
+        self, account_id: int | None = None, address: str | None = None
+    ) -> Deferred[None]:
         if account_id is not None:
             self.accounts.pop(account_id, None)
         if address is not None:
             self.addresses.pop(address, None)
+        return succeed(None)
 
     def current(self) -> Deferred[None]:
         now = self.now()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,6 +50,10 @@ return 1
 MAX_DEMANDS = 10_000
 #: Seconds between two warnings that Redis did not answer.
 WARN_EVERY = 60.0
+
+
+def _all(writes: list[Deferred[None]]) -> Deferred[None]:
+    return gatherResults(writes).addCallback(lambda _: None)
 
 
 def _text(value: Any) -> str:
@@ -81,18 +85,37 @@ class RedisCaptchaDemands:
         return self.clock.seconds()
 
     # -- changes ----------------------------------------------------------------------
-    def require(self, account_id: int | None = None, address: str | None = None) -> None:
+    def require(
+        self, account_id: int | None = None, address: str | None = None
+    ) -> Deferred[None]:
         until = self.now() + self.ttl
+        writes = []
         for member in self._members(account_id, address):
             self._apply(member, until)
             d = self.link.run(ADD, [self.key], [repr(until), member, repr(self.now())])
-            d.addErrback(self._unavailable, "a CAPTCHA demand stays in this process only")
+            writes.append(self._written(d, "a CAPTCHA demand stays in this process only"))
+        return _all(writes)
 
-    def satisfied(self, account_id: int | None = None, address: str | None = None) -> None:
+    def satisfied(
+        self, account_id: int | None = None, address: str | None = None
+    ) -> Deferred[None]:
+        writes = []
         for member in self._members(account_id, address):
             self._apply(member, -math.inf)
             d = self.link.command("ZREM", self.key, member)
-            d.addErrback(self._unavailable, "a solved CAPTCHA demand stays for other processes")
+            writes.append(
+                self._written(d, "a solved CAPTCHA demand stays for other processes")
+            )
+        return _all(writes)
+
+    def _written(self, d: Deferred[Any], what: str) -> Deferred[None]:
+        def done(_: object) -> None:
+            return None
+
+        def lost(failure: Failure) -> None:
+            self._unavailable(failure, what)
+
+        return d.addCallbacks(done, lost)
 
     @staticmethod
     def _members(account_id: int | None, address: str | None) -> list[str]:

@@ -49,6 +49,9 @@ class RedisLink:
         self.clock = clock
         self.timeout = timeout
         self._conn: Any = None
+        # Scripts Redis has seen from us: the first call of each is an EVAL, so that a
+        # NOSCRIPT retry can never put it behind a command sent after it.
+        self._loaded: set[str] = set()
 
     def __repr__(self) -> str:
         # The URL may hold a password: never in a repr.
@@ -90,9 +93,14 @@ class RedisLink:
     @inlineCallbacks
     def _run(self, script: Script, keys: list[str], args: list[str]) -> Any:
         conn = self._connection()
+        if script.sha not in self._loaded:
+            self._loaded.add(script.sha)
+            reply = yield conn.eval(script.source, keys, args)
+            return reply
         try:
             reply = yield conn.evalsha(script.sha, keys, args)
-        except txredisapi.ScriptDoesNotExist:
+        except txredisapi.ScriptDoesNotExist:  # Redis restarted since
+            self._loaded.clear()
             reply = yield conn.eval(script.source, keys, args)
         return reply
 
