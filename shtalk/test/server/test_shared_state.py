@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
@@ -18,7 +19,9 @@ from shtalk.server.accounts.throttle import AuthThrottle
 from shtalk.server.config import ThrottleSection
 from shtalk.server.iserver import IAddressCounts, IAuthThrottle, ICaptchaDemands
 from shtalk.server.net.addresscounts import AddressCounts
+from shtalk.server.net.admission import AdmittedTLSFactory, PendingHandshakes
 from shtalk.test.server.shared_contract import CountsContract, DemandsContract, ThrottleContract
+from shtalk.test.server.test_admission import OPTIONS, App, Link
 from shtalk.testing import Peer, ServerParts, build_server
 
 
@@ -69,6 +72,11 @@ class LaterCounts:
         self.asked.append(d)
         return d
 
+    def answer(self, *answers: bool) -> None:
+        asked, self.asked = self.asked, []
+        for d, answer in zip(asked, answers, strict=True):
+            d.callback(answer)
+
     def release(self, address: str) -> None:
         self.released.append(address)
 
@@ -114,3 +122,37 @@ class AdmissionLaterTests(TestCase):
         self.assertEqual(self.counts.released, [])
         self.counts.asked[0].callback(True)
         self.assertEqual(self.counts.released, ["198.51.100.22"])
+
+
+class SharedPendingHandshakesTests(TestCase):
+    """The per-address bound on sockets before the handshake, counted by every process."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.counts = LaterCounts()
+        self.admission = PendingHandshakes(self.clock, max_per_address=5, shared=self.counts)
+        self.factory = AdmittedTLSFactory(OPTIONS, Factory.forProtocol(App), self.admission,
+                                          self.clock)
+
+    def test_over_the_cluster_bound_the_oldest_here_gives_its_place(self) -> None:
+        old, new = Link(self.factory, "192.0.2.7"), Link(self.factory, "192.0.2.7")
+        self.counts.answer(True, False)
+        self.assertTrue(old.aborted)
+        self.assertFalse(new.aborted)
+        old.lost()
+        self.assertEqual(self.counts.released, [])  # its place went to the new one
+        new.lost()
+        self.assertEqual(self.counts.released, ["192.0.2.7"])
+
+    def test_with_none_here_the_new_one_goes(self) -> None:
+        alone = Link(self.factory, "192.0.2.8")
+        self.counts.answer(False)
+        self.assertTrue(alone.aborted)
+        alone.lost()
+        self.assertEqual(self.counts.released, [])
+
+    def test_gone_before_the_answer_gives_its_place_back(self) -> None:
+        gone = Link(self.factory, "192.0.2.9")
+        gone.lost()
+        self.counts.answer(True)
+        self.assertEqual(self.counts.released, ["192.0.2.9"])
