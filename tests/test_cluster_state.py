@@ -30,6 +30,7 @@ from shtalk.server.ops.limit import Limit
 from shtalk.server.ops.redisbackend import RedisBuckets
 from shtalk.server.ops.redislink import RedisLink
 from shtalk.test.server.shared_contract import CountsContract, DemandsContract, ThrottleContract
+from shtalk.testing import GOOD_PASSWORD, Peer, build_server
 from tests.harness import sleep
 from tests.test_operations_system import need_redis
 
@@ -228,3 +229,31 @@ class RateLimitInClusterTests(RedisCase):
         own = RateLimitSection(backend="redis", redis_prefix="other:")
         self.assertIs(cluster_ratelimit(cluster, own), own)
         self.assertIs(cluster_ratelimit(ClusterSection(), RateLimitSection()).backend, "memory")
+
+
+class GatesAcrossProcessesTests(RedisCase):
+    """Two servers (as compose builds them) whose gates share the Redis throttle."""
+
+    async def server(self, section: ThrottleSection) -> Any:
+        parts = await build_server(self.mktemp(), throttle=section)
+        self.addCleanup(lambda: Deferred.fromCoroutine(parts.close()))
+        parts.security.gates.throttle = RedisThrottle(self.link(), parts.clock, section)
+        return parts
+
+    async def login(self, peer: Peer, name: str, password: str) -> dict[str, Any]:
+        rid = peer.request("login", username=name, password=password, device={"id": "d1"})
+        return await peer.reply(rid)
+
+    async def test_failed_logins_on_one_process_hold_back_the_other(self) -> None:
+        section = ThrottleSection(free_failures=2, base_delay=30)
+        a, b = await self.server(section), await self.server(section)
+        p = Peer(a.factory, "198.51.100.30")
+        await p.reply(p.request("hello", version=1))
+        for _ in range(2):
+            r = await self.login(p, "mallory", GOOD_PASSWORD + "x")
+            self.assertEqual(r["error"]["code"], "invalid_credentials")
+        q = Peer(b.factory, "203.0.113.30")  # another process, another address
+        await q.reply(q.request("hello", version=1))
+        r = await self.login(q, "Mallory", GOOD_PASSWORD + "x")
+        self.assertEqual(r["error"]["code"], "rate_limited")
+        self.assertGreater(r["error"]["retry_after"], 25)
