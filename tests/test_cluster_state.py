@@ -28,6 +28,7 @@ from shtalk.server.iserver import IAddressCounts, IAuthThrottle, ICaptchaDemands
 from shtalk.server.net.addresscounts import RedisAddressCounts
 from shtalk.server.ops.limit import Limit
 from shtalk.server.ops.redisbackend import RedisBuckets
+from shtalk.server.ops.ratelimit import RateLimiter
 from shtalk.server.ops.redislink import RedisLink
 from shtalk.test.server.shared_contract import CountsContract, DemandsContract, ThrottleContract
 from shtalk.testing import GOOD_PASSWORD, Peer, build_server
@@ -234,10 +235,11 @@ class RateLimitInClusterTests(RedisCase):
 class GatesAcrossProcessesTests(RedisCase):
     """Two servers (as compose builds them) whose gates share the Redis throttle."""
 
-    async def server(self, section: ThrottleSection) -> Any:
-        parts = await build_server(self.mktemp(), throttle=section)
+    async def server(self, section: ThrottleSection, url: str = URL, limiter: Any = None) -> Any:
+        parts = await build_server(self.mktemp(), throttle=section, limiter=limiter)
         self.addCleanup(lambda: Deferred.fromCoroutine(parts.close()))
-        parts.security.gates.throttle = RedisThrottle(self.link(), parts.clock, section)
+        link = self.link(url, timeout=0.3)
+        parts.security.gates.throttle = RedisThrottle(link, parts.clock, section)
         return parts
 
     async def login(self, peer: Peer, name: str, password: str) -> dict[str, Any]:
@@ -257,3 +259,14 @@ class GatesAcrossProcessesTests(RedisCase):
         r = await self.login(q, "Mallory", GOOD_PASSWORD + "x")
         self.assertEqual(r["error"]["code"], "rate_limited")
         self.assertGreater(r["error"]["retry_after"], 25)
+
+    async def test_redis_away_refuses_attempts_on_secrets(self) -> None:
+        for limiter in (None, lambda clock: RateLimiter(RateLimitSection(), clock)):
+            parts = await self.server(ThrottleSection(), "redis://127.0.0.1:1/0", limiter)
+            p = Peer(parts.factory, "198.51.100.31")
+            await p.reply(p.request("hello", version=1))
+            r = await self.login(p, "walter", GOOD_PASSWORD)
+            self.assertEqual(r["error"]["code"], "rate_limited")
+            self.assertEqual(r["error"]["retry_after"], UNAVAILABLE_WAIT)
+            self.assertIn("cannot count failed attempts", r["error"]["message"])
+            self.assertTrue((await p.reply(p.request("ping")))["ok"])  # the rest works

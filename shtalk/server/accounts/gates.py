@@ -38,6 +38,9 @@ NO_ACCOUNT = 0
 MAX_MISSES = 5
 """Wrong CAPTCHA answers one registration attempt includes (typos are not abuse)."""
 
+UNAVAILABLE = "the server cannot count failed attempts right now; try again shortly"
+"""The refusal while the shared failure throttle does not answer (it fails closed)."""
+
 DEMAND_TTL = 86400.0
 """Seconds a demand of the monitoring lasts if no CAPTCHA is solved (it is raised again
 if the behaviour goes on)."""
@@ -162,6 +165,8 @@ class Gates:
     # -- gates --------------------------------------------------------------------------
     @staticmethod
     def _refuse_while_throttled(verdict: Verdict) -> None:
+        if verdict.unavailable:
+            raise Throttled(UNAVAILABLE, retry_after=math.ceil(verdict.retry_after))
         if verdict.wait:
             raise Throttled(
                 "too many failed attempts; wait before trying again",

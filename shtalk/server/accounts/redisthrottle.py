@@ -133,7 +133,7 @@ class RedisThrottle:
         def closed(failure: Failure) -> Verdict:
             self.unavailable += 1
             self._warn(failure, "refusing attempts on secrets until it answers")
-            return Verdict(self.unavailable_wait, False)
+            return Verdict(self.unavailable_wait, False, unavailable=True)
 
         return d.addCallbacks(verdict, closed)
 

@@ -57,6 +57,8 @@ class Verdict:
 
     retry_after: float = 0.0
     captcha: bool = False
+    #: The shared throttle did not answer: the attempt waits, whatever the counts.
+    unavailable: bool = False
 
     @property
     def wait(self) -> bool:

@@ -8,6 +8,7 @@ closed: that is no longer a person retrying.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any
 
@@ -15,8 +16,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from shtalk.collaborators import collaborators
-from shtalk.server.accounts.gates import Gates, account_key
+from shtalk.server.accounts.gates import UNAVAILABLE, Gates, account_key
+from shtalk.server.accounts.throttle import Verdict
 from shtalk.server.chat.naming import user_key
+from shtalk.server.eserver import Throttled
 from shtalk.server.ops.ratelimit import REQUEST_ACTIONS, RateLimiter
 from shtalk.wire.errors import ProtocolError
 from shtalk.wire.frames import Request
@@ -36,6 +39,12 @@ def _account_of(username: object) -> str | None:
         return "n:" + user_key(username)[1]
     except ProtocolError:
         return "n:" + username[:64].lower()
+
+
+def _wait(verdict: Verdict) -> float:
+    if verdict.unavailable:  # the buckets need not be asked: refused anyway
+        raise Throttled(UNAVAILABLE, retry_after=math.ceil(verdict.retry_after))
+    return float(verdict.retry_after)
 
 
 @collaborators
@@ -75,7 +84,7 @@ class RequestLimits:
         else:
             account = account_key(request.args["username"])
         d = gates.throttle.check(account, peer)
-        return d.addCallback(lambda verdict: float(verdict.retry_after))
+        return d.addCallback(_wait)
 
     def pay_register(self, username: str, peer_key: str) -> Deferred[None] | None:
         """One ``register`` token (per name tried and per address) for a new attempt."""
