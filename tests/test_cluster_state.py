@@ -27,8 +27,8 @@ from shtalk.server.config.cluster import ClusterSection, cluster_ratelimit
 from shtalk.server.iserver import IAddressCounts, IAuthThrottle, ICaptchaDemands
 from shtalk.server.net.addresscounts import RedisAddressCounts
 from shtalk.server.ops.limit import Limit
-from shtalk.server.ops.redisbackend import RedisBuckets
 from shtalk.server.ops.ratelimit import RateLimiter
+from shtalk.server.ops.redisbackend import RedisBuckets
 from shtalk.server.ops.redislink import RedisLink
 from shtalk.test.server.shared_contract import CountsContract, DemandsContract, ThrottleContract
 from shtalk.testing import GOOD_PASSWORD, Peer, build_server
