@@ -115,11 +115,14 @@ class RedisThrottleTests(ThrottleContract, RedisCase):
         self.assertTrue(await counts.admit("198.51.100.4"))
         await demands.current()
         self.assertEqual(set(demands.accounts), {5})
-        self.assertEqual(len(await self.keys()), 6)  # 2 failure sets, force, demands, counts
+        # 2 failure sets, the forced CAPTCHA, the demands; a process's counts, the processes
+        self.assertEqual(len(await self.keys()), 6)
         for key in await self.keys():
             ttl = await self.redis.command("PTTL", key)
-            if ":conns:" in key:
-                self.assertEqual(ttl, -1)  # live connections: dropped by release/forget
+            if key.endswith(":conns:nodes"):
+                self.assertEqual(ttl, -1)  # cleaned as its members' hashes go
+            elif ":conns:" in key:
+                self.assertTrue(25_000 < ttl <= 30_000, (key, ttl))  # kept alive
             else:
                 self.assertTrue(0 < ttl <= 1500, (key, ttl))
         await sleep(1.7)
@@ -210,7 +213,26 @@ class RedisCountsTests(CountsContract, RedisCase):
         for _ in range(3):
             b.release("198.51.100.7")
         await b.link.command("PING")  # the releases are in
-        self.assertEqual(await self.keys(), [])
+        self.assertEqual(await self.keys(), [self.prefix + "conns:nodes"])
+
+    async def test_a_silent_process_counts_expire(self) -> None:
+        dead = RedisAddressCounts(self.link(), "node-dead", 2, _reactor(), ttl=0.3)
+        live = RedisAddressCounts(self.link(), "node-live", 2, _reactor(), ttl=0.6)
+        self.assertEqual([await dead.admit("198.51.100.8") for _ in range(2)], [True, True])
+        self.assertTrue(await live.admit("198.51.100.9"))
+        live.clock = self.clock  # its keepalive on a clock the test turns
+        live.start()
+        self.addCleanup(live.stop)
+        self.assertFalse(await live.admit("198.51.100.8"))
+        for _ in range(8):  # node-dead stops; node-live keeps its counts alive (0.2 s)
+            await sleep(0.1)
+            self.clock.advance(0.1)
+        self.assertTrue(await live.admit("198.51.100.8"))
+        members = await self.redis.command("SMEMBERS", self.prefix + "conns:nodes")
+        self.assertEqual(sorted(m.decode() if isinstance(m, bytes) else m for m in members),
+                         ["node-live"])
+        self.assertEqual(live.local, {"198.51.100.8": 1, "198.51.100.9": 1})
+        self.assertEqual([await live.admit("198.51.100.9") for _ in range(2)], [True, False])
 
 
 class RateLimitInClusterTests(RedisCase):
