@@ -12,12 +12,17 @@ with the reason, and fail instead when ``SHTALK_REQUIRE_REDIS=1`` (CI sets it).
 
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
+import socket
+import subprocess
+import time
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface.verify import verifyObject
 
 from shtalk.server.accounts.redisdemands import RedisCaptchaDemands
@@ -32,7 +37,7 @@ from shtalk.server.ops.redisbackend import RedisBuckets
 from shtalk.server.ops.redislink import RedisLink
 from shtalk.test.server.shared_contract import CountsContract, DemandsContract, ThrottleContract
 from shtalk.testing import GOOD_PASSWORD, Peer, build_server
-from tests.harness import sleep
+from tests.harness import free_port, sleep
 from tests.test_operations_system import need_redis
 
 URL = "redis://127.0.0.1:6379/0"
@@ -292,3 +297,49 @@ class GatesAcrossProcessesTests(RedisCase):
             self.assertEqual(r["error"]["retry_after"], UNAVAILABLE_WAIT)
             self.assertIn("cannot count failed attempts", r["error"]["message"])
             self.assertTrue((await p.reply(p.request("ping")))["ok"])  # the rest works
+
+
+class PasswordTests(RedisCase):
+    """A Redis that wants a password (``redis://:PASSWORD@HOST:PORT/DB``)."""
+
+    def private_redis(self, password: str) -> int:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("SHTALK_REQUIRE_REDIS") == "1":
+                self.fail("redis-server not installed, and SHTALK_REQUIRE_REDIS=1")
+            raise SkipTest("redis-server not installed (a private one is started here)")
+        port = free_port()
+        redis = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--requirepass", password],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(redis.wait)
+        self.addCleanup(redis.kill)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"-NOAUTH"):
+                        return port
+            except OSError:
+                pass
+            self.assertLess(time.monotonic(), deadline, "private redis-server did not start")
+            time.sleep(0.05)
+
+    async def test_the_password_in_the_url_is_used_and_never_shown(self) -> None:
+        password = secrets.token_urlsafe(16)
+        port = self.private_redis(password)
+        good = self.link(f"redis://:{password}@127.0.0.1:{port}/0", timeout=2.0)
+        self.assertNotIn(password, repr(good))
+        counts = RedisAddressCounts(good, "n1", 1, _reactor())
+        self.assertTrue(await counts.admit("198.51.100.40"))
+        self.assertFalse(await counts.admit("198.51.100.40"))  # counted in Redis
+        self.assertEqual(counts.unavailable, 0)
+        bad = self.link(f"redis://:wrong@127.0.0.1:{port}/0", timeout=0.5)
+        v = await RedisThrottle(bad, self.clock).check("x", "198.51.100.41")
+        self.assertTrue(v.unavailable)
+        buckets = RedisBuckets(f"redis://:{password}@127.0.0.1:{port}/0", self.prefix,
+                               _reactor(), timeout=2.0)
+        self.addCleanup(buckets.close)
+        self.assertEqual(await buckets.take(["k"], [Limit(1, 0.001)]), 0.0)

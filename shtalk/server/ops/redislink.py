@@ -21,7 +21,7 @@ import txredisapi  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 
-from shtalk.server.ops.redisbackend import RedisUnavailable, parse_redis_url
+from shtalk.server.ops.redisbackend import RedisUnavailable, parse_redis_url, redis_credentials
 
 __all__ = ["RedisLink", "RedisUnavailable", "Script"]
 
@@ -45,6 +45,7 @@ class RedisLink:
         self, url: str, prefix: str, clock: IReactorTime, timeout: float = 0.5
     ) -> None:
         self.host, self.port, self.db = parse_redis_url(url)
+        self._auth = redis_credentials(url)  # never in a repr or a log
         self.prefix = prefix
         self.clock = clock
         self.timeout = timeout
@@ -64,7 +65,7 @@ class RedisLink:
         if self._conn is None:
             self._conn = txredisapi.lazyConnection(
                 self.host, self.port, dbid=self.db, reconnect=True,
-                connectTimeout=self.timeout, convertNumbers=False,
+                connectTimeout=self.timeout, convertNumbers=False, **self._auth,
             )
         return self._conn
 
