@@ -168,6 +168,12 @@ class Monitor:
         d: Deferred[None] = self._saves.run(locked)
         return d.addErrback(failed)
 
+    def stored(self, flag: Flag) -> Deferred[Flag]:
+        """Fires with ``flag`` once the saves queued so far are done (a new flag then has
+        its id)."""
+        d: Deferred[Flag] = self._saves.run(succeed, flag)
+        return d
+
     # --- raising flags ----------------------------------------------------------------
     def raise_flag(
         self, kind: str, subject: str, label: str, signal: str, reason: str, count: int,

@@ -114,6 +114,12 @@ class MonitorOnTheDatabaseTests(TestCase):
         await other.loaded
         self.assertEqual(len(other.open_flags()), 2)
         self.assertEqual(len(other.flags), 2)  # the update did not insert a second row
+        raised = other.raise_flag("address", "198.51.100.60", "198.51.100.60",
+                                  "registrations", "many", 9)
+        self.assertEqual(raised.id, 0)  # being stored
+        self.assertIs(await other.stored(raised), raised)
+        self.assertGreater(raised.id, first)
+        other.clear(raised.id)
         other.clear(first)
         await other.refresh()  # after its save
         await m.refresh()
