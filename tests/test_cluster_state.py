@@ -328,6 +328,7 @@ class PasswordTests(RedisCase):
             time.sleep(0.05)
 
     async def test_the_password_in_the_url_is_used_and_never_shown(self) -> None:
+        """(On a private redis-server, which also forgets its scripts here.)"""
         password = secrets.token_urlsafe(16)
         port = self.private_redis(password)
         good = self.link(f"redis://:{password}@127.0.0.1:{port}/0", timeout=2.0)
@@ -335,6 +336,10 @@ class PasswordTests(RedisCase):
         counts = RedisAddressCounts(good, "n1", 1, _reactor())
         self.assertTrue(await counts.admit("198.51.100.40"))
         self.assertFalse(await counts.admit("198.51.100.40"))  # counted in Redis
+        # Redis forgot the scripts (as after a restart): they are sent again.
+        await good.command("SCRIPT", "FLUSH")
+        self.assertTrue(await counts.admit("198.51.100.42"))
+        self.assertFalse(await counts.admit("198.51.100.42"))
         self.assertEqual(counts.unavailable, 0)
         bad = self.link(f"redis://:wrong@127.0.0.1:{port}/0", timeout=0.5)
         v = await RedisThrottle(bad, self.clock).check("x", "198.51.100.41")

@@ -18,12 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import txredisapi  # type: ignore[import-untyped]
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from shtalk.server.ops.redisbackend import RedisUnavailable, parse_redis_url, redis_credentials
 
 __all__ = ["RedisLink", "RedisUnavailable", "Script"]
+
+log = Logger()
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,18 @@ class RedisLink:
                 self.host, self.port, dbid=self.db, reconnect=True,
                 connectTimeout=self.timeout, convertNumbers=False, **self._auth,
             )
+            # A refusal at connect (a wrong password) ends txredisapi's retries and fails
+            # this Deferred: say so once (every call then fails with RedisUnavailable).
+            connected = getattr(self._conn, "_connected", None)
+            if isinstance(connected, Deferred):
+                connected.addErrback(self._refused)
         return self._conn
+
+    def _refused(self, failure: Failure) -> None:
+        log.error("Redis {where} refused this process ({reason}); fix [cluster] redis_url "
+                  "and restart", where=f"{self.host}:{self.port}",
+                  reason=(failure.getErrorMessage() or type(failure.value).__name__)[:200],
+                  event="redis.refused")
 
     def _bounded(self, d: Deferred[Any]) -> Deferred[Any]:
         d.addTimeout(self.timeout, self.clock)
@@ -89,21 +104,29 @@ class RedisLink:
 
     def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Deferred[Any]:
         """``script`` over ``keys`` (full names) and ``args``, atomically, bounded."""
-        return self._bounded(self._run(script, list(keys), [str(a) for a in args]))
-
-    @inlineCallbacks
-    def _run(self, script: Script, keys: list[str], args: list[str]) -> Any:
-        conn = self._connection()
-        if script.sha not in self._loaded:
-            self._loaded.add(script.sha)
-            reply = yield conn.eval(script.source, keys, args)
-            return reply
+        keys, values = list(keys), [str(a) for a in args]
         try:
-            reply = yield conn.evalsha(script.sha, keys, args)
-        except txredisapi.ScriptDoesNotExist:  # Redis restarted since
-            self._loaded.clear()
-            reply = yield conn.eval(script.source, keys, args)
-        return reply
+            conn = self._connection()
+            if script.sha not in self._loaded:
+                self._loaded.add(script.sha)
+                d: Deferred[Any] = conn.eval(script.source, keys, values)
+            else:
+                d = conn.evalsha(script.sha, keys, values)
+                d.addErrback(self._reload, conn, script, keys, values)
+        except Exception as e:  # txredisapi raises ConnectionError synchronously at times
+            d = Deferred()
+            d.errback(RedisUnavailable(str(e)[:200]))
+            return d
+        return self._bounded(d)
+
+    def _reload(
+        self, failure: Failure, conn: Any, script: Script, keys: list[str], values: list[str]
+    ) -> Any:
+        """Redis restarted since the script was sent: send it again."""
+        if not isinstance(failure.value, txredisapi.ScriptDoesNotExist):
+            return failure
+        self._loaded.clear()
+        return conn.eval(script.source, keys, values)
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
