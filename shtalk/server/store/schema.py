@@ -185,6 +185,23 @@ MIGRATIONS: list[Migration] = [
         "ALTER TABLE users ADD COLUMN email_hash BLOB",
         "CREATE INDEX users_email_hash ON users(email_hash)",
     ),
+    # 5: the monitoring's flags (shtalk.server.store.flags), kept in a file before: the
+    # evidence is AES-256-GCM sealed (it may quote a reported message).
+    (
+        """CREATE TABLE monitor_flags (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            label TEXT NOT NULL,
+            signal TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            action TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            first REAL NOT NULL,
+            last REAL NOT NULL,
+            status TEXT NOT NULL,
+            evidence BLOB NOT NULL)""",
+    ),
 ]
 
 
