@@ -185,6 +185,15 @@ MIGRATIONS: list[Migration] = [
         "ALTER TABLE users ADD COLUMN email_hash BLOB",
         "CREATE INDEX users_email_hash ON users(email_hash)",
     ),
+    # 5: each mailbox's chain of changes (messages and membership changes): the seq of
+    # its last change, and on each message the seq of the change before it.  Heads of
+    # existing mailboxes start at their newest stored message.
+    (
+        "ALTER TABLE messages ADD COLUMN prev_seq INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE mailbox_heads (mailbox TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
+        "INSERT INTO mailbox_heads (mailbox, seq)"
+        " SELECT mailbox, MAX(seq) FROM messages GROUP BY mailbox",
+    ),
 ]
 
 
