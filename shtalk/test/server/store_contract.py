@@ -31,12 +31,13 @@ from shtalk.server.store.records import (
     User,
 )
 from shtalk.server.store.sql.prekeys import MAX_ONE_TIME_KEYS
+from shtalk.server.store.pg.store import PostgresStore
 from shtalk.server.store.sqlite import SQLiteStore
 
 NOW = 1_800_000_000.0
 DAY = 24 * 3600.0
 
-Store = SQLiteStore | MemoryStore
+Store = SQLiteStore | MemoryStore | PostgresStore
 S = TypeVar("S", bound=TestCase)
 
 if TYPE_CHECKING:

@@ -68,7 +68,7 @@ class TwoWriterTests(PgTestBase):
             for i in range(150) for name, store in (("a", a), ("b", b))
         ]  # fmt: skip
         changes = [b.remove_member(room.id, bob.id), a.add_member(room.id, bob.id, "member")]
-        results = await gatherResults([*sends, *changes])
+        results: list[Any] = await gatherResults([*sends, *changes])  # type: ignore[arg-type]
         links = [(r.messages[0].seq, r.messages[0].prev_seq) for r in results[:300]]
         links += [(link.seq, link.prev_seq) for link in results[300:]]
         prev = start
