@@ -20,6 +20,7 @@ from zope.interface.verify import verifyObject
 from shtalk.server.eserver import Conflict, TokenReuse, TokenRevoked, TokenUnknown
 from shtalk.server.iserver import ICodeStore, IStore
 from shtalk.server.store.memory import MemoryStore
+from shtalk.server.store.pg.store import PostgresStore
 from shtalk.server.store.records import (
     CODE_NONE,
     CODE_OK,
@@ -31,7 +32,6 @@ from shtalk.server.store.records import (
     User,
 )
 from shtalk.server.store.sql.prekeys import MAX_ONE_TIME_KEYS
-from shtalk.server.store.pg.store import PostgresStore
 from shtalk.server.store.sqlite import SQLiteStore
 
 NOW = 1_800_000_000.0
