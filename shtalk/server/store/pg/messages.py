@@ -47,6 +47,19 @@ WHERE m.mailbox = r.mailbox AND m.seq > r.lo AND m.seq <= r.hi
 """
 
 
+#: `SWEEP_SQL` for the rows just appended (by seq: index probes, no range join).
+SWEEP_NEW_SQL = """
+DELETE FROM messages m WHERE m.seq = ANY(%s::bigint[])
+  AND NOT EXISTS (
+    SELECT 1 FROM cursors c
+    WHERE c.mailbox = m.mailbox AND c.acked_seq < m.seq
+      AND NOT (c.user_id = m.sender_id AND c.device_id = m.sender_device)
+      AND (m.for_all OR EXISTS (
+        SELECT 1 FROM message_devices d
+        WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id)))
+"""
+
+
 def sweep(conn: Conn, mailbox: str, lo: int, hi: int) -> int:
     """Delete messages of ``mailbox`` in (lo, hi] that no device still waits for."""
     return sweep_ranges(conn, {mailbox: (lo, hi)})
@@ -84,16 +97,12 @@ def lock_heads(conn: Conn, mailboxes: Iterable[str]) -> dict[str, int]:
     boxes = sorted(set(mailboxes))
     if not boxes:
         return {}
-    conn.execute(
-        "INSERT INTO mailbox_heads (mailbox, seq) SELECT unnest(%s::text[]), 0"
-        " ON CONFLICT (mailbox) DO NOTHING",
-        (boxes,),
-    )
+    # Inserted in mailbox order, or locked in that order by the no-op update.
     rows = conn.execute(
-        "SELECT mailbox, seq FROM mailbox_heads WHERE mailbox = ANY(%s)"
-        " ORDER BY mailbox FOR UPDATE",
+        "INSERT INTO mailbox_heads (mailbox, seq) SELECT unnest(%s::text[]), 0"
+        " ON CONFLICT (mailbox) DO UPDATE SET seq = mailbox_heads.seq RETURNING mailbox, seq",
         (boxes,),
-    )
+    ).fetchall()
     return {mailbox: int(seq) for mailbox, seq in rows}
 
 
@@ -202,14 +211,19 @@ MESSAGE_TYPES = ["int8", "text", "int8", "text", "text", "int8", "float8", "text
 Key = tuple[int, str, str]
 
 
-def _claim(conn: Conn, keys: list[Key], now: float) -> tuple[set[Key], dict[Key, tuple[int, ...]]]:
-    """Claim the client ids (in key order); (claimed, seqs of those stored before)."""
-    ordered = sorted(set(keys))
+def _claim(
+    conn: Conn, planned: dict[Key, str], now: float
+) -> tuple[set[Key], dict[Key, tuple[int, ...]]]:
+    """Claim the client ids (in key order) with the seqs planned for them; (claimed,
+    seqs of those stored before, by this process or another)."""
+    ordered = sorted(planned)
     rows = conn.execute(
         "INSERT INTO client_ids (sender_id, sender_device, client_id, seqs, created)"
-        " SELECT a, b, c, '', %s FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS k(a, b, c)"
+        " SELECT a, b, c, s, %s"
+        " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) AS k(a, b, c, s)"
         " ON CONFLICT DO NOTHING RETURNING sender_id, sender_device, client_id",
-        (now, [k[0] for k in ordered], [k[1] for k in ordered], [k[2] for k in ordered]),
+        (now, [k[0] for k in ordered], [k[1] for k in ordered], [k[2] for k in ordered],
+         [planned[k] for k in ordered]),
     ).fetchall()
     claimed = {(int(a), b, c) for a, b, c in rows}
     known: dict[Key, tuple[int, ...]] = {}
@@ -231,33 +245,42 @@ def append_many(
     seal: Callable[[str, NewMessage, bytes], tuple[bytes, bytes]],
     seq_mailbox: dict[int, str],
 ) -> list[AppendResult]:
-    """Store a run of appends: one claim, one lock, one COPY per table (writer thread)."""
+    """Store a run of appends: one lock, one claim, one COPY per table (writer thread).
+
+    The heads are locked and the seqs taken BEFORE the claim, so the claim can record
+    the seqs at once; a duplicate's seqs are simply never used (a gap in the sequence,
+    not in any chain: chains link stored changes only).
+    """
     keys = [(op.message.sender_id, op.message.sender_device, op.message.client_id)
             for op in ops]
-    claimed, known = _claim(conn, keys, max(op.now for op in ops))
-    firsts: list[int] = []  # ops that store a message (first of their key in the run)
+    firsts: dict[Key, int] = {}
     for i, key in enumerate(keys):
-        if key in claimed:
-            claimed.discard(key)
-            firsts.append(i)
-    new = [ops[i].message for i in firsts]
-    chain = lock_heads(conn, (mb for m in new for mb in m.mailboxes))
-    seqs_left = take_seqs(conn, sum(len(m.mailboxes) for m in new))[::-1]
+        firsts.setdefault(key, i)
+    chain = lock_heads(conn, (mb for i in firsts.values() for mb in ops[i].message.mailboxes))
+    seqs_left = take_seqs(conn, sum(len(ops[i].message.mailboxes) for i in firsts.values()))
+    planned: dict[Key, tuple[int, ...]] = {}
+    for key, i in firsts.items():
+        n = len(ops[i].message.mailboxes)
+        planned[key], seqs_left = tuple(seqs_left[:n]), seqs_left[n:]
+    claimed, known = _claim(
+        conn, {k: ",".join(map(str, v)) for k, v in planned.items()}, max(op.now for op in ops)
+    )
     rows: list[tuple[object, ...]] = []
     device_rows: list[tuple[int, int, str]] = []
-    client_rows: dict[Key, str] = {}
     partners: set[tuple[int, int]] = set()
     wrote: set[tuple[int, int]] = set()
-    ranges: dict[str, tuple[int, int]] = {}
+    moved: dict[str, int] = {}
     stored_by_op: dict[int, AppendResult] = {}
-    for i, m in zip(firsts, new, strict=True):
+    for key, i in firsts.items():
+        if key not in claimed:
+            continue
+        m = ops[i].message
         plain = encode_envelopes(m.envelope, m.envelopes)
         for_all = m.envelope is not None
-        seqs: list[int] = []
         stored: list[StoredMessage] = []
-        for mailbox in m.mailboxes:
-            seq = seqs_left.pop()
+        for mailbox, seq in zip(m.mailboxes, planned[key], strict=True):
             prev, chain[mailbox] = chain[mailbox], seq
+            moved[mailbox] = seq
             nonce, body = seal(mailbox, m, plain)
             rows.append((
                 seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
@@ -265,29 +288,24 @@ def append_many(
             ))  # fmt: skip
             if not for_all and m.envelopes:
                 device_rows.extend((seq, uid, dev) for uid, dev in m.envelopes)
-            lo_hi = ranges.get(mailbox)
-            ranges[mailbox] = (seq - 1, seq) if lo_hi is None else (lo_hi[0], seq)
             seq_mailbox[seq] = mailbox
-            seqs.append(seq)
             stored.append(StoredMessage(
                 seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
                 m.expires_at, m.target, m.envelope, dict(m.envelopes), prev,
             ))  # fmt: skip
-        key = keys[i]
-        known[key] = tuple(seqs)
-        client_rows[key] = ",".join(map(str, seqs))
+        known[key] = planned[key]
         if m.target.startswith("user:"):
             for p in {inbox_owner(mb) for mb in m.mailboxes} - {m.sender_id, None}:
                 assert p is not None
                 wrote.add((m.sender_id, p))
                 partners.add((p, m.sender_id))
-        stored_by_op[i] = AppendResult(tuple(seqs), duplicate=False, messages=tuple(stored))
+        stored_by_op[i] = AppendResult(planned[key], duplicate=False, messages=tuple(stored))
     if rows:
         with conn.cursor().copy(COPY_MESSAGES) as copy:
             copy.set_types(MESSAGE_TYPES)
             for row in rows:
                 copy.write_row(row)
-        set_heads(conn, {mb: chain[mb] for mb in ranges})
+        set_heads(conn, moved)
     if device_rows:
         with conn.cursor().copy(
             "COPY message_devices (seq, user_id, device_id) FROM STDIN (FORMAT BINARY)"
@@ -295,18 +313,10 @@ def append_many(
             copy.set_types(["int8", "int8", "text"])
             for drow in device_rows:
                 copy.write_row(drow)
-    if client_rows:
-        ordered = sorted(client_rows)
-        conn.execute(
-            "UPDATE client_ids t SET seqs = v.s"
-            " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) AS v(a, b, c, s)"
-            " WHERE t.sender_id = v.a AND t.sender_device = v.b AND t.client_id = v.c",
-            ([k[0] for k in ordered], [k[1] for k in ordered], [k[2] for k in ordered],
-             [client_rows[k] for k in ordered]),
-        )
     _partners(conn, sorted(wrote), sorted(partners - wrote))
     # Rows no other device reads (the sender's own inbox when it has one device) go.
-    sweep_ranges(conn, ranges)
+    if rows:
+        conn.execute(SWEEP_NEW_SQL, ([r[0] for r in rows],))
     return [
         stored_by_op[i] if i in stored_by_op else AppendResult(known[key], duplicate=True)
         for i, key in enumerate(keys)
