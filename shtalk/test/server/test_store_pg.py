@@ -164,3 +164,22 @@ class MigrationTests(PgTestBase):
         self.assertNotIn("s3cr3t-pw", str(e.exception))
         self.assertNotIn("s3cr3t-pw", repr(PostgresStore(
             "postgresql://shtalk:s3cr3t-pw@127.0.0.1:1/shtalk", KEY, clock=self.clock)))
+
+
+class ReconnectTests(PgTestBase):
+    @async_test
+    async def test_writer_connects_again_after_its_connection_dies(self) -> None:
+        import psycopg
+
+        store = await self.open_store()
+        alice = await self.user(store, "Alice", "a1", "a2")
+        pid = await store.run_write(lambda conn: conn.info.backend_pid)
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        lost = msg((f"u:{alice.id}",), alice, "a1", "lost")
+        await self.failure_of(store.append(lost), psycopg.OperationalError)
+        # The client retries its send: stored once, now.
+        stored = await store.append(lost)
+        self.assertFalse(stored.duplicate)
+        self.assertEqual([m.client_id for m in await store.pending(alice.id, "a2")], ["lost"])
+        self.assertNotEqual(await store.run_write(lambda conn: conn.info.backend_pid), pid)

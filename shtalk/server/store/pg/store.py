@@ -197,16 +197,24 @@ class PostgresStore:
         def stop(result: object) -> Deferred[None]:
             return self._writes.stop().addCallback(lambda _: None)
 
+        def close_pool(result: object) -> Deferred[object]:
+            # Closing the pool waits for its connections: not on the reactor thread.
+            pool, self._pool = self._pool, None
+            if pool is None or self._threads is None:
+                return succeed(result)
+            return deferToThreadPool(self._reactor, self._threads, pool.close).addBoth(
+                lambda _: result)
+
         def done(result: object) -> object:
             self._stop_threads()
             return result
 
-        return d.addBoth(stop).addBoth(done).addCallback(lambda _: None)
+        return d.addBoth(stop).addBoth(close_pool).addBoth(done).addCallback(lambda _: None)
 
     def _stop_threads(self) -> None:
         pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
+        if pool is not None:  # only after a failed open: nothing was lent out
+            pool.close(timeout=0)
         threads, self._threads = self._threads, None
         if threads is not None:
             threads.stop()
