@@ -26,6 +26,7 @@ from psycopg_pool import ConnectionPool
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
@@ -53,6 +54,7 @@ from shtalk.server.store.records import (
 from shtalk.server.store.sealing import EmailSeal, EnvelopeSeal
 from shtalk.sqlitethread import SQLiteThread
 
+log = Logger()
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -161,17 +163,20 @@ class PostgresStore:
         self._threads.start()
         self._open_waiters = []
 
-        def prepare() -> None:
+        def prepare() -> int:
             with connect(self._url) as conn:
-                schema.migrate(conn, self.path)
+                version = schema.migrate(conn, self.path)
             self._pool = ConnectionPool(
                 self._url, min_size=1, max_size=self._readers, open=False,
                 kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
                 name="shtalk-pg-readers",
             )
             self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+            return version
 
-        def opened(_: object) -> None:
+        def opened(version: int) -> None:
+            log.info("store: PostgreSQL at {path} (schema version {version})",
+                     path=self.path, version=version)
             link = PgLink(partial(connect, self._url))
             self._writes.start(SQLiteThread(self._reactor, cast(Any, lambda: link),
                                             "shtalk-pg-writer"))
