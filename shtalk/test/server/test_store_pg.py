@@ -15,6 +15,7 @@ from shtalk.server.eserver import CorruptStore
 from shtalk.server.store.pg import schema
 from shtalk.server.store.pg.store import PostgresStore, check_database
 from shtalk.server.store.records import CODE_NONE, CODE_OK, OneTimeKey
+from shtalk.server.store.sealing import EnvelopeDecryptError
 from shtalk.server.store.sql.prekeys import MAX_ONE_TIME_KEYS
 from shtalk.test.pgtest import fresh_schema
 from shtalk.test.server.store_contract import (
@@ -183,3 +184,32 @@ class ReconnectTests(PgTestBase):
         self.assertFalse(stored.duplicate)
         self.assertEqual([m.client_id for m in await store.pending(alice.id, "a2")], ["lost"])
         self.assertNotEqual(await store.run_write(lambda conn: conn.info.backend_pid), pid)
+
+
+class AtRestTests(PgTestBase):
+    @async_test
+    async def test_envelopes_and_addresses_are_sealed_in_the_database(self) -> None:
+        import psycopg
+
+        store = await self.open_store()
+        alice = await store.create_user("Alice", "alice", "alice-secret@example.org", b"h",
+                                        "active")
+        for dev in ("a1", "a2"):
+            await store.upsert_device(alice.id, dev, dev)
+        marker = b"MARKER-" * 10
+        await store.append(msg((f"u:{alice.id}",), alice, "a1", "c1", envelope=marker))
+        await store.append(msg((f"u:{alice.id}",), alice, "a1", "c2", envelope=None,
+                               envelopes={(alice.id, "a2"): marker}))
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            rows = conn.execute("SELECT nonce, body FROM messages").fetchall()
+            (email,) = conn.execute("SELECT email FROM users").fetchone()
+        self.assertEqual(len(rows), 2)
+        for nonce, body in rows:
+            self.assertNotIn(b"MARKER", bytes(nonce) + bytes(body))
+        self.assertNotIn(b"alice-secret", bytes(email))
+        self.assertEqual(await store.email_of(alice.id), "alice-secret@example.org")
+        self.assertEqual([m.envelope_for(alice.id, "a2") for m in
+                          await store.pending(alice.id, "a2")], [marker, marker])
+        # Another key cannot open them.
+        other = await self.open_store(key=bytes(32))
+        await self.failure_of(other.pending(alice.id, "a2"), EnvelopeDecryptError)
