@@ -213,3 +213,46 @@ class AtRestTests(PgTestBase):
         # Another key cannot open them.
         other = await self.open_store(key=bytes(32))
         await self.failure_of(other.pending(alice.id, "a2"), EnvelopeDecryptError)
+
+
+class ConcurrencyControlTests(PgTestBase):
+    @async_test
+    async def test_a_batch_is_run_again_after_a_deadlock(self) -> None:
+        from psycopg import errors
+
+        store = await self.open_store()
+        alice = await self.user(store, "Alice", "a1", "a2")
+        runs: list[int] = []
+
+        def deadlocking(conn: Any) -> str:
+            runs.append(1)
+            conn.execute("UPDATE users SET status = 'suspended' WHERE id = %s", (alice.id,))
+            if len(runs) == 1:
+                raise errors.DeadlockDetected("deadlock detected")
+            return "done"
+
+        m = msg((f"u:{alice.id}",), alice, "a1", "c1")
+        results: list[Any] = await gatherResults(
+            [store.run_write(deadlocking), store.append(m)]  # type: ignore[arg-type]
+        )
+        self.assertEqual(results[0], "done")
+        self.assertEqual(len(runs), 2)
+        self.assertEqual([x.client_id for x in await store.pending(alice.id, "a2")], ["c1"])
+        self.assertEqual((await store.user_by_id(alice.id)).status, "suspended")  # type: ignore[union-attr]
+
+    @async_test
+    async def test_purge_runs_in_one_process_at_a_time(self) -> None:
+        import psycopg
+
+        from shtalk.server.store.pg.schema import LOCK_CLASS, LOCK_KEY, LOCK_PURGE
+
+        store = await self.open_store(retention=3600)
+        alice = await self.user(store, "Alice", "a1", "a2")
+        await store.append(msg((f"u:{alice.id}",), alice, "a1", "old", expires_at=NOW + 10))
+        with psycopg.connect(self.url) as other:  # another process, purging right now
+            other.execute(f"SELECT pg_advisory_xact_lock(%s, {LOCK_KEY})",
+                          (LOCK_CLASS, LOCK_PURGE))
+            self.assertEqual(await store.purge_expired(NOW + 20), 0)
+            self.assertEqual(await store.queued(), 1)
+        self.assertEqual(await store.purge_expired(NOW + 20), 1)
+        self.assertEqual(await store.queued(), 0)

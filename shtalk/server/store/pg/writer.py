@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-from psycopg import errors as pgerrors
 
 from shtalk.server.store.acks import AckingGroupCommit
 from shtalk.server.store.groupcommit import GroupedOp, Op, Outcomes
@@ -125,8 +124,9 @@ class PgGroupCommit(AckingGroupCommit):
         for attempt in range(RETRIES + 1):
             try:
                 return _run_once(link.get(), ops)
-            except pgerrors.TransactionRollback:
-                if attempt == RETRIES:
+            except psycopg.Error as e:
+                # Class 40 (deadlock, serialization failure): nothing of it was kept.
+                if attempt == RETRIES or not (e.sqlstate or "").startswith("40"):
                     raise
                 # What the book remembers of cursors may now be ahead of the database.
                 self.book.cursor_at.clear()
