@@ -120,6 +120,9 @@ def _run_once(conn: Any, ops: list[Op]) -> Outcomes:
 class PgGroupCommit(AckingGroupCommit):
     """The acking group commit, its batches run on PostgreSQL."""
 
+    #: Batches run again after a deadlock or serialization failure (writer thread).
+    reruns = 0
+
     def run_batch(self, link: PgLink, ops: list[Op]) -> Outcomes:  # type: ignore[override]
         for attempt in range(RETRIES + 1):
             try:
@@ -130,4 +133,5 @@ class PgGroupCommit(AckingGroupCommit):
                     raise
                 # What the book remembers of cursors may now be ahead of the database.
                 self.book.cursor_at.clear()
+                self.reruns += 1
         raise AssertionError("unreachable")
