@@ -293,3 +293,18 @@ class ConcurrencyControlTests(PgTestBase):
                 prev = seq
             self.assertEqual(heads[box], prev)
             self.assertEqual(len(await a.messages_between(box, 0, prev)), len(users))
+
+
+class LifeCycleTests(PgTestBase):
+    @async_test
+    async def test_close_commits_what_is_queued_and_then_refuses(self) -> None:
+        from shtalk.server.eserver import StoreClosed
+
+        store = await self.open_store()
+        alice = await self.user(store, "Alice", "a1", "a2")
+        queued = [store.append(msg((f"u:{alice.id}",), alice, "a1", f"c{i}")) for i in range(50)]
+        first, second = store.close(), store.close()
+        await gatherResults([*queued, first, second])  # type: ignore[arg-type]
+        await self.failure_of(store.user_by_id(alice.id), StoreClosed)
+        again = await self.open_store()
+        self.assertEqual(len(await again.pending(alice.id, "a2")), 50)

@@ -146,6 +146,7 @@ class PostgresStore:
         self._book = CursorBook(messages)
         self._writes = PgGroupCommit(self._clock, self._book, ack_delay, sweep_interval)
         self._open_waiters: list[Deferred[None]] | None = None
+        self._closing: list[Deferred[None]] | None = None
 
     def __repr__(self) -> str:
         return f"<PostgresStore {self.path}>"
@@ -195,8 +196,14 @@ class PostgresStore:
         return d.addCallbacks(opened, failed)
 
     def close(self) -> Deferred[None]:
+        """Refuse new work, let queued writes commit, close the connections."""
         if self._threads is None:
             return succeed(None)
+        if self._closing is not None:  # a second close() waits for the first
+            waiter: Deferred[None] = Deferred()
+            self._closing.append(waiter)
+            return waiter
+        self._closing = []
         d = self._writes.close() if self._writes.started else succeed(None)
 
         def stop(result: object) -> Deferred[None]:
@@ -212,6 +219,9 @@ class PostgresStore:
 
         def done(result: object) -> object:
             self._stop_threads()
+            waiters, self._closing = self._closing or [], None
+            for w in waiters:
+                w.callback(None)
             return result
 
         return d.addBoth(stop).addBoth(close_pool).addBoth(done).addCallback(lambda _: None)
