@@ -182,7 +182,8 @@ class PostgresStore:
             self._writes.start(SQLiteThread(self._reactor, cast(Any, lambda: link),
                                             "shtalk-pg-writer"))
             self._release_open_waiters(None)
-            self._write(messages.sweep_all).addErrback(lambda f: None)
+            self._write(messages.sweep_all).addErrback(
+                lambda f: log.failure("sweeping acknowledged messages failed", f))
 
         def failed(f: Failure) -> Failure:
             self._stop_threads()
