@@ -175,7 +175,10 @@ class Steps:
                 "Code:", error=error)).strip()
             if not code:
                 await self.request(ResendVerification(username=self.username))
-                error = "A new code is on its way."
+                # The server does not say whether it mailed one (no account probing):
+                # it mails none within its resend interval of the last, which still works.
+                error = ("A new code is on its way, unless one was sent in the last "
+                         "minute: that one still works.")
                 continue
             try:
                 reply: dict[str, Any] = await self.run(partial(self._verify, code))

@@ -60,14 +60,27 @@ class DataDir:
     def __repr__(self) -> str:
         return f"DataDir({str(self.path)!r})"
 
-    def ensure(self, tls_names: Sequence[str] | None = DEFAULT_TLS_NAMES) -> None:
+    def ensure(
+        self, tls_names: Sequence[str] | None = DEFAULT_TLS_NAMES, mint_keys: bool = True
+    ) -> None:
         """Create what is missing, then check everything is private and loadable.
 
         ``tls_names`` are the subjectAltNames for a new self-signed certificate; ``None``
         means the operator brings their own certificate, so none is made here.
+        ``mint_keys`` False (a process of a cluster): a missing storage or token key is an
+        error, since a key made here would differ from the other processes' (what they
+        stored would be unreadable here, and their tokens refused).
         Raises `DataDirError`.
         """
         self._ensure_dir()
+        if not mint_keys:
+            for path in (self.storage_key_path, self.jwt_key_path):
+                if not (path.exists() or path.is_symlink()):
+                    raise DataDirError(
+                        f"{path}: missing, and a process of a cluster does not make one "
+                        "(every process must share it): copy storage.key and "
+                        "jwt-signing-key.pem from another process's data directory"
+                    )
         self._create_if_missing(self.storage_key_path, _new_storage_key)
         self._create_if_missing(self.jwt_key_path, _new_jwt_key)
         if tls_names is not None:

@@ -26,10 +26,10 @@ class ConfigError(StartupError):
 
 
 def setting(
-    default: Any, help: str, *, min: int | None = None, max: int | None = None,
+    default: Any, help: str, *, min: float | None = None, max: float | None = None,
     secret: bool = False,
 ) -> Any:
-    """A dataclass field with its documentation and (for integers) inclusive bounds;
+    """A dataclass field with its documentation and (for numbers) inclusive bounds;
     a ``secret`` one stays out of the section's repr (and so out of any log line)."""
     return field(default=default, repr=not secret,
                  metadata={"help": help, "min": min, "max": max})
@@ -48,7 +48,7 @@ class Section:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             lo, hi = f.metadata.get("min"), f.metadata.get("max")
-            if isinstance(value, int) and not isinstance(value, bool):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if lo is not None and value < lo:
                     raise FieldError(f.name, f"{value} is below the minimum {lo}")
                 if hi is not None and value > hi:

@@ -240,6 +240,8 @@ class AdmittedTLSProtocol(BufferingTLSTransport):
         super()._shutdownTLS()  # type: ignore[no-untyped-call]
 
     def makeConnection(self, transport: Any) -> None:
+        # Behind a proxy, ``transport`` is the PROXY header layer, connecting us once the
+        # header named the client: the bounds per address count clients, not the proxy.
         peer = transport.getPeer()
         self.address = address_key(str(getattr(peer, "host", peer)))
         super().makeConnection(transport)  # type: ignore[no-untyped-call]

@@ -87,6 +87,8 @@ class ShtalkServerProtocol(LineOnlyReceiver):
     def connectionMade(self) -> None:
         f = self.factory
         self.MAX_LENGTH = f.max_line_length
+        # The client's address, also behind a proxy: with --proxy-protocol this protocol
+        # is built only once the PROXY header named the client (shtalk.server.net.proxied).
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.peer = getattr(peer, "host", str(peer))
         self.peer_key = address_key(self.peer)

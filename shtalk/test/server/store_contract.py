@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
@@ -813,8 +813,121 @@ class ChainContract(StoreHelpers):
         self.assertEqual(await store.pending(bob.id, "b1"), sent)
 
 
+class ConcurrencyContract(StoreHelpers):
+    """Uses fired at once through the API: whatever runs them side by side (threads,
+    processes, a database's concurrent transactions), a one-time thing is used once."""
+
+    N = 1000
+
+    async def all_of(self, ds: list[Deferred[Any]]) -> list[tuple[bool, Any]]:
+        """Every outcome, failures included (none may be lost to the first error)."""
+        return list(await DeferredList(ds, consumeErrors=True))
+
+    def succeeded(self, outcomes: list[tuple[bool, Any]]) -> list[Any]:
+        failures = [f for ok, f in outcomes if not ok]
+        self.assertEqual(failures, [])
+        return [value for _, value in outcomes]
+
+    @async_test
+    async def test_concurrent_claims_hand_out_each_key_at_most_once(self) -> None:
+        store = await self.open_store()
+        alice = await self.user(store, "Alice", "a1")
+        published = [OneTimeKey(kind, i, b"%s%d" % (kind.encode(), i))
+                     for kind in ("ec", "pq") for i in range(MAX_ONE_TIME_KEYS)]
+        await store.publish_keys(alice.id, "a1", b"B", published)
+        outcomes = await self.all_of(
+            [store.claim_keys(alice.id, "a1") for _ in range(self.N)]
+        )
+        handed = [k for (bundle,) in self.succeeded(outcomes) for k in bundle.one_time]
+        # Every key once: none twice, and no claim got a key that was never there.
+        self.assertEqual(len(handed), len(set(handed)))
+        self.assertEqual(set(handed), set(published))
+        self.assertEqual(await store.key_counts(alice.id, "a1"), {"ec": 0, "pq": 0})
+
+    @async_test
+    async def test_concurrent_uses_of_one_email_code_one_succeeds(self) -> None:
+        store = await self.open_store()
+        bob = await store.create_user("Bob", "bob", "b@example.org", b"h", "pending")
+        await store.codes.put_email_code(bob.id, "verify", b"c1", NOW + 600, NOW, 60)
+        outcomes = self.succeeded(await self.all_of(
+            [store.codes.check_email_code(bob.id, "verify", b"c1", NOW, 5)
+             for _ in range(self.N)]
+        ))
+        self.assertEqual(outcomes.count(CODE_OK), 1)
+        self.assertEqual(outcomes.count(CODE_NONE), self.N - 1)
+
+    @async_test
+    async def test_concurrent_resets_with_one_code_one_succeeds(self) -> None:
+        store = await self.open_store()
+        alice = await self.user(store, "Alice", "a1")
+        await store.create_session("f1", alice.id, "a1", b"t1", NOW + DAY)
+        await store.codes.put_email_code(alice.id, "reset", b"r", NOW + 600, NOW, 60)
+        outcomes = self.succeeded(await self.all_of(
+            [store.codes.reset_with_code(alice.id, b"r", NOW, 5, b"pw%d" % i)
+             for i in range(self.N)]
+        ))
+        won = [i for i, (outcome, _) in enumerate(outcomes) if outcome == CODE_OK]
+        self.assertEqual(len(won), 1)
+        self.assertEqual(outcomes[won[0]][1], ["f1"])
+        user = await store.user_by_id(alice.id)
+        assert user is not None
+        self.assertEqual(user.pw_hash, b"pw%d" % won[0])  # the winner's password, no other
+
+    @async_test
+    async def test_concurrent_wrong_guesses_stop_at_max_attempts(self) -> None:
+        store = await self.open_store()
+        bob = await store.create_user("Bob", "bob", "b@example.org", b"h", "pending")
+        await store.codes.put_email_code(bob.id, "verify", b"c1", NOW + 600, NOW, 60)
+        outcomes = self.succeeded(await self.all_of(
+            [store.codes.check_email_code(bob.id, "verify", b"g%d" % i, NOW, 5)
+             for i in range(self.N)]
+        ))
+        self.assertEqual(outcomes.count(CODE_WRONG), 5)
+        self.assertEqual(outcomes.count(CODE_NONE), self.N - 5)
+        # Out of guesses: the right code no longer works either.
+        self.assertEqual(await store.codes.check_email_code(bob.id, "verify", b"c1", NOW, 5),
+                         CODE_NONE)
+
+    @async_test
+    async def test_concurrent_code_requests_send_one_mail(self) -> None:
+        store = await self.open_store()
+        bob = await store.create_user("Bob", "bob", "b@example.org", b"h", "pending")
+        outcomes = self.succeeded(await self.all_of(
+            [store.codes.put_email_code(bob.id, "verify", b"c%d" % i, NOW + 600, NOW, 60)
+             for i in range(self.N)]
+        ))
+        self.assertEqual(outcomes.count(True), 1)
+        # The code stored is the one whose request was granted.
+        mailed = outcomes.index(True)
+        self.assertEqual(
+            await store.codes.check_email_code(bob.id, "verify", b"c%d" % mailed, NOW, 5),
+            CODE_OK,
+        )
+
+    @async_test
+    async def test_concurrent_upserts_of_one_device_make_one_device(self) -> None:
+        store, alice, _, rid = await self.setup_room()
+        outcomes = self.succeeded(await self.all_of(
+            [store.upsert_device(alice.id, "new", f"label {i}") for i in range(self.N)]
+        ))
+        self.assertEqual({(d.device_id, d.created) for d in outcomes}, {("new", NOW)})
+        (device,) = [d for d in await store.devices(alice.id) if d.device_id == "new"]
+        self.assertIn(device.label, {f"label {i}" for i in range(self.N)})
+        # Its cursors were made once: it reads its inbox and the room from now on.
+        await store.append(msg((f"r:{rid}",), alice, "a1", "after"))
+        await store.append(msg((f"u:{alice.id}",), alice, "a1", "dm", target="user:alice"))
+        self.assertEqual(
+            [m.client_id for m in await store.pending(alice.id, "new")], ["after", "dm"]
+        )
+
+
 class StoreContract(
-    AccountContract, RoomContract, MessageContract, DirectoryContract, CodeContract,
+    AccountContract,
+    RoomContract,
+    MessageContract,
+    DirectoryContract,
+    CodeContract,
+    ConcurrencyContract,
     ChainContract,
 ):
     """Every behaviour an IStore promises (mix into a backend's TestCase)."""

@@ -135,6 +135,27 @@ class RefusalTests(unittest.TestCase):
         self.dd.key_path.write_bytes(other.key_path.read_bytes())
         self.assertRefused("does not belong", action=self.dd.tls_server_options)
 
+    def test_a_cluster_process_makes_no_keys(self) -> None:
+        """A missing key is refused in a cluster, named, and nothing is made in its place;
+        keys copied from another process are used as they are."""
+        fresh = DataDir(self.mktemp())
+        with self.assertRaises(DataDirError) as e:
+            fresh.ensure(mint_keys=False)
+        self.assertIn("storage.key", str(e.exception))
+        self.assertIn("copy", str(e.exception))
+        self.assertNotIn("\n", str(e.exception))
+        self.assertFalse(fresh.storage_key_path.exists())
+        self.assertFalse(fresh.jwt_key_path.exists())
+        self.dd.ensure()
+        for p in (self.dd.storage_key_path, self.dd.jwt_key_path):
+            (fresh.path / p.name).write_bytes(p.read_bytes())
+            os.chmod(fresh.path / p.name, 0o600)
+        fresh.ensure(mint_keys=False)
+        self.assertEqual(fresh.storage_key(), self.dd.storage_key())
+        self.dd.jwt_key_path.unlink()
+        self.assertRefused("jwt-signing-key.pem", "missing",
+                           action=lambda: self.dd.ensure(mint_keys=False))
+
     def test_half_a_pair(self) -> None:
         self.dd.key_path.unlink()
         self.assertRefused(str(self.dd.key_path), "missing")

@@ -2,27 +2,45 @@
 
 from __future__ import annotations
 
+from shtalk.server.eserver import StoreError
 from shtalk.server.store.mailbox import ROOM_PREFIX, user_mailbox
 from shtalk.server.store.records import Device
 from shtalk.server.store.sql.common import Conn, top_seq
 
 
 def upsert_device(conn: Conn, user_id: int, device_id: str, label: str, now: float) -> Device:
-    row = conn.execute(
-        "SELECT label, created FROM devices WHERE user_id = ? AND device_id = ?",
-        (user_id, device_id),
-    ).fetchone()
-    if row is not None:
+    """The device, created (with its cursors) unless it exists; its label updated.
+
+    Creation is ONE guarded statement (``INSERT ... ON CONFLICT DO NOTHING RETURNING``):
+    of two concurrent logins of a new device one inserts it and its cursors, the other
+    finds it, where a read then an insert let both insert and one fail.  A device removed
+    between the insert and the read is created again.
+    """
+    for _ in range(3):
+        created = conn.execute(
+            "INSERT INTO devices (user_id, device_id, label, created) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (user_id, device_id) DO NOTHING RETURNING created",
+            (user_id, device_id, label, now),
+        ).fetchall()
+        if created:
+            _add_cursors(conn, user_id, device_id)
+            return Device(user_id, device_id, label, now)
+        row = conn.execute(
+            "SELECT label, created FROM devices WHERE user_id = ? AND device_id = ?",
+            (user_id, device_id),
+        ).fetchone()
+        if row is None:
+            continue
         if row[0] != label:
             conn.execute(
                 "UPDATE devices SET label = ? WHERE user_id = ? AND device_id = ?",
                 (label, user_id, device_id),
             )
         return Device(user_id, device_id, label, float(row[1]))
-    conn.execute(
-        "INSERT INTO devices (user_id, device_id, label, created) VALUES (?, ?, ?, ?)",
-        (user_id, device_id, label, now),
-    )
+    raise StoreError("device removed while being registered")
+
+
+def _add_cursors(conn: Conn, user_id: int, device_id: str) -> None:
     # A new device starts after everything already stored: it gets no history.
     top = top_seq(conn)
     conn.execute(
@@ -34,7 +52,6 @@ def upsert_device(conn: Conn, user_id: int, device_id: str, label: str, now: flo
         " SELECT ?, ?, ? || room_id, ? FROM members WHERE user_id = ?",
         (user_id, device_id, ROOM_PREFIX, top, user_id),
     )
-    return Device(user_id, device_id, label, now)
 
 
 def devices(conn: Conn, user_id: int) -> list[Device]:

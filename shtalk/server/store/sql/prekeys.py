@@ -1,10 +1,11 @@
-"""The prekey directory: run on the store's single writer, so a claim is atomic.
+"""The prekey directory: bundles and one-time keys.
 
 Bundles and one-time keys are opaque bytes to the server; clients verify the
-identity-key signatures inside them.  A one-time key is handed out in the same
-transaction that marks it claimed and blanks it, so two concurrent fetches can never
-get the same one (the writer runs one transaction at a time), and its id stays
-recorded so a client that re-publishes it cannot make it be handed out twice.
+identity-key signatures inside them.  A one-time key is taken by ONE guarded statement
+(``UPDATE ... WHERE claimed IS NULL ... RETURNING``), so two concurrent fetches can never
+get the same one even where writers run side by side (a database other than this one
+writer's SQLite, where a read then an unguarded write let both see the key free); its id
+stays recorded so a client that re-publishes it cannot make it be handed out twice.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from shtalk.server.store.records import ClaimedBundle, OneTimeKey
-from shtalk.server.store.sql.common import Conn
+from shtalk.server.store.sql.common import Conn, exists
 
 KINDS = ("ec", "pq")
 MAX_ONE_TIME_KEYS = 200  # per device and kind: bounds what one device can park on us
@@ -89,21 +90,46 @@ def claim(conn: Conn, user_id: int, device_id: str | None, now: float) -> list[C
     for dev, bundle in rows:
         claimed = []
         for kind in KINDS:
-            row = conn.execute(
-                "SELECT key_id, key FROM one_time_keys WHERE user_id = ? AND device_id = ?"
-                " AND kind = ? AND claimed IS NULL ORDER BY key_id LIMIT 1",
-                (user_id, dev, kind),
-            ).fetchone()
-            if row is None:
-                continue
-            conn.execute(
-                "UPDATE one_time_keys SET claimed = ?, key = x'' WHERE user_id = ?"
-                " AND device_id = ? AND kind = ? AND key_id = ?",
-                (now, user_id, dev, kind, row[0]),
-            )
-            claimed.append(OneTimeKey(kind, int(row[0]), bytes(row[1])))
+            key = _take(conn, user_id, str(dev), kind, now)
+            if key is not None:
+                claimed.append(key)
         out.append(ClaimedBundle(str(dev), bytes(bundle), tuple(claimed)))
     return out
+
+
+def _take(conn: Conn, user_id: int, device_id: str, kind: str, now: float) -> OneTimeKey | None:
+    """The lowest free key of ``kind``, marked claimed; None when none is left.
+
+    The claim is decided by the UPDATE alone: its WHERE requires the row still free, so of
+    two concurrent takers one gets the row and the other none.  The loser (possible only
+    where writers overlap) looks again while free keys remain: each loss means another
+    taker claimed a key, so the loop ends.
+    """
+    for _ in range(MAX_ONE_TIME_KEYS + 1):
+        won = conn.execute(
+            "UPDATE one_time_keys SET claimed = ? WHERE user_id = ? AND device_id = ?"
+            " AND kind = ? AND claimed IS NULL AND key_id = (SELECT MIN(key_id)"
+            " FROM one_time_keys WHERE user_id = ? AND device_id = ? AND kind = ?"
+            " AND claimed IS NULL) RETURNING key_id, key",
+            (now, user_id, device_id, kind, user_id, device_id, kind),
+        ).fetchall()
+        if won:
+            key_id, key = won[0]
+            # Only the winner reaches this row now; the key itself is not kept.
+            conn.execute(
+                "UPDATE one_time_keys SET key = x'' WHERE user_id = ? AND device_id = ?"
+                " AND kind = ? AND key_id = ?",
+                (user_id, device_id, kind, key_id),
+            )
+            return OneTimeKey(kind, int(key_id), bytes(key))
+        if not exists(
+            conn,
+            "SELECT 1 FROM one_time_keys WHERE user_id = ? AND device_id = ? AND kind = ?"
+            " AND claimed IS NULL",
+            user_id, device_id, kind,
+        ):
+            return None
+    return None
 
 
 def device_bundle(conn: Conn, user_id: int, device_id: str) -> bytes | None:

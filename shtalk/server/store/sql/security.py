@@ -2,13 +2,12 @@
 
 Secrets never reach these tables in clear: emailed and recovery codes arrive as
 SHA-256 hashes, the TOTP secret as an AES-GCM sealed blob (``shtalk.server.accounts.totp``).
-Every check that consumes something (a code, a TOTP step) is one write op, so two
-concurrent attempts with the same code cannot both succeed.
+Every check that consumes something (a code, a TOTP step) is one guarded statement
+(the condition in its WHERE), so two concurrent attempts with the same code cannot both
+succeed, even where writers run side by side.
 """
 
 from __future__ import annotations
-
-import hmac
 
 from shtalk.server.store.records import CODE_NONE, CODE_OK, CODE_WRONG, TotpRecord
 from shtalk.server.store.sql.common import Conn
@@ -18,48 +17,53 @@ def put_email_code(
     conn: Conn, user_id: int, purpose: str, code_hash: bytes, expires: float, now: float,
     min_interval: float,
 ) -> bool:
-    """Store a new code (replacing the old one) unless one was sent too recently."""
-    row = conn.execute(
-        "SELECT sent FROM email_codes WHERE user_id = ? AND purpose = ?", (user_id, purpose)
-    ).fetchone()
-    if row is not None and now - float(row[0]) < min_interval:
-        return False
-    conn.execute(
+    """Store a new code (replacing the old one) unless one was sent too recently.
+
+    One guarded upsert (the interval in its WHERE): two concurrent requests cannot
+    both pass the interval and both send a mail.
+    """
+    stored = conn.execute(
         "INSERT INTO email_codes (user_id, purpose, code_hash, expires, attempts, sent)"
         " VALUES (?, ?, ?, ?, 0, ?) ON CONFLICT (user_id, purpose) DO UPDATE SET"
         " code_hash = excluded.code_hash, expires = excluded.expires, attempts = 0,"
-        " sent = excluded.sent",
-        (user_id, purpose, code_hash, expires, now),
-    )
-    return True
+        " sent = excluded.sent WHERE excluded.sent - email_codes.sent >= ? RETURNING 1",
+        (user_id, purpose, code_hash, expires, now, min_interval),
+    ).fetchall()
+    return bool(stored)
 
 
 def check_email_code(
     conn: Conn, user_id: int, purpose: str, code_hash: bytes, now: float, max_attempts: int
 ) -> str:
-    row = conn.execute(
-        "SELECT code_hash, expires, attempts FROM email_codes WHERE user_id = ? AND purpose = ?",
-        (user_id, purpose),
-    ).fetchone()
-    if row is None or float(row[1]) <= now or int(row[2]) >= max_attempts:
-        return CODE_NONE
-    if not hmac.compare_digest(bytes(row[0]), code_hash):
-        # The row's `sent` stays, so a failed guess cannot be used to skip the resend wait.
-        conn.execute(
-            "UPDATE email_codes SET attempts = attempts + 1 WHERE user_id = ? AND purpose = ?",
-            (user_id, purpose),
-        )
-        return CODE_WRONG
+    """Use the code: CODE_OK once, CODE_WRONG while guesses are left, else CODE_NONE.
+
+    Each outcome is decided by ONE guarded UPDATE whose WHERE holds the whole condition
+    (live, attempts left, and for CODE_OK the hash), so of concurrent uses of a code only
+    one consumes it and concurrent wrong guesses cannot exceed ``max_attempts``, even
+    where writers run side by side.  The database compares the hash, as it does for
+    refresh tokens and recovery codes: it is the SHA-256 of a 140-bit random code, so
+    the comparison's timing tells a guesser nothing.
+    """
     # Single use: the code goes, but `sent` must keep limiting mails, so expire it instead.
-    conn.execute(
-        "UPDATE email_codes SET expires = 0, code_hash = x'' WHERE user_id = ? AND purpose = ?",
-        (user_id, purpose),
-    )
-    if purpose == "verify":
-        conn.execute(
-            "UPDATE users SET status = 'active' WHERE id = ? AND status = 'pending'", (user_id,)
-        )
-    return CODE_OK
+    used = conn.execute(
+        "UPDATE email_codes SET expires = 0, code_hash = x'' WHERE user_id = ? AND purpose = ?"
+        " AND code_hash = ? AND expires > ? AND attempts < ? RETURNING 1",
+        (user_id, purpose, code_hash, now, max_attempts),
+    ).fetchall()
+    if used:
+        if purpose == "verify":
+            conn.execute(
+                "UPDATE users SET status = 'active' WHERE id = ? AND status = 'pending'",
+                (user_id,),
+            )
+        return CODE_OK
+    # The row's `sent` stays, so a failed guess cannot be used to skip the resend wait.
+    wrong = conn.execute(
+        "UPDATE email_codes SET attempts = attempts + 1 WHERE user_id = ? AND purpose = ?"
+        " AND expires > ? AND attempts < ? RETURNING 1",
+        (user_id, purpose, now, max_attempts),
+    ).fetchall()
+    return CODE_WRONG if wrong else CODE_NONE
 
 
 def reset_with_code(
@@ -99,17 +103,17 @@ def totp(conn: Conn, user_id: int) -> TotpRecord | None:
 
 
 def put_pending_totp(conn: Conn, user_id: int, sealed: bytes, now: float) -> bool:
-    """A new, not yet confirmed secret; False if TOTP is already enabled."""
-    row = conn.execute("SELECT enabled FROM totp WHERE user_id = ?", (user_id,)).fetchone()
-    if row is not None and row[0]:
-        return False
-    conn.execute(
+    """A new, not yet confirmed secret; False if TOTP is already enabled.
+
+    One guarded upsert: a concurrent enable is never overwritten by a pending secret.
+    """
+    stored = conn.execute(
         "INSERT INTO totp (user_id, sealed, enabled, last_step, created) VALUES (?, ?, 0, 0, ?)"
         " ON CONFLICT (user_id) DO UPDATE SET sealed = excluded.sealed, enabled = 0,"
-        " last_step = 0, created = excluded.created",
+        " last_step = 0, created = excluded.created WHERE totp.enabled = 0 RETURNING 1",
         (user_id, sealed, now),
-    )
-    return True
+    ).fetchall()
+    return bool(stored)
 
 
 def enable_totp(conn: Conn, user_id: int, step: int, code_hashes: list[bytes]) -> bool:
