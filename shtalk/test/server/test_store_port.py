@@ -8,8 +8,10 @@ old ones; a target with data in it is refused.
 from __future__ import annotations
 
 import io
+import sqlite3
 from typing import Any
 
+import psycopg
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -59,6 +61,12 @@ class PortTests(StoreHelpers, TestCase):
             "users": (alice, bob, carol), "room": room,
         }
         await store.close()
+        # An address from before sealing, still in clear.
+        conn = sqlite3.connect(str(self.datadir.db_path))
+        with conn:
+            conn.execute("UPDATE users SET email = 'carol-clear@example.org', email_hash = NULL"
+                         " WHERE id = ?", (carol.id,))
+        conn.close()
         return before
 
     @async_test
@@ -80,6 +88,11 @@ class PortTests(StoreHelpers, TestCase):
         self.assertEqual(await store.mailbox_heads(list(heads)), heads)
         self.assertEqual(await store.email_of(alice.id), before["email"])
         self.assertEqual(await store.user_by_key("bob"), bob)
+        # The address in clear was sealed on the way.
+        self.assertEqual(await store.email_of(carol.id), "carol-clear@example.org")
+        with psycopg.connect(self.url) as conn:
+            emails = [bytes(r[0]) for r in conn.execute("SELECT email FROM users")]
+        self.assertFalse([e for e in emails if b"@example.org" in e])
         # Ids and seqs continue after every one handed out on SQLite.
         dave = await self.user(store, "Dave", "d1")
         self.assertGreater(dave.id, carol.id)
