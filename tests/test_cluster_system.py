@@ -11,6 +11,7 @@ The failure tests (a process SIGKILLed, Redis restarted, both under load) are in
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import gatherResults, inlineCallbacks
@@ -104,10 +105,11 @@ class ClusterTests(unittest.TestCase):
         yield gatherResults(sends)
         expected = 10 * (len(members) - 1)
         orders = []
+        def arrived(client: Any) -> int:
+            return len([p for p in client.pushes if p.get("type") == "message"])
+
         for s in members:
-            client = s.client
-            yield wait_until(lambda: len([p for p in client.pushes
-                                          if p.get("type") == "message"]) >= expected)
+            yield wait_until(partial(lambda c: arrived(c) >= expected, s.client))
             got = s.client.drain("message")
             self.assertEqual(len(got), expected, f"{s.user} got {len(got)}")
             seqs = [p["seq"] for p in got]

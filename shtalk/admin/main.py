@@ -6,6 +6,7 @@
     shtalk-admin monitor [--data-dir DIR | --socket PATH] [--interval S] [--once]
     shtalk-admin review list [--all] | clear FLAG | suspend USER | unsuspend USER
                         | delete USER [--yes]
+    shtalk-admin port-db --from DATADIR --to postgresql://USER@HOST:PORT/DB
 
 ``monitor`` and ``review`` talk to the running server over its admin socket
 (``<data_dir>/admin.sock``, reachable only by the server's own user).
@@ -18,6 +19,7 @@ import sys
 from typing import TextIO
 
 from shtalk.admin import control, logs
+from shtalk.server.config import StartupError
 from shtalk.server.ops import seclog
 
 
@@ -60,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("target", nargs="?", help="flag id (clear) or account name")
     rv.add_argument("--all", action="store_true", help="list cleared flags too")
     rv.add_argument("--yes", action="store_true", help="delete without asking")
+
+    pd = sub.add_parser("port-db", help="copy an SQLite data directory into PostgreSQL")
+    pd.add_argument("--from", dest="source", required=True, metavar="DATADIR",
+                    help="the data directory (server stopped; its storage.key stays in use)")
+    pd.add_argument("--to", dest="target", required=True, metavar="URL",
+                    help="an empty PostgreSQL database or schema: postgresql://USER@HOST/DB")
     return p
 
 
@@ -79,6 +87,15 @@ def main(argv: list[str] | None = None, out: TextIO | None = None,
                 events=args.event,
             )
             return logs.read(args.key, args.files, filters, args.follow, args.json, out, err)
+        if args.command == "port-db":
+            from shtalk.admin import portdb
+
+            try:
+                portdb.port(args.source, args.target, out)
+            except (portdb.PortError, StartupError) as e:
+                print(f"shtalk-admin: port-db: {e}", file=err)
+                return 1
+            return 0
         path = control.socket_path(args.socket, args.data_dir)
         if args.command == "monitor":
             return control.monitor(path, args.interval, args.once, out)

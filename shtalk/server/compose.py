@@ -46,6 +46,7 @@ from shtalk.server.config import (
     ServerConfig,
     SmtpSection,
     StartupError,
+    StoreSection,
     ThrottleSection,
 )
 from shtalk.server.cred.checkers import AccessTokenChecker, BcryptChecker
@@ -215,6 +216,24 @@ def make_limiter(config: RateLimitSection, clock: IReactorTime) -> RateLimiter:
     return RateLimiter(config, clock, backend)
 
 
+def make_store(config: ServerConfig, datadir: DataDir, clock: IReactorTime) -> IStore:
+    """SQLite in the data directory, or PostgreSQL when ``[store] url`` is set; either
+    checked now, before the reactor runs, so a bad database is one line at start-up."""
+    chosen, retention = config.section(StoreSection), float(config.storage.retention)
+    try:
+        if chosen.postgres:
+            from shtalk.server.store.pg.store import PostgresStore, check_database
+
+            check_database(chosen.url)
+            return PostgresStore(chosen.url, datadir.storage_key(), clock=clock,
+                                 retention=retention, readers=chosen.readers)
+        check_database_file(str(datadir.db_path))
+    except CorruptStore as e:
+        raise StartupError(str(e)) from None
+    return SQLiteStore(str(datadir.db_path), datadir.storage_key(), clock=clock,
+                       retention=retention)
+
+
 def make_chat_service(
     config: ServerConfig, datadir: DataDir, clock: IReactorTime | None = None
 ) -> ChatServerService:
@@ -227,15 +246,8 @@ def make_chat_service(
             log.warn("INSECURE test hook: the server's clock is shifted by the seconds in "
                      "{path} ({env})", path=getattr(clock, "path", ""), env=TEST_CLOCK_ENV)
     assert clock is not None
-    db_path = str(datadir.db_path)
-    try:
-        check_database_file(db_path)
-    except CorruptStore as e:
-        raise StartupError(str(e)) from None
-    accounts, tokens, storage = config.accounts, config.tokens, config.storage
-    store = SQLiteStore(
-        db_path, datadir.storage_key(), clock=clock, retention=float(storage.retention)
-    )
+    accounts, tokens = config.accounts, config.tokens
+    store = make_store(config, datadir, clock)
     hasher = PasswordHasher(
         clock, cost=accounts.bcrypt_cost, nice=accounts.bcrypt_nice  # type: ignore[arg-type]
     )

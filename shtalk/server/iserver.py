@@ -4,7 +4,11 @@ Interfaces (zope): the store (`IStore`, with its account-security tables `ICodeS
 every method returns a Deferred and never runs SQL on the reactor thread), the avatar
 (`IChatUser`) and the connection as the avatar's mind (`IChatMind`), the registry of
 live connections (`IPresence`) and the bus that carries committed messages to them
-(`IDeliveryBus`).  Each can be swapped (a memory store in tests, a cross-process bus)
+(`IDeliveryBus`); and the state that protects accounts and the service, which several
+processes must share (in Redis) or an attacker spreads over them: the failure throttle
+(`IAuthThrottle`), the monitoring's CAPTCHA demands (`ICaptchaDemands`), the per-address
+connection counts (`IAddressCounts`), and the monitoring's flags (`IFlagStore`, in the
+database).  Each can be swapped (a memory store in tests, a cross-process bus)
 without touching the code on the other side.
 
 The refusals that go with them are in ``shtalk.server.eserver``.
@@ -358,3 +362,80 @@ class IPresence(Interface):
 class IDeliveryBus(Interface):
     def publish(message: StoredMessage) -> None:
         """Deliver a committed message to every online device it is for."""
+
+
+class IAuthThrottle(Interface):
+    """Failures of secrets per name tried and per address, and the delays and CAPTCHAs
+    they lead to (the rules: ``shtalk.server.accounts.throttle``)."""
+
+    def check(account: str | None, address: str) -> Deferred[Any]:
+        """Before an attempt: a ``Verdict`` (wait ``retry_after``, solve a CAPTCHA)."""
+
+    def failed(account: str | None, address: str) -> Deferred[None]:
+        """An attempt failed: count it for the name and the address."""
+
+    def succeeded(account: str | None) -> Deferred[None]:
+        """The name's secret was right: forget its failures (not the address's)."""
+
+    def require_captcha(
+        *, account: str | None = None, address: str | None = None, seconds: float = 3600.0
+    ) -> Deferred[None]:
+        """Demand a CAPTCHA of every attempt on ``account`` or from ``address`` for a while."""
+
+    def failures(account: str | None = None, address: str | None = None) -> Deferred[int]:
+        """Failures in the window (tests, monitoring)."""
+
+    def prune() -> None:
+        """Drop what has expired (a no-op where the backend expires keys itself)."""
+
+
+class ICaptchaDemands(Interface):
+    """Accounts and addresses the monitoring flagged: each solves a CAPTCHA at its next key
+    interaction; a demand goes once solved, or after its time to live.
+
+    ``accounts`` and ``addresses`` are the demands as this process knows them now (sync,
+    for the ``send`` path); ``current()`` brings them up to date first."""
+
+    accounts = Attribute("Mapping: demanded account id -> until (``now()``'s seconds).")
+    addresses = Attribute("Mapping: demanded client address -> until.")
+
+    def now() -> float:
+        """The clock the ``until`` values are on."""
+
+    def require(account_id: int | None = None, address: str | None = None) -> Deferred[None]:
+        """Demand a CAPTCHA of these subjects (known here at once; the Deferred fires once
+        every process can know it, and never fails)."""
+
+    def satisfied(account_id: int | None = None, address: str | None = None) -> Deferred[None]:
+        """A CAPTCHA was solved: the demand on these subjects goes (as ``require``)."""
+
+    def current() -> Deferred[None]:
+        """Fires once ``accounts``/``addresses`` hold the demands of every process."""
+
+    def __bool__() -> bool:
+        """Any demand at all (the cheap test on the ``send`` path)."""
+
+
+class IAddressCounts(Interface):
+    """Connections per client address (past the TLS handshake), against a cap."""
+
+    local = Attribute("address -> connections this process holds (metrics).")
+
+    def admit(address: str) -> bool | Deferred[bool]:
+        """Count one more; False: the address is at its cap (nothing counted)."""
+
+    def release(address: str) -> None:
+        """One admitted connection of ``address`` is gone."""
+
+
+class IFlagStore(Interface):
+    """Where the monitoring's flags (``shtalk.server.ops.monitor.Flag``) are kept."""
+
+    def load_flags() -> Deferred[list[Any]]:
+        """Every flag kept, in id order."""
+
+    def save_flag(flag: Any) -> Deferred[int]:
+        """Insert (``flag.id == 0``: the store assigns the id) or update one flag;
+        fires with its id."""
+
+    def delete_flag(flag_id: int) -> Deferred[None]: ...

@@ -33,8 +33,11 @@ from zope.interface import implementer
 
 from shtalk.server import tls
 from shtalk.server.config import ConfigError, ServerConfig, StartupError, resolve_data_dir
+from shtalk.server.config.core import networks
 from shtalk.server.datadir import DEFAULT_TLS_NAMES, DataDir
+from shtalk.server.net import reuseport
 from shtalk.server.net.admission import AdmittedTLSFactory, PendingHandshakes
+from shtalk.server.net.proxied import ProxyHeaderFactory
 
 log = Logger()
 
@@ -121,6 +124,24 @@ class Options(usage.Options):
         ],
     ]
 
+    optFlags: list[list[Any]] = [
+        [
+            "reuse-port",
+            None,
+            "Set SO_REUSEPORT on --interface/--port so several shtalk processes on this "
+            "host share the port (the kernel spreads connections over them).",
+        ],
+        [
+            "proxy-protocol",
+            None,
+            "Behind HAProxy (TCP mode, TLS passed through, send-proxy-v2): read the PROXY "
+            "header before TLS and use the client address it names; connections without "
+            "one, or not from [server] trusted_proxies, are closed.",
+        ],
+    ]
+
+    _FLAGS = {"reuse-port": "reuse_port", "proxy-protocol": "proxy_protocol"}
+
     _OVERRIDES = {
         "data-dir": "data_dir",
         "interface": "interface",
@@ -133,7 +154,9 @@ class Options(usage.Options):
 
     def server_overrides(self) -> dict[str, object]:
         """The ``[server]`` values given on the command line (typed)."""
-        return {key: self[opt] for opt, key in self._OVERRIDES.items() if self[opt] is not None}
+        values = {key: self[opt] for opt, key in self._OVERRIDES.items() if self[opt] is not None}
+        values.update({key: True for opt, key in self._FLAGS.items() if self[opt]})
+        return values
 
     def postOptions(self) -> None:
         for opt in ("config", "data-dir", "cert", "key", "listen", "interface"):
@@ -179,12 +202,17 @@ def _host_for_humans(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def announcement(address: Any, fingerprint: str | None, listen: str) -> list[str]:
+def announcement(
+    address: Any, fingerprint: str | None, listen: str, *,
+    reuse_port: bool = False, proxied: bool = False,
+) -> list[str]:
     """The lines telling an operator where the server is and how to connect."""
     host, port = getattr(address, "host", None), getattr(address, "port", None)
     inet = isinstance(host, str) and isinstance(port, int)
     bound = f"[{host}]:{port}" if inet and ":" in str(host) else f"{host}:{port}"
     kind = "TLS" if not listen else f"endpoint {listen}"
+    kind += ", SO_REUSEPORT" if reuse_port else ""
+    kind += ", PROXY header first" if proxied else ""
     lines = [f"shtalk listening on {bound if inet else address} ({kind})"]
     if fingerprint is not None:
         lines.append(f"TLS certificate SHA-256 fingerprint: {fingerprint}")
@@ -192,7 +220,10 @@ def announcement(address: Any, fingerprint: str | None, listen: str) -> list[str
         lines.append(
             f"note: --listen {listen} carries no TLS of its own; terminate TLS in front of it"
         )
-    if inet:
+    if proxied:
+        lines.append("note: clients connect through the proxy (e.g. HAProxy with "
+                     "send-proxy-v2); a connection without its PROXY header is closed")
+    elif inet:
         where = f"{_host_for_humans(str(host))}:{port}"
         lines.append(f"connect with: {client_command()} {where}")
         lines.append(f"      or try: openssl s_client -connect {where}")
@@ -299,6 +330,14 @@ def build_service(
         )
     fingerprint = tls.cert_fingerprint(cert_path.read_bytes())
 
+    if server.listen and (server.reuse_port or server.proxy_protocol):
+        raise ConfigError(
+            "--reuse-port and --proxy-protocol (and [server] reuse_port, proxy_protocol) "
+            "apply to shtalk's own TLS listener on --interface/--port, not to --listen; "
+            "with --listen use Twisted's haproxy: prefix for a PROXY header before plain TCP"
+        )
+    if server.reuse_port and not reuseport.AVAILABLE:
+        raise ConfigError("--reuse-port: this system has no SO_REUSEPORT")
     if server.listen:
         try:
             endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
@@ -310,6 +349,10 @@ def build_service(
                 f"({' '.join(str(e).split()) or type(e).__name__}); "
                 "see https://docs.twisted.org/en/stable/core/howto/endpoints.html"
             ) from None
+    elif server.reuse_port:
+        endpoint = reuseport.ReusePortEndpoint(
+            reactor, server.port, backlog=BACKLOG, interface=server.interface
+        )
     else:
         # listenSSL's set-up (TCP under Twisted's TLS), with the handshake admitted.
         endpoint = endpoints.TCP4ServerEndpoint(  # type: ignore[no-untyped-call]
@@ -325,7 +368,8 @@ def build_service(
     stdout = sys.__stdout__ if out is None else out
 
     def announce(address: Any) -> None:
-        lines = announcement(address, fingerprint, server.listen)
+        lines = announcement(address, fingerprint, server.listen,
+                             reuse_port=server.reuse_port, proxied=server.proxy_protocol)
         lines += getattr(chat, "startup_notes", [])  # e.g. where mail goes
         if stdout is None or not log_reaches(stdout):
             for line in lines:
@@ -340,6 +384,12 @@ def build_service(
             server, reactor
         )
         factory = AdmittedTLSFactory(tls_options, factory, admission, reactor)
+        if server.proxy_protocol:
+            # Below TLS: the header comes before the ClientHello (shtalk.server.net.proxied).
+            factory = ProxyHeaderFactory(
+                factory, networks(server.trusted_proxies), reactor,
+                timeout=float(server.handshake_timeout),
+            )
     listener = StreamServerEndpointService(  # type: ignore[no-untyped-call]
         AnnouncingEndpoint(endpoint, announce), factory
     )

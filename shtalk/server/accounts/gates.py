@@ -3,7 +3,8 @@
 Every request that checks a password or a code asks the throttle first (keyed by the
 name tried and the address; it refuses while a delay runs and demands a CAPTCHA after
 repeated failures) and reports each failure to it.  The monitoring may also demand a
-CAPTCHA of an account or an address (`CaptchaDemands`), cleared once one is solved.
+CAPTCHA of an account or an address (`CaptchaDemands`; in a cluster
+``shtalk.server.accounts.redisdemands``), cleared once one is solved or after a day.
 CAPTCHAs are bound to the connection that was shown them (``owner``).
 """
 
@@ -14,15 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from shtalk.collaborators import collaborators
 from shtalk.server.accounts.captcha import CaptchaBook
-from shtalk.server.accounts.throttle import AuthThrottle, Verdict
+from shtalk.server.accounts.throttle import Verdict
 from shtalk.server.chat.users import Users
 from shtalk.server.config import AccountsSection
 from shtalk.server.eserver import BadRequest, CaptchaFailed, CaptchaRequired, Throttled
+from shtalk.server.iserver import IAuthThrottle, ICaptchaDemands
 from shtalk.wire.names import NameError_, normalise_username
 
 log = Logger()
@@ -32,6 +37,13 @@ NO_ACCOUNT = 0
 
 MAX_MISSES = 5
 """Wrong CAPTCHA answers one registration attempt includes (typos are not abuse)."""
+
+UNAVAILABLE = "the server cannot count failed attempts right now; try again shortly"
+"""The refusal while the shared failure throttle does not answer (it fails closed)."""
+
+DEMAND_TTL = 86400.0
+"""Seconds a demand of the monitoring lasts if no CAPTCHA is solved (it is raised again
+if the behaviour goes on)."""
 
 
 def account_key(username: str) -> str:
@@ -60,33 +72,65 @@ class RegisterAttempt:
         self.paid, self.misses = False, 0
 
 
+@implementer(ICaptchaDemands)
 class CaptchaDemands:
     """Accounts and addresses the monitoring flagged: each must solve a CAPTCHA at its
     next key interaction (login, register, password requests, and ``send`` for a
-    session already logged in); an entry goes once a CAPTCHA is solved."""
+    session already logged in); an entry goes once a CAPTCHA is solved, or after
+    ``ttl`` seconds (never without a clock).  One process's, in memory."""
 
-    def __init__(self) -> None:
-        self.accounts: set[int] = set()
-        self.addresses: set[str] = set()
+    def __init__(self, clock: IReactorTime | None = None, ttl: float = DEMAND_TTL) -> None:
+        self.clock = clock
+        self.ttl = ttl
+        #: subject -> until (reactor seconds)
+        self.accounts: dict[int, float] = {}
+        self.addresses: dict[str, float] = {}
 
-    def require(self, account_id: int | None = None, address: str | None = None) -> None:
+    def now(self) -> float:
+        return self.clock.seconds() if self.clock is not None else 0.0
+
+    def _until(self) -> float:
+        return self.now() + self.ttl if self.clock is not None else math.inf
+
+    def require(
+        self, account_id: int | None = None, address: str | None = None
+    ) -> Deferred[None]:
+        until = self._until()
         if account_id is not None:
-            self.accounts.add(account_id)
+            self.accounts[account_id] = until
         if address is not None:
-            self.addresses.add(address)
+            self.addresses[address] = until
+        return succeed(None)
+
+    def satisfied(
+        self, account_id: int | None = None, address: str | None = None
+    ) -> Deferred[None]:
+        if account_id is not None:
+            self.accounts.pop(account_id, None)
+        if address is not None:
+            self.addresses.pop(address, None)
+        return succeed(None)
+
+    def current(self) -> Deferred[None]:
+        now = self.now()
+        for uid in [k for k, until in self.accounts.items() if until <= now]:
+            del self.accounts[uid]
+        for address in [k for k, until in self.addresses.items() if until <= now]:
+            del self.addresses[address]
+        return succeed(None)
 
     def __bool__(self) -> bool:
         return bool(self.accounts or self.addresses)
 
 
-Demand = tuple[set[Any], Any]
+Demand = tuple[str, Any]  # ("account", user id) or ("address", address)
 
 
 @collaborators
 class Gates:
     captchas: CaptchaBook
-    throttle: AuthThrottle
-    demands: CaptchaDemands
+    throttle: IAuthThrottle
+    demands: ICaptchaDemands
     users: Users
     settings: AccountsSection
     # Test hook (SHTALK_TEST_CAPTCHA_ANSWERS): system tests read answers there.
@@ -121,12 +165,15 @@ class Gates:
     # -- gates --------------------------------------------------------------------------
     @staticmethod
     def _refuse_while_throttled(verdict: Verdict) -> None:
+        if verdict.unavailable:
+            raise Throttled(UNAVAILABLE, retry_after=math.ceil(verdict.retry_after))
         if verdict.wait:
             raise Throttled(
                 "too many failed attempts; wait before trying again",
                 retry_after=math.ceil(verdict.retry_after),
             )
 
+    @inlineCallbacks
     def gate(
         self,
         owner: str,
@@ -135,11 +182,12 @@ class Gates:
         captcha: dict[str, Any] | None,
         always_captcha: bool = False,
         user_id: int | None = None,
-    ) -> None:
+    ) -> Any:
         """Before an attempt: refuse while throttled; demand a CAPTCHA when due (the
         throttle's counts, ``always_captcha``, or the monitoring's demands)."""
-        verdict = self.throttle.check(account, address)
+        verdict = yield self.throttle.check(account, address)
         self._refuse_while_throttled(verdict)
+        yield self.demands.current()
         monitor = self._monitor_demands(account, user_id, address)
         if verdict.captcha or always_captcha or monitor:
             self._captcha(owner, captcha)
@@ -162,8 +210,9 @@ class Gates:
         question being so much easier to guess); after that the next challenge is a new
         attempt.  The attempt is used up once the account exists (``attempt.used()``).
         """
-        verdict = self.throttle.check(None, address)
+        verdict = yield self.throttle.check(None, address)
         self._refuse_while_throttled(verdict)
+        yield self.demands.current()
         monitor = self._monitor_demands(None, None, address)
         if not attempt.paid:
             yield pay()
@@ -192,27 +241,36 @@ class Gates:
     ) -> list[Demand]:
         """The monitoring's demands that apply to this attempt."""
         found: list[Demand] = []
-        addresses = self.demands.addresses
-        if address in addresses:
-            found.append((addresses, address))
-        accounts = self.demands.accounts
+        now = self.demands.now()
+        until = self.demands.addresses.get(address)
+        if until is not None and until > now:
+            found.append(("address", address))
         names = self.users.names
-        for uid in list(accounts):
+        for uid, until in list(self.demands.accounts.items()):
+            if until <= now:
+                continue
             name = names.get(uid)
             if uid == user_id or (
                 account is not None and name is not None and account_key(name) == account
             ):
-                found.append((accounts, uid))
+                found.append(("account", uid))
         return found
 
-    @staticmethod
-    def _monitor_satisfied(demands: list[Demand]) -> None:
-        for subjects, subject in demands:
-            subjects.discard(subject)
+    def _monitor_satisfied(self, demands: list[Demand]) -> None:
+        for kind, subject in demands:
+            if kind == "account":
+                self.demands.satisfied(account_id=subject)
+            else:
+                self.demands.satisfied(address=subject)
 
-    def failed(self, account: str | None, address: str, what: str) -> None:
-        self.throttle.failed(account, address)
+    def failed(self, account: str | None, address: str, what: str) -> Deferred[None]:
+        """Count a failure (the Deferred fires once it is recorded; it never fails)."""
         log.info("failed {what} attempt", what=what)
+        return self.throttle.failed(account, address).addErrback(_not_recorded)
 
-    def succeeded(self, account: str | None) -> None:
-        self.throttle.succeeded(account)
+    def succeeded(self, account: str | None) -> Deferred[None]:
+        return self.throttle.succeeded(account).addErrback(_not_recorded)
+
+
+def _not_recorded(failure: Failure) -> None:
+    log.failure("the failure throttle did not record an attempt", failure)

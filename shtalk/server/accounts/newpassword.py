@@ -35,7 +35,7 @@ class NewPassword(AccountPart):
         self, owner: str, address: str, username: str, captcha: dict[str, Any] | None
     ) -> Any:
         key = account_key(username)
-        self.gates.gate(owner, key, address, captcha, always_captcha=self.s.require_captcha)
+        yield self.gates.gate(owner, key, address, captcha, always_captcha=self.s.require_captcha)
         user = yield self.store.user_by_key(key)
         if user is not None and user.status == "active":
             yield self.mailed.issue(user, RESET)
@@ -48,7 +48,7 @@ class NewPassword(AccountPart):
     ) -> Any:
         """Returns (reply, families revoked)."""
         key = account_key(username)
-        self.gates.gate(owner, key, address, captcha)
+        yield self.gates.gate(owner, key, address, captcha)
         check_password_policy(new_password, username, self.s.min_password_length)
         user = yield self.store.user_by_key(key)
         pw_hash = yield self.hasher.hash(new_password)
@@ -67,15 +67,15 @@ class NewPassword(AccountPart):
     ) -> Any:
         """Returns the families revoked."""
         user: User = yield self.store.user_by_id(user_id)
-        self.gates.gate(owner, user.key, address, captcha, user_id=user.id)
+        yield self.gates.gate(owner, user.key, address, captcha, user_id=user.id)
         ok = yield self.hasher.check(password, user.pw_hash)
         if not ok:
-            self.gates.failed(user.key, address, "password change")
+            yield self.gates.failed(user.key, address, "password change")
             raise InvalidCredentials("the current password is wrong")
         check_password_policy(new_password, user.name, self.s.min_password_length)
         pw_hash = yield self.hasher.hash(new_password)
         families = yield self.codes.set_password(user.id, pw_hash)
-        self.gates.succeeded(user.key)
+        yield self.gates.succeeded(user.key)
         self.users.forget(user.key)
         log.info("password changed; every session revoked", user_id=user.id)
         return families

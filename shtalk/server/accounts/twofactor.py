@@ -48,7 +48,7 @@ class TwoFactor(AccountPart):
     @inlineCallbacks
     def confirm(self, owner: str, address: str, user_id: int, code: str) -> Any:
         user: User = yield self.store.user_by_id(user_id)
-        self.gates.gate(owner, user.key, address, None, user_id=user.id)
+        yield self.gates.gate(owner, user.key, address, None, user_id=user.id)
         rec: TotpRecord | None = yield self.codes.totp(user.id)
         if rec is None or rec.enabled:
             raise TotpNotEnabled("no TOTP enrolment is waiting; totp_enroll first")
@@ -59,7 +59,7 @@ class TwoFactor(AccountPart):
             else None
         )
         if step is None:
-            self.gates.failed(user.key, address, "TOTP confirmation")
+            yield self.gates.failed(user.key, address, "TOTP confirmation")
             raise InvalidCode("wrong code; check the device's clock")
         codes = totp.new_recovery_codes()
         ok = yield self.codes.enable_totp(user.id, step, [totp.code_hash(c) for c in codes])
@@ -105,7 +105,7 @@ class TwoFactor(AccountPart):
         captcha: dict[str, Any] | None, what: str,
     ) -> Any:
         user: User = yield self.store.user_by_id(user_id)
-        self.gates.gate(owner, user.key, address, captcha, user_id=user.id)
+        yield self.gates.gate(owner, user.key, address, captcha, user_id=user.id)
         pw_ok = yield self.hasher.check(password, user.pw_hash)
         rec: TotpRecord | None = yield self.codes.totp(user.id)
         enabled = rec is not None and rec.enabled
@@ -116,9 +116,9 @@ class TwoFactor(AccountPart):
         if pw_ok and not enabled:
             raise TotpNotEnabled("TOTP is not enabled")
         if not (pw_ok and code_ok):
-            self.gates.failed(user.key, address, what)
+            yield self.gates.failed(user.key, address, what)
             raise InvalidCredentials("wrong password or code")
-        self.gates.succeeded(user.key)
+        yield self.gates.succeeded(user.key)
         return user
 
     @inlineCallbacks

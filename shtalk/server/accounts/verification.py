@@ -34,7 +34,7 @@ class EmailVerification(AccountPart):
         self, owner: str, address: str, username: str, code: str, captcha: dict[str, Any] | None
     ) -> Any:
         key = account_key(username)
-        self.gates.gate(owner, key, address, captcha)
+        yield self.gates.gate(owner, key, address, captcha)
         user = yield self.store.user_by_key(key)
         uid = user.id if user is not None and user.status == "pending" else NO_ACCOUNT
         outcome = yield self.codes.check_email_code(

@@ -52,6 +52,7 @@ from shtalk.server.config.operations import (
     parse_limit,
 )
 from shtalk.server.config.parser import ServerConfig, default_data_dir, resolve_data_dir
+from shtalk.server.config.store import StoreSection
 
 __all__ = [
     "MONITOR_ACTIONS",
@@ -72,6 +73,7 @@ __all__ = [
     "SmtpSection",
     "StartupError",
     "StorageSection",
+    "StoreSection",
     "ThrottleSection",
     "TokensSection",
     "default_data_dir",

@@ -9,9 +9,10 @@ and token keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shtalk.server.config.base import FieldError, Section, register_section, setting
+from shtalk.server.config.operations import RateLimitSection
 
 
 @register_section("cluster")
@@ -53,3 +54,19 @@ class ClusterSection(Section):
     @property
     def enabled(self) -> bool:
         return bool(self.redis_url)
+
+
+def cluster_ratelimit(cluster: ClusterSection, limits: RateLimitSection) -> RateLimitSection:
+    """The rate-limit settings of a process of ``cluster``: its buckets must be shared.
+
+    One process: ``limits`` as they are.  A cluster: the buckets live in Redis (one
+    process's memory buckets would let a client spread its requests over the processes):
+    ``[ratelimit] backend = redis`` keeps its own ``redis_url`` and ``redis_prefix`` (the
+    operator chose them); ``memory``, the default, becomes the cluster's Redis under
+    ``<[cluster] prefix>rl:``, so two clusters on one Redis never share a bucket.
+    """
+    if not cluster.enabled or not limits.enabled or limits.backend == "redis":
+        return limits
+    return replace(
+        limits, backend="redis", redis_url=cluster.redis_url, redis_prefix=cluster.prefix + "rl:"
+    )

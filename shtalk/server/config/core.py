@@ -3,9 +3,10 @@ tokens and storage."""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
-from shtalk.server.config.base import Section, register_section, setting
+from shtalk.server.config.base import FieldError, Section, register_section, setting
 
 
 @register_section("server")
@@ -41,11 +42,48 @@ class ServerSection(Section):
         20, "sockets not yet past the TLS handshake per client address (IPv6: per /64); "
         "the oldest goes first", min=1,
     )
+    reuse_port: bool = setting(
+        False, "SO_REUSEPORT on interface:port, so several processes on this host share it "
+        "(the kernel spreads connections over them)",
+    )
+    proxy_protocol: bool = setting(
+        False, "every connection starts with a PROXY protocol header (v2 or v1) before TLS, "
+        "as HAProxy's send-proxy-v2 writes it; the client's address is taken from it",
+    )
+    trusted_proxies: str = setting(
+        "127.0.0.1, ::1", "addresses or networks (comma-separated) whose PROXY headers are "
+        "believed; a connection from anywhere else is closed when proxy_protocol is on",
+    )
     pre_auth_timeout: int = setting(30, "seconds a connection may stay unauthenticated", min=1)
     idle_timeout: int = setting(600, "seconds of silence before a connection is closed", min=1)
     max_line_length: int = setting(
         1048576, "longest protocol line in bytes; longer lines close the connection", min=1024
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            networks(self.trusted_proxies)
+        except ValueError as e:
+            raise FieldError("trusted_proxies", str(e)) from None
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def networks(text: str) -> tuple[Network, ...]:
+    """``"127.0.0.1, 10.0.0.0/8"`` as networks (an address alone is a /32 or /128)."""
+    found: list[Network] = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        try:
+            found.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{item.strip()!r} is not an IP address or network") from None
+    if not found:
+        raise ValueError("name at least one address or network (e.g. 127.0.0.1)")
+    return tuple(found)
 
 
 @register_section("accounts")

@@ -14,7 +14,10 @@ listener accepts:
   ``max_pending_handshakes_per_address`` per client address (IPv6 by its /64, as the
   rate limits count); when a new one would exceed a bound, the *oldest* is aborted.  An
   honest handshake is over within a few round trips, so the oldest sockets are the ones
-  least likely to be a person; the newest, a person's reconnect, gets in.
+  least likely to be a person; the newest, a person's reconnect, gets in.  In a cluster
+  the per-address bound is also counted across processes (``shared``, an
+  ``IAddressCounts`` in Redis): over it, the oldest of the address *here* gives its
+  place to the new socket, or, with none here, the new one goes.
 * **CPU for progress, not for waiting**: a handshake step (the server's work on bytes
   the peer sent) takes one of `STEPS_PER_TURN` slots of the current reactor turn; a
   burst of ClientHellos beyond that waits, unread, for the next turns, so a login storm
@@ -37,6 +40,7 @@ import ctypes.util
 from collections import deque
 from typing import Any
 
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -82,6 +86,8 @@ class PendingHandshakes:
     max_per_address: int = 20
     steps_per_turn: int = STEPS_PER_TURN
     trim_after: int = TRIM_AFTER
+    #: The per-address count of every process (IAddressCounts), in a cluster.
+    shared: Any = None
 
     def __post_init__(self) -> None:
         # Insertion order is accept order: the first entry is the oldest.
@@ -100,12 +106,15 @@ class PendingHandshakes:
         self.heap_trim = _malloc_trim()
 
     @classmethod
-    def from_config(cls, server: ServerSection, clock: IReactorTime) -> PendingHandshakes:
+    def from_config(
+        cls, server: ServerSection, clock: IReactorTime, shared: Any = None
+    ) -> PendingHandshakes:
         return cls(
             clock,
             timeout=float(server.handshake_timeout),
             max_pending=server.max_pending_handshakes,
             max_per_address=server.max_pending_handshakes_per_address,
+            shared=shared,
         )
 
     # the life of a pending socket ------------------------------------------------------
@@ -120,11 +129,30 @@ class PendingHandshakes:
         self.by_address.setdefault(conn.address, {})[conn] = None
         if self._expiry is None:
             self._expiry = self.clock.callLater(self.timeout, self._expire)
+        if self.shared is not None:
+            maybeDeferred(self.shared.admit, conn.address).addCallback(self._shared, conn)
+
+    def _shared(self, admitted: bool, conn: AdmittedTLSProtocol) -> None:
+        """The cluster's answer for a new socket (it may have gone meanwhile)."""
+        if conn not in self.pending:
+            if admitted:
+                self.shared.release(conn.address)
+            return
+        if admitted:
+            conn.shared_counted = True
+            return
+        oldest = next(iter(self.by_address[conn.address]))
+        if oldest is not conn and oldest.shared_counted:
+            oldest.shared_counted, conn.shared_counted = False, True  # its place, counted
+        self._drop(oldest, "address")
 
     def finished(self, conn: AdmittedTLSProtocol) -> None:
         """Past the handshake, failed, or gone: forget it (idempotent)."""
         if self.pending.pop(conn, None) is None:
             return
+        if conn.shared_counted:
+            conn.shared_counted = False
+            self.shared.release(conn.address)
         group = self.by_address.get(conn.address)
         if group is not None:
             group.pop(conn, None)
@@ -222,6 +250,7 @@ class AdmittedTLSProtocol(BufferingTLSTransport):
     factory: AdmittedTLSFactory
     address = ""
     held: list[bytes] | None = None  # the peer's bytes while waiting for a slot
+    shared_counted = False  # counted in PendingHandshakes.shared
 
     def _checkHandshakeStatus(self) -> None:
         if self._tlsConnection is not None:
@@ -240,6 +269,8 @@ class AdmittedTLSProtocol(BufferingTLSTransport):
         super()._shutdownTLS()  # type: ignore[no-untyped-call]
 
     def makeConnection(self, transport: Any) -> None:
+        # Behind a proxy, ``transport`` is the PROXY header layer, connecting us once the
+        # header named the client: the bounds per address count clients, not the proxy.
         peer = transport.getPeer()
         self.address = address_key(str(getattr(peer, "host", peer)))
         super().makeConnection(transport)  # type: ignore[no-untyped-call]

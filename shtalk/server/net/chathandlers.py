@@ -13,10 +13,10 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from shtalk.server.accounts.gates import CaptchaDemands, Gates
+from shtalk.server.accounts.gates import Gates
 from shtalk.server.chat.naming import user_key
 from shtalk.server.eserver import Forbidden
-from shtalk.server.iserver import IStore
+from shtalk.server.iserver import ICaptchaDemands, IStore
 from shtalk.server.net.connection import ShtalkServerProtocol as Conn
 from shtalk.server.ops.moderation import Moderation
 from shtalk.server.ops.monitor import Monitor
@@ -28,7 +28,7 @@ class ChatHandlers:
         self,
         store: IStore,
         gates: Gates,
-        demands: CaptchaDemands,
+        demands: ICaptchaDemands,
         moderation: Moderation | None = None,
         monitor: Monitor | None = None,
     ) -> None:
@@ -75,7 +75,7 @@ class ChatHandlers:
     def on_send(self, conn: Conn, request: Request) -> Deferred[Any]:
         a = request.args
         demands = self.demands
-        if demands.accounts or demands.addresses:
+        if demands:
             # The monitoring flagged someone: a flagged sender proves to be a person
             # before the next message goes out (the CAPTCHA is in the error).
             self.gates.monitor_gate(conn.conn_token, conn.me.user.id, conn.peer, a.get("captcha"))

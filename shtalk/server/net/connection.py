@@ -30,7 +30,8 @@ from shtalk.server.accounts.gates import RegisterAttempt
 from shtalk.server.chat import pushes
 from shtalk.server.chat.presence import Presence
 from shtalk.server.eserver import SessionEnded
-from shtalk.server.iserver import IChatMind, IChatUser
+from shtalk.server.iserver import IAddressCounts, IChatMind, IChatUser
+from shtalk.server.net.addresscounts import AddressCounts
 from shtalk.server.net.admission import PendingHandshakes
 from shtalk.server.net.audit import Audit
 from shtalk.server.net.dispatch import Handler, dispatch_table
@@ -70,6 +71,7 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         self._deadline: IDelayedCall | None = None
         self._idle: IDelayedCall | None = None
         self._counted = False
+        self._lost = False
         # Live pushes are held while the backlog is replayed (shtalk.server.net.backlog).
         self._holding: list[tuple[int, bytes]] | None = None
         self._order = RequestOrder()
@@ -87,6 +89,8 @@ class ShtalkServerProtocol(LineOnlyReceiver):
     def connectionMade(self) -> None:
         f = self.factory
         self.MAX_LENGTH = f.max_line_length
+        # The client's address, also behind a proxy: with --proxy-protocol this protocol
+        # is built only once the PROXY header named the client (shtalk.server.net.proxied).
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.peer = getattr(peer, "host", str(peer))
         self.peer_key = address_key(self.peer)
@@ -112,9 +116,20 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         self._admit()
 
     def _admit(self) -> None:
-        """The per-address cap of our own (LimitConnectionsByPeer is broken on Twisted 26)."""
-        if self.factory.admit(self.peer):
-            self._counted = True
+        """The per-address cap of our own (LimitConnectionsByPeer is broken on Twisted 26).
+
+        A cluster's count answers later (Redis): the connection's requests wait for it."""
+        admitted = self.factory.counts.admit(self.peer)
+        if isinstance(admitted, Deferred):
+            self._order.wait_for(admitted.addCallback(self._admitted))
+            return
+        self._admitted(admitted)
+
+    def _admitted(self, admitted: bool) -> None:
+        if admitted and self._lost:  # gone while the count was asked
+            self.factory.counts.release(self.peer)
+        self._counted = admitted and not self._lost
+        if admitted or self._lost:
             return
         self._closing = True
         self._send_error(
@@ -125,9 +140,10 @@ class ShtalkServerProtocol(LineOnlyReceiver):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closing = True
+        self._lost = True
         self._cancel_timers()
         if self._counted:
-            self.factory.release(self.peer)
+            self.factory.counts.release(self.peer)
             self._counted = False
         self._drop_avatar()
 
@@ -457,6 +473,7 @@ class ShtalkServerFactory(Factory):
         max_envelope_bytes: int = 65536,
         min_password_length: int = 12,
         captcha_ttl: float = 600.0,
+        counts: IAddressCounts | None = None,
     ) -> None:
         self.clock = clock
         self.handlers = dispatch_table(ShtalkServerProtocol, handlers)
@@ -473,20 +490,12 @@ class ShtalkServerFactory(Factory):
         self.max_envelope_bytes = max_envelope_bytes
         self.min_password_length = min_password_length
         self.captcha_ttl = captcha_ttl
-        self.per_address: dict[str, int] = {}
+        #: Connections per address: this process's (the default), or a cluster's.
+        self.counts: IAddressCounts = counts or AddressCounts(max_connections_per_address)
         self.requests = 0
 
-    def admit(self, host: str) -> bool:
-        """Count a connection past the handshake; False: the address is at its cap."""
-        n = self.per_address.get(host, 0)
-        if n >= self.max_per_address:
-            return False
-        self.per_address[host] = n + 1
-        return True
-
-    def release(self, host: str) -> None:
-        n = self.per_address.get(host, 0) - 1
-        if n > 0:
-            self.per_address[host] = n
-        else:
-            self.per_address.pop(host, None)
+    @property
+    def per_address(self) -> dict[str, int]:
+        """This process's connections per address (metrics)."""
+        local: dict[str, int] = self.counts.local
+        return local

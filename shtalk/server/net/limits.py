@@ -8,6 +8,7 @@ closed: that is no longer a person retrying.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any
 
@@ -15,8 +16,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from shtalk.collaborators import collaborators
-from shtalk.server.accounts.gates import Gates, account_key
+from shtalk.server.accounts.gates import UNAVAILABLE, Gates, account_key
+from shtalk.server.accounts.throttle import Verdict
 from shtalk.server.chat.naming import user_key
+from shtalk.server.eserver import Throttled
 from shtalk.server.ops.ratelimit import REQUEST_ACTIONS, RateLimiter
 from shtalk.wire.errors import ProtocolError
 from shtalk.wire.frames import Request
@@ -38,6 +41,12 @@ def _account_of(username: object) -> str | None:
         return "n:" + username[:64].lower()
 
 
+def _wait(verdict: Verdict) -> float:
+    if verdict.unavailable:  # the buckets need not be asked: refused anyway
+        raise Throttled(UNAVAILABLE, retry_after=math.ceil(verdict.retry_after))
+    return float(verdict.retry_after)
+
+
 @collaborators
 class RequestLimits:
     limiter: RateLimiter | None  # None: not rate limited
@@ -57,20 +66,25 @@ class RequestLimits:
             account: str | None = str(user.id)
         else:
             account = _account_of(request.args.get("username"))
-        return limiter.check(action, account, peer_key, self._throttled_for(request, user, peer))
-
-    def _throttled_for(self, request: Request, user: Any, peer: str) -> float:
-        """Seconds the failure throttle will make this request wait (0: none)."""
         gates = self.gates
         if gates is None or request.type not in THROTTLED:
-            return 0.0
+            return limiter.check(action, account, peer_key)
+        # The throttle answers first (from Redis in a cluster): its wait decides how the
+        # buckets are asked.
+        held = self._throttled_for(gates, request, user, peer)
+        return held.addCallback(lambda wait: limiter.check(action, account, peer_key, wait))
+
+    @staticmethod
+    def _throttled_for(gates: Gates, request: Request, user: Any, peer: str) -> Deferred[float]:
+        """Seconds the failure throttle will make this request wait (0: none)."""
         if user is not None:
             account: str | None = user.key
         elif request.type == "register":
             account = None
         else:
             account = account_key(request.args["username"])
-        return float(gates.throttle.check(account, peer).retry_after)
+        d = gates.throttle.check(account, peer)
+        return d.addCallback(_wait)
 
     def pay_register(self, username: str, peer_key: str) -> Deferred[None] | None:
         """One ``register`` token (per name tried and per address) for a new attempt."""

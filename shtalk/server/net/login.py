@@ -61,13 +61,13 @@ class LoginHandlers:
     def on_login(self, conn: Conn, request: Request) -> Any:
         a = request.args
         key = account_key(a["username"])
-        self.gates.gate(conn.conn_token, key, conn.peer, a.get("captcha"))
+        yield self.gates.gate(conn.conn_token, key, conn.peer, a.get("captcha"))
         conn.authenticating(a["device"]["id"], clean_label(a["device"].get("label") or ""))
         creds = PasswordCredentials(a["username"], a["password"], a.get("otp"))
         d = self._portal_login(conn, creds)
         d.addErrback(self._login_refused, key, conn.peer)
         avatar: IChatUser = yield d.addErrback(self._failed, conn)
-        self.gates.succeeded(key)
+        yield self.gates.succeeded(key)
         family, access, refresh = yield self.sessions.start(avatar.user.id, avatar.device_id)
         self._logged_in(conn, family)
         return {"user": avatar.user.name, "device": avatar.device_id,
@@ -144,10 +144,12 @@ class LoginHandlers:
         conn.auth_failed()
         return failure
 
-    def _login_refused(self, failure: Failure, key: str, peer: str) -> Failure:
+    def _login_refused(self, failure: Failure, key: str, peer: str) -> Any:
+        """A wrong secret is counted before the refusal goes out (so a retry, on any
+        process of a cluster, already finds it counted)."""
         e = to_wire(failure.value)
         if e is not None and e.code is ErrorCode.INVALID_CREDENTIALS:
-            self.gates.failed(key, peer, "login")
+            return self.gates.failed(key, peer, "login").addCallback(lambda _: failure)
         return failure
 
     @inlineCallbacks

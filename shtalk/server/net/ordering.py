@@ -10,6 +10,7 @@ the connection (``run``), and its Deferred must always succeed (errors were repl
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 
@@ -52,6 +53,17 @@ class RequestOrder:
             self._serial = done
             self._inflight.clear()
             done.addCallback(self._serial_finished, done)
+
+    def wait_for(self, d: Deferred[Any]) -> None:
+        """Requests scheduled from now on wait for ``d`` too (as for a request that is
+        not pipelined), whatever it fires with."""
+        gate = _after(d)
+        pending = self._all_done()
+        if pending is not None:
+            gate = gatherResults([pending, gate]).addCallback(lambda _: None)
+        self._serial = gate
+        self._inflight.clear()
+        gate.addCallback(self._serial_finished, gate)
 
     def _all_done(self) -> Deferred[None] | None:
         pending = [d for d in self._inflight if not d.called]

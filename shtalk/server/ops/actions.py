@@ -8,8 +8,8 @@ makes sense for one (throttle, suspend) asks an address for a CAPTCHA instead.
 from __future__ import annotations
 
 from shtalk.collaborators import collaborators
-from shtalk.server.accounts.gates import CaptchaDemands
 from shtalk.server.config import MonitorSection
+from shtalk.server.iserver import ICaptchaDemands
 from shtalk.server.ops.moderation import Moderation
 from shtalk.server.ops.monitor import Action, Flag
 from shtalk.server.ops.ratelimit import RateLimiter
@@ -17,7 +17,7 @@ from shtalk.server.ops.ratelimit import RateLimiter
 
 @collaborators
 class MonitorActions:
-    demands: CaptchaDemands
+    demands: ICaptchaDemands
     limiter: RateLimiter
     moderation: Moderation
     config: MonitorSection

@@ -142,6 +142,8 @@ class Moderation:
                 evidence["plaintext"] = plaintext[:4000]
         flag = monitor.reported(target.id, target.name, reporter.name, verified, evidence,
                                 qualifies, address)
+        if flag is not None:
+            yield monitor.stored(flag)  # the reply names it by its id
         log.info("report against {user_id} (verified: {verified})", event="report",
                  user_id=target.id, reporter=reporter.id, verified=verified)
         return {"user": target.name, "verified": verified,

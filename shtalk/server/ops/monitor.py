@@ -17,26 +17,32 @@ A signal raises a `Flag` (subject, signal, reason, counts) and runs its configur
 action once per flag: ``flag`` (nothing more), ``captcha`` (a demand of the account gates,
 ``CaptchaDemands.require``), ``throttle`` (the account's rate-limit buckets shrink
 to 1/``throttle_factor`` for ``throttle_seconds``) or ``suspend`` (the account is
-suspended pending review: its sessions end and it cannot log in).  Flags are kept in
-``flags.json`` in the data directory and reviewed with ``shtalk-admin review``.
+suspended pending review: its sessions end and it cannot log in).  Flags are kept by an
+``IFlagStore`` (the database's table; ``flags.json`` in the data directory when given a
+path: ``shtalk.server.ops.flagstore``) and reviewed with ``shtalk-admin review``.  The
+monitor works on its own copy and saves each change, one at a time and in order; in a
+cluster each process raises its own flags and `refresh` reads everyone's.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shtalk.server.config import MonitorSection
+from shtalk.server.iserver import IFlagStore
+from shtalk.server.ops.flagstore import FileFlagStore
+from shtalk.server.store.records import Flag
+
+__all__ = ["SIGNALS", "Flag", "Monitor", "Window"]
 
 log = Logger()
 
@@ -46,22 +52,6 @@ REPORT_SPAN = 30 * 86400.0
 SIGNALS = (
     "send_rate", "strangers", "new_account_strangers", "registrations", "same_size", "reports",
 )
-
-
-@dataclass
-class Flag:
-    id: int
-    kind: str  # "account" or "address"
-    subject: str  # user id, or the client address
-    label: str  # the account's name, or the address
-    signal: str
-    reason: str
-    action: str
-    count: int
-    first: float
-    last: float
-    status: str = "open"  # open, cleared
-    evidence: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Window:
@@ -96,18 +86,20 @@ class Monitor:
         self,
         config: MonitorSection,
         clock: IReactorTime,
-        path: Path | None = None,
+        store: IFlagStore | Path | None = None,
         partners: Callable[[int], Any] | None = None,
         actions: Mapping[str, Action] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
-        self.path = path
+        # None: flags live in this object only (tests).
+        self.store: IFlagStore | None = FileFlagStore(store) if isinstance(store, Path) else store
         self.partners = partners  # user id -> Deferred[list[int]] (the store's dm_partners)
         self.enabled = config.enabled
-        self.flags: dict[int, Flag] = {}
-        self.open_by_key: dict[tuple[str, str, str], int] = {}
-        self.next_id = 1
+        self.flags: dict[int, Flag] = {}  # stored flags by id
+        self.open_by_key: dict[tuple[str, str, str], Flag] = {}  # stored or being stored
+        self.next_id = 1  # without a store
+        self._saves = DeferredLock()  # one save at a time, in order
         w = float(config.window)
         self.sends = Window(w)
         self.new_peers = Window(w)
@@ -122,31 +114,65 @@ class Monitor:
         self.actions: Mapping[str, Action] = actions or {}  # flag.action -> what it does
         self.routed = 0
         self.raised: Counter[str] = Counter()
-        self._load()
+        #: Fires once the stored flags are read (at once for a file).
+        self.loaded: Deferred[None] = self.refresh()
 
     # --- persistence --------------------------------------------------------------
-    def _load(self) -> None:
-        if self.path is None or not self.path.exists():
-            return
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            for raw in data.get("flags", []):
-                flag = Flag(**raw)
-                self.flags[flag.id] = flag
-                if flag.status == "open":
-                    self.open_by_key[(flag.kind, flag.subject, flag.signal)] = flag.id
-            self.next_id = max([0, *self.flags]) + 1
-        except (OSError, ValueError, TypeError) as e:
-            log.error("flags file unreadable ({what}); starting with no flags", what=str(e)[:100])
+    def refresh(self) -> Deferred[None]:
+        """Read the stored flags (every process's, in a cluster) after the saves queued
+        so far; a flag known here takes the stored state.  Never fails (logged)."""
+        store = self.store
+        if store is None:
+            return succeed(None)
+        d: Deferred[list[Flag]] = self._saves.run(store.load_flags)
 
-    def save(self) -> None:
-        if self.path is None:
-            return
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"flags": [asdict(fl) for fl in self.flags.values()]}, f)
-        os.replace(tmp, self.path)
+        def merge(stored: list[Flag]) -> None:
+            for flag in stored:
+                mine = self.flags.get(flag.id)
+                if mine is None:
+                    self.flags[flag.id] = mine = flag
+                else:
+                    for f in fields(Flag):
+                        setattr(mine, f.name, getattr(flag, f.name))
+                key = (mine.kind, mine.subject, mine.signal)
+                if mine.status == "open":
+                    self.open_by_key.setdefault(key, mine)
+                elif self.open_by_key.get(key) is mine:
+                    del self.open_by_key[key]
+
+        def failed(failure: Failure) -> None:
+            log.failure("the monitoring flags could not be read", failure)
+
+        return d.addCallbacks(merge, failed)
+
+    def save(self, flag: Flag) -> Deferred[None]:
+        """Store ``flag`` (a new one gets its id then); never fails (logged)."""
+        store = self.store
+        if store is None:
+            if not flag.id:
+                flag.id, self.next_id = self.next_id, self.next_id + 1
+            self.flags[flag.id] = flag
+            return succeed(None)
+
+        def stored(flag_id: int) -> None:
+            # Still holding the lock: the next save of this flag sees its id.
+            flag.id = flag_id
+            self.flags[flag_id] = flag
+
+        def failed(failure: Failure) -> None:
+            log.failure("a monitoring flag was not saved", failure)
+
+        def locked() -> Deferred[None]:
+            return store.save_flag(flag).addCallback(stored)
+
+        d: Deferred[None] = self._saves.run(locked)
+        return d.addErrback(failed)
+
+    def stored(self, flag: Flag) -> Deferred[Flag]:
+        """Fires with ``flag`` once the saves queued so far are done (a new flag then has
+        its id)."""
+        d: Deferred[Flag] = self._saves.run(succeed, flag)
+        return d
 
     # --- raising flags ----------------------------------------------------------------
     def raise_flag(
@@ -157,9 +183,8 @@ class Monitor:
         and an open flag whose action was only "flag" runs a stronger one once given."""
         now = self.clock.seconds()
         key = (kind, subject, signal)
-        existing = self.open_by_key.get(key)
-        if existing is not None:
-            flag = self.flags[existing]
+        flag = self.open_by_key.get(key)
+        if flag is not None:
             flag.count, flag.last, flag.reason = max(flag.count, count), now, reason
             if evidence is not None and len(flag.evidence) < 20:
                 flag.evidence.append(evidence)
@@ -167,23 +192,24 @@ class Monitor:
             if escalate:
                 assert action is not None
                 flag.action = action
-            self.save()
+            self.save(flag)
             if escalate:
                 self._run(flag)
             return flag
         if action is None:
             action = str(getattr(self.config, f"{signal}_action", "flag"))
-        flag = Flag(self.next_id, kind, subject, label, signal, reason, action, count, now, now,
+        flag = Flag(0, kind, subject, label, signal, reason, action, count, now, now,
                     evidence=[evidence] if evidence is not None else [])
-        self.next_id += 1
-        self.flags[flag.id] = flag
-        self.open_by_key[key] = flag.id
+        self.open_by_key[key] = flag
         self.raised[signal] += 1
-        self.save()
-        log.warn("flag {flag_id} raised: {signal} on {kind} ({reason}); action {action}",
-                 event="monitor.flag", flag_id=flag.id, signal=signal, kind=kind,
-                 reason=reason, action=action,
-                 **({"user_id": subject} if kind == "account" else {"address": subject}))
+
+        def raised(_: object) -> None:
+            log.warn("flag {flag_id} raised: {signal} on {kind} ({reason}); action {action}",
+                     event="monitor.flag", flag_id=flag.id, signal=signal, kind=kind,
+                     reason=reason, action=action,
+                     **({"user_id": subject} if kind == "account" else {"address": subject}))
+
+        self.save(flag).addCallback(raised)
         self._run(flag)
         return flag
 
@@ -200,8 +226,10 @@ class Monitor:
         if flag is None:
             return None
         flag.status = "cleared"
-        self.open_by_key.pop((flag.kind, flag.subject, flag.signal), None)
-        self.save()
+        key = (flag.kind, flag.subject, flag.signal)
+        if self.open_by_key.get(key) is flag:
+            del self.open_by_key[key]
+        self.save(flag)
         return flag
 
     def open_flags(self) -> list[Flag]:

@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import txredisapi  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -73,6 +73,18 @@ def parse_redis_url(url: str) -> tuple[str, int, int]:
     return parts.hostname or "127.0.0.1", parts.port or 6379, db
 
 
+def redis_credentials(url: str) -> dict[str, str]:
+    """``username``/``password`` of ``redis://USER:PASSWORD@HOST:PORT/DB`` (AUTH at
+    connect), for txredisapi's connection; empty when the URL has none."""
+    parts = urlsplit(url)
+    found: dict[str, str] = {}
+    if parts.password:
+        found["password"] = unquote(parts.password)
+        if parts.username:
+            found["username"] = unquote(parts.username)
+    return found
+
+
 class RedisBuckets:
     name = "redis"
 
@@ -84,6 +96,7 @@ class RedisBuckets:
         self.clock = clock
         self.timeout = timeout
         self.host, self.port, self.db = parse_redis_url(url)
+        self._auth = redis_credentials(url)
         self._conn: Any = None
         self.calls = 0
 
@@ -92,7 +105,7 @@ class RedisBuckets:
             # Lazy: returns at once and connects (and reconnects) in the background.
             self._conn = txredisapi.lazyConnection(
                 self.host, self.port, dbid=self.db, reconnect=True,
-                connectTimeout=self.timeout, convertNumbers=False,
+                connectTimeout=self.timeout, convertNumbers=False, **self._auth,
             )
         return self._conn
 

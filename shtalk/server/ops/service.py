@@ -119,6 +119,8 @@ class Operations:
                 "window": self.monitor.config.window,
                 "ratelimit_backend": getattr(self.limiter.backend, "name", "?"),
             }
+        if cmd in ("flags", "clear"):
+            yield self.monitor.refresh()  # every process's, where the store is shared
         if cmd == "flags":
             flags = self.monitor.flags.values() if request.get("all") else (
                 self.monitor.open_flags())

@@ -20,8 +20,8 @@ each.  Instead:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -37,10 +37,26 @@ SEQ_MEMORY = 100_000
 Acks = dict[tuple[int, str], list[int]]
 
 
+class CursorSQL(Protocol):
+    """The statements the book runs (`shtalk.server.store.sql.messages` or another
+    engine's module with the same functions)."""
+
+    def last_seq_by_mailbox(self, conn: Any, seqs: Sequence[int]) -> Iterable[tuple[str, int]]:
+        ...
+
+    def cursor(self, conn: Any, user_id: int, device_id: str, mailbox: str) -> int | None: ...
+
+    def move_cursors(self, conn: Any, updates: list[tuple[int, int, str, str, int]]) -> None:
+        ...
+
+    def sweep(self, conn: Any, mailbox: str, lo: int, hi: int) -> int: ...
+
+
 class CursorBook:
     """What the writer thread remembers between transactions.  Writer thread only."""
 
-    def __init__(self) -> None:
+    def __init__(self, sql: CursorSQL | None = None) -> None:
+        self.sql: CursorSQL = cast(CursorSQL, messages) if sql is None else sql
         #: The mailbox of recent seqs (filled by the appends).
         self.seq_mailbox: dict[int, str] = {}
         #: Cursors as last written, by (user, device, mailbox).
@@ -70,7 +86,7 @@ class CursorBook:
             for mailbox, seq in highest.items():
                 best[(user_id, device_id, cast(str, mailbox))] = seq
             if unknown:  # older than the writer remembers (or not a message at all)
-                for mailbox, seq in messages.last_seq_by_mailbox(conn, sorted(set(unknown))):
+                for mailbox, seq in self.sql.last_seq_by_mailbox(conn, sorted(set(unknown))):
                     k = (user_id, device_id, mailbox)
                     if best.get(k, 0) < seq:
                         best[k] = seq
@@ -80,7 +96,7 @@ class CursorBook:
         for k, seq in best.items():
             old = cursor_at.get(k)
             if old is None:
-                old = messages.cursor(conn, *k)
+                old = self.sql.cursor(conn, *k)
                 if old is None:
                     continue  # not a mailbox this device reads: ignored
             if seq <= old:
@@ -93,7 +109,7 @@ class CursorBook:
             unswept[mailbox] = (old, seq) if lo_hi is None else (
                 min(lo_hi[0], old), max(lo_hi[1], seq))
         if updates:
-            messages.move_cursors(conn, updates)
+            self.sql.move_cursors(conn, updates)
         if len(cursor_at) > SEQ_MEMORY:
             cursor_at.clear()
         if sweep_now:
@@ -102,7 +118,7 @@ class CursorBook:
     def sweep(self, conn: Conn) -> int:
         """Delete what the acks since the last sweep freed."""
         unswept, self.unswept = self.unswept, {}
-        return sum(messages.sweep(conn, mailbox, lo, hi) for mailbox, (lo, hi) in unswept.items())
+        return sum(self.sql.sweep(conn, mailbox, lo, hi) for mailbox, (lo, hi) in unswept.items())
 
 
 class AckingGroupCommit(GroupCommit):

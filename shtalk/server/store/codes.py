@@ -8,6 +8,7 @@ something is one op of the group commit, hence atomic.
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -26,57 +27,60 @@ class _Lanes(Protocol):
 
 @implementer(ICodeStore)
 class SQLiteCodeStore:
-    def __init__(self, store: _Lanes) -> None:
+    """Also PostgreSQL's, given that engine's module of the same functions as ``sql``."""
+
+    def __init__(self, store: _Lanes, sql: ModuleType = security) -> None:
         self.store = store
+        self.sql: Any = sql
 
     def put_email_code(
         self, user_id: int, purpose: str, code_hash: bytes, expires: float, now: float,
         min_interval: float,
     ) -> Deferred[bool]:
         return self.store.run_write(
-            security.put_email_code, user_id, purpose, code_hash, expires, now, min_interval
+            self.sql.put_email_code, user_id, purpose, code_hash, expires, now, min_interval
         )
 
     def check_email_code(
         self, user_id: int, purpose: str, code_hash: bytes, now: float, max_attempts: int
     ) -> Deferred[str]:
         return self.store.run_write(
-            security.check_email_code, user_id, purpose, code_hash, now, max_attempts
+            self.sql.check_email_code, user_id, purpose, code_hash, now, max_attempts
         )
 
     def reset_with_code(
         self, user_id: int, code_hash: bytes, now: float, max_attempts: int, pw_hash: bytes
     ) -> Deferred[tuple[str, list[str]]]:
         return self.store.run_write(
-            security.reset_with_code, user_id, code_hash, now, max_attempts, pw_hash
+            self.sql.reset_with_code, user_id, code_hash, now, max_attempts, pw_hash
         )
 
     def set_password(self, user_id: int, pw_hash: bytes) -> Deferred[list[str]]:
-        return self.store.run_write(security.set_password, user_id, pw_hash)
+        return self.store.run_write(self.sql.set_password, user_id, pw_hash)
 
     def purge_pending(self, cutoff: float) -> Deferred[int]:
-        return self.store.run_write(security.purge_pending, cutoff)
+        return self.store.run_write(self.sql.purge_pending, cutoff)
 
     def totp(self, user_id: int) -> Deferred[TotpRecord | None]:
-        return self.store.run_read(security.totp, user_id)
+        return self.store.run_read(self.sql.totp, user_id)
 
     def put_pending_totp(self, user_id: int, sealed: bytes, now: float) -> Deferred[bool]:
-        return self.store.run_write(security.put_pending_totp, user_id, sealed, now)
+        return self.store.run_write(self.sql.put_pending_totp, user_id, sealed, now)
 
     def enable_totp(self, user_id: int, step: int, code_hashes: list[bytes]) -> Deferred[bool]:
-        return self.store.run_write(security.enable_totp, user_id, step, code_hashes)
+        return self.store.run_write(self.sql.enable_totp, user_id, step, code_hashes)
 
     def replace_recovery(self, user_id: int, code_hashes: list[bytes]) -> Deferred[None]:
-        return self.store.run_write(security.replace_recovery, user_id, code_hashes)
+        return self.store.run_write(self.sql.replace_recovery, user_id, code_hashes)
 
     def accept_step(self, user_id: int, step: int) -> Deferred[bool]:
-        return self.store.run_write(security.accept_step, user_id, step)
+        return self.store.run_write(self.sql.accept_step, user_id, step)
 
     def use_recovery(self, user_id: int, code_hash: bytes) -> Deferred[bool]:
-        return self.store.run_write(security.use_recovery, user_id, code_hash)
+        return self.store.run_write(self.sql.use_recovery, user_id, code_hash)
 
     def disable_totp(self, user_id: int) -> Deferred[None]:
-        return self.store.run_write(security.disable_totp, user_id)
+        return self.store.run_write(self.sql.disable_totp, user_id)
 
     def recovery_left(self, user_id: int) -> Deferred[int]:
-        return self.store.run_read(security.recovery_left, user_id)
+        return self.store.run_read(self.sql.recovery_left, user_id)

@@ -142,6 +142,9 @@ class GroupCommit:
     ``accepting`` is True from `start` (the store is open) until the store closes.
     """
 
+    #: Runs one batch in the writer thread (another engine brings its own).
+    run_batch: Callable[[Any, list[Op]], Outcomes] = staticmethod(_call_run_batch)
+
     def __init__(self) -> None:
         self._writer: SQLiteThread | None = None
         self.accepting = False
@@ -189,7 +192,7 @@ class GroupCommit:
         self.writing = True
         assert self._writer is not None
         self._writer.submit(
-            _call_run_batch, ([op for op, _ in batch],), lambda r: self._committed(r, batch)
+            self.run_batch, ([op for op, _ in batch],), lambda r: self._committed(r, batch)
         )
 
     def _board(self) -> tuple[Op, Deferred[Any]] | None:

@@ -40,6 +40,7 @@ from shtalk.server.store.memtables import (
 )
 from shtalk.server.store.records import (
     AppendResult,
+    ChainLink,
     ClaimedBundle,
     Device,
     Member,
@@ -332,16 +333,19 @@ class MemoryStore:
         return None if member is None else member[1]
 
     @answered
-    def add_member(self, room_id: int, user_id: int, role: str) -> None:
+    def add_member(self, room_id: int, user_id: int, role: str) -> ChainLink:
         t = self.tables
         t.need_room(room_id)
         t.need_user(user_id)
+        link = t.next_link(room_mailbox(room_id))
         t.members[room_id].setdefault(user_id, (role, t.now()))
         t.add_cursors(user_id, room_mailbox(room_id))  # late joiners get no history
+        return link
 
     @answered
-    def remove_member(self, room_id: int, user_id: int) -> None:
+    def remove_member(self, room_id: int, user_id: int) -> ChainLink:
         t = self.tables
+        link = t.next_link(room_mailbox(room_id))
         t.members.get(room_id, {}).pop(user_id, None)
         t.invites.pop((room_id, user_id), None)
         mailbox = room_mailbox(room_id)
@@ -353,6 +357,7 @@ class MemoryStore:
                 del readers[k]
             # Messages only they were still holding back can go now.
             t.sweep(mailbox, lowest, t.last_seq)
+        return link
 
     @answered
     def set_role(self, room_id: int, user_id: int, role: str) -> None:
@@ -400,10 +405,10 @@ class MemoryStore:
         devices = None if m.envelope is not None else frozenset(m.envelopes)
         rows = []
         for mailbox in m.mailboxes:
-            t.last_seq += 1
+            link = t.next_link(mailbox)
             row = MessageRow(StoredMessage(
-                t.last_seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-                m.expires_at, m.target, m.envelope, dict(m.envelopes),
+                link.seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
+                m.expires_at, m.target, m.envelope, dict(m.envelopes), link.prev_seq,
             ), devices)  # fmt: skip
             t.messages.setdefault(mailbox, {})[t.last_seq] = row
             t.seq_mailbox[t.last_seq] = mailbox
@@ -422,6 +427,16 @@ class MemoryStore:
         for r in rows:
             t.sweep(r.message.mailbox, r.message.seq - 1, r.message.seq)
         return AppendResult(seqs, duplicate=False, messages=stored)
+
+    @answered
+    def mailbox_heads(self, mailboxes: Sequence[str]) -> dict[str, int]:
+        heads = self.tables.heads
+        return {mb: heads.get(mb, 0) for mb in mailboxes}
+
+    @answered
+    def messages_between(self, mailbox: str, after: int, upto: int) -> list[StoredMessage]:
+        rows = self.tables.messages.get(mailbox, {})
+        return [r.stored() for seq, r in sorted(rows.items()) if after < seq <= upto]
 
     @answered
     def pending(self, user_id: int, device_id: str) -> list[StoredMessage]:

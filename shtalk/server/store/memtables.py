@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 
 from shtalk.server.eserver import StoreClosed, StoreError
 from shtalk.server.store.mailbox import user_mailbox
-from shtalk.server.store.records import Device, Room, StoredMessage, User
+from shtalk.server.store.records import ChainLink, Device, Room, StoredMessage, User
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -120,6 +120,8 @@ class Tables:
     messages: dict[str, dict[int, MessageRow]] = field(default_factory=dict)
     seq_mailbox: dict[int, str] = field(default_factory=dict)
     last_seq: int = 0
+    #: mailbox -> seq of its last change (message or membership)
+    heads: dict[str, int] = field(default_factory=dict)
     #: mailbox -> (user id, device id) -> highest seq acknowledged
     cursors: dict[str, dict[tuple[int, str], int]] = field(default_factory=dict)
     #: (sender, sender device, client id) -> (seqs, when stored)
@@ -242,6 +244,15 @@ class Tables:
             self.drop_session(family)
         return deleted
 
+    # --- the chain of each mailbox ---
+
+    def next_link(self, mailbox: str) -> ChainLink:
+        """A new seq for a change of ``mailbox``, chained to its previous change."""
+        self.last_seq += 1
+        link = ChainLink(mailbox, self.last_seq, self.heads.get(mailbox, 0))
+        self.heads[mailbox] = self.last_seq
+        return link
+
     # --- cursors and the sweep ---
 
     def add_cursors(self, user_id: int, mailbox: str) -> None:
@@ -288,6 +299,7 @@ class Tables:
             "message_devices": sum(len(r.devices or ()) for r in messages),
             "cursors": sum(len(c) for c in self.cursors.values()),
             "client_ids": len(self.client_ids),
+            "mailbox_heads": len(self.heads),
         }
 
 

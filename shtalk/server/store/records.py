@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,3 +145,24 @@ class TotpRecord:
 CODE_OK = "ok"
 CODE_WRONG = "wrong"  # counted; the code lives on until its attempts run out
 CODE_NONE = "none"  # no live code (never sent, used, expired or out of attempts)
+
+
+@dataclass
+class Flag:
+    """A monitoring flag (``shtalk.server.ops.monitor``); kept by an ``IFlagStore``.
+
+    Mutable: the monitor updates an open flag in place (count, last, evidence) and saves
+    it again.  ``id`` 0: not stored yet (the store assigns one)."""
+
+    id: int
+    kind: str  # "account" or "address"
+    subject: str  # user id, or the client address
+    label: str  # the account's name, or the address
+    signal: str
+    reason: str
+    action: str
+    count: int
+    first: float
+    last: float
+    status: str = "open"  # open, cleared
+    evidence: list[dict[str, Any]] = field(default_factory=list)

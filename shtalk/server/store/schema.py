@@ -185,6 +185,32 @@ MIGRATIONS: list[Migration] = [
         "ALTER TABLE users ADD COLUMN email_hash BLOB",
         "CREATE INDEX users_email_hash ON users(email_hash)",
     ),
+    # 5: each mailbox's chain of changes (messages and membership changes): the seq of
+    # its last change, and on each message the seq of the change before it.  Heads of
+    # existing mailboxes start at their newest stored message.
+    (
+        "ALTER TABLE messages ADD COLUMN prev_seq INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE mailbox_heads (mailbox TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
+        "INSERT INTO mailbox_heads (mailbox, seq)"
+        " SELECT mailbox, MAX(seq) FROM messages GROUP BY mailbox",
+    ),
+    # 6: the monitoring's flags (shtalk.server.store.flags), kept in a file before: the
+    # evidence is AES-256-GCM sealed (it may quote a reported message).
+    (
+        """CREATE TABLE monitor_flags (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            label TEXT NOT NULL,
+            signal TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            action TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            first REAL NOT NULL,
+            last REAL NOT NULL,
+            status TEXT NOT NULL,
+            evidence BLOB NOT NULL)""",
+    ),
 ]
 
 

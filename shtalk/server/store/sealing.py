@@ -125,7 +125,8 @@ class EnvelopeSeal:
 
     def open(self, row: Any) -> StoredMessage:
         """A message row (seq, mailbox, sender_id, sender_device, client_id, ts,
-        expires_at, target, nonce, body) opened; EnvelopeDecryptError if it does not."""
+        expires_at, target, nonce, body[, prev_seq]) opened; EnvelopeDecryptError if it
+        does not."""
         seq, mailbox, sender_id, sender_device, client_id, ts, expires_at, target = row[:8]
         ad = associated_data(mailbox, sender_id, sender_device, client_id, ts, target)
         try:
@@ -138,7 +139,7 @@ class EnvelopeSeal:
             ) from None
         return StoredMessage(
             int(seq), mailbox, int(sender_id), sender_device, client_id, int(ts),
-            expires_at, target, envelope, envelopes,
+            expires_at, target, envelope, envelopes, int(row[10]) if len(row) > 10 else 0,
         )  # fmt: skip
 
 

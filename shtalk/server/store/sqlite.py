@@ -41,6 +41,7 @@ from shtalk.server.store.codes import SQLiteCodeStore
 from shtalk.server.store.groupcommit import GroupedOp
 from shtalk.server.store.records import (
     AppendResult,
+    ChainLink,
     ClaimedBundle,
     Device,
     Member,
@@ -124,17 +125,9 @@ class SQLiteStore:
         self._closing: list[Deferred[None]] | None = None
 
     # Group-commit figures and settings, for tests and benchmarks.
-    @property
-    def write_transactions(self) -> int:
-        return self._writes.write_transactions
-
-    @property
-    def write_ops(self) -> int:
-        return self._writes.write_ops
-
-    @property
-    def max_batch(self) -> int:
-        return self._writes.max_batch
+    write_transactions = property(lambda self: int(self._writes.write_transactions))
+    write_ops = property(lambda self: int(self._writes.write_ops))
+    max_batch = property(lambda self: int(self._writes.max_batch))
 
     @property
     def ack_delay(self) -> float:
@@ -405,10 +398,10 @@ class SQLiteStore:
     def member_since(self, room_id: int, user_id: int) -> Deferred[float | None]:
         return self._read(rooms.member_since, room_id, user_id)
 
-    def add_member(self, room_id: int, user_id: int, role: str) -> Deferred[None]:
+    def add_member(self, room_id: int, user_id: int, role: str) -> Deferred[ChainLink]:
         return self._write(rooms.add_member, room_id, user_id, role, self._now())
 
-    def remove_member(self, room_id: int, user_id: int) -> Deferred[None]:
+    def remove_member(self, room_id: int, user_id: int) -> Deferred[ChainLink]:
         return self._write(rooms.remove_member, room_id, user_id)
 
     def set_role(self, room_id: int, user_id: int, role: str) -> Deferred[None]:
@@ -449,6 +442,14 @@ class SQLiteStore:
         results = messages.append_many(conn, ops, self._seal.seal, self._book.seq_mailbox)
         self._book.trim()
         return results
+
+    def mailbox_heads(self, mailboxes: Sequence[str]) -> Deferred[dict[str, int]]:
+        return self._read(messages.heads, list(mailboxes))
+
+    def messages_between(
+        self, mailbox: str, after: int, upto: int
+    ) -> Deferred[list[StoredMessage]]:
+        return self._read(messages.between, mailbox, after, upto, self._seal.open)
 
     def pending(self, user_id: int, device_id: str) -> Deferred[list[StoredMessage]]:
         # Acks received but not yet committed must not be replayed: wait for them.

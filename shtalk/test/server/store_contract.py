@@ -20,6 +20,7 @@ from zope.interface.verify import verifyObject
 from shtalk.server.eserver import Conflict, TokenReuse, TokenRevoked, TokenUnknown
 from shtalk.server.iserver import ICodeStore, IStore
 from shtalk.server.store.memory import MemoryStore
+from shtalk.server.store.pg.store import PostgresStore
 from shtalk.server.store.records import (
     CODE_NONE,
     CODE_OK,
@@ -36,7 +37,7 @@ from shtalk.server.store.sqlite import SQLiteStore
 NOW = 1_800_000_000.0
 DAY = 24 * 3600.0
 
-Store = SQLiteStore | MemoryStore
+Store = SQLiteStore | MemoryStore | PostgresStore
 S = TypeVar("S", bound=TestCase)
 
 if TYPE_CHECKING:
@@ -734,6 +735,84 @@ class CodeContract(StoreHelpers):
         await store.create_user("OLD", "old", "o2@example.org", b"h", "pending")
 
 
+class ChainContract(StoreHelpers):
+    """Every mailbox has one chain of changes (messages and membership changes): what a
+    process on another node applies in order and fills gaps in."""
+
+    def assertChain(self, seqs_prevs: list[tuple[int, int]], start: int = 0) -> None:
+        """Each change names the one before it, in seq order."""
+        prev = start
+        for seq, prev_seq in sorted(seqs_prevs):
+            self.assertEqual(prev_seq, prev, f"chain broken at seq {seq}")
+            self.assertGreater(seq, prev)
+            prev = seq
+
+    @async_test
+    async def test_messages_and_membership_changes_form_one_chain(self) -> None:
+        store = await self.open_store()
+        alice = await self.user(store, "Alice", "a1")
+        bob = await self.user(store, "Bob", "b1")
+        room = await store.create_room("Lobby", "lobby", alice.id, False)
+        box = f"r:{room.id}"
+        self.assertEqual(await store.mailbox_heads([box]), {box: 0})
+        joined = await store.add_member(room.id, bob.id, "member")
+        self.assertEqual((joined.mailbox, joined.prev_seq), (box, 0))
+        first = await store.append(msg((box,), alice, "a1", "c1"))
+        self.assertEqual(first.messages[0].prev_seq, joined.seq)
+        kicked = await store.remove_member(room.id, bob.id)
+        self.assertEqual(kicked.prev_seq, first.seqs[0])
+        self.assertGreater(kicked.seq, first.seqs[0])
+        after = await store.append(msg((box,), alice, "a1", "c2"))
+        # The kick is ordered before every message committed after it.
+        self.assertEqual(after.messages[0].prev_seq, kicked.seq)
+        self.assertGreater(after.seqs[0], kicked.seq)
+        # A direct message is in chains of its own, one per inbox.
+        dm = await store.append(
+            msg((f"u:{bob.id}", f"u:{alice.id}"), alice, "a1", "d1", target="user:bob")
+        )
+        self.assertEqual([m.prev_seq for m in dm.messages], [0, 0])
+        heads = await store.mailbox_heads([box, f"u:{bob.id}", f"u:{alice.id}", "u:999999"])
+        self.assertEqual(
+            heads,
+            {box: after.seqs[0], f"u:{bob.id}": dm.seqs[0], f"u:{alice.id}": dm.seqs[1],
+             "u:999999": 0},
+        )
+        # A duplicate is not a change: the head stays.
+        again = await store.append(msg((box,), alice, "a1", "c2"))
+        self.assertTrue(again.duplicate)
+        self.assertEqual((await store.mailbox_heads([box]))[box], after.seqs[0])
+
+    @async_test
+    async def test_concurrent_appends_leave_no_gap_in_the_chain(self) -> None:
+        store, alice, bob, rid = await self.setup_room()
+        box = f"r:{rid}"
+        (start,) = (await store.mailbox_heads([box])).values()
+        results = await gatherResults([
+            store.append(msg((box, f"u:{bob.id}"), alice, "a1", f"c{i}", target="room:lobby"))
+            for i in range(60)
+        ] + [store.remove_member(rid, bob.id), store.add_member(rid, bob.id, "member")])
+        links = [(m.seq, m.prev_seq) for r in results[:60] for m in r.messages
+                 if m.mailbox == box]
+        links += [(link.seq, link.prev_seq) for link in results[60:]]
+        self.assertEqual(len(links), 62)
+        self.assertChain(links, start)
+        self.assertEqual((await store.mailbox_heads([box]))[box], max(s for s, _ in links))
+
+    @async_test
+    async def test_messages_between_fills_a_gap(self) -> None:
+        store, alice, bob, rid = await self.setup_room()
+        box = f"r:{rid}"
+        sent = [(await store.append(msg((box,), alice, "a1", f"c{i}", envelope=b"e%d" % i)))
+                .messages[0] for i in range(5)]
+        got = await store.messages_between(box, sent[0].seq, sent[3].seq)
+        self.assertEqual(got, sent[1:4])
+        self.assertEqual([m.prev_seq for m in got], [m.seq for m in sent[:3]])
+        self.assertEqual(await store.messages_between(box, sent[4].seq, sent[4].seq + 100), [])
+        self.assertEqual(await store.messages_between(f"u:{bob.id}", 0, sent[4].seq), [])
+        # What a device has pending carries the chain too.
+        self.assertEqual(await store.pending(bob.id, "b1"), sent)
+
+
 class ConcurrencyContract(StoreHelpers):
     """Uses fired at once through the API: whatever runs them side by side (threads,
     processes, a database's concurrent transactions), a one-time thing is used once."""
@@ -849,5 +928,6 @@ class StoreContract(
     DirectoryContract,
     CodeContract,
     ConcurrencyContract,
+    ChainContract,
 ):
     """Every behaviour an IStore promises (mix into a backend's TestCase)."""

@@ -20,8 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from shtalk.server.accounts import totp
 from shtalk.server.accounts.captcha import ALPHABET, FONT, CaptchaBook, render
 from shtalk.server.accounts.mailer import Mailer, OutboxMailer, SmtpMailer, is_loopback
-from shtalk.server.accounts.throttle import AuthThrottle, address_key
-from shtalk.server.config import ConfigError, SmtpSection, ThrottleSection
+from shtalk.server.accounts.throttle import address_key
+from shtalk.server.config import ConfigError, SmtpSection
 from shtalk.testing import rfc6238
 
 # RFC 6238 appendix B: (time, SHA1, SHA256, SHA512), 8 digits.
@@ -155,62 +155,14 @@ class CaptchaTests(SynchronousTestCase):
         self.assertIn(ids[-1], book._live)
 
 
-class ThrottleTests(SynchronousTestCase):
-    def test_growing_delays_then_captcha(self) -> None:
-        clock = Clock()
-        t = AuthThrottle(clock, ThrottleSection(free_failures=2, base_delay=2, max_delay=8,
-                                                captcha_after=5))
-        for _ in range(2):
-            self.assertFalse(t.check("bob", "198.51.100.1").wait)
-            t.failed("bob", "198.51.100.1")
-        waits = []
-        for _ in range(4):
-            v = t.check("bob", "198.51.100.1")
-            waits.append(v.retry_after)
-            clock.advance(v.retry_after)
-            t.failed("bob", "198.51.100.1")
-        self.assertEqual(waits, [2, 4, 8, 8])
-        self.assertTrue(t.check("bob", "203.0.113.9").captcha)  # per account, any address
-        t.succeeded("bob")
-        v = t.check("bob", "203.0.113.9")
-        self.assertFalse(v.wait or v.captcha)
-
-    def test_window_forgets_no_permanent_lockout(self) -> None:
-        clock = Clock()
-        t = AuthThrottle(clock, ThrottleSection())
-        for _ in range(50):
-            t.failed("carol", "198.51.100.2")
-        clock.advance(3601)
-        v = t.check("carol", "198.51.100.2")
-        self.assertFalse(v.wait or v.captcha)
-
-    def test_at_most_100_failures_per_account_per_hour(self) -> None:
-        clock = Clock()
-        t = AuthThrottle(clock, ThrottleSection(
-            free_failures=1000, address_free_failures=10**6, base_delay=1, max_delay=1,
-            captcha_after=10**6, address_captcha_after=10**6, max_failures_per_hour=100))
-        let_through = 0
-        for i in range(400):  # one attempt every 9 s from 400 addresses over an hour
-            if not t.check("dave", f"10.0.{i // 250}.{i % 250}").wait:
-                t.failed("dave", f"10.0.{i // 250}.{i % 250}")
-                let_through += 1
-            clock.advance(9)
-        self.assertLessEqual(let_through, 100)
-        self.assertEqual(let_through, 100)
+class AddressKeyTests(SynchronousTestCase):
+    """The throttle's behaviour: shtalk.test.server.shared_contract (memory and Redis)."""
 
     def test_ipv6_counts_per_64(self) -> None:
         self.assertEqual(address_key("2001:db8::1"), address_key("2001:db8::ffff:1"))
         self.assertNotEqual(address_key("2001:db8::1"), address_key("2001:db8:0:1::1"))
         self.assertEqual(address_key("::ffff:192.0.2.1"), "192.0.2.1")
 
-    def test_monitor_seam(self) -> None:
-        clock = Clock()
-        t = AuthThrottle(clock)
-        t.require_captcha(address="198.51.100.7", seconds=10)
-        self.assertTrue(t.check(None, "198.51.100.7").captcha)
-        self.assertFalse(t.check(None, "198.51.100.8").captcha)
-        clock.advance(11)
-        self.assertFalse(t.check(None, "198.51.100.7").captcha)
 
 
 class _Flaky(Mailer):

@@ -229,7 +229,7 @@ class CaptchaGateTests(Base):
         r = await self.login(q, "ivan")
         self.assertTrue(r["ok"], r)
         # the throttle's own seam, by account name
-        self.parts.security.gates.throttle.require_captcha(account="ivan", seconds=60)
+        await self.parts.security.gates.throttle.require_captcha(account="ivan", seconds=60)
         q = await self.peer("192.0.2.41")
         r = await self.login(q, "ivan")
         self.assertEqual(r["error"]["code"], "captcha_required")
@@ -428,7 +428,7 @@ class ThrottleTests(Base):
         self.assertEqual(r["error"]["code"], "captcha_required")
         r = await self.login(p, "olga", GOOD_PASSWORD, captcha=self.solve(r["error"]["captcha"]))
         self.assertTrue(r["ok"], r)
-        self.assertEqual(self.parts.security.gates.throttle.failures(account="olga"), 0)
+        self.assertEqual(await self.parts.security.gates.throttle.failures(account="olga"), 0)
 
 
 class ThrottleAndRateLimitTests(Base):

@@ -48,6 +48,8 @@ __all__ = ["DAY", "KEY", "NOW", "StoreTestBase", "async_test", "msg"]
 
 
 class StoreTestBase(StoreHelpers, TestCase):
+    MIGRATIONS = list(schema.MIGRATIONS)
+
     def setUp(self) -> None:
         self.dir = self.mktemp()
         os.makedirs(self.dir)
@@ -114,6 +116,30 @@ class FileTests(StoreTestBase):
         await store.close()
         self.assertEqual(self.raw("PRAGMA user_version"), [(len(schema.MIGRATIONS),)])
         self.assertEqual(self.raw("SELECT x FROM extra ORDER BY x"), [(1,), (2,)])
+
+    @async_test
+    async def test_chains_continue_from_a_database_without_heads(self) -> None:
+        # A database of the release before mailbox chains (schema 4) with messages queued.
+        self.patch(schema, "MIGRATIONS", schema.MIGRATIONS[:4])
+        store = await self.open_store()
+        alice = await self.user(store, "Alice", "a1", "a2")
+        room = await store.create_room("Lobby", "lobby", alice.id, False)
+        await store.close()
+        box = f"r:{room.id}"
+        conn = sqlite3.connect(self.path)
+        with conn:
+            conn.executemany(
+                "INSERT INTO messages (seq, mailbox, sender_id, sender_device, client_id, ts,"
+                " target, for_all, nonce, body) VALUES (?, ?, ?, 'a1', ?, 0, 'room:lobby', 1,"
+                " x'00', x'00')",
+                [(seq, box, alice.id, f"c{seq}") for seq in (3, 5, 8)],
+            )
+        conn.close()
+        self.patch(schema, "MIGRATIONS", self.MIGRATIONS)
+        store = await self.open_store()
+        self.assertEqual(await store.mailbox_heads([box]), {box: 8})
+        new = await store.append(msg((box,), alice, "a1", "new"))
+        self.assertEqual((new.seqs[0], new.messages[0].prev_seq), (9, 8))
 
     @async_test
     async def test_failed_migration_leaves_old_version(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from shtalk.server import tap, tls
 from shtalk.server.config import ConfigError, ServerConfig, StartupError
 from shtalk.server.datadir import DataDir, DataDirError
 from shtalk.server.net.admission import AdmittedTLSFactory
+from shtalk.server.net.proxied import ProxyHeaderFactory
 from shtalk.testing import Echo, TLSLineClient
 
 
@@ -36,6 +38,19 @@ class FakeChat(MultiService):
         self.config = config
         self.datadir = datadir
         self.factory = protocol.Factory.forProtocol(Echo)
+
+
+def counted(factory: Any) -> list[object]:
+    """The addresses ``factory`` builds protocols for, as they come."""
+    seen: list[object] = []
+    build = factory.buildProtocol
+
+    def counting(addr: Any) -> Any:
+        seen.append(addr)
+        return build(addr)
+
+    factory.buildProtocol = counting
+    return seen
 
 
 class Harness:
@@ -75,6 +90,11 @@ class OptionsTests(unittest.TestCase):
             "port": 7000, "max_connections_per_address": 500, "interface": "::",
             "listen": "tcp:0", "cert": "c", "key": "k",
         })
+
+    def test_flags_only_turn_settings_on(self) -> None:
+        o = tap.Options()
+        o.parseOptions(["--reuse-port", "--proxy-protocol"])
+        self.assertEqual(o.server_overrides(), {"reuse_port": True, "proxy_protocol": True})
 
     def test_bad_values(self) -> None:
         for argv in (["--port", "x"], ["--port", "70000"], ["--max-connections-per-address", "0"],
@@ -236,6 +256,40 @@ class BuildServiceTests(unittest.TestCase):
         self.flushLoggedErrors(CannotListenError)
 
 
+    def test_proxy_protocol_reads_the_header_below_tls(self) -> None:
+        ini = Path(self.mktemp())
+        ini.write_text("[server]\ntrusted_proxies = 10.0.0.0/8, 2001:db8::1\n")
+        top = self.h.build("--proxy-protocol", "--port", "7004", "--config", str(ini))
+        top.startService()  # type: ignore[no-untyped-call]
+        self.addCleanup(top.stopService)
+        [(port, factory, _, _)] = self.h.reactor.tcpServers
+        self.assertEqual(port, 7004)
+        self.assertIsInstance(factory, ProxyHeaderFactory)
+        self.assertIsInstance(factory.wrappedFactory, AdmittedTLSFactory)
+        self.assertIs(factory.wrappedFactory.wrappedFactory, self.h.made[0].factory)
+        self.assertEqual([str(n) for n in factory.trusted], ["10.0.0.0/8", "2001:db8::1/128"])
+        self.assertEqual(factory.timeout, 10.0)  # [server] handshake_timeout
+        out = self.h.out.getvalue()
+        self.assertIn("(TLS, PROXY header first)", out)
+        self.assertIn("connect through the proxy", out)
+        self.assertNotIn("connect with:", out)  # straight to this port would be closed
+
+    def test_reuse_port_and_proxy_protocol_refused_with_listen(self) -> None:
+        for flag in ("--reuse-port", "--proxy-protocol"):
+            with self.assertRaises(ConfigError) as e:
+                self.h.build(flag, "--listen", "tcp:7005")
+            self.assertIn("--listen", str(e.exception))
+            self.assertIn("haproxy:", str(e.exception))
+
+    def test_bad_trusted_proxies_is_one_line(self) -> None:
+        ini = Path(self.mktemp())
+        ini.write_text("[server]\ntrusted_proxies = 127.0.0.1, haproxy.local\n")
+        with self.assertRaises(ConfigError) as e:
+            self.h.build("--config", str(ini))
+        self.assertEqual(str(e.exception), f"{ini}: [server] trusted_proxies: 'haproxy.local' "
+                         "is not an IP address or network")
+
+
 class MakeServiceTests(unittest.TestCase):
     def test_startup_error_is_one_line_and_exit_1(self) -> None:
         ini = Path(self.mktemp())
@@ -275,3 +329,57 @@ class RealReactorTests(unittest.TestCase):
         yield endpoints.connectProtocol(ep, client)
         received = yield client.done
         self.assertEqual(received, b"hello\n")
+
+    @defer.inlineCallbacks
+    def test_reuse_port_lets_two_processes_share_a_port(self) -> Any:
+        """Two trees (as two processes build them) listen on one port with --reuse-port
+        and the kernel hands clients to both; without it a second one cannot listen."""
+        from twisted.internet import reactor
+
+        key_pem, cert_pem = tls.make_self_signed(["localhost"])
+        cert, key = Path(self.mktemp()), Path(self.mktemp())
+        cert.write_bytes(cert_pem)
+        key.write_bytes(key_pem)
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+        probe.close()
+        served: list[list[object]] = []
+        for h in (Harness(self), Harness(self)):
+            top = h.build("--reuse-port", "--port", port, "--cert", str(cert), "--key",
+                          str(key), reactor=reactor)
+            top.startService()  # type: ignore[no-untyped-call]
+            self.addCleanup(top.stopService)
+            self.assertIn(f"listening on 127.0.0.1:{port} (TLS, SO_REUSEPORT)", h.out.getvalue())
+            served.append(counted(h.made[0].factory))
+        plain = Harness(self).build("--port", port, reactor=reactor)
+        plain.stderr = io.StringIO()
+        with self.assertRaises(SystemExit):
+            plain.startService()  # type: ignore[no-untyped-call]
+        self.assertIn("Address already in use", plain.stderr.getvalue())
+        self.flushLoggedErrors(CannotListenError)
+        for i in range(24):
+            client = TLSLineClient(b"hello %d\n" % i)
+            ep = endpoints.wrapClientTLS(
+                tls.client_options_pinned(tls.cert_fingerprint(cert_pem), "localhost"),
+                endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", int(port)),
+            )
+            yield endpoints.connectProtocol(ep, client)
+            received = yield client.done
+            self.assertEqual(received, b"hello %d\n" % i)
+        # Spread by a hash of the client's port: all 24 on one side is a 2**-23 chance.
+        self.assertEqual(len(served[0]) + len(served[1]), 24)
+        self.assertTrue(served[0] and served[1], [len(x) for x in served])
+
+    def test_reuse_port_cannot_listen_is_one_line(self) -> None:
+        from twisted.internet import reactor
+
+        top = Harness(self).build("--reuse-port", "--interface", "192.0.2.1", "--port", "7006",
+                                  reactor=reactor)
+        top.stderr = stderr = io.StringIO()
+        with self.assertRaises(SystemExit):
+            top.startService()  # type: ignore[no-untyped-call]
+        self.assertEqual(stderr.getvalue().count("\n"), 1)
+        self.assertIn("cannot listen on 192.0.2.1:7006: Cannot assign requested address",
+                      stderr.getvalue())
+        self.flushLoggedErrors(CannotListenError)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from shtalk.server.store.mailbox import inbox_owner
-from shtalk.server.store.records import AppendResult, NewMessage, StoredMessage
+from shtalk.server.store.records import AppendResult, ChainLink, NewMessage, StoredMessage
 from shtalk.server.store.sealing import encode_envelopes
 from shtalk.server.store.sql.common import CHUNK, Conn, chunks, marks, top_seq
 
@@ -101,6 +101,52 @@ def last_seq_by_mailbox(conn: Conn, seqs: Sequence[int]) -> Iterable[tuple[str, 
             yield mailbox, int(seq)
 
 
+def heads(conn: Conn, mailboxes: Sequence[str]) -> dict[str, int]:
+    """The seq of each mailbox's last change (0 if none)."""
+    out = dict.fromkeys(mailboxes, 0)
+    for chunk in chunks(sorted(out)):
+        sql = f"SELECT mailbox, seq FROM mailbox_heads WHERE mailbox IN ({marks(len(chunk))})"  # noqa: S608
+        for mailbox, seq in conn.execute(sql, tuple(chunk)):
+            out[mailbox] = int(seq)
+    return out
+
+
+def set_heads(conn: Conn, new: dict[str, int]) -> None:
+    """One upsert per mailbox changed (writer thread)."""
+    conn.executemany(
+        "INSERT INTO mailbox_heads (mailbox, seq) VALUES (?, ?)"
+        " ON CONFLICT (mailbox) DO UPDATE SET seq = excluded.seq",
+        list(new.items()),
+    )
+
+
+def link(conn: Conn, mailbox: str) -> ChainLink:
+    """A seq (from the messages' own sequence) for a change of ``mailbox`` that is not
+    a message: a membership change, ordered with the messages around it."""
+    row = conn.execute(
+        "UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'messages' RETURNING seq"
+    ).fetchone()
+    if row is None:
+        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('messages', 1)")
+        row = (1,)
+    seq = int(row[0])
+    prev = heads(conn, [mailbox])[mailbox]
+    set_heads(conn, {mailbox: seq})
+    return ChainLink(mailbox, seq, prev)
+
+
+def between(
+    conn: Conn, mailbox: str, after: int, upto: int, open_row: Callable[[Any], StoredMessage]
+) -> list[StoredMessage]:
+    rows = conn.execute(
+        "SELECT seq, mailbox, sender_id, sender_device, client_id, ts, expires_at, target,"
+        " nonce, body, prev_seq FROM messages WHERE mailbox = ? AND seq > ? AND seq <= ?"
+        " ORDER BY seq",
+        (mailbox, after, upto),
+    ).fetchall()
+    return [open_row(row) for row in rows]
+
+
 def append_many(
     conn: Conn,
     ops: Sequence[Appending],
@@ -126,6 +172,8 @@ def append_many(
             known[(int(sid), sdev, cid)] = tuple(int(x) for x in seqs_text.split(",") if x)
     row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
     top = int(row[0]) if row is not None else 0
+    chain = heads(conn, sorted({mb for op in ops for mb in op.message.mailboxes}))
+    moved: dict[str, int] = {}
     rows: list[tuple[object, ...]] = []
     device_rows: list[tuple[int, int, str]] = []
     client_rows: list[tuple[object, ...]] = []
@@ -146,10 +194,12 @@ def append_many(
         for mailbox in m.mailboxes:
             top += 1
             seq = top
+            prev = chain[mailbox]
+            chain[mailbox] = moved[mailbox] = seq
             nonce, body = seal(mailbox, m, plain)
             rows.append((
                 seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-                m.expires_at, m.target, for_all, nonce, body,
+                m.expires_at, m.target, for_all, nonce, body, prev,
             ))  # fmt: skip
             if not for_all and m.envelopes:
                 device_rows.extend((seq, uid, dev) for uid, dev in m.envelopes)
@@ -160,7 +210,7 @@ def append_many(
             stored.append(
                 StoredMessage(
                     seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-                    m.expires_at, m.target, m.envelope, dict(m.envelopes),
+                    m.expires_at, m.target, m.envelope, dict(m.envelopes), prev,
                 )
             )  # fmt: skip
         known[key] = tuple(seqs)
@@ -177,9 +227,11 @@ def append_many(
     if rows:
         conn.executemany(
             "INSERT INTO messages (seq, mailbox, sender_id, sender_device, client_id, ts,"
-            " expires_at, target, for_all, nonce, body) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " expires_at, target, for_all, nonce, body, prev_seq)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             rows,
         )
+        set_heads(conn, moved)
     if device_rows:
         conn.executemany(
             "INSERT INTO message_devices (seq, user_id, device_id) VALUES (?, ?, ?)",
@@ -215,7 +267,7 @@ def append_many(
 
 PENDING_SQL = """
 SELECT m.seq, m.mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-       m.expires_at, m.target, m.nonce, m.body
+       m.expires_at, m.target, m.nonce, m.body, m.prev_seq
 FROM cursors c JOIN messages m ON m.mailbox = c.mailbox AND m.seq > c.acked_seq
 WHERE c.user_id = ? AND c.device_id = ?
   AND NOT (m.sender_id = c.user_id AND m.sender_device = c.device_id)
@@ -284,7 +336,7 @@ def queued(conn: Conn) -> int:
 
 TABLES = (
     "users", "devices", "sessions", "refresh_tokens", "rooms", "members", "invites",
-    "dm_partners", "messages", "message_devices", "cursors", "client_ids",
+    "dm_partners", "messages", "message_devices", "cursors", "client_ids", "mailbox_heads",
 )  # fmt: skip
 
 

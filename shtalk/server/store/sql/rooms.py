@@ -12,9 +12,9 @@ from typing import Any, cast
 
 from shtalk.server.eserver import Conflict
 from shtalk.server.store.mailbox import room_mailbox
-from shtalk.server.store.records import Member, Room
+from shtalk.server.store.records import ChainLink, Member, Room
 from shtalk.server.store.sql.common import Conn, exists
-from shtalk.server.store.sql.messages import add_cursors, drop_cursors
+from shtalk.server.store.sql.messages import add_cursors, drop_cursors, link
 
 ROOM = "SELECT r.id, r.name, r.key, r.owner_id, r.invite_only, r.created FROM rooms r"
 
@@ -81,20 +81,24 @@ def members(conn: Conn, room_id: int) -> list[Member]:
     return [Member(int(r[0]), r[1], r[2]) for r in rows]
 
 
-def add_member(conn: Conn, room_id: int, user_id: int, role: str, now: float) -> None:
+def add_member(conn: Conn, room_id: int, user_id: int, role: str, now: float) -> ChainLink:
+    changed = link(conn, room_mailbox(room_id))
     conn.execute(
         "INSERT INTO members (room_id, user_id, role, joined) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (room_id, user_id) DO NOTHING",
         (room_id, user_id, role, now),
     )
     add_cursors(conn, user_id, room_mailbox(room_id))  # late joiners get no history
+    return changed
 
 
-def remove_member(conn: Conn, room_id: int, user_id: int) -> None:
+def remove_member(conn: Conn, room_id: int, user_id: int) -> ChainLink:
+    changed = link(conn, room_mailbox(room_id))
     conn.execute("DELETE FROM members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
     conn.execute("DELETE FROM invites WHERE room_id = ? AND user_id = ?", (room_id, user_id))
     # Messages only they were still holding back can go now.
     drop_cursors(conn, user_id, room_mailbox(room_id))
+    return changed
 
 
 def set_role(conn: Conn, room_id: int, user_id: int, role: str) -> None:

@@ -1,0 +1,1 @@
+"""The store on PostgreSQL: what several ``twistd shtalk`` processes share."""

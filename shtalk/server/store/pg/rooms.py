@@ -1,0 +1,153 @@
+"""Rooms, members, invites and direct-message partners on PostgreSQL.
+
+A membership change takes its place in the room mailbox's chain (`messages.link`,
+under the mailbox's lock), so every process applies a kick before any message
+committed after it; a new member's devices start at the head read under that lock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shtalk.server.eserver import Conflict
+from shtalk.server.store.mailbox import room_mailbox
+from shtalk.server.store.pg.messages import add_cursors, drop_cursors, link
+from shtalk.server.store.records import ChainLink, Member, Room
+
+Conn = Any
+ROOM = "SELECT r.id, r.name, r.key, r.owner_id, r.invite_only, r.created FROM rooms r"
+
+
+def room(row: Any) -> Room:
+    return Room(int(row[0]), row[1], row[2], int(row[3]), bool(row[4]), float(row[5]))
+
+
+def create_room(
+    conn: Conn, name: str, key: str, owner_id: int, invite_only: bool, now: float
+) -> Room:
+    row = conn.execute(
+        "INSERT INTO rooms (name, key, owner_id, invite_only, created)"
+        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING RETURNING id",
+        (name, key, owner_id, invite_only, now),
+    ).fetchone()
+    if row is None:
+        raise Conflict(f"room name {key!r} is taken")
+    room_id = int(row[0])
+    conn.execute(
+        "INSERT INTO members (room_id, user_id, role, joined) VALUES (%s, %s, 'owner', %s)",
+        (room_id, owner_id, now),
+    )
+    add_cursors(conn, owner_id, room_mailbox(room_id))
+    return Room(room_id, name, key, owner_id, invite_only, now)
+
+
+def room_by_key(conn: Conn, key: str) -> Room | None:
+    row = conn.execute(ROOM + " WHERE r.key = %s", (key,)).fetchone()
+    return None if row is None else room(row)
+
+
+def rooms_visible_to(conn: Conn, user_id: int) -> list[tuple[Room, int, bool]]:
+    rows = conn.execute(
+        "SELECT r.id, r.name, r.key, r.owner_id, r.invite_only, r.created,"
+        " (SELECT COUNT(*) FROM members n WHERE n.room_id = r.id),"
+        " EXISTS (SELECT 1 FROM members j WHERE j.room_id = r.id AND j.user_id = %s)"
+        " FROM rooms r"
+        " WHERE NOT r.invite_only"
+        " OR EXISTS (SELECT 1 FROM members j WHERE j.room_id = r.id AND j.user_id = %s)"
+        " OR EXISTS (SELECT 1 FROM invites i WHERE i.room_id = r.id AND i.user_id = %s)"
+        " ORDER BY r.key",
+        (user_id, user_id, user_id),
+    )
+    return [(room(r), int(r[6]), bool(r[7])) for r in rows]
+
+
+def rooms_of(conn: Conn, user_id: int) -> list[Room]:
+    rows = conn.execute(
+        ROOM + " JOIN members m ON m.room_id = r.id WHERE m.user_id = %s ORDER BY r.key",
+        (user_id,),
+    )
+    return [room(r) for r in rows]
+
+
+def members(conn: Conn, room_id: int) -> list[Member]:
+    rows = conn.execute(
+        "SELECT m.user_id, u.name, m.role FROM members m JOIN users u ON u.id = m.user_id"
+        " WHERE m.room_id = %s ORDER BY u.key",
+        (room_id,),
+    )
+    return [Member(int(r[0]), r[1], r[2]) for r in rows]
+
+
+def add_member(conn: Conn, room_id: int, user_id: int, role: str, now: float) -> ChainLink:
+    changed = link(conn, room_mailbox(room_id))
+    conn.execute(
+        "INSERT INTO members (room_id, user_id, role, joined) VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT (room_id, user_id) DO NOTHING",
+        (room_id, user_id, role, now),
+    )
+    add_cursors(conn, user_id, room_mailbox(room_id))  # late joiners get no history
+    return changed
+
+
+def remove_member(conn: Conn, room_id: int, user_id: int) -> ChainLink:
+    changed = link(conn, room_mailbox(room_id))
+    conn.execute("DELETE FROM members WHERE room_id = %s AND user_id = %s", (room_id, user_id))
+    conn.execute("DELETE FROM invites WHERE room_id = %s AND user_id = %s", (room_id, user_id))
+    # Messages only they were still holding back can go now.
+    drop_cursors(conn, user_id, room_mailbox(room_id), changed.seq)
+    return changed
+
+
+def set_role(conn: Conn, room_id: int, user_id: int, role: str) -> None:
+    conn.execute(
+        "UPDATE members SET role = %s WHERE room_id = %s AND user_id = %s",
+        (role, room_id, user_id),
+    )
+
+
+def member_since(conn: Conn, room_id: int, user_id: int) -> float | None:
+    row = conn.execute("SELECT joined FROM members WHERE room_id = %s AND user_id = %s",
+                       (room_id, user_id)).fetchone()
+    return None if row is None else float(row[0])
+
+
+def add_invite(conn: Conn, room_id: int, user_id: int, by_id: int, now: float) -> None:
+    conn.execute(
+        "INSERT INTO invites (room_id, user_id, by_id, created) VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT (room_id, user_id) DO NOTHING",
+        (room_id, user_id, by_id, now),
+    )
+
+
+def has_invite(conn: Conn, room_id: int, user_id: int) -> bool:
+    return conn.execute(
+        "SELECT 1 FROM invites WHERE room_id = %s AND user_id = %s", (room_id, user_id)
+    ).fetchone() is not None
+
+
+def dm_partners(conn: Conn, user_id: int) -> list[int]:
+    rows = conn.execute(
+        "SELECT partner_id FROM dm_partners WHERE user_id = %s ORDER BY partner_id", (user_id,)
+    )
+    return [int(r[0]) for r in rows]
+
+
+def presence_readers(conn: Conn, user_id: int) -> list[int]:
+    rows = conn.execute(
+        "SELECT partner_id FROM dm_partners WHERE user_id = %s AND wrote", (user_id,)
+    )
+    return [int(r[0]) for r in rows]
+
+
+def presence_subjects(conn: Conn, user_id: int) -> list[int]:
+    rows = conn.execute(
+        "SELECT user_id FROM dm_partners WHERE partner_id = %s AND wrote", (user_id,)
+    )
+    return [int(r[0]) for r in rows]
+
+
+def has_written(conn: Conn, writer_id: int, reader_id: int) -> bool:
+    return conn.execute(
+        "SELECT 1 FROM dm_partners WHERE user_id = %s AND partner_id = %s AND wrote",
+        (writer_id, reader_id),
+    ).fetchone() is not None
