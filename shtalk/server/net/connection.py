@@ -497,5 +497,4 @@ class ShtalkServerFactory(Factory):
     @property
     def per_address(self) -> dict[str, int]:
         """This process's connections per address (metrics)."""
-        local: dict[str, int] = self.counts.local
-        return local
+        return dict(self.counts.local)
