@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import txredisapi  # type: ignore[import-untyped]
 from twisted.application.internet import ClientService, backoffPolicy
@@ -28,20 +29,30 @@ from shtalk.server.ops.redisbackend import parse_redis_url
 log = Logger()
 
 
+def credentials(url: str) -> tuple[str | None, str | None]:
+    """(user, password) of redis://[user]:password@host... (None, None) without."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return None, None
+    return (unquote(parts.username) if parts.username else None), unquote(parts.password)
+
+
 def commands(url: str, timeout: float) -> Any:
     """A lazy, reconnecting command connection (calls fail while it is down)."""
     host, port, db = parse_redis_url(url)
+    user, password = credentials(url)
     return txredisapi.lazyConnection(
         host, port, dbid=db, reconnect=True, connectTimeout=timeout, convertNumbers=False,
+        password=password, username=user,
     )
 
 
 class _SubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
     owner: Subscriber
 
-    def __init__(self) -> None:
+    def __init__(self, user: str | None, password: str | None) -> None:
         # Payloads stay bytes: what a peer signed is checked as sent.
-        super().__init__(charset=None, convertNumbers=False)
+        super().__init__(charset=None, convertNumbers=False, password=password, username=user)
 
     def connectionMade(self) -> Any:
         d = super().connectionMade()
@@ -54,6 +65,16 @@ class _SubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
     def connectionLost(self, why: Any) -> None:
         super().connectionLost(why)
         self.owner._lost(self)
+
+
+class _SubscriberFactory(Factory):
+    """What txredisapi's protocol expects of its factory when AUTH or SELECT fails."""
+
+    def stopTrying(self) -> None:
+        return None  # the ClientService tries again, with back-off
+
+    def connectionError(self, message: str) -> None:
+        log.error("Redis subscription: {message}", message=message)
 
 
 class Subscriber:
@@ -71,6 +92,7 @@ class Subscriber:
         timeout: float,
     ) -> None:
         host, port, _ = parse_redis_url(url)  # channels are not per database
+        self._credentials = credentials(url)
         self.channels = list(channels)
         self.on_message = on_message
         self.on_ready = on_ready
@@ -79,7 +101,7 @@ class Subscriber:
         self.protocol: _SubscriberProtocol | None = None
         self.ready = False
         self.confirmations = 0
-        factory = Factory.forProtocol(self._build)
+        factory = _SubscriberFactory.forProtocol(self._build)
         endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=max(1, int(timeout)))
         self.service = ClientService(
             endpoint, factory, retryPolicy=backoffPolicy(0.1, 5.0), clock=clock
@@ -89,7 +111,7 @@ class Subscriber:
         self._ping_interval = ping_interval
 
     def _build(self) -> _SubscriberProtocol:
-        p = _SubscriberProtocol()
+        p = _SubscriberProtocol(*self._credentials)
         p.owner = self
         return p
 

@@ -19,16 +19,21 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succ
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
+from shtalk.server.chat.audience import Audience
 from shtalk.server.chat.fanout import FanOutCache
 from shtalk.server.chat.presence import Presence
-from shtalk.server.cluster import redisconn
+from shtalk.server.chat.rooms import Rooms
+from shtalk.server.chat.users import Users
+from shtalk.server.cluster import parts, redisconn
 from shtalk.server.cluster.control import ControlChannel, ControlListener, control_key
 from shtalk.server.cluster.nodes import NodeWatch
 from shtalk.server.cluster.presence import ClusterRelay, presence_handlers
 from shtalk.server.config.cluster import ClusterSection
+from shtalk.server.store.memory import MemoryStore
 
 URL = "redis://127.0.0.1:6379/0"
-KEY = control_key(secrets.token_bytes(32))
+STORAGE_KEY = secrets.token_bytes(32)
+KEY = control_key(STORAGE_KEY)
 
 
 def need_redis(test: TestCase) -> None:
@@ -123,6 +128,7 @@ class ClusterTestCase(TestCase):
             redis_url=URL, prefix=self.prefix, heartbeat_interval=0.2, node_timeout=0.6
         )
         self.nodes: list[Node] = []
+        self.nodes_redis: list[Any] = []
         self.addCleanup(self._cleanup)
 
     def node(self, name: str, listen: bool = True, watch: bool = False) -> Any:
@@ -144,13 +150,13 @@ class ClusterTestCase(TestCase):
                 yield node.watch.stopService()
             if node.listener.running:
                 yield node.listener.stopService()
-        if self.nodes:
-            redis = self.nodes[0].redis
-            keys = yield redis.keys(self.prefix + "*")
+        connections = [node.redis for node in self.nodes] + self.nodes_redis
+        if connections:
+            keys = yield connections[0].keys(self.prefix + "*")
             if keys:
-                yield redis.delete(*keys)
-        for node in self.nodes:
-            node.redis.disconnect()
+                yield connections[0].delete(*keys)
+        for redis in connections:
+            redis.disconnect()
 
 
 class ControlAcrossProcessesTests(ClusterTestCase):
@@ -225,7 +231,7 @@ class PresenceAcrossProcessesTests(ClusterTestCase):
         on_a, first_a = a.attach(7, "laptop")
         on_b, first_b = b.attach(7, "phone")
         firsts = yield DeferredList([first_a, first_b])
-        self.assertEqual([ok for _, ok in firsts], [True, False])
+        self.assertEqual(sorted(ok for _, ok in firsts), [False, True])  # whichever came first
         seen = yield b.presence.online_among([7, 8])
         self.assertEqual(seen, {7})
         devices = yield a.presence.devices_online_anywhere(7)
@@ -304,3 +310,119 @@ class PresenceAcrossProcessesTests(ClusterTestCase):
         yield until(lambda: b.offline == [40], 5)
         self.assertEqual(b.offline, [40])
         self.assertLess(reactor.seconds() - started, 3 * self.settings.heartbeat_interval)
+
+
+class Process:
+    """A process's chat parts as compose connects them in cluster mode (`parts`)."""
+
+    def __init__(self, name: str, settings: ClusterSection, store: MemoryStore) -> None:
+        named = ClusterSection(
+            redis_url=settings.redis_url, prefix=settings.prefix, node_name=name,
+            heartbeat_interval=settings.heartbeat_interval, node_timeout=settings.node_timeout,
+        )
+        self.links = parts.links(named, STORAGE_KEY, reactor)
+        fanout = FanOutCache()
+        self.users = Users(store, self.links.control)
+        self.rooms = Rooms(store, self.users, fanout, self.links.control)
+        self.presence = Presence(fanout, self.links.relay)
+        self.audience = Audience(store, self.presence, self.rooms, self.users)
+        self.died: list[str] = []
+        self.services = parts.services(
+            self.links, named, reactor, reactor, store, self.presence, self.users,
+            self.rooms, self.audience, on_peer_died=[self.died.append],
+        )
+        self.listener, self.watch = self.services
+
+    @inlineCallbacks
+    def login(self, user_id: int, device: str) -> Any:
+        """What the realm does: load the caches, attach, announce if first anywhere."""
+        yield self.rooms.load_user(user_id)
+        mind = Mind(self.presence)
+        first = yield self.presence.attach(user_id, device, mind)  # type: ignore[arg-type]
+        if first:
+            yield self.audience.announce_presence(user_id, True)
+        return mind
+
+
+class AudienceAcrossProcessesTests(ClusterTestCase):
+    @inlineCallbacks
+    def process(self, name: str) -> Any:
+        p = Process(name, self.settings, self.store)
+        self.processes.append(p)
+        for service in p.services:
+            service.startService()
+        yield until(lambda: p.listener.subscriber.ready and p.watch.beats > 0, 5)
+        return p
+
+    @inlineCallbacks
+    def test_roommates_see_a_user_online_once_and_offline_when_their_process_dies(self) -> Any:
+        self.store = MemoryStore(reactor)
+        self.processes: list[Process] = []
+        self.addCleanup(self._stop_processes)
+        store = self.store
+        alice = yield store.create_user("alice", "alice", "a@x.org", b"h", "active")
+        carol = yield store.create_user("carol", "carol", "c@x.org", b"h", "active")
+        room = yield store.create_room("r", "r", carol.id, False)
+        yield store.add_member(room.id, alice.id, "member")
+        a = yield self.process("a")
+        b = yield self.process("b")
+        watcher = yield a.login(carol.id, "c1")
+        yield b.login(alice.id, "phone")
+        online = b'{"type":"presence","user":"alice","status":"online"}'
+        yield until(lambda: len(watcher.lines) >= 1, 5)
+        yield a.login(alice.id, "laptop")  # second device, other process: no news
+        snapshot = yield a.audience.presence_snapshot(carol.id)
+        self.assertEqual([line.strip() for line in snapshot], [online])
+
+        b.watch._loop.stop()  # b is killed: alice keeps her laptop on a
+        yield until(lambda: a.died == ["b"], 5)
+        self.assertEqual(a.died, ["b"])
+        yield sleep(0.2)
+        self.assertEqual([line.strip() for line in watcher.lines], [online])
+
+        # Now alice's last device goes: offline, once.
+        [(_, laptop)] = list(a.presence.minds_of(alice.id))
+        gone = a.presence.detach(laptop)
+        assert gone is not None
+        last = yield gone.last_anywhere
+        self.assertTrue(last)
+        yield a.audience.announce_presence(alice.id, False)
+        self.assertEqual(
+            [line.strip() for line in watcher.lines],
+            [online, b'{"type":"presence","user":"alice","status":"offline"}'],
+        )
+
+    @inlineCallbacks
+    def test_a_dead_process_s_users_are_announced_offline_by_the_survivor(self) -> Any:
+        self.store = MemoryStore(reactor)
+        self.processes = []
+        self.addCleanup(self._stop_processes)
+        store = self.store
+        alice = yield store.create_user("alice", "alice", "a@x.org", b"h", "active")
+        carol = yield store.create_user("carol", "carol", "c@x.org", b"h", "active")
+        room = yield store.create_room("r", "r", carol.id, False)
+        yield store.add_member(room.id, alice.id, "member")
+        a = yield self.process("a")
+        b = yield self.process("b")
+        watcher = yield a.login(carol.id, "c1")
+        yield b.login(alice.id, "phone")
+        yield until(lambda: len(watcher.lines) >= 1, 5)
+        b.watch._loop.stop()
+        killed = reactor.seconds()
+        offline = b'{"type":"presence","user":"alice","status":"offline"}'
+        yield until(lambda: len(watcher.lines) >= 2, 5)
+        self.assertEqual(watcher.lines[-1].strip(), offline)
+        self.assertLess(
+            reactor.seconds() - killed,
+            self.settings.node_timeout + 3 * self.settings.heartbeat_interval,
+        )
+        snapshot = yield a.audience.presence_snapshot(carol.id)
+        self.assertEqual(snapshot, [])
+
+    @inlineCallbacks
+    def _stop_processes(self) -> Any:
+        for p in self.processes:
+            for service in reversed(p.services):
+                if service.running:
+                    yield service.stopService()
+            self.nodes_redis.append(p.links.redis)
