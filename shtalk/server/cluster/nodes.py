@@ -9,10 +9,11 @@ one script, announces offline the users left with no device anywhere, and calls 
 process's share).  With the defaults a killed process is cleared within
 ``node_timeout + heartbeat_interval`` (8 s).
 
-A process that finds itself cleared (a long pause, a Redis restart) or that could not
-reach Redis for a beat puts its devices back (`resync`), announcing online whoever that
-makes first again.  At start it clears what an earlier process of the same name left;
-at a clean stop it deletes its key, so the survivors clear it at their next beat.
+At start, after a beat that could not reach Redis, and when it finds itself cleared (a
+long pause, a Redis restart), a process replaces its presence fields with what it
+serves now (`resync`): what an earlier process of the same name left, or a departure
+Redis did not hear of, goes; what Redis lost comes back.  At a clean stop it deletes its
+key, so the survivors clear it at their next beat.
 """
 
 from __future__ import annotations
@@ -77,9 +78,7 @@ class NodeWatch(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        d = self._clear(self.node)  # what an earlier process of this name left
-        d.addErrback(lambda f: log.warn("Redis: could not clear this node's old presence"))
-        d.addBoth(lambda _: self._loop.start(self.interval, now=True))
+        self._loop.start(self.interval, now=True)  # the first beat resyncs
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -125,13 +124,34 @@ class NodeWatch(Service):
 
     @inlineCallbacks
     def resync(self) -> Any:
-        """Mark every device this process serves as up again; announce the users that
-        makes first online anywhere."""
+        """Make Redis say what this process serves: its fields are replaced by one per
+        device connected now.  Users that makes first online anywhere are announced
+        online; users whose only fields were stale ones of this process (a departure
+        Redis did not hear of, an earlier process of this name) are announced offline."""
+        gone = yield REAP.run(
+            self.redis, [f"{self.prefix}node-users:{self.node}", self.nodes_key],
+            [self.prefix + "presence:", self.node],
+        )
+        emptied = {int(uid) for uid in gone or ()}
         for user_id, devices in list(self.presence.online.items()):
             for device_id in list(devices):
                 first = yield self.relay.device_up(user_id, device_id, False)
-                if first:
-                    yield maybeDeferred(self.on_online, user_id)
+                if first and user_id not in emptied:  # else: online all along
+                    yield self._tell(self.on_online, user_id)
+        for user_id in emptied:
+            if not self.presence.is_online(user_id):
+                yield self._tell(self.on_offline, user_id)
+        yield HEARTBEAT.run(  # the registry entry the clean-up removed
+            self.redis, [self.node_key(self.node), self.nodes_key],
+            [self.node, self.ttl_ms, int(self.clock.seconds())],
+        )
+
+    @inlineCallbacks
+    def _tell(self, hook: UserHook, user_id: int) -> Any:
+        try:
+            yield maybeDeferred(hook, user_id)
+        except Exception:
+            log.failure("announcing a user's presence after a cluster change")
 
     @inlineCallbacks
     def reap(self, name: str) -> Any:
@@ -160,13 +180,8 @@ class NodeWatch(Service):
         )
         for uid in gone or ():
             user_id = int(uid)
-            if self.presence.is_online(user_id):
-                continue  # back here meanwhile (resync marks the device up again)
-            try:
-                yield maybeDeferred(self.on_offline, user_id)
-            except Exception:
-                log.failure("announcing a user of a dead node offline")
-        return gone
+            if not self.presence.is_online(user_id):  # else: here (resync marks it up)
+                yield self._tell(self.on_offline, user_id)
 
 
 def _text(value: Any) -> str:

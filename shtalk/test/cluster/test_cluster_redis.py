@@ -261,11 +261,11 @@ class PresenceAcrossProcessesTests(ClusterTestCase):
         a = yield self.node("a", listen=False, watch=True)
         b = yield self.node("b", listen=False, watch=True)
         c = yield self.node("c", listen=False, watch=True)
+        yield until(lambda: min(n.watch.beats for n in (a, b, c)) >= 1, 5)
         _, only_on_a = a.attach(20, "d")
         _, both_a = a.attach(21, "d")
         _, both_b = b.attach(21, "e")
         yield DeferredList([only_on_a, both_a, both_b])
-        yield until(lambda: a.watch.beats >= 2, 5)
         a.watch._loop.stop()  # a stops beating as a killed process would; its state stays
         started = reactor.seconds()
         cleared = yield until(lambda: b.offline + c.offline == [20], 5)
@@ -297,6 +297,28 @@ class PresenceAcrossProcessesTests(ClusterTestCase):
         self.assertEqual(new.offline, [30])
         seen = yield new.presence.online_among([30])
         self.assertEqual(seen, set())
+
+    @inlineCallbacks
+    def test_what_redis_lost_comes_back_and_what_it_missed_goes(self) -> Any:
+        a = yield self.node("a", listen=False, watch=True)
+        b = yield self.node("b", listen=False)
+        yield until(lambda: a.watch.beats >= 1, 5)
+        _, first = a.attach(60, "d")
+        yield first
+        # Redis restarted without its data: a finds its registry entry gone.
+        yield a.redis.delete(a.relay.key(60), self.prefix + "nodes")
+        back = yield until(lambda: a.online == [60], 5)
+        self.assertTrue(back)
+        seen = yield b.presence.online_among([60])
+        self.assertEqual(seen, {60})
+        # A departure Redis never heard of (it was away): the next resync drops it.
+        yield a.redis.hset(a.relay.key(61), "a|old", "1")
+        yield a.redis.sadd(a.relay.node_users, "61")
+        a.watch._stale = True  # as after a beat that failed
+        yield until(lambda: a.offline == [61], 5)
+        self.assertEqual(a.offline, [61])
+        seen = yield b.presence.online_among([60, 61])
+        self.assertEqual(seen, {60})
 
     @inlineCallbacks
     def test_a_clean_stop_is_noticed_at_the_next_beat(self) -> Any:
