@@ -38,12 +38,13 @@ def credentials(url: str) -> tuple[str | None, str | None]:
 
 
 def commands(url: str, timeout: float) -> Any:
-    """A lazy, reconnecting command connection (calls fail while it is down)."""
+    """A lazy, reconnecting command connection (calls fail while it is down; a reply
+    later than ``timeout`` drops the connection, which then reconnects)."""
     host, port, db = parse_redis_url(url)
     user, password = credentials(url)
     return txredisapi.lazyConnection(
-        host, port, dbid=db, reconnect=True, connectTimeout=timeout, convertNumbers=False,
-        password=password, username=user,
+        host, port, dbid=db, reconnect=True, connectTimeout=timeout, replyTimeout=timeout,
+        convertNumbers=False, password=password, username=user,
     )
 
 
