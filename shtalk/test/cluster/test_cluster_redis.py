@@ -9,6 +9,7 @@ when no Redis answers on 127.0.0.1:6379, failed then if SHTALK_REQUIRE_REDIS=1.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import socket
 from collections.abc import Callable
@@ -255,6 +256,37 @@ class PresenceAcrossProcessesTests(ClusterTestCase):
             self.assertEqual(sum(ok for _, ok in ups), 1, uid)
             downs = yield DeferredList([a.last_gone(ma), b.last_gone(mb)])
             self.assertEqual(sum(ok for _, ok in downs), 1, uid)
+
+    @inlineCallbacks
+    def test_random_arrivals_and_departures_on_three_processes_announce_consistently(
+        self,
+    ) -> Any:
+        """Seeded random batches of concurrent attaches and detaches on three processes:
+        after each batch, every user's announcements (online minus offline) say exactly
+        whether any of their devices is connected anywhere."""
+        nodes = []
+        for name in ("a", "b", "c"):
+            nodes.append((yield self.node(name, listen=False)))
+        rng = random.Random(1414)
+        connected: dict[tuple[int, int, str], list[Mind]] = {}
+        balance = {uid: 0 for uid in range(5)}
+        for _ in range(150):
+            pending: list[tuple[int, int, Deferred[bool]]] = []
+            for _ in range(rng.randint(1, 8)):
+                n, uid, dev = rng.randrange(3), rng.randrange(5), rng.choice("pq")
+                minds = connected.setdefault((n, uid, dev), [])
+                if minds and rng.random() < 0.6:
+                    pending.append((uid, -1, nodes[n].last_gone(minds.pop())))
+                else:
+                    mind, first = nodes[n].attach(uid, dev)
+                    minds.append(mind)
+                    pending.append((uid, +1, first))
+            results = yield DeferredList([d for _, _, d in pending])
+            for (uid, sign, _), (_, told) in zip(pending, results, strict=True):
+                balance[uid] += sign if told else 0
+            for uid in balance:
+                anywhere = any(m for (_, u, _), m in connected.items() if u == uid)
+                self.assertEqual(balance[uid], int(anywhere), (uid, balance))
 
     @inlineCallbacks
     def test_a_dead_process_is_cleared_by_one_survivor_and_its_users_go_offline(self) -> Any:
