@@ -4,6 +4,11 @@
 their constructors); `services` comes once presence, caches and audience exist (the
 control listener's handler table and the heartbeat's announcements use them).  Both are
 called only from ``shtalk.server.compose``.
+
+Heartbeats, timeouts and the control events' timestamps run on the ``reactor`` (real
+time), not on the server's clock: a test clock shifted in one process (or a manual
+clock in unit tests) would make the peers see it as dead, or its events as stale.  Only
+the session recheck compares with the server's clock, as the sessions were made on it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 
 from shtalk.server.chat.audience import Audience
 from shtalk.server.chat.presence import Presence
@@ -47,13 +52,13 @@ class Links:
     relay: ClusterRelay
 
 
-def links(settings: ClusterSection, storage_key: bytes, clock: IReactorTime) -> Links:
+def links(settings: ClusterSection, storage_key: bytes, reactor: IReactorTime) -> Links:
     redis = commands(settings.redis_url, timeout=settings.node_timeout)
     control = ControlChannel(
-        redis, settings.prefix, node_name(settings), control_key(storage_key), clock
+        redis, settings.prefix, node_name(settings), control_key(storage_key), reactor
     )
     relay = ClusterRelay(
-        redis, control, settings.prefix, clock, timeout=settings.heartbeat_interval
+        redis, control, settings.prefix, reactor, timeout=settings.heartbeat_interval
     )
     return Links(redis, control, relay)
 
@@ -61,8 +66,8 @@ def links(settings: ClusterSection, storage_key: bytes, clock: IReactorTime) -> 
 def services(
     links: Links,
     settings: ClusterSection,
+    reactor: Any,  # IReactorTime and IReactorTCP
     clock: IReactorTime,
-    reactor: IReactorTCP,
     store: IStore,
     presence: Presence,
     users: Users,
@@ -78,11 +83,11 @@ def services(
     (kind -> function of the payload) for other parts that publish their own."""
     table = {**presence_handlers(presence), **cache_handlers(users, rooms), **(handlers or {})}
     listener = ControlListener(
-        links.control, table, settings.redis_url, clock, reactor, settings,
+        links.control, table, settings.redis_url, reactor, reactor, settings,
         on_resubscribed=[lambda: recheck_sessions(presence, store, clock)],
     )
     watch = NodeWatch(
-        links.redis, links.relay, presence, settings, clock,
+        links.redis, links.relay, presence, settings, reactor,
         on_online=lambda uid: audience.announce_presence(uid, True),
         on_offline=lambda uid: audience.announce_presence(uid, False),
         on_peer_died=on_peer_died,
