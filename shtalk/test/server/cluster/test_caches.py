@@ -18,7 +18,7 @@ from shtalk.server.chat.rooms import Rooms
 from shtalk.server.chat.users import Users
 from shtalk.server.cluster.handlers import cache_handlers, recheck_sessions
 from shtalk.server.store.memory import MemoryStore
-from shtalk.test.cluster.test_control import Mind
+from shtalk.test.server.cluster.test_control import Mind
 
 
 class Wire:
