@@ -3,10 +3,9 @@
 Interfaces (zope): the store (`IStore`, with its account-security tables `ICodeStore`:
 every method returns a Deferred and never runs SQL on the reactor thread), the avatar
 (`IChatUser`) and the connection as the avatar's mind (`IChatMind`), the registry of
-live connections (`IPresence`, with `IPresenceRelay` to the other processes of a
-cluster), the bus that carries committed messages to them (`IDeliveryBus`) and the
-control channel between processes (`IClusterControl`).  Each can be swapped (a memory
-store in tests, a cross-process bus) without touching the code on the other side.
+live connections (`IPresence`) and the bus that carries committed messages to them
+(`IDeliveryBus`).  Each can be swapped (a memory store in tests, a cross-process bus)
+without touching the code on the other side.
 
 The refusals that go with them are in ``shtalk.server.eserver``.
 """
