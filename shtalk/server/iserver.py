@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
 
 from shtalk.server.store.records import (
     AppendResult,
@@ -333,12 +333,20 @@ class IPresence(Interface):
     reuse, password change or reset, device removal, suspension, deletion) reaches the
     same connections the same way."""
 
-    def attach(user_id: int, device_id: str, mind: IChatMind) -> bool:
-        """Register a logged-in connection; True if it is the user's first."""
+    def attach(user_id: int, device_id: str, mind: IChatMind) -> Deferred[bool]:
+        """Register a logged-in connection (at once); fires True if it is the user's
+        first anywhere (in a cluster: in any process)."""
 
-    def detach(mind: IChatMind) -> tuple[int, bool] | None:
-        """Forget a connection: (its user, whether that user has none left), or None if
-        it was not registered."""
+    def detach(mind: IChatMind) -> Any:
+        """Forget a connection: a `Departure` (its user, whether this process has none
+        of theirs left, and a Deferred firing whether no process has), or None if it was
+        not registered."""
+
+    def online_among(user_ids: Iterable[int]) -> Deferred[set[int]]:
+        """Those of ``user_ids`` online anywhere (in a cluster: in any process)."""
+
+    def devices_online_anywhere(user_id: int) -> Deferred[set[str]]:
+        """The user's devices online in any process."""
 
     def bind_family(mind: IChatMind, family: str) -> None:
         """The connection now belongs to this session family (and to no other)."""
@@ -357,6 +365,60 @@ class IPresence(Interface):
     def revoke_device(user_id: int, device_id: str, reason: str) -> None: ...
 
     def revoke_user(user_id: int, reason: str) -> None: ...
+
+
+class IPresenceRelay(Interface):
+    """What `IPresence` tells, and asks, the other server processes of a cluster.
+
+    Presence keeps the one registry of this process's connections and applies every
+    revocation and line here at once; the relay carries them to the peers (which apply
+    them to their own connections) and keeps the cluster-wide view of who is online, so
+    that "first device online" and "last device offline" hold across processes.  One
+    process alone uses `shtalk.server.chat.presence.LocalRelay`, which answers from
+    what this process knows and tells nobody."""
+
+    def device_up(user_id: int, device_id: str, first_here: bool) -> Deferred[bool]:
+        """This process now serves the device; fires True if the user had no device
+        online anywhere before (``first_here``: none in this process)."""
+
+    def device_down(user_id: int, device_id: str, last_here: bool) -> Deferred[bool]:
+        """This process no longer serves the device; fires True if the user now has no
+        device online anywhere (``last_here``: none left in this process)."""
+
+    def online_elsewhere(user_ids: Iterable[int]) -> Deferred[set[int]]:
+        """Those of ``user_ids`` with a device online in another process."""
+
+    def devices_elsewhere(user_id: int) -> Deferred[set[str]]:
+        """The user's devices online in other processes."""
+
+    def send_to_users(user_ids: Iterable[int], line: bytes) -> None:
+        """Have the peers write the line to these users' connections."""
+
+    def revoke_families(families: Iterable[str], reason: str) -> None: ...
+
+    def revoke_device(user_id: int, device_id: str, reason: str) -> None: ...
+
+    def revoke_user(user_id: int, reason: str) -> None: ...
+
+
+class IClusterControl(Interface):
+    """The control channel between server processes: small events every process applies
+    to its own state (cache invalidations, revocations, lines for connections).  One
+    process alone uses `NoControl`."""
+
+    def publish(kind: str, payload: dict[str, Any]) -> None:
+        """Tell every other process; the caller has already applied it here."""
+
+
+@implementer(IClusterControl)
+class NoControl:
+    """One process: there is nobody to tell."""
+
+    def publish(self, kind: str, payload: dict[str, Any]) -> None:
+        return None
+
+
+NO_CONTROL = NoControl()
 
 
 class IDeliveryBus(Interface):

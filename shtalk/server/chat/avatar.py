@@ -115,14 +115,14 @@ class ChatUser:
         yield self.store.add_member(room.id, self.user.id, "member")
         self.rooms.joined(room, self.user.id)
         self._tell_room(room, pushes.member(room.name, self.user.name, "joined"))
-        return {
-            "room": room.name,
-            "invite_only": room.invite_only,
-            "members": self._members(members),
-        }
+        listed = yield self._members(members)
+        return {"room": room.name, "invite_only": room.invite_only, "members": listed}
 
-    def _members(self, members: Mapping[int, str]) -> list[dict[str, Any]]:
-        name, online = self.users.name, self.parts.presence.online
+    @inlineCallbacks
+    def _members(self, members: Mapping[int, str]) -> Any:
+        members = dict(members)
+        online = yield self.parts.presence.online_among(members)
+        name = self.users.name
         return [
             {"user": name(uid), "role": role, "online": uid in online}
             for uid, role in sorted(members.items(), key=lambda kv: name(kv[0]))
@@ -210,14 +210,15 @@ class ChatUser:
     def members(self, raw: str) -> Any:
         room, members = yield self.rooms.room(raw)
         self._require_member(members)
-        return {"room": room.name, "members": self._members(members)}
+        listed = yield self._members(members)
+        return {"room": room.name, "members": listed}
 
     @inlineCallbacks
     def devices(self, raw_user: str | None) -> Any:
         user = self.user if raw_user is None else (yield self.users.user(raw_user))
         devices = yield self.store.devices(user.id)
         shown = yield self.parts.audience.may_see_presence(self.user.id, user.id)
-        online = self.parts.presence.devices_online(user.id)
+        online = yield self.parts.presence.devices_online_anywhere(user.id)
         return {
             "user": user.name,
             "devices": [
