@@ -61,11 +61,15 @@ class ChatRealm:
         if parts.monitor is not None:
             # The monitor knows whom this account talked to before its first send.
             yield parts.monitor.preload(user.id)
+        # Subscribed (across processes: confirmed) before the backlog is read, so every
+        # message is either in it or delivered live.
+        yield parts.bus.attach(user.id)
         avatar = ChatUser(parts, user, device_id, family, mind)
         if parts.presence.attach(user.id, device_id, mind):
             yield parts.audience.announce_presence(user.id, True)
 
         def logout() -> None:
+            parts.bus.detach(user.id)
             gone = parts.presence.detach(mind)
             if gone is not None and gone[1]:
                 parts.audience.announce_presence(user.id, False)
