@@ -48,10 +48,15 @@ class DroppingBus(RedisBus):
         self.publisher.publish = publish  # type: ignore[method-assign]
 
 
+def dropping(p: Process) -> DroppingBus:
+    assert isinstance(p.bus, DroppingBus)
+    return p.bus
+
+
 class RedisBusTests(unittest.TestCase):
     timeout = 30
 
-    def setUp(self) -> Deferred[Any]:
+    def setUp(self) -> Deferred[Any]:  # type: ignore[override]
         need_redis(self)
         self.store = ChainStore()
         self.store.names.update({ALICE: "alice", BOB: "bob", CAROL: "carol"})
@@ -109,7 +114,7 @@ class RedisBusTests(unittest.TestCase):
         lost; alice (on A) writes next: A delivers carol's message first."""
         bob_a = yield self.a.login(BOB, "b1")
         yield self.b.login(BOB, "b2")
-        self.b.bus.drop.add(self.store.seq + 1)
+        dropping(self.b).drop.add(self.store.seq + 1)
         first = self.send(self.b, user_mailbox(BOB), CAROL, "c1")
         second = self.send(self.a, user_mailbox(BOB))
         yield bob_a.wait(2)
@@ -118,7 +123,7 @@ class RedisBusTests(unittest.TestCase):
     @inlineCallbacks
     def test_a_dropped_publish_is_read_from_the_store(self) -> Any:
         bob = yield self.b.login(BOB, "b1")
-        self.a.bus.drop.add(self.store.seq + 2)
+        dropping(self.a).drop.add(self.store.seq + 2)
         seqs = [self.send(self.a, user_mailbox(BOB)) for _ in range(3)]
         yield bob.wait(3)
         self.assertEqual(bob.seqs, seqs)
@@ -153,7 +158,7 @@ class RedisBusTests(unittest.TestCase):
         before = self.send(self.a, box)
         yield gatherResults([bob.wait(1), carol.wait(1)])
         link = self.store.change_member(7, BOB, joined=False)
-        self.a.bus.drop.add(link.seq)
+        dropping(self.a).drop.add(link.seq)
         self.a.bus.membership_changed(link, 7, BOB, False)
         after = self.send(self.a, box)
         yield carol.wait(2)
