@@ -251,7 +251,9 @@ class Subscriptions:
     # the connection's side --------------------------------------------------------------
     def connected(self, proto: Any) -> None:
         self.connections += 1
-        self._reconnected = self.connections > 1
+        # Channels to subscribe (again): what was published before they are confirmed
+        # is read from the store once they are.
+        self._reconnected = bool(self.wanted)
         self.proto = proto
         self.confirmed_channels.clear()
         self._inflight = None
