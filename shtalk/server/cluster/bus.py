@@ -17,6 +17,9 @@ encoding per distinct envelope) is `LocalBus`'s.
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from collections.abc import Iterable
 from typing import Any
 
@@ -47,6 +50,15 @@ from shtalk.server.store.mailbox import inbox_owner, room_mailbox, room_of, user
 from shtalk.server.store.records import ChainLink, StoredMessage
 
 log = Logger()
+
+def node_name(configured: str) -> str:
+    """``[cluster] node_name``, or this host's name, the pid and a random tag (a process
+    restarted under the same pid is still another node: its chains start afresh)."""
+    if configured:
+        return configured
+    host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname())
+    return f"{host or 'host'}-{os.getpid()}-{secrets.token_hex(3)}"
+
 
 #: How long a login waits for Redis to confirm its subscriptions before it goes on
 #: anyway (what it misses meanwhile is read back once they are confirmed).
@@ -162,9 +174,10 @@ class RedisBus(Service):
                                   self.clock.seconds())
                 self._arm()
         inbox = user_mailbox(user_id)
+        since = link.seq if link is not None else 0
         self.publisher.publish(self.channel(inbox), codec.encode(
-            codec.NOTICE, self.node, inbox, 0, 0, body=codec.notice_body(room_id, joined)))
-        self._user_room(user_id, room_id, joined)
+            codec.NOTICE, self.node, inbox, since, 0, body=codec.notice_body(room_id, joined)))
+        self._user_room(user_id, room_id, joined, since)
 
     def attach(self, user_id: int) -> Deferred[Any]:
         """A device of ``user_id`` logs in here: fires once its mailboxes are subscribed
@@ -191,7 +204,13 @@ class RedisBus(Service):
         return self._reconcile()
 
     # subscriptions ----------------------------------------------------------------------
-    def _hold(self, new: Iterable[str], wait_for: Iterable[str]) -> Deferred[Any]:
+    def _hold(
+        self, new: Iterable[str], wait_for: Iterable[str], since: int = 0
+    ) -> Deferred[Any]:
+        """Count the mailboxes in; subscribe those that are new here, and begin their
+        chains at the head read once Redis confirmed them (or at ``since``, a join's
+        seq: what was sent to the room after the join reaches a device already online).
+        Fires once every mailbox of ``wait_for`` has begun."""
         fresh = []
         for mailbox in new:
             n = self._refs.get(mailbox, 0)
@@ -203,7 +222,7 @@ class RedisBus(Service):
             d = self.subscriptions.add([self.channel(mb) for mb in fresh])
             d.addTimeout(ATTACH_TIMEOUT, self.clock)
             d.addErrback(self._unconfirmed)
-            started = d.addCallback(lambda _: self._start(fresh))
+            started = d.addCallback(lambda _: self._start(fresh, since))
             for mb in fresh:
                 self._starting[mb] = started
         waits = [self._starting[mb] for mb in wait_for if mb in self._starting]
@@ -215,7 +234,7 @@ class RedisBus(Service):
                  "they miss is read from the store once they are)")
 
     @inlineCallbacks
-    def _start(self, mailboxes: list[str]) -> Any:
+    def _start(self, mailboxes: list[str], since: int = 0) -> Any:
         try:
             heads = yield self.store.mailbox_heads(mailboxes)
             for mailbox in mailboxes:
@@ -224,16 +243,21 @@ class RedisBus(Service):
                     yield self.rooms.reload(room)
             now = self.clock.seconds()
             for mailbox in mailboxes:
-                self.chains.start(mailbox, heads.get(mailbox, 0), now)
+                head = heads.get(mailbox, 0)
+                self.chains.start(mailbox, min(since, head) if since else head, now)
+                self.chains.behind(mailbox, head)
         except Exception:
-            log.failure("starting the bus's mailbox chains failed")
-            now = self.clock.seconds()
-            for mailbox in mailboxes:  # from the store's start: the reconciliation fills
-                self.chains.start(mailbox, 0, now)
+            log.failure("starting the bus's mailbox chains failed; retrying")
+            self.clock.callLater(self.reconcile_interval, self._retry_start, mailboxes, since)
         finally:
             for mailbox in mailboxes:
                 self._starting.pop(mailbox, None)
         self._arm()
+
+    def _retry_start(self, mailboxes: list[str], since: int) -> None:
+        left = [mb for mb in mailboxes if mb in self.chains and not self.chains.is_started(mb)]
+        if left:
+            self._start(left, since)
 
     def _release(self, mailboxes: Iterable[str]) -> None:
         gone = []
@@ -251,14 +275,14 @@ class RedisBus(Service):
         if gone:
             self.subscriptions.drop(gone)
 
-    def _user_room(self, user_id: int, room_id: int, joined: bool) -> None:
+    def _user_room(self, user_id: int, room_id: int, joined: bool, since: int = 0) -> None:
         held = self._held.get(user_id)
         if held is None:
             return
         mailbox = room_mailbox(room_id)
         if joined and mailbox not in held:
             held.add(mailbox)
-            self._hold([mailbox], [mailbox]).addErrback(
+            self._hold([mailbox], [mailbox], since).addErrback(
                 lambda f: log.failure("subscribing a joined room failed", f))
         elif not joined and mailbox in held:
             held.discard(mailbox)
@@ -316,7 +340,7 @@ class RedisBus(Service):
         except codec.BadFrame:
             return
         d = self.rooms.reload(room_id)  # the user's rooms as this process sees them
-        d.addCallback(lambda _: self._user_room(user_id, room_id, joined))
+        d.addCallback(lambda _: self._user_room(user_id, room_id, joined, frame.seq))
         d.addErrback(lambda f: log.failure("a membership notice could not be applied", f))
 
     # the sequencer's sink ---------------------------------------------------------------
