@@ -19,6 +19,7 @@ told (`resubscribed`), so it can read what was published meanwhile from the stor
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -142,9 +143,15 @@ class BusPublisher(txredisapi.RedisProtocol):  # type: ignore[misc]
         super().connectionLost(why)
 
 
+#: Publishes kept while the publishing connection is down, sent once it is back.
+KEEP_WHILE_DOWN = 10_000
+
+
 class Publisher:
-    """The publishing connection.  While it is down, publishes are dropped (counted):
-    the receivers read what they missed from the store."""
+    """The publishing connection.  While it is down, the last `KEEP_WHILE_DOWN`
+    publishes are kept and sent once it is back (receivers drop what they already have),
+    so they need not wait for a reconciliation; older ones are dropped (counted) and the
+    receivers read them from the store."""
 
     def __init__(self) -> None:
         self.transport: Any = None
@@ -152,6 +159,7 @@ class Publisher:
         self.unanswered = 0
         self.published = 0
         self.dropped = 0
+        self._kept: deque[tuple[bytes, bytes]] = deque(maxlen=KEEP_WHILE_DOWN)
         self._when: list[Deferred[None]] = []
 
     def when_connected(self) -> Deferred[None]:
@@ -163,6 +171,9 @@ class Publisher:
 
     def connected(self, proto: Any) -> None:
         self.proto, self.transport, self.unanswered = proto, proto.transport, 0
+        kept, self._kept = self._kept, deque(maxlen=KEEP_WHILE_DOWN)
+        for channel, payload in kept:
+            self.publish(channel, payload)
         when, self._when = self._when, []
         for d in when:
             d.callback(None)
@@ -174,7 +185,9 @@ class Publisher:
     def publish(self, channel: bytes, payload: bytes) -> None:
         transport = self.transport
         if transport is None:
-            self.dropped += 1
+            if len(self._kept) == KEEP_WHILE_DOWN:
+                self.dropped += 1
+            self._kept.append((channel, payload))
             return
         transport.write(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
             len(channel), channel, len(payload), payload))

@@ -146,6 +146,19 @@ class RedisBusTests(unittest.TestCase):
         self.assertGreaterEqual(self.b.bus.subscriptions.connections, 2)
 
     @inlineCallbacks
+    def test_publishes_while_the_publisher_was_cut_off_go_out_on_reconnect(self) -> Any:
+        bob = yield self.b.login(BOB, "b1")
+        first = self.send(self.a, user_mailbox(BOB))
+        yield bob.wait(1)
+        host = self.a.bus.publisher.transport.getHost()
+        redis_command(b"CLIENT", b"KILL", b"ADDR", f"{host.host}:{host.port}".encode())
+        yield sleep(0.05)
+        later = [self.send(self.a, user_mailbox(BOB)) for _ in range(3)]
+        yield bob.wait(4, timeout=2)  # before any reconciliation (5 s)
+        self.assertEqual(bob.seqs, [first, *later])
+        self.assertEqual(self.store.reads, 0)
+
+    @inlineCallbacks
     def test_a_kick_is_in_force_before_the_next_message(self) -> Any:
         """Alice (on A) kicks bob; the kick's publish is lost; her next message still
         reaches carol on B and not bob: B re-reads the members before applying it."""

@@ -112,13 +112,21 @@ class SubscriptionTests(SynchronousTestCase):
 class PublisherTests(SynchronousTestCase):
     def test_publish_is_one_redis_command(self) -> None:
         pub = Publisher()
-        pub.publish(b"ch", b"x")
-        self.assertEqual(pub.dropped, 1)  # not connected: the store has it
         proto = FakeProto()
         pub.connected(proto)
         pub.publish(b"ch", b"payload")
         self.assertEqual(proto.transport.value(),
                          b"*3\r\n$7\r\nPUBLISH\r\n$2\r\nch\r\n$7\r\npayload\r\n")
+
+    def test_kept_while_down_and_sent_on_reconnect(self) -> None:
+        pub = Publisher()
+        pub.publish(b"ch", b"1")
+        pub.publish(b"ch", b"2")
+        proto = FakeProto()
+        pub.connected(proto)
+        self.assertEqual(proto.transport.value().count(b"PUBLISH"), 2)
+        self.assertTrue(proto.transport.value().endswith(b"$1\r\n2\r\n"))
+        self.assertEqual(pub.dropped, 0)
 
 
 class CodecTests(SynchronousTestCase):
