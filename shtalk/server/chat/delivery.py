@@ -64,7 +64,8 @@ class LocalBus:
 
     # One process: every mailbox is here already, and the rooms cache is the truth.
     def membership_changed(
-        self, link: ChainLink | None, room_id: int, user_id: int, joined: bool
+        self, link: ChainLink | None, room_id: int, user_id: int, joined: bool,
+        push: bytes = b"",
     ) -> None:
         pass
 

@@ -108,6 +108,7 @@ class Mind:
 
     def __init__(self) -> None:
         self.seqs: list[int] = []
+        self.other: list[bytes] = []  # lines that are not messages
         self._waits: list[tuple[int, Deferred[None]]] = []
 
     def deliver(self, seq: int, line: bytes) -> None:
@@ -118,7 +119,7 @@ class Mind:
                 d.callback(None)
 
     def send_bytes(self, data: bytes) -> None:
-        pass
+        self.other.append(data)
 
     def wait(self, n: int, timeout: float = 5.0) -> Deferred[None]:
         d: Deferred[None] = Deferred()
