@@ -227,6 +227,7 @@ class RedisBus(Service):
             started = d.addCallback(lambda _: self._start(fresh, since))
             for mb in fresh:
                 self._starting[mb] = started
+            started.addBoth(self._started, fresh, started)
         waits = [self._starting[mb] for mb in wait_for if mb in self._starting]
         return gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
 
@@ -251,10 +252,13 @@ class RedisBus(Service):
         except Exception:
             log.failure("starting the bus's mailbox chains failed; retrying")
             self.clock.callLater(self.reconcile_interval, self._retry_start, mailboxes, since)
-        finally:
-            for mailbox in mailboxes:
-                self._starting.pop(mailbox, None)
         self._arm()
+
+    def _started(self, result: Any, mailboxes: list[str], started: Deferred[Any]) -> Any:
+        for mailbox in mailboxes:
+            if self._starting.get(mailbox) is started:  # not a later subscription's
+                del self._starting[mailbox]
+        return result
 
     def _retry_start(self, mailboxes: list[str], since: int) -> None:
         left = [mb for mb in mailboxes if mb in self.chains and not self.chains.is_started(mb)]

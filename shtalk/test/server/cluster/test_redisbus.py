@@ -236,3 +236,29 @@ class RedisBusTests(unittest.TestCase):
         self.b.logout(BOB, bob2)
         self.assertNotIn(box, self.b.bus.chains)
         self.assertNotIn(self.b.bus.channel(box), self.b.bus.subscriptions.wanted)
+
+
+class RedisDownTests(unittest.TestCase):
+    """No Redis at all: a login waits `ATTACH_TIMEOUT`, then goes on (its backlog and
+    the store still have every message) instead of hanging."""
+
+    def test_attach_goes_on_without_confirmation(self) -> Any:
+        from twisted.internet.task import Clock
+
+        from shtalk.server.cluster.bus import ATTACH_TIMEOUT
+
+        store = ChainStore()
+        clock = Clock()
+        p = Process(store, random_prefix(), "node-x")
+        p.bus = RedisBus(p.local, store, p.rooms, clock, reactor,  # type: ignore[arg-type]
+                         "redis://127.0.0.1:1/0", "x:", "node-x", 0.05, 5.0)
+        p.bus.startService()
+        self.addCleanup(p.bus.stopService)
+        box = user_mailbox(BOB)
+        store.commit(box, ALICE, "a1")
+        d = p.bus.attach(BOB)
+        clock.advance(ATTACH_TIMEOUT - 0.1)
+        self.assertNoResult(d)
+        clock.advance(0.2)
+        self.successResultOf(d)
+        self.assertEqual(p.bus.chains.started(), {box: 1})
