@@ -89,6 +89,7 @@ class RedisBus(Service):
         self.reactor = reactor
         self.address = RedisAddress(redis_url)
         self.node = codec.check_node_name(node)
+        self._own = b" " + self.node + b" "
         self.channel_prefix = (prefix + "mb:").encode("ascii")
         self.chains = Chains(self, gap_wait)
         self.subscriptions = Subscriptions(clock, self._received, self._resubscribed, keepalive)
@@ -301,13 +302,13 @@ class RedisBus(Service):
     # what arrives -----------------------------------------------------------------------
     def _received(self, channel: bytes, payload: bytes) -> None:
         self.received += 1
+        if payload.startswith(self._own, 1):
+            return  # committed here, and applied then (the header is "<kind> <node> ")
         try:
             frame = codec.decode(payload)
         except codec.BadFrame:
             log.warn("a malformed frame on the bus was ignored")
             return
-        if frame.node == self.node:
-            return  # applied when it was committed here
         kind = frame.kind
         if kind == codec.MESSAGE:
             self.chains.offer(frame.mailbox, Item(frame.seq, frame.prev_seq, frame),
