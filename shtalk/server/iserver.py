@@ -363,12 +363,10 @@ class IDeliveryBus(Interface):
         """Deliver a committed message to every online device it is for."""
 
     def membership_changed(
-        link: ChainLink | None, room_id: int, user_id: int, joined: bool, push: bytes = b""
+        link: ChainLink | None, room_id: int, user_id: int, joined: bool
     ) -> None:
         """A join, leave or kick committed here (the rooms cache already has it);
-        ``link`` is its place in the room mailbox's chain (None for a new room's owner),
-        ``push`` the ``member`` line this process sent the room's connections (others
-        send it to theirs, in chain order)."""
+        ``link`` is its place in the room mailbox's chain (None for a new room's owner)."""
 
     def attach(user_id: int) -> Deferred[None]:
         """A device of the user logs in: fires once every mailbox it needs reaches this

@@ -115,9 +115,8 @@ class ChatUser:
                 raise InviteRequired("that room is invite-only; ask a member to invite you")
         link = yield self.store.add_member(room.id, self.user.id, "member")
         self.rooms.joined(room, self.user.id)
-        line = pushes.member(room.name, self.user.name, "joined")
-        self.parts.bus.membership_changed(link, room.id, self.user.id, True, line)
-        self._tell_room(room, line)
+        self.parts.bus.membership_changed(link, room.id, self.user.id, True)
+        self._tell_room(room, pushes.member(room.name, self.user.name, "joined"))
         return {
             "room": room.name,
             "invite_only": room.invite_only,
@@ -142,10 +141,9 @@ class ChatUser:
         room, members = yield self.rooms.room(raw)
         role = self._require_member(members)
         link = yield self.store.remove_member(room.id, self.user.id)
-        line = pushes.member(room.name, self.user.name, "left")
-        self._tell_room(room, line)
+        self._tell_room(room, pushes.member(room.name, self.user.name, "left"))
         self.rooms.left(room, self.user.id)
-        self.parts.bus.membership_changed(link, room.id, self.user.id, False, line)
+        self.parts.bus.membership_changed(link, room.id, self.user.id, False)
         if role == "owner" and members:
             # The room keeps a moderator: the first admin, else the first member.
             heir = min(members, key=lambda uid: (members[uid] != "admin", uid))
@@ -184,10 +182,9 @@ class ChatUser:
             raise Forbidden("you may not kick that member")
         link = yield self.store.remove_member(room.id, target.id)
         # Tell everyone, the kicked user included, before they leave the cache.
-        line = pushes.member(room.name, target.name, "kicked", by=self.user.name)
-        self._tell_room(room, line)
+        self._tell_room(room, pushes.member(room.name, target.name, "kicked", by=self.user.name))
         self.rooms.left(room, target.id)
-        self.parts.bus.membership_changed(link, room.id, target.id, False, line)
+        self.parts.bus.membership_changed(link, room.id, target.id, False)
         return {"room": room.name, "user": target.name}
 
     @inlineCallbacks

@@ -64,8 +64,7 @@ class LocalBus:
 
     # One process: every mailbox is here already, and the rooms cache is the truth.
     def membership_changed(
-        self, link: ChainLink | None, room_id: int, user_id: int, joined: bool,
-        push: bytes = b"",
+        self, link: ChainLink | None, room_id: int, user_id: int, joined: bool
     ) -> None:
         pass
 

@@ -162,16 +162,14 @@ class RedisBus(Service):
             self._arm()
 
     def membership_changed(
-        self, link: ChainLink | None, room_id: int, user_id: int, joined: bool,
-        push: bytes = b"",
+        self, link: ChainLink | None, room_id: int, user_id: int, joined: bool
     ) -> None:
         """A membership change committed here (the rooms cache already has it): its
-        place in the room's chain for every process (with the ``member`` push their
-        connections in the room are sent), a notice on the user's inbox for those
-        holding the user's devices, and this process's subscriptions."""
+        place in the room's chain for every process, a notice on the user's inbox for
+        those holding the user's devices, and this process's subscriptions."""
         if link is not None:
             self.publisher.publish(self.channel(link.mailbox), codec.encode(
-                codec.LINK, self.node, link.mailbox, link.seq, link.prev_seq, body=push))
+                codec.LINK, self.node, link.mailbox, link.seq, link.prev_seq))
             if link.mailbox in self.chains:
                 self.chains.offer(link.mailbox, Item(link.seq, link.prev_seq),
                                   self.clock.seconds())
@@ -314,7 +312,7 @@ class RedisBus(Service):
             self.chains.offer(frame.mailbox, Item(frame.seq, frame.prev_seq, frame),
                               self.clock.seconds())
         elif kind == codec.LINK:
-            self.chains.offer(frame.mailbox, Item(frame.seq, frame.prev_seq, frame, True),
+            self.chains.offer(frame.mailbox, Item(frame.seq, frame.prev_seq, reload=True),
                               self.clock.seconds())
         elif kind == codec.HEADER:
             if frame.mailbox in self.chains:
@@ -354,14 +352,8 @@ class RedisBus(Service):
     def apply(self, mailbox: str, item: Item) -> None:
         value = item.value
         if type(value) is codec.Frame:
-            if value.kind == codec.MESSAGE:
-                self._deliver_line(mailbox, item.seq, value.body, value.sender_id,
-                                   value.sender_device)
-            elif value.body:  # a membership change's push, to the members as they were
-                room = room_of(mailbox)
-                members = self.rooms.members.get(room) if room is not None else None
-                if members:
-                    self.local.presence.send_to_users(members, value.body)
+            self._deliver_line(mailbox, item.seq, value.body, value.sender_id,
+                               value.sender_device)
         elif isinstance(value, StoredMessage):
             self.local.publish(value)
 

@@ -5,10 +5,9 @@
 Kinds: ``m`` a message whose body is its encoded push line (what every device of the
 mailbox is sent); ``h`` a message sent as its header only (large, or addressed device by
 device): the receiver reads it from the store; ``l`` a membership change of a room (a
-link of the chain; body: the ``member`` push, if any); ``n`` a notice on a user's inbox
-channel that they joined (body ``1 <room id>``) or left (``0 <room id>``) a room, seq:
-the change's, outside the chain, so that the processes holding that user's devices
-subscribe or unsubscribe the room.
+link of the chain, no body); ``n`` a notice on a user's inbox channel that they joined
+(body ``1 <room id>``) or left (``0 <room id>``) a room, outside the chain, so that the
+processes holding that user's devices subscribe or unsubscribe the room.
 
 Why this shape: the header is split once with ``bytes.split`` and the push line is
 written to sockets as it came, so a message costs one parse on each receiver and no

@@ -108,7 +108,6 @@ class Mind:
 
     def __init__(self) -> None:
         self.seqs: list[int] = []
-        self.other: list[bytes] = []  # lines that are not messages
         self._waits: list[tuple[int, Deferred[None]]] = []
 
     def deliver(self, seq: int, line: bytes) -> None:
@@ -119,7 +118,7 @@ class Mind:
                 d.callback(None)
 
     def send_bytes(self, data: bytes) -> None:
-        self.other.append(data)
+        pass
 
     def wait(self, n: int, timeout: float = 5.0) -> Deferred[None]:
         d: Deferred[None] = Deferred()
