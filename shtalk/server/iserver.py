@@ -356,24 +356,19 @@ class IPresence(Interface):
 
 
 class IDeliveryBus(Interface):
-    """Carries committed changes to the connections they are for: within this process
-    (`LocalBus`), or between processes (`shtalk.server.cluster.bus.RedisBus`)."""
-
     def publish(message: StoredMessage) -> None:
         """Deliver a committed message to every online device it is for."""
 
     def membership_changed(
         link: ChainLink | None, room_id: int, user_id: int, joined: bool
     ) -> None:
-        """A join, leave or kick committed here (the rooms cache already has it);
-        ``link`` is its place in the room mailbox's chain (None for a new room's owner)."""
+        """A join/leave/kick committed here, cached; ``link``: its place in the chain."""
 
     def attach(user_id: int) -> Deferred[None]:
-        """A device of the user logs in: fires once every mailbox it needs reaches this
-        process (before its backlog is read, so nothing falls between the two)."""
+        """A device logs in: fires once its mailboxes reach here (before the backlog)."""
 
     def detach(user_id: int) -> None:
-        """A connection of the user that `attach` counted is gone."""
+        """A connection `attach` counted is gone."""
 
     def reconcile() -> Deferred[None]:
-        """Read from the store what the bus missed (e.g. when a peer process died)."""
+        """Read what the bus missed from the store (e.g. a peer process died)."""
