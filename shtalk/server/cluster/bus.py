@@ -17,9 +17,6 @@ encoding per distinct envelope) is `LocalBus`'s.
 
 from __future__ import annotations
 
-import os
-import secrets
-import socket
 from collections.abc import Iterable
 from typing import Any
 
@@ -50,15 +47,6 @@ from shtalk.server.store.mailbox import inbox_owner, room_mailbox, room_of, user
 from shtalk.server.store.records import ChainLink, StoredMessage
 
 log = Logger()
-
-def node_name(configured: str) -> str:
-    """``[cluster] node_name``, or this host's name, the pid and a random tag (a process
-    restarted under the same pid is still another node: its chains start afresh)."""
-    if configured:
-        return configured
-    host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname())
-    return f"{host or 'host'}-{os.getpid()}-{secrets.token_hex(3)}"
-
 
 #: How long a login waits for Redis to confirm its subscriptions before it goes on
 #: anyway (what it misses meanwhile is read back once they are confirmed).

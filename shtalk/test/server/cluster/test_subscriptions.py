@@ -144,14 +144,6 @@ class CodecTests(SynchronousTestCase):
         self.assertEqual(codec.check_node_name("host-1.42"), b"host-1.42")
         self.assertRaises(ValueError, codec.check_node_name, "two words")
 
-    def test_default_node_names_differ_and_fit_a_header(self) -> None:
-        from shtalk.server.cluster.bus import node_name
-
-        self.assertEqual(node_name("n1"), "n1")
-        a, b = node_name(""), node_name("")
-        self.assertNotEqual(a, b)
-        codec.check_node_name(a)
-
     def test_address_repr_hides_the_password(self) -> None:
         address = RedisAddress("redis://:s3cret@db.example:6380/2")
         self.assertEqual((address.host, address.port, address.db, address.password),
