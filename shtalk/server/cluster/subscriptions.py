@@ -110,6 +110,8 @@ class BusSubscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
                     owner.pong()
             elif res == b"PONG" or (type(res) is list and res and res[0] == b"pong"):
                 owner.pong()
+            elif isinstance(res, Exception):  # e.g. an ACL that forbids the channel
+                log.warn("Redis refused a bus command: {error}", error=str(res)[:120])
             else:
                 log.warn("unexpected reply on the bus subscription: {kind}",
                          kind=type(res).__name__)
