@@ -101,6 +101,7 @@ class ChatUser:
         except Conflict:
             raise RoomExists("a room with that name exists; join it or pick another") from None
         self.rooms.created(room, self.user.id)
+        self.parts.bus.membership_changed(None, room.id, self.user.id, True)
         return {"room": room.name, "invite_only": room.invite_only, "role": "owner"}
 
     @inlineCallbacks
@@ -112,8 +113,9 @@ class ChatUser:
             invited = yield self.store.has_invite(room.id, self.user.id)
             if not invited:
                 raise InviteRequired("that room is invite-only; ask a member to invite you")
-        yield self.store.add_member(room.id, self.user.id, "member")
+        link = yield self.store.add_member(room.id, self.user.id, "member")
         self.rooms.joined(room, self.user.id)
+        self.parts.bus.membership_changed(link, room.id, self.user.id, True)
         self._tell_room(room, pushes.member(room.name, self.user.name, "joined"))
         listed = yield self._members(members)
         return {"room": room.name, "invite_only": room.invite_only, "members": listed}
@@ -138,9 +140,10 @@ class ChatUser:
     def leave(self, raw: str) -> Any:
         room, members = yield self.rooms.room(raw)
         role = self._require_member(members)
-        yield self.store.remove_member(room.id, self.user.id)
+        link = yield self.store.remove_member(room.id, self.user.id)
         self._tell_room(room, pushes.member(room.name, self.user.name, "left"))
         self.rooms.left(room, self.user.id)
+        self.parts.bus.membership_changed(link, room.id, self.user.id, False)
         if role == "owner" and members:
             # The room keeps a moderator: the first admin, else the first member.
             heir = min(members, key=lambda uid: (members[uid] != "admin", uid))
@@ -177,10 +180,11 @@ class ChatUser:
             or (role == "admin" and target_role == "admin")
         ):
             raise Forbidden("you may not kick that member")
-        yield self.store.remove_member(room.id, target.id)
+        link = yield self.store.remove_member(room.id, target.id)
         # Tell everyone, the kicked user included, before they leave the cache.
         self._tell_room(room, pushes.member(room.name, target.name, "kicked", by=self.user.name))
         self.rooms.left(room, target.id)
+        self.parts.bus.membership_changed(link, room.id, target.id, False)
         return {"room": room.name, "user": target.name}
 
     @inlineCallbacks

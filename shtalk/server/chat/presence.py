@@ -23,7 +23,8 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from shtalk.server.chat.fanout import FanOutCache
-from shtalk.server.iserver import IChatMind, IPresence, IPresenceRelay
+from shtalk.server.iserver import IChatMind, IPresence
+from shtalk.server.ishared import IPresenceRelay
 
 
 class Departure(NamedTuple):

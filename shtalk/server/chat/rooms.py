@@ -23,7 +23,8 @@ from shtalk.server.chat.fanout import FanOutCache
 from shtalk.server.chat.naming import room_key
 from shtalk.server.chat.users import Users
 from shtalk.server.eserver import NoSuchRoom
-from shtalk.server.iserver import NO_CONTROL, IClusterControl, IStore
+from shtalk.server.iserver import IStore
+from shtalk.server.ishared import NO_CONTROL, IClusterControl
 from shtalk.server.store.records import Room
 
 
@@ -176,6 +177,26 @@ class Rooms:
 
     def went_offline(self, user_id: int) -> None:
         self.of_user.pop(user_id, None)
+
+    # changes made by another process ------------------------------------------------------
+    @inlineCallbacks
+    def reload(self, room_id: int) -> Any:
+        """Re-read a room's members (changed elsewhere, or changes may have been missed):
+        its member map and the rooms of every online user follow the store."""
+        rows = yield self.store.members(room_id)
+        self.members[room_id] = {m.user_id: m.role for m in rows}
+        for m in rows:
+            self.users.learn(m.user_id, m.user_name)
+        for user_id, rooms in self.of_user.items():
+            if user_id in self.members[room_id]:
+                rooms.add(room_id)
+            else:
+                rooms.discard(room_id)
+
+    def forget(self, room_id: int) -> None:
+        """No change of this room reaches this process any more: drop its members, so
+        that the next use reads them again rather than trust a stale list."""
+        self.members.pop(room_id, None)
 
     def account_deleted(self, user_id: int) -> None:
         self.account_deleted_here(user_id)

@@ -20,7 +20,8 @@ from twisted.internet.defer import inlineCallbacks
 
 from shtalk.server.chat.naming import user_key
 from shtalk.server.eserver import NoSuchUser
-from shtalk.server.iserver import NO_CONTROL, IClusterControl, IStore
+from shtalk.server.iserver import IStore
+from shtalk.server.ishared import NO_CONTROL, IClusterControl
 from shtalk.server.store.records import Device, User
 
 

@@ -38,7 +38,7 @@ from zope.interface import implementer
 
 from shtalk.server.cluster.redisconn import Subscriber
 from shtalk.server.config.cluster import ClusterSection
-from shtalk.server.iserver import IClusterControl
+from shtalk.server.ishared import IClusterControl
 
 log = Logger()
 

@@ -29,7 +29,7 @@ from zope.interface import implementer
 from shtalk.server.chat.presence import Presence
 from shtalk.server.cluster.control import ControlChannel, Handler
 from shtalk.server.cluster.scripts import DEVICE_DOWN, DEVICE_UP, EXISTING
-from shtalk.server.iserver import IPresenceRelay
+from shtalk.server.ishared import IPresenceRelay
 
 log = Logger()
 

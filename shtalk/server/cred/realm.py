@@ -65,12 +65,16 @@ class ChatRealm:
         if parts.monitor is not None:
             # The monitor knows whom this account talked to before its first send.
             yield parts.monitor.preload(user.id)
+        # Subscribed (across processes: confirmed) before the backlog is read, so every
+        # message is either in it or delivered live.
+        yield parts.bus.attach(user.id)
         avatar = ChatUser(parts, user, device_id, family, mind)
         first = yield parts.presence.attach(user.id, device_id, mind)
         if first:
             yield parts.audience.announce_presence(user.id, True)
 
         def logout() -> None:
+            parts.bus.detach(user.id)
             gone = parts.presence.detach(mind)
             if gone is None:
                 return

@@ -30,7 +30,8 @@ from shtalk.server.accounts.gates import RegisterAttempt
 from shtalk.server.chat import pushes
 from shtalk.server.chat.presence import Presence
 from shtalk.server.eserver import SessionEnded
-from shtalk.server.iserver import IAddressCounts, IChatMind, IChatUser
+from shtalk.server.iserver import IChatMind, IChatUser
+from shtalk.server.ishared import IAddressCounts
 from shtalk.server.net.addresscounts import AddressCounts
 from shtalk.server.net.admission import PendingHandshakes
 from shtalk.server.net.audit import Audit
