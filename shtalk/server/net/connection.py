@@ -494,8 +494,3 @@ class ShtalkServerFactory(Factory):
         #: Connections per address: this process's (the default), or a cluster's.
         self.counts: IAddressCounts = counts or AddressCounts(max_connections_per_address)
         self.requests = 0
-
-    @property
-    def per_address(self) -> dict[str, int]:
-        """This process's connections per address (metrics)."""
-        return dict(self.counts.local)
