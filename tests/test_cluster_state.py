@@ -29,7 +29,7 @@ from shtalk.server.accounts.redisdemands import RedisCaptchaDemands
 from shtalk.server.accounts.redisthrottle import UNAVAILABLE_WAIT, RedisThrottle
 from shtalk.server.config import RateLimitSection, ThrottleSection
 from shtalk.server.config.cluster import ClusterSection, cluster_ratelimit
-from shtalk.server.iserver import IAddressCounts, IAuthThrottle, ICaptchaDemands
+from shtalk.server.ishared import IAddressCounts, IAuthThrottle, ICaptchaDemands
 from shtalk.server.net.addresscounts import RedisAddressCounts
 from shtalk.server.ops.limit import Limit
 from shtalk.server.ops.ratelimit import RateLimiter

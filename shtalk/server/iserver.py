@@ -4,12 +4,9 @@ Interfaces (zope): the store (`IStore`, with its account-security tables `ICodeS
 every method returns a Deferred and never runs SQL on the reactor thread), the avatar
 (`IChatUser`) and the connection as the avatar's mind (`IChatMind`), the registry of
 live connections (`IPresence`) and the bus that carries committed messages to them
-(`IDeliveryBus`); and the state that protects accounts and the service, which several
-processes must share (in Redis) or an attacker spreads over them: the failure throttle
-(`IAuthThrottle`), the monitoring's CAPTCHA demands (`ICaptchaDemands`), the per-address
-connection counts (`IAddressCounts`), and the monitoring's flags (`IFlagStore`, in the
-database).  Each can be swapped (a memory store in tests, a cross-process bus)
-without touching the code on the other side.
+(`IDeliveryBus`).  Each can be swapped (a memory store in tests, a cross-process bus)
+without touching the code on the other side.  What several processes of a cluster share
+is in ``shtalk.server.ishared``.
 
 The refusals that go with them are in ``shtalk.server.eserver``.
 """
@@ -333,12 +330,20 @@ class IPresence(Interface):
     reuse, password change or reset, device removal, suspension, deletion) reaches the
     same connections the same way."""
 
-    def attach(user_id: int, device_id: str, mind: IChatMind) -> bool:
-        """Register a logged-in connection; True if it is the user's first."""
+    def attach(user_id: int, device_id: str, mind: IChatMind) -> Deferred[bool]:
+        """Register a logged-in connection (at once); fires True if it is the user's
+        first anywhere (in a cluster: in any process)."""
 
-    def detach(mind: IChatMind) -> tuple[int, bool] | None:
-        """Forget a connection: (its user, whether that user has none left), or None if
-        it was not registered."""
+    def detach(mind: IChatMind) -> Any:
+        """Forget a connection: a `Departure` (its user, whether this process has none
+        of theirs left, and a Deferred firing whether no process has), or None if it was
+        not registered."""
+
+    def online_among(user_ids: Iterable[int]) -> Deferred[set[int]]:
+        """Those of ``user_ids`` online anywhere (in a cluster: in any process)."""
+
+    def devices_online_anywhere(user_id: int) -> Deferred[set[str]]:
+        """The user's devices online in any process."""
 
     def bind_family(mind: IChatMind, family: str) -> None:
         """The connection now belongs to this session family (and to no other)."""
@@ -363,79 +368,16 @@ class IDeliveryBus(Interface):
     def publish(message: StoredMessage) -> None:
         """Deliver a committed message to every online device it is for."""
 
+    def membership_changed(
+        link: ChainLink | None, room_id: int, user_id: int, joined: bool
+    ) -> None:
+        """A join/leave/kick committed here, cached; ``link``: its place in the chain."""
 
-class IAuthThrottle(Interface):
-    """Failures of secrets per name tried and per address, and the delays and CAPTCHAs
-    they lead to (the rules: ``shtalk.server.accounts.throttle``)."""
+    def attach(user_id: int) -> Deferred[None]:
+        """A device logs in: fires once its mailboxes reach here (before the backlog)."""
 
-    def check(account: str | None, address: str) -> Deferred[Any]:
-        """Before an attempt: a ``Verdict`` (wait ``retry_after``, solve a CAPTCHA)."""
+    def detach(user_id: int) -> None:
+        """A connection `attach` counted is gone."""
 
-    def failed(account: str | None, address: str) -> Deferred[None]:
-        """An attempt failed: count it for the name and the address."""
-
-    def succeeded(account: str | None) -> Deferred[None]:
-        """The name's secret was right: forget its failures (not the address's)."""
-
-    def require_captcha(
-        *, account: str | None = None, address: str | None = None, seconds: float = 3600.0
-    ) -> Deferred[None]:
-        """Demand a CAPTCHA of every attempt on ``account`` or from ``address`` for a while."""
-
-    def failures(account: str | None = None, address: str | None = None) -> Deferred[int]:
-        """Failures in the window (tests, monitoring)."""
-
-    def prune() -> None:
-        """Drop what has expired (a no-op where the backend expires keys itself)."""
-
-
-class ICaptchaDemands(Interface):
-    """Accounts and addresses the monitoring flagged: each solves a CAPTCHA at its next key
-    interaction; a demand goes once solved, or after its time to live.
-
-    ``accounts`` and ``addresses`` are the demands as this process knows them now (sync,
-    for the ``send`` path); ``current()`` brings them up to date first."""
-
-    accounts = Attribute("Mapping: demanded account id -> until (``now()``'s seconds).")
-    addresses = Attribute("Mapping: demanded client address -> until.")
-
-    def now() -> float:
-        """The clock the ``until`` values are on."""
-
-    def require(account_id: int | None = None, address: str | None = None) -> Deferred[None]:
-        """Demand a CAPTCHA of these subjects (known here at once; the Deferred fires once
-        every process can know it, and never fails)."""
-
-    def satisfied(account_id: int | None = None, address: str | None = None) -> Deferred[None]:
-        """A CAPTCHA was solved: the demand on these subjects goes (as ``require``)."""
-
-    def current() -> Deferred[None]:
-        """Fires once ``accounts``/``addresses`` hold the demands of every process."""
-
-    def __bool__() -> bool:
-        """Any demand at all (the cheap test on the ``send`` path)."""
-
-
-class IAddressCounts(Interface):
-    """Connections per client address (past the TLS handshake), against a cap."""
-
-    local = Attribute("address -> connections this process holds (metrics).")
-
-    def admit(address: str) -> bool | Deferred[bool]:
-        """Count one more; False: the address is at its cap (nothing counted)."""
-
-    def release(address: str) -> None:
-        """One admitted connection of ``address`` is gone."""
-
-
-class IFlagStore(Interface):
-    """Where the monitoring's flags (``shtalk.server.ops.monitor.Flag``) are kept."""
-
-    def load_flags() -> Deferred[list[Any]]:
-        """Every flag kept, in id order."""
-
-    def save_flag(flag: Any) -> Deferred[int]:
-        """Insert (``flag.id == 0``: the store assigns the id) or update one flag;
-        fires with its id."""
-
-    def delete_flag(flag_id: int) -> Deferred[None]: ...
+    def reconcile() -> Deferred[None]:
+        """Read what the bus missed from the store (e.g. a peer process died)."""

@@ -27,7 +27,7 @@ from shtalk.server.accounts.throttle import Verdict
 from shtalk.server.chat.users import Users
 from shtalk.server.config import AccountsSection
 from shtalk.server.eserver import BadRequest, CaptchaFailed, CaptchaRequired, Throttled
-from shtalk.server.iserver import IAuthThrottle, ICaptchaDemands
+from shtalk.server.ishared import IAuthThrottle, ICaptchaDemands
 from shtalk.wire.names import NameError_, normalise_username
 
 log = Logger()

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from shtalk.server.accounts.gates import DEMAND_TTL
-from shtalk.server.iserver import ICaptchaDemands
+from shtalk.server.ishared import ICaptchaDemands
 from shtalk.server.ops.redislink import RedisLink, Script
 
 log = Logger()

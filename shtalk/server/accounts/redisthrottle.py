@@ -38,7 +38,7 @@ from shtalk.server.accounts.throttle import (
     throttle_keys,
 )
 from shtalk.server.config import ThrottleSection
-from shtalk.server.iserver import IAuthThrottle
+from shtalk.server.ishared import IAuthThrottle
 from shtalk.server.ops.redislink import RedisLink, Script
 
 log = Logger()

@@ -42,7 +42,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from shtalk.server.config import ThrottleSection
-from shtalk.server.iserver import IAuthThrottle
+from shtalk.server.ishared import IAuthThrottle
 from shtalk.server.ops.ratelimit import address_key
 
 __all__ = ["AuthThrottle", "KeyFailures", "Verdict", "address_key", "decide", "throttle_keys"]

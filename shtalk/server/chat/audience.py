@@ -16,31 +16,33 @@ from twisted.internet.defer import inlineCallbacks
 
 from shtalk.collaborators import collaborators
 from shtalk.server.chat import pushes
-from shtalk.server.chat.presence import Presence
 from shtalk.server.chat.rooms import Rooms
 from shtalk.server.chat.users import Users
-from shtalk.server.iserver import IStore
+from shtalk.server.iserver import IPresence, IStore
 
 
 @collaborators
 class Audience:
     store: IStore
-    presence: Presence
+    presence: IPresence
     rooms: Rooms
     users: Users
 
-    def _online_with(self, user_id: int, others: Iterable[int]) -> set[int]:
-        """``others`` and the members of ``user_id``'s rooms, those online."""
-        found = self.rooms.roommates(user_id)
+    @inlineCallbacks
+    def _with_roommates(self, user_id: int, others: Iterable[int]) -> Any:
+        """``others`` and the members of ``user_id``'s rooms (from the store when this
+        process has not loaded them: the user may be online in another process only)."""
+        found = yield self.rooms.roommates_of(user_id)
         found.update(others)
-        online = self.presence.online
-        return {u for u in found if u in online}
+        return found
 
     @inlineCallbacks
     def presence_audience(self, user_id: int) -> Any:
-        """Online users who may see ``user_id``'s presence."""
+        """Users who may see ``user_id``'s presence, online or not: a line for them
+        reaches only their live connections, wherever they are."""
         readers = yield self.store.presence_readers(user_id)
-        return self._online_with(user_id, readers)
+        found = yield self._with_roommates(user_id, readers)
+        return found
 
     @inlineCallbacks
     def may_see_presence(self, viewer_id: int, subject_id: int) -> Any:
@@ -53,8 +55,13 @@ class Audience:
     def announce_presence(self, user_id: int, online: bool) -> Any:
         interested = yield self.presence_audience(user_id)
         interested.discard(user_id)
+        yield self.users.learn_names([user_id])
         self.presence.send_to_users(interested, pushes.presence(self.users.name(user_id), online))
-        if not online:
+
+    def forget_if_gone(self, user_id: int) -> None:
+        """Drop what this process cached for a user while they were online here, unless
+        they came back meanwhile."""
+        if not self.presence.is_online(user_id):
             self.rooms.went_offline(user_id)
             self.users.went_offline(user_id)
 
@@ -66,7 +73,8 @@ class Audience:
         have written to it, the ones who are not (offline room members stay unknown, so
         a big room costs no line per absent member)."""
         writers = set((yield self.store.presence_subjects(user_id)))
-        online = self._online_with(user_id, writers)
+        candidates = yield self._with_roommates(user_id, writers)
+        online = yield self.presence.online_among(candidates)
         wanted = (online | writers) - {user_id}
         yield self.users.learn_names(wanted)
         names = self.users.names
@@ -80,7 +88,7 @@ class Audience:
     def announce_keys(self, user_id: int, device_id: str, event: str) -> Any:
         """New or removed device keys are never silent: contacts are told to refetch."""
         partners = yield self.store.dm_partners(user_id)
-        users = self._online_with(user_id, partners)
+        users = yield self._with_roommates(user_id, partners)
         users.add(user_id)
         line = pushes.device(self.users.name(user_id), device_id, event)
         self.presence.send_to_users(users, line)

@@ -101,6 +101,7 @@ class ChatUser:
         except Conflict:
             raise RoomExists("a room with that name exists; join it or pick another") from None
         self.rooms.created(room, self.user.id)
+        self.parts.bus.membership_changed(None, room.id, self.user.id, True)
         return {"room": room.name, "invite_only": room.invite_only, "role": "owner"}
 
     @inlineCallbacks
@@ -112,17 +113,18 @@ class ChatUser:
             invited = yield self.store.has_invite(room.id, self.user.id)
             if not invited:
                 raise InviteRequired("that room is invite-only; ask a member to invite you")
-        yield self.store.add_member(room.id, self.user.id, "member")
+        link = yield self.store.add_member(room.id, self.user.id, "member")
         self.rooms.joined(room, self.user.id)
+        self.parts.bus.membership_changed(link, room.id, self.user.id, True)
         self._tell_room(room, pushes.member(room.name, self.user.name, "joined"))
-        return {
-            "room": room.name,
-            "invite_only": room.invite_only,
-            "members": self._members(members),
-        }
+        listed = yield self._members(members)
+        return {"room": room.name, "invite_only": room.invite_only, "members": listed}
 
-    def _members(self, members: Mapping[int, str]) -> list[dict[str, Any]]:
-        name, online = self.users.name, self.parts.presence.online
+    @inlineCallbacks
+    def _members(self, members: Mapping[int, str]) -> Any:
+        members = dict(members)
+        online = yield self.parts.presence.online_among(members)
+        name = self.users.name
         return [
             {"user": name(uid), "role": role, "online": uid in online}
             for uid, role in sorted(members.items(), key=lambda kv: name(kv[0]))
@@ -138,9 +140,10 @@ class ChatUser:
     def leave(self, raw: str) -> Any:
         room, members = yield self.rooms.room(raw)
         role = self._require_member(members)
-        yield self.store.remove_member(room.id, self.user.id)
+        link = yield self.store.remove_member(room.id, self.user.id)
         self._tell_room(room, pushes.member(room.name, self.user.name, "left"))
         self.rooms.left(room, self.user.id)
+        self.parts.bus.membership_changed(link, room.id, self.user.id, False)
         if role == "owner" and members:
             # The room keeps a moderator: the first admin, else the first member.
             heir = min(members, key=lambda uid: (members[uid] != "admin", uid))
@@ -177,10 +180,11 @@ class ChatUser:
             or (role == "admin" and target_role == "admin")
         ):
             raise Forbidden("you may not kick that member")
-        yield self.store.remove_member(room.id, target.id)
+        link = yield self.store.remove_member(room.id, target.id)
         # Tell everyone, the kicked user included, before they leave the cache.
         self._tell_room(room, pushes.member(room.name, target.name, "kicked", by=self.user.name))
         self.rooms.left(room, target.id)
+        self.parts.bus.membership_changed(link, room.id, target.id, False)
         return {"room": room.name, "user": target.name}
 
     @inlineCallbacks
@@ -210,14 +214,15 @@ class ChatUser:
     def members(self, raw: str) -> Any:
         room, members = yield self.rooms.room(raw)
         self._require_member(members)
-        return {"room": room.name, "members": self._members(members)}
+        listed = yield self._members(members)
+        return {"room": room.name, "members": listed}
 
     @inlineCallbacks
     def devices(self, raw_user: str | None) -> Any:
         user = self.user if raw_user is None else (yield self.users.user(raw_user))
         devices = yield self.store.devices(user.id)
         shown = yield self.parts.audience.may_see_presence(self.user.id, user.id)
-        online = self.parts.presence.devices_online(user.id)
+        online = yield self.parts.presence.devices_online_anywhere(user.id)
         return {
             "user": user.name,
             "devices": [

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import field
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from shtalk.collaborators import collaborators
@@ -23,7 +24,7 @@ from shtalk.server.chat.rooms import Rooms
 from shtalk.server.chat.users import Users
 from shtalk.server.iserver import IDeliveryBus
 from shtalk.server.store.mailbox import inbox_owner, room_of
-from shtalk.server.store.records import StoredMessage
+from shtalk.server.store.records import ChainLink, StoredMessage
 
 
 @implementer(IDeliveryBus)
@@ -60,6 +61,21 @@ class LocalBus:
         )
         fanout.put(box, minds)
         return minds
+
+    # One process: every mailbox is here already, and the rooms cache is the truth.
+    def membership_changed(
+        self, link: ChainLink | None, room_id: int, user_id: int, joined: bool
+    ) -> None:
+        pass
+
+    def attach(self, user_id: int) -> Deferred[None]:
+        return succeed(None)
+
+    def detach(self, user_id: int) -> None:
+        pass
+
+    def reconcile(self) -> Deferred[None]:
+        return succeed(None)
 
     def publish(self, message: StoredMessage) -> None:
         if not message.envelopes and message.envelope is not None:

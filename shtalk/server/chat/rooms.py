@@ -6,6 +6,10 @@ waiting).  Members are cached per room from its first use, and the rooms of each
 online user from their login; every change goes through the methods here, after the
 store committed it.  The member maps count each change into the fan-out cache and
 refuse bulk changes, so no change can slip past that count.
+
+In a cluster, a role change and a deleted account are told to the other processes
+(``control``), which apply them with the ``*_here`` methods; joins and leaves reach them
+in order with the room's messages (the delivery bus).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from shtalk.server.chat.naming import room_key
 from shtalk.server.chat.users import Users
 from shtalk.server.eserver import NoSuchRoom
 from shtalk.server.iserver import IStore
+from shtalk.server.ishared import NO_CONTROL, IClusterControl
 from shtalk.server.store.records import Room
 
 
@@ -67,8 +72,12 @@ class RoomMembers(_Counted):
 
 
 class Rooms:
-    def __init__(self, store: IStore, users: Users, fanout: FanOutCache) -> None:
+    def __init__(
+        self, store: IStore, users: Users, fanout: FanOutCache,
+        control: IClusterControl = NO_CONTROL,
+    ) -> None:
         self.store = store
+        self.control = control
         self.users = users
         self.by_key: dict[str, Room] = {}
         self.members = RoomMembers(fanout)  # room id -> Members, loaded on first use
@@ -117,6 +126,19 @@ class Rooms:
             found.update(members.get(rid, {}))
         return found
 
+    @inlineCallbacks
+    def roommates_of(self, user_id: int) -> Any:
+        """`roommates` of any user: for one not logged in here, their rooms are read from
+        the store (and not kept: only the rooms' members are cached, as on first use)."""
+        if user_id in self.of_user:
+            return self.roommates(user_id)
+        rooms = yield self.store.rooms_of(user_id)
+        found: set[int] = set()
+        for room in rooms:
+            members = yield self.load(room)
+            found.update(members)
+        return found
+
     def shares_room(self, viewer_id: int, subject_id: int) -> bool:
         members = self.members
         return any(subject_id in members.get(rid, {}) for rid in self.of_user.get(viewer_id, ()))
@@ -128,7 +150,7 @@ class Rooms:
         self.of_user.setdefault(owner_id, set()).add(room.id)
 
     def joined(self, room: Room, user_id: int) -> None:
-        self.role_set(room, user_id, "member")
+        self._role_set(room.id, user_id, "member")
         self.of_user.setdefault(user_id, set()).add(room.id)
 
     def left(self, room: Room, user_id: int) -> None:
@@ -139,14 +161,48 @@ class Rooms:
         self.of_user.get(user_id, set()).discard(room.id)
 
     def role_set(self, room: Room, user_id: int, role: str) -> None:
-        members = self.members.get(room.id)
+        self._role_set(room.id, user_id, role)
+        self.control.publish("rooms.role", {"room": room.id, "user": user_id, "role": role})
+
+    def role_set_here(self, room_id: int, user_id: int, role: str) -> None:
+        """A peer changed a role: only a member's (a join is the bus's to apply)."""
+        members = self.members.get(room_id)
+        if members is not None and user_id in members:
+            members[user_id] = role
+
+    def _role_set(self, room_id: int, user_id: int, role: str) -> None:
+        members = self.members.get(room_id)
         if members is not None:  # else the store has it for the next load
             members[user_id] = role
 
     def went_offline(self, user_id: int) -> None:
         self.of_user.pop(user_id, None)
 
+    # changes made by another process ------------------------------------------------------
+    @inlineCallbacks
+    def reload(self, room_id: int) -> Any:
+        """Re-read a room's members (changed elsewhere, or changes may have been missed):
+        its member map and the rooms of every online user follow the store."""
+        rows = yield self.store.members(room_id)
+        self.members[room_id] = {m.user_id: m.role for m in rows}
+        for m in rows:
+            self.users.learn(m.user_id, m.user_name)
+        for user_id, rooms in self.of_user.items():
+            if user_id in self.members[room_id]:
+                rooms.add(room_id)
+            else:
+                rooms.discard(room_id)
+
+    def forget(self, room_id: int) -> None:
+        """No change of this room reaches this process any more: drop its members, so
+        that the next use reads them again rather than trust a stale list."""
+        self.members.pop(room_id, None)
+
     def account_deleted(self, user_id: int) -> None:
+        self.account_deleted_here(user_id)
+        self.control.publish("rooms.account_deleted", {"user": user_id})
+
+    def account_deleted_here(self, user_id: int) -> None:
         for members in self.members.values():
             members.pop(user_id, None)
         self.of_user.pop(user_id, None)

@@ -5,6 +5,10 @@ has met (they go into pushes); accounts by key only while active (a suspension, 
 deletion, a verified email or a new password `forget` theirs); the device list of a
 user while they are online (loaded at login, dropped at their last logout), so a
 message to someone online costs no database read to check its devices.
+
+In a cluster each process keeps its own caches; every change is applied here at once
+and told to the other processes (``control``), which apply it with the ``*_here``
+methods.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from twisted.internet.defer import inlineCallbacks
 from shtalk.server.chat.naming import user_key
 from shtalk.server.eserver import NoSuchUser
 from shtalk.server.iserver import IStore
+from shtalk.server.ishared import NO_CONTROL, IClusterControl
 from shtalk.server.store.records import Device, User
 
 
 class Users:
-    def __init__(self, store: IStore) -> None:
+    def __init__(self, store: IStore, control: IClusterControl = NO_CONTROL) -> None:
         self.store = store
+        self.control = control
         self.names: dict[int, str] = {}
         self.by_key: dict[str, User] = {}  # active accounts only
         self.devices: dict[int, dict[str, Device]] = {}  # online users only
@@ -48,6 +54,10 @@ class Users:
 
     def forget(self, key: str) -> None:
         """Drop a cached account after its status or password changed."""
+        self.forget_here(key)
+        self.control.publish("users.forget", {"key": key})
+
+    def forget_here(self, key: str) -> None:
         self.by_key.pop(key, None)
 
     @inlineCallbacks
@@ -71,7 +81,21 @@ class Users:
         return self.devices.get(user_id)
 
     def device_removed(self, user_id: int, device_id: str) -> None:
+        self.device_removed_here(user_id, device_id)
+        self.control.publish("users.device_removed", {"user": user_id, "device": device_id})
+
+    def device_removed_here(self, user_id: int, device_id: str) -> None:
         self.devices.get(user_id, {}).pop(device_id, None)
+
+    def devices_changed(self, user_id: int) -> None:
+        """A device may have been added (a password login): processes where the user is
+        online read the list again."""
+        self.control.publish("users.devices", {"user": user_id})
+
+    def reload_devices_here(self, user_id: int) -> Any:
+        if user_id in self.devices:
+            return self.load_devices(user_id)
+        return None
 
     def went_offline(self, user_id: int) -> None:
         self.devices.pop(user_id, None)

@@ -48,6 +48,8 @@ class ClusterSection(Section):
         super().__post_init__()
         if self.redis_url and not self.redis_url.startswith("redis://"):
             raise FieldError("redis_url", "use redis://HOST:PORT/DB")
+        if "|" in self.node_name:
+            raise FieldError("node_name", "may not contain '|'")
         if self.node_timeout <= self.heartbeat_interval:
             raise FieldError("node_timeout", "must be longer than heartbeat_interval")
 

@@ -16,12 +16,15 @@ from typing import Any
 
 from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from shtalk.server.chat.avatar import ChatParts, ChatUser
 from shtalk.server.eserver import InvalidCredentials, NoSuchDevice
 from shtalk.server.iserver import IChatMind, IChatUser
 from shtalk.server.store.records import User
+
+log = Logger()
 
 
 @implementer(IRealm)
@@ -54,6 +57,7 @@ class ChatRealm:
         if device_id is None:
             device_id = mind.device_id
             yield parts.store.upsert_device(user.id, device_id, mind.device_label)
+            parts.users.devices_changed(user.id)
         devices = yield parts.users.load_devices(user.id)
         if device_id not in devices:
             raise NoSuchDevice("this device was removed; log in again with a password")
@@ -61,13 +65,34 @@ class ChatRealm:
         if parts.monitor is not None:
             # The monitor knows whom this account talked to before its first send.
             yield parts.monitor.preload(user.id)
+        # Subscribed (across processes: confirmed) before the backlog is read, so every
+        # message is either in it or delivered live.
+        yield parts.bus.attach(user.id)
         avatar = ChatUser(parts, user, device_id, family, mind)
-        if parts.presence.attach(user.id, device_id, mind):
+        first = yield parts.presence.attach(user.id, device_id, mind)
+        if first:
             yield parts.audience.announce_presence(user.id, True)
 
         def logout() -> None:
+            parts.bus.detach(user.id)
             gone = parts.presence.detach(mind)
-            if gone is not None and gone[1]:
-                parts.audience.announce_presence(user.id, False)
+            if gone is None:
+                return
+            d = gone.last_anywhere.addCallback(_announce_gone, parts, user.id)
+            if gone.last_here:
+                # After the announcement, which reads the caches this drops.
+                d.addBoth(_forget, parts, user.id)
+            d.addErrback(lambda f: log.failure("announcing an offline user", f))
 
         return IChatUser, avatar, logout
+
+
+def _announce_gone(last: bool, parts: ChatParts, user_id: int) -> Any:
+    if last:
+        return parts.audience.announce_presence(user_id, False)
+    return None
+
+
+def _forget(result: Any, parts: ChatParts, user_id: int) -> Any:
+    parts.audience.forget_if_gone(user_id)
+    return result

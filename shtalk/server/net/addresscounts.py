@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from shtalk.server.iserver import IAddressCounts
+from shtalk.server.ishared import IAddressCounts
 from shtalk.server.ops.redislink import RedisLink, Script
 
 log = Logger()

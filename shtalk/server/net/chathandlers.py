@@ -16,7 +16,8 @@ from twisted.internet.defer import Deferred
 from shtalk.server.accounts.gates import Gates
 from shtalk.server.chat.naming import user_key
 from shtalk.server.eserver import Forbidden
-from shtalk.server.iserver import ICaptchaDemands, IStore
+from shtalk.server.iserver import IStore
+from shtalk.server.ishared import ICaptchaDemands
 from shtalk.server.net.connection import ShtalkServerProtocol as Conn
 from shtalk.server.ops.moderation import Moderation
 from shtalk.server.ops.monitor import Monitor

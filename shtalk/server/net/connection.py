@@ -30,7 +30,8 @@ from shtalk.server.accounts.gates import RegisterAttempt
 from shtalk.server.chat import pushes
 from shtalk.server.chat.presence import Presence
 from shtalk.server.eserver import SessionEnded
-from shtalk.server.iserver import IAddressCounts, IChatMind, IChatUser
+from shtalk.server.iserver import IChatMind, IChatUser
+from shtalk.server.ishared import IAddressCounts
 from shtalk.server.net.addresscounts import AddressCounts
 from shtalk.server.net.admission import PendingHandshakes
 from shtalk.server.net.audit import Audit
@@ -493,9 +494,3 @@ class ShtalkServerFactory(Factory):
         #: Connections per address: this process's (the default), or a cluster's.
         self.counts: IAddressCounts = counts or AddressCounts(max_connections_per_address)
         self.requests = 0
-
-    @property
-    def per_address(self) -> dict[str, int]:
-        """This process's connections per address (metrics)."""
-        local: dict[str, int] = self.counts.local
-        return local

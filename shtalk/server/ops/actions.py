@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from shtalk.collaborators import collaborators
 from shtalk.server.config import MonitorSection
-from shtalk.server.iserver import ICaptchaDemands
+from shtalk.server.ishared import ICaptchaDemands
 from shtalk.server.ops.moderation import Moderation
 from shtalk.server.ops.monitor import Action, Flag
 from shtalk.server.ops.ratelimit import RateLimiter

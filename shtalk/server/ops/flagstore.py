@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from shtalk.server.iserver import IFlagStore
+from shtalk.server.ishared import IFlagStore
 from shtalk.server.store.records import Flag
 
 log = Logger()

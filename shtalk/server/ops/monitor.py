@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shtalk.server.config import MonitorSection
-from shtalk.server.iserver import IFlagStore
+from shtalk.server.ishared import IFlagStore
 from shtalk.server.ops.flagstore import FileFlagStore
 from shtalk.server.store.records import Flag
 

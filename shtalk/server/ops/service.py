@@ -72,7 +72,7 @@ class Operations:
         online = sum(len(d) for d in self.presence.online.values())
         out: list[Sample] = [
             ("shtalk_connections", "gauge", "client connections past the TLS handshake",
-             [({}, float(sum(f.per_address.values())))]),
+             [({}, float(sum(f.counts.local.values())))]),
             ("shtalk_online_users", "gauge", "accounts with at least one device online",
              [({}, float(online))]),
             ("shtalk_requests_total", "counter", "requests received", [({}, float(f.requests))]),

@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from shtalk.server.iserver import IFlagStore
+from shtalk.server.ishared import IFlagStore
 from shtalk.server.store.records import Flag
 from shtalk.server.store.sql.common import Conn
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from zope.interface.verify import verifyObject
 
-from shtalk.server.iserver import IFlagStore
+from shtalk.server.ishared import IFlagStore
 from shtalk.server.store.records import Flag
 
 

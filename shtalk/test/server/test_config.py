@@ -109,6 +109,12 @@ class ParseTests(unittest.TestCase):
             ServerConfig.from_string("[server]\nport = 70000\n", source="x.ini")
         self.assertIn("x.ini: [server] port: 70000 is above the maximum 65535", str(e.exception))
 
+    def test_a_cluster_node_name_may_not_hold_the_field_separator(self) -> None:
+        with self.assertRaises(ConfigError) as e:
+            ServerConfig.from_string("[cluster]\nnode_name = a|b\n", source="x.ini")
+        self.assertIn("node_name", str(e.exception))
+        self.assertIn("'|'", str(e.exception))
+
     def test_bcrypt_cost_bounds(self) -> None:
         for bad in ("9", "17"):
             with self.assertRaises(ConfigError):

@@ -231,14 +231,14 @@ class ChatBehindProxyTests(unittest.TestCase):
         b = self.connect(factory, "203.0.113.2")
         self.assertEqual((a.received, b.received), (b"", b""))
         self.assertEqual(a.app.peer, "203.0.113.1")
-        self.assertEqual(self.parts.factory.per_address, {"203.0.113.1": 1, "203.0.113.2": 1})
+        self.assertEqual(self.parts.factory.counts.local, {"203.0.113.1": 1, "203.0.113.2": 1})
         again = self.connect(factory, "203.0.113.1")
         error = json.loads(again.received.splitlines()[0])
         self.assertEqual(error["error"]["code"], "too_many_connections")
         self.assertFalse(a.tls.disconnecting or b.tls.disconnecting)
         for link in (a, b, again):
             link.lost()
-        self.assertEqual(self.parts.factory.per_address, {})
+        self.assertEqual(self.parts.factory.counts.local, {})
 
 
 class Recorder(Protocol):

@@ -106,7 +106,7 @@ class RouterTests(SynchronousTestCase):
         self.assertFalse(self.last_gone(mind))
         self.assertTrue(self.last_gone(self.minds[(1, "a2")]))
         self.assertFalse(self.presence.is_online(1))
-        self.assertTrue(self.presence.attach(1, "a1", mind))  # type: ignore[arg-type]
+        self.assertTrue(self.successResultOf(self.presence.attach(1, "a1", mind)))  # type: ignore[arg-type]
 
     def test_fanout_follows_membership_and_presence_changes(self) -> None:
         """The cached fan-out list is rebuilt after every change, never stale."""

@@ -173,6 +173,27 @@ class PresenceTests(SynchronousTestCase):
             self.presence.bind_family(mind, family)  # type: ignore[arg-type]
         return mind
 
+    def gone(self, mind: Mind) -> tuple[int, bool, bool]:
+        departure = self.presence.detach(mind)  # type: ignore[arg-type]
+        assert departure is not None
+        uid, here, anywhere = departure
+        return uid, here, self.successResultOf(anywhere)
+
+    def test_first_device_online_is_told_once(self) -> None:
+        mind = Mind()
+        self.assertTrue(self.successResultOf(self.presence.attach(1, "d1", mind)))  # type: ignore[arg-type]
+        self.assertFalse(self.successResultOf(self.presence.attach(1, "d2", Mind())))  # type: ignore[arg-type]
+        self.assertFalse(self.successResultOf(self.presence.attach(1, "d1", Mind())))  # type: ignore[arg-type]
+
+    def test_online_among_and_devices_online_anywhere(self) -> None:
+        self.online(1, "d1")
+        self.online(1, "d2")
+        self.online(3, "e1")
+        self.assertEqual(self.successResultOf(self.presence.online_among([1, 2, 3])), {1, 3})
+        self.assertEqual(
+            self.successResultOf(self.presence.devices_online_anywhere(1)), {"d1", "d2"}
+        )
+
     def test_a_family_is_revoked_on_all_its_connections_but_one_kept(self) -> None:
         a = self.online(1, "d1", "F")
         b = self.online(1, "d1", "F")
@@ -202,9 +223,9 @@ class PresenceTests(SynchronousTestCase):
     def test_detach_says_when_the_user_is_gone_and_drops_cached_lists(self) -> None:
         a, b = self.online(1, "d1", "F"), self.online(1, "d2", "F")
         self.fanout.put("u:1", (a, b))
-        self.assertEqual(self.presence.detach(a), (1, False))  # type: ignore[arg-type]
+        self.assertEqual(self.gone(a), (1, False, False))
         self.assertEqual(self.fanout.entries, {})  # no list keeps a closed connection
-        self.assertEqual(self.presence.detach(b), (1, True))  # type: ignore[arg-type]
+        self.assertEqual(self.gone(b), (1, True, True))
         self.assertIsNone(self.presence.detach(b))  # type: ignore[arg-type]
         self.assertEqual(self.presence.families, {})
 

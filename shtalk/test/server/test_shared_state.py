@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 from shtalk.server.accounts.gates import CaptchaDemands
 from shtalk.server.accounts.throttle import AuthThrottle
 from shtalk.server.config import ThrottleSection
-from shtalk.server.iserver import IAddressCounts, IAuthThrottle, ICaptchaDemands
+from shtalk.server.ishared import IAddressCounts, IAuthThrottle, ICaptchaDemands
 from shtalk.server.net.addresscounts import AddressCounts
 from shtalk.server.net.admission import AdmittedTLSFactory, PendingHandshakes
 from shtalk.test.server.shared_contract import CountsContract, DemandsContract, ThrottleContract

@@ -1,0 +1,1 @@
+"""Several server processes as one service: the Redis delivery bus and its sequencer."""

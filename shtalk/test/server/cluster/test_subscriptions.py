@@ -1,0 +1,151 @@
+"""Subscriptions: one SUBSCRIBE in flight, a channel counted only once Redis confirmed it,
+a silent connection aborted; the codec's frames."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from shtalk.server.cluster import codec
+from shtalk.server.cluster.subscriptions import PING, Publisher, RedisAddress, Subscriptions
+
+
+class FakeProto:
+    """What Subscriptions uses of the subscriber protocol: its transport and encoder."""
+
+    def __init__(self) -> None:
+        self.transport = StringTransport()
+
+    def _build_command(self, *args: Any) -> bytes:
+        return b" ".join(a if isinstance(a, bytes) else str(a).encode() for a in args) + b";"
+
+    def sent(self) -> list[bytes]:
+        out = self.transport.value().split(b";")
+        self.transport.clear()
+        return [c for c in out if c]
+
+
+class SubscriptionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.messages: list[tuple[bytes, bytes]] = []
+        self.resubscribed = 0
+        self.subs = Subscriptions(self.clock, lambda c, p: self.messages.append((c, p)),
+                                  self.resync, keepalive=1.0)
+        self.proto = FakeProto()
+        self.subs.connected(self.proto)
+
+    def resync(self) -> None:
+        self.resubscribed += 1
+
+    def test_one_subscribe_in_flight_and_each_channel_confirmed(self) -> None:
+        first = self.subs.add([b"a", b"b"])
+        second = self.subs.add([b"c"])
+        self.assertEqual(self.proto.sent(), [b"SUBSCRIBE a b"])  # c waits its turn
+        # The first command's first confirmation fires neither login.
+        self.subs.confirmed(b"subscribe", b"a")
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        self.assertEqual(self.proto.sent(), [])
+        self.subs.confirmed(b"subscribe", b"b")
+        self.successResultOf(first)
+        self.assertNoResult(second)
+        self.assertEqual(self.proto.sent(), [b"SUBSCRIBE c"])
+        self.subs.confirmed(b"subscribe", b"c")
+        self.successResultOf(second)
+
+    def test_queued_channels_go_in_one_command(self) -> None:
+        self.subs.add([b"a"])
+        for ch in (b"b", b"c", b"d"):
+            self.subs.add([ch])
+        self.assertEqual(self.proto.sent(), [b"SUBSCRIBE a"])
+        self.subs.confirmed(b"subscribe", b"a")
+        self.assertEqual(self.proto.sent(), [b"SUBSCRIBE b c d"])
+
+    def test_already_confirmed_is_at_once(self) -> None:
+        self.subs.add([b"a"])
+        self.subs.confirmed(b"subscribe", b"a")
+        self.successResultOf(self.subs.add([b"a"]))
+
+    def test_resubscribed_while_an_unsubscribe_is_in_flight(self) -> None:
+        self.subs.add([b"a"])
+        self.subs.confirmed(b"subscribe", b"a")
+        self.proto.sent()
+        self.subs.drop([b"a"])
+        self.assertEqual(self.proto.sent(), [b"UNSUBSCRIBE a"])
+        again = self.subs.add([b"a"])
+        self.subs.confirmed(b"unsubscribe", b"a")
+        self.assertNoResult(again)  # the unsubscribe's confirmation does not count
+        self.assertEqual(self.proto.sent(), [b"SUBSCRIBE a"])
+        self.subs.confirmed(b"subscribe", b"a")
+        self.successResultOf(again)
+
+    def test_reconnect_subscribes_everything_again_then_says_so(self) -> None:
+        self.subs.add([b"a", b"b"])
+        self.subs.confirmed(b"subscribe", b"a")
+        self.subs.confirmed(b"subscribe", b"b")
+        self.subs.lost(self.proto)
+        waiting = self.subs.add([b"c"])
+        proto = FakeProto()
+        self.subs.connected(proto)
+        self.assertEqual(proto.sent(), [b"SUBSCRIBE a b c"])
+        self.assertEqual(self.resubscribed, 0)
+        for ch in (b"a", b"b", b"c"):
+            self.subs.confirmed(b"subscribe", ch)
+        self.successResultOf(waiting)
+        self.assertEqual(self.resubscribed, 1)
+
+    def test_a_connection_that_stops_answering_is_aborted(self) -> None:
+        self.proto.sent()
+        self.clock.advance(1.0)
+        self.assertEqual(self.proto.transport.value(), PING)
+        self.subs.pong()
+        self.clock.advance(1.0)
+        self.assertFalse(self.proto.transport.disconnecting)
+        self.clock.advance(1.0)  # the second ping was never answered
+        self.assertTrue(self.proto.transport.disconnecting)
+
+
+class PublisherTests(SynchronousTestCase):
+    def test_publish_is_one_redis_command(self) -> None:
+        pub = Publisher()
+        proto = FakeProto()
+        pub.connected(proto)
+        pub.publish(b"ch", b"payload")
+        self.assertEqual(proto.transport.value(),
+                         b"*3\r\n$7\r\nPUBLISH\r\n$2\r\nch\r\n$7\r\npayload\r\n")
+
+    def test_kept_while_down_and_sent_on_reconnect(self) -> None:
+        pub = Publisher()
+        pub.publish(b"ch", b"1")
+        pub.publish(b"ch", b"2")
+        proto = FakeProto()
+        pub.connected(proto)
+        self.assertEqual(proto.transport.value().count(b"PUBLISH"), 2)
+        self.assertTrue(proto.transport.value().endswith(b"$1\r\n2\r\n"))
+        self.assertEqual(pub.dropped, 0)
+
+
+class CodecTests(SynchronousTestCase):
+    def test_round_trip(self) -> None:
+        line = b'{"type":"message"}\r\n'
+        raw = codec.encode(codec.MESSAGE, b"n1", "r:5", 10, 7, 3, "dev-1", line)
+        self.assertEqual(codec.decode(raw),
+                         codec.Frame(codec.MESSAGE, b"n1", "r:5", 10, 7, 3, "dev-1", line))
+
+    def test_garbage_is_refused(self) -> None:
+        for raw in (b"", b"m n1 r:5 x 7 3 d\n", b"m n1\n"):
+            self.assertRaises(codec.BadFrame, codec.decode, raw)
+
+    def test_node_names(self) -> None:
+        self.assertEqual(codec.check_node_name("host-1.42"), b"host-1.42")
+        self.assertRaises(ValueError, codec.check_node_name, "two words")
+
+    def test_address_repr_hides_the_password(self) -> None:
+        address = RedisAddress("redis://:s3cret@db.example:6380/2")
+        self.assertEqual((address.host, address.port, address.db, address.password),
+                         ("db.example", 6380, 2, "s3cret"))
+        self.assertNotIn("s3cret", repr(address))
