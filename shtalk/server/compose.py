@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from twisted.application.service import IService
 from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -40,6 +42,9 @@ from shtalk.server.chat.presence import Presence
 from shtalk.server.chat.rooms import Rooms
 from shtalk.server.chat.service import ChatService
 from shtalk.server.chat.users import Users
+from shtalk.server.cluster import parts as cluster_parts
+from shtalk.server.cluster.bus import RedisBus
+from shtalk.server.cluster.parts import ALONE, Sharing
 from shtalk.server.config import (
     MonitorSection,
     RateLimitSection,
@@ -49,6 +54,7 @@ from shtalk.server.config import (
     StoreSection,
     ThrottleSection,
 )
+from shtalk.server.config.cluster import ClusterSection, cluster_ratelimit
 from shtalk.server.cred.checkers import AccessTokenChecker, BcryptChecker
 from shtalk.server.cred.passwords import PasswordHasher
 from shtalk.server.cred.realm import ChatRealm
@@ -56,8 +62,10 @@ from shtalk.server.cred.sessions import Sessions
 from shtalk.server.cred.tokens import TokenIssuer
 from shtalk.server.datadir import DataDir
 from shtalk.server.eserver import CorruptStore
-from shtalk.server.iserver import IStore
+from shtalk.server.iserver import IDeliveryBus, IStore
+from shtalk.server.ishared import IAuthThrottle, ICaptchaDemands, IFlagStore
 from shtalk.server.net.account import AccountHandlers
+from shtalk.server.net.addresscounts import RedisAddressCounts
 from shtalk.server.net.admission import PendingHandshakes
 from shtalk.server.net.audit import Audit
 from shtalk.server.net.backlog import Backlog
@@ -93,12 +101,14 @@ class Server:
     presence: Presence
     chat: ChatService
     sessions: Sessions
-    demands: CaptchaDemands
+    demands: ICaptchaDemands
     security: AccountSecurity
     factory: ShtalkServerFactory
     limiter: RateLimiter | None = None
     monitor: Monitor | None = None
     moderation: Moderation | None = None
+    #: Started and stopped with the server: a cluster's bus, control listener, heartbeats.
+    services: tuple[IService, ...] = ()
 
 
 def build(
@@ -114,20 +124,42 @@ def build(
     flags: Path | None = None,
     admission: PendingHandshakes | None = None,
     captcha_answers: str | None = None,
+    sharing: Sharing = ALONE,
+    reactor: Any = None,
 ) -> Server:
     """The server's objects over a store that is not yet open.
 
     ``limiter`` None: requests are not rate limited.  ``flags`` (where the monitor keeps
-    its flags) None: no monitoring, no moderation, no reports."""
+    its flags) None: no monitoring, no moderation, no reports.  ``sharing``: what this
+    process shares with the others of a cluster (``reactor``: their timers' clock)."""
     server, storage = config.server, config.storage
     fanout = FanOutCache()
-    users = Users(store)
-    rooms = Rooms(store, users, fanout)
-    presence = Presence(fanout)
+    users = Users(store, sharing.control)
+    rooms = Rooms(store, users, fanout, sharing.control)
+    presence = Presence(fanout, sharing.relay)
     audience = Audience(store, presence, rooms, users)
-    bus = LocalBus(presence, rooms, users, fanout)
-    demands = CaptchaDemands()
+    local = LocalBus(presence, rooms, users, fanout)
+    bus: IDeliveryBus = local
+    demands = sharing.demands or CaptchaDemands(clock)
     sessions = Sessions(store, issuer, clock)
+    services: list[IService] = list(sharing.services)
+    if sharing.links is not None:
+        cluster = config.section(ClusterSection)
+        redis_bus = RedisBus(
+            local, store, rooms, reactor, reactor, cluster.redis_url, cluster.prefix,
+            sharing.links.control.node, cluster.gap_wait, cluster.reconcile_interval,
+        )
+        bus = redis_bus
+        counts = sharing.counts
+
+        def peer_died(name: str) -> None:
+            redis_bus.reconcile()
+            if isinstance(counts, RedisAddressCounts):
+                counts.forget_node(name)
+
+        services += [redis_bus, *cluster_parts.services(
+            sharing.links, cluster, reactor, clock, store, presence, users, rooms, audience,
+            on_peer_died=[peer_died])]
 
     moderation: Moderation | None = None
     monitor: Monitor | None = None
@@ -137,13 +169,15 @@ def build(
         moderation = Moderation(store, hasher, users, presence, rooms, clock)
         watch = config.section(MonitorSection)
         actions = MonitorActions(demands, limiter, moderation, watch)
-        monitor = Monitor(watch, clock, flags, partners=store.dm_partners, actions=actions.table())
+        monitor = Monitor(watch, clock, sharing.flags or flags, partners=store.dm_partners,
+                          actions=actions.table(), load_now=sharing.flags is None)
 
     parts = ChatParts(
         store, users, rooms, presence, audience, bus, clock, storage.max_envelope_bytes, monitor
     )
     security = build_security(
-        config, store, hasher, mailer, clock, storage_key, users, demands, captcha_answers
+        config, store, hasher, mailer, clock, storage_key, users, demands, captcha_answers,
+        sharing.throttle,
     )
     portal = Portal(
         ChatRealm(parts),
@@ -167,10 +201,11 @@ def build(
         max_envelope_bytes=storage.max_envelope_bytes,
         min_password_length=config.accounts.min_password_length,
         captcha_ttl=float(config.accounts.captcha_ttl),
+        counts=sharing.counts,
     )
     return Server(
         store, hasher, clock, users, rooms, presence, ChatService(store, clock), sessions,
-        demands, security, factory, limiter, monitor, moderation,
+        demands, security, factory, limiter, monitor, moderation, tuple(services),
     )
 
 
@@ -182,14 +217,15 @@ def build_security(
     clock: IReactorTime,
     storage_key: bytes,
     users: Users,
-    demands: CaptchaDemands,
+    demands: ICaptchaDemands,
     captcha_answers: str | None = None,
+    throttle: IAuthThrottle | None = None,
 ) -> AccountSecurity:
     """Registration, email codes, CAPTCHA gates, TOTP and throttling, over one store."""
     accounts = config.accounts
     gates = Gates(
         CaptchaBook(clock, ttl=float(accounts.captcha_ttl)),
-        AuthThrottle(clock, config.section(ThrottleSection)),
+        throttle or AuthThrottle(clock, config.section(ThrottleSection)),
         demands, users, accounts, captcha_answers,
     )
     shared = Shared(store, store.codes, gates, users, hasher, clock, accounts)
@@ -234,6 +270,13 @@ def make_store(config: ServerConfig, datadir: DataDir, clock: IReactorTime) -> I
                        retention=retention)
 
 
+def make_flag_store(store: IStore, datadir: DataDir) -> IFlagStore:
+    """The monitoring's flags in the cluster's database (every process sees them)."""
+    from shtalk.server.store.pg.flags import PostgresFlagStore
+
+    return PostgresFlagStore(store, datadir.storage_key())
+
+
 def make_chat_service(
     config: ServerConfig, datadir: DataDir, clock: IReactorTime | None = None
 ) -> ChatServerService:
@@ -262,11 +305,19 @@ def make_chat_service(
     answers = os.environ.get(CAPTCHA_ANSWERS_ENV) or None
     if answers:
         log.warn("INSECURE test hook: CAPTCHA answers are written to {path}", path=answers)
-    limiter = make_limiter(config.section(RateLimitSection), clock)
+    cluster = config.section(ClusterSection)
+    limiter = make_limiter(cluster_ratelimit(cluster, config.section(RateLimitSection)), clock)
+    sharing = ALONE
+    if cluster.enabled:
+        sharing = cluster_parts.cluster_sharing(
+            cluster, datadir.storage_key(), reactor, clock, config.section(ThrottleSection),
+            config.server.max_connections_per_address, make_flag_store(store, datadir),
+        )
     parts = build(
         config, store, hasher, issuer, mailer, clock, datadir.storage_key(),
         limiter=limiter, flags=datadir.path / "flags.json",
         admission=PendingHandshakes.from_config(config.server, clock), captcha_answers=answers,
+        sharing=sharing, reactor=reactor,
     )
     assert parts.monitor is not None and parts.moderation is not None
     operations = Operations(
@@ -279,6 +330,7 @@ def make_chat_service(
         parts.chat,
         parts.security,
         OperationsService(operations, datadir, clock),
+        *parts.services,
     ):
         service.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

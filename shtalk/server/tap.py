@@ -32,7 +32,14 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from shtalk.server import tls
-from shtalk.server.config import ConfigError, ServerConfig, StartupError, resolve_data_dir
+from shtalk.server.config import (
+    ClusterSection,
+    ConfigError,
+    ServerConfig,
+    StartupError,
+    StoreSection,
+    resolve_data_dir,
+)
 from shtalk.server.config.core import networks
 from shtalk.server.datadir import DEFAULT_TLS_NAMES, DataDir
 from shtalk.server.net import reuseport
@@ -317,7 +324,14 @@ def build_service(
     datadir = DataDir(server.data_dir)
     own_cert = not server.cert
     tls_names = (*DEFAULT_TLS_NAMES, server.interface) if own_cert else None
-    datadir.ensure(tls_names=tls_names)
+    cluster = config.section(ClusterSection)
+    if cluster.enabled and not config.section(StoreSection).postgres:
+        raise ConfigError(
+            "[cluster] redis_url is set but [store] url is not a postgresql:// URL: the "
+            "processes of a cluster share one PostgreSQL database (see README, \"Running "
+            "several processes\")"
+        )
+    datadir.ensure(tls_names=tls_names, mint_keys=not cluster.enabled)
     if own_cert:
         cert_path = datadir.cert_path
         tls_options = datadir.tls_server_options()

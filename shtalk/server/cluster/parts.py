@@ -20,8 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from shtalk.server.accounts.redisdemands import RedisCaptchaDemands
+from shtalk.server.accounts.redisthrottle import RedisThrottle
 from shtalk.server.chat.audience import Audience
 from shtalk.server.chat.presence import Presence
 from shtalk.server.chat.rooms import Rooms
@@ -31,8 +35,20 @@ from shtalk.server.cluster.handlers import cache_handlers, recheck_sessions
 from shtalk.server.cluster.nodes import NodeWatch
 from shtalk.server.cluster.presence import ClusterRelay, presence_handlers
 from shtalk.server.cluster.redisconn import commands
+from shtalk.server.config import ThrottleSection
 from shtalk.server.config.cluster import ClusterSection
 from shtalk.server.iserver import IStore
+from shtalk.server.ishared import (
+    NO_CONTROL,
+    IAddressCounts,
+    IAuthThrottle,
+    ICaptchaDemands,
+    IClusterControl,
+    IFlagStore,
+    IPresenceRelay,
+)
+from shtalk.server.net.addresscounts import RedisAddressCounts
+from shtalk.server.ops.redislink import RedisLink
 
 
 def node_name(settings: ClusterSection) -> str:
@@ -52,10 +68,13 @@ class Links:
     relay: ClusterRelay
 
 
-def links(settings: ClusterSection, storage_key: bytes, reactor: IReactorTime) -> Links:
+def links(
+    settings: ClusterSection, storage_key: bytes, reactor: IReactorTime, name: str = ""
+) -> Links:
+    """``name``: this process's (computed once: `node_name` draws a new tag each call)."""
     redis = commands(settings.redis_url, timeout=settings.node_timeout)
     control = ControlChannel(
-        redis, settings.prefix, node_name(settings), control_key(storage_key), reactor
+        redis, settings.prefix, name or node_name(settings), control_key(storage_key), reactor
     )
     relay = ClusterRelay(
         redis, control, settings.prefix, reactor, timeout=settings.heartbeat_interval
@@ -93,3 +112,68 @@ def services(
         on_peer_died=on_peer_died,
     )
     return listener, watch
+
+
+@dataclass(frozen=True, repr=False)
+class Sharing:
+    """What a process keeps in common with its peers, or, with the defaults, alone.
+
+    `build` (shtalk.server.compose) takes one: the embedded server the defaults, a
+    process of a cluster `cluster_sharing`'s.  ``services`` are started and stopped
+    with the server (the Redis-backed parts' timers)."""
+
+    links: Links | None = None
+    throttle: IAuthThrottle | None = None  # None: the failures counted in this process
+    demands: ICaptchaDemands | None = None
+    counts: IAddressCounts | None = None
+    flags: IFlagStore | None = None  # None: the flags in the data directory's file
+    services: tuple[IService, ...] = ()
+
+    @property
+    def control(self) -> IClusterControl:
+        return self.links.control if self.links is not None else NO_CONTROL
+
+    @property
+    def relay(self) -> IPresenceRelay | None:
+        return self.links.relay if self.links is not None else None
+
+
+class Timers(Service):
+    """Starts and stops a part that keeps timers of its own (``start``/``stop``)."""
+
+    def __init__(self, part: Any) -> None:
+        self.part = part
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.part.start()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        self.part.stop()
+        return None
+
+
+def cluster_sharing(
+    settings: ClusterSection,
+    storage_key: bytes,
+    reactor: IReactorTime,
+    clock: IReactorTime,
+    throttle: ThrottleSection,
+    max_per_address: int,
+    flags: IFlagStore,
+) -> Sharing:
+    """A process of a cluster: the control channel and presence relay (`links`), and
+    the failure throttle, CAPTCHA demands and connection counts in the cluster's Redis."""
+    name = node_name(settings)
+    link = RedisLink(settings.redis_url, settings.prefix, clock)
+    demands = RedisCaptchaDemands(link, clock)
+    counts = RedisAddressCounts(link, name, max_per_address, clock)
+    return Sharing(
+        links(settings, storage_key, reactor, name), RedisThrottle(link, clock, throttle),
+        demands, counts, flags, (Timers(demands), Timers(counts)),
+    )
+
+
+#: The embedded server: nothing shared.
+ALONE = Sharing()

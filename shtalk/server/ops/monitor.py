@@ -89,7 +89,10 @@ class Monitor:
         store: IFlagStore | Path | None = None,
         partners: Callable[[int], Any] | None = None,
         actions: Mapping[str, Action] | None = None,
+        load_now: bool = True,
     ) -> None:
+        """``load_now`` False: the flags are read at the first `refresh` (a database is
+        not open yet when the server is built; the operations service reads them)."""
         self.config = config
         self.clock = clock
         # None: flags live in this object only (tests).
@@ -115,7 +118,7 @@ class Monitor:
         self.routed = 0
         self.raised: Counter[str] = Counter()
         #: Fires once the stored flags are read (at once for a file).
-        self.loaded: Deferred[None] = self.refresh()
+        self.loaded: Deferred[None] = self.refresh() if load_now else succeed(None)
 
     # --- persistence --------------------------------------------------------------
     def refresh(self) -> Deferred[None]:

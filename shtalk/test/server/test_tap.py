@@ -197,6 +197,22 @@ class BuildServiceTests(unittest.TestCase):
         self.assertEqual((port, interface), (7003, "127.0.0.1"))
         self.assertIn("no TLS", self.h.out.getvalue())
 
+    def test_a_cluster_needs_postgresql_and_shared_keys(self) -> None:
+        """A cluster on SQLite is refused; on PostgreSQL, a data directory without the
+        cluster's keys is refused too, and no key is made in it."""
+        ini = Path(self.mktemp())
+        ini.write_text("[cluster]\nredis_url = redis://127.0.0.1:6379/0\n")
+        with self.assertRaises(ConfigError) as e:
+            self.h.build("--config", str(ini))
+        self.assertIn("[store] url", str(e.exception))
+        ini.write_text("[cluster]\nredis_url = redis://127.0.0.1:6379/0\n"
+                       "[store]\nurl = postgresql://postgres@127.0.0.1/test\n")
+        with self.assertRaises(StartupError) as e2:
+            self.h.build("--config", str(ini))
+        self.assertIn("storage.key", str(e2.exception))
+        self.assertFalse((self.h.data_dir / "storage.key").exists())
+        self.assertEqual(self.h.made, [])
+
     def test_bad_listen_string(self) -> None:
         with self.assertRaises(ConfigError) as e:
             self.h.build("--listen", "nonsense:1")
