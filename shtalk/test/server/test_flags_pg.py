@@ -18,8 +18,9 @@ from twisted.trial.unittest import TestCase
 from shtalk.server.config import MonitorSection
 from shtalk.server.ops.flagstore import import_flags_file
 from shtalk.server.ops.monitor import Monitor
+from shtalk.server.store.pg import schema
 from shtalk.server.store.pg.flags import PostgresFlagStore
-from shtalk.server.store.pg.store import PostgresStore
+from shtalk.server.store.pg.store import PostgresStore, check_database
 from shtalk.test.pgtest import fresh_schema
 from shtalk.test.server.flag_contract import FlagStoreContract, flag
 
@@ -146,6 +147,29 @@ class PgFlagIdTests(PgFlagsBase):
         fresh.id = await flags.save_flag(fresh)
         self.assertNotEqual(fresh.id, taken.id)
         self.assertEqual(await flags.load_flags(), sorted([taken, fresh], key=lambda f: f.id))
+
+
+class PgFlagMigrationTests(PgFlagsBase):
+    async def test_a_database_from_before_flags_gains_them_and_stays_usable(self) -> None:
+        current = schema.MIGRATIONS
+        self.patch(schema, "MIGRATIONS", current[:1])
+        older = PostgresStore(self.url, KEY, clock=Clock(), sweep_interval=0, ack_delay=0)
+        await older.open()
+        user = await older.create_user("Alice", "alice", "a@example.org", b"h", "active")
+        await older.close()
+        self.patch(schema, "MIGRATIONS", current)
+        flags = await self.open()
+        self.assertEqual(await flags.load_flags(), [])
+        self.assertEqual(await flags.save_flag(flag()), 1)
+        self.assertEqual(await flags.store.user_by_key("alice"), user)
+        self.assertEqual(self.sql("SELECT version FROM shtalk_schema"), [(len(current),)])
+        # An added table: a process of the release before still opens the database.
+        self.patch(schema, "MIGRATIONS", current[:1])
+        self.assertEqual(check_database(self.url), len(current))
+        still = PostgresStore(self.url, KEY, clock=Clock(), sweep_interval=0, ack_delay=0)
+        await still.open()
+        self.addCleanup(still.close)
+        self.assertEqual(await still.user_by_key("alice"), user)
 
 
 class PgMonitorTests(PgFlagsBase):
