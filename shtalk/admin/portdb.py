@@ -5,10 +5,11 @@ seqs' sequence), and what a device has pending must stay pending in the same ord
 So every table is read from SQLite (opened read-only, the server stopped) and written
 with ``COPY`` into PostgreSQL in ONE transaction: seqs, chains (``prev_seq``, mailbox
 heads) and cursors kept as they are, then the sequences set past every id ever handed
-out (SQLite's AUTOINCREMENT never reuses one; neither may PostgreSQL).  Envelopes stay
-sealed as they are (same storage key, same associated data); an address still in
-clear (a database from before sealing) is sealed on the way.  A target that already
-holds accounts or messages is refused: port-db never merges.
+out (SQLite's AUTOINCREMENT never reuses one; neither may PostgreSQL).  Envelopes and
+the monitoring flags' evidence stay sealed as they are (same storage key, same
+associated data); an address still in clear (a database from before sealing) is
+sealed on the way.  A target that already holds accounts, messages or flags is
+refused: port-db never merges.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import psycopg
 
 from shtalk.server.datadir import DataDir
 from shtalk.server.store import schema as sqlite_schema
+from shtalk.server.store.flags import COLUMNS as FLAG_COLUMNS
 from shtalk.server.store.pg import schema as pg_schema
 from shtalk.server.store.pg.store import connect, redact
 from shtalk.server.store.sealing import EmailSeal
@@ -55,6 +57,7 @@ TABLES: list[tuple[str, tuple[str, ...], frozenset[str], str]] = [
     ("totp", ("user_id", "sealed", "enabled", "last_step", "created"),
      frozenset({"enabled"}), "user_id"),
     ("recovery_codes", ("user_id", "code_hash"), frozenset(), "user_id"),
+    ("monitor_flags", ("id", *FLAG_COLUMNS), frozenset(), "id"),
 ]  # fmt: skip
 
 #: Rows between two progress lines.
@@ -132,6 +135,7 @@ def _copy(
         busy = dst.execute(
             "SELECT EXISTS (SELECT 1 FROM users) OR EXISTS (SELECT 1 FROM rooms)"
             " OR EXISTS (SELECT 1 FROM messages) OR EXISTS (SELECT 1 FROM mailbox_heads)"
+            " OR EXISTS (SELECT 1 FROM monitor_flags)"
         ).fetchone()[0]
         if busy:
             raise PortError(f"{where}: the database already holds data; port-db copies only "
@@ -153,6 +157,8 @@ def _copy(
             ("pg_get_serial_sequence('users', 'id')", _top(src, "users", "id", "users")),
             ("pg_get_serial_sequence('rooms', 'id')", _top(src, "rooms", "id", "rooms")),
             ("'message_seq'", _top(src, "messages", "seq", "messages")),
+            ("pg_get_serial_sequence('monitor_flags', 'id')",
+             _top(src, "monitor_flags", "id", "monitor_flags")),
         ):
             if value > 0:
                 dst.execute(f"SELECT setval({sequence}, %s)", (value,))

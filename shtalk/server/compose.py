@@ -273,7 +273,11 @@ def make_store(config: ServerConfig, datadir: DataDir, clock: IReactorTime) -> I
 def make_flag_store(store: IStore, datadir: DataDir) -> IFlagStore:
     """The monitoring's flags in the cluster's database (every process sees them)."""
     from shtalk.server.store.pg.flags import PostgresFlagStore
+    from shtalk.server.store.pg.store import PostgresStore
 
+    if not isinstance(store, PostgresStore):
+        raise StartupError("the processes of a cluster share one PostgreSQL database: "
+                           "set [store] url = postgresql://...")
     return PostgresFlagStore(store, datadir.storage_key())
 
 

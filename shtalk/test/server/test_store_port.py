@@ -2,7 +2,8 @@
 
 What a device had pending on SQLite must be pending on PostgreSQL, in the same order,
 still decrypting with the data directory's key; new ids and seqs continue after the
-old ones; a target with data in it is refused.
+old ones (flag ids too, the flags' evidence copied sealed); a target with data in it is
+refused.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from twisted.trial.unittest import TestCase
 from shtalk.admin import main as admin_main
 from shtalk.admin import portdb
 from shtalk.server.datadir import DataDir
+from shtalk.server.store.flags import SQLiteFlagStore
+from shtalk.server.store.pg.flags import PostgresFlagStore
 from shtalk.server.store.pg.store import PostgresStore
 from shtalk.server.store.sqlite import SQLiteStore
 from shtalk.test.pgtest import fresh_schema
+from shtalk.test.server.flag_contract import flag
 from shtalk.test.server.store_contract import NOW, StoreHelpers, async_test, msg
 
 
@@ -115,3 +119,43 @@ class PortTests(StoreHelpers, TestCase):
         self.assertEqual(code, 1)
         self.assertIn("already holds data", err.getvalue())
         self.assertEqual(len(err.getvalue().strip().splitlines()), 1)
+
+    @async_test
+    async def test_flags_come_along_sealed_as_they_are(self) -> None:
+        store = SQLiteStore(str(self.datadir.db_path), self.key, clock=self.clock,
+                            sweep_interval=0, ack_delay=0)
+        await store.open()
+        flags = SQLiteFlagStore(store, self.key)
+        raised = [flag("7"), flag("8", "strangers"), flag("9", "reports")]
+        raised[0].id = 4  # an id kept from flags.json
+        for f in raised:
+            f.id = await flags.save_flag(f)
+        raised[1].status = "cleared"
+        await flags.save_flag(raised[1])
+        await flags.delete_flag(raised[2].id)  # its id is never handed out again
+        before = await flags.load_flags()
+        top = raised[2].id
+        await store.close()
+        with sqlite3.connect(str(self.datadir.db_path)) as conn:
+            sealed = {r[0]: bytes(r[1]) for r in conn.execute(
+                "SELECT id, evidence FROM monitor_flags")}
+        conn.close()
+        out = io.StringIO()
+        portdb.port(str(self.datadir.path), self.url, out)
+        self.assertIn("monitor_flags: 2 rows", out.getvalue())
+        with psycopg.connect(self.url) as pg:
+            copied = {r[0]: bytes(r[1]) for r in pg.execute(
+                "SELECT id, evidence FROM monitor_flags")}
+        self.assertEqual(copied, sealed)  # the same bytes: not opened on the way
+        pg_store = PostgresStore(self.url, self.key, clock=self.clock, sweep_interval=0,
+                                 ack_delay=0)
+        await pg_store.open()
+        self.addCleanup(pg_store.close)
+        on_pg = PostgresFlagStore(pg_store, self.key)
+        self.assertEqual(await on_pg.load_flags(), before)
+        self.assertEqual([f.evidence for f in before], [raised[0].evidence] * 2)
+        self.assertGreater(await on_pg.save_flag(flag("10")), top)
+        # A target holding flags only is refused too: port-db never merges.
+        with self.assertRaises(portdb.PortError) as e:
+            portdb.port(str(self.datadir.path), self.url, io.StringIO())
+        self.assertIn("already holds data", str(e.exception))
