@@ -5,8 +5,8 @@ Measured: the reactor thread's CPU time (``time.thread_time``: user and system, 
 socket writes and reads count) in the bus's entry points: publishing a committed message
 (encoding the frame, the PUBLISH write, the sequencer), reading the subscription
 connection (hiredis, decoding frames, the sequencer), reading the publisher's replies and
-the sequencer's timer; minus the local deliveries nested in them (writing the push to
-this process's connections, which one process does without a bus as well).  Divided by
+the sequencer's timer; minus what one process does without a bus as well, found nested in
+them: encoding the push line and writing it to this process's connections.  Divided by
 the messages published, it is the bus's CPU per message as the bus itself sees it.  Each
 measured call costs two ``thread_time`` calls (about 1 µs) more than it would.
 
@@ -24,8 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-#: (module, class, method, role): "outer" is the bus's own work, "inner" a local
-#: delivery inside it (subtracted), "count" only counted
+#: (module, class or None for a module's function, name, role): "outer" is the bus's own
+#: work, "inner" what one process does without a bus as well (a local delivery, encoding
+#: the push) found inside it and subtracted, "count" only counted
 POINTS = (
     ("shtalk.server.cluster.bus", "RedisBus", "publish", "outer"),
     ("shtalk.server.cluster.bus", "RedisBus", "_tick", "outer"),
@@ -33,6 +34,8 @@ POINTS = (
     ("shtalk.server.cluster.subscriptions", "BusPublisher", "dataReceived", "outer"),
     ("shtalk.server.cluster.bus", "RedisBus", "_deliver_line", "inner"),
     ("shtalk.server.chat.delivery", "LocalBus", "publish", "inner"),
+    # Encoding the push line: one process without a bus does it too.
+    ("shtalk.server.chat.pushes", None, "message", "inner"),
     ("shtalk.server.cluster.bus", "RedisBus", "_received", "count"),
 )
 
@@ -40,6 +43,7 @@ POINTS = (
 class Probe:
     def __init__(self) -> None:
         self.depth = 0
+        self.inner_depth = 0
         self.outer_s = 0.0
         self.inner_s = 0.0
         self.counts: dict[str, int] = {}
@@ -66,14 +70,16 @@ class Probe:
             return outer
         if role == "inner":
             def inner(*args: Any, **kwargs: Any) -> Any:
-                if not self.depth:
+                if not self.depth or self.inner_depth:
                     return fn(*args, **kwargs)
                 counts[name] += 1
+                self.inner_depth += 1
                 t = clock()
                 try:
                     return fn(*args, **kwargs)
                 finally:
                     self.inner_s += clock() - t
+                    self.inner_depth -= 1
             return inner
 
         def counted(*args: Any, **kwargs: Any) -> Any:
@@ -90,14 +96,15 @@ class Probe:
 def install(out_path: str) -> None:
     probe = Probe()
     for module_name, cls_name, method, role in POINTS:
-        name = f"{cls_name}.{method}"
+        name = f"{cls_name or module_name.rsplit('.', 1)[1]}.{method}"
         try:
-            cls = getattr(importlib.import_module(module_name), cls_name)
-            fn = cls.__dict__[method]
+            module = importlib.import_module(module_name)
+            owner = module if cls_name is None else getattr(module, cls_name)
+            fn = owner.__dict__[method]
         except (ImportError, AttributeError, KeyError):
             probe.missing.append(name)
             continue
-        setattr(cls, method, probe.wrap(name, fn, role))
+        setattr(owner, method, probe.wrap(name, fn, role))
         probe.installed.append(name)
     written = False
 

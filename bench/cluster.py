@@ -47,8 +47,9 @@ from typing import Any
 from twisted.trial.unittest import SkipTest
 
 from bench.cluster_report import DEFAULT, QUICK, build_report
+from bench.clusterload import pid_group
 from bench.common import DOC, BenchError, logger, machine, record, run_child, workdir
-from bench.cpu import wait_idle
+from bench.cpu import GroupCpuWindow, wait_idle
 from bench.loadproto import ACK_BATCH, ACK_INTERVAL
 from tests.clusterkit import Cluster
 from tests.harness import ServerProcess
@@ -199,6 +200,21 @@ def measure(args: argparse.Namespace, setup: Setup, key: str, rnd: int) -> dict[
     return r
 
 
+def idle_cpu(setups: list[Setup], seconds: float) -> dict[str, dict[str, float]]:
+    """Each set-up's CPU with nothing to do, all at once (cores per group): what a cluster
+    spends on heartbeats, reconciliation and keep-alives whatever the traffic."""
+    groups = {f"{s.name}/{g}": pid_group(what) for s in setups
+              for g, what in s.cpu_groups().items()}
+    window = GroupCpuWindow(groups)
+    time.sleep(seconds)
+    cpu = window.stop()["groups_cpu"]
+    idle = {s.name: {g.split("/", 1)[1]: v for g, v in cpu.items()
+                     if g.startswith(s.name + "/")} for s in setups}
+    log("idle: " + "; ".join(f"{n} " + ", ".join(f"{g} {v:.3f}" for g, v in d.items())
+                             for n, d in idle.items()))
+    return idle
+
+
 def run(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
     setups: list[Setup] = []
     try:
@@ -209,6 +225,7 @@ def run(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
         users = [f"bench{i:03d}" for i in range(args.n)]
         with ThreadPoolExecutor(len(setups)) as pool:  # each in its own child process
             list(pool.map(lambda setup: register(setup, users), setups))
+        results["idle"] = idle_cpu(setups, args.idle)
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {
             s.name: {"closed": [], "paced": []} for s in setups}
         deadline = time.monotonic() + args.time_budget
@@ -222,7 +239,9 @@ def run(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
                     continue
                 for setup in order:
                     log(f"round {rnd + 1}: {key} on {setup.name} ...")
-                    runs[setup.name][key].append(measure(args, setup, key, rnd))
+                    r = measure(args, setup, key, rnd)
+                    r["idle_cpu"] = results["idle"][setup.name]
+                    runs[setup.name][key].append(r)
         results["runs"] = runs
     finally:
         for setup in setups:
@@ -253,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"measured seconds per window [{DEFAULT['duration']:g}; quick: "
                         f"{QUICK['duration']:g}]")
     parser.add_argument("--warmup", type=float, default=None, help="seconds before measuring")
+    parser.add_argument("--idle", type=float, default=None,
+                        help=f"seconds of CPU measured with no load [{DEFAULT['idle']:g}; "
+                        f"quick: {QUICK['idle']:g}]")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="start no new round after this many seconds of rounds")
     parser.add_argument("--from-json", type=Path, default=None,
@@ -261,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="do not write PERFORMANCE.md")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else DEFAULT
-    for key in ("rounds", "closed_rounds", "duration", "warmup", "time_budget"):
+    for key in ("rounds", "closed_rounds", "duration", "warmup", "idle", "time_budget"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     unknown = set(args.configs) - set(CONFIGS)

@@ -36,14 +36,15 @@ from bench.loadclient import drive, open_room, scenario_setup, traffic_summary
 from bench.loadproto import Histogram, LoadClient, Run, recorded
 
 
+def pid_group(what: dict[str, Any]) -> Callable[[], list[int]]:
+    """The pids of one ``cpu`` group, looked up when called."""
+    if "postgres" in what:
+        return partial(postgres_pids, what["postgres"])
+    return partial(list, what["pids"])
+
+
 def pid_groups(spec: dict[str, Any]) -> dict[str, Callable[[], list[int]]]:
-    groups: dict[str, Callable[[], list[int]]] = {}
-    for name, what in spec.get("cpu", {}).items():
-        if "postgres" in what:
-            groups[name] = partial(postgres_pids, what["postgres"])
-        else:
-            groups[name] = partial(list, what["pids"])
-    return groups
+    return {name: pid_group(what) for name, what in spec.get("cpu", {}).items()}
 
 
 @inlineCallbacks
