@@ -47,7 +47,7 @@ from typing import Any
 from twisted.trial.unittest import SkipTest
 
 from bench.cluster_report import DEFAULT, QUICK, build_report
-from bench.clusterload import pid_group
+from bench.clusterload import main_threads, pid_group
 from bench.common import DOC, BenchError, logger, machine, record, run_child, workdir
 from bench.cpu import GroupCpuWindow, wait_idle
 from bench.loadproto import ACK_BATCH, ACK_INTERVAL
@@ -99,7 +99,8 @@ class Setup:
         return pids
 
     def cpu_groups(self) -> dict[str, dict[str, Any]]:
-        groups: dict[str, dict[str, Any]] = {"shtalk": {"pids": self.pids}}
+        groups: dict[str, dict[str, Any]] = {"shtalk": {"pids": self.pids},
+                                             "reactor": {"reactors": self.pids}}
         if len(self.pids) > 1:  # and each process alone
             groups.update({f"shtalk{i}": {"pids": [pid]} for i, pid in enumerate(self.pids)})
         if self.cluster is not None:
@@ -205,7 +206,8 @@ def idle_cpu(setups: list[Setup], seconds: float) -> dict[str, dict[str, float]]
     spends on heartbeats, reconciliation and keep-alives whatever the traffic."""
     groups = {f"{s.name}/{g}": pid_group(what) for s in setups
               for g, what in s.cpu_groups().items()}
-    window = GroupCpuWindow(groups)
+    window = GroupCpuWindow(groups, frozenset(
+        f"{s.name}/{g}" for s in setups for g in main_threads(s.cpu_groups())))
     time.sleep(seconds)
     cpu = window.stop()["groups_cpu"]
     idle = {s.name: {g.split("/", 1)[1]: v for g, v in cpu.items()

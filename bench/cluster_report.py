@@ -138,7 +138,8 @@ def build_report(results: dict[str, Any]) -> tuple[str, str]:
             f"| {cell(rs, lambda r: r['other_processes_cores'])} |")
     paced = [
         "| set-up | sends/s | delivered/s | first half p50 / p99 ms | second half p50 / p99 ms "
-        "| shtalk µs per message | PostgreSQL µs per message (server-wide, at most) "
+        "| shtalk µs per message (reactor threads) "
+        "| PostgreSQL µs per message (server-wide, at most) "
         "| Redis µs per message | shtalk CPU, cores | other processes, cores |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -152,6 +153,7 @@ def build_report(results: dict[str, Any]) -> tuple[str, str]:
             f"| {cell(rs, lambda r: lat(r, 'far', 'p50'))} / "
             f"{cell(rs, lambda r: lat(r, 'far', 'p99'))} "
             f"| {cell(rs, lambda r: per(r, 'shtalk', 'message'), 1)} "
+            f"({cell(rs, lambda r: per(r, 'reactor', 'message'), 1)}) "
             f"| {cell(rs, lambda r: per(r, 'postgres', 'message'), 1)}"
             + ("" if s == "sqlite-1" else
                f" ({cell(rs, lambda r: per(r, 'postgres_shared', 'message'), 1)})")
@@ -249,6 +251,7 @@ def targets(runs: dict[str, dict[str, list[dict[str, Any]]]], n: int, rate: floa
         return verdicts, model
     raw = diffs(one, two, lambda r: per(r, "shtalk", "message"))
     busy = diffs(one, two, busy_per_message)
+    reactor = diffs(one, two, lambda r: per(r, "reactor", "message"))
     redis = med(values(two, lambda r: per(r, "redis", "message")))
     counted, how = inside(probes)
     m = med(busy) if busy else med(raw)
@@ -264,6 +267,9 @@ def targets(runs: dict[str, dict[str, list[dict[str, Any]]]], n: int, rate: floa
         + (f"; {fmt(med(busy), 1)} µs (rounds {rounds_text(busy, 'µs', 1)}) once each "
            f"set-up's CPU with no load is taken off (one process {fmt(idle[0], 3)} cores, "
            f"two {fmt(idle[1], 3)}: heartbeats, reconciliation, keep-alives)" if busy else "")
+        + (f"; of the difference, the reactor threads' share: {fmt(med(reactor), 1)} µs "
+           f"(rounds {rounds_text(reactor, 'µs', 1)}), the rest is the other threads "
+           "(the store's writer and readers)" if reactor else "")
         + f". Redis's own CPU on top: {fmt(redis, 1)} µs per message. Target <= "
         f"{TARGET_BUS_US:g} µs, judged on the "
         + ("count inside" if counted is not None else "difference")
@@ -277,55 +283,64 @@ def targets(runs: dict[str, dict[str, list[dict[str, Any]]]], n: int, rate: floa
         f"publishes) {fmt(procs[0], 1)} µs per message, process 1 ({n - half} recipients, "
         f"every message from the bus) {fmt(procs[1], 1)} µs; one process with all {n - 1} "
         f"recipients: {fmt(whole, 1)} µs.")
-    model = predict(runs, n, judged, redis)
+    model = predict(runs, n, m, counted, redis)
     return verdicts, model
 
 
-def predict(runs: dict[str, dict[str, list[dict[str, Any]]]], n: int, bus: float | None,
-            redis: float | None) -> list[str]:
-    """Server CPU per message, measured, extrapolated to N processes on N cores."""
+def predict(runs: dict[str, dict[str, list[dict[str, Any]]]], n: int, extra: float | None,
+            counted: float | None, redis: float | None) -> list[str]:
+    """Server CPU per message, measured, extrapolated to N processes on N cores: one
+    process's cost at saturation (closed loop) plus, per further process holding members
+    of the room, what the second process added at the same paced load."""
     one = runs["pg-1"]["closed"]
     d = med(values(one, lambda r: per(r, "shtalk", "delivery")))
     pg = med(values(one, lambda r: per(r, "postgres", "delivery")))
+    pg_extra = med(diffs(runs["pg-1"]["paced"], runs["pg-2"]["paced"],
+                         lambda r: per(r, "postgres", "message")))
     two = med(values(runs.get("pg-2", {}).get("closed", []),
                      lambda r: per(r, "shtalk", "delivery")))
-    if d is None or bus is None:
+    if d is None or extra is None:
         return ["Not enough figures for a prediction in this run."]
     noise = ""
-    if bus < 0:
-        noise = (f" (measured {bus:.1f} µs: below the rounds' noise, so the model takes 0)")
-        bus = 0.0
+    if extra < 0:
+        noise = f" (measured {extra:.1f} µs: below the rounds' noise, so the model takes 0)"
+        extra = 0.0
     fan = n - 1
     msg = fan * d
+    pg_msg = None if pg is None else pg * fan
     lines = [
-        f"One PostgreSQL process spends {d:.2f} µs of shtalk CPU per delivery at saturation "
-        f"(closed loop), {msg:,.0f} µs per message into {n} members; a second process that "
-        f"holds members of the room adds the bus's {bus:.1f} µs per message{noise}"
-        + (f" (check: two processes measured {two:.2f} µs per delivery, the model says "
-           f"{(msg + bus) / fan:.2f})" if two is not None else "")
-        + f". PostgreSQL's backends took {fmt(pg)} µs per delivery "
-        f"({fmt(None if pg is None else pg * fan, 0)} µs per message) and Redis "
-        f"{fmt(redis, 1)} µs per message with two processes subscribed. On N cores for N processes "
-        "(PostgreSQL and Redis on other cores, the clients elsewhere), with every process "
-        "holding members of every room (the worst case for the bus; a room whose members "
-        "are all on one process costs no bus):",
+        f"Model: one PostgreSQL process spends {d:.2f} µs of shtalk CPU per delivery at "
+        f"saturation (closed loop), {msg:,.0f} µs per message into {n} members; each further "
+        f"process holding members of the room adds {extra:,.1f} µs per message{noise} (the "
+        "paced runs' difference between two processes and one"
+        + (f"; the bus's own code is {counted:.1f} µs of it" if counted is not None else "")
+        + ")"
+        + (f"; check: two processes measured {two:.2f} µs per delivery in the closed loop, "
+           f"the model says {(msg + extra) / fan:.2f}" if two is not None else "")
+        + f". PostgreSQL's backends: {fmt(pg_msg, 0)} µs per message on one process, "
+        f"{fmt(pg_extra, 0)} µs more per further process; Redis {fmt(redis, 1)} µs per message "
+        "with two processes subscribed. Predicted for N processes on N cores (PostgreSQL and "
+        "Redis on cores of their own, clients elsewhere), rooms of "
+        f"{n} with members on every process (the worst case) and rooms whose members all "
+        "use one process (no bus, no extra):",
         "",
-        "| N processes | deliveries/s (rooms of 50 on every process) | deliveries/s "
-        "(no room crosses processes) | PostgreSQL cores needed | Redis cores needed |",
-        "|---:|---:|---:|---:|---:|",
+        "| N processes | deliveries/s, rooms on every process | PostgreSQL cores | Redis cores "
+        "| deliveries/s, rooms on one process | PostgreSQL cores |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for k in (1, 2, 4, 8, 16):
-        spread_msg = msg + (k - 1) * bus
-        cross = k * 1e6 / spread_msg * fan
-        local = k * 1e6 / d
-        pg_cores = None if pg is None else cross * pg / 1e6
+        spread_rate = k * 1e6 / (msg + (k - 1) * extra)  # messages/s
+        local_rate = k * 1e6 / msg
+        pg_spread = None if pg_msg is None else spread_rate * (
+            pg_msg + (k - 1) * (pg_extra or 0.0)) / 1e6
+        pg_local = None if pg_msg is None else local_rate * pg_msg / 1e6
         # Redis's cost was measured with two processes subscribed: scaled by k / 2.
-        redis_cores = None if redis is None or k == 1 else cross / fan * redis * k / 2 / 1e6
-        lines.append(f"| {k} | {cross:,.0f} | {local:,.0f} | {fmt(pg_cores)} "
-                     f"| {fmt(redis_cores)} |")
+        redis_cores = None if redis is None or k == 1 else spread_rate * redis * k / 2 / 1e6
+        lines.append(f"| {k} | {spread_rate * fan:,.0f} | {fmt(pg_spread)} | {fmt(redis_cores)} "
+                     f"| {local_rate * fan:,.0f} | {fmt(pg_local)} |")
     lines += [
         "",
-        "Per-message costs are assumed constant (no contention: one hot room's messages "
+        "Per-message costs are taken as constant (no contention: one hot room's messages "
         "all take one `mailbox_heads` row lock, which bounds that room at the database's "
         "single-mailbox rate however many processes there are). On this machine two "
         "processes do not double throughput: PostgreSQL, Redis and the load generator take "

@@ -15,8 +15,9 @@ that scenario's keys the spec has:
     ``{name: [connection indices]}``: a latency histogram per group of recipients, e.g.
     ``local`` and ``remote`` to the senders' process.
 ``cpu``
-    ``{name: {"pids": [...]} | {"postgres": DATABASE} | {"postgres": null}}``: the groups
-    of processes whose CPU is reported (cores over the window) as ``groups_cpu``.
+    ``{name: {"pids": [...]} | {"reactors": [...]} | {"postgres": DATABASE} |
+    {"postgres": null}}``: the groups of processes (``reactors``: their main threads only)
+    whose CPU is reported (cores over the window) as ``groups_cpu``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ def pid_group(what: dict[str, Any]) -> Callable[[], list[int]]:
     """The pids of one ``cpu`` group, looked up when called."""
     if "postgres" in what:
         return partial(postgres_pids, what["postgres"])
-    return partial(list, what["pids"])
+    return partial(list, what.get("pids") or what["reactors"])
+
+
+def main_threads(groups: dict[str, dict[str, Any]]) -> frozenset[str]:
+    """The ``cpu`` groups counted by their processes' main (reactor) threads only."""
+    return frozenset(name for name, what in groups.items() if "reactors" in what)
 
 
 def pid_groups(spec: dict[str, Any]) -> dict[str, Callable[[], list[int]]]:
@@ -61,7 +67,7 @@ def scenario_placed(spec: dict[str, Any]) -> Any:
     groups = pid_groups(spec)
 
     def window(_pid: int) -> GroupCpuWindow:
-        return GroupCpuWindow(groups)
+        return GroupCpuWindow(groups, main_threads(spec.get("cpu", {})))
 
     @inlineCallbacks
     def phases(run: Run) -> Any:

@@ -166,15 +166,19 @@ class GroupCpuWindow:
     """The CPU of named groups of processes (each group's pids are looked up at both ends:
     a database's backends come and go), of this process, of the machine and of every
     other process, between construction and `stop`.  A process that ended in the window
-    counts 0, one that started in it counts in full (`grown`)."""
+    counts 0, one that started in it counts in full (`grown`).  The groups named in
+    ``main_threads`` count only each process's main thread (a server's reactor)."""
 
-    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+    def __init__(self, groups: dict[str, Callable[[], list[int]]],
+                 main_threads: frozenset[str] = frozenset()) -> None:
         self.groups = groups
+        self.main_threads = main_threads
         self.start = self._sample()
 
     def _sample(self) -> tuple[float, float, dict[str, dict[int, float]], tuple[float, ...],
                                dict[int, float]]:
-        per_group = {name: {pid: cpu_seconds_of(pid) for pid in pids()}
+        per_group = {name: {pid: cpu_seconds_of(pid, pid if name in self.main_threads else None)
+                            for pid in pids()}
                      for name, pids in self.groups.items()}
         mine = {os.getpid(), os.getppid()}.union(*(set(g) for g in per_group.values()))
         return (time.monotonic(), own_cpu_seconds(), per_group, machine_cpu(),
