@@ -177,6 +177,7 @@ def measure(args: argparse.Namespace, setup: Setup, key: str, rnd: int) -> dict[
         "n": n, "tokens": setup.tokens[:n], "room": f"{key}-{rnd}",
         "warmup": args.warmup, "duration": args.duration, "window": 1,
         "ack_interval": ACK_INTERVAL, "ack_batch": ACK_BATCH, "cpu": setup.cpu_groups(),
+        "pg_url": setup.cluster.database.url if setup.cluster is not None else None,
     }
     if key == "closed":
         spec.update(rate=0, placement=[i % procs for i in range(n)])

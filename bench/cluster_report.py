@@ -30,6 +30,11 @@ TITLES = {
 Figure = Callable[[dict[str, Any]], float | None]
 
 
+def stat(name: str) -> Figure:
+    """A `pg_stat_database` counter per acknowledged send."""
+    return lambda r: float(r["pg_per_s"][name]) / max(float(r["sends_acked_per_s"]), 1.0)
+
+
 def per(r: dict[str, Any], group: str, unit: str) -> float | None:
     """µs of ``group``'s CPU per delivery or per message (acknowledged send)."""
     cores = r["groups_cpu"].get(group)
@@ -162,6 +167,22 @@ def build_report(results: dict[str, Any]) -> tuple[str, str]:
             f"| {cell(rs, lambda r: r['groups_cpu']['shtalk'])} "
             f"| {cell(rs, lambda r: r['other_processes_cores'])} |")
 
+    pg_rows = [
+        "| set-up | load | commits per message | rows inserted | rows updated | rows deleted "
+        "| rows fetched | PostgreSQL µs per message |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in names:
+        for key, label in (("closed", "closed loop"), ("paced", f"paced {rate:g}/s")):
+            rs = [r for r in runs[s][key] if "pg_per_s" in r]
+            if not rs:
+                continue
+
+            pg_rows.append(
+                f"| {TITLES[s]} | {label} | {cell(rs, stat('xact_commit'))} "
+                f"| {cell(rs, stat('tup_inserted'))} | {cell(rs, stat('tup_updated'))} "
+                f"| {cell(rs, stat('tup_deleted'))} | {cell(rs, stat('tup_fetched'))} "
+                f"| {cell(rs, lambda r: per(r, 'postgres', 'message'), 0)} |")
     verdicts, model = targets(runs, n, rate, results.get("bus_probe", {}).get("pg-2"))
     problems = check(runs)
     cmd = ".venv/bin/python -m bench.cluster" + (" --quick" if args.get("quick") else "")
@@ -198,13 +219,17 @@ def build_report(results: dict[str, Any]) -> tuple[str, str]:
         "Cells are the median of the rounds (± half their max - min spread, relative).",
         "", f"### Closed loop, N = {n}", "", *closed, "",
         f"### Paced, {rate:g} sends/s into {n} members", "", *paced, "",
+        "### What PostgreSQL did per message", "",
+        "From `pg_stat_database` of the set-up's database over each window (the counters "
+        "reach it within a second or so of each transaction: approximate), per "
+        "acknowledged send.", "", *pg_rows, "",
         "### Targets", "", *verdicts, "",
         "### What it predicts for N processes on N cores", "", *model, "",
     ]
     if problems:
         md += ["### Problems seen in this run", "", *[f"- {p}" for p in problems], ""]
     md += ["<!-- analysis -->", ""]
-    term = "\n".join([*closed, "", *paced, "", *verdicts, "", *model, "", *problems])
+    term = "\n".join([*closed, "", *paced, "", *pg_rows, "", *verdicts, "", *model, "", *problems])
     return term, "\n".join(md)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -53,6 +54,45 @@ def pid_groups(spec: dict[str, Any]) -> dict[str, Callable[[], list[int]]]:
     return {name: pid_group(what) for name, what in spec.get("cpu", {}).items()}
 
 
+PG_COUNTERS = ("xact_commit", "xact_rollback", "tup_inserted", "tup_updated", "tup_deleted",
+               "tup_fetched", "blks_hit")
+
+
+def pg_counters(url: str) -> dict[str, float]:
+    """The database's activity counters (pg_stat_database) and the time, read over a
+    connection of our own (a few ms, just outside the measured window)."""
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT " + ", ".join(PG_COUNTERS) + " FROM pg_stat_database "  # noqa: S608
+            "WHERE datname = current_database()").fetchone()
+    assert row is not None
+    return {"t": time.monotonic(), **{k: float(v) for k, v in zip(PG_COUNTERS, row,
+                                                                     strict=True)}}
+
+
+class Window:
+    """`GroupCpuWindow`, and with a database URL the database's activity per second over
+    the same window (PostgreSQL publishes a backend's counters within a second or so of
+    its transactions: an approximation over a window of several seconds)."""
+
+    def __init__(self, cpu: Callable[..., GroupCpuWindow], groups: Any, threads: Any,
+                 url: str | None) -> None:
+        self.url = url
+        self.before = pg_counters(url) if url else None
+        self.cpu = cpu(groups, threads)
+
+    def stop(self) -> dict[str, Any]:
+        out = self.cpu.stop()
+        if self.url and self.before is not None:
+            after = pg_counters(self.url)
+            elapsed = after["t"] - self.before["t"]
+            out["pg_per_s"] = {k: round((after[k] - self.before[k]) / elapsed, 1)
+                               for k in PG_COUNTERS}
+        return out
+
+
 @inlineCallbacks
 def scenario_placed(spec: dict[str, Any]) -> Any:
     """N connections (on the processes ``placement`` says) in one room: a closed loop
@@ -66,8 +106,9 @@ def scenario_placed(spec: dict[str, Any]) -> Any:
             clients[i].group = hists[name]
     groups = pid_groups(spec)
 
-    def window(_pid: int) -> GroupCpuWindow:
-        return GroupCpuWindow(groups, main_threads(spec.get("cpu", {})))
+    def window(_pid: int) -> Window:
+        return Window(GroupCpuWindow, groups, main_threads(spec.get("cpu", {})),
+                      spec.get("pg_url"))
 
     @inlineCallbacks
     def phases(run: Run) -> Any:
