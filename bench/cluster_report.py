@@ -243,8 +243,12 @@ def inside(probes: list[dict[str, Any]] | None) -> tuple[float | None, str]:
     missing = sorted({m for p in probes for m in p["missing"]})
     if not published:
         return None, "no message was published on the bus"
-    bus = sum(p["bus_cpu_s"] for p in probes) / published * 1e6
-    how = (f"{published:,} messages published and {received:,} frames received by the two "
+    probe_cost = sum(p.get("probe_cost_s", 0.0) for p in probes) / published * 1e6
+    bus = sum(p["bus_cpu_s"] for p in probes) / published * 1e6 - probe_cost
+    each = ", ".join(f"process {i} {p['bus_cpu_s'] / published * 1e6:.1f} µs"
+                     for i, p in enumerate(probes))
+    how = (f"{each} per message, less {probe_cost:.1f} µs of the probe's own clock reads; "
+           f"{published:,} messages published and {received:,} frames received by the two "
            f"processes over the whole run; reactor-thread CPU in the bus's entry points "
            f"minus what one process does without a bus too (encoding the push, writing "
            f"it to the local connections)"
