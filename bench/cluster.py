@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -111,19 +112,24 @@ class Setup:
                 groups["redis"] = {"pids": [redis.pid]}
         return groups
 
-    def stop(self) -> None:
-        if self.cluster is not None:
-            try:
-                for s in self.servers:
-                    s.stop()
-                    probe = s.base_dir / PROBE_FILE
-                    if probe.exists():
-                        self.probes.append(json.loads(probe.read_text()))
-            finally:
+    def stop(self, logs: Path | None = None) -> None:
+        """Stop every process (and the cluster's Redis and database); with ``logs``, copy
+        each process's log there first."""
+        try:
+            for i, s in enumerate(self.servers):
+                s.stop()
+                probe = s.base_dir / PROBE_FILE
+                if probe.exists():
+                    self.probes.append(json.loads(probe.read_text()))
+                if logs is not None and s.log_path.exists():
+                    logs.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(s.log_path, logs / f"{self.name}-node{i}.log")
+        finally:
+            if self.cluster is not None:
                 self.cluster.cleanup()
-        else:
-            for s in self.servers:
-                s.cleanup()
+            else:
+                for s in self.servers:
+                    s.cleanup()
 
 
 def start_setup(name: str, work: Path) -> Setup:
@@ -249,7 +255,7 @@ def run(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
     finally:
         for setup in setups:
             try:
-                setup.stop()
+                setup.stop(args.logs)
             except Exception as e:  # one failed stop must not leave the others running
                 log(f"stopping {setup.name}: {e}")
             if setup.probes:
@@ -284,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="render the report of a run saved with --json instead of running")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--no-docs", action="store_true", help="do not write PERFORMANCE.md")
+    parser.add_argument("--logs", type=Path, default=None,
+                        help="copy every server's log into this directory at the end")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else DEFAULT
     for key in ("rounds", "closed_rounds", "duration", "warmup", "idle", "time_budget"):
