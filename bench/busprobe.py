@@ -37,6 +37,10 @@ POINTS = (
     # Encoding the push line: one process without a bus does it too.
     ("shtalk.server.chat.pushes", None, "message", "inner"),
     ("shtalk.server.cluster.bus", "RedisBus", "_received", "count"),
+    # Reads from the store: a gap in a mailbox's chain past gap_wait, a message too large
+    # to travel inline.
+    ("shtalk.server.cluster.bus", "RedisBus", "fill", "count"),
+    ("shtalk.server.cluster.bus", "RedisBus", "_read_one", "count"),
 )
 
 

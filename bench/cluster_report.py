@@ -240,6 +240,8 @@ def inside(probes: list[dict[str, Any]] | None) -> tuple[float | None, str]:
         return None, ""
     published = sum(p["counts"].get("RedisBus.publish", 0) for p in probes)
     received = sum(p["counts"].get("RedisBus._received", 0) for p in probes)
+    fills = sum(p["counts"].get("RedisBus.fill", 0) for p in probes)
+    reads = sum(p["counts"].get("RedisBus._read_one", 0) for p in probes)
     missing = sorted({m for p in probes for m in p["missing"]})
     if not published:
         return None, "no message was published on the bus"
@@ -248,7 +250,8 @@ def inside(probes: list[dict[str, Any]] | None) -> tuple[float | None, str]:
     each = ", ".join(f"process {i} {p['bus_cpu_s'] / published * 1e6:.1f} µs"
                      for i, p in enumerate(probes))
     how = (f"{each} per message, less {probe_cost:.1f} µs of the probe's own clock reads; "
-           f"{published:,} messages published and {received:,} frames received by the two "
+           f"{published:,} messages published, {received:,} frames received, {fills:,} gaps "
+           f"filled and {reads:,} messages read from the store by the two "
            f"processes over the whole run; reactor-thread CPU in the bus's entry points "
            f"minus what one process does without a bus too (encoding the push, writing "
            f"it to the local connections)"
