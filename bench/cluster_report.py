@@ -250,11 +250,13 @@ def inside(probes: list[dict[str, Any]] | None) -> tuple[float | None, str]:
     each = ", ".join(f"process {i} {p['bus_cpu_s'] / published * 1e6:.1f} µs"
                      for i, p in enumerate(probes))
     how = (f"{each} per message, less {probe_cost:.1f} µs of the probe's own clock reads; "
-           f"{published:,} messages published, {received:,} frames received, {fills:,} gaps "
-           f"filled and {reads:,} messages read from the store by the two "
-           f"processes over the whole run; reactor-thread CPU in the bus's entry points "
-           f"minus what one process does without a bus too (encoding the push, writing "
-           f"it to the local connections)"
+           f"{published:,} messages published, {received:,} frames received"
+           + (f", {fills:,} gaps filled and {reads:,} messages read from the store"
+              if all("RedisBus.fill" in p["counts"] for p in probes) else "")
+           + " by the two "
+           "processes over the whole run; reactor-thread CPU in the bus's entry points "
+           "minus what one process does without a bus too (encoding the push, writing "
+           "it to the local connections)"
            + (f"; entry points not found: {', '.join(missing)}" if missing else ""))
     return bus, how
 
