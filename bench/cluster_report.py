@@ -250,9 +250,11 @@ def inside(probes: list[dict[str, Any]] | None) -> tuple[float | None, str]:
     each = ", ".join(f"process {i} {p['bus_cpu_s'] / published * 1e6:.1f} µs"
                      for i, p in enumerate(probes))
     how = (f"{each} per message, less {probe_cost:.1f} µs of the probe's own clock reads; "
-           f"{published:,} messages published, {received:,} frames received"
-           + (f", {fills:,} gaps filled and {reads:,} messages read from the store"
-              if all("RedisBus.fill" in p["counts"] for p in probes) else "")
+           f"{published:,} messages published"
+           + (f", {received:,} frames received, {fills:,} gaps filled and {reads:,} "
+              "messages read from the store"
+              if all("RedisBus.fill" in p["counts"] for p in probes)
+              else f" and {received:,} frames received")
            + " by the two "
            "processes over the whole run; reactor-thread CPU in the bus's entry points "
            "minus what one process does without a bus too (encoding the push, writing "
