@@ -201,3 +201,50 @@ class ClusterTests(unittest.TestCase):
         first = yield bob.client.next_push("message", timeout=8)
         second = yield bob.client.next_push("message", timeout=8)
         self.assertEqual(bodies([first, second]), ["lost on the bus", "next"])
+
+
+class ClusterBehindHAProxyTests(unittest.TestCase):
+    """A real HAProxy (conf/haproxy.cfg) in front of the two processes of a cluster: the
+    processes see each client's own address, and count it across the cluster."""
+
+    timeout = 90
+
+    @inlineCallbacks
+    def test_real_addresses_counted_by_the_whole_cluster(self) -> Any:
+        from tests.test_one_address_system import Front, HAProxy, can_bind, need_haproxy
+
+        binary = need_haproxy(self)
+        for source in ("127.0.0.2", "127.0.0.3"):
+            if not can_bind(source):
+                raise unittest.SkipTest(f"cannot bind {source}")
+        cluster = Cluster(2, {"server": {"proxy_protocol": True,
+                                         "max_connections_per_address": 1}}, test=self)
+        self.addCleanup(cluster.cleanup)
+        cluster.start()
+        nodes = cluster.servers
+        proxy = HAProxy(binary, cluster.base_dir, [s.port for s in nodes])
+        self.addCleanup(proxy.stop)
+        front: Any = Front("127.0.0.1", proxy.port, nodes[0].fingerprint, nodes)
+        alice = yield register_and_login(front, source="127.0.0.2")
+        self.addCleanup(alice.client.disconnect)
+        bob = yield register_and_login(front, source="127.0.0.3")
+        self.addCleanup(bob.client.disconnect)
+        yield alice.client.send_user(bob.user, b"through the proxy")
+        got = yield bob.client.next_push("message", timeout=5)
+        self.assertEqual(bodies([got]), ["through the proxy"])
+        # 127.0.0.2 has its one connection: more from it are refused by whichever
+        # process HAProxy picks (leastconn spreads them), as the count is the cluster's
+        # and by the client's own address, not the proxy's.
+        from tests.harness import ConnectionClosed, connect_to
+
+        for _ in range(3):
+            client = yield connect_to(front.host, front.port, front.fingerprint,
+                                      source="127.0.0.2")
+            self.addCleanup(client.disconnect)
+            with self.assertRaises(ConnectionClosed):
+                yield client.ok("hello", version=1)
+            [orphan] = client.orphans
+            self.assertEqual(orphan["error"]["code"], "too_many_connections")
+        # Neither process refused a PROXY header (health checks included).
+        for node in nodes:
+            self.assertNotIn("closed a connection from", node.log_text())
