@@ -84,6 +84,26 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(bodies([back]), ["hello from node1"])
 
     @inlineCallbacks
+    def test_pushes_name_senders_the_receiving_process_never_met(self) -> Any:
+        """The client checks the sender the push names against the envelope's: a large
+        message (read back from the store by the receiving process) and the backlog at a
+        login name a sender who only ever was on the other process."""
+        alice = yield self.on(0)
+        bob = yield self.on(1)
+        big = b"x" * 9000  # over the bus's inline limit: only its header crosses Redis
+        yield alice.client.send_user(bob.user, big)
+        push = yield bob.client.next_push("message", timeout=5)
+        self.assertEqual(push["from"], {"user": alice.user, "device": "dev1"})
+        self.assertEqual(bodies([push]), [big.decode()])
+        carol = yield self.on(0)
+        dave = yield self.on(0)
+        yield dave.client.disconnect()
+        yield carol.client.send_user(dave.user, b"while you were away")
+        back = yield self.on(1, dave.user, "dev1", register=False)
+        self.assertEqual([m["from"] for m in back.backlog],
+                         [{"user": carol.user, "device": "dev1"}])
+
+    @inlineCallbacks
     def test_room_messages_in_one_order_everywhere(self) -> Any:
         """Members on both processes, senders on both: every member sees every message
         once, and every member sees them in the same (seq) order."""

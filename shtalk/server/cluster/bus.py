@@ -314,6 +314,7 @@ class RedisBus(Service):
     def _read_one(self, frame: codec.Frame) -> None:
         """A message sent as its header: read it, then it joins its chain."""
         d = self.store.messages_between(frame.mailbox, frame.seq - 1, frame.seq)
+        d.addCallback(self._named)
 
         def found(messages: list[StoredMessage]) -> None:
             value = messages[0] if messages else None  # gone already: nothing to deliver
@@ -323,6 +324,13 @@ class RedisBus(Service):
 
         d.addCallback(found).addErrback(
             lambda f: log.failure("reading a message the bus announced failed", f))
+
+    def _named(self, messages: list[StoredMessage]) -> Deferred[list[StoredMessage]]:
+        """Messages read from the store, once their senders' names are known here: the
+        push names its sender, and the recipient's client checks that name against the
+        envelope's (a sender who never was on this process is not in its cache)."""
+        d: Deferred[Any] = self.local.users.learn_names({m.sender_id for m in messages})
+        return d.addCallback(lambda _: messages)
 
     def _notice(self, frame: codec.Frame) -> None:
         user_id = inbox_owner(frame.mailbox)
@@ -360,6 +368,7 @@ class RedisBus(Service):
 
     def fill(self, mailbox: str, after: int, upto: int) -> None:
         d = self.store.messages_between(mailbox, after, upto)
+        d.addCallback(self._named)
 
         def read(messages: list[StoredMessage]) -> None:
             items = [Item(m.seq, m.prev_seq, m) for m in messages]
