@@ -84,6 +84,26 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(bodies([back]), ["hello from node1"])
 
     @inlineCallbacks
+    def test_pushes_name_senders_the_receiving_process_never_met(self) -> Any:
+        """The client checks the sender the push names against the envelope's: a large
+        message (read back from the store by the receiving process) and the backlog at a
+        login name a sender who only ever was on the other process."""
+        alice = yield self.on(0)
+        bob = yield self.on(1)
+        big = b"x" * 9000  # over the bus's inline limit: only its header crosses Redis
+        yield alice.client.send_user(bob.user, big)
+        push = yield bob.client.next_push("message", timeout=5)
+        self.assertEqual(push["from"], {"user": alice.user, "device": "dev1"})
+        self.assertEqual(bodies([push]), [big.decode()])
+        carol = yield self.on(0)
+        dave = yield self.on(0)
+        yield dave.client.disconnect()
+        yield carol.client.send_user(dave.user, b"while you were away")
+        back = yield self.on(1, dave.user, "dev1", register=False)
+        self.assertEqual([m["from"] for m in back.backlog],
+                         [{"user": carol.user, "device": "dev1"}])
+
+    @inlineCallbacks
     def test_room_messages_in_one_order_everywhere(self) -> Any:
         """Members on both processes, senders on both: every member sees every message
         once, and every member sees them in the same (seq) order."""
@@ -201,3 +221,50 @@ class ClusterTests(unittest.TestCase):
         first = yield bob.client.next_push("message", timeout=8)
         second = yield bob.client.next_push("message", timeout=8)
         self.assertEqual(bodies([first, second]), ["lost on the bus", "next"])
+
+
+class ClusterBehindHAProxyTests(unittest.TestCase):
+    """A real HAProxy (conf/haproxy.cfg) in front of the two processes of a cluster: the
+    processes see each client's own address, and count it across the cluster."""
+
+    timeout = 90
+
+    @inlineCallbacks
+    def test_real_addresses_counted_by_the_whole_cluster(self) -> Any:
+        from tests.test_one_address_system import Front, HAProxy, can_bind, need_haproxy
+
+        binary = need_haproxy(self)
+        for source in ("127.0.0.2", "127.0.0.3"):
+            if not can_bind(source):
+                raise unittest.SkipTest(f"cannot bind {source}")
+        cluster = Cluster(2, {"server": {"proxy_protocol": True,
+                                         "max_connections_per_address": 1}}, test=self)
+        self.addCleanup(cluster.cleanup)
+        cluster.start()
+        nodes = cluster.servers
+        proxy = HAProxy(binary, cluster.base_dir, [s.port for s in nodes])
+        self.addCleanup(proxy.stop)
+        front: Any = Front("127.0.0.1", proxy.port, nodes[0].fingerprint, nodes)
+        alice = yield register_and_login(front, source="127.0.0.2")
+        self.addCleanup(alice.client.disconnect)
+        bob = yield register_and_login(front, source="127.0.0.3")
+        self.addCleanup(bob.client.disconnect)
+        yield alice.client.send_user(bob.user, b"through the proxy")
+        got = yield bob.client.next_push("message", timeout=5)
+        self.assertEqual(bodies([got]), ["through the proxy"])
+        # 127.0.0.2 has its one connection: more from it are refused by whichever
+        # process HAProxy picks (leastconn spreads them), as the count is the cluster's
+        # and by the client's own address, not the proxy's.
+        from tests.harness import ConnectionClosed, connect_to
+
+        for _ in range(3):
+            client = yield connect_to(front.host, front.port, front.fingerprint,
+                                      source="127.0.0.2")
+            self.addCleanup(client.disconnect)
+            with self.assertRaises(ConnectionClosed):
+                yield client.ok("hello", version=1)
+            [orphan] = client.orphans
+            self.assertEqual(orphan["error"]["code"], "too_many_connections")
+        # Neither process refused a PROXY header (health checks included).
+        for node in nodes:
+            self.assertNotIn("closed a connection from", node.log_text())

@@ -7,6 +7,7 @@
     shtalk-admin review list [--all] | clear FLAG | suspend USER | unsuspend USER
                         | delete USER [--yes]
     shtalk-admin port-db --from DATADIR --to postgresql://USER@HOST:PORT/DB
+    shtalk-admin node-init [--from DATADIR] DATADIR
 
 ``monitor`` and ``review`` talk to the running server over its admin socket
 (``<data_dir>/admin.sock``, reachable only by the server's own user).
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the data directory (server stopped; its storage.key stays in use)")
     pd.add_argument("--to", dest="target", required=True, metavar="URL",
                     help="an empty PostgreSQL database or schema: postgresql://USER@HOST/DB")
+    ni = sub.add_parser("node-init", help="a cluster process's data directory: new keys, "
+                        "or another process's copied")
+    ni.add_argument("--from", dest="source", metavar="DATADIR",
+                    help="copy the keys and certificate of this process's data directory")
+    ni.add_argument("target", metavar="DATADIR", help="the data directory to make")
     return p
 
 
@@ -94,6 +100,15 @@ def main(argv: list[str] | None = None, out: TextIO | None = None,
                 portdb.port(args.source, args.target, out)
             except (portdb.PortError, StartupError) as e:
                 print(f"shtalk-admin: port-db: {e}", file=err)
+                return 1
+            return 0
+        if args.command == "node-init":
+            from shtalk.admin.nodeinit import node_init
+
+            try:
+                node_init(args.target, args.source, out)
+            except StartupError as e:
+                print(f"shtalk-admin: node-init: {e}", file=err)
                 return 1
             return 0
         path = control.socket_path(args.socket, args.data_dir)

@@ -208,8 +208,7 @@ class RedisBus(Service):
                 self.chains.add(mailbox, room_of(mailbox) is not None)
                 fresh.append(mailbox)
         if fresh:
-            d = self.subscriptions.add([self.channel(mb) for mb in fresh])
-            d.addTimeout(ATTACH_TIMEOUT, self.clock)
+            d = self._within(self.subscriptions.add([self.channel(mb) for mb in fresh]))
             d.addErrback(self._unconfirmed)
             started = d.addCallback(lambda _: self._start(fresh, since))
             for mb in fresh:
@@ -217,6 +216,27 @@ class RedisBus(Service):
             started.addBoth(self._started, fresh, started)
         waits = [self._starting[mb] for mb in wait_for if mb in self._starting]
         return gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
+
+    def _within(self, confirmed: Deferred[Any]) -> Deferred[Any]:
+        """``confirmed``'s outcome, or a TimeoutError after `ATTACH_TIMEOUT`.  The
+        subscriptions' own Deferred is never cancelled: it stays theirs, and fires (and
+        is consumed here) whenever Redis confirms."""
+        out: Deferred[Any] = Deferred()
+
+        def expire() -> None:
+            if not out.called:
+                out.errback(TimeoutError("Redis did not confirm the subscriptions"))
+
+        timer = self.clock.callLater(ATTACH_TIMEOUT, expire)
+
+        def done(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not out.called:
+                out.callback(result)  # a Failure goes on as one
+
+        confirmed.addBoth(done)
+        return out
 
     @staticmethod
     def _unconfirmed(failure: Any) -> None:
@@ -314,6 +334,7 @@ class RedisBus(Service):
     def _read_one(self, frame: codec.Frame) -> None:
         """A message sent as its header: read it, then it joins its chain."""
         d = self.store.messages_between(frame.mailbox, frame.seq - 1, frame.seq)
+        d.addCallback(self._named)
 
         def found(messages: list[StoredMessage]) -> None:
             value = messages[0] if messages else None  # gone already: nothing to deliver
@@ -323,6 +344,13 @@ class RedisBus(Service):
 
         d.addCallback(found).addErrback(
             lambda f: log.failure("reading a message the bus announced failed", f))
+
+    def _named(self, messages: list[StoredMessage]) -> Deferred[list[StoredMessage]]:
+        """Messages read from the store, once their senders' names are known here: the
+        push names its sender, and the recipient's client checks that name against the
+        envelope's (a sender who never was on this process is not in its cache)."""
+        d: Deferred[Any] = self.local.users.learn_names({m.sender_id for m in messages})
+        return d.addCallback(lambda _: messages)
 
     def _notice(self, frame: codec.Frame) -> None:
         user_id = inbox_owner(frame.mailbox)
@@ -360,6 +388,7 @@ class RedisBus(Service):
 
     def fill(self, mailbox: str, after: int, upto: int) -> None:
         d = self.store.messages_between(mailbox, after, upto)
+        d.addCallback(self._named)
 
         def read(messages: list[StoredMessage]) -> None:
             items = [Item(m.seq, m.prev_seq, m) for m in messages]

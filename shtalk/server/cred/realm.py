@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from shtalk.server.chat.avatar import ChatParts, ChatUser
-from shtalk.server.eserver import InvalidCredentials, NoSuchDevice
+from shtalk.server.eserver import InvalidCredentials, NoSuchDevice, StoreClosed
 from shtalk.server.iserver import IChatMind, IChatUser
 from shtalk.server.store.records import User
 
@@ -67,11 +67,19 @@ class ChatRealm:
             yield parts.monitor.preload(user.id)
         # Subscribed (across processes: confirmed) before the backlog is read, so every
         # message is either in it or delivered live.
-        yield parts.bus.attach(user.id)
-        avatar = ChatUser(parts, user, device_id, family, mind)
-        first = yield parts.presence.attach(user.id, device_id, mind)
+        try:
+            yield parts.bus.attach(user.id)
+            avatar = ChatUser(parts, user, device_id, family, mind)
+            first = yield parts.presence.attach(user.id, device_id, mind)
+        except BaseException:
+            parts.bus.detach(user.id)  # counted by attach: a failed login holds nothing
+            raise
         if first:
-            yield parts.audience.announce_presence(user.id, True)
+            try:
+                yield parts.audience.announce_presence(user.id, True)
+            except Exception:
+                # The login stands (the device is registered); contacts learn it later.
+                log.failure("announcing an online user")
 
         def logout() -> None:
             parts.bus.detach(user.id)
@@ -82,7 +90,7 @@ class ChatRealm:
             if gone.last_here:
                 # After the announcement, which reads the caches this drops.
                 d.addBoth(_forget, parts, user.id)
-            d.addErrback(lambda f: log.failure("announcing an offline user", f))
+            d.addErrback(_announce_failed)
 
         return IChatUser, avatar, logout
 
@@ -91,6 +99,15 @@ def _announce_gone(last: bool, parts: ChatParts, user_id: int) -> Any:
     if last:
         return parts.audience.announce_presence(user_id, False)
     return None
+
+
+def _announce_failed(failure: Any) -> None:
+    if failure.check(StoreClosed):
+        # The server is stopping: its connections close after the store did.  The other
+        # processes of a cluster announce this one's users offline once it is gone.
+        log.info("offline announcement skipped: the server is stopping")
+        return
+    log.failure("announcing an offline user", failure)
 
 
 def _forget(result: Any, parts: ChatParts, user_id: int) -> Any:

@@ -40,6 +40,9 @@ class Backlog:
     def replay(self, conn: Replaying, avatar: IChatUser) -> Any:
         try:
             messages = yield avatar.pending()
+            # Each push names its sender, which the client checks against the envelope:
+            # a sender this process has not met since it started is not in its cache.
+            yield self.users.learn_names({m.sender_id for m in messages})
         except Exception:
             log.failure("loading the backlog failed")
             messages = []
