@@ -33,10 +33,9 @@ from shtalk.server.chat.delivery import LocalBus
 from shtalk.server.chat.rooms import Rooms
 from shtalk.server.cluster import codec
 from shtalk.server.cluster.chain import Chains, Item
+from shtalk.server.cluster.publisher import BusPublisher, Publisher
 from shtalk.server.cluster.subscriptions import (
-    BusPublisher,
     BusSubscriber,
-    Publisher,
     RedisAddress,
     Subscriptions,
     connect,
@@ -81,7 +80,7 @@ class RedisBus(Service):
         self.channel_prefix = (prefix + "mb:").encode("ascii")
         self.chains = Chains(self, gap_wait)
         self.subscriptions = Subscriptions(clock, self._received, self._resubscribed, keepalive)
-        self.publisher = Publisher()
+        self.publisher = Publisher(clock, self.channel_prefix + b"-", keepalive)
         self.reconcile_interval = reconcile_interval
         self._refs: dict[str, int] = {}  # mailbox -> local users that need it
         self._users: dict[int, int] = {}  # user id -> attached connections here
@@ -108,6 +107,7 @@ class RedisBus(Service):
     def stopService(self) -> Deferred[Any]:
         super().stopService()  # type: ignore[no-untyped-call]
         self.subscriptions.stop()
+        self.publisher.stop()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         if self._timer is not None and self._timer.active():

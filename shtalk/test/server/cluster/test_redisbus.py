@@ -88,6 +88,24 @@ class RedisBusTests(unittest.TestCase):
         self.assertEqual(self.store.reads, 0, "no gap: nothing read from the store")
 
     @inlineCallbacks
+    def test_a_turns_publishes_are_one_write_and_redis_does_not_answer_them(self) -> Any:
+        bob = yield self.b.login(BOB, "b1")
+        pub = self.a.bus.publisher
+        for _ in range(100):  # the connection's probe PUBLISH is answered
+            if pub.counts:
+                break
+            yield sleep(0.01)
+        self.assertEqual(pub.counts, 1)
+        writes = pub.writes
+        seqs = [self.send(self.a, user_mailbox(BOB)) for _ in range(200)]
+        yield bob.wait(200)
+        self.assertEqual(bob.seqs, seqs)
+        self.assertEqual(pub.writes - writes, 1)
+        yield sleep(0.05)
+        self.assertEqual(pub.counts, 1, "a PUBLISH was answered")
+        self.assertEqual(pub.refused, 0)
+
+    @inlineCallbacks
     def test_attach_fires_after_redis_confirmed_each_subscription(self) -> Any:
         """Many logins at once (multi-channel SUBSCRIBEs back to back): when each one's
         attach fires, Redis already counts a subscriber on every one of its channels."""
