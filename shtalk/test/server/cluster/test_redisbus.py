@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
+from shtalk.server.cluster import codec
 from shtalk.server.cluster.bus import RedisBus
 from shtalk.server.store.mailbox import room_mailbox, user_mailbox
 from shtalk.test.server.cluster.processes import (
@@ -104,6 +105,26 @@ class RedisBusTests(unittest.TestCase):
         yield sleep(0.05)
         self.assertEqual(pub.counts, 1, "a PUBLISH was answered")
         self.assertEqual(pub.refused, 0)
+
+    @inlineCallbacks
+    def test_a_write_larger_than_the_socket_takes_arrives_whole_and_in_order(self) -> Any:
+        """Written straight to the socket, what it does not take goes through the
+        transport's buffer, after what was written before it."""
+        bob = yield self.b.login(BOB, "b1")
+        box = user_mailbox(BOB)
+        pub = self.a.bus.publisher
+        writes = pub.writes
+        seqs = []
+        for i in range(16):
+            m = self.store.commit(box, ALICE, "a1")
+            seqs.append(m.seq)
+            pub.publish(self.a.bus.channel(box), codec.encode(
+                codec.MESSAGE, b"node-a", box, m.seq, m.prev_seq, ALICE, "a1",
+                b"%d" % i * 100_000))  # 16 x 100-600 kB: more than one send() takes
+        yield bob.wait(16, timeout=10)
+        self.assertEqual(bob.seqs, seqs)
+        self.assertEqual(pub.writes - writes, 1)
+        self.assertEqual(self.store.reads, 0)
 
     @inlineCallbacks
     def test_attach_fires_after_redis_confirmed_each_subscription(self) -> Any:
