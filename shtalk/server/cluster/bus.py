@@ -76,7 +76,7 @@ class RedisBus(Service):
         self.reactor = reactor
         self.address = RedisAddress(redis_url)
         self.node = codec.check_node_name(node)
-        self._own = b" " + self.node + b" "
+        self._own = codec.own_tag(self.node)
         self.channel_prefix = (prefix + "mb:").encode("ascii")
         self.chains = Chains(self, gap_wait)
         self.subscriptions = Subscriptions(clock, self._received, self._resubscribed, keepalive)
@@ -309,7 +309,7 @@ class RedisBus(Service):
     def _received(self, channel: bytes, payload: bytes) -> None:
         self.received += 1
         if payload.startswith(self._own, 1):
-            return  # committed here, and applied then (the header is "<kind> <node> ")
+            return  # committed here, and applied then (the header is <kind><node's tag>)
         try:
             frame = codec.decode(payload)
         except codec.BadFrame:

@@ -42,7 +42,7 @@ class DroppingBus(RedisBus):
         real = self.publisher.publish
 
         def publish(channel: bytes, payload: bytes) -> None:
-            seq = int(payload.split(b" ", 4)[3])
+            seq = codec.decode(payload).seq
             if seq not in self.drop:
                 real(channel, payload)
 

@@ -206,12 +206,21 @@ class CodecTests(SynchronousTestCase):
                          codec.Frame(codec.MESSAGE, b"n1", "r:5", 10, 7, 3, "dev-1", line))
 
     def test_garbage_is_refused(self) -> None:
-        for raw in (b"", b"m n1 r:5 x 7 3 d\n", b"m n1\n"):
+        good = codec.encode(codec.MESSAGE, b"n1", "r:5", 10, 7, 3, "dev-1", b"line")
+        cut = good.index(b"r:5") + 4  # inside the device name
+        for raw in (b"", b"m", b"m\x02n1", good[:cut], b"m n1 r:5 10 7 3 d\nline",
+                    good.replace(b"r:5", b"r:\xff")):
             self.assertRaises(codec.BadFrame, codec.decode, raw)
+
+    def test_a_body_that_looks_like_a_header_is_only_a_body(self) -> None:
+        body = codec.encode(codec.LINK, b"n2", "r:9", 99, 98)
+        frame = codec.decode(codec.encode(codec.MESSAGE, b"n1", "r:5", 10, 7, 3, "d", body))
+        self.assertEqual((frame.mailbox, frame.seq, frame.body), ("r:5", 10, body))
 
     def test_node_names(self) -> None:
         self.assertEqual(codec.check_node_name("host-1.42"), b"host-1.42")
         self.assertRaises(ValueError, codec.check_node_name, "two words")
+        self.assertRaises(ValueError, codec.check_node_name, "n" * 256)
 
     def test_address_repr_hides_the_password(self) -> None:
         address = RedisAddress("redis://:s3cret@db.example:6380/2")
