@@ -9,45 +9,22 @@ from collections import deque
 from typing import Any
 
 import txredisapi  # type: ignore[import-untyped]
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from shtalk.server.cluster.subscriptions import PING
+from shtalk.server.cluster.subscriptions import PING, write_now
 
 log = Logger()
 
 
 class BusPublisher(txredisapi.RedisProtocol):  # type: ignore[misc]
-    """PUBLISH without a Deferred per message, written straight to the socket."""
+    """PUBLISH without a Deferred per message, written straight to the socket (`write_now`)."""
 
     owner: Publisher
-    _direct = False
-
-    def connectionMade(self) -> Any:
-        # A plain TCP connection can be written to now (see `send`); anything else
-        # (a test's transport, TLS) goes through its own write().
-        self._direct = isinstance(self.transport, tcp.Connection)
-        return super().connectionMade()
 
     def send(self, data: bytes) -> None:
-        """Write ``data`` now if nothing written before it is still waiting: one system
-        call, without registering for the reactor's write readiness and a turn through
-        it (two epoll changes and a dispatch per write).  What the socket does not
-        take goes to the transport's buffer, as everything does once one is waiting."""
-        t = self.transport
-        if (
-            self._direct and t.connected and not t.disconnecting
-            and not t.dataBuffer and not t._tempDataLen
-        ):  # fmt: skip
-            n = t.writeSomeData(data)
-            if isinstance(n, int):
-                if n >= len(data):
-                    return
-                data = data[n:]
-            # an error: the transport's own write finds it and closes the connection
-        t.write(data)
+        write_now(self.transport, data)
 
     def dataReceived(self, data: bytes, unpause: bool = False) -> None:
         if not self._ready:

@@ -4,7 +4,8 @@ Both are txredisapi protocols (its connection, AUTH/SELECT, reconnection with ba
 on the hiredis reader; what runs once per message is written here and in
 `shtalk.server.cluster.publisher`: a received message goes from the hiredis reply
 straight to the bus, without txredisapi's reply queue, a Deferred or its string
-conversion.
+conversion; SUBSCRIBE, UNSUBSCRIBE and a turn's publishes are written to the socket at
+once (`write_now`).
 
 Why the subscriptions are tracked channel by channel: txredisapi 1.6 matches a
 multi-channel SUBSCRIBE's confirmations to the Deferreds of later commands (two in
@@ -24,6 +25,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import txredisapi  # type: ignore[import-untyped]
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
@@ -32,6 +34,26 @@ from twisted.logger import Logger
 log = Logger()
 
 PING = b"*1\r\n$4\r\nPING\r\n"
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """Write ``data`` to a plain TCP connection now if nothing written before it is still
+    waiting: one system call, without registering for the reactor's write readiness and
+    a turn through it (two epoll changes and a dispatch per write).  What the socket
+    does not take goes to the transport's buffer, as everything does once something
+    waits there, and on any other transport (a test's, TLS)."""
+    t = transport
+    if (
+        isinstance(t, tcp.Connection) and t.connected and not t.disconnecting
+        and not t.dataBuffer and not t._tempDataLen
+    ):  # fmt: skip
+        n = t.writeSomeData(data)
+        if isinstance(n, int):
+            if n >= len(data):
+                return
+            data = data[n:]
+        # an error: the transport's own write finds it and closes the connection
+    t.write(data)
 
 
 def require_hiredis() -> None:
@@ -247,7 +269,9 @@ class Subscriptions:
                 channels = list(queue)
                 queue.clear()
                 self._inflight = (kind, set(channels))
-                proto.transport.write(proto._build_command(kind.upper(), *channels))
+                # Now, not at the reactor's next write: a subscription counts from when
+                # Redis has it, and publishes of this turn are flushed before that.
+                write_now(proto.transport, proto._build_command(kind.upper(), *channels))
                 return
 
     def _maybe_resubscribed(self) -> None:
