@@ -6,6 +6,7 @@ see each other's messages; nothing is flushed.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from twisted.internet import reactor
@@ -125,6 +126,34 @@ class RedisBusTests(unittest.TestCase):
         self.assertEqual(bob.seqs, seqs)
         self.assertEqual(pub.writes - writes, 1)
         self.assertEqual(self.store.reads, 0)
+
+    @inlineCallbacks
+    def test_a_publisher_refused_client_reply_still_publishes(self) -> Any:
+        """An ACL user without ``client|reply``: the publisher's answers stay on, its
+        publishes still arrive, and the refusals are counted."""
+        user = random_prefix().rstrip(":").encode()
+        password = secrets.token_hex(8).encode()
+        reply = redis_command(b"ACL", b"SETUSER", user, b"on", b">" + password, b"~*",
+                              b"&*", b"+@all", b"-client")
+        if not reply.startswith(b"+OK"):
+            raise unittest.SkipTest(f"this Redis does not take ACL users: {reply[:60]!r}")
+        self.addCleanup(redis_command, b"ACL", b"DELUSER", user)
+        url = f"redis://{user.decode()}:{password.decode()}@127.0.0.1:6379/0"
+        c = Process(self.store, self.a.bus.channel_prefix.decode()[:-3], "node-c",
+                    redis_url=url)
+        self.addCleanup(c.stop)
+        yield c.start()
+        bob = yield self.b.login(BOB, "b1")
+        m = self.store.commit(user_mailbox(BOB), ALICE, "a1")
+        c.bus.publish(m)
+        yield bob.wait(1)
+        self.assertEqual(bob.seqs, [m.seq])
+        for _ in range(100):
+            if c.bus.publisher.refused:
+                break
+            yield sleep(0.01)
+        self.assertGreaterEqual(c.bus.publisher.refused, 1)  # CLIENT REPLY OFF
+        self.assertGreaterEqual(c.bus.publisher.counts, 2)  # the probe's, and m's
 
     @inlineCallbacks
     def test_attach_fires_after_redis_confirmed_each_subscription(self) -> Any:
