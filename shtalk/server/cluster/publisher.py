@@ -102,6 +102,7 @@ class Publisher:
         return d
 
     def connected(self, proto: Any) -> None:
+        self._cancel()  # a keepalive of an earlier connection
         self.proto, self.transport = proto, proto.transport
         self._logged = self._pong_due = False
         kept, self._kept = self._kept, deque(maxlen=KEEP_WHILE_DOWN)
