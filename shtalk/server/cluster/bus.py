@@ -33,10 +33,9 @@ from shtalk.server.chat.delivery import LocalBus
 from shtalk.server.chat.rooms import Rooms
 from shtalk.server.cluster import codec
 from shtalk.server.cluster.chain import Chains, Item
+from shtalk.server.cluster.publisher import BusPublisher, Publisher
 from shtalk.server.cluster.subscriptions import (
-    BusPublisher,
     BusSubscriber,
-    Publisher,
     RedisAddress,
     Subscriptions,
     connect,
@@ -77,11 +76,11 @@ class RedisBus(Service):
         self.reactor = reactor
         self.address = RedisAddress(redis_url)
         self.node = codec.check_node_name(node)
-        self._own = b" " + self.node + b" "
+        self._own = codec.own_tag(self.node)
         self.channel_prefix = (prefix + "mb:").encode("ascii")
         self.chains = Chains(self, gap_wait)
         self.subscriptions = Subscriptions(clock, self._received, self._resubscribed, keepalive)
-        self.publisher = Publisher()
+        self.publisher = Publisher(clock, self.channel_prefix + b"-", keepalive)
         self.reconcile_interval = reconcile_interval
         self._refs: dict[str, int] = {}  # mailbox -> local users that need it
         self._users: dict[int, int] = {}  # user id -> attached connections here
@@ -108,6 +107,7 @@ class RedisBus(Service):
     def stopService(self) -> Deferred[Any]:
         super().stopService()  # type: ignore[no-untyped-call]
         self.subscriptions.stop()
+        self.publisher.stop()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         if self._timer is not None and self._timer.active():
@@ -309,7 +309,7 @@ class RedisBus(Service):
     def _received(self, channel: bytes, payload: bytes) -> None:
         self.received += 1
         if payload.startswith(self._own, 1):
-            return  # committed here, and applied then (the header is "<kind> <node> ")
+            return  # committed here, and applied then (the header is <kind><node's tag>)
         try:
             frame = codec.decode(payload)
         except codec.BadFrame:

@@ -1,10 +1,11 @@
 """The two Redis connections of the bus: one subscribed to mailbox channels, one publishing.
 
 Both are txredisapi protocols (its connection, AUTH/SELECT, reconnection with back-off)
-on the hiredis reader; what runs once per message is written here: a publish is one
-``transport.write`` with no Deferred (Redis's reply, the receiver count, is only
-counted), and a received message goes from the hiredis reply straight to the bus,
-without txredisapi's reply queue or its string conversion.
+on the hiredis reader; what runs once per message is written here and in
+`shtalk.server.cluster.publisher`: a received message goes from the hiredis reply
+straight to the bus, without txredisapi's reply queue, a Deferred or its string
+conversion; SUBSCRIBE, UNSUBSCRIBE and a turn's publishes are written to the socket at
+once (`write_now`).
 
 Why the subscriptions are tracked channel by channel: txredisapi 1.6 matches a
 multi-channel SUBSCRIBE's confirmations to the Deferreds of later commands (two in
@@ -19,12 +20,12 @@ told (`resubscribed`), so it can read what was published meanwhile from the stor
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import txredisapi  # type: ignore[import-untyped]
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
@@ -33,6 +34,26 @@ from twisted.logger import Logger
 log = Logger()
 
 PING = b"*1\r\n$4\r\nPING\r\n"
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """Write ``data`` to a plain TCP connection now if nothing written before it is still
+    waiting: one system call, without registering for the reactor's write readiness and
+    a turn through it (two epoll changes and a dispatch per write).  What the socket
+    does not take goes to the transport's buffer, as everything does once something
+    waits there, and on any other transport (a test's, TLS)."""
+    t = transport
+    if (
+        isinstance(t, tcp.Connection) and t.connected and not t.disconnecting
+        and not t.dataBuffer and not t._tempDataLen
+    ):  # fmt: skip
+        n = t.writeSomeData(data)
+        if isinstance(n, int):
+            if n >= len(data):
+                return
+            data = data[n:]
+        # an error: the transport's own write finds it and closes the connection
+    t.write(data)
 
 
 def require_hiredis() -> None:
@@ -120,81 +141,6 @@ class BusSubscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
     def connectionLost(self, why: Any) -> None:
         self.owner.lost(self)
         super().connectionLost(why)
-
-
-class BusPublisher(txredisapi.RedisProtocol):  # type: ignore[misc]
-    """PUBLISH without a Deferred per message; errors are logged, replies counted."""
-
-    owner: Publisher
-
-    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
-        if not self._ready:
-            super().dataReceived(data, unpause)
-            return
-        reader = self._reader
-        reader.feed(data)
-        res = reader.gets()
-        while res is not False:
-            self.owner.unanswered -= 1
-            if isinstance(res, Exception):
-                log.warn("Redis refused a publish: {error}", error=str(res)[:80])
-            res = reader.gets()
-
-    def connectionLost(self, why: Any) -> None:
-        self.owner.lost(self)
-        super().connectionLost(why)
-
-
-#: Publishes kept while the publishing connection is down, sent once it is back.
-KEEP_WHILE_DOWN = 10_000
-
-
-class Publisher:
-    """The publishing connection.  While it is down, the last `KEEP_WHILE_DOWN`
-    publishes are kept and sent once it is back (receivers drop what they already have),
-    so they need not wait for a reconciliation; older ones are dropped (counted) and the
-    receivers read them from the store."""
-
-    def __init__(self) -> None:
-        self.transport: Any = None
-        self.proto: Any = None
-        self.unanswered = 0
-        self.published = 0
-        self.dropped = 0
-        self._kept: deque[tuple[bytes, bytes]] = deque(maxlen=KEEP_WHILE_DOWN)
-        self._when: list[Deferred[None]] = []
-
-    def when_connected(self) -> Deferred[None]:
-        if self.transport is not None:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._when.append(d)
-        return d
-
-    def connected(self, proto: Any) -> None:
-        self.proto, self.transport, self.unanswered = proto, proto.transport, 0
-        kept, self._kept = self._kept, deque(maxlen=KEEP_WHILE_DOWN)
-        for channel, payload in kept:
-            self.publish(channel, payload)
-        when, self._when = self._when, []
-        for d in when:
-            d.callback(None)
-
-    def lost(self, proto: Any) -> None:
-        if proto is self.proto:
-            self.proto = self.transport = None
-
-    def publish(self, channel: bytes, payload: bytes) -> None:
-        transport = self.transport
-        if transport is None:
-            if len(self._kept) == KEEP_WHILE_DOWN:
-                self.dropped += 1
-            self._kept.append((channel, payload))
-            return
-        transport.write(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
-            len(channel), channel, len(payload), payload))
-        self.unanswered += 1
-        self.published += 1
 
 
 class Subscriptions:
@@ -323,7 +269,9 @@ class Subscriptions:
                 channels = list(queue)
                 queue.clear()
                 self._inflight = (kind, set(channels))
-                proto.transport.write(proto._build_command(kind.upper(), *channels))
+                # Now, not at the reactor's next write: a subscription counts from when
+                # Redis has it, and publishes of this turn are flushed before that.
+                write_now(proto.transport, proto._build_command(kind.upper(), *channels))
                 return
 
     def _maybe_resubscribed(self) -> None:

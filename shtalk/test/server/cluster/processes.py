@@ -137,7 +137,8 @@ class Process:
     """One server process's chat side with a RedisBus (see the module's docstring)."""
 
     def __init__(self, store: ChainStore, prefix: str, node: str, bus_class: type = RedisBus,
-                 gap_wait: float = 0.05, reconcile_interval: float = 5.0) -> None:
+                 gap_wait: float = 0.05, reconcile_interval: float = 5.0,
+                 redis_url: str = REDIS_URL) -> None:
         self.store = store
         fanout = FanOutCache()
         self.users = Users(store)  # type: ignore[arg-type]
@@ -145,7 +146,7 @@ class Process:
         self.presence = Presence(fanout)
         self.local = LocalBus(self.presence, self.rooms, self.users, fanout)
         self.bus: RedisBus = bus_class(
-            self.local, store, self.rooms, reactor, reactor, REDIS_URL, prefix, node,
+            self.local, store, self.rooms, reactor, reactor, redis_url, prefix, node,
             gap_wait, reconcile_interval,
         )
 

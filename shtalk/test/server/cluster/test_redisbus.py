@@ -6,6 +6,7 @@ see each other's messages; nothing is flushed.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from twisted.internet import reactor
@@ -13,6 +14,7 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
+from shtalk.server.cluster import codec
 from shtalk.server.cluster.bus import RedisBus
 from shtalk.server.store.mailbox import room_mailbox, user_mailbox
 from shtalk.test.server.cluster.processes import (
@@ -41,7 +43,7 @@ class DroppingBus(RedisBus):
         real = self.publisher.publish
 
         def publish(channel: bytes, payload: bytes) -> None:
-            seq = int(payload.split(b" ", 4)[3])
+            seq = codec.decode(payload).seq
             if seq not in self.drop:
                 real(channel, payload)
 
@@ -86,6 +88,72 @@ class RedisBusTests(unittest.TestCase):
         yield sleep(0.05)  # nothing more comes
         self.assertEqual(bob.seqs, seqs)
         self.assertEqual(self.store.reads, 0, "no gap: nothing read from the store")
+
+    @inlineCallbacks
+    def test_a_turns_publishes_are_one_write_and_redis_does_not_answer_them(self) -> Any:
+        bob = yield self.b.login(BOB, "b1")
+        pub = self.a.bus.publisher
+        for _ in range(100):  # the connection's probe PUBLISH is answered
+            if pub.counts:
+                break
+            yield sleep(0.01)
+        self.assertEqual(pub.counts, 1)
+        writes = pub.writes
+        seqs = [self.send(self.a, user_mailbox(BOB)) for _ in range(200)]
+        yield bob.wait(200)
+        self.assertEqual(bob.seqs, seqs)
+        self.assertEqual(pub.writes - writes, 1)
+        yield sleep(0.05)
+        self.assertEqual(pub.counts, 1, "a PUBLISH was answered")
+        self.assertEqual(pub.refused, 0)
+
+    @inlineCallbacks
+    def test_a_write_larger_than_the_socket_takes_arrives_whole_and_in_order(self) -> Any:
+        """Written straight to the socket, what it does not take goes through the
+        transport's buffer, after what was written before it."""
+        bob = yield self.b.login(BOB, "b1")
+        box = user_mailbox(BOB)
+        pub = self.a.bus.publisher
+        writes = pub.writes
+        seqs = []
+        for i in range(16):
+            m = self.store.commit(box, ALICE, "a1")
+            seqs.append(m.seq)
+            pub.publish(self.a.bus.channel(box), codec.encode(
+                codec.MESSAGE, b"node-a", box, m.seq, m.prev_seq, ALICE, "a1",
+                b"%d" % i * 100_000))  # 16 x 100-600 kB: more than one send() takes
+        yield bob.wait(16, timeout=10)
+        self.assertEqual(bob.seqs, seqs)
+        self.assertEqual(pub.writes - writes, 1)
+        self.assertEqual(self.store.reads, 0)
+
+    @inlineCallbacks
+    def test_a_publisher_refused_client_reply_still_publishes(self) -> Any:
+        """An ACL user without ``client|reply``: the publisher's answers stay on, its
+        publishes still arrive, and the refusals are counted."""
+        user = random_prefix().rstrip(":").encode()
+        password = secrets.token_hex(8).encode()
+        reply = redis_command(b"ACL", b"SETUSER", user, b"on", b">" + password, b"~*",
+                              b"&*", b"+@all", b"-client")
+        if not reply.startswith(b"+OK"):
+            raise unittest.SkipTest(f"this Redis does not take ACL users: {reply[:60]!r}")
+        self.addCleanup(redis_command, b"ACL", b"DELUSER", user)
+        url = f"redis://{user.decode()}:{password.decode()}@127.0.0.1:6379/0"
+        c = Process(self.store, self.a.bus.channel_prefix.decode()[:-3], "node-c",
+                    redis_url=url)
+        self.addCleanup(c.stop)
+        yield c.start()
+        bob = yield self.b.login(BOB, "b1")
+        m = self.store.commit(user_mailbox(BOB), ALICE, "a1")
+        c.bus.publish(m)
+        yield bob.wait(1)
+        self.assertEqual(bob.seqs, [m.seq])
+        for _ in range(100):
+            if c.bus.publisher.refused:
+                break
+            yield sleep(0.01)
+        self.assertGreaterEqual(c.bus.publisher.refused, 1)  # CLIENT REPLY OFF
+        self.assertGreaterEqual(c.bus.publisher.counts, 2)  # the probe's, and m's
 
     @inlineCallbacks
     def test_attach_fires_after_redis_confirmed_each_subscription(self) -> Any:
