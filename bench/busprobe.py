@@ -31,7 +31,9 @@ POINTS = (
     ("shtalk.server.cluster.bus", "RedisBus", "publish", "outer"),
     ("shtalk.server.cluster.bus", "RedisBus", "_tick", "outer"),
     ("shtalk.server.cluster.subscriptions", "BusSubscriber", "dataReceived", "outer"),
-    ("shtalk.server.cluster.subscriptions", "BusPublisher", "dataReceived", "outer"),
+    ("shtalk.server.cluster.publisher", "BusPublisher", "dataReceived", "outer"),
+    # A reactor turn's publishes are written once, here.
+    ("shtalk.server.cluster.publisher", "Publisher", "flush", "outer"),
     ("shtalk.server.cluster.bus", "RedisBus", "_deliver_line", "inner"),
     ("shtalk.server.chat.delivery", "LocalBus", "publish", "inner"),
     # Encoding the push line: one process without a bus does it too.
