@@ -20,13 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from zope.interface import implementer
-
-from shtalk.server.ishared import IFlagStore
-from shtalk.server.store.flags import COLUMNS, FlagSeal
+from shtalk.server.store.flags import COLUMNS, SQLiteFlagStore
 from shtalk.server.store.pg.store import PostgresStore
-from shtalk.server.store.records import Flag
 
 _COLS = ", ".join(COLUMNS)
 _MARKS = ", ".join(["%s"] * len(COLUMNS))
@@ -72,24 +67,14 @@ def delete(conn: Any, flag_id: int) -> None:
     conn.execute("DELETE FROM monitor_flags WHERE id = %s", (flag_id,))
 
 
-@implementer(IFlagStore)
-class PostgresFlagStore:
+class PostgresFlagStore(SQLiteFlagStore):
     """`IFlagStore` on the PostgreSQL store's lanes (``PostgresFlagStore(store,
     storage_key)``: the data directory's storage key, as for the store itself)."""
 
+    store: PostgresStore
+    _load = staticmethod(load)
+    _save = staticmethod(save)
+    _delete = staticmethod(delete)
+
     def __init__(self, store: PostgresStore, storage_key: bytes) -> None:
-        self.store = store
-        self.seal = FlagSeal(storage_key)
-
-    def load_flags(self) -> Deferred[list[Flag]]:
-        d: Deferred[list[tuple[Any, ...]]] = self.store.run_read(load)
-        return d.addCallback(lambda rows: [self.seal.flag(int(r[0]), r[1:]) for r in rows])
-
-    def save_flag(self, flag: Flag) -> Deferred[int]:
-        # Sealed here, on the reactor: the op queued holds bytes the monitor cannot change.
-        d: Deferred[int] = self.store.run_write(save, flag.id, self.seal.row(flag))
-        return d
-
-    def delete_flag(self, flag_id: int) -> Deferred[None]:
-        d: Deferred[None] = self.store.run_write(delete, flag_id)
-        return d
+        super().__init__(store, storage_key)
