@@ -37,7 +37,7 @@ def create_user(
 ) -> User:
     row = conn.execute(
         "INSERT INTO users (name, key, email, email_hash, pw_hash, status, created)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING RETURNING id",
+        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING RETURNING id",
         (name, key, sealed_email, email_hash, pw_hash, status, now),
     ).fetchone()
     if row is None:
@@ -46,51 +46,51 @@ def create_user(
 
 
 def sealed_email(conn: Conn, user_id: int) -> tuple[str, bytes] | None:
-    row = conn.execute("SELECT key, email FROM users WHERE id = %s", (user_id,)).fetchone()
+    row = conn.execute("SELECT key, email FROM users WHERE id = ?", (user_id,)).fetchone()
     if row is None or not row[1]:
         return None  # no such account, or a deleted one
     return str(row[0]), bytes(row[1])
 
 
 def user_by_key(conn: Conn, key: str) -> User | None:
-    row = conn.execute(USER + " WHERE key = %s", (key,)).fetchone()
+    row = conn.execute(USER + " WHERE key = ?", (key,)).fetchone()
     return None if row is None else user(row)
 
 
 def user_by_id(conn: Conn, user_id: int) -> User | None:
-    row = conn.execute(USER + " WHERE id = %s", (user_id,)).fetchone()
+    row = conn.execute(USER + " WHERE id = ?", (user_id,)).fetchone()
     return None if row is None else user(row)
 
 
 def users_by_ids(conn: Conn, ids: list[int]) -> dict[int, User]:
-    return {int(r[0]): user(r) for r in conn.execute(USER + " WHERE id = ANY(%s)", (ids,))}
+    return {int(r[0]): user(r) for r in conn.execute(USER + " WHERE id = ANY(?)", (ids,))}
 
 
 def set_status(conn: Conn, user_id: int, status: str) -> bool:
     cur = conn.execute(
-        "UPDATE users SET status = %s WHERE id = %s AND status != 'deleted'", (status, user_id)
+        "UPDATE users SET status = ? WHERE id = ? AND status != 'deleted'", (status, user_id)
     )
     if status != "active":
-        conn.execute("UPDATE sessions SET revoked = true WHERE user_id = %s", (user_id,))
+        conn.execute("UPDATE sessions SET revoked = true WHERE user_id = ?", (user_id,))
     return bool(cur.rowcount > 0)
 
 
 def delete_account(conn: Conn, user_id: int, dummy_hash: bytes) -> bool:
     """Leave a tombstone: the name stays taken, everything else of the account goes."""
     cur = conn.execute(
-        "UPDATE users SET status = 'deleted', email = '', email_hash = NULL, pw_hash = %s"
-        " WHERE id = %s",
+        "UPDATE users SET status = 'deleted', email = '', email_hash = NULL, pw_hash = ?"
+        " WHERE id = ?",
         (dummy_hash, user_id),
     )
     if cur.rowcount == 0:
         return False
     for sql, params in (
-        ("UPDATE sessions SET revoked = true WHERE user_id = %s", (user_id,)),
-        ("DELETE FROM devices WHERE user_id = %s", (user_id,)),
-        ("DELETE FROM members WHERE user_id = %s", (user_id,)),
-        ("DELETE FROM invites WHERE user_id = %s", (user_id,)),
-        ("DELETE FROM dm_partners WHERE user_id = %s OR partner_id = %s", (user_id, user_id)),
-        ("DELETE FROM messages WHERE mailbox = %s", (user_mailbox(user_id),)),
+        ("UPDATE sessions SET revoked = true WHERE user_id = ?", (user_id,)),
+        ("DELETE FROM devices WHERE user_id = ?", (user_id,)),
+        ("DELETE FROM members WHERE user_id = ?", (user_id,)),
+        ("DELETE FROM invites WHERE user_id = ?", (user_id,)),
+        ("DELETE FROM dm_partners WHERE user_id = ? OR partner_id = ?", (user_id, user_id)),
+        ("DELETE FROM messages WHERE mailbox = ?", (user_mailbox(user_id),)),
     ):
         conn.execute(sql, params)
     return True
@@ -103,7 +103,7 @@ def upsert_device(conn: Conn, user_id: int, device_id: str, label: str, now: flo
     """Create or relabel in one statement; a new device reads each of its user's
     mailboxes from its head (read under the mailbox's lock: no history, no gap)."""
     row = conn.execute(
-        "INSERT INTO devices (user_id, device_id, label, created) VALUES (%s, %s, %s, %s)"
+        "INSERT INTO devices (user_id, device_id, label, created) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (user_id, device_id) DO UPDATE SET label = excluded.label"
         " RETURNING created, xmax = 0",
         (user_id, device_id, label, now),
@@ -111,12 +111,12 @@ def upsert_device(conn: Conn, user_id: int, device_id: str, label: str, now: flo
     if not row[1]:
         return Device(user_id, device_id, label, float(row[0]))
     rooms = [ROOM_PREFIX + str(r[0]) for r in conn.execute(
-        "SELECT room_id FROM members WHERE user_id = %s", (user_id,))]
+        "SELECT room_id FROM members WHERE user_id = ?", (user_id,))]
     tops = lock_heads(conn, [user_mailbox(user_id), *rooms])
     boxes = sorted(tops)
     conn.execute(
         "INSERT INTO cursors (user_id, device_id, mailbox, acked_seq)"
-        " SELECT %s, %s, b, s FROM unnest(%s::text[], %s::bigint[]) AS v(b, s)"
+        " SELECT ?, ?, b, s FROM unnest(?::text[], ?::bigint[]) AS v(b, s)"
         " ON CONFLICT DO NOTHING",
         (user_id, device_id, boxes, [tops[b] for b in boxes]),
     )
@@ -125,7 +125,7 @@ def upsert_device(conn: Conn, user_id: int, device_id: str, label: str, now: flo
 
 def devices(conn: Conn, user_id: int) -> list[Device]:
     rows = conn.execute(
-        "SELECT user_id, device_id, label, created FROM devices WHERE user_id = %s"
+        "SELECT user_id, device_id, label, created FROM devices WHERE user_id = ?"
         " ORDER BY created, device_id",
         (user_id,),
     )
@@ -134,10 +134,10 @@ def devices(conn: Conn, user_id: int) -> list[Device]:
 
 def remove_device(conn: Conn, user_id: int, device_id: str) -> bool:
     cur = conn.execute(
-        "DELETE FROM devices WHERE user_id = %s AND device_id = %s", (user_id, device_id)
+        "DELETE FROM devices WHERE user_id = ? AND device_id = ?", (user_id, device_id)
     )
     conn.execute(
-        "UPDATE sessions SET revoked = true WHERE user_id = %s AND device_id = %s",
+        "UPDATE sessions SET revoked = true WHERE user_id = ? AND device_id = ?",
         (user_id, device_id),
     )
     return bool(cur.rowcount > 0)
@@ -149,7 +149,7 @@ def remove_device(conn: Conn, user_id: int, device_id: str) -> bool:
 def counts(conn: Conn, user_id: int, device_id: str) -> dict[str, int]:
     out = dict.fromkeys(KINDS, 0)
     for kind, n in conn.execute(
-        "SELECT kind, COUNT(*) FROM one_time_keys WHERE user_id = %s AND device_id = %s"
+        "SELECT kind, COUNT(*) FROM one_time_keys WHERE user_id = ? AND device_id = ?"
         " AND claimed IS NULL GROUP BY kind",
         (user_id, device_id),
     ):
@@ -164,19 +164,19 @@ def publish(
     changed = False
     if replace:
         conn.execute(
-            "DELETE FROM one_time_keys WHERE user_id = %s AND device_id = %s",
+            "DELETE FROM one_time_keys WHERE user_id = ? AND device_id = ?",
             (user_id, device_id),
         )
     if bundle is not None:
         # The old bundle, locked until the transaction ends.
         row = conn.execute(
-            "SELECT bundle FROM device_bundles WHERE user_id = %s AND device_id = %s"
+            "SELECT bundle FROM device_bundles WHERE user_id = ? AND device_id = ?"
             " FOR UPDATE",
             (user_id, device_id),
         ).fetchone()
         conn.execute(
             "INSERT INTO device_bundles (user_id, device_id, bundle, updated)"
-            " VALUES (%s, %s, %s, %s) ON CONFLICT (user_id, device_id) DO UPDATE"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, device_id) DO UPDATE"
             " SET bundle = excluded.bundle, updated = excluded.updated",
             (user_id, device_id, bundle, now),
         )
@@ -189,9 +189,9 @@ def publish(
         have[k.kind] += 1
         rows.append((user_id, device_id, k.kind, k.key_id, k.key))
     if rows:
-        conn.cursor().executemany(
+        conn.executemany(
             "INSERT INTO one_time_keys (user_id, device_id, kind, key_id, key)"
-            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             rows,
         )
     return counts(conn, user_id, device_id), changed or replace
@@ -200,10 +200,10 @@ def publish(
 CLAIM_SQL = """
 WITH pick AS (
   SELECT key_id, key FROM one_time_keys
-  WHERE user_id = %s AND device_id = %s AND kind = %s AND claimed IS NULL
+  WHERE user_id = ? AND device_id = ? AND kind = ? AND claimed IS NULL
   ORDER BY key_id LIMIT 1 FOR UPDATE SKIP LOCKED)
-UPDATE one_time_keys o SET claimed = %s, key = ''::bytea FROM pick
-WHERE o.user_id = %s AND o.device_id = %s AND o.kind = %s AND o.key_id = pick.key_id
+UPDATE one_time_keys o SET claimed = ?, key = ''::bytea FROM pick
+WHERE o.user_id = ? AND o.device_id = ? AND o.kind = ? AND o.key_id = pick.key_id
   AND o.claimed IS NULL
 RETURNING pick.key_id, pick.key
 """
@@ -214,12 +214,12 @@ def claim(conn: Conn, user_id: int, device_id: str | None, now: float) -> list[C
     fetches (on any processes) never get the same one."""
     if device_id is None:
         rows = conn.execute(
-            "SELECT device_id, bundle FROM device_bundles WHERE user_id = %s ORDER BY device_id",
+            "SELECT device_id, bundle FROM device_bundles WHERE user_id = ? ORDER BY device_id",
             (user_id,),
         ).fetchall()
     else:
         rows = conn.execute(
-            "SELECT device_id, bundle FROM device_bundles WHERE user_id = %s AND device_id = %s",
+            "SELECT device_id, bundle FROM device_bundles WHERE user_id = ? AND device_id = ?",
             (user_id, device_id),
         ).fetchall()
     out = []
@@ -237,7 +237,7 @@ def claim(conn: Conn, user_id: int, device_id: str | None, now: float) -> list[C
 
 def device_bundle(conn: Conn, user_id: int, device_id: str) -> bytes | None:
     row = conn.execute(
-        "SELECT bundle FROM device_bundles WHERE user_id = %s AND device_id = %s",
+        "SELECT bundle FROM device_bundles WHERE user_id = ? AND device_id = ?",
         (user_id, device_id),
     ).fetchone()
     return None if row is None else bytes(row[0])
@@ -251,13 +251,13 @@ def create_session(
 ) -> None:
     made = conn.execute(
         "INSERT INTO sessions (family, user_id, device_id, expires, revoked)"
-        " VALUES (%s, %s, %s, %s, false) ON CONFLICT DO NOTHING RETURNING 1",
+        " VALUES (?, ?, ?, ?, false) ON CONFLICT DO NOTHING RETURNING 1",
         (family, user_id, device_id, expires),
     ).fetchone()
     if made is not None:
         made = conn.execute(
             "INSERT INTO refresh_tokens (hash, family, expires, used)"
-            " VALUES (%s, %s, %s, false) ON CONFLICT DO NOTHING RETURNING 1",
+            " VALUES (?, ?, ?, false) ON CONFLICT DO NOTHING RETURNING 1",
             (refresh_hash, family, expires),
         ).fetchone()
     if made is None:  # the op's savepoint undoes the session row
@@ -269,7 +269,7 @@ def rotate_refresh(
 ) -> Session:
     row = conn.execute(
         "SELECT t.family, t.expires, t.used, s.user_id, s.device_id, s.expires, s.revoked"
-        " FROM refresh_tokens t JOIN sessions s ON s.family = t.family WHERE t.hash = %s",
+        " FROM refresh_tokens t JOIN sessions s ON s.family = t.family WHERE t.hash = ?",
         (old_hash,),
     ).fetchone()
     if row is None:
@@ -279,35 +279,35 @@ def rotate_refresh(
         raise TokenRevoked("the refresh token's session is revoked")
     # Exactly one rotation wins, on any process: the guarded UPDATE says which.
     won = not row[2] and conn.execute(
-        "UPDATE refresh_tokens SET used = true WHERE hash = %s AND NOT used RETURNING 1",
+        "UPDATE refresh_tokens SET used = true WHERE hash = ? AND NOT used RETURNING 1",
         (old_hash,),
     ).fetchone() is not None
     if not won:
-        conn.execute("UPDATE sessions SET revoked = true WHERE family = %s", (family,))
+        conn.execute("UPDATE sessions SET revoked = true WHERE family = ?", (family,))
         raise KeepWrites(TokenReuse("refresh token reused: the session is revoked", family))
     if row[1] <= now or row[5] <= now:
         raise TokenUnknown("expired refresh token")  # the savepoint undoes "used"
     if conn.execute(
-        "INSERT INTO refresh_tokens (hash, family, expires, used) VALUES (%s, %s, %s, false)"
+        "INSERT INTO refresh_tokens (hash, family, expires, used) VALUES (?, ?, ?, false)"
         " ON CONFLICT DO NOTHING RETURNING 1",
         (new_hash, family, new_expires),
     ).fetchone() is None:
         raise Conflict("new refresh token already exists")
-    conn.execute("UPDATE sessions SET expires = %s WHERE family = %s", (new_expires, family))
+    conn.execute("UPDATE sessions SET expires = ? WHERE family = ?", (new_expires, family))
     return Session(family, int(row[3]), row[4], new_expires, False)
 
 
 def session(conn: Conn, family: str) -> Session | None:
     row = conn.execute(
-        "SELECT family, user_id, device_id, expires, revoked FROM sessions WHERE family = %s",
+        "SELECT family, user_id, device_id, expires, revoked FROM sessions WHERE family = ?",
         (family,),
     ).fetchone()
     return None if row is None else Session(row[0], int(row[1]), row[2], row[3], bool(row[4]))
 
 
 def revoke_session(conn: Conn, family: str) -> None:
-    conn.execute("UPDATE sessions SET revoked = true WHERE family = %s", (family,))
+    conn.execute("UPDATE sessions SET revoked = true WHERE family = ?", (family,))
 
 
 def revoke_user_sessions(conn: Conn, user_id: int) -> None:
-    conn.execute("UPDATE sessions SET revoked = true WHERE user_id = %s", (user_id,))
+    conn.execute("UPDATE sessions SET revoked = true WHERE user_id = ?", (user_id,))

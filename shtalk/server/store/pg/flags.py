@@ -24,7 +24,7 @@ from shtalk.server.store.flags import COLUMNS, SQLiteFlagStore
 from shtalk.server.store.pg.store import PostgresStore
 
 _COLS = ", ".join(COLUMNS)
-_MARKS = ", ".join(["%s"] * len(COLUMNS))
+_MARKS = ", ".join(["?"] * len(COLUMNS))
 _INSERT = (
     f"INSERT INTO monitor_flags ({_COLS}) VALUES ({_MARKS})"  # noqa: S608
     " ON CONFLICT (id) DO NOTHING RETURNING id"
@@ -32,7 +32,7 @@ _INSERT = (
 _SAME = " AND ".join(f"monitor_flags.{c} = excluded.{c}"
                      for c in ("kind", "subject", "signal", "first"))
 _UPSERT = (
-    f"INSERT INTO monitor_flags (id, {_COLS}) VALUES (%s, {_MARKS})"  # noqa: S608
+    f"INSERT INTO monitor_flags (id, {_COLS}) VALUES (?, {_MARKS})"  # noqa: S608
     " ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS)
     + f" WHERE {_SAME} RETURNING id"
 )
@@ -40,7 +40,7 @@ _SEQ = "pg_get_serial_sequence('monitor_flags', 'id')::regclass"
 #: The sequence moved up to an id, never back (unless another process moved it between
 #: this statement's read and its write: then a later insert only tries once more).
 _PAST = (
-    f"SELECT setval({_SEQ}, %s) WHERE COALESCE(pg_sequence_last_value({_SEQ}), 0) < %s"
+    f"SELECT setval({_SEQ}, ?) WHERE COALESCE(pg_sequence_last_value({_SEQ}), 0) < ?"
 )
 
 
@@ -64,7 +64,7 @@ def save(conn: Any, flag_id: int, row: tuple[Any, ...]) -> int:
 
 
 def delete(conn: Any, flag_id: int) -> None:
-    conn.execute("DELETE FROM monitor_flags WHERE id = %s", (flag_id,))
+    conn.execute("DELETE FROM monitor_flags WHERE id = ?", (flag_id,))
 
 
 class PostgresFlagStore(SQLiteFlagStore):

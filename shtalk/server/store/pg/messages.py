@@ -35,7 +35,7 @@ class Appending(Protocol):
 
 
 SWEEP_SQL = """
-DELETE FROM messages m USING unnest(%s::text[], %s::bigint[], %s::bigint[]) AS r(mailbox, lo, hi)
+DELETE FROM messages m USING unnest(?::text[], ?::bigint[], ?::bigint[]) AS r(mailbox, lo, hi)
 WHERE m.mailbox = r.mailbox AND m.seq > r.lo AND m.seq <= r.hi
   AND NOT EXISTS (
     SELECT 1 FROM cursors c
@@ -49,7 +49,7 @@ WHERE m.mailbox = r.mailbox AND m.seq > r.lo AND m.seq <= r.hi
 
 #: `SWEEP_SQL` for the rows just appended (by seq: index probes, no range join).
 SWEEP_NEW_SQL = """
-DELETE FROM messages m WHERE m.seq = ANY(%s::bigint[])
+DELETE FROM messages m WHERE m.seq = ANY(?::bigint[])
   AND NOT EXISTS (
     SELECT 1 FROM cursors c
     WHERE c.mailbox = m.mailbox AND c.acked_seq < m.seq
@@ -84,7 +84,7 @@ def heads(conn: Conn, mailboxes: Sequence[str]) -> dict[str, int]:
     """The seq of each mailbox's last change (0 if none), without locking."""
     out = dict.fromkeys(mailboxes, 0)
     rows = conn.execute(
-        "SELECT mailbox, seq FROM mailbox_heads WHERE mailbox = ANY(%s)", (list(out),)
+        "SELECT mailbox, seq FROM mailbox_heads WHERE mailbox = ANY(?)", (list(out),)
     )
     for mailbox, seq in rows:
         out[mailbox] = int(seq)
@@ -99,7 +99,7 @@ def lock_heads(conn: Conn, mailboxes: Iterable[str]) -> dict[str, int]:
         return {}
     # Inserted in mailbox order, or locked in that order by the no-op update.
     rows = conn.execute(
-        "INSERT INTO mailbox_heads (mailbox, seq) SELECT unnest(%s::text[]), 0"
+        "INSERT INTO mailbox_heads (mailbox, seq) SELECT unnest(?::text[]), 0"
         " ON CONFLICT (mailbox) DO UPDATE SET seq = mailbox_heads.seq RETURNING mailbox, seq",
         (boxes,),
     ).fetchall()
@@ -111,14 +111,14 @@ def set_heads(conn: Conn, moved: dict[str, int]) -> None:
         boxes = sorted(moved)
         conn.execute(
             "UPDATE mailbox_heads h SET seq = v.seq"
-            " FROM unnest(%s::text[], %s::bigint[]) AS v(mailbox, seq)"
+            " FROM unnest(?::text[], ?::bigint[]) AS v(mailbox, seq)"
             " WHERE h.mailbox = v.mailbox",
             (boxes, [moved[b] for b in boxes]),
         )
 
 
 def take_seqs(conn: Conn, n: int) -> list[int]:
-    rows = conn.execute("SELECT nextval('message_seq') FROM generate_series(1, %s)", (n,))
+    rows = conn.execute("SELECT nextval('message_seq') FROM generate_series(1, ?)", (n,))
     return sorted(int(r[0]) for r in rows)
 
 
@@ -139,7 +139,7 @@ def between(
     rows = conn.execute(
         "SELECT m.seq, m.mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,"
         " m.expires_at, m.target, m.nonce, m.body, m.prev_seq FROM messages m"
-        " WHERE m.mailbox = %s AND m.seq > %s AND m.seq <= %s ORDER BY m.seq",
+        " WHERE m.mailbox = ? AND m.seq > ? AND m.seq <= ? ORDER BY m.seq",
         (mailbox, after, upto),
     ).fetchall()
     return [open_row(row) for row in rows]
@@ -153,7 +153,7 @@ def add_cursors(conn: Conn, user_id: int, mailbox: str) -> None:
     top = lock_heads(conn, [mailbox])[mailbox]
     conn.execute(
         "INSERT INTO cursors (user_id, device_id, mailbox, acked_seq)"
-        " SELECT user_id, device_id, %s, %s FROM devices WHERE user_id = %s"
+        " SELECT user_id, device_id, ?, ? FROM devices WHERE user_id = ?"
         " ON CONFLICT (user_id, device_id, mailbox) DO NOTHING",
         (mailbox, top, user_id),
     )
@@ -162,7 +162,7 @@ def add_cursors(conn: Conn, user_id: int, mailbox: str) -> None:
 def drop_cursors(conn: Conn, user_id: int, mailbox: str, upto: int) -> None:
     """The user's devices stop reading ``mailbox``; what only they held back goes."""
     row = conn.execute(
-        "WITH gone AS (DELETE FROM cursors WHERE user_id = %s AND mailbox = %s"
+        "WITH gone AS (DELETE FROM cursors WHERE user_id = ? AND mailbox = ?"
         " RETURNING acked_seq) SELECT MIN(acked_seq) FROM gone",
         (user_id, mailbox),
     ).fetchone()
@@ -172,7 +172,7 @@ def drop_cursors(conn: Conn, user_id: int, mailbox: str, upto: int) -> None:
 
 def cursor(conn: Conn, user_id: int, device_id: str, mailbox: str) -> int | None:
     row = conn.execute(
-        "SELECT acked_seq FROM cursors WHERE user_id = %s AND device_id = %s AND mailbox = %s",
+        "SELECT acked_seq FROM cursors WHERE user_id = ? AND device_id = ? AND mailbox = ?",
         (user_id, device_id, mailbox),
     ).fetchone()
     return None if row is None else int(row[0])
@@ -182,7 +182,7 @@ def move_cursors(conn: Conn, updates: list[tuple[int, int, str, str, int]]) -> N
     """(seq, user, device, mailbox, seq) rows; a cursor never moves back."""
     conn.execute(
         "UPDATE cursors c SET acked_seq = v.seq"
-        " FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::text[])"
+        " FROM unnest(?::bigint[], ?::bigint[], ?::text[], ?::text[])"
         " AS v(seq, user_id, device_id, mailbox)"
         " WHERE c.user_id = v.user_id AND c.device_id = v.device_id"
         " AND c.mailbox = v.mailbox AND c.acked_seq < v.seq",
@@ -193,7 +193,7 @@ def move_cursors(conn: Conn, updates: list[tuple[int, int, str, str, int]]) -> N
 
 def last_seq_by_mailbox(conn: Conn, seqs: Sequence[int]) -> Iterable[tuple[str, int]]:
     rows = conn.execute(
-        "SELECT mailbox, MAX(seq) FROM messages WHERE seq = ANY(%s) GROUP BY mailbox",
+        "SELECT mailbox, MAX(seq) FROM messages WHERE seq = ANY(?) GROUP BY mailbox",
         (list(seqs),),
     ).fetchall()
     return [(mailbox, int(seq)) for mailbox, seq in rows]
@@ -219,8 +219,8 @@ def _claim(
     ordered = sorted(planned)
     rows = conn.execute(
         "INSERT INTO client_ids (sender_id, sender_device, client_id, seqs, created)"
-        " SELECT a, b, c, s, %s"
-        " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) AS k(a, b, c, s)"
+        " SELECT a, b, c, s, ?"
+        " FROM unnest(?::bigint[], ?::text[], ?::text[], ?::text[]) AS k(a, b, c, s)"
         " ON CONFLICT DO NOTHING RETURNING sender_id, sender_device, client_id",
         (now, [k[0] for k in ordered], [k[1] for k in ordered], [k[2] for k in ordered],
          [planned[k] for k in ordered]),
@@ -231,7 +231,7 @@ def _claim(
     if rest:
         for a, b, c, seqs in conn.execute(
             "SELECT t.sender_id, t.sender_device, t.client_id, t.seqs FROM client_ids t"
-            " JOIN unnest(%s::bigint[], %s::text[], %s::text[]) AS k(a, b, c)"
+            " JOIN unnest(?::bigint[], ?::text[], ?::text[]) AS k(a, b, c)"
             " ON t.sender_id = k.a AND t.sender_device = k.b AND t.client_id = k.c",
             ([k[0] for k in rest], [k[1] for k in rest], [k[2] for k in rest]),
         ):
@@ -329,7 +329,7 @@ def _partners(conn: Conn, wrote: list[tuple[int, int]], partners: list[tuple[int
     if wrote:
         conn.execute(
             "INSERT INTO dm_partners (user_id, partner_id, wrote)"
-            " SELECT a, b, true FROM unnest(%s::bigint[], %s::bigint[]) AS v(a, b)"
+            " SELECT a, b, true FROM unnest(?::bigint[], ?::bigint[]) AS v(a, b)"
             " ON CONFLICT (user_id, partner_id) DO UPDATE SET wrote = true"
             " WHERE NOT dm_partners.wrote",
             ([w[0] for w in wrote], [w[1] for w in wrote]),
@@ -337,7 +337,7 @@ def _partners(conn: Conn, wrote: list[tuple[int, int]], partners: list[tuple[int
     if partners:
         conn.execute(
             "INSERT INTO dm_partners (user_id, partner_id)"
-            " SELECT a, b FROM unnest(%s::bigint[], %s::bigint[]) AS v(a, b)"
+            " SELECT a, b FROM unnest(?::bigint[], ?::bigint[]) AS v(a, b)"
             " ON CONFLICT (user_id, partner_id) DO NOTHING",
             ([p[0] for p in partners], [p[1] for p in partners]),
         )
@@ -347,10 +347,10 @@ PENDING_SQL = """
 SELECT m.seq, m.mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
        m.expires_at, m.target, m.nonce, m.body, m.prev_seq
 FROM cursors c JOIN messages m ON m.mailbox = c.mailbox AND m.seq > c.acked_seq
-WHERE c.user_id = %s AND c.device_id = %s
+WHERE c.user_id = ? AND c.device_id = ?
   AND NOT (m.sender_id = c.user_id AND m.sender_device = c.device_id)
-  AND (m.expires_at IS NULL OR m.expires_at > %s)
-  AND m.ts >= %s
+  AND (m.expires_at IS NULL OR m.expires_at > ?)
+  AND m.ts >= ?
   AND (m.for_all OR EXISTS (
     SELECT 1 FROM message_devices d
     WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id))
@@ -391,14 +391,14 @@ def purge_step(
         conn.execute(sql, params).rowcount
         for sql, params in (
             ("DELETE FROM messages WHERE seq IN (SELECT seq FROM messages"
-             " WHERE expires_at IS NOT NULL AND expires_at <= %s LIMIT %s)", (now, limit)),
-            ("DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE ts < %s"
-             " LIMIT %s)", (cutoff_ms, limit)),
+             " WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)", (now, limit)),
+            ("DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE ts < ?"
+             " LIMIT ?)", (cutoff_ms, limit)),
             ("DELETE FROM client_ids WHERE ctid IN (SELECT ctid FROM client_ids"
-             " WHERE created < %s LIMIT %s)", (forget_before, limit)),
+             " WHERE created < ? LIMIT ?)", (forget_before, limit)),
             # An expired family can no longer rotate; its hashes need not be kept.
             ("DELETE FROM sessions WHERE family IN (SELECT family FROM sessions"
-             " WHERE expires <= %s LIMIT %s)", (now, limit)),
+             " WHERE expires <= ? LIMIT ?)", (now, limit)),
         )
     ]  # fmt: skip
     return int(counts[0]) + int(counts[1]), max(counts) >= limit

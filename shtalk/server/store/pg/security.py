@@ -23,9 +23,9 @@ def put_email_code(
     """Store a new code (replacing the old one) unless one was sent too recently."""
     row = conn.execute(
         "INSERT INTO email_codes (user_id, purpose, code_hash, expires, attempts, sent)"
-        " VALUES (%s, %s, %s, %s, 0, %s) ON CONFLICT (user_id, purpose) DO UPDATE SET"
+        " VALUES (?, ?, ?, ?, 0, ?) ON CONFLICT (user_id, purpose) DO UPDATE SET"
         " code_hash = excluded.code_hash, expires = excluded.expires, attempts = 0,"
-        " sent = excluded.sent WHERE email_codes.sent <= %s RETURNING 1",
+        " sent = excluded.sent WHERE email_codes.sent <= ? RETURNING 1",
         (user_id, purpose, code_hash, expires, now, now - min_interval),
     ).fetchone()
     return row is not None
@@ -37,22 +37,22 @@ def check_email_code(
     # Single use: the code goes, but `sent` must keep limiting mails, so expire it instead.
     used = conn.execute(
         "UPDATE email_codes SET expires = 0, code_hash = ''::bytea"
-        " WHERE user_id = %s AND purpose = %s AND code_hash = %s AND expires > %s"
-        " AND attempts < %s RETURNING 1",
+        " WHERE user_id = ? AND purpose = ? AND code_hash = ? AND expires > ?"
+        " AND attempts < ? RETURNING 1",
         (user_id, purpose, code_hash, now, max_attempts),
     ).fetchone()
     if used is None:
         # The row's `sent` stays, so a failed guess cannot skip the resend wait.
         counted = conn.execute(
             "UPDATE email_codes SET attempts = attempts + 1"
-            " WHERE user_id = %s AND purpose = %s AND expires > %s AND attempts < %s"
+            " WHERE user_id = ? AND purpose = ? AND expires > ? AND attempts < ?"
             " RETURNING 1",
             (user_id, purpose, now, max_attempts),
         ).fetchone()
         return CODE_NONE if counted is None else CODE_WRONG
     if purpose == "verify":
         conn.execute(
-            "UPDATE users SET status = 'active' WHERE id = %s AND status = 'pending'",
+            "UPDATE users SET status = 'active' WHERE id = ? AND status = 'pending'",
             (user_id,),
         )
     return CODE_OK
@@ -69,9 +69,9 @@ def reset_with_code(
 
 def set_password(conn: Conn, user_id: int, pw_hash: bytes) -> list[str]:
     """New password hash; every live session revoked; their families returned."""
-    conn.execute("UPDATE users SET pw_hash = %s WHERE id = %s", (pw_hash, user_id))
+    conn.execute("UPDATE users SET pw_hash = ? WHERE id = ?", (pw_hash, user_id))
     rows = conn.execute(
-        "UPDATE sessions SET revoked = true WHERE user_id = %s AND NOT revoked"
+        "UPDATE sessions SET revoked = true WHERE user_id = ? AND NOT revoked"
         " RETURNING family",
         (user_id,),
     )
@@ -82,14 +82,14 @@ def purge_pending(conn: Conn, cutoff: float) -> int:
     if not try_lock(conn, LOCK_PURGE + ":pending"):
         return 0
     cur = conn.execute(
-        "DELETE FROM users WHERE status = 'pending' AND created < %s", (cutoff,)
+        "DELETE FROM users WHERE status = 'pending' AND created < ?", (cutoff,)
     )
     return int(cur.rowcount)
 
 
 def totp(conn: Conn, user_id: int) -> TotpRecord | None:
     row = conn.execute(
-        "SELECT sealed, enabled, last_step FROM totp WHERE user_id = %s", (user_id,)
+        "SELECT sealed, enabled, last_step FROM totp WHERE user_id = ?", (user_id,)
     ).fetchone()
     if row is None:
         return None
@@ -100,7 +100,7 @@ def put_pending_totp(conn: Conn, user_id: int, sealed: bytes, now: float) -> boo
     """A new, not yet confirmed secret; False if TOTP is already enabled."""
     row = conn.execute(
         "INSERT INTO totp (user_id, sealed, enabled, last_step, created)"
-        " VALUES (%s, %s, false, 0, %s)"
+        " VALUES (?, ?, false, 0, ?)"
         " ON CONFLICT (user_id) DO UPDATE SET sealed = excluded.sealed, enabled = false,"
         " last_step = 0, created = excluded.created WHERE NOT totp.enabled RETURNING 1",
         (user_id, sealed, now),
@@ -110,8 +110,8 @@ def put_pending_totp(conn: Conn, user_id: int, sealed: bytes, now: float) -> boo
 
 def enable_totp(conn: Conn, user_id: int, step: int, code_hashes: list[bytes]) -> bool:
     row = conn.execute(
-        "UPDATE totp SET enabled = true, last_step = %s WHERE user_id = %s AND NOT enabled"
-        " AND last_step < %s RETURNING 1",
+        "UPDATE totp SET enabled = true, last_step = ? WHERE user_id = ? AND NOT enabled"
+        " AND last_step < ? RETURNING 1",
         (step, user_id, step),
     ).fetchone()
     if row is None:
@@ -121,11 +121,11 @@ def enable_totp(conn: Conn, user_id: int, step: int, code_hashes: list[bytes]) -
 
 
 def replace_recovery(conn: Conn, user_id: int, code_hashes: list[bytes]) -> None:
-    conn.execute("DELETE FROM recovery_codes WHERE user_id = %s", (user_id,))
+    conn.execute("DELETE FROM recovery_codes WHERE user_id = ?", (user_id,))
     if code_hashes:
         conn.execute(
             "INSERT INTO recovery_codes (user_id, code_hash)"
-            " SELECT %s, unnest(%s::bytea[]) ON CONFLICT DO NOTHING",
+            " SELECT ?, unnest(?::bytea[]) ON CONFLICT DO NOTHING",
             (user_id, code_hashes),
         )
 
@@ -133,7 +133,7 @@ def replace_recovery(conn: Conn, user_id: int, code_hashes: list[bytes]) -> None
 def accept_step(conn: Conn, user_id: int, step: int) -> bool:
     """Record ``step`` as used; False if it (or a later one) was accepted before."""
     row = conn.execute(
-        "UPDATE totp SET last_step = %s WHERE user_id = %s AND enabled AND last_step < %s"
+        "UPDATE totp SET last_step = ? WHERE user_id = ? AND enabled AND last_step < ?"
         " RETURNING 1",
         (step, user_id, step),
     ).fetchone()
@@ -142,19 +142,19 @@ def accept_step(conn: Conn, user_id: int, step: int) -> bool:
 
 def use_recovery(conn: Conn, user_id: int, code_hash: bytes) -> bool:
     row = conn.execute(
-        "DELETE FROM recovery_codes WHERE user_id = %s AND code_hash = %s RETURNING 1",
+        "DELETE FROM recovery_codes WHERE user_id = ? AND code_hash = ? RETURNING 1",
         (user_id, code_hash),
     ).fetchone()
     return row is not None
 
 
 def disable_totp(conn: Conn, user_id: int) -> None:
-    conn.execute("DELETE FROM totp WHERE user_id = %s", (user_id,))
-    conn.execute("DELETE FROM recovery_codes WHERE user_id = %s", (user_id,))
+    conn.execute("DELETE FROM totp WHERE user_id = ?", (user_id,))
+    conn.execute("DELETE FROM recovery_codes WHERE user_id = ?", (user_id,))
 
 
 def recovery_left(conn: Conn, user_id: int) -> int:
     row = conn.execute(
-        "SELECT count(*) FROM recovery_codes WHERE user_id = %s", (user_id,)
+        "SELECT count(*) FROM recovery_codes WHERE user_id = ?", (user_id,)
     ).fetchone()
     return int(row[0])

@@ -34,8 +34,10 @@ from zope.interface import implementer
 from shtalk.server.eserver import CorruptStore, StoreClosed, StoreError
 from shtalk.server.iserver import IStore
 from shtalk.server.store.facade import ACK_DELAY, SWEEP_INTERVAL, LaneStore
-from shtalk.server.store.pg import accounts, messages, rooms, schema, security
+from shtalk.server.store.pg import accounts, messages, schema, security
+from shtalk.server.store.pg.conn import PgConn
 from shtalk.server.store.pg.writer import PgGroupCommit, PgLink
+from shtalk.server.store.sql import rooms
 from shtalk.sqlitethread import SQLiteThread
 
 log = Logger()
@@ -122,7 +124,7 @@ class PostgresStore(LaneStore):
 
         def prepare() -> int:
             with connect(self._url) as conn:
-                version = schema.migrate(conn, self.path)
+                version = schema.migrate(PgConn(conn), self.path)
             self._pool = ConnectionPool(
                 self._url, min_size=1, max_size=self._readers, open=False,
                 kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
@@ -196,7 +198,7 @@ class PostgresStore(LaneStore):
     def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._pool is not None
         with self._pool.connection() as conn:
-            return fn(conn, *args)
+            return fn(PgConn(conn), *args)
 
     def _read(self, fn: Callable[Concatenate[Any, P], T], *args: P.args,
               **kwargs: P.kwargs) -> Deferred[T]:

@@ -24,6 +24,7 @@ import psycopg
 
 from shtalk.server.store.acks import AckingGroupCommit
 from shtalk.server.store.groupcommit import Engine, Op, Outcomes, run_ops
+from shtalk.server.store.pg.conn import PgConn
 
 #: Times a batch is run again after a deadlock or serialization failure.
 RETRIES = 5
@@ -79,7 +80,7 @@ class PgGroupCommit(AckingGroupCommit):
     def run_batch(self, link: PgLink, ops: list[Op]) -> Outcomes:  # type: ignore[override]
         for attempt in range(RETRIES + 1):
             try:
-                return run_ops(link.get(), ops, POSTGRES)
+                return run_ops(PgConn(link.get()), ops, POSTGRES)
             except psycopg.Error as e:
                 # Class 40 (deadlock, serialization failure): nothing of it was kept.
                 if attempt == RETRIES or not (e.sqlstate or "").startswith("40"):

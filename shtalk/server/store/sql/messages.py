@@ -60,15 +60,16 @@ def add_cursors(conn: Conn, user_id: int, mailbox: str) -> None:
     )
 
 
-def drop_cursors(conn: Conn, user_id: int, mailbox: str) -> None:
-    """The user's devices stop reading ``mailbox``; what only they held back goes."""
+def drop_cursors(conn: Conn, user_id: int, mailbox: str, upto: int) -> None:
+    """The user's devices stop reading ``mailbox``; what only they held back (up to
+    ``upto``, the seq of their leaving) goes."""
     lowest = conn.execute(
         "SELECT MIN(acked_seq) FROM cursors WHERE user_id = ? AND mailbox = ?",
         (user_id, mailbox),
     ).fetchone()[0]
     conn.execute("DELETE FROM cursors WHERE user_id = ? AND mailbox = ?", (user_id, mailbox))
     if lowest is not None:
-        sweep(conn, mailbox, int(lowest), top_seq(conn))
+        sweep(conn, mailbox, int(lowest), upto)
 
 
 def cursor(conn: Conn, user_id: int, device_id: str, mailbox: str) -> int | None:
