@@ -34,10 +34,10 @@ from zope.interface import implementer
 from shtalk.server.eserver import CorruptStore, StoreClosed, StoreError
 from shtalk.server.iserver import IStore
 from shtalk.server.store.facade import ACK_DELAY, SWEEP_INTERVAL, LaneStore
-from shtalk.server.store.pg import accounts, messages, schema, security
+from shtalk.server.store.pg import accounts, messages, schema
 from shtalk.server.store.pg.conn import PgConn
 from shtalk.server.store.pg.writer import PgGroupCommit, PgLink
-from shtalk.server.store.sql import rooms
+from shtalk.server.store.sql import rooms, security
 from shtalk.sqlitethread import SQLiteThread
 
 log = Logger()
