@@ -29,6 +29,9 @@ class PgDialect(Dialect):
     """Several processes write: chains and cursors under the mailbox heads' locks,
     store-wide work under advisory locks, a list bound as one array."""
 
+    for_update = " FOR UPDATE"
+    skip_locked = True
+
     def link(self, conn: Any, mailbox: str) -> ChainLink:
         return messages.link(conn, mailbox)
 

@@ -6,7 +6,7 @@ with ``?`` placeholders, in the part of SQL both engines accept.  What really di
 is a few steps, asked of the connection's `Dialect`: how a mailbox's chain takes a new
 link and its readers' cursors (SQLite's one writer against PostgreSQL's locked heads),
 the store-wide locks of work one process at a time should do, and how a list of values
-is matched.
+is matched, and the row locks that only PostgreSQL needs and spells.
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ from shtalk.server.store.sql.common import chunks, marks
 
 class Dialect:
     """SQLite's steps (one writer, one process); `dialect` finds a connection's."""
+
+    #: Appended to a SELECT whose rows must stay as read until the transaction ends
+    #: (SQLite's one writer holds the whole database already).
+    for_update = ""
+    #: Whether takers of one-time keys skip the rows others are taking (PostgreSQL's
+    #: ``FOR UPDATE SKIP LOCKED``) rather than look again after losing one.
+    skip_locked = False
 
     def link(self, conn: Any, mailbox: str) -> ChainLink:
         """A seq for a change of ``mailbox`` that is not a message, in its chain."""
