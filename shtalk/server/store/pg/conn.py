@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 from shtalk.server.store.pg import messages
 from shtalk.server.store.pg.schema import try_lock
-from shtalk.server.store.records import ChainLink
-from shtalk.server.store.sql.dialect import Dialect
+from shtalk.server.store.sql.dialect import Chain, Dialect
 
 
 @lru_cache(maxsize=1024)
@@ -29,17 +28,10 @@ class PgDialect(Dialect):
     """Several processes write: chains and cursors under the mailbox heads' locks,
     store-wide work under advisory locks, a list bound as one array."""
 
+    chain = cast(Chain, messages)
     for_update = " FOR UPDATE"
     skip_locked = True
-
-    def link(self, conn: Any, mailbox: str) -> ChainLink:
-        return messages.link(conn, mailbox)
-
-    def add_cursors(self, conn: Any, user_id: int, mailbox: str) -> None:
-        messages.add_cursors(conn, user_id, mailbox)
-
-    def drop_cursors(self, conn: Any, user_id: int, mailbox: str, upto: int) -> None:
-        messages.drop_cursors(conn, user_id, mailbox, upto)
+    row_id = "ctid"
 
     def try_lock(self, conn: Any, use: str) -> bool:
         return try_lock(conn, use)

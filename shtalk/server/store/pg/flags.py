@@ -1,7 +1,8 @@
 """The monitoring's flags on PostgreSQL: `IFlagStore` for the processes of a cluster.
 
 The rows and their sealing are those of SQLite (`shtalk.server.store.flags`: the same
-`FlagSeal`, so ``shtalk-admin port-db`` copies the sealed evidence as it is).  Each call
+`FlagSeal`, so ``shtalk-admin port-db`` copies the sealed evidence as it is), and so
+are the statements that load and delete them; only a save differs.  Each call
 is one op of the PostgreSQL store's lanes (a save or a delete in the writer's group
 commit, a load on a reader), so no SQL runs on the reactor thread.
 
@@ -44,10 +45,6 @@ _PAST = (
 )
 
 
-def load(conn: Any) -> list[tuple[Any, ...]]:
-    return list(conn.execute(f"SELECT id, {_COLS} FROM monitor_flags ORDER BY id"))  # noqa: S608
-
-
 def save(conn: Any, flag_id: int, row: tuple[Any, ...]) -> int:
     """Insert (``flag_id`` 0: a new id) or update; a given id not stored yet is inserted
     under that id (an import), one holding another flag gets a new id."""
@@ -63,18 +60,12 @@ def save(conn: Any, flag_id: int, row: tuple[Any, ...]) -> int:
             return int(found[0])
 
 
-def delete(conn: Any, flag_id: int) -> None:
-    conn.execute("DELETE FROM monitor_flags WHERE id = ?", (flag_id,))
-
-
 class PostgresFlagStore(SQLiteFlagStore):
     """`IFlagStore` on the PostgreSQL store's lanes (``PostgresFlagStore(store,
     storage_key)``: the data directory's storage key, as for the store itself)."""
 
     store: PostgresStore
-    _load = staticmethod(load)
     _save = staticmethod(save)
-    _delete = staticmethod(delete)
 
     def __init__(self, store: PostgresStore, storage_key: bytes) -> None:
         super().__init__(store, storage_key)

@@ -14,24 +14,40 @@ Why it looks like this:
   head of the mailbox, never behind a message still being committed elsewhere.
 * Deleting what every reader acknowledged is a ranged sweep (as on SQLite); sweeps of
   the whole store and purges run in one process at a time (an advisory lock).
+
+The reads (pending, between, heads, cursors) and the purge are SQLite's statements
+(`shtalk.server.store.sql.messages`), run through `shtalk.server.store.pg.conn.PgConn`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from shtalk.server.store.mailbox import inbox_owner
-from shtalk.server.store.pg.schema import LOCK_PURGE, LOCK_SWEEP, try_lock
+from shtalk.server.store.pg.schema import LOCK_SWEEP, try_lock
 from shtalk.server.store.records import AppendResult, ChainLink, NewMessage, StoredMessage
 from shtalk.server.store.sealing import encode_envelopes
+from shtalk.server.store.sql.messages import (
+    Appending,
+    between,
+    cursor,
+    heads,
+    last_seq_by_mailbox,
+    pending,
+    purge_step,
+    queued,
+    stats,
+    unswept,
+)
+
+__all__ = [
+    "add_cursors", "append_many", "between", "cursor", "drop_cursors", "heads",
+    "last_seq_by_mailbox", "link", "lock_heads", "move_cursors", "pending", "purge_step",
+    "queued", "stats", "sweep", "sweep_all",
+]  # fmt: skip
 
 Conn = Any  # psycopg.Connection, in the writer thread or a reader of the pool
-
-
-class Appending(Protocol):
-    message: NewMessage
-    now: float
 
 
 SWEEP_SQL = """
@@ -80,17 +96,6 @@ def sweep_ranges(conn: Conn, ranges: dict[str, tuple[int, int]]) -> int:
 # --- chains --------------------------------------------------------------------------
 
 
-def heads(conn: Conn, mailboxes: Sequence[str]) -> dict[str, int]:
-    """The seq of each mailbox's last change (0 if none), without locking."""
-    out = dict.fromkeys(mailboxes, 0)
-    rows = conn.execute(
-        "SELECT mailbox, seq FROM mailbox_heads WHERE mailbox = ANY(?)", (list(out),)
-    )
-    for mailbox, seq in rows:
-        out[mailbox] = int(seq)
-    return out
-
-
 def lock_heads(conn: Conn, mailboxes: Iterable[str]) -> dict[str, int]:
     """Lock the heads of these mailboxes (in mailbox order) until the transaction ends;
     their seqs.  Nobody else adds to them meanwhile."""
@@ -133,18 +138,6 @@ def link(conn: Conn, mailbox: str) -> ChainLink:
 
 
 
-def between(
-    conn: Conn, mailbox: str, after: int, upto: int, open_row: Callable[[Any], StoredMessage]
-) -> list[StoredMessage]:
-    rows = conn.execute(
-        "SELECT m.seq, m.mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,"
-        " m.expires_at, m.target, m.nonce, m.body, m.prev_seq FROM messages m"
-        " WHERE m.mailbox = ? AND m.seq > ? AND m.seq <= ? ORDER BY m.seq",
-        (mailbox, after, upto),
-    ).fetchall()
-    return [open_row(row) for row in rows]
-
-
 # --- cursors ----------------------------------------------------------------------------
 
 
@@ -170,14 +163,6 @@ def drop_cursors(conn: Conn, user_id: int, mailbox: str, upto: int) -> None:
         sweep(conn, mailbox, int(row[0]), upto)
 
 
-def cursor(conn: Conn, user_id: int, device_id: str, mailbox: str) -> int | None:
-    row = conn.execute(
-        "SELECT acked_seq FROM cursors WHERE user_id = ? AND device_id = ? AND mailbox = ?",
-        (user_id, device_id, mailbox),
-    ).fetchone()
-    return None if row is None else int(row[0])
-
-
 def move_cursors(conn: Conn, updates: list[tuple[int, int, str, str, int]]) -> None:
     """(seq, user, device, mailbox, seq) rows; a cursor never moves back."""
     conn.execute(
@@ -189,14 +174,6 @@ def move_cursors(conn: Conn, updates: list[tuple[int, int, str, str, int]]) -> N
         ([u[0] for u in updates], [u[1] for u in updates], [u[2] for u in updates],
          [u[3] for u in updates]),
     )
-
-
-def last_seq_by_mailbox(conn: Conn, seqs: Sequence[int]) -> Iterable[tuple[str, int]]:
-    rows = conn.execute(
-        "SELECT mailbox, MAX(seq) FROM messages WHERE seq = ANY(?) GROUP BY mailbox",
-        (list(seqs),),
-    ).fetchall()
-    return [(mailbox, int(seq)) for mailbox, seq in rows]
 
 
 # --- appends ----------------------------------------------------------------------------
@@ -343,80 +320,9 @@ def _partners(conn: Conn, wrote: list[tuple[int, int]], partners: list[tuple[int
         )
 
 
-PENDING_SQL = """
-SELECT m.seq, m.mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-       m.expires_at, m.target, m.nonce, m.body, m.prev_seq
-FROM cursors c JOIN messages m ON m.mailbox = c.mailbox AND m.seq > c.acked_seq
-WHERE c.user_id = ? AND c.device_id = ?
-  AND NOT (m.sender_id = c.user_id AND m.sender_device = c.device_id)
-  AND (m.expires_at IS NULL OR m.expires_at > ?)
-  AND m.ts >= ?
-  AND (m.for_all OR EXISTS (
-    SELECT 1 FROM message_devices d
-    WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id))
-ORDER BY m.seq
-"""
-
-
-def pending(
-    conn: Conn, user_id: int, device_id: str, now: float, cutoff_ms: int,
-    open_row: Callable[[Any], StoredMessage],
-) -> list[StoredMessage]:
-    rows = conn.execute(PENDING_SQL, (user_id, device_id, now, cutoff_ms)).fetchall()
-    return [open_row(row) for row in rows]
-
-
 def sweep_all(conn: Conn) -> int:
-    """Sweep every mailbox up to its furthest cursor (at start-up; one process at a time)."""
+    """Sweep every mailbox up to its furthest cursor (at start-up; one process at a
+    time), in one statement."""
     if not try_lock(conn, LOCK_SWEEP):
         return 0
-    rows = conn.execute(
-        "SELECT m.mailbox, MIN(m.seq), (SELECT MAX(c.acked_seq) FROM cursors c"
-        " WHERE c.mailbox = m.mailbox) FROM messages m GROUP BY m.mailbox"
-    ).fetchall()
-    return sweep_ranges(conn, {
-        mailbox: (int(lo) - 1, int(hi)) for mailbox, lo, hi in rows
-        if hi is not None and hi >= lo
-    })  # fmt: skip
-
-
-def purge_step(
-    conn: Conn, now: float, cutoff_ms: int, forget_before: float, limit: int
-) -> tuple[int, bool]:
-    """Delete up to ``limit`` rows of each kind; (messages deleted, more left?).  Another
-    process purging meanwhile: nothing, none left (it does the work)."""
-    if not try_lock(conn, LOCK_PURGE):
-        return 0, False
-    counts = [
-        conn.execute(sql, params).rowcount
-        for sql, params in (
-            ("DELETE FROM messages WHERE seq IN (SELECT seq FROM messages"
-             " WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)", (now, limit)),
-            ("DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE ts < ?"
-             " LIMIT ?)", (cutoff_ms, limit)),
-            ("DELETE FROM client_ids WHERE ctid IN (SELECT ctid FROM client_ids"
-             " WHERE created < ? LIMIT ?)", (forget_before, limit)),
-            # An expired family can no longer rotate; its hashes need not be kept.
-            ("DELETE FROM sessions WHERE family IN (SELECT family FROM sessions"
-             " WHERE expires <= ? LIMIT ?)", (now, limit)),
-        )
-    ]  # fmt: skip
-    return int(counts[0]) + int(counts[1]), max(counts) >= limit
-
-
-def queued(conn: Conn) -> int:
-    return int(conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
-
-
-TABLES = (
-    "users", "devices", "sessions", "refresh_tokens", "rooms", "members", "invites",
-    "dm_partners", "messages", "message_devices", "cursors", "client_ids", "mailbox_heads",
-)  # fmt: skip
-
-
-def stats(conn: Conn) -> dict[str, int]:
-    # Table names come from the constant above, never from input.
-    return {
-        t: int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])  # noqa: S608
-        for t in TABLES
-    }
+    return sweep_ranges(conn, unswept(conn))

@@ -17,14 +17,14 @@ from __future__ import annotations
 from typing import Any
 
 from shtalk.server.eserver import CorruptStore
+from shtalk.server.store.sql.dialect import LOCK_PURGE as LOCK_PURGE
+from shtalk.server.store.sql.dialect import LOCK_SWEEP as LOCK_SWEEP
 
 #: "shtk": the first key of the store's advisory locks; the second hashes the schema
 #: and the use, so stores in different schemas of one database do not exclude each other.
 LOCK_CLASS = 0x7368746B
 LOCK_KEY = "hashtext(current_schema() || ?)"
 LOCK_MIGRATE = ":migrate"
-LOCK_PURGE = ":purge"
-LOCK_SWEEP = ":sweep"
 
 
 def try_lock(conn: Any, use: str) -> bool:

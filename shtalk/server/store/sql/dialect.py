@@ -12,37 +12,46 @@ is matched, and the row locks that only PostgreSQL needs and spells.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from shtalk.server.store.records import ChainLink
-from shtalk.server.store.sql import messages
 from shtalk.server.store.sql.common import chunks, marks
+
+#: The store-wide locks (`Dialect.try_lock`) of the work one process at a time does.
+LOCK_PURGE = ":purge"
+LOCK_PURGE_PENDING = ":purge:pending"
+LOCK_SWEEP = ":sweep"
+
+
+class Chain(Protocol):
+    """How a mailbox's chain takes a change that is not a message, and how readers
+    join and leave it (a module of these functions: SQLite's `shtalk.server.store.sql.
+    messages`, PostgreSQL's under the heads' locks)."""
+
+    def link(self, conn: Any, mailbox: str) -> ChainLink: ...
+
+    def add_cursors(self, conn: Any, user_id: int, mailbox: str) -> None: ...
+
+    def drop_cursors(self, conn: Any, user_id: int, mailbox: str, upto: int) -> None: ...
 
 
 class Dialect:
-    """SQLite's steps (one writer, one process); `dialect` finds a connection's."""
+    """SQLite's (one writer, one process); `dialect` finds a connection's."""
 
+    #: The chain steps; None: the shared module's own (SQLite's).
+    chain: Chain | None = None
     #: Appended to a SELECT whose rows must stay as read until the transaction ends
     #: (SQLite's one writer holds the whole database already).
     for_update = ""
     #: Whether takers of one-time keys skip the rows others are taking (PostgreSQL's
     #: ``FOR UPDATE SKIP LOCKED``) rather than look again after losing one.
     skip_locked = False
-
-    def link(self, conn: Any, mailbox: str) -> ChainLink:
-        """A seq for a change of ``mailbox`` that is not a message, in its chain."""
-        return messages.link(conn, mailbox)
-
-    def add_cursors(self, conn: Any, user_id: int, mailbox: str) -> None:
-        """The user's devices read ``mailbox`` from its head on (no history)."""
-        messages.add_cursors(conn, user_id, mailbox)
-
-    def drop_cursors(self, conn: Any, user_id: int, mailbox: str, upto: int) -> None:
-        """The user's devices stop reading ``mailbox``; what only they held back goes."""
-        messages.drop_cursors(conn, user_id, mailbox, upto)
+    #: The column naming a row of a table without a key of one column.
+    row_id = "rowid"
 
     def try_lock(self, conn: Any, use: str) -> bool:
-        """Whether this transaction may do the store-wide work ``use`` (one process)."""
+        """Whether this transaction may do the store-wide work ``use`` (one process at
+        a time; SQLite's store has one)."""
         return True
 
     def any_of(self, column: str, values: Sequence[Any]) -> Iterator[tuple[str, tuple[Any, ...]]]:

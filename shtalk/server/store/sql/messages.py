@@ -16,7 +16,8 @@ from typing import Any, Protocol
 from shtalk.server.store.mailbox import inbox_owner
 from shtalk.server.store.records import AppendResult, ChainLink, NewMessage, StoredMessage
 from shtalk.server.store.sealing import encode_envelopes
-from shtalk.server.store.sql.common import CHUNK, Conn, chunks, marks, top_seq
+from shtalk.server.store.sql.common import CHUNK, Conn, chunks, top_seq
+from shtalk.server.store.sql.dialect import LOCK_PURGE, dialect
 
 
 class Appending(Protocol):
@@ -93,21 +94,18 @@ def move_cursors(conn: Conn, updates: list[tuple[int, int, str, str, int]]) -> N
 
 def last_seq_by_mailbox(conn: Conn, seqs: Sequence[int]) -> Iterable[tuple[str, int]]:
     """(mailbox, highest of ``seqs`` stored in it), for seqs still stored."""
-    for chunk in chunks(seqs):
-        sql = (
-            "SELECT mailbox, MAX(seq) FROM messages"  # noqa: S608 (only ?s)
-            f" WHERE seq IN ({marks(len(chunk))}) GROUP BY mailbox"
-        )
-        for mailbox, seq in conn.execute(sql, tuple(chunk)):
+    for matches, params in dialect(conn).any_of("seq", seqs):
+        sql = f"SELECT mailbox, MAX(seq) FROM messages WHERE {matches} GROUP BY mailbox"  # noqa: S608
+        for mailbox, seq in conn.execute(sql, params).fetchall():
             yield mailbox, int(seq)
 
 
 def heads(conn: Conn, mailboxes: Sequence[str]) -> dict[str, int]:
     """The seq of each mailbox's last change (0 if none)."""
     out = dict.fromkeys(mailboxes, 0)
-    for chunk in chunks(sorted(out)):
-        sql = f"SELECT mailbox, seq FROM mailbox_heads WHERE mailbox IN ({marks(len(chunk))})"  # noqa: S608
-        for mailbox, seq in conn.execute(sql, tuple(chunk)):
+    for matches, params in dialect(conn).any_of("mailbox", sorted(out)):
+        sql = f"SELECT mailbox, seq FROM mailbox_heads WHERE {matches}"  # noqa: S608
+        for mailbox, seq in conn.execute(sql, params):
             out[mailbox] = int(seq)
     return out
 
@@ -274,7 +272,7 @@ WHERE c.user_id = ? AND c.device_id = ?
   AND NOT (m.sender_id = c.user_id AND m.sender_device = c.device_id)
   AND (m.expires_at IS NULL OR m.expires_at > ?)
   AND m.ts >= ?
-  AND (m.for_all = 1 OR EXISTS (
+  AND (m.for_all OR EXISTS (
     SELECT 1 FROM message_devices d
     WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id))
 ORDER BY m.seq
@@ -289,23 +287,32 @@ def pending(
     return [open_row(row) for row in rows]
 
 
-def sweep_all(conn: Conn) -> int:
-    """Sweep every mailbox over all it holds up to its furthest cursor (at start-up)."""
-    deleted = 0
+def unswept(conn: Conn) -> dict[str, tuple[int, int]]:
+    """Per mailbox, the range (lo, hi] from its oldest message to its furthest cursor:
+    all a sweep of the whole store has to look at."""
     rows = conn.execute(
         "SELECT m.mailbox, MIN(m.seq), (SELECT MAX(c.acked_seq) FROM cursors c"
         " WHERE c.mailbox = m.mailbox) FROM messages m GROUP BY m.mailbox"
     ).fetchall()
-    for mailbox, lo, hi in rows:
-        if hi is not None and hi >= lo:
-            deleted += sweep(conn, mailbox, int(lo) - 1, int(hi))
-    return deleted
+    return {
+        mailbox: (int(lo) - 1, int(hi)) for mailbox, lo, hi in rows
+        if hi is not None and hi >= lo
+    }  # fmt: skip
+
+
+def sweep_all(conn: Conn) -> int:
+    """Sweep every mailbox over all it holds up to its furthest cursor (at start-up)."""
+    return sum(sweep(conn, mailbox, lo, hi) for mailbox, (lo, hi) in unswept(conn).items())
 
 
 def purge_step(
     conn: Conn, now: float, cutoff_ms: int, forget_before: float, limit: int
 ) -> tuple[int, bool]:
-    """Delete up to ``limit`` rows of each kind; return (messages deleted, more left?)."""
+    """Delete up to ``limit`` rows of each kind; return (messages deleted, more left?).
+    Another process purging meanwhile: nothing, none left (it does the work)."""
+    d = dialect(conn)
+    if not d.try_lock(conn, LOCK_PURGE):
+        return 0, False
     expired = conn.execute(
         "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages"
         " WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)",
@@ -316,8 +323,8 @@ def purge_step(
         (cutoff_ms, limit),
     ).rowcount
     forgotten = conn.execute(
-        "DELETE FROM client_ids WHERE rowid IN"
-        " (SELECT rowid FROM client_ids WHERE created < ? LIMIT ?)",
+        f"DELETE FROM client_ids WHERE {d.row_id} IN"  # noqa: S608 (a constant)
+        f" (SELECT {d.row_id} FROM client_ids WHERE created < ? LIMIT ?)",
         (forget_before, limit),
     ).rowcount
     # An expired family can no longer rotate; its hashes need not be kept.

@@ -9,15 +9,20 @@ applies a kick before any message committed after it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from shtalk.server.eserver import Conflict
 from shtalk.server.store.mailbox import room_mailbox
 from shtalk.server.store.records import ChainLink, Member, Room
+from shtalk.server.store.sql import messages
 from shtalk.server.store.sql.common import Conn, exists
-from shtalk.server.store.sql.dialect import dialect
+from shtalk.server.store.sql.dialect import Chain, dialect
 
 ROOM = "SELECT r.id, r.name, r.key, r.owner_id, r.invite_only, r.created FROM rooms r"
+
+
+def _chain(conn: Conn) -> Chain:
+    return dialect(conn).chain or cast(Chain, messages)
 
 
 def room(row: Any) -> Room:
@@ -39,7 +44,7 @@ def create_room(
         "INSERT INTO members (room_id, user_id, role, joined) VALUES (?, ?, 'owner', ?)",
         (room_id, owner_id, now),
     )
-    dialect(conn).add_cursors(conn, owner_id, room_mailbox(room_id))
+    _chain(conn).add_cursors(conn, owner_id, room_mailbox(room_id))
     return Room(room_id, name, key, owner_id, invite_only, now)
 
 
@@ -81,7 +86,7 @@ def members(conn: Conn, room_id: int) -> list[Member]:
 
 
 def add_member(conn: Conn, room_id: int, user_id: int, role: str, now: float) -> ChainLink:
-    chain = dialect(conn)
+    chain = _chain(conn)
     changed = chain.link(conn, room_mailbox(room_id))
     conn.execute(
         "INSERT INTO members (room_id, user_id, role, joined) VALUES (?, ?, ?, ?)"
@@ -93,7 +98,7 @@ def add_member(conn: Conn, room_id: int, user_id: int, role: str, now: float) ->
 
 
 def remove_member(conn: Conn, room_id: int, user_id: int) -> ChainLink:
-    chain = dialect(conn)
+    chain = _chain(conn)
     changed = chain.link(conn, room_mailbox(room_id))
     conn.execute("DELETE FROM members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
     conn.execute("DELETE FROM invites WHERE room_id = ? AND user_id = ?", (room_id, user_id))

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 from shtalk.server.store.records import CODE_NONE, CODE_OK, CODE_WRONG, TotpRecord
 from shtalk.server.store.sql.common import Conn
-from shtalk.server.store.sql.dialect import dialect
-
-#: The store-wide lock of the purge of unverified accounts (one process at a time).
-LOCK_PURGE_PENDING = ":purge:pending"
+from shtalk.server.store.sql.dialect import LOCK_PURGE_PENDING, dialect
 
 
 def put_email_code(
