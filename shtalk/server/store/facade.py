@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
-from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from shtalk.server.eserver import StoreClosed
@@ -129,6 +129,32 @@ class LaneStore:
     def run_write(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """The write lane (the same group commit), for those parts."""
         return self._write(fn, *args)
+
+    def close(self) -> Deferred[None]:
+        """Refuse new work, let queued writes commit, close; a second close() waits
+        for the first."""
+        if not self._is_open():
+            return succeed(None)
+        if self._closing is not None:
+            waiter: Deferred[None] = Deferred()
+            self._closing.append(waiter)
+            return waiter
+        self._closing = []
+
+        def done(result: object) -> object:
+            waiters, self._closing = self._closing or [], None
+            for w in waiters:
+                w.callback(None)
+            return result
+
+        return self._shut_down().addBoth(done).addCallback(lambda _: None)
+
+    def _is_open(self) -> bool:
+        raise NotImplementedError
+
+    def _shut_down(self) -> Deferred[Any]:
+        """The engine's closing steps; the last one closes its connections."""
+        raise NotImplementedError
 
     def _release_open_waiters(self, error: Exception | None) -> None:
         waiters, self._open_waiters = self._open_waiters or [], None

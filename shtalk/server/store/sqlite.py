@@ -27,7 +27,7 @@ from functools import partial
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -144,16 +144,12 @@ class SQLiteStore(LaneStore):
         d.addCallbacks(opened, failed)
         return d
 
-    def close(self) -> Deferred[None]:
-        """Refuse new work, let queued writes commit, checkpoint, close."""
-        if self._wpool is None:
-            return succeed(None)
-        if self._closing is not None:  # a second close() waits for the first
-            waiter: Deferred[None] = Deferred()
-            self._closing.append(waiter)
-            return waiter
-        self._closing = []
-        d = self._writes.close()
+    def _is_open(self) -> bool:
+        return self._wpool is not None
+
+    def _shut_down(self) -> Deferred[Any]:
+        """Let queued writes commit, checkpoint, close."""
+        d: Deferred[Any] = self._writes.close()
 
         def checkpoint(_: object) -> Deferred[None]:
             self._rpool.close()
@@ -165,17 +161,13 @@ class SQLiteStore(LaneStore):
         def stop_writer(result: object) -> object:
             return self._writes.stop().addCallback(lambda _: result)
 
-        def done(result: object) -> object:
+        def close_pools(result: object) -> object:
             self._close_pools()
-            waiters, self._closing = self._closing or [], None
-            for w in waiters:
-                w.callback(None)
             return result
 
         d.addCallback(checkpoint)
         d.addBoth(stop_writer)
-        d.addBoth(done)
-        return d.addCallback(lambda _: None)
+        return d.addBoth(close_pools)
 
     def _close_pools(self) -> None:
         for pool in (self._rpool, self._wpool):

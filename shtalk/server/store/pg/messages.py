@@ -29,6 +29,7 @@ from shtalk.server.store.pg.schema import LOCK_SWEEP, try_lock
 from shtalk.server.store.records import AppendResult, ChainLink, NewMessage, StoredMessage
 from shtalk.server.store.sealing import encode_envelopes
 from shtalk.server.store.sql.messages import (
+    NOT_HELD,
     Appending,
     between,
     cursor,
@@ -50,30 +51,15 @@ __all__ = [
 Conn = Any  # psycopg.Connection, in the writer thread or a reader of the pool
 
 
-SWEEP_SQL = """
-DELETE FROM messages m USING unnest(?::text[], ?::bigint[], ?::bigint[]) AS r(mailbox, lo, hi)
-WHERE m.mailbox = r.mailbox AND m.seq > r.lo AND m.seq <= r.hi
-  AND NOT EXISTS (
-    SELECT 1 FROM cursors c
-    WHERE c.mailbox = m.mailbox AND c.acked_seq < m.seq
-      AND NOT (c.user_id = m.sender_id AND c.device_id = m.sender_device)
-      AND (m.for_all OR EXISTS (
-        SELECT 1 FROM message_devices d
-        WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id)))
-"""
-
+#: SQLite's sweep (`NOT_HELD`) of several mailboxes' ranges in one statement.
+SWEEP_SQL = (
+    "DELETE FROM messages m"  # noqa: S608 (constants)
+    " USING unnest(?::text[], ?::bigint[], ?::bigint[]) AS r(mailbox, lo, hi)"
+    f" WHERE m.mailbox = r.mailbox AND m.seq > r.lo AND m.seq <= r.hi AND {NOT_HELD}"
+)
 
 #: `SWEEP_SQL` for the rows just appended (by seq: index probes, no range join).
-SWEEP_NEW_SQL = """
-DELETE FROM messages m WHERE m.seq = ANY(?::bigint[])
-  AND NOT EXISTS (
-    SELECT 1 FROM cursors c
-    WHERE c.mailbox = m.mailbox AND c.acked_seq < m.seq
-      AND NOT (c.user_id = m.sender_id AND c.device_id = m.sender_device)
-      AND (m.for_all OR EXISTS (
-        SELECT 1 FROM message_devices d
-        WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id)))
-"""
+SWEEP_NEW_SQL = f"DELETE FROM messages m WHERE m.seq = ANY(?::bigint[]) AND {NOT_HELD}"  # noqa: S608
 
 
 def sweep(conn: Conn, mailbox: str, lo: int, hi: int) -> int:

@@ -157,16 +157,12 @@ class PostgresStore(LaneStore):
         d = deferToThreadPool(self._reactor, self._threads, prepare)
         return d.addCallbacks(opened, failed)
 
-    def close(self) -> Deferred[None]:
-        """Refuse new work, let queued writes commit, close the connections."""
-        if self._threads is None:
-            return succeed(None)
-        if self._closing is not None:  # a second close() waits for the first
-            waiter: Deferred[None] = Deferred()
-            self._closing.append(waiter)
-            return waiter
-        self._closing = []
-        d = self._writes.close() if self._writes.started else succeed(None)
+    def _is_open(self) -> bool:
+        return self._threads is not None
+
+    def _shut_down(self) -> Deferred[Any]:
+        """Let queued writes commit, stop the writer, close the connections."""
+        d: Deferred[Any] = self._writes.close() if self._writes.started else succeed(None)
 
         def stop(result: object) -> Deferred[None]:
             return self._writes.stop().addCallback(lambda _: None)
@@ -179,14 +175,11 @@ class PostgresStore(LaneStore):
             return deferToThreadPool(self._reactor, self._threads, pool.close).addBoth(
                 lambda _: result)
 
-        def done(result: object) -> object:
+        def stop_threads(result: object) -> object:
             self._stop_threads()
-            waiters, self._closing = self._closing or [], None
-            for w in waiters:
-                w.callback(None)
             return result
 
-        return d.addBoth(stop).addBoth(close_pool).addBoth(done).addCallback(lambda _: None)
+        return d.addBoth(stop).addBoth(close_pool).addBoth(stop_threads)
 
     def _stop_threads(self) -> None:
         pool, self._pool = self._pool, None

@@ -27,18 +27,20 @@ class Appending(Protocol):
     now: float
 
 
-SWEEP_SQL = """
-DELETE FROM messages WHERE seq IN (
-  SELECT m.seq FROM messages m
-  WHERE m.mailbox = ? AND m.seq > ? AND m.seq <= ?
-    AND NOT EXISTS (
-      SELECT 1 FROM cursors c
-      WHERE c.mailbox = m.mailbox AND c.acked_seq < m.seq
-        AND NOT (c.user_id = m.sender_id AND c.device_id = m.sender_device)
-        AND (m.for_all = 1 OR EXISTS (
-          SELECT 1 FROM message_devices d
-          WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id))))
-"""
+#: The message ``m`` no device waits for any more: every cursor of its mailbox is past
+#: it, or is the sender's own device, or is one the message has no envelope for.
+NOT_HELD = """NOT EXISTS (
+    SELECT 1 FROM cursors c
+    WHERE c.mailbox = m.mailbox AND c.acked_seq < m.seq
+      AND NOT (c.user_id = m.sender_id AND c.device_id = m.sender_device)
+      AND (m.for_all OR EXISTS (
+        SELECT 1 FROM message_devices d
+        WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id)))"""
+
+SWEEP_SQL = (
+    "DELETE FROM messages WHERE seq IN (SELECT m.seq FROM messages m"  # noqa: S608 (constants)
+    f" WHERE m.mailbox = ? AND m.seq > ? AND m.seq <= ? AND {NOT_HELD})"
+)
 
 
 def sweep(conn: Conn, mailbox: str, lo: int, hi: int) -> int:
