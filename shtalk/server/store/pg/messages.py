@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from shtalk.server.store.mailbox import inbox_owner
 from shtalk.server.store.pg.schema import LOCK_SWEEP, try_lock
 from shtalk.server.store.records import AppendResult, ChainLink, NewMessage, StoredMessage
 from shtalk.server.store.sealing import encode_envelopes
@@ -36,10 +35,12 @@ from shtalk.server.store.sql.messages import (
     heads,
     last_seq_by_mailbox,
     pending,
+    place,
     purge_step,
     queued,
     stats,
     unswept,
+    written_to,
 )
 
 __all__ = [
@@ -244,24 +245,12 @@ def append_many(
         for mailbox, seq in zip(m.mailboxes, planned[key], strict=True):
             prev, chain[mailbox] = chain[mailbox], seq
             moved[mailbox] = seq
-            nonce, body = seal(mailbox, m, plain)
-            rows.append((
-                seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-                m.expires_at, m.target, for_all, nonce, body, prev,
-            ))  # fmt: skip
-            if not for_all and m.envelopes:
-                device_rows.extend((seq, uid, dev) for uid, dev in m.envelopes)
+            stored.append(place(m, mailbox, seq, prev, plain, for_all, seal, rows, device_rows))
             seq_mailbox[seq] = mailbox
-            stored.append(StoredMessage(
-                seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-                m.expires_at, m.target, m.envelope, dict(m.envelopes), prev,
-            ))  # fmt: skip
         known[key] = planned[key]
-        if m.target.startswith("user:"):
-            for p in {inbox_owner(mb) for mb in m.mailboxes} - {m.sender_id, None}:
-                assert p is not None
-                wrote.add((m.sender_id, p))
-                partners.add((p, m.sender_id))
+        for p in written_to(m):
+            wrote.add((m.sender_id, p))
+            partners.add((p, m.sender_id))
         stored_by_op[i] = AppendResult(planned[key], duplicate=False, messages=tuple(stored))
     if rows:
         with conn.cursor().copy(COPY_MESSAGES) as copy:

@@ -148,6 +148,33 @@ def between(
     return [open_row(row) for row in rows]
 
 
+def place(
+    m: NewMessage, mailbox: str, seq: int, prev: int, plain: bytes, for_all: object,
+    seal: Callable[[str, NewMessage, bytes], tuple[bytes, bytes]],
+    rows: list[tuple[object, ...]], device_rows: list[tuple[int, int, str]],
+) -> StoredMessage:
+    """Add the row of ``m`` in ``mailbox`` (its envelopes sealed for that mailbox) and
+    the rows of the devices it has an envelope for; return the message as stored."""
+    nonce, body = seal(mailbox, m, plain)
+    rows.append((
+        seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
+        m.expires_at, m.target, for_all, nonce, body, prev,
+    ))  # fmt: skip
+    if not for_all and m.envelopes:
+        device_rows.extend((seq, uid, dev) for uid, dev in m.envelopes)
+    return StoredMessage(
+        seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
+        m.expires_at, m.target, m.envelope, dict(m.envelopes), prev,
+    )  # fmt: skip
+
+
+def written_to(m: NewMessage) -> set[int]:
+    """The users a direct message is written to, its sender aside (none for a room's)."""
+    if not m.target.startswith("user:"):
+        return set()
+    return {p for p in map(inbox_owner, m.mailboxes) if p is not None and p != m.sender_id}
+
+
 def append_many(
     conn: Conn,
     ops: Sequence[Appending],
@@ -197,33 +224,18 @@ def append_many(
             seq = top
             prev = chain[mailbox]
             chain[mailbox] = moved[mailbox] = seq
-            nonce, body = seal(mailbox, m, plain)
-            rows.append((
-                seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-                m.expires_at, m.target, for_all, nonce, body, prev,
-            ))  # fmt: skip
-            if not for_all and m.envelopes:
-                device_rows.extend((seq, uid, dev) for uid, dev in m.envelopes)
+            stored.append(place(m, mailbox, seq, prev, plain, for_all, seal, rows, device_rows))
             lo_hi = ranges.get(mailbox)
             ranges[mailbox] = (seq - 1, seq) if lo_hi is None else (lo_hi[0], seq)
             seq_mailbox[seq] = mailbox
             seqs.append(seq)
-            stored.append(
-                StoredMessage(
-                    seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-                    m.expires_at, m.target, m.envelope, dict(m.envelopes), prev,
-                )
-            )  # fmt: skip
         known[key] = tuple(seqs)
         client_rows.append(
             (m.sender_id, m.sender_device, m.client_id, ",".join(map(str, seqs)), op.now)
         )
-        if m.target.startswith("user:"):
-            partners = {
-                p for p in map(inbox_owner, m.mailboxes) if p is not None and p != m.sender_id
-            }
-            wrote_rows.extend((m.sender_id, p) for p in partners)
-            partner_rows.extend((p, m.sender_id) for p in partners)
+        partners = written_to(m)
+        wrote_rows.extend((m.sender_id, p) for p in partners)
+        partner_rows.extend((p, m.sender_id) for p in partners)
         results.append(AppendResult(tuple(seqs), duplicate=False, messages=tuple(stored)))
     if rows:
         conn.executemany(
