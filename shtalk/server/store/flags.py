@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from shtalk.server.ishared import IFlagStore
 from shtalk.server.store.records import Flag
-from shtalk.server.store.sql.common import Conn
+from shtalk.server.store.sql.common import Conn, SQLiteConn
 
 log = Logger()
 
@@ -87,7 +87,7 @@ def load(conn: Conn) -> list[tuple[Any, ...]]:
     return list(conn.execute(f"SELECT id, {cols} FROM monitor_flags ORDER BY id"))  # noqa: S608
 
 
-def save(conn: Conn, flag_id: int, row: tuple[Any, ...]) -> int:
+def save(conn: SQLiteConn, flag_id: int, row: tuple[Any, ...]) -> int:
     """Insert (``flag_id`` 0: a new id) or update; a given id not stored yet is inserted
     under that id (an import)."""
     cols = ", ".join(COLUMNS)

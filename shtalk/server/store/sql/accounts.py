@@ -12,7 +12,7 @@ from shtalk.server.eserver import Conflict
 from shtalk.server.store.mailbox import user_mailbox
 from shtalk.server.store.records import User
 from shtalk.server.store.sealing import EmailSeal
-from shtalk.server.store.sql.common import Conn
+from shtalk.server.store.sql.common import Conn, SQLiteConn
 from shtalk.server.store.sql.dialect import dialect
 
 USER = "SELECT id, name, key, pw_hash, status, created FROM users"
@@ -90,7 +90,7 @@ def delete_account(conn: Conn, user_id: int, dummy_hash: bytes) -> bool:
     return True
 
 
-def seal_clear_emails(conn: Conn, seal: EmailSeal) -> int:
+def seal_clear_emails(conn: SQLiteConn, seal: EmailSeal) -> int:
     """Seal every address still stored in clear (one IMMEDIATE transaction; SQLite
     only: PostgreSQL never held one)."""
     conn.execute("BEGIN IMMEDIATE")
