@@ -208,8 +208,7 @@ class RedisBus(Service):
                 self.chains.add(mailbox, room_of(mailbox) is not None)
                 fresh.append(mailbox)
         if fresh:
-            d = self.subscriptions.add([self.channel(mb) for mb in fresh])
-            d.addTimeout(ATTACH_TIMEOUT, self.clock)
+            d = self._within(self.subscriptions.add([self.channel(mb) for mb in fresh]))
             d.addErrback(self._unconfirmed)
             started = d.addCallback(lambda _: self._start(fresh, since))
             for mb in fresh:
@@ -217,6 +216,27 @@ class RedisBus(Service):
             started.addBoth(self._started, fresh, started)
         waits = [self._starting[mb] for mb in wait_for if mb in self._starting]
         return gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
+
+    def _within(self, confirmed: Deferred[Any]) -> Deferred[Any]:
+        """``confirmed``'s outcome, or a TimeoutError after `ATTACH_TIMEOUT`.  The
+        subscriptions' own Deferred is never cancelled: it stays theirs, and fires (and
+        is consumed here) whenever Redis confirms."""
+        out: Deferred[Any] = Deferred()
+
+        def expire() -> None:
+            if not out.called:
+                out.errback(TimeoutError("Redis did not confirm the subscriptions"))
+
+        timer = self.clock.callLater(ATTACH_TIMEOUT, expire)
+
+        def done(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not out.called:
+                out.callback(result)  # a Failure goes on as one
+
+        confirmed.addBoth(done)
+        return out
 
     @staticmethod
     def _unconfirmed(failure: Any) -> None:

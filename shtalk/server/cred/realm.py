@@ -67,11 +67,19 @@ class ChatRealm:
             yield parts.monitor.preload(user.id)
         # Subscribed (across processes: confirmed) before the backlog is read, so every
         # message is either in it or delivered live.
-        yield parts.bus.attach(user.id)
-        avatar = ChatUser(parts, user, device_id, family, mind)
-        first = yield parts.presence.attach(user.id, device_id, mind)
+        try:
+            yield parts.bus.attach(user.id)
+            avatar = ChatUser(parts, user, device_id, family, mind)
+            first = yield parts.presence.attach(user.id, device_id, mind)
+        except BaseException:
+            parts.bus.detach(user.id)  # counted by attach: a failed login holds nothing
+            raise
         if first:
-            yield parts.audience.announce_presence(user.id, True)
+            try:
+                yield parts.audience.announce_presence(user.id, True)
+            except Exception:
+                # The login stands (the device is registered); contacts learn it later.
+                log.failure("announcing an online user")
 
         def logout() -> None:
             parts.bus.detach(user.id)

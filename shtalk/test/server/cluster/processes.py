@@ -25,7 +25,7 @@ from shtalk.server.chat.rooms import Rooms
 from shtalk.server.chat.users import Users
 from shtalk.server.cluster.bus import RedisBus
 from shtalk.server.store.mailbox import room_mailbox
-from shtalk.server.store.records import ChainLink, Member, Room, StoredMessage
+from shtalk.server.store.records import ChainLink, Member, Room, StoredMessage, User
 
 REDIS = ("127.0.0.1", 6379)
 REDIS_URL = f"redis://{REDIS[0]}:{REDIS[1]}/0"
@@ -93,6 +93,10 @@ class ChainStore:
     def messages_between(self, mailbox: str, after: int, upto: int) -> Deferred[Any]:
         self.reads += 1
         return succeed([m for m in self.messages.get(mailbox, []) if after < m.seq <= upto])
+
+    def users_by_ids(self, user_ids: Any) -> Deferred[dict[int, User]]:
+        return succeed({u: User(u, self.names.get(u, f"u{u}"), f"u{u}", b"", "active", 0.0)
+                        for u in user_ids})
 
     def members(self, room_id: int) -> Deferred[list[Member]]:
         return succeed([Member(u, self.names.get(u, f"u{u}"), r)

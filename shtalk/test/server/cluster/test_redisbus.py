@@ -241,14 +241,16 @@ class RedisDownTests(unittest.TestCase):
     the store still have every message) instead of hanging."""
 
     def test_attach_goes_on_without_confirmation(self) -> Any:
-        from twisted.internet.task import Clock
+        from twisted.internet.testing import MemoryReactorClock
 
         from shtalk.server.cluster.bus import ATTACH_TIMEOUT
 
         store = ChainStore()
-        clock = Clock()
+        # Connections that never complete, on a reactor of the test's own: nothing is
+        # left trying to reach a Redis once the test is over.
+        clock = MemoryReactorClock()
         p = Process(store, random_prefix(), "node-x")
-        p.bus = RedisBus(p.local, store, p.rooms, clock, reactor,  # type: ignore[arg-type]
+        p.bus = RedisBus(p.local, store, p.rooms, clock, clock,  # type: ignore[arg-type]
                          "redis://127.0.0.1:1/0", "x:", "node-x", 0.05, 5.0)
         p.bus.startService()
         self.addCleanup(p.bus.stopService)
