@@ -3,8 +3,8 @@
 Why a base class: each IStore method is one op on the write lane (the group commit)
 or one read on a reader, given the engine's module of SQL and the records it returns;
 only the life cycle (open, close) and the lanes themselves differ between engines.  A
-subclass sets the modules (``_accounts`` ... ``_messages``), the group-commit class,
-and implements `_read`, `_write`, `open` and `close`.
+subclass replaces the SQL modules it has its own of (``_devices``, ``_messages``), and
+gives its group-commit class, `_read`, `_write`, `open` and its shutdown steps.
 """
 
 from __future__ import annotations
@@ -33,6 +33,15 @@ from shtalk.server.store.records import (
     User,
 )  # fmt: skip
 from shtalk.server.store.sealing import EmailSeal, EnvelopeSeal
+from shtalk.server.store.sql import (
+    accounts,
+    devices,
+    messages,
+    prekeys,
+    rooms,
+    security,
+    sessions,
+)  # fmt: skip
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -62,14 +71,15 @@ class AppendOp(GroupedOp):
 class LaneStore:
     """The IStore methods, each one op on the engine's write lane or one read."""
 
-    # The engine's SQL, one module per group of tables (same functions on every engine).
-    _accounts: Any
-    _devices: Any
-    _prekeys: Any
-    _sessions: Any
-    _rooms: Any
-    _messages: Any
-    _security: Any
+    # The SQL, one module per group of tables: the shared modules, unless an engine
+    # brings its own (the same functions).
+    _accounts: Any = accounts
+    _devices: Any = devices
+    _prekeys: Any = prekeys
+    _sessions: Any = sessions
+    _rooms: Any = rooms
+    _messages: Any = messages
+    _security: Any = security
     #: The group commit the engine's writer runs.
     _commit: type[AckingGroupCommit] = AckingGroupCommit
 

@@ -40,15 +40,7 @@ from shtalk.server.store import connections, schema
 from shtalk.server.store.facade import ACK_DELAY, SWEEP_INTERVAL, LaneStore
 from shtalk.server.store.schema import check_database_file
 from shtalk.server.store.sealing import EnvelopeDecryptError
-from shtalk.server.store.sql import (
-    accounts,
-    devices,
-    messages,
-    prekeys,
-    rooms,
-    security,
-    sessions,
-)  # fmt: skip
+from shtalk.server.store.sql import accounts, messages
 from shtalk.server.store.sql.common import Conn
 from shtalk.sqlitethread import SQLiteThread
 
@@ -65,14 +57,6 @@ READERS = 3
 @implementer(IStore)
 class SQLiteStore(LaneStore):
     """IStore on one SQLite file.  The constructor does no I/O; open() does."""
-
-    _accounts = accounts
-    _devices = devices
-    _prekeys = prekeys
-    _sessions = sessions
-    _rooms = rooms
-    _messages = messages
-    _security = security
 
     def __init__(
         self,

@@ -21,15 +21,16 @@ The reads (pending, between, heads, cursors) and the purge are SQLite's statemen
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from shtalk.server.store.pg.schema import LOCK_SWEEP, try_lock
-from shtalk.server.store.records import AppendResult, ChainLink, NewMessage, StoredMessage
+from shtalk.server.store.records import AppendResult, ChainLink, StoredMessage
 from shtalk.server.store.sealing import encode_envelopes
 from shtalk.server.store.sql.messages import (
     NOT_HELD,
     Appending,
+    Seal,
     between,
     cursor,
     heads,
@@ -206,7 +207,7 @@ def _claim(
 def append_many(
     conn: Conn,
     ops: Sequence[Appending],
-    seal: Callable[[str, NewMessage, bytes], tuple[bytes, bytes]],
+    seal: Seal,
     seq_mailbox: dict[int, str],
 ) -> list[AppendResult]:
     """Store a run of appends: one lock, one claim, one COPY per table (writer thread).

@@ -37,7 +37,6 @@ from shtalk.server.store.facade import ACK_DELAY, SWEEP_INTERVAL, LaneStore
 from shtalk.server.store.pg import devices, messages, schema
 from shtalk.server.store.pg.conn import PgConn
 from shtalk.server.store.pg.writer import PgGroupCommit, PgLink
-from shtalk.server.store.sql import accounts, prekeys, rooms, security, sessions
 from shtalk.sqlitethread import SQLiteThread
 
 log = Logger()
@@ -90,13 +89,8 @@ def check_database(url: str) -> int:
 class PostgresStore(LaneStore):
     """IStore on PostgreSQL.  The constructor does no I/O; open() does."""
 
-    _accounts = accounts
     _devices = devices
-    _prekeys = prekeys
-    _sessions = sessions
-    _rooms = rooms
     _messages = messages
-    _security = security
     _commit = PgGroupCommit
 
     def __init__(

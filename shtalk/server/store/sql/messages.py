@@ -19,6 +19,9 @@ from shtalk.server.store.sealing import encode_envelopes
 from shtalk.server.store.sql.common import CHUNK, Conn, chunks, top_seq
 from shtalk.server.store.sql.dialect import LOCK_PURGE, dialect
 
+#: Seals a message's envelopes for one mailbox: (nonce, body).
+Seal = Callable[[str, NewMessage, bytes], tuple[bytes, bytes]]
+
 
 class Appending(Protocol):
     """An append waiting in the writer's queue."""
@@ -149,8 +152,7 @@ def between(
 
 
 def place(
-    m: NewMessage, mailbox: str, seq: int, prev: int, plain: bytes, for_all: object,
-    seal: Callable[[str, NewMessage, bytes], tuple[bytes, bytes]],
+    m: NewMessage, mailbox: str, seq: int, prev: int, plain: bytes, for_all: object, seal: Seal,
     rows: list[tuple[object, ...]], device_rows: list[tuple[int, int, str]],
 ) -> StoredMessage:
     """Add the row of ``m`` in ``mailbox`` (its envelopes sealed for that mailbox) and
@@ -178,7 +180,7 @@ def written_to(m: NewMessage) -> set[int]:
 def append_many(
     conn: Conn,
     ops: Sequence[Appending],
-    seal: Callable[[str, NewMessage, bytes], tuple[bytes, bytes]],
+    seal: Seal,
     seq_mailbox: dict[int, str],
 ) -> list[AppendResult]:
     """Store a run of appends with one statement per table (writer thread).
