@@ -25,6 +25,7 @@ from shtalk.server.datadir import DataDir
 from shtalk.server.store import schema as sqlite_schema
 from shtalk.server.store.flags import COLUMNS as FLAG_COLUMNS
 from shtalk.server.store.pg import schema as pg_schema
+from shtalk.server.store.pg.conn import PgConn
 from shtalk.server.store.pg.store import connect, redact
 from shtalk.server.store.sealing import EmailSeal
 
@@ -116,7 +117,7 @@ def port(data_dir: str, url: str, out: TextIO) -> int:
     where = redact(url)
     try:
         with connect(url) as dst:
-            pg_schema.migrate(dst, where)
+            pg_schema.migrate(PgConn(dst), where)
             total = _copy(src, dst, where, emails, out)
     except psycopg.Error as e:
         raise PortError(f"{where}: {' '.join(str(e).split())[:300]}") from None

@@ -1,4 +1,4 @@
-"""ICodeStore on SQLite: the account-security SQL run through the store's lanes.
+"""ICodeStore on either engine: the account-security SQL run through the store's lanes.
 
 Why a part of its own: the tables of emailed codes, TOTP and recovery codes are used
 only by account security (``shtalk.server.accounts.security``), so they are reached as
@@ -27,7 +27,7 @@ class _Lanes(Protocol):
 
 @implementer(ICodeStore)
 class SQLiteCodeStore:
-    """Also PostgreSQL's, given that engine's module of the same functions as ``sql``."""
+    """Both engines' (the SQL is one module, `shtalk.server.store.sql.security`)."""
 
     def __init__(self, store: _Lanes, sql: ModuleType = security) -> None:
         self.store = store

@@ -13,7 +13,7 @@ import os
 import sqlite3
 
 from shtalk.server.store.schema import check_database_file
-from shtalk.server.store.sql.common import Conn
+from shtalk.server.store.sql.common import SQLiteConn as Conn
 from shtalk.sqlitefiles import tighten_modes
 
 

@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from shtalk.server.ishared import IFlagStore
 from shtalk.server.store.records import Flag
-from shtalk.server.store.sql.common import Conn
+from shtalk.server.store.sql.common import Conn, SQLiteConn
 
 log = Logger()
 
@@ -87,7 +87,7 @@ def load(conn: Conn) -> list[tuple[Any, ...]]:
     return list(conn.execute(f"SELECT id, {cols} FROM monitor_flags ORDER BY id"))  # noqa: S608
 
 
-def save(conn: Conn, flag_id: int, row: tuple[Any, ...]) -> int:
+def save(conn: SQLiteConn, flag_id: int, row: tuple[Any, ...]) -> int:
     """Insert (``flag_id`` 0: a new id) or update; a given id not stored yet is inserted
     under that id (an import)."""
     cols = ", ".join(COLUMNS)
@@ -116,20 +116,28 @@ class _Lanes(Protocol):
 
 @implementer(IFlagStore)
 class SQLiteFlagStore:
-    """`IFlagStore` on the SQLite store's lanes (``SQLiteFlagStore(store, storage_key)``)."""
+    """`IFlagStore` on the SQLite store's lanes (``SQLiteFlagStore(store, storage_key)``).
+
+    Another engine's flag store is this class with that engine's ``_load``, ``_save``
+    and ``_delete`` (the rows and their sealing are the same)."""
+
+    _load = staticmethod(load)
+    _save = staticmethod(save)
+    _delete = staticmethod(delete)
 
     def __init__(self, store: _Lanes, storage_key: bytes) -> None:
         self.store = store
         self.seal = FlagSeal(storage_key)
 
     def load_flags(self) -> Deferred[list[Flag]]:
-        d: Deferred[list[tuple[Any, ...]]] = self.store.run_read(load)
+        d: Deferred[list[tuple[Any, ...]]] = self.store.run_read(self._load)
         return d.addCallback(lambda rows: [self.seal.flag(int(r[0]), r[1:]) for r in rows])
 
     def save_flag(self, flag: Flag) -> Deferred[int]:
-        d: Deferred[int] = self.store.run_write(save, flag.id, self.seal.row(flag))
+        # Sealed here, on the reactor: the op queued holds bytes the monitor cannot change.
+        d: Deferred[int] = self.store.run_write(self._save, flag.id, self.seal.row(flag))
         return d
 
     def delete_flag(self, flag_id: int) -> Deferred[None]:
-        d: Deferred[None] = self.store.run_write(delete, flag_id)
+        d: Deferred[None] = self.store.run_write(self._delete, flag_id)
         return d

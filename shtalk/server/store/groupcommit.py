@@ -54,14 +54,29 @@ class GroupedOp:
 # --- the batch (runs in the writer thread) -----------------------------------
 
 
-def _fatal(e: Exception) -> bool:
-    """I/O-level errors (disk full, corruption) fail the whole batch, not one op."""
-    return isinstance(e, sqlite3.DatabaseError) and not isinstance(
-        e, sqlite3.IntegrityError | sqlite3.ProgrammingError
-    )
+class Engine:
+    """What running a batch needs to know of the database: how its transaction
+    begins, which errors fail the whole batch, whether a transaction is open.
+    This one is SQLite's; another engine's writer brings its own."""
+
+    begin = "BEGIN IMMEDIATE"
+
+    @staticmethod
+    def fatal(e: Exception) -> bool:
+        """I/O-level errors (disk full, corruption) fail the whole batch, not one op."""
+        return isinstance(e, sqlite3.DatabaseError) and not isinstance(
+            e, sqlite3.IntegrityError | sqlite3.ProgrammingError
+        )
+
+    @staticmethod
+    def in_transaction(conn: Any) -> bool:
+        return bool(conn.in_transaction)
 
 
-def _run_one(conn: Conn, op: Op, outcomes: Outcomes) -> None:
+SQLITE = Engine()
+
+
+def _run_one(conn: Any, op: Op, outcomes: Outcomes, engine: Engine) -> None:
     """Run ``op`` in a savepoint of its own, so it can fail alone."""
     conn.execute("SAVEPOINT op")
     try:
@@ -70,7 +85,7 @@ def _run_one(conn: Conn, op: Op, outcomes: Outcomes) -> None:
         conn.execute("RELEASE op")
         outcomes.append((False, e.error))
     except Exception as e:
-        if _fatal(e):
+        if engine.fatal(e):
             raise
         conn.execute("ROLLBACK TO op")
         conn.execute("RELEASE op")
@@ -80,35 +95,35 @@ def _run_one(conn: Conn, op: Op, outcomes: Outcomes) -> None:
         outcomes.append((True, result))
 
 
-def _run_group(conn: Conn, group: list[GroupedOp], outcomes: Outcomes) -> None:
+def _run_group(conn: Any, group: list[GroupedOp], outcomes: Outcomes, engine: Engine) -> None:
     """A run of grouped ops: one savepoint, few statements for all of them.
 
     They are not refused (a duplicate append is an answer, not an error); should the
     group fail anyway, it is undone and every op retried in its own savepoint.
     """
     if len(group) == 1:
-        _run_one(conn, group[0], outcomes)
+        _run_one(conn, group[0], outcomes, engine)
         return
     conn.execute("SAVEPOINT appends")
     try:
         results = group[0].run_many(conn, group)
     except Exception as e:
-        if _fatal(e):
+        if engine.fatal(e):
             raise
         conn.execute("ROLLBACK TO appends")
         conn.execute("RELEASE appends")
         for op in group:
-            _run_one(conn, op, outcomes)
+            _run_one(conn, op, outcomes, engine)
         return
     conn.execute("RELEASE appends")
     outcomes.extend((True, r) for r in results)
 
 
-def _run_batch(conn: Conn, ops: list[Op]) -> Outcomes:
+def run_ops(conn: Any, ops: list[Op], engine: Engine) -> Outcomes:
     """One transaction for all queued ops; each in a savepoint so it can fail alone
     (consecutive grouped ops share one, see _run_group)."""
     outcomes: Outcomes = []
-    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(engine.begin)
     try:
         group: list[GroupedOp] = []
         for op in ops:
@@ -116,17 +131,22 @@ def _run_batch(conn: Conn, ops: list[Op]) -> Outcomes:
                 group.append(op)
                 continue
             if group:
-                _run_group(conn, group, outcomes)
+                _run_group(conn, group, outcomes, engine)
                 group = []
-            _run_one(conn, op, outcomes)
+            _run_one(conn, op, outcomes, engine)
         if group:
-            _run_group(conn, group, outcomes)
+            _run_group(conn, group, outcomes, engine)
         conn.execute("COMMIT")
     except BaseException:
-        if conn.in_transaction:
+        if engine.in_transaction(conn):
             conn.execute("ROLLBACK")
         raise
     return outcomes
+
+
+def _run_batch(conn: Conn, ops: list[Op]) -> Outcomes:
+    """A batch on SQLite."""
+    return run_ops(conn, ops, SQLITE)
 
 
 def _call_run_batch(conn: Conn, ops: list[Op]) -> Outcomes:

@@ -14,19 +14,20 @@ Why it looks like this:
 * ``secure_delete`` zeroes what is deleted; the files are private (0600)
   (`shtalk.server.store.connections`).
 
-This module is the facade: the life cycle (open, migrate, close) and the IStore
-methods, each one op on the write lane or one read on a reader.
+This module is the life cycle (open, migrate, close) and the two lanes; the IStore
+methods, each one op on the write lane or one read on a reader, are the engines'
+shared `shtalk.server.store.facade.LaneStore`.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -36,25 +37,10 @@ from zope.interface import implementer
 from shtalk.server.eserver import CorruptStore, StoreClosed, StoreError
 from shtalk.server.iserver import IStore
 from shtalk.server.store import connections, schema
-from shtalk.server.store.acks import AckingGroupCommit, CursorBook
-from shtalk.server.store.codes import SQLiteCodeStore
-from shtalk.server.store.groupcommit import GroupedOp
-from shtalk.server.store.records import (
-    AppendResult,
-    ChainLink,
-    ClaimedBundle,
-    Device,
-    Member,
-    NewMessage,
-    OneTimeKey,
-    Room,
-    Session,
-    StoredMessage,
-    User,
-)
+from shtalk.server.store.facade import ACK_DELAY, SWEEP_INTERVAL, LaneStore
 from shtalk.server.store.schema import check_database_file
-from shtalk.server.store.sealing import EmailSeal, EnvelopeDecryptError, EnvelopeSeal
-from shtalk.server.store.sql import accounts, devices, messages, prekeys, rooms, sessions
+from shtalk.server.store.sealing import EnvelopeDecryptError
+from shtalk.server.store.sql import accounts, messages
 from shtalk.server.store.sql.common import Conn
 from shtalk.sqlitethread import SQLiteThread
 
@@ -66,30 +52,10 @@ P = ParamSpec("P")
 
 #: Reader connections (pending() and lookups run concurrently with the writer).
 READERS = 3
-#: Rows deleted per purge step (one op in a group commit).
-PURGE_STEP = 2000
-#: Seconds between sweeps deleting acknowledged messages (0: in every ack op).
-SWEEP_INTERVAL = 0.5
-#: Seconds an ack waits, when the writer is idle, for a transaction to ride on.
-ACK_DELAY = 0.005
-
-
-class _AppendOp(GroupedOp):
-    """An append queued for the writer; consecutive ones are stored together."""
-
-    __slots__ = ("message", "now", "store")
-
-    def __init__(self, store: SQLiteStore, message: NewMessage, now: float) -> None:
-        self.store = store
-        self.message = message
-        self.now = now
-
-    def run_many(self, conn: Conn, group: Sequence[Any]) -> list[object]:
-        return cast(list[object], self.store._append_many(conn, group))
 
 
 @implementer(IStore)
-class SQLiteStore:
+class SQLiteStore(LaneStore):
     """IStore on one SQLite file.  The constructor does no I/O; open() does."""
 
     def __init__(
@@ -102,40 +68,9 @@ class SQLiteStore:
         sweep_interval: float = SWEEP_INTERVAL,
         ack_delay: float = ACK_DELAY,
     ) -> None:
-        if len(storage_key) != 32:
-            raise ValueError("storage_key must be 32 bytes (AES-256)")
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
-
-            reactor = global_reactor
-        self.path = path
-        self.retention = float(retention)
-        self._reactor: Any = reactor
-        self._clock: IReactorTime = clock if clock is not None else reactor
-        self._seal = EnvelopeSeal(storage_key, path)
-        self.emails = EmailSeal(storage_key)
-        self.codes = SQLiteCodeStore(self)
+        super().__init__(path, storage_key, clock, reactor, retention, sweep_interval, ack_delay)
         self._wpool: Any = None
         self._rpool: Any = None
-        # Writer thread only: what it remembers between transactions.
-        self._book = CursorBook()
-        self._writes = AckingGroupCommit(self._clock, self._book, ack_delay, sweep_interval)
-        # While open() runs: what arrived early, run once it is open (or failed with it).
-        self._open_waiters: list[Deferred[None]] | None = None
-        self._closing: list[Deferred[None]] | None = None
-
-    # Group-commit figures and settings, for tests and benchmarks.
-    write_transactions = property(lambda self: int(self._writes.write_transactions))
-    write_ops = property(lambda self: int(self._writes.write_ops))
-    max_batch = property(lambda self: int(self._writes.max_batch))
-
-    @property
-    def ack_delay(self) -> float:
-        return self._writes.ack_delay
-
-    @ack_delay.setter
-    def ack_delay(self, seconds: float) -> None:
-        self._writes.ack_delay = float(seconds)
 
     # --- life cycle ---
 
@@ -193,16 +128,12 @@ class SQLiteStore:
         d.addCallbacks(opened, failed)
         return d
 
-    def close(self) -> Deferred[None]:
-        """Refuse new work, let queued writes commit, checkpoint, close."""
-        if self._wpool is None:
-            return succeed(None)
-        if self._closing is not None:  # a second close() waits for the first
-            waiter: Deferred[None] = Deferred()
-            self._closing.append(waiter)
-            return waiter
-        self._closing = []
-        d = self._writes.close()
+    def _is_open(self) -> bool:
+        return self._wpool is not None
+
+    def _shut_down(self) -> Deferred[Any]:
+        """Let queued writes commit, checkpoint, close."""
+        d: Deferred[Any] = self._writes.close()
 
         def checkpoint(_: object) -> Deferred[None]:
             self._rpool.close()
@@ -214,44 +145,19 @@ class SQLiteStore:
         def stop_writer(result: object) -> object:
             return self._writes.stop().addCallback(lambda _: result)
 
-        def done(result: object) -> object:
+        def close_pools(result: object) -> object:
             self._close_pools()
-            waiters, self._closing = self._closing or [], None
-            for w in waiters:
-                w.callback(None)
             return result
 
         d.addCallback(checkpoint)
         d.addBoth(stop_writer)
-        d.addBoth(done)
-        return d.addCallback(lambda _: None)
+        return d.addBoth(close_pools)
 
     def _close_pools(self) -> None:
         for pool in (self._rpool, self._wpool):
             if pool is not None:
                 pool.close()
         self._rpool = self._wpool = None
-
-    def _when_idle(self) -> Deferred[None]:
-        return self._writes.when_idle()
-
-    def _release_open_waiters(self, error: Exception | None) -> None:
-        waiters, self._open_waiters = self._open_waiters or [], None
-        for w in waiters:
-            if error is None:
-                w.callback(None)
-            else:
-                w.errback(error)
-
-    def _after_open(self, then: Callable[[], Deferred[T]]) -> Deferred[T]:
-        """Not accepting work: while open() is still running (the listener may already
-        accept clients, e.g. right after a restart), ``then`` once it is open;
-        otherwise StoreClosed."""
-        if self._open_waiters is None:
-            return fail(StoreClosed(f"{self.path}: the store is not open"))
-        w: Deferred[None] = Deferred()
-        self._open_waiters.append(w)
-        return w.addCallback(lambda _: then())
 
     # --- the two lanes ---
 
@@ -269,232 +175,3 @@ class SQLiteStore:
         if not self._writes.accepting:
             return self._after_open(lambda: self._write(fn, *args, **kwargs))
         return self._writes.enqueue(lambda conn: fn(conn, *args, **kwargs))
-
-    # Public lanes for store parts that keep their SQL in a module of their own
-    # (shtalk.server.store.codes): same threads, same group commit.
-    run_read = _read
-    run_write = _write
-
-    # --- back-pressure ---
-
-    def overloaded(self) -> bool:
-        """True while more ops wait for the writer than it should be fed."""
-        return self._writes.overloaded()
-
-    def when_drained(self) -> Deferred[None]:
-        """Fires when the waiting ops have been taken into a transaction."""
-        return self._writes.when_drained()
-
-    def _now(self) -> float:
-        return float(self._clock.seconds())
-
-    # --- accounts ---
-
-    def create_user(
-        self, name: str, key: str, email: str, pw_hash: bytes, status: str
-    ) -> Deferred[User]:
-        return self._write(
-            accounts.create_user, name, key, self.emails.seal(key, email),
-            self.emails.index(email), pw_hash, status, self._now(),
-        )
-
-    def email_of(self, user_id: int) -> Deferred[str | None]:
-        """The account's address, opened (None: no account, deleted, or unreadable)."""
-
-        def opened(found: tuple[str, bytes] | None) -> str | None:
-            return None if found is None else self.emails.open(*found)
-
-        return self._read(accounts.sealed_email, user_id).addCallback(opened)
-
-    def user_by_key(self, key: str) -> Deferred[User | None]:
-        return self._read(accounts.user_by_key, key)
-
-    def user_by_id(self, user_id: int) -> Deferred[User | None]:
-        return self._read(accounts.user_by_id, user_id)
-
-    def users_by_ids(self, user_ids: Iterable[int]) -> Deferred[dict[int, User]]:
-        return self._read(accounts.users_by_ids, sorted(set(user_ids)))
-
-    def set_status(self, user_id: int, status: str) -> Deferred[bool]:
-        return self._write(accounts.set_status, user_id, status)
-
-    def delete_account(self, user_id: int, dummy_hash: bytes) -> Deferred[bool]:
-        return self._write(accounts.delete_account, user_id, dummy_hash)
-
-    # --- devices and the prekey directory ---
-
-    def upsert_device(self, user_id: int, device_id: str, label: str) -> Deferred[Device]:
-        return self._write(devices.upsert_device, user_id, device_id, label, self._now())
-
-    def devices(self, user_id: int) -> Deferred[list[Device]]:
-        return self._read(devices.devices, user_id)
-
-    def remove_device(self, user_id: int, device_id: str) -> Deferred[bool]:
-        return self._write(devices.remove_device, user_id, device_id)
-
-    def publish_keys(
-        self,
-        user_id: int,
-        device_id: str,
-        bundle: bytes | None,
-        one_time: Sequence[OneTimeKey],
-        replace: bool = False,
-    ) -> Deferred[tuple[dict[str, int], bool]]:
-        return self._write(
-            prekeys.publish, user_id, device_id, bundle, list(one_time), self._now(), replace
-        )
-
-    def key_counts(self, user_id: int, device_id: str) -> Deferred[dict[str, int]]:
-        return self._read(prekeys.counts, user_id, device_id)
-
-    def claim_keys(self, user_id: int, device_id: str | None) -> Deferred[list[ClaimedBundle]]:
-        return self._write(prekeys.claim, user_id, device_id, self._now())
-
-    def device_bundle(self, user_id: int, device_id: str) -> Deferred[bytes | None]:
-        return self._read(prekeys.device_bundle, user_id, device_id)
-
-    # --- sessions ---
-
-    def create_session(
-        self, family: str, user_id: int, device_id: str, refresh_hash: bytes, expires: float
-    ) -> Deferred[None]:
-        return self._write(
-            sessions.create_session, family, user_id, device_id, refresh_hash, expires
-        )
-
-    def rotate_refresh(
-        self, old_hash: bytes, new_hash: bytes, new_expires: float, now: float
-    ) -> Deferred[Session]:
-        # Serialised by the single writer, and guarded by "AND used = 0":
-        # of two concurrent rotations exactly one wins, the other is reuse.
-        return self._write(sessions.rotate_refresh, old_hash, new_hash, new_expires, now)
-
-    def session(self, family: str) -> Deferred[Session | None]:
-        return self._read(sessions.session, family)
-
-    def revoke_session(self, family: str) -> Deferred[None]:
-        return self._write(sessions.revoke_session, family)
-
-    def revoke_user_sessions(self, user_id: int) -> Deferred[None]:
-        return self._write(sessions.revoke_user_sessions, user_id)
-
-    # --- rooms ---
-
-    def create_room(self, name: str, key: str, owner_id: int, invite_only: bool) -> Deferred[Room]:
-        return self._write(rooms.create_room, name, key, owner_id, invite_only, self._now())
-
-    def room_by_key(self, key: str) -> Deferred[Room | None]:
-        return self._read(rooms.room_by_key, key)
-
-    def rooms_visible_to(self, user_id: int) -> Deferred[list[tuple[Room, int, bool]]]:
-        return self._read(rooms.rooms_visible_to, user_id)
-
-    def rooms_of(self, user_id: int) -> Deferred[list[Room]]:
-        return self._read(rooms.rooms_of, user_id)
-
-    def members(self, room_id: int) -> Deferred[list[Member]]:
-        return self._read(rooms.members, room_id)
-
-    def member_since(self, room_id: int, user_id: int) -> Deferred[float | None]:
-        return self._read(rooms.member_since, room_id, user_id)
-
-    def add_member(self, room_id: int, user_id: int, role: str) -> Deferred[ChainLink]:
-        return self._write(rooms.add_member, room_id, user_id, role, self._now())
-
-    def remove_member(self, room_id: int, user_id: int) -> Deferred[ChainLink]:
-        return self._write(rooms.remove_member, room_id, user_id)
-
-    def set_role(self, room_id: int, user_id: int, role: str) -> Deferred[None]:
-        return self._write(rooms.set_role, room_id, user_id, role)
-
-    def add_invite(self, room_id: int, user_id: int, by_id: int) -> Deferred[None]:
-        return self._write(rooms.add_invite, room_id, user_id, by_id, self._now())
-
-    def has_invite(self, room_id: int, user_id: int) -> Deferred[bool]:
-        return self._read(rooms.has_invite, room_id, user_id)
-
-    def dm_partners(self, user_id: int) -> Deferred[list[int]]:
-        return self._read(rooms.dm_partners, user_id)
-
-    def presence_readers(self, user_id: int) -> Deferred[list[int]]:
-        return self._read(rooms.presence_readers, user_id)
-
-    def presence_subjects(self, user_id: int) -> Deferred[list[int]]:
-        return self._read(rooms.presence_subjects, user_id)
-
-    def has_written(self, writer_id: int, reader_id: int) -> Deferred[bool]:
-        return self._read(rooms.has_written, writer_id, reader_id)
-
-    # --- messages ---
-
-    def append(self, message: NewMessage) -> Deferred[AppendResult]:
-        """Store durably; fires after the group commit holding it.
-
-        A duplicate's result carries the original seqs and no ``messages``
-        (they were delivered the first time).
-        """
-        if not self._writes.accepting:
-            return self._after_open(lambda: self.append(message))
-        return self._writes.enqueue(_AppendOp(self, message, self._now()))
-
-    def _append_many(self, conn: Conn, ops: Sequence[_AppendOp]) -> list[AppendResult]:
-        """Store a run of appends (writer thread)."""
-        results = messages.append_many(conn, ops, self._seal.seal, self._book.seq_mailbox)
-        self._book.trim()
-        return results
-
-    def mailbox_heads(self, mailboxes: Sequence[str]) -> Deferred[dict[str, int]]:
-        return self._read(messages.heads, list(mailboxes))
-
-    def messages_between(
-        self, mailbox: str, after: int, upto: int
-    ) -> Deferred[list[StoredMessage]]:
-        return self._read(messages.between, mailbox, after, upto, self._seal.open)
-
-    def pending(self, user_id: int, device_id: str) -> Deferred[list[StoredMessage]]:
-        # Acks received but not yet committed must not be replayed: wait for them.
-        def read(_: object) -> Deferred[list[StoredMessage]]:
-            now = self._now()
-            return self._read(
-                messages.pending, user_id, device_id, now, self._cutoff_ms(now), self._seal.open
-            )
-
-        return self._writes.settled().addCallback(read)
-
-    def ack(self, user_id: int, device_id: str, seqs: Sequence[int]) -> Deferred[None]:
-        """Coalesced with every other ack into one op of the next transaction; fires
-        once committed.  The deletion of what it frees waits for the next sweep."""
-        if not self._writes.accepting:
-            return self._after_open(lambda: self.ack(user_id, device_id, seqs))
-        return self._writes.ack(user_id, device_id, seqs)
-
-    def sweep(self) -> Deferred[int]:
-        """Delete the acknowledged messages now (normally every ``sweep_interval``)."""
-        if not self._writes.accepting:
-            return self._after_open(self.sweep)
-        return self._writes.sweep()
-
-    def purge_expired(self, now: float) -> Deferred[int]:
-        """Delete in bounded steps, each its own op, so appends and acks queued
-        meanwhile are committed between steps instead of waiting for the whole purge."""
-        return ensureDeferred(self._purge_all(now))
-
-    async def _purge_all(self, now: float) -> int:
-        total = 0
-        while True:
-            deleted, more = await self._write(
-                messages.purge_step, now, self._cutoff_ms(now), now - self.retention, PURGE_STEP
-            )
-            total += deleted
-            if not more:
-                return total
-
-    def queued(self) -> Deferred[int]:
-        return self._read(messages.queued)
-
-    def stats(self) -> Deferred[dict[str, int]]:
-        """Row counts per table (not part of IStore: for tests and benchmarks)."""
-        return self._read(messages.stats)
-
-    def _cutoff_ms(self, now: float) -> int:
-        return int((now - self.retention) * 1000)

@@ -19,8 +19,8 @@ from zope.interface.verify import verifyObject
 
 from shtalk.server.eserver import CorruptStore
 from shtalk.server.iserver import IStore
+from shtalk.server.store import facade as store_module
 from shtalk.server.store import groupcommit, schema
-from shtalk.server.store import sqlite as store_module
 from shtalk.server.store.sealing import (
     EnvelopeDecryptError,
     decode_envelopes,

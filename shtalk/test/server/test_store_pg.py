@@ -227,7 +227,7 @@ class ConcurrencyControlTests(PgTestBase):
 
         def deadlocking(conn: Any) -> str:
             runs.append(1)
-            conn.execute("UPDATE users SET status = 'suspended' WHERE id = %s", (alice.id,))
+            conn.execute("UPDATE users SET status = 'suspended' WHERE id = ?", (alice.id,))
             if len(runs) == 1:
                 raise errors.DeadlockDetected("deadlock detected")
             return "done"
@@ -245,13 +245,14 @@ class ConcurrencyControlTests(PgTestBase):
     async def test_purge_runs_in_one_process_at_a_time(self) -> None:
         import psycopg
 
+        from shtalk.server.store.pg.conn import translate
         from shtalk.server.store.pg.schema import LOCK_CLASS, LOCK_KEY, LOCK_PURGE
 
         store = await self.open_store(retention=3600)
         alice = await self.user(store, "Alice", "a1", "a2")
         await store.append(msg((f"u:{alice.id}",), alice, "a1", "old", expires_at=NOW + 10))
         with psycopg.connect(self.url) as other:  # another process, purging right now
-            other.execute(f"SELECT pg_advisory_xact_lock(%s, {LOCK_KEY})",
+            other.execute(translate(f"SELECT pg_advisory_xact_lock(?, {LOCK_KEY})"),
                           (LOCK_CLASS, LOCK_PURGE))
             self.assertEqual(await store.purge_expired(NOW + 20), 0)
             self.assertEqual(await store.queued(), 1)

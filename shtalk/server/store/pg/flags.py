@@ -1,7 +1,8 @@
 """The monitoring's flags on PostgreSQL: `IFlagStore` for the processes of a cluster.
 
 The rows and their sealing are those of SQLite (`shtalk.server.store.flags`: the same
-`FlagSeal`, so ``shtalk-admin port-db`` copies the sealed evidence as it is).  Each call
+`FlagSeal`, so ``shtalk-admin port-db`` copies the sealed evidence as it is), and so
+are the statements that load and delete them; only a save differs.  Each call
 is one op of the PostgreSQL store's lanes (a save or a delete in the writer's group
 commit, a load on a reader), so no SQL runs on the reactor thread.
 
@@ -20,16 +21,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from zope.interface import implementer
-
-from shtalk.server.ishared import IFlagStore
-from shtalk.server.store.flags import COLUMNS, FlagSeal
+from shtalk.server.store.flags import COLUMNS, SQLiteFlagStore
 from shtalk.server.store.pg.store import PostgresStore
-from shtalk.server.store.records import Flag
 
 _COLS = ", ".join(COLUMNS)
-_MARKS = ", ".join(["%s"] * len(COLUMNS))
+_MARKS = ", ".join(["?"] * len(COLUMNS))
 _INSERT = (
     f"INSERT INTO monitor_flags ({_COLS}) VALUES ({_MARKS})"  # noqa: S608
     " ON CONFLICT (id) DO NOTHING RETURNING id"
@@ -37,7 +33,7 @@ _INSERT = (
 _SAME = " AND ".join(f"monitor_flags.{c} = excluded.{c}"
                      for c in ("kind", "subject", "signal", "first"))
 _UPSERT = (
-    f"INSERT INTO monitor_flags (id, {_COLS}) VALUES (%s, {_MARKS})"  # noqa: S608
+    f"INSERT INTO monitor_flags (id, {_COLS}) VALUES (?, {_MARKS})"  # noqa: S608
     " ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS)
     + f" WHERE {_SAME} RETURNING id"
 )
@@ -45,12 +41,8 @@ _SEQ = "pg_get_serial_sequence('monitor_flags', 'id')::regclass"
 #: The sequence moved up to an id, never back (unless another process moved it between
 #: this statement's read and its write: then a later insert only tries once more).
 _PAST = (
-    f"SELECT setval({_SEQ}, %s) WHERE COALESCE(pg_sequence_last_value({_SEQ}), 0) < %s"
+    f"SELECT setval({_SEQ}, ?) WHERE COALESCE(pg_sequence_last_value({_SEQ}), 0) < ?"
 )
-
-
-def load(conn: Any) -> list[tuple[Any, ...]]:
-    return list(conn.execute(f"SELECT id, {_COLS} FROM monitor_flags ORDER BY id"))  # noqa: S608
 
 
 def save(conn: Any, flag_id: int, row: tuple[Any, ...]) -> int:
@@ -68,28 +60,12 @@ def save(conn: Any, flag_id: int, row: tuple[Any, ...]) -> int:
             return int(found[0])
 
 
-def delete(conn: Any, flag_id: int) -> None:
-    conn.execute("DELETE FROM monitor_flags WHERE id = %s", (flag_id,))
-
-
-@implementer(IFlagStore)
-class PostgresFlagStore:
+class PostgresFlagStore(SQLiteFlagStore):
     """`IFlagStore` on the PostgreSQL store's lanes (``PostgresFlagStore(store,
     storage_key)``: the data directory's storage key, as for the store itself)."""
 
+    store: PostgresStore
+    _save = staticmethod(save)
+
     def __init__(self, store: PostgresStore, storage_key: bytes) -> None:
-        self.store = store
-        self.seal = FlagSeal(storage_key)
-
-    def load_flags(self) -> Deferred[list[Flag]]:
-        d: Deferred[list[tuple[Any, ...]]] = self.store.run_read(load)
-        return d.addCallback(lambda rows: [self.seal.flag(int(r[0]), r[1:]) for r in rows])
-
-    def save_flag(self, flag: Flag) -> Deferred[int]:
-        # Sealed here, on the reactor: the op queued holds bytes the monitor cannot change.
-        d: Deferred[int] = self.store.run_write(save, flag.id, self.seal.row(flag))
-        return d
-
-    def delete_flag(self, flag_id: int) -> Deferred[None]:
-        d: Deferred[None] = self.store.run_write(delete, flag_id)
-        return d
+        super().__init__(store, storage_key)

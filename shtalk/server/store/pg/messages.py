@@ -14,50 +14,54 @@ Why it looks like this:
   head of the mailbox, never behind a message still being committed elsewhere.
 * Deleting what every reader acknowledged is a ranged sweep (as on SQLite); sweeps of
   the whole store and purges run in one process at a time (an advisory lock).
+
+The reads (pending, between, heads, cursors) and the purge are SQLite's statements
+(`shtalk.server.store.sql.messages`), run through `shtalk.server.store.pg.conn.PgConn`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from shtalk.server.store.mailbox import inbox_owner
-from shtalk.server.store.pg.schema import LOCK_PURGE, LOCK_SWEEP, try_lock
-from shtalk.server.store.records import AppendResult, ChainLink, NewMessage, StoredMessage
+from shtalk.server.store.pg.schema import LOCK_SWEEP, try_lock
+from shtalk.server.store.records import AppendResult, ChainLink, StoredMessage
 from shtalk.server.store.sealing import encode_envelopes
+from shtalk.server.store.sql.messages import (
+    NOT_HELD,
+    Appending,
+    Seal,
+    between,
+    cursor,
+    heads,
+    last_seq_by_mailbox,
+    pending,
+    place,
+    purge_step,
+    queued,
+    stats,
+    unswept,
+    written_to,
+)
+
+__all__ = [
+    "add_cursors", "append_many", "between", "cursor", "drop_cursors", "heads",
+    "last_seq_by_mailbox", "link", "lock_heads", "move_cursors", "pending", "purge_step",
+    "queued", "stats", "sweep", "sweep_all",
+]  # fmt: skip
 
 Conn = Any  # psycopg.Connection, in the writer thread or a reader of the pool
 
 
-class Appending(Protocol):
-    message: NewMessage
-    now: float
-
-
-SWEEP_SQL = """
-DELETE FROM messages m USING unnest(%s::text[], %s::bigint[], %s::bigint[]) AS r(mailbox, lo, hi)
-WHERE m.mailbox = r.mailbox AND m.seq > r.lo AND m.seq <= r.hi
-  AND NOT EXISTS (
-    SELECT 1 FROM cursors c
-    WHERE c.mailbox = m.mailbox AND c.acked_seq < m.seq
-      AND NOT (c.user_id = m.sender_id AND c.device_id = m.sender_device)
-      AND (m.for_all OR EXISTS (
-        SELECT 1 FROM message_devices d
-        WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id)))
-"""
-
+#: SQLite's sweep (`NOT_HELD`) of several mailboxes' ranges in one statement.
+SWEEP_SQL = (
+    "DELETE FROM messages m"  # noqa: S608 (constants)
+    " USING unnest(?::text[], ?::bigint[], ?::bigint[]) AS r(mailbox, lo, hi)"
+    f" WHERE m.mailbox = r.mailbox AND m.seq > r.lo AND m.seq <= r.hi AND {NOT_HELD}"
+)
 
 #: `SWEEP_SQL` for the rows just appended (by seq: index probes, no range join).
-SWEEP_NEW_SQL = """
-DELETE FROM messages m WHERE m.seq = ANY(%s::bigint[])
-  AND NOT EXISTS (
-    SELECT 1 FROM cursors c
-    WHERE c.mailbox = m.mailbox AND c.acked_seq < m.seq
-      AND NOT (c.user_id = m.sender_id AND c.device_id = m.sender_device)
-      AND (m.for_all OR EXISTS (
-        SELECT 1 FROM message_devices d
-        WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id)))
-"""
+SWEEP_NEW_SQL = f"DELETE FROM messages m WHERE m.seq = ANY(?::bigint[]) AND {NOT_HELD}"  # noqa: S608
 
 
 def sweep(conn: Conn, mailbox: str, lo: int, hi: int) -> int:
@@ -80,17 +84,6 @@ def sweep_ranges(conn: Conn, ranges: dict[str, tuple[int, int]]) -> int:
 # --- chains --------------------------------------------------------------------------
 
 
-def heads(conn: Conn, mailboxes: Sequence[str]) -> dict[str, int]:
-    """The seq of each mailbox's last change (0 if none), without locking."""
-    out = dict.fromkeys(mailboxes, 0)
-    rows = conn.execute(
-        "SELECT mailbox, seq FROM mailbox_heads WHERE mailbox = ANY(%s)", (list(out),)
-    )
-    for mailbox, seq in rows:
-        out[mailbox] = int(seq)
-    return out
-
-
 def lock_heads(conn: Conn, mailboxes: Iterable[str]) -> dict[str, int]:
     """Lock the heads of these mailboxes (in mailbox order) until the transaction ends;
     their seqs.  Nobody else adds to them meanwhile."""
@@ -99,7 +92,7 @@ def lock_heads(conn: Conn, mailboxes: Iterable[str]) -> dict[str, int]:
         return {}
     # Inserted in mailbox order, or locked in that order by the no-op update.
     rows = conn.execute(
-        "INSERT INTO mailbox_heads (mailbox, seq) SELECT unnest(%s::text[]), 0"
+        "INSERT INTO mailbox_heads (mailbox, seq) SELECT unnest(?::text[]), 0"
         " ON CONFLICT (mailbox) DO UPDATE SET seq = mailbox_heads.seq RETURNING mailbox, seq",
         (boxes,),
     ).fetchall()
@@ -111,14 +104,14 @@ def set_heads(conn: Conn, moved: dict[str, int]) -> None:
         boxes = sorted(moved)
         conn.execute(
             "UPDATE mailbox_heads h SET seq = v.seq"
-            " FROM unnest(%s::text[], %s::bigint[]) AS v(mailbox, seq)"
+            " FROM unnest(?::text[], ?::bigint[]) AS v(mailbox, seq)"
             " WHERE h.mailbox = v.mailbox",
             (boxes, [moved[b] for b in boxes]),
         )
 
 
 def take_seqs(conn: Conn, n: int) -> list[int]:
-    rows = conn.execute("SELECT nextval('message_seq') FROM generate_series(1, %s)", (n,))
+    rows = conn.execute("SELECT nextval('message_seq') FROM generate_series(1, ?)", (n,))
     return sorted(int(r[0]) for r in rows)
 
 
@@ -133,18 +126,6 @@ def link(conn: Conn, mailbox: str) -> ChainLink:
 
 
 
-def between(
-    conn: Conn, mailbox: str, after: int, upto: int, open_row: Callable[[Any], StoredMessage]
-) -> list[StoredMessage]:
-    rows = conn.execute(
-        "SELECT m.seq, m.mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,"
-        " m.expires_at, m.target, m.nonce, m.body, m.prev_seq FROM messages m"
-        " WHERE m.mailbox = %s AND m.seq > %s AND m.seq <= %s ORDER BY m.seq",
-        (mailbox, after, upto),
-    ).fetchall()
-    return [open_row(row) for row in rows]
-
-
 # --- cursors ----------------------------------------------------------------------------
 
 
@@ -153,7 +134,7 @@ def add_cursors(conn: Conn, user_id: int, mailbox: str) -> None:
     top = lock_heads(conn, [mailbox])[mailbox]
     conn.execute(
         "INSERT INTO cursors (user_id, device_id, mailbox, acked_seq)"
-        " SELECT user_id, device_id, %s, %s FROM devices WHERE user_id = %s"
+        " SELECT user_id, device_id, ?, ? FROM devices WHERE user_id = ?"
         " ON CONFLICT (user_id, device_id, mailbox) DO NOTHING",
         (mailbox, top, user_id),
     )
@@ -162,7 +143,7 @@ def add_cursors(conn: Conn, user_id: int, mailbox: str) -> None:
 def drop_cursors(conn: Conn, user_id: int, mailbox: str, upto: int) -> None:
     """The user's devices stop reading ``mailbox``; what only they held back goes."""
     row = conn.execute(
-        "WITH gone AS (DELETE FROM cursors WHERE user_id = %s AND mailbox = %s"
+        "WITH gone AS (DELETE FROM cursors WHERE user_id = ? AND mailbox = ?"
         " RETURNING acked_seq) SELECT MIN(acked_seq) FROM gone",
         (user_id, mailbox),
     ).fetchone()
@@ -170,33 +151,17 @@ def drop_cursors(conn: Conn, user_id: int, mailbox: str, upto: int) -> None:
         sweep(conn, mailbox, int(row[0]), upto)
 
 
-def cursor(conn: Conn, user_id: int, device_id: str, mailbox: str) -> int | None:
-    row = conn.execute(
-        "SELECT acked_seq FROM cursors WHERE user_id = %s AND device_id = %s AND mailbox = %s",
-        (user_id, device_id, mailbox),
-    ).fetchone()
-    return None if row is None else int(row[0])
-
-
 def move_cursors(conn: Conn, updates: list[tuple[int, int, str, str, int]]) -> None:
     """(seq, user, device, mailbox, seq) rows; a cursor never moves back."""
     conn.execute(
         "UPDATE cursors c SET acked_seq = v.seq"
-        " FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::text[])"
+        " FROM unnest(?::bigint[], ?::bigint[], ?::text[], ?::text[])"
         " AS v(seq, user_id, device_id, mailbox)"
         " WHERE c.user_id = v.user_id AND c.device_id = v.device_id"
         " AND c.mailbox = v.mailbox AND c.acked_seq < v.seq",
         ([u[0] for u in updates], [u[1] for u in updates], [u[2] for u in updates],
          [u[3] for u in updates]),
     )
-
-
-def last_seq_by_mailbox(conn: Conn, seqs: Sequence[int]) -> Iterable[tuple[str, int]]:
-    rows = conn.execute(
-        "SELECT mailbox, MAX(seq) FROM messages WHERE seq = ANY(%s) GROUP BY mailbox",
-        (list(seqs),),
-    ).fetchall()
-    return [(mailbox, int(seq)) for mailbox, seq in rows]
 
 
 # --- appends ----------------------------------------------------------------------------
@@ -219,8 +184,8 @@ def _claim(
     ordered = sorted(planned)
     rows = conn.execute(
         "INSERT INTO client_ids (sender_id, sender_device, client_id, seqs, created)"
-        " SELECT a, b, c, s, %s"
-        " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) AS k(a, b, c, s)"
+        " SELECT a, b, c, s, ?"
+        " FROM unnest(?::bigint[], ?::text[], ?::text[], ?::text[]) AS k(a, b, c, s)"
         " ON CONFLICT DO NOTHING RETURNING sender_id, sender_device, client_id",
         (now, [k[0] for k in ordered], [k[1] for k in ordered], [k[2] for k in ordered],
          [planned[k] for k in ordered]),
@@ -231,7 +196,7 @@ def _claim(
     if rest:
         for a, b, c, seqs in conn.execute(
             "SELECT t.sender_id, t.sender_device, t.client_id, t.seqs FROM client_ids t"
-            " JOIN unnest(%s::bigint[], %s::text[], %s::text[]) AS k(a, b, c)"
+            " JOIN unnest(?::bigint[], ?::text[], ?::text[]) AS k(a, b, c)"
             " ON t.sender_id = k.a AND t.sender_device = k.b AND t.client_id = k.c",
             ([k[0] for k in rest], [k[1] for k in rest], [k[2] for k in rest]),
         ):
@@ -242,7 +207,7 @@ def _claim(
 def append_many(
     conn: Conn,
     ops: Sequence[Appending],
-    seal: Callable[[str, NewMessage, bytes], tuple[bytes, bytes]],
+    seal: Seal,
     seq_mailbox: dict[int, str],
 ) -> list[AppendResult]:
     """Store a run of appends: one lock, one claim, one COPY per table (writer thread).
@@ -281,24 +246,12 @@ def append_many(
         for mailbox, seq in zip(m.mailboxes, planned[key], strict=True):
             prev, chain[mailbox] = chain[mailbox], seq
             moved[mailbox] = seq
-            nonce, body = seal(mailbox, m, plain)
-            rows.append((
-                seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-                m.expires_at, m.target, for_all, nonce, body, prev,
-            ))  # fmt: skip
-            if not for_all and m.envelopes:
-                device_rows.extend((seq, uid, dev) for uid, dev in m.envelopes)
+            stored.append(place(m, mailbox, seq, prev, plain, for_all, seal, rows, device_rows))
             seq_mailbox[seq] = mailbox
-            stored.append(StoredMessage(
-                seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-                m.expires_at, m.target, m.envelope, dict(m.envelopes), prev,
-            ))  # fmt: skip
         known[key] = planned[key]
-        if m.target.startswith("user:"):
-            for p in {inbox_owner(mb) for mb in m.mailboxes} - {m.sender_id, None}:
-                assert p is not None
-                wrote.add((m.sender_id, p))
-                partners.add((p, m.sender_id))
+        for p in written_to(m):
+            wrote.add((m.sender_id, p))
+            partners.add((p, m.sender_id))
         stored_by_op[i] = AppendResult(planned[key], duplicate=False, messages=tuple(stored))
     if rows:
         with conn.cursor().copy(COPY_MESSAGES) as copy:
@@ -329,7 +282,7 @@ def _partners(conn: Conn, wrote: list[tuple[int, int]], partners: list[tuple[int
     if wrote:
         conn.execute(
             "INSERT INTO dm_partners (user_id, partner_id, wrote)"
-            " SELECT a, b, true FROM unnest(%s::bigint[], %s::bigint[]) AS v(a, b)"
+            " SELECT a, b, true FROM unnest(?::bigint[], ?::bigint[]) AS v(a, b)"
             " ON CONFLICT (user_id, partner_id) DO UPDATE SET wrote = true"
             " WHERE NOT dm_partners.wrote",
             ([w[0] for w in wrote], [w[1] for w in wrote]),
@@ -337,86 +290,15 @@ def _partners(conn: Conn, wrote: list[tuple[int, int]], partners: list[tuple[int
     if partners:
         conn.execute(
             "INSERT INTO dm_partners (user_id, partner_id)"
-            " SELECT a, b FROM unnest(%s::bigint[], %s::bigint[]) AS v(a, b)"
+            " SELECT a, b FROM unnest(?::bigint[], ?::bigint[]) AS v(a, b)"
             " ON CONFLICT (user_id, partner_id) DO NOTHING",
             ([p[0] for p in partners], [p[1] for p in partners]),
         )
 
 
-PENDING_SQL = """
-SELECT m.seq, m.mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-       m.expires_at, m.target, m.nonce, m.body, m.prev_seq
-FROM cursors c JOIN messages m ON m.mailbox = c.mailbox AND m.seq > c.acked_seq
-WHERE c.user_id = %s AND c.device_id = %s
-  AND NOT (m.sender_id = c.user_id AND m.sender_device = c.device_id)
-  AND (m.expires_at IS NULL OR m.expires_at > %s)
-  AND m.ts >= %s
-  AND (m.for_all OR EXISTS (
-    SELECT 1 FROM message_devices d
-    WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id))
-ORDER BY m.seq
-"""
-
-
-def pending(
-    conn: Conn, user_id: int, device_id: str, now: float, cutoff_ms: int,
-    open_row: Callable[[Any], StoredMessage],
-) -> list[StoredMessage]:
-    rows = conn.execute(PENDING_SQL, (user_id, device_id, now, cutoff_ms)).fetchall()
-    return [open_row(row) for row in rows]
-
-
 def sweep_all(conn: Conn) -> int:
-    """Sweep every mailbox up to its furthest cursor (at start-up; one process at a time)."""
+    """Sweep every mailbox up to its furthest cursor (at start-up; one process at a
+    time), in one statement."""
     if not try_lock(conn, LOCK_SWEEP):
         return 0
-    rows = conn.execute(
-        "SELECT m.mailbox, MIN(m.seq), (SELECT MAX(c.acked_seq) FROM cursors c"
-        " WHERE c.mailbox = m.mailbox) FROM messages m GROUP BY m.mailbox"
-    ).fetchall()
-    return sweep_ranges(conn, {
-        mailbox: (int(lo) - 1, int(hi)) for mailbox, lo, hi in rows
-        if hi is not None and hi >= lo
-    })  # fmt: skip
-
-
-def purge_step(
-    conn: Conn, now: float, cutoff_ms: int, forget_before: float, limit: int
-) -> tuple[int, bool]:
-    """Delete up to ``limit`` rows of each kind; (messages deleted, more left?).  Another
-    process purging meanwhile: nothing, none left (it does the work)."""
-    if not try_lock(conn, LOCK_PURGE):
-        return 0, False
-    counts = [
-        conn.execute(sql, params).rowcount
-        for sql, params in (
-            ("DELETE FROM messages WHERE seq IN (SELECT seq FROM messages"
-             " WHERE expires_at IS NOT NULL AND expires_at <= %s LIMIT %s)", (now, limit)),
-            ("DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE ts < %s"
-             " LIMIT %s)", (cutoff_ms, limit)),
-            ("DELETE FROM client_ids WHERE ctid IN (SELECT ctid FROM client_ids"
-             " WHERE created < %s LIMIT %s)", (forget_before, limit)),
-            # An expired family can no longer rotate; its hashes need not be kept.
-            ("DELETE FROM sessions WHERE family IN (SELECT family FROM sessions"
-             " WHERE expires <= %s LIMIT %s)", (now, limit)),
-        )
-    ]  # fmt: skip
-    return int(counts[0]) + int(counts[1]), max(counts) >= limit
-
-
-def queued(conn: Conn) -> int:
-    return int(conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
-
-
-TABLES = (
-    "users", "devices", "sessions", "refresh_tokens", "rooms", "members", "invites",
-    "dm_partners", "messages", "message_devices", "cursors", "client_ids", "mailbox_heads",
-)  # fmt: skip
-
-
-def stats(conn: Conn) -> dict[str, int]:
-    # Table names come from the constant above, never from input.
-    return {
-        t: int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])  # noqa: S608
-        for t in TABLES
-    }
+    return sweep_ranges(conn, unswept(conn))

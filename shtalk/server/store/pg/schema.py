@@ -17,20 +17,20 @@ from __future__ import annotations
 from typing import Any
 
 from shtalk.server.eserver import CorruptStore
+from shtalk.server.store.sql.dialect import LOCK_PURGE as LOCK_PURGE
+from shtalk.server.store.sql.dialect import LOCK_SWEEP as LOCK_SWEEP
 
 #: "shtk": the first key of the store's advisory locks; the second hashes the schema
 #: and the use, so stores in different schemas of one database do not exclude each other.
 LOCK_CLASS = 0x7368746B
-LOCK_KEY = "hashtext(current_schema() || %s)"
+LOCK_KEY = "hashtext(current_schema() || ?)"
 LOCK_MIGRATE = ":migrate"
-LOCK_PURGE = ":purge"
-LOCK_SWEEP = ":sweep"
 
 
 def try_lock(conn: Any, use: str) -> bool:
     """This transaction's hold of the store-wide lock ``use``; False if another has it."""
     row = conn.execute(
-        f"SELECT pg_try_advisory_xact_lock(%s, {LOCK_KEY})", (LOCK_CLASS, use)
+        f"SELECT pg_try_advisory_xact_lock(?, {LOCK_KEY})", (LOCK_CLASS, use)
     ).fetchone()
     return bool(row[0])
 
@@ -223,7 +223,7 @@ def migrate(conn: Any, where: str) -> int:
     while True:
         with conn.transaction():
             conn.execute(
-                f"SELECT pg_advisory_xact_lock(%s, {LOCK_KEY})",
+                f"SELECT pg_advisory_xact_lock(?, {LOCK_KEY})",
                 (LOCK_CLASS, LOCK_MIGRATE),
             )
             conn.execute(VERSION_TABLE)
@@ -236,7 +236,7 @@ def migrate(conn: Any, where: str) -> int:
             for statement in statements:
                 conn.execute(statement)
             conn.execute(
-                "INSERT INTO shtalk_schema (one, version, compat) VALUES (true, %s, %s)"
+                "INSERT INTO shtalk_schema (one, version, compat) VALUES (true, ?, ?)"
                 " ON CONFLICT (one) DO UPDATE SET version = excluded.version,"
                 " compat = excluded.compat",
                 (version + 1, max(compat, step_compat)),

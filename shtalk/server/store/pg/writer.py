@@ -23,8 +23,8 @@ from typing import Any
 import psycopg
 
 from shtalk.server.store.acks import AckingGroupCommit
-from shtalk.server.store.groupcommit import GroupedOp, Op, Outcomes
-from shtalk.server.store.sql.common import KeepWrites
+from shtalk.server.store.groupcommit import Engine, Op, Outcomes, run_ops
+from shtalk.server.store.pg.conn import PgConn
 
 #: Times a batch is run again after a deadlock or serialization failure.
 RETRIES = 5
@@ -51,70 +51,24 @@ class PgLink:
             self._conn = None
 
 
-def _fatal(e: Exception) -> bool:
-    """Errors of the connection or of the transaction as a whole, not of one op."""
-    return isinstance(e, psycopg.OperationalError | psycopg.InterfaceError
-                      | psycopg.InternalError)
+class PgEngine(Engine):
+    """A batch's transaction on PostgreSQL."""
+
+    begin = "BEGIN"
+
+    @staticmethod
+    def fatal(e: Exception) -> bool:
+        """Errors of the connection or of the transaction as a whole, not of one op."""
+        return isinstance(e, psycopg.OperationalError | psycopg.InterfaceError
+                          | psycopg.InternalError)
+
+    @staticmethod
+    def in_transaction(conn: Any) -> bool:
+        return not conn.closed and (
+            conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE)
 
 
-def _run_one(conn: Any, op: Op, outcomes: Outcomes) -> None:
-    conn.execute("SAVEPOINT op")
-    try:
-        result = op(conn)
-    except KeepWrites as e:
-        conn.execute("RELEASE op")
-        outcomes.append((False, e.error))
-    except Exception as e:
-        if _fatal(e):
-            raise
-        conn.execute("ROLLBACK TO op")
-        conn.execute("RELEASE op")
-        outcomes.append((False, e))
-    else:
-        conn.execute("RELEASE op")
-        outcomes.append((True, result))
-
-
-def _run_group(conn: Any, group: list[GroupedOp], outcomes: Outcomes) -> None:
-    if len(group) == 1:
-        _run_one(conn, group[0], outcomes)
-        return
-    conn.execute("SAVEPOINT appends")
-    try:
-        results = group[0].run_many(conn, group)
-    except Exception as e:
-        if _fatal(e):
-            raise
-        conn.execute("ROLLBACK TO appends")
-        conn.execute("RELEASE appends")
-        for op in group:
-            _run_one(conn, op, outcomes)
-        return
-    conn.execute("RELEASE appends")
-    outcomes.extend((True, r) for r in results)
-
-
-def _run_once(conn: Any, ops: list[Op]) -> Outcomes:
-    outcomes: Outcomes = []
-    conn.execute("BEGIN")
-    try:
-        group: list[GroupedOp] = []
-        for op in ops:
-            if isinstance(op, GroupedOp):
-                group.append(op)
-                continue
-            if group:
-                _run_group(conn, group, outcomes)
-                group = []
-            _run_one(conn, op, outcomes)
-        if group:
-            _run_group(conn, group, outcomes)
-        conn.execute("COMMIT")
-    except BaseException:
-        if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            conn.execute("ROLLBACK")
-        raise
-    return outcomes
+POSTGRES = PgEngine()
 
 
 class PgGroupCommit(AckingGroupCommit):
@@ -126,7 +80,7 @@ class PgGroupCommit(AckingGroupCommit):
     def run_batch(self, link: PgLink, ops: list[Op]) -> Outcomes:  # type: ignore[override]
         for attempt in range(RETRIES + 1):
             try:
-                return _run_once(link.get(), ops)
+                return run_ops(PgConn(link.get()), ops, POSTGRES)
             except psycopg.Error as e:
                 # Class 40 (deadlock, serialization failure): nothing of it was kept.
                 if attempt == RETRIES or not (e.sqlstate or "").startswith("40"):

@@ -6,14 +6,14 @@ seals the rows written before sealing existed, once, when the store opens.
 
 from __future__ import annotations
 
-import sqlite3
-from typing import Any, cast
+from typing import Any
 
 from shtalk.server.eserver import Conflict
 from shtalk.server.store.mailbox import user_mailbox
 from shtalk.server.store.records import User
 from shtalk.server.store.sealing import EmailSeal
-from shtalk.server.store.sql.common import Conn, chunks, marks
+from shtalk.server.store.sql.common import Conn, SQLiteConn
+from shtalk.server.store.sql.dialect import dialect
 
 USER = "SELECT id, name, key, pw_hash, status, created FROM users"
 
@@ -26,21 +26,20 @@ def create_user(
     conn: Conn, name: str, key: str, sealed_email: bytes, email_hash: bytes, pw_hash: bytes,
     status: str, now: float,
 ) -> User:
-    try:
-        cur = conn.execute(
-            "INSERT INTO users (name, key, email, email_hash, pw_hash, status, created)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (name, key, sealed_email, email_hash, pw_hash, status, now),
-        )
-    except sqlite3.IntegrityError as e:
-        raise Conflict(f"user name {key!r} is taken") from e
-    return User(int(cast(int, cur.lastrowid)), name, key, pw_hash, status, now)
+    row = conn.execute(
+        "INSERT INTO users (name, key, email, email_hash, pw_hash, status, created)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING RETURNING id",
+        (name, key, sealed_email, email_hash, pw_hash, status, now),
+    ).fetchone()
+    if row is None:
+        raise Conflict(f"user name {key!r} is taken")
+    return User(int(row[0]), name, key, pw_hash, status, now)
 
 
 def sealed_email(conn: Conn, user_id: int) -> tuple[str, bytes] | None:
     row = conn.execute("SELECT key, email FROM users WHERE id = ?", (user_id,)).fetchone()
-    if row is None or not isinstance(row[1], bytes):
-        return None  # no such account, or a deleted one ('')
+    if row is None or not isinstance(row[1], bytes) or not row[1]:
+        return None  # no such account, or a deleted one (empty)
     return str(row[0]), bytes(row[1])
 
 
@@ -56,9 +55,8 @@ def user_by_id(conn: Conn, user_id: int) -> User | None:
 
 def users_by_ids(conn: Conn, ids: list[int]) -> dict[int, User]:
     out: dict[int, User] = {}
-    for chunk in chunks(ids):
-        sql = USER + f" WHERE id IN ({marks(len(chunk))})"
-        for row in conn.execute(sql, tuple(chunk)):
+    for matches, params in dialect(conn).any_of("id", ids):
+        for row in conn.execute(USER + " WHERE " + matches, params):
             out[int(row[0])] = user(row)
     return out
 
@@ -67,8 +65,8 @@ def set_status(conn: Conn, user_id: int, status: str) -> bool:
     cur = conn.execute("UPDATE users SET status = ? WHERE id = ? AND status != 'deleted'",
                        (status, user_id))
     if status != "active":
-        conn.execute("UPDATE sessions SET revoked = 1 WHERE user_id = ?", (user_id,))
-    return cur.rowcount > 0
+        conn.execute("UPDATE sessions SET revoked = true WHERE user_id = ?", (user_id,))
+    return bool(cur.rowcount > 0)
 
 
 def delete_account(conn: Conn, user_id: int, dummy_hash: bytes) -> bool:
@@ -82,7 +80,7 @@ def delete_account(conn: Conn, user_id: int, dummy_hash: bytes) -> bool:
     )
     if cur.rowcount == 0:
         return False
-    conn.execute("UPDATE sessions SET revoked = 1 WHERE user_id = ?", (user_id,))
+    conn.execute("UPDATE sessions SET revoked = true WHERE user_id = ?", (user_id,))
     conn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
     conn.execute("DELETE FROM members WHERE user_id = ?", (user_id,))
     conn.execute("DELETE FROM invites WHERE user_id = ?", (user_id,))
@@ -92,8 +90,9 @@ def delete_account(conn: Conn, user_id: int, dummy_hash: bytes) -> bool:
     return True
 
 
-def seal_clear_emails(conn: Conn, seal: EmailSeal) -> int:
-    """Seal every address still stored in clear (one IMMEDIATE transaction)."""
+def seal_clear_emails(conn: SQLiteConn, seal: EmailSeal) -> int:
+    """Seal every address still stored in clear (one IMMEDIATE transaction; SQLite
+    only: PostgreSQL never held one)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         rows = conn.execute(

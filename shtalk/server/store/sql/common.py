@@ -1,12 +1,36 @@
-"""What the SQL modules share: the connection type, chunking, and the keep-writes refusal."""
+"""What the SQL modules share: the connection types, chunking, and the keep-writes refusal."""
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator, Sequence
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
-Conn = sqlite3.Connection
+#: A connection of SQLite alone (its files, pragmas, checkpoints).
+SQLiteConn = sqlite3.Connection
+
+
+class Cursor(Protocol):
+    """What the shared SQL reads of a statement's answer, on either engine."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Conn(Protocol):
+    """A connection as the shared SQL uses it: sqlite3's, or PostgreSQL's
+    (`shtalk.server.store.pg.conn.PgConn`); ``?`` placeholders on both."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Any, /) -> Cursor: ...
+
 T = TypeVar("T")
 #: Bound on host parameters per statement (SQLite's limit is far higher).
 CHUNK = 500

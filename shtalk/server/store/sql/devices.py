@@ -1,4 +1,8 @@
-"""The devices table: a device is created with a cursor in every mailbox its user reads."""
+"""The devices table: a device is created with a cursor in every mailbox its user reads.
+
+`upsert_device` is SQLite's (one writer: the top seq is the head of every mailbox);
+PostgreSQL's reads each mailbox's head under its lock (`shtalk.server.store.pg.devices`).
+"""
 
 from __future__ import annotations
 
@@ -70,7 +74,7 @@ def remove_device(conn: Conn, user_id: int, device_id: str) -> bool:
         "DELETE FROM devices WHERE user_id = ? AND device_id = ?", (user_id, device_id)
     )
     conn.execute(
-        "UPDATE sessions SET revoked = 1 WHERE user_id = ? AND device_id = ?",
+        "UPDATE sessions SET revoked = true WHERE user_id = ? AND device_id = ?",
         (user_id, device_id),
     )
-    return cur.rowcount > 0
+    return bool(cur.rowcount > 0)

@@ -16,7 +16,11 @@ from typing import Any, Protocol
 from shtalk.server.store.mailbox import inbox_owner
 from shtalk.server.store.records import AppendResult, ChainLink, NewMessage, StoredMessage
 from shtalk.server.store.sealing import encode_envelopes
-from shtalk.server.store.sql.common import CHUNK, Conn, chunks, marks, top_seq
+from shtalk.server.store.sql.common import CHUNK, Conn, chunks, top_seq
+from shtalk.server.store.sql.dialect import LOCK_PURGE, dialect
+
+#: Seals a message's envelopes for one mailbox: (nonce, body).
+Seal = Callable[[str, NewMessage, bytes], tuple[bytes, bytes]]
 
 
 class Appending(Protocol):
@@ -26,18 +30,20 @@ class Appending(Protocol):
     now: float
 
 
-SWEEP_SQL = """
-DELETE FROM messages WHERE seq IN (
-  SELECT m.seq FROM messages m
-  WHERE m.mailbox = ? AND m.seq > ? AND m.seq <= ?
-    AND NOT EXISTS (
-      SELECT 1 FROM cursors c
-      WHERE c.mailbox = m.mailbox AND c.acked_seq < m.seq
-        AND NOT (c.user_id = m.sender_id AND c.device_id = m.sender_device)
-        AND (m.for_all = 1 OR EXISTS (
-          SELECT 1 FROM message_devices d
-          WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id))))
-"""
+#: The message ``m`` no device waits for any more: every cursor of its mailbox is past
+#: it, or is the sender's own device, or is one the message has no envelope for.
+NOT_HELD = """NOT EXISTS (
+    SELECT 1 FROM cursors c
+    WHERE c.mailbox = m.mailbox AND c.acked_seq < m.seq
+      AND NOT (c.user_id = m.sender_id AND c.device_id = m.sender_device)
+      AND (m.for_all OR EXISTS (
+        SELECT 1 FROM message_devices d
+        WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id)))"""
+
+SWEEP_SQL = (
+    "DELETE FROM messages WHERE seq IN (SELECT m.seq FROM messages m"  # noqa: S608 (constants)
+    f" WHERE m.mailbox = ? AND m.seq > ? AND m.seq <= ? AND {NOT_HELD})"
+)
 
 
 def sweep(conn: Conn, mailbox: str, lo: int, hi: int) -> int:
@@ -60,15 +66,16 @@ def add_cursors(conn: Conn, user_id: int, mailbox: str) -> None:
     )
 
 
-def drop_cursors(conn: Conn, user_id: int, mailbox: str) -> None:
-    """The user's devices stop reading ``mailbox``; what only they held back goes."""
+def drop_cursors(conn: Conn, user_id: int, mailbox: str, upto: int) -> None:
+    """The user's devices stop reading ``mailbox``; what only they held back (up to
+    ``upto``, the seq of their leaving) goes."""
     lowest = conn.execute(
         "SELECT MIN(acked_seq) FROM cursors WHERE user_id = ? AND mailbox = ?",
         (user_id, mailbox),
     ).fetchone()[0]
     conn.execute("DELETE FROM cursors WHERE user_id = ? AND mailbox = ?", (user_id, mailbox))
     if lowest is not None:
-        sweep(conn, mailbox, int(lowest), top_seq(conn))
+        sweep(conn, mailbox, int(lowest), upto)
 
 
 def cursor(conn: Conn, user_id: int, device_id: str, mailbox: str) -> int | None:
@@ -92,21 +99,18 @@ def move_cursors(conn: Conn, updates: list[tuple[int, int, str, str, int]]) -> N
 
 def last_seq_by_mailbox(conn: Conn, seqs: Sequence[int]) -> Iterable[tuple[str, int]]:
     """(mailbox, highest of ``seqs`` stored in it), for seqs still stored."""
-    for chunk in chunks(seqs):
-        sql = (
-            "SELECT mailbox, MAX(seq) FROM messages"  # noqa: S608 (only ?s)
-            f" WHERE seq IN ({marks(len(chunk))}) GROUP BY mailbox"
-        )
-        for mailbox, seq in conn.execute(sql, tuple(chunk)):
+    for matches, params in dialect(conn).any_of("seq", seqs):
+        sql = f"SELECT mailbox, MAX(seq) FROM messages WHERE {matches} GROUP BY mailbox"  # noqa: S608
+        for mailbox, seq in conn.execute(sql, params).fetchall():
             yield mailbox, int(seq)
 
 
 def heads(conn: Conn, mailboxes: Sequence[str]) -> dict[str, int]:
     """The seq of each mailbox's last change (0 if none)."""
     out = dict.fromkeys(mailboxes, 0)
-    for chunk in chunks(sorted(out)):
-        sql = f"SELECT mailbox, seq FROM mailbox_heads WHERE mailbox IN ({marks(len(chunk))})"  # noqa: S608
-        for mailbox, seq in conn.execute(sql, tuple(chunk)):
+    for matches, params in dialect(conn).any_of("mailbox", sorted(out)):
+        sql = f"SELECT mailbox, seq FROM mailbox_heads WHERE {matches}"  # noqa: S608
+        for mailbox, seq in conn.execute(sql, params):
             out[mailbox] = int(seq)
     return out
 
@@ -147,10 +151,36 @@ def between(
     return [open_row(row) for row in rows]
 
 
+def place(
+    m: NewMessage, mailbox: str, seq: int, prev: int, plain: bytes, for_all: object, seal: Seal,
+    rows: list[tuple[object, ...]], device_rows: list[tuple[int, int, str]],
+) -> StoredMessage:
+    """Add the row of ``m`` in ``mailbox`` (its envelopes sealed for that mailbox) and
+    the rows of the devices it has an envelope for; return the message as stored."""
+    nonce, body = seal(mailbox, m, plain)
+    rows.append((
+        seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
+        m.expires_at, m.target, for_all, nonce, body, prev,
+    ))  # fmt: skip
+    if not for_all and m.envelopes:
+        device_rows.extend((seq, uid, dev) for uid, dev in m.envelopes)
+    return StoredMessage(
+        seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
+        m.expires_at, m.target, m.envelope, dict(m.envelopes), prev,
+    )  # fmt: skip
+
+
+def written_to(m: NewMessage) -> set[int]:
+    """The users a direct message is written to, its sender aside (none for a room's)."""
+    if not m.target.startswith("user:"):
+        return set()
+    return {p for p in map(inbox_owner, m.mailboxes) if p is not None and p != m.sender_id}
+
+
 def append_many(
     conn: Conn,
     ops: Sequence[Appending],
-    seal: Callable[[str, NewMessage, bytes], tuple[bytes, bytes]],
+    seal: Seal,
     seq_mailbox: dict[int, str],
 ) -> list[AppendResult]:
     """Store a run of appends with one statement per table (writer thread).
@@ -196,33 +226,18 @@ def append_many(
             seq = top
             prev = chain[mailbox]
             chain[mailbox] = moved[mailbox] = seq
-            nonce, body = seal(mailbox, m, plain)
-            rows.append((
-                seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-                m.expires_at, m.target, for_all, nonce, body, prev,
-            ))  # fmt: skip
-            if not for_all and m.envelopes:
-                device_rows.extend((seq, uid, dev) for uid, dev in m.envelopes)
+            stored.append(place(m, mailbox, seq, prev, plain, for_all, seal, rows, device_rows))
             lo_hi = ranges.get(mailbox)
             ranges[mailbox] = (seq - 1, seq) if lo_hi is None else (lo_hi[0], seq)
             seq_mailbox[seq] = mailbox
             seqs.append(seq)
-            stored.append(
-                StoredMessage(
-                    seq, mailbox, m.sender_id, m.sender_device, m.client_id, m.ts,
-                    m.expires_at, m.target, m.envelope, dict(m.envelopes), prev,
-                )
-            )  # fmt: skip
         known[key] = tuple(seqs)
         client_rows.append(
             (m.sender_id, m.sender_device, m.client_id, ",".join(map(str, seqs)), op.now)
         )
-        if m.target.startswith("user:"):
-            partners = {
-                p for p in map(inbox_owner, m.mailboxes) if p is not None and p != m.sender_id
-            }
-            wrote_rows.extend((m.sender_id, p) for p in partners)
-            partner_rows.extend((p, m.sender_id) for p in partners)
+        partners = written_to(m)
+        wrote_rows.extend((m.sender_id, p) for p in partners)
+        partner_rows.extend((p, m.sender_id) for p in partners)
         results.append(AppendResult(tuple(seqs), duplicate=False, messages=tuple(stored)))
     if rows:
         conn.executemany(
@@ -273,7 +288,7 @@ WHERE c.user_id = ? AND c.device_id = ?
   AND NOT (m.sender_id = c.user_id AND m.sender_device = c.device_id)
   AND (m.expires_at IS NULL OR m.expires_at > ?)
   AND m.ts >= ?
-  AND (m.for_all = 1 OR EXISTS (
+  AND (m.for_all OR EXISTS (
     SELECT 1 FROM message_devices d
     WHERE d.seq = m.seq AND d.user_id = c.user_id AND d.device_id = c.device_id))
 ORDER BY m.seq
@@ -288,23 +303,32 @@ def pending(
     return [open_row(row) for row in rows]
 
 
-def sweep_all(conn: Conn) -> int:
-    """Sweep every mailbox over all it holds up to its furthest cursor (at start-up)."""
-    deleted = 0
+def unswept(conn: Conn) -> dict[str, tuple[int, int]]:
+    """Per mailbox, the range (lo, hi] from its oldest message to its furthest cursor:
+    all a sweep of the whole store has to look at."""
     rows = conn.execute(
         "SELECT m.mailbox, MIN(m.seq), (SELECT MAX(c.acked_seq) FROM cursors c"
         " WHERE c.mailbox = m.mailbox) FROM messages m GROUP BY m.mailbox"
     ).fetchall()
-    for mailbox, lo, hi in rows:
-        if hi is not None and hi >= lo:
-            deleted += sweep(conn, mailbox, int(lo) - 1, int(hi))
-    return deleted
+    return {
+        mailbox: (int(lo) - 1, int(hi)) for mailbox, lo, hi in rows
+        if hi is not None and hi >= lo
+    }  # fmt: skip
+
+
+def sweep_all(conn: Conn) -> int:
+    """Sweep every mailbox over all it holds up to its furthest cursor (at start-up)."""
+    return sum(sweep(conn, mailbox, lo, hi) for mailbox, (lo, hi) in unswept(conn).items())
 
 
 def purge_step(
     conn: Conn, now: float, cutoff_ms: int, forget_before: float, limit: int
 ) -> tuple[int, bool]:
-    """Delete up to ``limit`` rows of each kind; return (messages deleted, more left?)."""
+    """Delete up to ``limit`` rows of each kind; return (messages deleted, more left?).
+    Another process purging meanwhile: nothing, none left (it does the work)."""
+    d = dialect(conn)
+    if not d.try_lock(conn, LOCK_PURGE):
+        return 0, False
     expired = conn.execute(
         "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages"
         " WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)",
@@ -315,8 +339,8 @@ def purge_step(
         (cutoff_ms, limit),
     ).rowcount
     forgotten = conn.execute(
-        "DELETE FROM client_ids WHERE rowid IN"
-        " (SELECT rowid FROM client_ids WHERE created < ? LIMIT ?)",
+        f"DELETE FROM client_ids WHERE {d.row_id} IN"  # noqa: S608 (a constant)
+        f" (SELECT {d.row_id} FROM client_ids WHERE created < ? LIMIT ?)",
         (forget_before, limit),
     ).rowcount
     # An expired family can no longer rotate; its hashes need not be kept.

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from shtalk.server.store.records import ClaimedBundle, OneTimeKey
 from shtalk.server.store.sql.common import Conn, exists
+from shtalk.server.store.sql.dialect import dialect
 
 KINDS = ("ec", "pq")
 MAX_ONE_TIME_KEYS = 200  # per device and kind: bounds what one device can park on us
@@ -48,8 +49,10 @@ def publish(
             "DELETE FROM one_time_keys WHERE user_id = ? AND device_id = ?", (user_id, device_id)
         )
     if bundle is not None:
+        # The old bundle (locked until the transaction ends, where others write too).
+        lock = dialect(conn).for_update
         old = conn.execute(
-            "SELECT bundle FROM device_bundles WHERE user_id = ? AND device_id = ?",
+            f"SELECT bundle FROM device_bundles WHERE user_id = ? AND device_id = ?{lock}",  # noqa: S608
             (user_id, device_id),
         ).fetchone()
         changed = old is None or bytes(old[0]) != bundle
@@ -67,11 +70,12 @@ def publish(
         have[k.kind] += 1
         rows.append((user_id, device_id, k.kind, k.key_id, k.key))
     # A re-published id is ignored: a key handed out once is never reused.
-    conn.executemany(
-        "INSERT INTO one_time_keys (user_id, device_id, kind, key_id, key) VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT DO NOTHING",
-        rows,
-    )
+    if rows:
+        conn.executemany(
+            "INSERT INTO one_time_keys (user_id, device_id, kind, key_id, key)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            rows,
+        )
     return counts(conn, user_id, device_id), changed or replace
 
 
@@ -86,11 +90,12 @@ def claim(conn: Conn, user_id: int, device_id: str | None, now: float) -> list[C
             "SELECT device_id, bundle FROM device_bundles WHERE user_id = ? AND device_id = ?",
             (user_id, device_id),
         ).fetchall()
+    take = _take_skipping if dialect(conn).skip_locked else _take
     out = []
     for dev, bundle in rows:
         claimed = []
         for kind in KINDS:
-            key = _take(conn, user_id, str(dev), kind, now)
+            key = take(conn, user_id, str(dev), kind, now)
             if key is not None:
                 claimed.append(key)
         out.append(ClaimedBundle(str(dev), bytes(bundle), tuple(claimed)))
@@ -130,6 +135,29 @@ def _take(conn: Conn, user_id: int, device_id: str, kind: str, now: float) -> On
         ):
             return None
     return None
+
+
+SKIP_LOCKED_SQL = """
+WITH pick AS (
+  SELECT key_id, key FROM one_time_keys
+  WHERE user_id = ? AND device_id = ? AND kind = ? AND claimed IS NULL
+  ORDER BY key_id LIMIT 1 FOR UPDATE SKIP LOCKED)
+UPDATE one_time_keys o SET claimed = ?, key = ? FROM pick
+WHERE o.user_id = ? AND o.device_id = ? AND o.kind = ? AND o.key_id = pick.key_id
+  AND o.claimed IS NULL
+RETURNING pick.key_id, pick.key
+"""
+
+
+def _take_skipping(
+    conn: Conn, user_id: int, device_id: str, kind: str, now: float
+) -> OneTimeKey | None:
+    """`_take` in one statement, where takers run side by side (PostgreSQL): the lowest
+    free key no other transaction is taking, claimed and blanked; None if there is none."""
+    row = conn.execute(
+        SKIP_LOCKED_SQL, (user_id, device_id, kind, now, b"", user_id, device_id, kind)
+    ).fetchone()
+    return None if row is None else OneTimeKey(kind, int(row[0]), bytes(row[1]))
 
 
 def device_bundle(conn: Conn, user_id: int, device_id: str) -> bytes | None:

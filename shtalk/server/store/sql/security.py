@@ -3,14 +3,17 @@
 Secrets never reach these tables in clear: emailed and recovery codes arrive as
 SHA-256 hashes, the TOTP secret as an AES-GCM sealed blob (``shtalk.server.accounts.totp``).
 Every check that consumes something (a code, a TOTP step) is one guarded statement
-(the condition in its WHERE), so two concurrent attempts with the same code cannot both
-succeed, even where writers run side by side.
+(the condition in its WHERE, the answer in its RETURNING or row count), so two
+concurrent attempts with the same code cannot both succeed, even where writers run side
+by side (several processes on PostgreSQL); a refusal is decided from that answer, never
+by running a statement after a failed one (PostgreSQL would abort the transaction).
 """
 
 from __future__ import annotations
 
 from shtalk.server.store.records import CODE_NONE, CODE_OK, CODE_WRONG, TotpRecord
 from shtalk.server.store.sql.common import Conn
+from shtalk.server.store.sql.dialect import LOCK_PURGE_PENDING, dialect
 
 
 def put_email_code(
@@ -28,8 +31,8 @@ def put_email_code(
         " code_hash = excluded.code_hash, expires = excluded.expires, attempts = 0,"
         " sent = excluded.sent WHERE excluded.sent - email_codes.sent >= ? RETURNING 1",
         (user_id, purpose, code_hash, expires, now, min_interval),
-    ).fetchall()
-    return bool(stored)
+    ).fetchone()
+    return stored is not None
 
 
 def check_email_code(
@@ -46,11 +49,11 @@ def check_email_code(
     """
     # Single use: the code goes, but `sent` must keep limiting mails, so expire it instead.
     used = conn.execute(
-        "UPDATE email_codes SET expires = 0, code_hash = x'' WHERE user_id = ? AND purpose = ?"
+        "UPDATE email_codes SET expires = 0, code_hash = ? WHERE user_id = ? AND purpose = ?"
         " AND code_hash = ? AND expires > ? AND attempts < ? RETURNING 1",
-        (user_id, purpose, code_hash, now, max_attempts),
-    ).fetchall()
-    if used:
+        (b"", user_id, purpose, code_hash, now, max_attempts),
+    ).fetchone()
+    if used is not None:
         if purpose == "verify":
             conn.execute(
                 "UPDATE users SET status = 'active' WHERE id = ? AND status = 'pending'",
@@ -62,8 +65,8 @@ def check_email_code(
         "UPDATE email_codes SET attempts = attempts + 1 WHERE user_id = ? AND purpose = ?"
         " AND expires > ? AND attempts < ? RETURNING 1",
         (user_id, purpose, now, max_attempts),
-    ).fetchall()
-    return CODE_WRONG if wrong else CODE_NONE
+    ).fetchone()
+    return CODE_NONE if wrong is None else CODE_WRONG
 
 
 def reset_with_code(
@@ -76,19 +79,18 @@ def reset_with_code(
 
 
 def set_password(conn: Conn, user_id: int, pw_hash: bytes) -> list[str]:
-    """New password hash; every session of the account revoked; their families returned."""
-    families = [
-        r[0]
-        for r in conn.execute(
-            "SELECT family FROM sessions WHERE user_id = ? AND revoked = 0", (user_id,)
-        )
-    ]
+    """New password hash; every live session revoked; their families returned."""
     conn.execute("UPDATE users SET pw_hash = ? WHERE id = ?", (pw_hash, user_id))
-    conn.execute("UPDATE sessions SET revoked = 1 WHERE user_id = ?", (user_id,))
-    return families
+    rows = conn.execute(
+        "UPDATE sessions SET revoked = true WHERE user_id = ? AND NOT revoked RETURNING family",
+        (user_id,),
+    ).fetchall()
+    return sorted(str(r[0]) for r in rows)
 
 
 def purge_pending(conn: Conn, cutoff: float) -> int:
+    if not dialect(conn).try_lock(conn, LOCK_PURGE_PENDING):
+        return 0  # another process is purging them
     cur = conn.execute("DELETE FROM users WHERE status = 'pending' AND created < ?", (cutoff,))
     return int(cur.rowcount)
 
@@ -108,17 +110,18 @@ def put_pending_totp(conn: Conn, user_id: int, sealed: bytes, now: float) -> boo
     One guarded upsert: a concurrent enable is never overwritten by a pending secret.
     """
     stored = conn.execute(
-        "INSERT INTO totp (user_id, sealed, enabled, last_step, created) VALUES (?, ?, 0, 0, ?)"
-        " ON CONFLICT (user_id) DO UPDATE SET sealed = excluded.sealed, enabled = 0,"
-        " last_step = 0, created = excluded.created WHERE totp.enabled = 0 RETURNING 1",
+        "INSERT INTO totp (user_id, sealed, enabled, last_step, created)"
+        " VALUES (?, ?, false, 0, ?)"
+        " ON CONFLICT (user_id) DO UPDATE SET sealed = excluded.sealed, enabled = false,"
+        " last_step = 0, created = excluded.created WHERE NOT totp.enabled RETURNING 1",
         (user_id, sealed, now),
-    ).fetchall()
-    return bool(stored)
+    ).fetchone()
+    return stored is not None
 
 
 def enable_totp(conn: Conn, user_id: int, step: int, code_hashes: list[bytes]) -> bool:
     cur = conn.execute(
-        "UPDATE totp SET enabled = 1, last_step = ? WHERE user_id = ? AND enabled = 0"
+        "UPDATE totp SET enabled = true, last_step = ? WHERE user_id = ? AND NOT enabled"
         " AND last_step < ?",
         (step, user_id, step),
     )
@@ -130,16 +133,18 @@ def enable_totp(conn: Conn, user_id: int, step: int, code_hashes: list[bytes]) -
 
 def replace_recovery(conn: Conn, user_id: int, code_hashes: list[bytes]) -> None:
     conn.execute("DELETE FROM recovery_codes WHERE user_id = ?", (user_id,))
-    conn.executemany(
-        "INSERT INTO recovery_codes (user_id, code_hash) VALUES (?, ?)",
-        [(user_id, h) for h in code_hashes],
-    )
+    if code_hashes:
+        conn.executemany(
+            "INSERT INTO recovery_codes (user_id, code_hash) VALUES (?, ?)"
+            " ON CONFLICT DO NOTHING",
+            [(user_id, h) for h in code_hashes],
+        )
 
 
 def accept_step(conn: Conn, user_id: int, step: int) -> bool:
     """Record ``step`` as used; False if it (or a later one) was accepted before."""
     cur = conn.execute(
-        "UPDATE totp SET last_step = ? WHERE user_id = ? AND enabled = 1 AND last_step < ?",
+        "UPDATE totp SET last_step = ? WHERE user_id = ? AND enabled AND last_step < ?",
         (step, user_id, step),
     )
     return cur.rowcount == 1

@@ -1,12 +1,13 @@
 """Sessions: one refresh-token family per login, rotated on every refresh.
 
 Refresh tokens are stored only as hashes and kept after use, so a replayed token is
-recognised as reuse (and revokes its family) rather than as unknown.
+recognised as reuse (and revokes its family) rather than as unknown.  Every claim is
+one guarded statement whose answer says who won (``INSERT ... ON CONFLICT DO NOTHING
+RETURNING``, ``UPDATE ... WHERE NOT used RETURNING``): of two rotations of a token, on
+any process, exactly one wins, and no statement runs after a failed one.
 """
 
 from __future__ import annotations
-
-import sqlite3
 
 from shtalk.server.eserver import Conflict, TokenReuse, TokenRevoked, TokenUnknown
 from shtalk.server.store.records import Session
@@ -16,25 +17,19 @@ from shtalk.server.store.sql.common import Conn, KeepWrites
 def create_session(
     conn: Conn, family: str, user_id: int, device_id: str, refresh_hash: bytes, expires: float
 ) -> None:
-    try:
-        conn.execute(
-            "INSERT INTO sessions (family, user_id, device_id, expires, revoked)"
-            " VALUES (?, ?, ?, ?, 0)",
-            (family, user_id, device_id, expires),
-        )
-        conn.execute(
-            "INSERT INTO refresh_tokens (hash, family, expires, used) VALUES (?, ?, ?, 0)",
+    made = conn.execute(
+        "INSERT INTO sessions (family, user_id, device_id, expires, revoked)"
+        " VALUES (?, ?, ?, ?, false) ON CONFLICT DO NOTHING RETURNING 1",
+        (family, user_id, device_id, expires),
+    ).fetchone()
+    if made is not None:
+        made = conn.execute(
+            "INSERT INTO refresh_tokens (hash, family, expires, used)"
+            " VALUES (?, ?, ?, false) ON CONFLICT DO NOTHING RETURNING 1",
             (refresh_hash, family, expires),
-        )
-    except sqlite3.IntegrityError as e:
-        taken = conn.execute(
-            "SELECT 1 FROM sessions WHERE family = ?"
-            " UNION ALL SELECT 1 FROM refresh_tokens WHERE hash = ?",
-            (family, refresh_hash),
         ).fetchone()
-        if taken:
-            raise Conflict("session family or refresh token already exists") from e
-        raise  # unknown user
+    if made is None:  # the op's savepoint undoes the session row
+        raise Conflict("session family or refresh token already exists")
 
 
 def rotate_refresh(
@@ -50,27 +45,23 @@ def rotate_refresh(
     family = row[0]
     if row[6]:
         raise TokenRevoked("the refresh token's session is revoked")
-    # A used token is reuse even if the replayed copy is by now expired.  The
-    # guarded UPDATE makes "exactly one rotation wins" hold without relying
-    # on the single writer (a PostgreSQL backend would need it).
-    won = not row[2] and (
-        conn.execute(
-            "UPDATE refresh_tokens SET used = 1 WHERE hash = ? AND used = 0", (old_hash,)
-        ).rowcount
-        == 1
-    )
+    # A used token is reuse even if the replayed copy is by now expired.  Exactly one
+    # rotation wins, whoever runs it: the guarded UPDATE says which.
+    won = not row[2] and conn.execute(
+        "UPDATE refresh_tokens SET used = true WHERE hash = ? AND NOT used RETURNING 1",
+        (old_hash,),
+    ).fetchone() is not None
     if not won:
-        conn.execute("UPDATE sessions SET revoked = 1 WHERE family = ?", (family,))
+        conn.execute("UPDATE sessions SET revoked = true WHERE family = ?", (family,))
         raise KeepWrites(TokenReuse("refresh token reused: the session is revoked", family))
     if row[1] <= now or row[5] <= now:
-        raise TokenUnknown("expired refresh token")  # the savepoint undoes "used = 1"
-    try:
-        conn.execute(
-            "INSERT INTO refresh_tokens (hash, family, expires, used) VALUES (?, ?, ?, 0)",
-            (new_hash, family, new_expires),
-        )
-    except sqlite3.IntegrityError as e:
-        raise Conflict("new refresh token already exists") from e
+        raise TokenUnknown("expired refresh token")  # the savepoint undoes "used"
+    if conn.execute(
+        "INSERT INTO refresh_tokens (hash, family, expires, used) VALUES (?, ?, ?, false)"
+        " ON CONFLICT DO NOTHING RETURNING 1",
+        (new_hash, family, new_expires),
+    ).fetchone() is None:
+        raise Conflict("new refresh token already exists")
     conn.execute("UPDATE sessions SET expires = ? WHERE family = ?", (new_expires, family))
     return Session(family, int(row[3]), row[4], new_expires, False)
 
@@ -84,8 +75,8 @@ def session(conn: Conn, family: str) -> Session | None:
 
 
 def revoke_session(conn: Conn, family: str) -> None:
-    conn.execute("UPDATE sessions SET revoked = 1 WHERE family = ?", (family,))
+    conn.execute("UPDATE sessions SET revoked = true WHERE family = ?", (family,))
 
 
 def revoke_user_sessions(conn: Conn, user_id: int) -> None:
-    conn.execute("UPDATE sessions SET revoked = 1 WHERE user_id = ?", (user_id,))
+    conn.execute("UPDATE sessions SET revoked = true WHERE user_id = ?", (user_id,))
