@@ -11,9 +11,11 @@ SOURCES := $(shell find shtalk twisted -name '*.py' -o -name '*.txt' -o -name '*
 # Installed (not editable) so `twistd` finds the plugin exactly as a user's install would.
 $(BIN)/.installed: $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip 'setuptools >= 70.1' wheel
 	rm -rf build  # a stale setuptools build dir would ship modules that were moved away
-	$(BIN)/python -m pip install -q '.[test,dev]'
+	# The venv's own setuptools builds the package: no second, isolated resolution of
+	# the build tools (one fewer download that can fail).
+	$(BIN)/python -m pip install -q --no-build-isolation '.[test,dev]'
 	rm -rf build
 	touch $@
 
