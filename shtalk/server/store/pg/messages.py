@@ -53,15 +53,25 @@ __all__ = [
 Conn = Any  # psycopg.Connection, in the writer thread or a reader of the pool
 
 
-#: SQLite's sweep (`NOT_HELD`) of several mailboxes' ranges in one statement.
+#: SQLite's sweep (`NOT_HELD`) of several mailboxes' ranges in one statement.  Rows
+#: another transaction holds are skipped, not waited for: two processes sweep the same
+#: acknowledged rows (each for its own readers' acks), and a sweep waiting on the other's
+#: rows while that one waits on this one's `mailbox_heads` lock is a deadlock that
+#: PostgreSQL breaks only after deadlock_timeout (a second of stalled writes).  What is
+#: skipped is being deleted by the other; if that one rolls back, the start-up sweep or
+#: the retention purge takes the row.
 SWEEP_SQL = (
-    "DELETE FROM messages m"  # noqa: S608 (constants)
-    " USING unnest(?::text[], ?::bigint[], ?::bigint[]) AS r(mailbox, lo, hi)"
-    f" WHERE m.mailbox = r.mailbox AND m.seq > r.lo AND m.seq <= r.hi AND {NOT_HELD}"
+    "DELETE FROM messages WHERE seq IN (SELECT m.seq FROM messages m"  # noqa: S608
+    " JOIN unnest(?::text[], ?::bigint[], ?::bigint[]) AS r(mailbox, lo, hi)"
+    " ON m.mailbox = r.mailbox AND m.seq > r.lo AND m.seq <= r.hi"
+    f" WHERE {NOT_HELD} FOR UPDATE OF m SKIP LOCKED)"
 )
 
 #: `SWEEP_SQL` for the rows just appended (by seq: index probes, no range join).
-SWEEP_NEW_SQL = f"DELETE FROM messages m WHERE m.seq = ANY(?::bigint[]) AND {NOT_HELD}"  # noqa: S608
+SWEEP_NEW_SQL = (
+    "DELETE FROM messages WHERE seq IN (SELECT m.seq FROM messages m"  # noqa: S608
+    f" WHERE m.seq = ANY(?::bigint[]) AND {NOT_HELD} FOR UPDATE OF m SKIP LOCKED)"
+)
 
 
 def sweep(conn: Conn, mailbox: str, lo: int, hi: int) -> int:
