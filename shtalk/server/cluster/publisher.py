@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from shtalk.server.cluster.keepalive import Keepalive
 from shtalk.server.cluster.subscriptions import PING, write_now
 
 log = Logger()
@@ -88,8 +89,7 @@ class Publisher:
         self.counts = 0  # PUBLISH answers received
         self._out: list[bytes] = []
         self._flush: IDelayedCall | None = None
-        self._ping: IDelayedCall | None = None
-        self._pong_due = False
+        self._keepalive = Keepalive(clock, keepalive, self._ping, "bus publisher")
         self._logged = False
         self._kept: deque[bytes] = deque(maxlen=KEEP_WHILE_DOWN)
         self._when: list[Deferred[None]] = []
@@ -102,13 +102,13 @@ class Publisher:
         return d
 
     def connected(self, proto: Any) -> None:
-        self._cancel()  # a keepalive of an earlier connection
+        self._cancel()
         self.proto, self.transport = proto, proto.transport
-        self._logged = self._pong_due = False
+        self._logged = False
         kept, self._kept = self._kept, deque(maxlen=KEEP_WHILE_DOWN)
         self._out = [self.probe, REPLY_OFF, *kept, *self._out]
         self.flush()
-        self._schedule_ping()
+        self._keepalive.start(proto)
         when, self._when = self._when, []
         for d in when:
             d.callback(None)
@@ -161,32 +161,19 @@ class Publisher:
                 log.warn("Redis refused a command of the bus's publisher: {error}",
                          error=str(res)[:120])
         elif res == b"PONG":
-            self._pong_due = False
+            self._keepalive.answered()
 
     def _keep(self, command: bytes) -> None:
         if len(self._kept) == KEEP_WHILE_DOWN:
             self.dropped += 1
         self._kept.append(command)
 
-    def _schedule_ping(self) -> None:
-        self._ping = self.clock.callLater(self.keepalive, self._ping_now)
-
-    def _ping_now(self) -> None:
-        self._ping = None
-        proto = self.proto
-        if proto is None:
-            return
-        if self._pong_due:
-            log.warn("Redis did not answer the bus publisher's ping: reconnecting")
-            proto.transport.abortConnection()
-            return
-        self._pong_due = True
+    def _ping(self) -> None:
         self._out.append(KEEPALIVE)
         self.flush()
-        self._schedule_ping()
 
     def _cancel(self) -> None:
-        for call in (self._flush, self._ping):
-            if call is not None and call.active():
-                call.cancel()
-        self._flush = self._ping = None
+        if self._flush is not None and self._flush.active():
+            self._flush.cancel()
+        self._flush = None
+        self._keepalive.stop()

@@ -28,8 +28,10 @@ import txredisapi  # type: ignore[import-untyped]
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
+
+from shtalk.server.cluster.keepalive import Keepalive
 
 log = Logger()
 
@@ -165,8 +167,7 @@ class Subscriptions:
         self._to_sub: dict[bytes, None] = {}
         self._to_unsub: dict[bytes, None] = {}
         self._reconnected = False
-        self._ping: IDelayedCall | None = None
-        self._pong_due = False
+        self._keepalive = Keepalive(clock, keepalive, self._ping, "bus subscriber")
         self.connections = 0
         self.stopped = False
         self._when: list[Deferred[None]] = []
@@ -220,8 +221,7 @@ class Subscriptions:
         self._inflight = None
         self._to_unsub.clear()
         self._to_sub = dict.fromkeys(sorted(self.wanted))
-        self._pong_due = False
-        self._schedule_ping()
+        self._keepalive.start(proto)
         self._pump()
         self._maybe_resubscribed()
         when, self._when = self._when, []
@@ -234,9 +234,7 @@ class Subscriptions:
         self.proto = None
         self.confirmed_channels.clear()
         self._inflight = None
-        if self._ping is not None and self._ping.active():
-            self._ping.cancel()
-        self._ping = None
+        self._keepalive.stop()
         if not self.stopped:
             log.warn("the Redis bus subscription was lost; reconnecting")
 
@@ -256,7 +254,7 @@ class Subscriptions:
             self._maybe_resubscribed()
 
     def pong(self) -> None:
-        self._pong_due = False
+        self._keepalive.answered()
 
     # ------------------------------------------------------------------------------------
     def _pump(self) -> None:
@@ -279,24 +277,9 @@ class Subscriptions:
             self._reconnected = False
             self._resubscribed()
 
-    def _schedule_ping(self) -> None:
-        self._ping = self.clock.callLater(self.keepalive, self._ping_now)
-
-    def _ping_now(self) -> None:
-        self._ping = None
-        proto = self.proto
-        if proto is None:
-            return
-        if self._pong_due:
-            log.warn("Redis did not answer the bus's ping: reconnecting")
-            proto.transport.abortConnection()
-            return
-        self._pong_due = True
-        proto.transport.write(PING)
-        self._schedule_ping()
+    def _ping(self) -> None:
+        self.proto.transport.write(PING)
 
     def stop(self) -> None:
         self.stopped = True
-        if self._ping is not None and self._ping.active():
-            self._ping.cancel()
-        self._ping = None
+        self._keepalive.stop()
