@@ -119,8 +119,17 @@ class Monitor:
         self.raised: Counter[str] = Counter()
         #: Fires once the stored flags are read (at once for a file).
         self.loaded: Deferred[None] = self.refresh() if load_now else succeed(None)
+        self._load_later = not load_now
 
     # --- persistence --------------------------------------------------------------
+    def load_stored(self) -> Deferred[None]:
+        """Read the flags a database keeps, once it is open (the operations service
+        starts after the store); flags read at construction are not read again."""
+        if self._load_later:
+            self._load_later = False
+            self.loaded = self.refresh()
+        return self.loaded
+
     def refresh(self) -> Deferred[None]:
         """Read the stored flags (every process's, in a cluster) after the saves queued
         so far; a flag known here takes the stored state.  Never fails (logged)."""

@@ -188,7 +188,7 @@ class OperationsService(Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._start_log()
-        self.ops.monitor.refresh()  # the flags every process has raised (never fails)
+        self.ops.monitor.load_stored()  # from a database: every process's flags
         self.ops.limiter.start()
         self._sweep = Repeating(self.clock, 60.0, self.ops.monitor.sweep, "monitor sweep failed")
         self._sweep.start()
