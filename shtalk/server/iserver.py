@@ -182,6 +182,10 @@ class IStore(Interface):
     def pending(user_id: int, device_id: str) -> Deferred[list[StoredMessage]]:
         """Everything stored for this device past its cursors, in seq order."""
 
+    def delivered(mailbox: str, seq: int) -> None:
+        """A message this process did not append was delivered here (from another
+        process, over the bus): a hint, so the acks for it need no look-up."""
+
     def ack(user_id: int, device_id: str, seqs: Sequence[int]) -> Deferred[None]:
         """Advance this device's cursor in each mailbox to the highest acked seq;
         delete messages every device of their mailbox has acknowledged."""

@@ -368,9 +368,12 @@ class RedisBus(Service):
     def apply(self, mailbox: str, item: Item) -> None:
         value = item.value
         if type(value) is codec.Frame:
+            if value.node != self.node:
+                self.store.delivered(mailbox, item.seq)
             self._deliver_line(mailbox, item.seq, value.body, value.sender_id,
                                value.sender_device)
         elif isinstance(value, StoredMessage):
+            self.store.delivered(mailbox, item.seq)  # read back: maybe another's
             self.local.publish(value)
 
     def _deliver_line(

@@ -15,7 +15,11 @@ each.  Instead:
   the acknowledged ranges every ``sweep_interval`` seconds (not per ack); until then
   it is merely still on disk, encrypted.
 * The writer remembers the mailbox of recent seqs and the cursors as it last wrote
-  them (`CursorBook`), so an ack normally needs no look-up at all.
+  them (`CursorBook`), so an ack normally needs no look-up at all.  Seqs it did not
+  append (another process's, with several processes on one database; a backlog read
+  after a restart) are told to it by the reactor thread as they are delivered
+  (`CursorBook.hint`): without them every ack batch for another process's messages
+  cost a query inside the write transaction.
 """
 
 from __future__ import annotations
@@ -63,6 +67,18 @@ class CursorBook:
         self.cursor_at: dict[tuple[int, str, str], int] = {}
         #: Per mailbox, the acknowledged range not swept yet.
         self.unswept: dict[str, tuple[int, int]] = {}
+        #: The mailbox of seqs delivered here that the writer did not append.  Written by
+        #: the reactor thread (`hint`), read by the writer: single dict operations,
+        #: atomic in CPython; a trim swaps in a new dict.
+        self.hints: dict[int, str] = {}
+
+    def hint(self, seq: int, mailbox: str) -> None:
+        """Reactor thread: ``seq`` (delivered here, appended elsewhere) is ``mailbox``'s."""
+        hints = self.hints
+        hints[seq] = mailbox
+        if len(hints) > 2 * SEQ_MEMORY:
+            floor = max(hints) - SEQ_MEMORY
+            self.hints = {k: v for k, v in hints.items() if k > floor}
 
     def trim(self) -> None:
         """Forget all but the newest `SEQ_MEMORY` seqs once twice that many are known."""
@@ -82,7 +98,15 @@ class CursorBook:
             unknown: list[int] = []
             if None in highest:
                 del highest[None]
-                unknown = [seq for seq in seqs if seq not in seq_mailbox]
+                hints = self.hints
+                for seq in seqs:
+                    if seq in seq_mailbox:
+                        continue
+                    hinted = hints.get(seq)
+                    if hinted is None:
+                        unknown.append(seq)
+                    elif highest.get(hinted, 0) < seq:
+                        highest[hinted] = seq
             for mailbox, seq in highest.items():
                 best[(user_id, device_id, cast(str, mailbox))] = seq
             if unknown:  # older than the writer remembers (or not a message at all)

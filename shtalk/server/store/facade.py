@@ -376,7 +376,16 @@ class LaneStore:
                 self._seal.open,
             )
 
-        return self._writes.settled().addCallback(read)
+        return self._writes.settled().addCallback(read).addCallback(self._hint_all)
+
+    def _hint_all(self, messages: list[StoredMessage]) -> list[StoredMessage]:
+        hint = self._book.hint
+        for m in messages:
+            hint(m.seq, m.mailbox)
+        return messages
+
+    def delivered(self, mailbox: str, seq: int) -> None:
+        self._book.hint(seq, mailbox)
 
     def ack(self, user_id: int, device_id: str, seqs: Sequence[int]) -> Deferred[None]:
         """Coalesced with every other ack into one op of the next transaction; fires

@@ -83,6 +83,9 @@ class MemoryStore:
     def when_drained(self) -> Deferred[None]:
         return succeed(None)
 
+    def delivered(self, mailbox: str, seq: int) -> None:
+        """Every seq's mailbox is in the tables already."""
+
     # --- accounts ---
 
     @answered

@@ -115,6 +115,38 @@ class TwoWriterTests(PgTestBase):
         self.assertEqual(set(outcomes) - {CODE_OK}, {CODE_NONE})
 
     @async_test
+    async def test_acks_for_the_other_writers_messages(self) -> None:
+        """A process acknowledges messages another process appended: the cursor moves
+        either way; once the bus has told the store their mailbox (`delivered`), without
+        a look-up inside the write transaction."""
+        a, b = await self.two_stores()
+        alice = await self.user(a, "Alice", "a1")
+        bob = await self.user(a, "Bob", "b1")
+        sent = [await a.append(msg((f"u:{bob.id}",), alice, "a1", f"m{i}", target="user:bob"))
+                for i in range(4)]
+        seqs = [r.messages[0].seq for r in sent]
+        lookups: list[list[int]] = []
+        sql = b._book.sql
+
+        class Counting:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(sql, name)
+
+            def last_seq_by_mailbox(self, conn: Any, unknown: Any) -> Any:
+                lookups.append(list(unknown))
+                return sql.last_seq_by_mailbox(conn, unknown)
+
+        b._book.sql = Counting()  # type: ignore[assignment]
+        await b.ack(bob.id, "b1", seqs[:2])  # never delivered through b: looked up
+        self.assertEqual(lookups, [seqs[:2]])
+        for seq in seqs[2:]:
+            b.delivered(f"u:{bob.id}", seq)
+        await b.ack(bob.id, "b1", seqs[2:])
+        self.assertEqual(lookups, [seqs[:2]], "a delivered seq was looked up")
+        self.assertEqual(await b.pending(bob.id, "b1"), [])
+        self.assertEqual(await a.pending(bob.id, "b1"), [])
+
+    @async_test
     async def test_upsert_device_from_both_creates_it_once(self) -> None:
         a, b = await self.two_stores()
         alice = await self.user(a, "Alice")

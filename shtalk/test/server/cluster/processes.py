@@ -60,6 +60,10 @@ class ChainStore:
         self.room_members: dict[int, dict[int, str]] = {}
         self.names: dict[int, str] = {}
         self.reads = 0  # messages_between calls
+        self.hinted: list[tuple[str, int]] = []  # what the bus told `delivered`
+
+    def delivered(self, mailbox: str, seq: int) -> None:
+        self.hinted.append((mailbox, seq))
 
     # writes, as a store commits them
     def _next(self, mailbox: str) -> tuple[int, int]:

@@ -90,6 +90,16 @@ class RedisBusTests(unittest.TestCase):
         self.assertEqual(self.store.reads, 0, "no gap: nothing read from the store")
 
     @inlineCallbacks
+    def test_the_store_learns_the_mailbox_of_what_another_process_appended(self) -> Any:
+        """So that the acks for it need no look-up in the store's write transaction;
+        a process's own messages the store knows already."""
+        bob_a = yield self.a.login(BOB, "b1")
+        bob_b = yield self.b.login(BOB, "b2")
+        seqs = [self.send(self.a, user_mailbox(BOB)) for _ in range(3)]
+        yield gatherResults([bob_a.wait(3), bob_b.wait(3)])
+        self.assertEqual(self.store.hinted, [(user_mailbox(BOB), s) for s in seqs])
+
+    @inlineCallbacks
     def test_a_turns_publishes_are_one_write_and_redis_does_not_answer_them(self) -> Any:
         bob = yield self.b.login(BOB, "b1")
         pub = self.a.bus.publisher
