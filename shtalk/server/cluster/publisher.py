@@ -14,12 +14,12 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from shtalk.server.cluster.keepalive import Keepalive
-from shtalk.server.cluster.subscriptions import PING, write_now
+from shtalk.server.cluster.subscriptions import PING, NoDelay, write_now
 
 log = Logger()
 
 
-class BusPublisher(txredisapi.RedisProtocol):  # type: ignore[misc]
+class BusPublisher(NoDelay, txredisapi.RedisProtocol):  # type: ignore[misc]
     """PUBLISH without a Deferred per message, written straight to the socket (`write_now`)."""
 
     owner: Publisher

@@ -24,6 +24,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from shtalk.server.cluster.subscriptions import NoDelay
 from shtalk.server.ops.redisbackend import parse_redis_url
 
 log = Logger()
@@ -48,7 +49,7 @@ def commands(url: str, timeout: float) -> Any:
     )
 
 
-class _SubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+class _SubscriberProtocol(NoDelay, txredisapi.SubscriberProtocol):  # type: ignore[misc]
     owner: Subscriber
 
     def __init__(self, user: str | None, password: str | None) -> None:

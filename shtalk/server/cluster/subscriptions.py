@@ -111,7 +111,22 @@ def connect(
     return factory
 
 
-class BusSubscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+class NoDelay:
+    """TCP_NODELAY on a Redis connection: the publisher's replies are off, so no answer
+    carries the acknowledgement Nagle's algorithm waits for before sending the next small
+    write; each publish then waited for Redis's delayed ACK (13 ms more at p50 for the
+    second process's recipients at 500 messages/s, bench.cluster)."""
+
+    transport: Any
+
+    def connectionMade(self) -> Any:
+        nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if nodelay is not None:
+            nodelay(True)
+        return super().connectionMade()  # type: ignore[misc]
+
+
+class BusSubscriber(NoDelay, txredisapi.SubscriberProtocol):  # type: ignore[misc]
     owner: Subscriptions
 
     def dataReceived(self, data: bytes, unpause: bool = False) -> None:

@@ -80,6 +80,15 @@ class RedisBusTests(unittest.TestCase):
         proto = self.a.bus.subscriptions.proto
         self.assertIsInstance(proto._reader, hiredis.Reader)
 
+    def test_both_connections_send_small_writes_at_once(self) -> None:
+        """TCP_NODELAY: with Redis's replies off, Nagle's algorithm held each publish
+        until Redis's delayed ACK came (milliseconds per message)."""
+        import socket
+
+        for proto in (self.a.bus.subscriptions.proto, self.a.bus.publisher.proto):
+            sock = proto.transport.getHandle()
+            self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
     @inlineCallbacks
     def test_message_committed_on_a_reaches_b_once_in_order(self) -> Any:
         bob = yield self.b.login(BOB, "b1")
