@@ -52,9 +52,12 @@ class Probe:
         self.inner_depth = 0
         self.reads = 0  # clock reads inside measured calls: the probe's own cost
         self.read_cost_s = _read_cost()
+        self.cal_s = 0.0  # back-to-back reads sampled among the measured calls
+        self.cal_n = 0
         self.outer_s = 0.0
         self.inner_s = 0.0
         self.counts: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}  # per entry point (an outer one with its inner)
         self.installed: list[str] = []
         self.missing: list[str] = []
 
@@ -62,6 +65,8 @@ class Probe:
         clock = time.thread_time
         counts = self.counts
         counts[name] = 0
+        seconds = self.seconds
+        seconds[name] = 0.0
 
         if role == "outer":
             def outer(*args: Any, **kwargs: Any) -> Any:
@@ -74,8 +79,16 @@ class Probe:
                 try:
                     return fn(*args, **kwargs)
                 finally:
-                    self.outer_s += clock() - t
+                    spent = clock() - t
+                    self.outer_s += spent
+                    seconds[name] += spent
                     self.depth -= 1
+                    if not counts[name] & 63:
+                        # What a read costs here, among the server's own work (caches
+                        # cold, the machine busy), not in a loop at start-up.
+                        a = clock()
+                        self.cal_s += clock() - a
+                        self.cal_n += 1
             return outer
         if role == "inner":
             def inner(*args: Any, **kwargs: Any) -> Any:
@@ -88,7 +101,9 @@ class Probe:
                 try:
                     return fn(*args, **kwargs)
                 finally:
-                    self.inner_s += clock() - t
+                    spent = clock() - t
+                    self.inner_s += spent
+                    seconds[name] += spent
                     self.inner_depth -= 1
             return inner
 
@@ -97,11 +112,16 @@ class Probe:
             return fn(*args, **kwargs)
         return counted
 
+    def read_cost(self) -> float:
+        return self.cal_s / self.cal_n if self.cal_n else self.read_cost_s
+
     def report(self) -> dict[str, Any]:
         return {"bus_cpu_s": self.outer_s - self.inner_s, "outer_s": self.outer_s,
                 "inner_s": self.inner_s, "counts": self.counts,
+                "seconds": self.seconds,
                 # about one clock read per measured call lands in what is counted
-                "probe_cost_s": self.reads * self.read_cost_s,
+                "probe_cost_s": self.reads * self.read_cost(),
+                "read_cost_s": self.read_cost(), "read_cost_loop_s": self.read_cost_s,
                 "installed": self.installed, "missing": self.missing}
 
 

@@ -186,6 +186,11 @@ class IStore(Interface):
         """A message this process did not append was delivered here (from another
         process, over the bus): a hint, so the acks for it need no look-up."""
 
+    def add_batch_listener(listener: Any) -> None:
+        """``listener.batch_begins()`` before the answers of one committed batch of
+        writes fire, ``listener.batch_ends()`` after the last (a store without batches
+        never calls them)."""
+
     def ack(user_id: int, device_id: str, seqs: Sequence[int]) -> Deferred[None]:
         """Advance this device's cursor in each mailbox to the highest acked seq;
         delete messages every device of their mailbox has acknowledged."""

@@ -81,6 +81,7 @@ class RedisBus(Service):
         self.chains = Chains(self, gap_wait)
         self.subscriptions = Subscriptions(clock, self._received, self._resubscribed, keepalive)
         self.publisher = Publisher(clock, self.channel_prefix + b"-", keepalive)
+        store.add_batch_listener(self.publisher)
         self.reconcile_interval = reconcile_interval
         self._refs: dict[str, int] = {}  # mailbox -> local users that need it
         self._users: dict[int, int] = {}  # user id -> attached connections here

@@ -61,13 +61,15 @@ class Publisher:
 
     The publishes of one reactor turn go out in one write, at the end of the turn
     (`flush`, a ``callLater(0)``: before the reactor next waits), so a group commit's
-    messages cost one system call between them.  Redis's answers are switched off
-    (``CLIENT REPLY OFF``): a PUBLISH's answer is only the receiver count, and reading
-    it was a read (often a wake-up) per message.  What they would have said is found
-    another way: one probe PUBLISH on ``probe_channel`` per connection, answered, tells
-    whether Redis lets this connection publish (a refusal is logged with Redis's
-    reason); and every ``keepalive`` seconds replies are on for one PING, so a
-    connection that stopped answering is aborted and txredisapi reconnects.
+    messages cost one system call between them (those made while a committed batch's
+    answers run: right after the last, `batch_ends`, without the timer).  Redis's
+    answers are switched off (``CLIENT REPLY OFF``): a PUBLISH's answer is only the
+    receiver count, and reading it was a read (often a wake-up) per message.  What
+    they would have said is found another way: one probe PUBLISH on ``probe_channel``
+    per connection, answered, tells whether Redis lets this connection publish (a
+    refusal is logged with Redis's reason); and every ``keepalive`` seconds replies
+    are on for one PING, so a connection that stopped answering is aborted and
+    txredisapi reconnects.
 
     While the connection is down, the last `KEEP_WHILE_DOWN` publishes are kept and
     sent once it is back (receivers drop what they already have), so they need not
@@ -89,6 +91,7 @@ class Publisher:
         self.counts = 0  # PUBLISH answers received
         self._out: list[bytes] = []
         self._flush: IDelayedCall | None = None
+        self._batch = 0  # inside a store batch's answers: written at its end
         self._keepalive = Keepalive(clock, keepalive, self._ping, "bus publisher")
         self._logged = False
         self._kept: deque[bytes] = deque(maxlen=KEEP_WHILE_DOWN)
@@ -134,8 +137,18 @@ class Publisher:
             self._keep(command)
             return
         self._out.append(command)
-        if self._flush is None:
+        if self._flush is None and not self._batch:
             self._flush = self.clock.callLater(0, self.flush)
+
+    # The store's batches (`shtalk.server.store.groupcommit.BatchListener`): what the
+    # answers of one committed batch publish is written after the last, with no timer.
+    def batch_begins(self) -> None:
+        self._batch += 1
+
+    def batch_ends(self) -> None:
+        self._batch = max(0, self._batch - 1)
+        if not self._batch:
+            self.flush()
 
     def flush(self) -> None:
         """Everything published since the last flush, in one write."""

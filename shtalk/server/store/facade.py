@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from shtalk.server.eserver import StoreClosed
 from shtalk.server.store.acks import AckingGroupCommit, CursorBook
 from shtalk.server.store.codes import SQLiteCodeStore
-from shtalk.server.store.groupcommit import GroupedOp
+from shtalk.server.store.groupcommit import BatchListener, GroupedOp
 from shtalk.server.store.records import (
     AppendResult,
     ChainLink,
@@ -386,6 +386,9 @@ class LaneStore:
 
     def delivered(self, mailbox: str, seq: int) -> None:
         self._book.hint(seq, mailbox)
+
+    def add_batch_listener(self, listener: BatchListener) -> None:
+        self._writes.listeners.append(listener)
 
     def ack(self, user_id: int, device_id: str, seqs: Sequence[int]) -> Deferred[None]:
         """Coalesced with every other ack into one op of the next transaction; fires

@@ -16,13 +16,16 @@ commits many writes together rather than one per request.
 * A subclass may put one op of its own at the head of each batch (`_board`): the
   acknowledgements ride that way (`shtalk.server.store.acks`).
 * Back-pressure: `overloaded` while more ops wait than the writer should be fed.
+* Listeners (`BatchListener`) are told before a committed batch's callbacks run and
+  after the last: a cluster's bus publisher then writes everything those callbacks
+  published at once, in one write, with no timer for the end of the reactor turn.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
@@ -36,6 +39,12 @@ Outcomes = list[tuple[bool, object]]
 #: Ops waiting for the writer (beyond the transaction in flight) at which the store
 #: reports itself overloaded: the protocol then stops reading senders' sockets.
 BACKLOG_HIGH = 1000
+
+
+class BatchListener(Protocol):
+    def batch_begins(self) -> None: ...
+
+    def batch_ends(self) -> None: ...
 
 
 class GroupedOp:
@@ -172,6 +181,7 @@ class GroupCommit:
         self.writing = False
         self._idle: list[Deferred[None]] = []
         self._drain_waiters: list[Deferred[None]] = []
+        self.listeners: list[BatchListener] = []
         #: Group-commit figures, for tests and benchmarks.
         self.write_transactions = 0
         self.write_ops = 0
@@ -242,11 +252,18 @@ class GroupCommit:
             drained, self._drain_waiters = self._drain_waiters, []
             for w in drained:
                 w.callback(None)
-        for (_, d), (ok, value) in zip(batch, answers, strict=True):
-            if ok:
-                d.callback(value)
-            else:
-                d.errback(cast(Exception | Failure, value))
+        listeners = tuple(self.listeners)  # one added by a callback is told from the next
+        for listener in listeners:
+            listener.batch_begins()
+        try:
+            for (_, d), (ok, value) in zip(batch, answers, strict=True):
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(cast(Exception | Failure, value))
+        finally:
+            for listener in listeners:
+                listener.batch_ends()
         if self.idle():
             idle, self._idle = self._idle, []
             for w in idle:

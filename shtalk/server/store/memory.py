@@ -86,6 +86,9 @@ class MemoryStore:
     def delivered(self, mailbox: str, seq: int) -> None:
         """Every seq's mailbox is in the tables already."""
 
+    def add_batch_listener(self, listener: object) -> None:
+        """No batches: each answer fires in its caller's turn."""
+
     # --- accounts ---
 
     @answered

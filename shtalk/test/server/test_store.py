@@ -278,6 +278,32 @@ class GroupCommitTests(StoreTestBase):
         self.assertEqual((await store.stats())["messages"], 200)
 
     @async_test
+    async def test_listeners_bracket_each_batchs_answers(self) -> None:
+        store, alice, _, rid = await self.setup_room()
+        events: list[object] = []
+
+        class Listener:
+            def batch_begins(self) -> None:
+                events.append("begins")
+
+            def batch_ends(self) -> None:
+                events.append("ends")
+
+        store.add_batch_listener(Listener())
+        appends = [store.append(msg((f"r:{rid}",), alice, "a1", f"c{i}")) for i in range(50)]
+        for d in appends:
+            d.addCallback(lambda r: events.append(r.seqs[0]))
+        await gatherResults(appends)
+        self.assertEqual(events[0], "begins")
+        depth = 0
+        for e in events:  # every answer inside a bracket, brackets not nested
+            depth += 1 if e == "begins" else -1 if e == "ends" else 0
+            self.assertIn(depth, (0, 1))
+            if e not in ("begins", "ends"):
+                self.assertEqual(depth, 1)
+        self.assertEqual(len([e for e in events if e not in ("begins", "ends")]), 50)
+
+    @async_test
     async def test_close_flushes_queued_writes(self) -> None:
         store, alice, bob, rid = await self.setup_room()
         appended = [store.append(msg((f"r:{rid}",), alice, "a1", f"c{i}")) for i in range(20)]

@@ -65,6 +65,9 @@ class ChainStore:
     def delivered(self, mailbox: str, seq: int) -> None:
         self.hinted.append((mailbox, seq))
 
+    def add_batch_listener(self, listener: object) -> None:
+        """Answers already fired: no batches."""
+
     # writes, as a store commits them
     def _next(self, mailbox: str) -> tuple[int, int]:
         self.seq += 1

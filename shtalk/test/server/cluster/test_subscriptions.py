@@ -137,6 +137,22 @@ class PublisherTests(SynchronousTestCase):
         self.assertEqual(writes, [b"*3\r\n$7\r\nPUBLISH\r\n$2\r\nch\r\n$7\r\npayload\r\n"
                                   b"*3\r\n$7\r\nPUBLISH\r\n$2\r\nch\r\n$3\r\ntwo\r\n"])
 
+    def test_a_store_batchs_publishes_go_out_after_its_last_answer(self) -> None:
+        """No timer for the end of the turn: the batch's end writes them."""
+        self.connect()
+        writes: list[bytes] = []
+        self.proto.send = writes.append  # type: ignore[method-assign,assignment]
+        self.pub.batch_begins()
+        self.pub.publish(b"ch", b"one")
+        self.pub.publish(b"ch", b"two")
+        self.assertEqual(writes, [])
+        self.assertIsNone(self.pub._flush, "a timer for the end of the turn")
+        self.pub.batch_ends()
+        self.assertEqual(writes, [publish_command(b"ch", b"one") + publish_command(b"ch", b"two")])
+        self.pub.publish(b"ch", b"later")  # outside a batch: the end of the turn again
+        self.clock.advance(0)
+        self.assertEqual(writes[1:], [publish_command(b"ch", b"later")])
+
     def test_the_connection_probes_publishing_then_turns_answers_off(self) -> None:
         self.pub.publish(b"ch", b"early")  # while down: kept
         self.pub.connected(self.proto)
