@@ -163,7 +163,7 @@ async def e2ee_pair(spec: dict[str, Any]) -> dict[str, Any]:
 
     loop = ClosedLoop([alice], conv, state, tolerate=False)
     loop.start()
-    cpu = await measured(spec, state)
+    cpu = await measured(spec, state, profile=spec.get("profile"))
     await loop.stop()
     await until(lambda: state["received"] >= loop.sent + 1, 10, 0.02)
     out["closed"] = {
