@@ -222,7 +222,7 @@ class JobsProfiler:
                    done: Callable[[Any], None]) -> None:
             real(db, profiled(fn), args, done)
 
-        SQLiteThread.submit = submit  # type: ignore[method-assign]
+        SQLiteThread.submit = submit  # type: ignore[method-assign,assignment]
 
     def stop(self, path: str) -> None:
         import pstats
