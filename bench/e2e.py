@@ -310,7 +310,8 @@ def run_dm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             profile = (f"{args.profile}.{i}" if args.runs > 1 else args.profile
                        ) if args.profile else None
             r = run_worker({**base, "scenario": "e2ee_pair", "users": [f"alice{i}", f"bob{i}"],
-                            "home": str(work / f"pair{i}"), "profile": profile},
+                            "home": str(work / f"pair{i}"), "profile": profile,
+                            "client_pragmas": args.client_pragma},
                            args.warmup + args.duration + 180)
             wait_idle(server.pid)
             runs.append(r)
@@ -374,6 +375,9 @@ def main() -> None:
                    help="dm: only the E2EE DM, printing the client CPU per DM (send + "
                    "receive) of each of --runs runs")
     p.add_argument("--runs", type=int, default=1, help="with --only: runs, fresh users each")
+    p.add_argument("--client-pragma", action="append", default=[], metavar="PRAGMA",
+                   help="with --only dm, an experiment: the clients' stores also run "
+                   "'PRAGMA <this>' (e.g. 'journal_size_limit = -1'; repeatable)")
     p.add_argument("--from-json", type=Path,
                    help="re-render the report from a --json file of an earlier run")
     p.add_argument("--no-experiment", dest="experiment", action="store_false",

@@ -35,8 +35,8 @@ def _thread_cpu(tid: int) -> float:
 
 
 def _threads_by_name() -> dict[str, float]:
-    """CPU seconds of this process's threads so far, summed by thread name (the local
-    stores' threads share one name): where the client process's CPU goes."""
+    """CPU seconds of this process's threads so far, user and system apart, summed by
+    thread name (the local stores' threads share one): where the client's CPU goes."""
     pid = os.getpid()
     out: dict[str, float] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -47,7 +47,14 @@ def _threads_by_name() -> dict[str, float]:
             continue
         # Python 3.11 names no OS thread: the local stores' threads show as "python".
         name = "reactor" if int(tid) == pid else "store+other" if name == "python" else name
-        out[name] = out.get(name, 0.0) + cpu_seconds_of(pid, int(tid))
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        hz = os.sysconf("SC_CLK_TCK")
+        for kind, ticks in (("user", fields[11]), ("sys", fields[12])):
+            out[f"{name} {kind}"] = out.get(f"{name} {kind}", 0.0) + int(ticks) / hz
     return out
 
 
@@ -170,7 +177,9 @@ async def measured(spec: dict[str, Any], state: dict[str, Any], *, warmup: bool 
                    profile: str | None = None) -> dict[str, Any]:
     """After the warm-up, ``spec["duration"]`` seconds with ``state`` recording; the CPU
     of that window.  ``profile``: cProfile this process's reactor thread over the window
-    into that file, and the local stores' jobs (their own threads) into ``profile.store``."""
+    into that file, and the local stores' jobs (their own threads) into ``profile.store``,
+    in CPU time (the thread's, not the wall clock: waits for the network or the disk
+    do not count)."""
     if warmup:
         await sleep(spec["warmup"])
     win = Window(spec["server_pid"])
@@ -181,7 +190,7 @@ async def measured(spec: dict[str, Any], state: dict[str, Any], *, warmup: bool 
         import cProfile
 
         jobs = JobsProfiler()
-        profiler = cProfile.Profile()
+        profiler = cProfile.Profile(time.thread_time)
         profiler.enable()
     await sleep(spec["duration"])
     if profiler is not None and jobs is not None and profile:
@@ -210,7 +219,7 @@ class JobsProfiler:
             def job(*args: Any) -> Any:
                 p = profiles.get(threading.get_ident())
                 if p is None:
-                    p = profiles[threading.get_ident()] = cProfile.Profile()
+                    p = profiles[threading.get_ident()] = cProfile.Profile(time.thread_time)
                 p.enable()
                 try:
                     return fn(*args)
