@@ -4,6 +4,16 @@
 
 (``--rotation`` runs the key-rotation measurement instead: bench/e2e_rotation.py.)
 
+    PYTHONPATH=. .venv/bin/python -m bench.e2e --only dm [--runs 3] [--profile FILE]
+
+runs only the E2EE DM (closed loop, then ping-pong) and prints, for each run, the
+"client CPU per E2EE DM (send + receive)": the CPU of the one client process holding
+Alice and Bob (their reactor, their local stores' threads: signatures, ratchets,
+sealing, SQLite commits with their fsyncs, TLS) per message delivered, split into user
+and system time by thread.  ``--profile FILE`` writes cProfile CPU-time profiles of the
+reactor thread (FILE) and of the stores' jobs (FILE.store); ``--client-pragma`` runs an
+experiment with other SQLite settings on the clients' stores.
+
 What it does (everything on 127.0.0.1, bounded in time, stops by itself, removes its
 server and temporary directories):
 
