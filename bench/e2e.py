@@ -4,6 +4,16 @@
 
 (``--rotation`` runs the key-rotation measurement instead: bench/e2e_rotation.py.)
 
+    PYTHONPATH=. .venv/bin/python -m bench.e2e --only dm [--runs 3] [--profile FILE]
+
+runs only the E2EE DM (closed loop, then ping-pong) and prints, for each run, the
+"client CPU per E2EE DM (send + receive)": the CPU of the one client process holding
+Alice and Bob (their reactor, their local stores' threads: signatures, ratchets,
+sealing, SQLite commits with their fsyncs, TLS) per message delivered, split into user
+and system time by thread.  ``--profile FILE`` writes cProfile CPU-time profiles of the
+reactor thread (FILE) and of the stores' jobs (FILE.store); ``--client-pragma`` runs an
+experiment with other SQLite settings on the clients' stores.
+
 What it does (everything on 127.0.0.1, bounded in time, stops by itself, removes its
 server and temporary directories):
 
@@ -297,6 +307,47 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return results
 
 
+def run_dm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """``--only dm``: the E2EE two-party scenario alone, ``--runs`` times (fresh users
+    each time) through one server, and the client CPU per DM of each run."""
+    server = start_server(work)
+    runs = []
+    try:
+        base = {"port": server.port, "fingerprint": fingerprint(work / "e2e-data"),
+                "server_pid": server.pid, "warmup": args.warmup,
+                "duration": args.duration, "pingpong": args.pingpong}
+        for i in range(args.runs):
+            profile = (f"{args.profile}.{i}" if args.runs > 1 else args.profile
+                       ) if args.profile else None
+            r = run_worker({**base, "scenario": "e2ee_pair", "users": [f"alice{i}", f"bob{i}"],
+                            "home": str(work / f"pair{i}"), "profile": profile,
+                            "client_pragmas": args.client_pragma},
+                           args.warmup + args.duration + 180)
+            wait_idle(server.pid)
+            runs.append(r)
+            log(dm_line(r))
+    finally:
+        server.stop()
+    return {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+            "warmup_s": args.warmup, "duration_s": args.duration, "runs": runs}
+
+
+def dm_line(r: dict[str, Any]) -> str:
+    """"client CPU per E2EE DM (send + receive)": Alice's and Bob's process (one reactor,
+    their local stores' threads) over the closed loop, split by thread, and ping-pong."""
+    c, p = r["closed"], r["pingpong"]
+
+    def us(share: float) -> str:
+        return f"{share / c['delivered_per_s'] * 1e6:,.0f}"
+
+    threads = ", ".join(f"{name} {us(v)}" for name, v in c["client_threads_cpu"].items()
+                        if v / c["delivered_per_s"] * 1e6 >= 0.5)
+    pp = p["client_cpu"] * p["elapsed_s"] / max(1, p["latency"]["samples"]) * 1e6
+    return (f"client CPU per E2EE DM (send + receive): {us(c['client_cpu'])} µs closed loop "
+            f"({c['delivered_per_s']:,.0f} DMs/s; by thread: {threads}; server "
+            f"{us(c['server_cpu'])} µs); ping-pong {pp:,.0f} µs")
+
+
 def _show(what: str, r: dict[str, Any]) -> None:
     c, p = r["closed"], r["pingpong"]
     log(f"  {what}: closed {c['delivered_per_s']:.0f} msg/s p50 {c['latency']['p50_ms']} "
@@ -327,8 +378,16 @@ def main() -> None:
                    "client processes (1: skip)")
     p.add_argument("--probe-rate", type=float, default=20.0,
                    help="E2EE messages/s through the server loaded by the raw room (0: skip)")
-    p.add_argument("--profile", help="cProfile the E2EE room's reactor thread during the "
-                   "closed loop into this file (perturbs the figures)")
+    p.add_argument("--profile", help="cProfile the E2EE room's (with --only dm: the DM's) "
+                   "reactor thread during the closed loop into this file and the local "
+                   "stores' jobs into FILE.store (perturbs the figures)")
+    p.add_argument("--only", choices=["dm"],
+                   help="dm: only the E2EE DM, printing the client CPU per DM (send + "
+                   "receive) of each of --runs runs")
+    p.add_argument("--runs", type=int, default=1, help="with --only: runs, fresh users each")
+    p.add_argument("--client-pragma", action="append", default=[], metavar="PRAGMA",
+                   help="with --only dm, an experiment: the clients' stores also run "
+                   "'PRAGMA <this>' (e.g. 'journal_size_limit = -1'; repeatable)")
     p.add_argument("--from-json", type=Path,
                    help="re-render the report from a --json file of an earlier run")
     p.add_argument("--no-experiment", dest="experiment", action="store_false",
@@ -350,6 +409,14 @@ def main() -> None:
         args.warmup = 1.0 if args.quick else 2.0
     if args.pingpong is None:
         args.pingpong = 50 if args.quick else 300
+    if args.only == "dm":
+        with workdir("shtalk-bench-e2e-") as work:
+            results = run_dm(args, work)
+        for r in results["runs"]:
+            print(dm_line(r))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+        return
     if args.from_json:
         results = json.loads(args.from_json.read_text())
     else:

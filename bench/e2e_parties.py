@@ -34,20 +34,51 @@ def _thread_cpu(tid: int) -> float:
     return cpu_seconds_of(os.getpid(), tid)
 
 
+def _threads_by_name() -> dict[str, float]:
+    """CPU seconds of this process's threads so far, user and system apart, summed by
+    thread name (the local stores' threads share one): where the client's CPU goes."""
+    pid = os.getpid()
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        # Python 3.11 names no OS thread: the local stores' threads show as "python".
+        name = "reactor" if int(tid) == pid else "store+other" if name == "python" else name
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        hz = os.sysconf("SC_CLK_TCK")
+        for kind, ticks in (("user", fields[11]), ("sys", fields[12])):
+            out[f"{name} {kind}"] = out.get(f"{name} {kind}", 0.0) + int(ticks) / hz
+    return out
+
+
 class Window:
-    """CPU of the server, of this process and of its reactor thread over a window."""
+    """CPU of the server, of this process, of its reactor thread and of its other
+    threads (by name) over a window."""
 
     def __init__(self, server_pid: int) -> None:
         self.cpu = CpuWindow(server_pid)
         self.tid = threading.get_native_id()
         self.reactor0 = _thread_cpu(self.tid)
+        self.threads0 = _threads_by_name()
 
-    def stop(self) -> dict[str, float]:
-        out = self.cpu.stop()
+    def stop(self) -> dict[str, Any]:
+        threads = _threads_by_name()
+        out: dict[str, Any] = self.cpu.stop()
         out["client_reactor_cpu"] = round(
             (_thread_cpu(self.tid) - self.reactor0) / out["elapsed_s"], 3
         )
         out["client_cpu"] = out.pop("loadgen_cpu")
+        out["client_threads_cpu"] = {
+            name: round((t - self.threads0.get(name, 0.0)) / out["elapsed_s"], 4)
+            for name, t in sorted(threads.items())
+        }
         return out
 
 
@@ -143,26 +174,75 @@ def record_latency(members: list[Party]) -> dict[str, Any]:
 
 
 async def measured(spec: dict[str, Any], state: dict[str, Any], *, warmup: bool = True,
-                   profile: str | None = None) -> dict[str, float]:
+                   profile: str | None = None) -> dict[str, Any]:
     """After the warm-up, ``spec["duration"]`` seconds with ``state`` recording; the CPU
-    of that window.  ``profile``: cProfile this process's window into that file."""
+    of that window.  ``profile``: cProfile this process's reactor thread over the window
+    into that file, and the local stores' jobs (their own threads) into ``profile.store``,
+    in CPU time (the thread's, not the wall clock: waits for the network or the disk
+    do not count)."""
     if warmup:
         await sleep(spec["warmup"])
     win = Window(spec["server_pid"])
     state["hist"].t0 = monotonic_ns()
     state["recording"] = True
-    profiler = None
+    profiler = jobs = None
     if profile:
         import cProfile
 
-        profiler = cProfile.Profile()
+        jobs = JobsProfiler()
+        profiler = cProfile.Profile(time.thread_time)
         profiler.enable()
     await sleep(spec["duration"])
-    if profiler is not None and profile:
+    if profiler is not None and jobs is not None and profile:
         profiler.disable()
         profiler.dump_stats(profile)
+        jobs.stop(profile + ".store")
     state["recording"] = False
     return win.stop()
+
+
+class JobsProfiler:
+    """cProfile of every `SQLiteThread` job submitted until `stop` (cProfile sees one
+    thread only: each job is profiled in its own thread, the profiles merged at the end)."""
+
+    def __init__(self) -> None:
+        import cProfile
+
+        from shtalk.sqlitethread import SQLiteThread
+
+        self.profiles: dict[int, cProfile.Profile] = {}
+        self.cls = SQLiteThread
+        self.submit = real = SQLiteThread.submit
+        profiles = self.profiles
+
+        def profiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def job(*args: Any) -> Any:
+                p = profiles.get(threading.get_ident())
+                if p is None:
+                    p = profiles[threading.get_ident()] = cProfile.Profile(time.thread_time)
+                p.enable()
+                try:
+                    return fn(*args)
+                finally:
+                    p.disable()
+            return job
+
+        def submit(db: Any, fn: Callable[..., Any], args: tuple[Any, ...],
+                   done: Callable[[Any], None]) -> None:
+            real(db, profiled(fn), args, done)
+
+        SQLiteThread.submit = submit  # type: ignore[method-assign,assignment]
+
+    def stop(self, path: str) -> None:
+        import pstats
+
+        self.cls.submit = self.submit  # type: ignore[method-assign]
+        profiles = list(self.profiles.values())
+        if profiles:
+            stats = pstats.Stats(profiles[0])
+            for p in profiles[1:]:
+                stats.add(p)
+            stats.dump_stats(path)
 
 
 async def until(done: Callable[[], bool], limit: float, step: float = 0.05) -> bool:

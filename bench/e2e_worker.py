@@ -163,7 +163,7 @@ async def e2ee_pair(spec: dict[str, Any]) -> dict[str, Any]:
 
     loop = ClosedLoop([alice], conv, state, tolerate=False)
     loop.start()
-    cpu = await measured(spec, state)
+    cpu = await measured(spec, state, profile=spec.get("profile"))
     await loop.stop()
     await until(lambda: state["received"] >= loop.sent + 1, 10, 0.02)
     out["closed"] = {
@@ -416,25 +416,29 @@ SCENARIOS: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
-def client_sync_experiment(mode: str) -> None:
-    """An experiment (not the product's setting): the E2EE clients' stores commit with
-    ``PRAGMA synchronous = <mode>`` instead of FULL, i.e. without an fsync per commit, to
-    show how much of the E2EE cost is the durable local commit."""
+def client_pragma_experiment(pragmas: list[str]) -> None:
+    """An experiment (not the product's setting): the E2EE clients' stores run these
+    ``PRAGMA``s after their own set-up, e.g. ``synchronous = NORMAL`` (no fsync per
+    commit) to show how much of the E2EE cost is the durable local commit."""
     from shtalk.client import localschema
 
     original = localschema.setup_connection
 
     def setup(conn: Any) -> None:
         original(conn)
-        conn.execute(f"PRAGMA synchronous = {mode}")
+        for pragma in pragmas:
+            conn.execute(f"PRAGMA {pragma}")
 
     localschema.setup_connection = setup
 
 
 def worker() -> None:
     spec = json.loads(sys.stdin.readline())  # the first line (more may follow: GO lines)
+    pragmas = list(spec.get("client_pragmas", []))
     if spec.get("client_sync"):
-        client_sync_experiment(spec["client_sync"])
+        pragmas.append(f"synchronous = {spec['client_sync']}")
+    if pragmas:
+        client_pragma_experiment(pragmas)
     ok = child_main(spec, SCENARIOS)
     # Do not wait for adbapi threads of an aborted run.
     os._exit(0 if ok else 1)

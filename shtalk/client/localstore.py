@@ -103,6 +103,53 @@ def _check_puts(puts: Sequence[Put]) -> None:
 # --- the store ---------------------------------------------------------------
 
 
+class _Written:
+    """The key/value entries the file holds, as this store last committed them.
+
+    A sending chain is saved reserved ahead, so most messages sent leave their
+    session's value exactly as the file already holds it: sealing and writing it again
+    would cost a WAL page and a trip through SQLite per message for no change.  A put
+    is left out only if its value is the one a *completed* commit wrote and no queued
+    commit writes that entry (one that fails may have left either value): the file's
+    content is then what the full commit would have made it."""
+
+    __slots__ = ("pending", "values")
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str], bytes] = {}
+        self.pending: dict[tuple[str, str], int] = {}
+
+    def needed(self, puts: list[Put]) -> list[Put]:
+        """``puts`` less those that would rewrite an entry as it is (puts apply in
+        order: once one entry is written by this commit, its later puts stay too)."""
+        values = self.values  # (no entry while a queued commit writes it)
+        out: list[Put] = []
+        kept: set[tuple[str, str]] = set()
+        for put in puts:
+            k = (put[0], put[1])
+            if put[2] is None or k in kept or values.get(k) != put[2]:
+                kept.add(k)
+                out.append(put)
+        return out
+
+    def started(self, puts: list[Put]) -> None:
+        for kind, key, _ in puts:
+            k = (kind, key)
+            self.pending[k] = self.pending.get(k, 0) + 1
+            self.values.pop(k, None)
+
+    def finished(self, puts: list[Put], ok: bool) -> None:
+        for kind, key, value in puts:
+            k = (kind, key)
+            left = self.pending[k] - 1
+            if left:
+                self.pending[k] = left
+            else:
+                del self.pending[k]
+                if ok and value is not None:
+                    self.values[k] = value
+
+
 def _default_reactor(reactor: Any) -> Any:
     if reactor is None:
         from twisted.internet import reactor as default
@@ -157,6 +204,7 @@ class LocalStore:
         self.kdf = params
         self._salt = salt
         self._closing: list[Deferred[None]] | None = None
+        self._written = _Written()
 
     # --- life cycle ---
 
@@ -279,6 +327,7 @@ class LocalStore:
         def closed(result: object) -> None:
             self._pool = None
             self._data_key = b""
+            self._written = _Written()
             waiters, self._closing = self._closing or [], None
             for w in waiters:
                 if isinstance(result, Failure):
@@ -356,7 +405,18 @@ class LocalStore:
                 _check_state(state)
         except (TypeError, ValueError) as e:
             return fail(e)
-        return self._run(localschema.commit, self._keys, puts, messages, states)
+        written = self._written
+        puts = written.needed(puts)
+        d = self._run(localschema.commit, self._keys, puts, messages, states)
+        if puts and not d.called:
+            written.started(puts)
+
+            def finished(result: T) -> T:
+                written.finished(puts, not isinstance(result, Failure))
+                return result
+
+            d.addBoth(finished)
+        return d
 
     # --- history ---
 

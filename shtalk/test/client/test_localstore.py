@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Any
 
+from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import TestCase
 
 from shtalk.client import localschema, localseal
@@ -389,6 +390,54 @@ class CommitTests(Base):
             )
         self.assertIsNone(await store.get("session", "bob"))
         self.assertEqual(await store.history("user:bob"), [])
+
+    def sealed(self) -> dict[bytes, bytes]:
+        return {bytes(h): bytes(v) for h, v in self.raw("SELECT hkey, value FROM kv")}
+
+    async def test_a_value_the_file_holds_is_not_rewritten(self) -> None:
+        # Most messages sent leave their session's saved state as it was: committing
+        # it again must cost no write, and must not change what the file holds.
+        store = await self.create()
+        await store.commit(puts=[("session", "bob", b"s1")])
+        first = self.sealed()
+        await store.commit(puts=[("session", "bob", b"s1")], messages=[msg(1)])
+        self.assertEqual(self.sealed(), first)
+        self.assertEqual(len(await store.history("user:bob")), 1)
+        await store.commit(puts=[("session", "bob", b"s2")])
+        self.assertNotEqual(self.sealed(), first)
+        self.assertEqual(await store.get("session", "bob"), b"s2")
+        # Puts apply in order, also when one of them repeats the stored value.
+        await store.commit(puts=[("session", "bob", b"s3"), ("session", "bob", b"s2")])
+        self.assertEqual(await store.get("session", "bob"), b"s2")
+        await store.commit(puts=[("session", "bob", b"s2"), ("session", "bob", b"s4")])
+        self.assertEqual(await store.get("session", "bob"), b"s4")
+
+    async def test_a_value_is_rewritten_after_a_failed_commit(self) -> None:
+        store = await self.create()
+        await store.commit(puts=[("session", "bob", b"s1")])
+        real = localschema.insert_message
+
+        def crash(conn: sqlite3.Connection, keys: Any, m: HistoryMessage) -> None:
+            raise RuntimeError("crash in the middle of the commit")
+
+        self.patch(localschema, "insert_message", crash)
+        with self.assertRaises(RuntimeError):
+            await store.commit(puts=[("session", "bob", b"s2")], messages=[msg(1)])
+        self.patch(localschema, "insert_message", real)
+        # Whatever the failed commit left, the next commit of s2 writes it.
+        await store.commit(puts=[("session", "bob", b"s2")])
+        store = await self.reopen(store)
+        self.assertEqual(await store.get("session", "bob"), b"s2")
+
+    async def test_queued_commits_of_one_entry_all_apply(self) -> None:
+        # s1 -> s2 -> s1 queued at once: the last s1 is written although the file held
+        # s1 when it was queued (the s2 before it was still in flight).
+        store = await self.create()
+        await store.commit(puts=[("session", "bob", b"s1")])
+        await gatherResults([store.commit(puts=[("session", "bob", v)])
+                             for v in (b"s2", b"s1")])
+        store = await self.reopen(store)
+        self.assertEqual(await store.get("session", "bob"), b"s1")
 
     async def test_set_state(self) -> None:
         store = await self.create()
