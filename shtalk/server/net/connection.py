@@ -77,7 +77,8 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         self._holding: list[tuple[int, bytes]] | None = None
         self._order = RequestOrder()
         self._post_reply: Callable[[], Any] | None = None
-        self._limited_at: deque[float] = deque()
+        # Made at the first refusal: an empty deque is ~600 bytes, on every connection.
+        self._limited_at: deque[float] | None = None
         # Over TLS, true until the handshake is done (the deadline then aborts: there
         # is no channel for an error line yet); the admission is shtalk.server.net.admission.
         self._handshaking = False
@@ -255,6 +256,8 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         """Sustained abuse (many rate_limited replies within a minute) closes the connection."""
         if e.code is not ErrorCode.RATE_LIMITED:
             return
+        if self._limited_at is None:
+            self._limited_at = deque()
         if self.factory.limits.too_many(self._limited_at):
             log.warn("closing a connection that kept exceeding its rate limits",
                      event="ratelimit.disconnect", address=self.peer, count=len(self._limited_at))
