@@ -31,6 +31,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 
 from bench.common import (
+    ANALYSIS,
     DOC,
     RATE_KEYS,
     BenchError,
@@ -167,7 +168,7 @@ def report(results: dict[str, Any]) -> str:
     met = "met" if figure <= TARGET_KB else "missed"
     lines += ["", f"- shtalk, per idle logged-in connection: **{figure:.1f} KiB** (target <= "
               f"{TARGET_KB:g} KB): **{met}**; the ceiling "
-              f"{results['ceiling'][0]['per_conn_kib']:.1f} KiB.", ""]
+              f"{results['ceiling'][0]['per_conn_kib']:.1f} KiB.", "", ANALYSIS, ""]
     return "\n".join(lines)
 
 
