@@ -304,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--no-docs", action="store_true", help="do not write PERFORMANCE.md")
     args = parser.parse_args(argv)
-    args.cmdline = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])
-                           if a not in ("--no-docs",))
+    given = list(argv if argv is not None else sys.argv[1:])
+    # where the figures went is no part of how they were measured
+    args.cmdline = "".join(f" {a}" for k, a in enumerate(given) if a not in ("--json", "--no-docs")
+                           and not (k and given[k - 1] == "--json") and not a.startswith("--json="))
     version = shutil.which("valgrind") and subprocess.run(
         ["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
     if not version or not shutil.which("callgrind_control"):
