@@ -68,14 +68,16 @@ class Server:
     """A server subprocess; `port` is read from what it prints when listening."""
 
     def __init__(self, name: str, argv: list[str], pattern: str, log: Path,
-                 pythonpath: Path = REPO) -> None:
+                 pythonpath: Path = REPO, env: Mapping[str, str] | None = None,
+                 start_timeout: float = 60) -> None:
         self.name = name
+        self.start_timeout = start_timeout
         self.log = log
-        env = dict(os.environ, PYTHONPATH=str(pythonpath))
         self._log_file = log.open("wb")
         self.proc = subprocess.Popen(
-            argv, cwd=str(log.parent), env=env, stdout=subprocess.PIPE,
-            stderr=self._log_file, start_new_session=True,
+            argv, cwd=str(log.parent),
+            env={**os.environ, **(env or {}), "PYTHONPATH": str(pythonpath)},
+            stdout=subprocess.PIPE, stderr=self._log_file, start_new_session=True,
         )
         self.port = self._wait_port(pattern)
 
@@ -85,7 +87,7 @@ class Server:
 
     def _wait_port(self, pattern: str) -> int:
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + self.start_timeout
         regex = re.compile(pattern)
         lines = []
         while time.monotonic() < deadline:
@@ -127,17 +129,20 @@ def terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
 
 
 def launch_shtalk(work: Path, name: str, config: str, *, repo: Path = REPO,
-                 boot: str = TWISTD, label: str | None = None) -> Server:
+                 boot: str = TWISTD, label: str | None = None, wrapper: Sequence[str] = (),
+                 env: Mapping[str, str] | None = None, start_timeout: float = 60) -> Server:
     """``twistd -n shtalk`` from ``repo`` with ``config`` as its ini file, a fresh data
-    directory ``work/<name>-data``, any free port; its logs stay in ``work``."""
+    directory ``work/<name>-data``, any free port; its logs stay in ``work``.  ``wrapper``:
+    the command that runs it (e.g. valgrind's), ``env``: added to the environment."""
     cfg = work / f"{name}.ini"
     cfg.write_text(config)
     argv = [
-        sys.executable, "-c", boot,
+        *wrapper, sys.executable, "-c", boot,
         "-n", "--pidfile=", "--logfile", str(work / f"{name}-twistd.log"),
         "shtalk", "--port", "0", "--data-dir", str(work / f"{name}-data"), "--config", str(cfg),
     ]
-    return Server(label or name, argv, LISTENING, work / f"{name}.stderr", pythonpath=repo)
+    return Server(label or name, argv, LISTENING, work / f"{name}.stderr", pythonpath=repo,
+                  env=env, start_timeout=start_timeout)
 
 
 def run_child(argv: list[str], spec: dict[str, Any], timeout: float, what: str, *,
