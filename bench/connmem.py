@@ -32,15 +32,14 @@ from twisted.internet.defer import inlineCallbacks
 
 from bench.common import (
     ANALYSIS,
+    CURRENT_LIMITS,
     DOC,
-    RATE_KEYS,
     BenchError,
     bench_config,
     bounded,
     child_main,
     fingerprint,
     launch_shtalk,
-    lifted_limits,
     logger,
     machine,
     record,
@@ -117,8 +116,7 @@ def measure(mode: str, port: int, pid: int, fp: str, tokens: list[str], args: An
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from bench.fanout import start_ceiling
 
-    limits = lifted_limits(rate_keys=(*RATE_KEYS, "register_check_address"))
-    cfg = bench_config(10, limits=limits).replace("max_connections_per_address = 1000",
+    cfg = bench_config(10, limits=CURRENT_LIMITS).replace("max_connections_per_address = 1000",
                                    f"max_connections_per_address = {args.warm + args.n + 10}")
     shtalk = launch_shtalk(work, "connmem", cfg)
     try:

@@ -41,7 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    CURRENT_LIMITS,
     DOC,
+    LIFTED_LIMITS,
     REPO,
     TWISTD,
     BenchError,
@@ -132,7 +134,10 @@ def start_shtalk(
         boot = f"import sys; sys.setswitchinterval({switch_interval!r}); " + boot
     if probe is not None:  # an experiment, off by default
         boot = f"import bench.fanout as b; b.install_store_probe({str(probe)!r}); " + boot
-    return launch_shtalk(work, name, bench_config(bcrypt_cost, bcrypt_nice=bcrypt_nice),
+    # An older tree's config may not know this tree's rate-limit keys.
+    limits = LIFTED_LIMITS if tree is not None else CURRENT_LIMITS
+    return launch_shtalk(work, name, bench_config(bcrypt_cost, bcrypt_nice=bcrypt_nice,
+                                                  limits=limits),
                          boot=boot, repo=tree or REPO)
 
 

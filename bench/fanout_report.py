@@ -22,6 +22,11 @@ SECTION = "## Server fan-out (bench/fanout)"
 TARGET_RATIO = 0.70
 TARGET_P99_MS = 5.0
 TARGET_STORM = 2.0
+#: server CPU per delivery against the ceiling's, closed loop (same run)
+TARGET_CPU_RATIO = 2.5
+#: paced: the server's CPU, as a share of one core, and its p99 against the ceiling's
+TARGET_PACED_CPU = 0.60
+TARGET_PACED_P99_RATIO = 2.0
 DEFAULT_N = [10, 50, 200]
 DEFAULT_DURATION = 10.0
 QUICK_DURATION = 3.0
@@ -91,9 +96,30 @@ def build_report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[str
             f"messages per second{spread} (target >= {TARGET_RATIO:.0%}): "
             f"{_verdict(ratio >= TARGET_RATIO)}."
         )
+        us = {m: pair[m]["server_cpu"] / max(pair[m]["delivered_per_s"], 1) * 1e6
+              for m in ("ceiling", "shtalk")}
+        cpu_ratio = us["shtalk"] / max(us["ceiling"], 1e-9)
+        verdicts.append(
+            f"- Server CPU per delivery at N = {args.target_n} (closed loop, the same round): "
+            f"shtalk {us['shtalk']:.2f} µs, the ceiling {us['ceiling']:.2f} µs: "
+            f"x{cpu_ratio:.2f} (target <= x{TARGET_CPU_RATIO:g}): "
+            f"{_verdict(cpu_ratio <= TARGET_CPU_RATIO)}."
+        )
     target_rate = args.rate[0]
     paced = results.get("paced", {}).get(f"{args.paced_n}@{target_rate:g}")
     if paced:
+        cpu = paced["shtalk"]["server_cpu"]
+        sp99, cp99_ = paced["shtalk"]["latency"]["p99_ms"], paced["ceiling"]["latency"]["p99_ms"]
+        p99_ratio = sp99 / cp99_ if sp99 is not None and cp99_ else None
+        met = (cpu < TARGET_PACED_CPU and p99_ratio is not None
+               and p99_ratio <= TARGET_PACED_P99_RATIO)
+        verdicts.append(
+            f"- At {target_rate:g} sends/s into {args.paced_n} members: the server at "
+            f"{cpu:.0%} of a core (target < {TARGET_PACED_CPU:.0%}), p99 {_ms(sp99)} ms "
+            f"against the ceiling's {_ms(cp99_)} ms: "
+            + (f"x{p99_ratio:.2f}" if p99_ratio is not None else "-")
+            + f" (target <= x{TARGET_PACED_P99_RATIO:g}): {_verdict(met)}."
+        )
         p99 = paced["shtalk"]["latency"]["p99_ms"]
         achieved = paced["shtalk"]["sends_acked_per_s"]
         met = p99 is not None and p99 <= TARGET_P99_MS and achieved >= 0.95 * target_rate
