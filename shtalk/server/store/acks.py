@@ -170,9 +170,9 @@ class AckingGroupCommit(GroupCommit):
         key = (user_id, device_id)
         buffered = self._acks.get(key)
         if buffered is None:
-            self._acks[key] = [int(s) for s in seqs]
+            self._acks[key] = list(seqs)  # ints: the wire checked them (`ListOf(Int)`)
         else:
-            buffered.extend(int(s) for s in seqs)
+            buffered.extend(seqs)
         d: Deferred[None] = Deferred()
         self._ack_waiters.append(d)
         if not self.writing and self._ack_call is None:
