@@ -16,7 +16,6 @@ tokens.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Callable
 from typing import Any, cast
@@ -48,6 +47,7 @@ from shtalk.client.errors import (
     ServerError,
     UntrustedServer,
 )
+from shtalk.tcp import set_nodelay
 from shtalk.wire.errors import ErrorCode, ProtocolError
 from shtalk.wire.frames import read_server_line, reply_error, request_line
 from shtalk.wire.pushes import ServerPush, parse_push
@@ -118,14 +118,6 @@ class _AnyCertificate:
         return connection
 
 
-def _set_nodelay(transport: Any) -> None:
-    # The TLS wrapper forwards attribute lookups to the TCP transport underneath.
-    setter = getattr(transport, "setTcpNoDelay", None)
-    if setter is not None:
-        with contextlib.suppress(OSError):
-            setter(True)
-
-
 @implementer(IHandshakeListener)
 class ClientConnection(LineOnlyReceiver):
     """One connection: `request` returns a Deferred of the reply; pushes go to
@@ -154,7 +146,7 @@ class ClientConnection(LineOnlyReceiver):
 
     def connectionMade(self) -> None:
         self.connected_ok = True
-        _set_nodelay(self.transport)
+        set_nodelay(self.transport)
 
     def handshakeCompleted(self) -> None:
         if not self.handshake_done:

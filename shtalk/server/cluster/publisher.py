@@ -9,12 +9,12 @@ from collections import deque
 from typing import Any
 
 import txredisapi  # type: ignore[import-untyped]
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from shtalk.server.cluster.keepalive import Keepalive
-from shtalk.server.cluster.subscriptions import PING, NoDelay, write_now
+from shtalk.server.cluster.subscriptions import PING, NoDelay, WhenConnected, write_now
 
 log = Logger()
 
@@ -95,14 +95,10 @@ class Publisher:
         self._keepalive = Keepalive(clock, keepalive, self._ping, "bus publisher")
         self._logged = False
         self._kept: deque[bytes] = deque(maxlen=KEEP_WHILE_DOWN)
-        self._when: list[Deferred[None]] = []
+        self._when = WhenConnected()
 
     def when_connected(self) -> Deferred[None]:
-        if self.transport is not None:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._when.append(d)
-        return d
+        return self._when.wait(self.transport is not None)
 
     def connected(self, proto: Any) -> None:
         self._cancel()
@@ -112,9 +108,7 @@ class Publisher:
         self._out = [self.probe, REPLY_OFF, *kept, *self._out]
         self.flush()
         self._keepalive.start(proto)
-        when, self._when = self._when, []
-        for d in when:
-            d.callback(None)
+        self._when.fire()
 
     def lost(self, proto: Any) -> None:
         if proto is not self.proto:

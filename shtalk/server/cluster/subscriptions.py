@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
 
 from shtalk.server.cluster.keepalive import Keepalive
+from shtalk.tcp import set_nodelay
 
 log = Logger()
 
@@ -111,6 +112,25 @@ def connect(
     return factory
 
 
+class WhenConnected:
+    """Who waits for a connection to be up (tests, start-up checks): fired together."""
+
+    def __init__(self) -> None:
+        self._waiting: list[Deferred[None]] = []
+
+    def wait(self, up: bool) -> Deferred[None]:
+        if up:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def fire(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+
 class NoDelay:
     """TCP_NODELAY on a Redis connection: the publisher's replies are off, so no answer
     carries the acknowledgement Nagle's algorithm waits for before sending the next small
@@ -120,9 +140,7 @@ class NoDelay:
     transport: Any
 
     def connectionMade(self) -> Any:
-        nodelay = getattr(self.transport, "setTcpNoDelay", None)
-        if nodelay is not None:
-            nodelay(True)
+        set_nodelay(self.transport)
         return super().connectionMade()  # type: ignore[misc]
 
 
@@ -185,14 +203,10 @@ class Subscriptions:
         self._keepalive = Keepalive(clock, keepalive, self._ping, "bus subscriber")
         self.connections = 0
         self.stopped = False
-        self._when: list[Deferred[None]] = []
+        self._when = WhenConnected()
 
     def when_connected(self) -> Deferred[None]:
-        if self.proto is not None:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._when.append(d)
-        return d
+        return self._when.wait(self.proto is not None)
 
     # the bus's side ---------------------------------------------------------------------
     def add(self, channels: Iterable[bytes]) -> Deferred[Any]:
@@ -239,9 +253,7 @@ class Subscriptions:
         self._keepalive.start(proto)
         self._pump()
         self._maybe_resubscribed()
-        when, self._when = self._when, []
-        for d in when:
-            d.callback(None)
+        self._when.fire()
 
     def lost(self, proto: Any) -> None:
         if proto is not self.proto:

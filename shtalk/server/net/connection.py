@@ -10,7 +10,6 @@ in is `ordering`'s, which code runs a request is `dispatch`'s (the connection's 
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -41,6 +40,7 @@ from shtalk.server.net.limits import RequestLimits
 from shtalk.server.net.ordering import RequestOrder
 from shtalk.server.net.states import ConnectionState, Input, State
 from shtalk.server.ops.ratelimit import address_key
+from shtalk.tcp import set_nodelay
 from shtalk.wire import frames
 from shtalk.wire.errors import ErrorCode, ProtocolError
 from shtalk.wire.frames import Request
@@ -96,11 +96,7 @@ class ShtalkServerProtocol(LineOnlyReceiver):
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.peer = getattr(peer, "host", str(peer))
         self.peer_key = address_key(self.peer)
-        nodelay = getattr(self.transport, "setTcpNoDelay", None)
-        if nodelay is not None:
-            # Not every transport is TCP (tests, UNIX sockets).
-            with contextlib.suppress(Exception):
-                nodelay(True)
+        set_nodelay(self.transport)
         # The pre-authentication deadline is fixed, from accept: partial data (or a
         # handshake that never ends) never extends it.
         self._deadline = f.clock.callLater(f.pre_auth_timeout, self._timed_out, "log in")
